@@ -1,0 +1,1 @@
+"""Offline jobs: data, training loops, evaluation, reports, saving to the model store."""

@@ -1,0 +1,126 @@
+"""Conventions every training job shares: CLI config, checkpoints, distributed set-up, LR.
+
+A job declares a config dataclass and a dict of presets; `parse_config` turns
+`--preset small --lr=3e-4` into an instance (the preset first, then overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+C = TypeVar("C")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    kind = str(f.type)
+    if "bool" in kind:
+        return _parse_bool
+    if "int" in kind and "float" not in kind:
+        return int
+    if "float" in kind:
+        return float
+    return str
+
+
+def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[str] | None = None,
+                 default_preset: str = "small", description: str = "") -> C:
+    """Build `cls` from `--preset NAME` plus `--field=value` overrides (help from field metadata)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
+                        help=f"starting point for all settings (default {default_preset})")
+    for f in dataclasses.fields(cls):
+        parser.add_argument(
+            f"--{f.name}", type=_field_type(f), default=None,
+            help=f"{f.metadata.get('help', '')} (preset/default: {f.default!r})",
+        )
+    args = parser.parse_args(argv)
+    values = dict(presets[args.preset])
+    values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
+    return cls(**values)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file, fsync, then rename: a checkpoint is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Training checkpoints hold tensors, numbers and strings only: no unpickling of code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `min_ratio * base_lr` at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly one-process) run."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join a torchrun group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return Dist(0, 1, torch.device("cuda" if want_cuda else "cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; on CPU plain float32 (nullcontext), as nanoGPT does."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def all_reduce_mean(value: float, d: Dist) -> float:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world_size).item()

@@ -1,0 +1,1 @@
+"""Datasets for the training jobs: generated locally or read from the user's files."""
