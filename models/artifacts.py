@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -81,7 +81,7 @@ def load_weights_into(model: nn.Module, weights_path: Path) -> None:
         raise ArtifactError(f"{weights_path}: file is missing")
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{weights_path}: not a readable safetensors file ({e})") from e
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -1,0 +1,231 @@
+"""Text-conditioned GAN: generator, discriminator, augmentation and losses.
+
+Generator: z ~ N(0, I) and the prompt's vector go through a linear layer to a 4×4 map,
+then upsampling blocks whose per-sample normalisation is modulated by the prompt
+(FiLM), with one cross-attention layer from image positions to the prompt's tokens.
+Nothing in it mixes samples (no BatchNorm), so an image depends only on its own
+latent and prompt, whatever else shares the batch.
+
+Discriminator: spectral-normalised residual blocks and projection conditioning
+(Miyato & Koyama 2018): logit = w·φ(x) + ⟨embed(text), φ(x)⟩.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from models.text_encoder import TextEncoder, TextEncoderConfig
+
+
+@dataclass
+class GANConfig:
+    image_size: int = 32
+    z_dim: int = 64
+    g_ch: int = 32          # generator channels at full resolution, doubled per halving (≤ 8×)
+    d_ch: int = 32          # discriminator channels at full resolution, likewise
+    attn_res: int = 8       # generator resolution that cross-attends to the prompt's tokens
+    vocab_size: int = 512
+    context: int = 32
+    text_dim: int = 128
+    text_layers: int = 1
+    text_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_size not in (32, 64):
+            raise ValueError(f"image_size must be 32 or 64, got {self.image_size}")
+
+    @property
+    def text(self) -> TextEncoderConfig:
+        return TextEncoderConfig(self.vocab_size, self.context, self.text_dim,
+                                 self.text_layers, self.text_heads)
+
+    def channels(self, base: int, res: int) -> int:
+        return base * min(8, self.image_size // res)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GANConfig":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class FiLM(nn.Module):
+    """Per-sample GroupNorm whose scale and shift come from the text vector."""
+
+    def __init__(self, ch: int, c_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(8, ch // 4), ch, affine=False)
+        self.affine = nn.Linear(c_dim, 2 * ch)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.affine(c)[:, :, None, None].chunk(2, dim=1)   # (B, C, 1, 1) each
+        return self.norm(h) * (1 + gamma) + beta
+
+
+class GBlock(nn.Module):
+    """×2 nearest upsample, two 3×3 convs with FiLM, and a 1×1 skip."""
+
+    def __init__(self, cin: int, cout: int, c_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.film1 = FiLM(cout, c_dim)
+        self.film2 = FiLM(cout, c_dim)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(h, scale_factor=2, mode="nearest")                 # (B, Cin, 2H, 2W)
+        x = F.leaky_relu(self.film1(self.conv1(h), c), 0.2)
+        x = F.leaky_relu(self.film2(self.conv2(x), c), 0.2)
+        return x + self.skip(h)                                              # (B, Cout, 2H, 2W)
+
+
+class CrossAttention(nn.Module):
+    """Image positions attend to the prompt's tokens: words like 'left' can place things."""
+
+    def __init__(self, ch: int, text_dim: int, n_head: int = 4):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(8, ch // 4), ch)
+        self.attn = nn.MultiheadAttention(ch, n_head, kdim=text_dim, vdim=text_dim,
+                                          batch_first=True)
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = h.shape
+        q = self.norm(h).flatten(2).transpose(1, 2)                          # (B, HW, C)
+        out, _ = self.attn(q, tokens, tokens, key_padding_mask=~mask, need_weights=False)
+        return h + out.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextEncoder(cfg.text)
+        c0 = cfg.channels(cfg.g_ch, 4)
+        self.fc = nn.Linear(cfg.z_dim + cfg.text_dim, 16 * c0)
+        self.film0 = FiLM(c0, cfg.text_dim)
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()
+        res, cin = 4, c0
+        while res < cfg.image_size:
+            res *= 2
+            cout = cfg.channels(cfg.g_ch, res)
+            self.blocks.append(GBlock(cin, cout, cfg.text_dim))
+            if res == cfg.attn_res:
+                self.attn[str(len(self.blocks) - 1)] = CrossAttention(cout, cfg.text_dim)
+            cin = cout
+        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def synthesize(self, z: torch.Tensor, vec: torch.Tensor, tokens: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+        """z (B, Z), text vector (B, D), tokens (B, T, D), mask (B, T) → images (B, 3, S, S) in [-1, 1]."""
+        h = self.fc(torch.cat([z, vec], dim=1)).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
+        h = F.leaky_relu(self.film0(h, vec), 0.2)
+        for i, block in enumerate(self.blocks):
+            h = block(h, vec)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h, tokens, mask)
+        return torch.tanh(self.to_rgb(h))
+
+    def forward(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        vec, tokens = self.text(ids, mask)
+        return self.synthesize(z, vec, tokens, mask)
+
+
+class DBlock(nn.Module):
+    """Two spectral-normalised 3×3 convs, ×2 average-pool downsample, 1×1 skip."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = spectral_norm(nn.Conv2d(cin, cout, 3, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = spectral_norm(nn.Conv2d(cin, cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.2)), 0.2))
+        return F.avg_pool2d(h + self.skip(x), 2)                             # (B, Cout, H/2, W/2)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: GANConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextEncoder(cfg.text)
+        self.from_rgb = spectral_norm(nn.Conv2d(3, cfg.d_ch, 3, padding=1))
+        blocks, res, cin = [], cfg.image_size, cfg.d_ch
+        while res > 4:
+            res //= 2
+            cout = cfg.channels(cfg.d_ch, res)
+            blocks.append(DBlock(cin, cout))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        # Flatten the 4×4 map rather than sum-pool it: where the object is, is part of
+        # what the caption says.
+        self.phi = spectral_norm(nn.Linear(16 * cin, cin))
+        self.out = spectral_norm(nn.Linear(cin, 1))
+        self.embed = spectral_norm(nn.Linear(cfg.text_dim, cin))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S), captions (B, T) → logits (B,): high means real and matching."""
+        vec, _ = self.text(ids, mask)                                        # (B, D)
+        h = self.blocks(self.from_rgb(x))                                    # (B, C, 4, 4)
+        phi = F.leaky_relu(self.phi(F.leaky_relu(h, 0.2).flatten(1)), 0.2)   # (B, C)
+        return self.out(phi).squeeze(1) + (self.embed(vec) * phi).sum(1)
+
+
+def translate(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Shift each image by up to ratio·S pixels, zero-filled (DiffAugment 'translation')."""
+    B, _, H, W = x.shape
+    s = int(H * ratio + 0.5)
+    tx = torch.randint(-s, s + 1, (B, 1, 1), device=x.device)
+    ty = torch.randint(-s, s + 1, (B, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(H, device=x.device), torch.arange(W, device=x.device),
+                            indexing="ij")
+    gy = (gy + ty + 1).clamp(0, H + 1)                                       # (B, H, W)
+    gx = (gx + tx + 1).clamp(0, W + 1)
+    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)                     # (B, H+2, W+2, C)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    return padded[b, gy, gx].permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero one random square of side ratio·S per image (DiffAugment 'cutout')."""
+    B, _, H, W = x.shape
+    s = int(H * ratio + 0.5)
+    cy = torch.randint(0, H - s + 1, (B, 1, 1), device=x.device)
+    cx = torch.randint(0, W - s + 1, (B, 1, 1), device=x.device)
+    gy = torch.arange(H, device=x.device)[None, :, None]
+    gx = torch.arange(W, device=x.device)[None, None, :]
+    inside = (gy >= cy) & (gy < cy + s) & (gx >= cx) & (gx < cx + s)        # (B, H, W)
+    return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
+    """Differentiable augmentation applied to real and fake alike, so D cannot tell them
+    apart by the augmentation and G gets gradients through it. No colour jitter: colour
+    is what the captions describe."""
+    for name in filter(None, policy.split(",")):
+        if name == "translation":
+            x = translate(x, 1 / 16)
+        elif name == "cutout":
+            x = cutout(x, 1 / 4)
+        else:
+            raise ValueError(f"unknown augmentation {name!r} (use translation, cutout)")
+    return x
+
+
+def d_hinge_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor) -> torch.Tensor:
+    """Real+matching pushed above +1; fakes and real images with the wrong caption below -1
+    (the matching-aware term makes D, and so G, care about the text)."""
+    return F.relu(1 - real).mean() + 0.5 * (F.relu(1 + fake).mean() + F.relu(1 + mismatched).mean())
+
+
+def g_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()

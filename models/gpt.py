@@ -1,0 +1,206 @@
+"""A GPT-2 style decoder-only transformer, with a KV cache for incremental decoding.
+
+Parameter names follow GPT-2 / nanoGPT (transformer.h.0.attn.c_attn, ...) so real GPT-2
+weights import by name (see `from_hf_gpt2`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (prompt + completion), in tokens
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {"family": "gpt", **asdict(self)}
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for one layer: (B, H, max_seq, D), written at given positions."""
+
+    def __init__(self, batch: int, n_head: int, max_seq: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (batch, n_head, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at positions pos (B, T); return the first kv_len slots."""
+        index = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` (copy a prefilled prompt into n rows, or drop finished rows)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is None:  # training / full recompute: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # incremental: attend to everything cached so far, as the mask allows
+            k, v = cache.update(pos, k, v, kv_len=mask.size(-1))  # (B, nh, S, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2 uses the tanh approximation of GELU; matching it keeps imported weights exact.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask)  # pre-LayerNorm
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.caches: list[KVCache] | None = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Training / full recompute. idx (B, T) -> logits (B, T, V), loss if targets given."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- incremental decoding -------------------------------------------------------------
+    def setup_caches(self, batch: int, max_seq: int) -> None:
+        cfg, p = self.config, self.lm_head.weight
+        self.caches = [KVCache(batch, cfg.n_head, max_seq, cfg.n_embd // cfg.n_head, p.dtype, p.device)
+                       for _ in range(cfg.n_layer)]
+
+    def select_cache_rows(self, rows: Tensor) -> None:
+        for cache in self.caches:
+            cache.select(rows)
+
+    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend.
+
+        Each row keeps its own length: a row writes its keys at its own positions, and the
+        mask lets a query see only slots at or before its position, so the stale slots past
+        a short prompt (right padding) are never read before being overwritten.
+        """
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block, cache in zip(self.transformer.h, self.caches):
+            x = block(x, cache, pos, mask)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+
+# Hugging Face GPT-2 stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def from_hf_gpt2(model_dir: str | Path) -> GPT:
+    """Load a local Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
+    model_dir = Path(model_dir)
+    hf = json.loads((model_dir / "config.json").read_text())
+    cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                    n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    model = GPT(cfg)
+    ours = model.state_dict()
+    theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    theirs = {k: v for k, v in theirs.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    with torch.no_grad():
+        for name, target in ours.items():
+            if name == "lm_head.weight":  # tied to wte
+                continue
+            src = theirs[name.removeprefix("transformer.")]
+            if name.endswith(_CONV1D):
+                src = src.t()
+            assert src.shape == target.shape, f"{name}: {tuple(src.shape)} vs {tuple(target.shape)}"
+            target.copy_(src)
+    return model

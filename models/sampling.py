@@ -1,0 +1,126 @@
+"""The sampler: logits -> repetition penalty -> temperature -> top-k / top-p / min-p -> softmax
+-> inverse-CDF draw with one uniform from the request's own generator.
+
+Everything is batched over rows, each row with its own parameters, so one decode step
+serves many requests; a row's draw depends only on its logits and its own generator.
+The repetition penalty acts on the raw logits first (the order of Hugging Face and vLLM),
+so that it also applies to greedy decoding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.errors import InvalidParameter
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen
+
+    def validate(self) -> None:
+        checks = [
+            ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
+             "must be a finite number in [0, 100]"),
+            ("top_k", 0 <= self.top_k, "must be >= 0 (0 turns it off)"),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+             "must be in (0, 10]"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise InvalidParameter(name, f"{why}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors, built once per batch."""
+    temperature: Tensor  # (B, 1)
+    top_k: Tensor  # (B, 1) long, 0 = off
+    top_p: Tensor  # (B, 1)
+    min_p: Tensor  # (B, 1)
+    repetition_penalty: Tensor  # (B, 1)
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
+        def col(name: str, dtype: torch.dtype) -> Tensor:
+            return torch.tensor([[getattr(p, name)] for p in params], dtype=dtype, device=device)
+        return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
+                   col("min_p", torch.float32), col("repetition_penalty", torch.float32))
+
+    def select(self, rows: Tensor) -> "SamplingBatch":
+        """Keep only `rows` (when finished sequences leave the batch)."""
+        return SamplingBatch(*(t.index_select(0, rows) for t in
+                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)))
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """CTRL-style penalty on tokens already in the row: positive logits divided, negative multiplied.
+
+    logits (B, V) float, seen (B, V) bool, penalty (B, 1).
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """Set to -inf every logit that top-k, then top-p (on the renormalised rest), then min-p removes.
+
+    logits (B, V); top_k (B, 1) long; top_p, min_p (B, 1). The best token always survives.
+    """
+    V = logits.size(-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
+    remove = (top_k > 0) & (ranks >= top_k)
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+    remove |= (top_p < 1) & (mass_before >= top_p)  # keep the token that crosses top_p
+    remove |= probs < min_p * probs[:, :1]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Pick, per row, the first token whose cumulative probability exceeds u * total.
+
+    probs (B, V) >= 0, uniforms (B,) in [0, 1). `right=True` never lands on a zero-probability
+    token: the chosen i satisfies cdf[i-1] <= x < cdf[i], so p_i > 0.
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    x = (uniforms * cdf[:, -1]).unsqueeze(-1)  # (B, 1); scaling by the total absorbs rounding
+    idx = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.size(-1) - 1)
+
+
+def draw_uniforms(generators: list[torch.Generator]) -> Tensor:
+    """One uniform per row, each from that row's own generator (CPU generators, CPU tensor)."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators])
+
+
+def sample(logits: Tensor, params: SamplingBatch, generators: list[torch.Generator],
+           seen: Tensor | None = None) -> Tensor:
+    """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    greedy = params.temperature.squeeze(-1) == 0  # (B,)
+    tempered = logits / params.temperature.clamp(min=1e-6)
+    filtered = filter_logits(tempered, params.top_k, params.top_p, params.min_p)
+    probs = filtered.softmax(dim=-1)
+    uniforms = draw_uniforms(generators).to(logits.device)  # drawn for greedy rows too: streams stay aligned
+    drawn = inverse_cdf_sample(probs, uniforms)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def top_logprobs(logprobs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most likely tokens of each row: (values (B, k), ids (B, k))."""
+    return logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())

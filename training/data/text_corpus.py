@@ -1,0 +1,97 @@
+"""Text corpora for the GPT job.
+
+The default corpus is real English that ships with Python itself: the language reference
+topics in `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`,
+never imported). It is extracted deterministically and split by document, so no document
+is in both train and validation. `--data` takes the user's own .txt files or folders.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
+
+
+@dataclass
+class Corpus:
+    train: list[str]  # documents
+    val: list[str]
+
+    @property
+    def hash(self) -> str:
+        """Short content hash, stored in the model's labels so a model names its data."""
+        h = hashlib.sha256()
+        for doc in self.train + ["\x00split\x00"] + self.val:
+            h.update(doc.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()[:16]
+
+
+def _docstrings(path: Path) -> str:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    docs = [ast.get_docstring(n) for n in nodes]
+    return "\n\n".join(d.strip() for d in docs if d and len(d.strip()) > 40)
+
+
+def default_documents() -> list[tuple[str, str]]:
+    """(name, text) pairs in a fixed order: pydoc topics, then stdlib docstrings by path."""
+    from pydoc_data.topics import topics
+
+    docs = [(f"topic:{name}", topics[name].strip()) for name in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if SKIP_DIRS & set(path.relative_to(stdlib).parts):
+            continue
+        text = _docstrings(path)
+        if text:
+            docs.append((f"stdlib:{path.relative_to(stdlib)}", text))
+    return docs
+
+
+def user_documents(paths: list[str]) -> list[tuple[str, str]]:
+    """Every .txt file named, or found under a named folder, is one document."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.rglob("*.txt")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"--data: {p} does not exist")
+    docs = [(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    docs = [(n, t) for n, t in docs if t.strip()]
+    if not docs:
+        raise ValueError(f"--data: no non-empty .txt files in {paths}")
+    return docs
+
+
+def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) -> Corpus:
+    """Split documents by a hash of their name (stable whatever else is in the corpus)."""
+    docs = user_documents(data.split(",")) if data else default_documents()
+    if max_chars:
+        kept, total = [], 0
+        for name, text in docs:
+            if total >= max_chars:
+                break
+            kept.append((name, text[: max_chars - total]))
+            total += len(kept[-1][1])
+        docs = kept
+    train, val = [], []
+    for name, text in docs:
+        bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 1000
+        (val if bucket < val_fraction * 1000 else train).append(text)
+    if not val:  # tiny corpora: keep at least one validation document
+        val.append(train.pop())
+    if not train:
+        # one document only: split it by characters so both sides are non-empty
+        text = val.pop()
+        cut = int(len(text) * (1 - val_fraction))
+        train, val = [text[:cut]], [text[cut:]]
+    return Corpus(train, val)
