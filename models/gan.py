@@ -172,11 +172,18 @@ class Discriminator(nn.Module):
         self.out = spectral_norm(nn.Linear(cin, 1))
         self.embed = spectral_norm(nn.Linear(cfg.text_dim, cin))
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, S, S), captions (B, T) → logits (B,): high means real and matching."""
-        vec, _ = self.text(ids, mask)                                        # (B, D)
-        h = self.blocks(self.from_rgb(x))                                    # (B, C, 4, 4)
-        phi = F.leaky_relu(self.phi(F.leaky_relu(h, 0.2).flatten(1)), 0.2)   # (B, C)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                pairs: torch.Tensor | None = None) -> torch.Tensor:
+        """images (N, 3, S, S), captions (M, T) → logits: high means real and matching.
+
+        By default image i is scored with caption i. `pairs` (P, 2) lists (image, caption)
+        index pairs instead, so one pass scores real images with their own and with
+        mismatched captions without running the image trunk twice."""
+        vec, _ = self.text(ids, mask)                                        # (M, D)
+        h = self.blocks(self.from_rgb(x))                                    # (N, C, 4, 4)
+        phi = F.leaky_relu(self.phi(F.leaky_relu(h, 0.2).flatten(1)), 0.2)   # (N, C)
+        if pairs is not None:
+            phi, vec = phi[pairs[:, 0]], vec[pairs[:, 1]]                    # (P, C), (P, D)
         return self.out(phi).squeeze(1) + (self.embed(vec) * phi).sum(1)
 
 

@@ -19,6 +19,8 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
+        # Special tokens typed by a user are text, not control tokens (no prompt injection of EOT).
+        self.hf.encode_special_tokens = True
         eot = hf.token_to_id(EOT)
         if eot is None:
             raise ValueError(f"tokenizer has no {EOT} token")
@@ -50,7 +52,6 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        # Special tokens typed by a user are text, not control tokens.
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

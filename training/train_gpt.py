@@ -31,21 +31,21 @@ from training.data.text_corpus import load_corpus
 class TrainGPTConfig:
     data: str = field(default="", metadata={"help": "comma-separated .txt files or folders; empty = Python's own docs"})
     max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)"})
-    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size to train"})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_embd: int = field(default=192, metadata={"help": "embedding width"})
+    n_embd: int = field(default=128, metadata={"help": "embedding width"})
     block_size: int = field(default=128, metadata={"help": "context length in tokens"})
     dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
     bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm"})
     batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
-    eval_interval: int = field(default=200, metadata={"help": "steps between validation runs"})
+    eval_interval: int = field(default=100, metadata={"help": "steps between validation runs"})
     eval_batches: int = field(default=20, metadata={"help": "batches per validation run"})
     ckpt_interval: int = field(default=100, metadata={"help": "steps between checkpoints"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -53,6 +53,8 @@ class TrainGPTConfig:
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
     run_dir: str = field(default="runs/gpt", metadata={"help": "checkpoints, curves and samples go here"})
     resume: bool = field(default=False, metadata={"help": "continue from run_dir/ckpt.pt"})
+    halt_after: int = field(default=0, metadata={"help": "checkpoint and exit after this many steps in this "
+                                                         "invocation (0 = run to max_steps); for time-sliced machines"})
     out: str = field(default="", metadata={"help": "also write the model directory here"})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     name: str = field(default="gpt", metadata={"help": "model name in the store"})
@@ -171,8 +173,9 @@ def train(cfg: TrainGPTConfig) -> dict:
 
     model.train()
     t0 = time.time()
+    halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps
     bar = tqdm(total=cfg.max_steps, initial=step, desc="gpt", disable=not d.is_main, file=sys.stderr)
-    while step < cfg.max_steps:
+    while step < halt_at:
         lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -201,13 +204,13 @@ def train(cfg: TrainGPTConfig) -> dict:
             history["eval_step"].append(step)
             history["val_loss"].append(val)
             bar.write(f"step {step}: train {history['train_loss'][-1]:.4f}, val {val:.4f}")
-        if d.is_main and (step % cfg.ckpt_interval == 0 or step == cfg.max_steps):
+        if d.is_main and (step % cfg.ckpt_interval == 0 or step == halt_at):
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg)}, ckpt_path)
     bar.close()
 
     result: dict = {}
-    if d.is_main:
+    if d.is_main and step == cfg.max_steps:
         result = finish(cfg, model, tok, corpus.hash, history, val_data, val_bytes, time.time() - t0)
     teardown_distributed()
     return result

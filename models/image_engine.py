@@ -1,0 +1,112 @@
+"""Batched text-to-image generation: prompts × n images × seeds (× truncation) → uint8.
+
+A request's image i is drawn from its own `torch.Generator` seeded with `seed + i`, on
+the CPU (so the same seed gives the same latent on any device), scaled by the
+truncation ψ. All requests then run as one forward pass; the generator has no
+cross-sample layers and prompts are padded to a fixed length, so what shares the
+batch does not change a request's images (up to float rounding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.artifacts import ArtifactError, load_model_dir
+from models.errors import InvalidParameter
+from models.gan import GANConfig, Generator
+from models.text_encoder import encode_prompts
+from models.tokenizer import Tokenizer
+
+MAX_IMAGES = 16
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    seed: int
+    n: int = 1
+    truncation: float = 1.0   # 0 < truncation <= 1 (latent truncation psi)
+
+
+def latents(requests: list[ImageRequest], z_dim: int) -> torch.Tensor:
+    """(sum of n, Z): image i of a request from a CPU generator seeded with seed + i."""
+    rows = []
+    for req in requests:
+        for i in range(req.n):
+            g = torch.Generator().manual_seed(req.seed + i)
+            rows.append(torch.randn(z_dim, generator=g) * req.truncation)
+    return torch.stack(rows)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 3, H, W) float → (B, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class ImageEngine:
+    tag: str = ""
+
+    def __init__(self, generator: Generator, tokenizer: Tokenizer, device: str = "auto"):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.generator = generator.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.cfg: GANConfig = generator.cfg
+        self.image_size: int = self.cfg.image_size
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageEngine":
+        """Load a model directory written by training.train_gan (the EMA generator)."""
+        def build(config: dict) -> Generator:
+            if config.get("family") != "gan":
+                raise ValueError(f"family is {config.get('family')!r}, expected 'gan'")
+            return Generator(GANConfig.from_dict(config))
+
+        art = load_model_dir(model_dir, build, needs_tokenizer=True)
+        if art.tokenizer is None or art.tokenizer.vocab_size > art.config["vocab_size"]:
+            raise ArtifactError(f"{Path(model_dir) / 'tokenizer.json'}: vocabulary larger than "
+                                "the model's embedding table")
+        return cls(art.model, art.tokenizer, device)
+
+    def validate(self, req: ImageRequest) -> None:
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise InvalidParameter("prompt", "must be a non-empty string")
+        n_tokens = len(self.tokenizer.encode(req.prompt))
+        if n_tokens > self.cfg.context:
+            raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is "
+                                             f"{self.cfg.context}")
+        if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
+            raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
+        if isinstance(req.seed, bool) or not isinstance(req.seed, int) \
+                or not 0 <= req.seed <= MAX_SEED - MAX_IMAGES:
+            raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - MAX_IMAGES}")
+        t = req.truncation
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+            raise InvalidParameter("truncation", "must be a number in (0, 1]")
+
+    @torch.inference_mode()
+    def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
+        """One list per request of n (H, W, 3) uint8 arrays, all from one forward pass."""
+        if not requests:
+            return []
+        for req in requests:
+            self.validate(req)
+        z = latents(requests, self.cfg.z_dim).to(self.device)                 # (N, Z)
+        ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests],
+                                   self.cfg.context, self.device)             # (R, T)
+        # Encode each prompt once, then repeat its features for its n images.
+        vec, tokens = self.generator.text(ids, mask)                          # (R, D), (R, T, D)
+        counts = torch.tensor([r.n for r in requests], device=self.device)
+        rep = torch.repeat_interleave(torch.arange(len(requests), device=self.device), counts)
+        images = self.generator.synthesize(z, vec[rep], tokens[rep], mask[rep])  # (N, 3, S, S)
+        flat = to_uint8(images).cpu().numpy()                                 # (N, S, S, 3)
+        out, start = [], 0
+        for r in requests:
+            out.append(list(flat[start:start + r.n]))
+            start += r.n
+        return out

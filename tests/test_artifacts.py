@@ -1,0 +1,73 @@
+"""Model directories: round trip, and every kind of bad file fails with a message naming it."""
+import json
+
+import pytest
+import torch
+
+from models.artifacts import ArtifactError, save_model_dir
+from models.engine import TextEngine
+from models.gpt import GPT, GPTConfig
+from models.tokenizer import Tokenizer
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    tok = Tokenizer.train(["some text for a tokenizer " * 30], 300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    save_model_dir(tmp_path / "m", model.config.to_dict(), model.state_dict(), tok, {"val_loss": 1.0})
+    return tmp_path / "m", model
+
+
+def test_round_trip(model_dir):
+    path, model = model_dir
+    engine = TextEngine.load(path, device="cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[k], v)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors",
+                                                      "tokenizer.json"]
+
+
+def expect_error(path, filename):
+    with pytest.raises(ArtifactError) as e:
+        TextEngine.load(path, device="cpu")
+    assert filename in str(e.value)
+
+
+def test_corrupt_weights(model_dir):
+    path, _ = model_dir
+    (path / "model.safetensors").write_bytes(b"\x00not a safetensors file at all")
+    expect_error(path, "model.safetensors")
+
+
+def test_truncated_weights(model_dir):
+    path, _ = model_dir
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(path, "model.safetensors")
+
+
+def test_config_that_does_not_match_the_weights(model_dir):
+    path, _ = model_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["n_embd"] = 32
+    (path / "config.json").write_text(json.dumps(cfg))
+    expect_error(path, "model.safetensors")
+
+
+def test_invalid_config_json(model_dir):
+    path, _ = model_dir
+    (path / "config.json").write_text("{nope")
+    expect_error(path, "config.json")
+
+
+def test_missing_tokenizer(model_dir):
+    path, _ = model_dir
+    (path / "tokenizer.json").unlink()
+    expect_error(path, "tokenizer.json")
+
+
+def test_garbled_tokenizer(model_dir):
+    path, _ = model_dir
+    (path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    expect_error(path, "tokenizer.json")

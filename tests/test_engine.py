@@ -1,0 +1,128 @@
+"""The batched engine: equals the plain path, batch invariance, stop strings, streaming, params."""
+import pytest
+import torch
+
+from models.engine import CompletionRequest, StopScanner, TextEngine, reference_generate
+from models.errors import InvalidParameter
+from models.gpt import GPT, GPTConfig
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Return the value of the attribute. "
+        "This module provides functions for working with files and directories. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train([TEXT], 400)
+
+
+@pytest.fixture(scope="module")
+def engine(tok) -> TextEngine:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=448, block_size=96, n_layer=2, n_head=2, n_embd=32))
+    return TextEngine(model, tok, device="cpu")
+
+
+def test_engine_equals_full_recompute_reference(engine, tok):
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2)
+    got = engine.complete([CompletionRequest("The quick", seed=3, max_tokens=25, sampling=params)])[0]
+    want = reference_generate(engine.model, [tok.encode("The quick")], 25, params, [3])[0]
+    # the engine stops at end-of-text; the reference runs on: compare what the engine produced
+    assert got.choices[0].token_ids == want[:len(got.choices[0].token_ids)]
+
+
+def test_batch_invariance_alone_and_in_a_batch_of_eight(engine):
+    target = CompletionRequest("Return the", seed=11, max_tokens=30, sampling=SamplingParams(temperature=1.0))
+    alone = engine.complete([target])[0].choices[0].token_ids
+    others = [CompletionRequest("This module " * (i + 1), seed=100 + i, max_tokens=5 + 4 * i,
+                                sampling=SamplingParams(temperature=0.5 + 0.1 * i, top_k=10 * i, top_p=0.9),
+                                stop=["e"] if i % 2 else [], n=1 + i % 2) for i in range(7)]
+    batch = others[:4] + [target] + others[4:]
+    assert len(batch) == 8
+    assert engine.complete(batch)[4].choices[0].token_ids == alone
+
+
+def test_n_choices_use_seed_plus_index(engine):
+    two = engine.complete([CompletionRequest("The", seed=40, max_tokens=12, n=2)])[0]
+    single = engine.complete([CompletionRequest("The", seed=41, max_tokens=12)])[0]
+    assert two.choices[1].token_ids == single.choices[0].token_ids
+    assert two.completion_tokens == sum(len(c.token_ids) for c in two.choices)
+
+
+def test_greedy_is_deterministic_and_seed_independent(engine):
+    a = engine.complete([CompletionRequest("The", seed=1, max_tokens=10, sampling=SamplingParams(temperature=0))])
+    b = engine.complete([CompletionRequest("The", seed=2, max_tokens=10, sampling=SamplingParams(temperature=0))])
+    assert a[0].choices[0].token_ids == b[0].choices[0].token_ids
+
+
+def test_stop_scanner_across_token_boundaries(tok):
+    text = "The quick brown fox jumps over the lazy dog."
+    stop = "n fox j"
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]) for i in ids]
+    starts = [len("".join(pieces[:k])) for k in range(len(pieces))]
+    s = text.index(stop)
+    assert any(s < st < s + len(stop) for st in starts)  # the stop string spans a token boundary
+    scanner = StopScanner(tok, [stop, "zzz"])
+    released = ""
+    for i in ids:
+        out, stopped = scanner.push(i)
+        released += out
+        assert stop not in released and not released.endswith("n fox")  # a stop prefix is held back
+        if stopped:
+            break
+    assert stopped and released == text[:s]
+
+
+def test_stop_string_in_generation_is_cut_and_reported(engine):
+    free = engine.complete([CompletionRequest("The quick", seed=5, max_tokens=40,
+                                              sampling=SamplingParams(temperature=0))])[0].choices[0]
+    stop = free.text[10:14]
+    assert len(stop) == 4
+    got = engine.complete([CompletionRequest("The quick", seed=5, max_tokens=40, stop=[stop],
+                                             sampling=SamplingParams(temperature=0))])[0].choices[0]
+    assert got.finish_reason == "stop"
+    assert got.text == free.text[:free.text.index(stop)]
+
+
+def test_streaming_concatenates_to_the_completion(engine):
+    req = CompletionRequest("The", seed=9, max_tokens=20, stop=["ck"], echo=True, logprobs=2)
+    events = list(engine.stream([req]))
+    whole = engine.complete([req])[0].choices[0]
+    assert "".join(e.text for e in events) == whole.text and whole.text.startswith("The")
+    assert [e.finish_reason for e in events].count(whole.finish_reason) == 1
+    assert events[-1].finish_reason in ("stop", "length", "eos")
+    assert len(whole.logprobs) == len(whole.token_ids)
+    assert all(len(lp.top) <= 2 and lp.logprob <= 0 for lp in whole.logprobs)
+
+
+def test_finish_reason_length(engine):
+    c = engine.complete([CompletionRequest("The", seed=0, max_tokens=3)])[0]
+    assert c.choices[0].finish_reason in ("length", "eos") and len(c.choices[0].token_ids) <= 3
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(n=99), "n"), (dict(seed=-1), "seed"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(logprobs=9), "logprobs"),
+    (dict(sampling=SamplingParams(top_p=0)), "top_p"), (dict(sampling=SamplingParams(temperature=-1)), "temperature"),
+    (dict(prompt="fox " * 500), "prompt"), (dict(max_tokens=90, prompt="fox " * 20), "max_tokens"),
+])
+def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
+    req = CompletionRequest(**{"prompt": "The", "seed": 0, **kw})
+    with pytest.raises(InvalidParameter) as e:
+        engine.validate(req)
+    assert e.value.param == param
+    with pytest.raises(InvalidParameter):
+        list(engine.stream([req]))
+
+
+def test_truncation_keeps_the_end_of_a_long_prompt(engine):
+    req = CompletionRequest("fox " * 500, seed=0, max_tokens=8, truncate=True)
+    c = engine.complete([req])[0]
+    assert c.prompt_tokens == engine.block_size - 8 and len(c.choices[0].token_ids) >= 1
+
+
+def test_empty_prompt_starts_a_document(engine):
+    c = engine.complete([CompletionRequest("", seed=0, max_tokens=4)])[0]
+    assert c.prompt_tokens == 1

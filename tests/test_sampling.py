@@ -1,0 +1,97 @@
+"""Sampler math: filters, greedy, the inverse-CDF draw, the repetition penalty, validation."""
+import math
+
+import pytest
+import torch
+
+from models.errors import InvalidParameter
+from models.sampling import (SamplingBatch, SamplingParams, apply_repetition_penalty, filter_logits,
+                             inverse_cdf_sample, sample)
+
+
+def batch(**kw) -> SamplingBatch:
+    return SamplingBatch.from_params([SamplingParams(**kw)])
+
+
+def kept(logits, **kw):
+    b = batch(**kw)
+    return torch.isfinite(filter_logits(logits, b.top_k, b.top_p, b.min_p))[0].nonzero().flatten().tolist()
+
+
+def test_top_k_keeps_the_k_best():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    assert sorted(kept(logits, top_k=2)) == [1, 3]
+    assert len(kept(logits, top_k=0)) == 5  # 0 = off
+
+
+def test_top_p_keeps_the_token_that_crosses_the_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert kept(logits, top_p=0.5) == [0]
+    assert kept(logits, top_p=0.6) == [0, 1]
+    assert kept(logits, top_p=0.81) == [0, 1, 2]
+    assert kept(logits, top_p=1.0) == [0, 1, 2, 3]
+
+
+def test_min_p_is_relative_to_the_best_token():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert kept(logits, min_p=0.5) == [0, 1]  # 0.15 < 0.5 * 0.5
+    assert kept(logits, min_p=0.99) == [0]
+
+
+def test_filters_differ_per_row():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    b = SamplingBatch.from_params([SamplingParams(top_k=1), SamplingParams(top_k=0)])
+    out = filter_logits(logits, b.top_k, b.top_p, b.min_p)
+    assert torch.isfinite(out).sum(dim=1).tolist() == [1, 3]
+
+
+def test_greedy_is_argmax_whatever_the_uniform():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    b = SamplingBatch.from_params([SamplingParams(temperature=0)] * 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert torch.equal(sample(logits, b, gens), logits.argmax(-1))
+
+
+def test_inverse_cdf_matches_the_distribution_chi_square():
+    probs = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005])
+    n = 20_000
+    g = torch.Generator().manual_seed(1234)
+    u = torch.rand(n, generator=g)
+    draws = inverse_cdf_sample(probs.expand(n, -1), u)
+    counts = torch.bincount(draws, minlength=10).double()
+    expected = probs.double() * n
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 27.88  # chi-square critical value, 9 degrees of freedom, p = 0.001
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    for u in [0.0, 0.25, 0.4999, 0.5, 0.75, 0.999999]:
+        assert inverse_cdf_sample(probs, torch.tensor([u])).item() in (1, 3)
+
+
+def test_sampler_uses_one_uniform_per_row_from_its_own_generator():
+    logits = torch.zeros(2, 1000)  # uniform distribution: the token is floor(u * 1000)
+    b = SamplingBatch.from_params([SamplingParams()] * 2)
+    toks = sample(logits, b, [torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)])
+    u5 = torch.rand(1, generator=torch.Generator().manual_seed(5)).item()
+    u9 = torch.rand(1, generator=torch.Generator().manual_seed(9)).item()
+    assert toks.tolist() == [math.floor(u5 * 1000), math.floor(u9 * 1000)]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([[2.0]]))
+    assert out.tolist() == [[1.0, -2.0, 3.0]]
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
+                                         ("temperature", float("nan")), ("top_k", -1), ("min_p", 1.0),
+                                         ("repetition_penalty", 0.0)])
+def test_bad_parameters_name_the_field(field, value):
+    with pytest.raises(InvalidParameter) as e:
+        SamplingParams(**{field: value}).validate()
+    assert e.value.param == field and isinstance(e.value, ValueError)

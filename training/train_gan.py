@@ -1,0 +1,373 @@
+"""Train the text-conditioned GAN: `python -m training.train_gan --preset small`.
+
+Hinge loss, a matching-aware discriminator (a real image with the wrong caption is
+fake), DiffAugment on everything D sees, an EMA of the generator (what is evaluated and
+served). Every `eval_interval` steps the EMA generator is graded by the independent
+evaluator (training.evaluate) and the run folder gets a sample grid (fixed prompts,
+fixed seeds) and a curves plot, so mode collapse shows up while it happens.
+
+Run folder (--out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png, curves.png,
+history.json and model/ (the served model directory, also copied to the BentoML store
+as `gan` unless --store=false). `--resume` continues from ckpt.pt; under torchrun every
+rank trains on its own batches and gradients are averaged by DDP.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from models.artifacts import save_model_dir
+from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
+                        g_hinge_loss)
+from models.image_engine import ImageEngine, ImageRequest
+from models.text_encoder import encode_prompts
+from models.tokenizer import Tokenizer
+from training.common import (Dist, all_reduce_mean, atomic_save, load_checkpoint, parse_config,
+                             setup_distributed, teardown_distributed)
+from training.data.imagefolder import CaptionedImages, load_imagefolder
+from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
+from training.evaluate import evaluate_generator, eval_prompts, load_or_train_evaluator
+from training.store import save_to_store
+
+log = logging.getLogger("train_gan")
+
+
+@dataclass
+class GANTrainConfig:
+    out: str = field(default="runs/gan", metadata={"help": "run folder (checkpoint, evaluator, "
+                                                            "sample grids, curves, model/)"})
+    data: str = field(default="shapes", metadata={
+        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
+    image_size: int = field(default=32, metadata={"help": "32 or 64"})
+    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
+    holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
+        "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
+    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
+    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
+    z_dim: int = field(default=64, metadata={"help": "latent size"})
+    g_ch: int = field(default=16, metadata={"help": "generator width at full resolution"})
+    d_ch: int = field(default=16, metadata={"help": "discriminator width at full resolution"})
+    text_dim: int = field(default=128, metadata={"help": "text encoder width"})
+    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers"})
+    batch_size: int = field(default=32, metadata={"help": "images per step per process"})
+    max_steps: int = field(default=2000, metadata={"help": "training steps (one D + one G update)"})
+    lr_g: float = field(default=2e-4, metadata={"help": "generator Adam learning rate"})
+    lr_d: float = field(default=2e-4, metadata={"help": "discriminator Adam learning rate"})
+    beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (0 is usual for GANs)"})
+    beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    augment: str = field(default="translation", metadata={
+        "help": "DiffAugment policy: comma-separated from translation, cutout"})
+    ema_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images"})
+    ema_rampup: float = field(default=0.05, metadata={
+        "help": "EMA half-life at most this fraction of the images seen so far (0 = off)"})
+    eval_interval: int = field(default=250, metadata={"help": "steps between evaluations"})
+    eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals"})
+    final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval"})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
+    seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out>/ckpt.pt"})
+    store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
+    store_name: str = field(default="gan", metadata={"help": "model name in the store"})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a laptop: for tests.
+    "tiny": dict(n_train=512, z_dim=16, g_ch=8, d_ch=8, text_dim=32,
+                 batch_size=8, max_steps=6, eval_interval=3, eval_per_pair=1, final_per_pair=1,
+                 evaluator_steps=20, evaluator_n=512, store=False),
+    # The served default: a few minutes on 2 CPU cores.
+    "small": dict(),
+    # A real GPU run.
+    "gpu": dict(n_train=100000, g_ch=64, d_ch=64, text_dim=256, text_layers=2, batch_size=128,
+                max_steps=20000, eval_interval=1000, final_per_pair=32, ema_kimg=50.0),
+}
+
+
+def load_data(cfg: GANTrainConfig) -> tuple[CaptionedImages, ShapesConfig | None]:
+    if cfg.data == "shapes":
+        shapes = ShapesConfig(cfg.image_size, cfg.holdout, cfg.two_object_prob)
+        parse_holdout(shapes.holdout)  # fail early on a typo
+        return make_shapes(cfg.n_train, cfg.data_seed, shapes), shapes
+    return load_imagefolder(cfg.data, cfg.image_size), None
+
+
+def gan_config(cfg: GANTrainConfig) -> GANConfig:
+    return GANConfig(image_size=cfg.image_size, z_dim=cfg.z_dim, g_ch=cfg.g_ch, d_ch=cfg.d_ch,
+                     vocab_size=cfg.vocab_size, context=cfg.context, text_dim=cfg.text_dim,
+                     text_layers=cfg.text_layers)
+
+
+def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist) -> Tokenizer:
+    """Trained once on the captions by rank 0, then read back by everyone (and on resume)."""
+    path = Path(cfg.out) / "tokenizer.json"
+    if d.is_main and not (cfg.resume and path.is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(captions, cfg.vocab_size).save(path)
+    if d.world_size > 1:
+        dist.barrier()
+    return Tokenizer.load(path)
+
+
+@torch.no_grad()
+def update_ema(ema: Generator, model: Generator, images_seen: int, cfg: GANTrainConfig,
+               batch_images: int) -> None:
+    """EMA with a half-life in images, shortened early on (StyleGAN2-ADA's ramp-up) so the
+    average does not drag in the random initialisation."""
+    half_life = cfg.ema_kimg * 1000
+    if cfg.ema_rampup > 0:
+        half_life = min(half_life, images_seen * cfg.ema_rampup)
+    beta = 0.5 ** (batch_images / max(half_life, 1e-8))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - beta)
+
+
+def sample_prompts(data: CaptionedImages, shapes: ShapesConfig | None) -> list[str]:
+    """The grid's fixed rows: six training pairs and up to two held-out ones."""
+    if shapes is None:
+        return data.captions[:8]
+    train = eval_prompts(shapes, [("red", "circle"), ("blue", "square"), ("yellow", "triangle"),
+                                  ("purple", "cross"), ("cyan", "circle"), ("green", "square")],
+                         1, seed=7)
+    held = eval_prompts(shapes, sorted(parse_holdout(shapes.holdout))[:2], 1, seed=7)
+    return [s["prompt"] for s in train + held]
+
+
+def save_grid(engine: ImageEngine, prompts: list[str], path: Path, n: int = 8) -> None:
+    """Rows = prompts, columns = seeds 0..n-1, upscaled ×2 with a 2 px gutter."""
+    from PIL import Image
+
+    rows = engine.generate([ImageRequest(p, seed=0, n=n) for p in prompts])
+    s, pad = engine.image_size, 2
+    grid = np.full((len(rows) * (s + pad) + pad, n * (s + pad) + pad, 3), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            y, x = pad + r * (s + pad), pad + c * (s + pad)
+            grid[y:y + s, x:x + s] = img
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2),
+                                 Image.Resampling.NEAREST).save(path)
+
+
+def save_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, [h["d_loss"] for h in history], label="D loss")
+    ax1.plot(steps, [h["g_loss"] for h in history], label="G loss")
+    ax1.set_xlabel("step")
+    ax1.legend()
+    ax1.set_title("hinge losses (mean over the interval)")
+    for key, label in (("colour", "colour acc"), ("shape", "shape acc"), ("coverage", "coverage"),
+                       ("diversity", "diversity (gen/real)"), ("heldout_colour", "held-out colour"),
+                       ("heldout_shape", "held-out shape")):
+        if any(key in h for h in history):
+            ax2.plot([h["step"] for h in history if key in h],
+                     [h[key] for h in history if key in h], label=label)
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("step")
+    ax2.legend(fontsize=8)
+    ax2.set_title("evaluator on the EMA generator")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def summarise(metrics: dict[str, Any]) -> dict[str, float]:
+    """The few numbers that go on the curves."""
+    out = {"colour": metrics["train_accuracy"]["colour"], "shape": metrics["train_accuracy"]["shape"],
+           "coverage": metrics["coverage"], "diversity": min(1.0, metrics["diversity"])}
+    if "heldout_accuracy" in metrics:
+        out["heldout_colour"] = metrics["heldout_accuracy"]["colour"]
+        out["heldout_shape"] = metrics["heldout_accuracy"]["shape"]
+    return out
+
+
+def train(cfg: GANTrainConfig) -> Path:
+    """Run the job; returns the saved model directory (on rank 0)."""
+    d = setup_distributed(cfg.device)
+    run = Path(cfg.out)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed + d.rank)
+    data, shapes = load_data(cfg)
+    tokenizer = get_tokenizer(cfg, data.captions, d)
+    ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
+    gcfg = gan_config(cfg)
+    if tokenizer.vocab_size > gcfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {gcfg.vocab_size}")
+    G, D = Generator(gcfg), Discriminator(gcfg)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    G, D, G_ema = G.to(d.device), D.to(d.device), G_ema.to(d.device)
+    betas = (cfg.beta1, cfg.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=betas)
+    step, history = 0, []
+    ckpt_path = run / "ckpt.pt"
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        G_ema.load_state_dict(ckpt["G_ema"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step, history = ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"][d.rank])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+
+    evaluator = None
+    if d.is_main and shapes is not None:
+        evaluator, ev_metrics = load_or_train_evaluator(
+            run / "evaluator", shapes, n_train=cfg.evaluator_n, steps=cfg.evaluator_steps,
+            seed=cfg.data_seed)
+        log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
+    engine = ImageEngine(G_ema, tokenizer, str(d.device))
+    grid_prompts = sample_prompts(data, shapes)
+
+    # DDP averages gradients across ranks; D keeps its own spectral-norm vectors per rank.
+    G_train = DDP(G) if d.world_size > 1 else G
+    D_train = DDP(D, broadcast_buffers=False) if d.world_size > 1 else D
+    B = cfg.batch_size
+    idx_b = torch.arange(B, device=d.device)
+    # One D pass scores: real·own caption, fake·own caption, real·next image's caption.
+    pairs = torch.cat([torch.stack([idx_b, idx_b], 1), torch.stack([idx_b + B, idx_b], 1),
+                       torch.stack([idx_b, (idx_b + 1) % B], 1)])                  # (3B, 2)
+    interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="gan")
+    while step < cfg.max_steps:
+        idx = torch.randint(len(data), (B,))
+        real = data.images[idx].to(d.device).float() / 127.5 - 1                  # (B, 3, S, S)
+        ids, mask = ids_all[idx].to(d.device), mask_all[idx].to(d.device)         # (B, T)
+
+        # Discriminator step.
+        with torch.no_grad():
+            fake = G(torch.randn(B, cfg.z_dim, device=d.device), ids, mask)
+        logits = D_train(diff_augment(torch.cat([real, fake]), cfg.augment), ids, mask, pairs)
+        d_loss = d_hinge_loss(*logits.split(B))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+        # Generator step: D is frozen and called unwrapped, so DDP syncs only G.
+        D.requires_grad_(False)
+        fake = G_train(torch.randn(B, cfg.z_dim, device=d.device), ids, mask)
+        g_loss = g_hinge_loss(D(diff_augment(fake, cfg.augment), ids, mask))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+
+        step += 1
+        update_ema(G_ema, G, step * B * d.world_size, cfg, B * d.world_size)
+        interval["d_loss"] += d_loss.item()
+        interval["g_loss"] += g_loss.item()
+        interval["n"] += 1
+        bar.update(1)
+        bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_loss.item():.3f}")
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            row: dict[str, Any] = {"step": step, "time_s": round(time.time() - t0, 1)}
+            for k in ("d_loss", "g_loss"):
+                row[k] = all_reduce_mean(interval[k] / interval["n"], d)
+                if not np.isfinite(row[k]):
+                    raise FloatingPointError(f"{k} is {row[k]} at step {step}")
+            interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
+            if d.is_main:
+                row.update(periodic_eval(engine, evaluator, shapes, data, cfg, history))
+                history.append(row)
+                save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
+                save_curves(history, run / "curves.png")
+                (run / "history.json").write_text(json.dumps(history, indent=1))
+                atomic_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+                             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                             "step": step, "history": history, "rng": gather_rng(d),
+                             "config": asdict(cfg)}, ckpt_path)
+            elif d.world_size > 1:
+                gather_rng(d)
+    bar.close()
+    model_dir = run / "model"
+    if d.is_main:
+        model_dir = finish(cfg, engine, evaluator, shapes, data, G_ema, tokenizer, time.time() - t0,
+                           step, history)
+    teardown_distributed()
+    return model_dir
+
+
+def gather_rng(d: Dist) -> list[torch.Tensor]:
+    """Every rank's CPU RNG state (rank order), so a resumed run draws the same batches."""
+    state = torch.get_rng_state()
+    if d.world_size == 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(d.world_size)]
+    dist.all_gather_object(states, state)
+    return states
+
+
+def periodic_eval(engine: ImageEngine, evaluator: Any, shapes: ShapesConfig | None,
+                  data: CaptionedImages, cfg: GANTrainConfig,
+                  history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, coverage and diversity of the EMA generator; warns when coverage falls."""
+    if evaluator is None or shapes is None:
+        return {}
+    m = evaluate_generator(engine, evaluator, shapes, data.images, per_pair=cfg.eval_per_pair,
+                           n=4, seed=0, memorisation=False)
+    row = summarise(m)
+    best = max((h["coverage"] for h in history if "coverage" in h), default=0.0)
+    if row["coverage"] < best - 0.15 or row["diversity"] < 0.2:
+        log.warning("possible mode collapse after %d evals: coverage %.2f (best %.2f), "
+                    "diversity %.2f; missing %s", len(history), row["coverage"], best,
+                    row["diversity"], m["missing_pairs"])
+    log.info("eval: %s", {k: round(v, 3) for k, v in row.items()})
+    return row
+
+
+def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: ShapesConfig | None,
+           data: CaptionedImages, G_ema: Generator, tokenizer: Tokenizer, seconds: float,
+           step: int, history: list[dict[str, Any]]) -> Path:
+    """Final evaluation, the served model directory, and the store entry."""
+    run = Path(cfg.out)
+    digest = data.digest()
+    metrics: dict[str, Any] = {"steps": step, "train_seconds": round(seconds, 1),
+                               "dataset": digest, "n_train": len(data)}
+    if evaluator is not None and shapes is not None:
+        metrics["evaluator"] = json.loads((run / "evaluator" / "metrics.json").read_text())
+        metrics.update(evaluate_generator(engine, evaluator, shapes, data.images,
+                                          per_pair=cfg.final_per_pair, n=4, seed=1))
+    data_info = {"source": cfg.data, "n_train": len(data), "seed": cfg.data_seed, "hash": digest,
+                 "shapes": asdict(shapes) if shapes else None}
+    config = {"family": "gan", **gan_config(cfg).to_dict(), "data": data_info, "train": asdict(cfg)}
+    model_dir = save_model_dir(run / "model", config, G_ema.state_dict(), tokenizer, metrics)
+    log.info("final metrics: %s", json.dumps(metrics))
+    if cfg.store:
+        tag = save_to_store(cfg.store_name, model_dir, labels={"family": "gan", "dataset": digest},
+                            metadata={"steps": step, "image_size": cfg.image_size})
+        log.info("saved to the BentoML store as %s", tag)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    # `--resume` on its own means true, as in the other jobs' usage.
+    argv = ["--resume=true" if a == "--resume" else a for a in argv]
+    cfg = parse_config(GANTrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
