@@ -239,14 +239,13 @@ class TextEngine:
         logits, seen = self._prefill(prompts, rows)
         active = rows
         while active:
-            tokens, lp = self._sample(logits, params, seen, active, want_logprobs)
+            tokens, lp = sample_rows(logits, params, seen, [row.generator for row in active], want_logprobs)
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 row.tokens.append(tok)
                 row.position += 1
-                text, reason = self._advance(row, tok)
-                lps = [self._token_logprob(tok, lp[0][j], lp[1][j], lp[2][j], row.logprobs)] \
-                    if row.logprobs is not None else []
+                text, reason = advance_text(row.scanner, tok, self.tokenizer.eot_id, len(row.tokens), row.max_tokens)
+                lps = [token_logprob(self.tokenizer, tok, lp, j, row.logprobs)] if row.logprobs is not None else []
                 yield StreamEvent(row.request, row.choice, text, 1, lps, reason, tok)
                 if reason is None:
                     keep.append(j)
@@ -258,21 +257,6 @@ class TextEngine:
                 params, seen, tokens = params.select(idx), seen.index_select(0, idx), tokens.index_select(0, idx)
                 active = [active[j] for j in keep]
             logits = self._decode_step(tokens, [row.position - 1 for row in active], seen)
-
-    def _advance(self, row: _Row, tok: int) -> tuple[str, str | None]:
-        if tok == self.tokenizer.eot_id:
-            return row.scanner.flush(), "eos"
-        text, stopped = row.scanner.push(tok)
-        if stopped:
-            return text, "stop"
-        if len(row.tokens) >= row.max_tokens:
-            return text + row.scanner.flush(), "length"
-        return text, None
-
-    def _token_logprob(self, tok: int, chosen: float, top_vals: list[float], top_ids: list[int],
-                       k: int) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        return TokenLogprob(decode([tok]), chosen, {decode([i]): v for i, v in zip(top_ids[:k], top_vals[:k])})
 
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]], rows: list[_Row]) -> tuple[Tensor, Tensor]:
@@ -296,23 +280,45 @@ class TextEngine:
         return last.index_select(0, row_to_prompt), seen.index_select(0, row_to_prompt)
 
     @torch.inference_mode()
-    def _sample(self, logits: Tensor, params: SamplingBatch, seen: Tensor, rows: list[_Row],
-                want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
-        tokens = sample(logits, params, [row.generator for row in rows], seen)
-        seen.scatter_(1, tokens.unsqueeze(1), True)
-        if want_logprobs < 0:
-            return tokens, ([], [], [])
-        logprobs = logits.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        vals, ids = top_logprobs(logprobs, want_logprobs)
-        return tokens, (chosen.tolist(), vals.tolist(), ids.tolist())
-
-    @torch.inference_mode()
     def _decode_step(self, tokens: Tensor, positions: list[int], seen: Tensor) -> Tensor:
         pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (A, 1)
         kv_len = max(positions) + 1
         mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (A, 1, 1, S)
         return self.model.forward_cached(tokens.unsqueeze(1), pos, mask)[:, -1].float()  # (A, V)
+
+
+def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int
+                 ) -> tuple[str, str | None]:
+    """Feed one sampled token to a row's text; return (text released now, finish reason or None)."""
+    if tok == eot_id:
+        return scanner.flush(), "eos"
+    text, stopped = scanner.push(tok)
+    if stopped:
+        return text, "stop"
+    if generated >= max_tokens:
+        return text + scanner.flush(), "length"
+    return text, None
+
+
+@torch.inference_mode()
+def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor, generators: list[torch.Generator],
+                want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
+    """Sample one token per row and mark it seen; with want_logprobs >= 0 also return, per row,
+    the chosen token's logprob and the top-`want_logprobs` alternatives (as Python lists)."""
+    tokens = sample(logits, params, generators, seen)
+    seen.scatter_(1, tokens.unsqueeze(1), True)
+    if want_logprobs < 0:
+        return tokens, ([], [], [])
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    vals, ids = top_logprobs(logprobs, want_logprobs)
+    return tokens, (chosen.tolist(), vals.tolist(), ids.tolist())
+
+
+def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], row: int, k: int) -> TokenLogprob:
+    chosen, vals, ids = lp[0][row], lp[1][row], lp[2][row]
+    return TokenLogprob(tokenizer.decode([tok]), chosen,
+                        {tokenizer.decode([i]): v for i, v in zip(ids[:k], vals[:k])})
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -48,12 +48,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at positions pos (B, T); return the first kv_len slots."""
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
+               rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at positions pos (B, T) of cache rows `rows` (a view, so the
+        write lands in the buffer); return those rows' first kv_len slots."""
+        k_rows, v_rows = self.k[rows], self.v[rows]
         index = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        k_rows.scatter_(2, index, k)
+        v_rows.scatter_(2, index, v)
+        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (copy a prefilled prompt into n rows, or drop finished rows)."""
@@ -71,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, rows: slice = slice(None)) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -79,7 +82,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # incremental: attend to everything cached so far, as the mask allows
-            k, v = cache.update(pos, k, v, kv_len=mask.size(-1))  # (B, nh, S, hs)
+            k, v = cache.update(pos, k, v, kv_len=mask.size(-1), rows=rows)  # (B, nh, S, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -106,8 +109,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos, mask)  # pre-LayerNorm
+                mask: Tensor | None = None, rows: slice = slice(None)) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask, rows)  # pre-LayerNorm
         return x + self.mlp(self.ln_2(x))
 
 
@@ -167,8 +170,15 @@ class GPT(nn.Module):
         for cache in self.caches:
             cache.select(rows)
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-        """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend.
+    def copy_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of row src into row dst (n samples of one prompt)."""
+        for cache in self.caches:
+            cache.k[dst, :, :length] = cache.k[src, :, :length]
+            cache.v[dst, :, :length] = cache.v[src, :, :length]
+
+    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor, rows: slice = slice(None)) -> Tensor:
+        """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend;
+        `rows`: which cache rows these B sequences own (default: all).
 
         Each row keeps its own length: a row writes its keys at its own positions, and the
         mask lets a query see only slots at or before its position, so the stale slots past
@@ -176,7 +186,7 @@ class GPT(nn.Module):
         """
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block, cache in zip(self.transformer.h, self.caches):
-            x = block(x, cache, pos, mask)
+            x = block(x, cache, pos, mask, rows)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
 

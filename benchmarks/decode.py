@@ -1,0 +1,108 @@
+"""Decode throughput, side by side in one run, on the same weights and prompts:
+
+  (a) our KV-cache engine (models.engine.TextEngine)
+  (b) the same model recomputing the whole prefix every step (nanoGPT's `generate`)
+  (c) Hugging Face `transformers` `generate` (KV cache too), on the same weights via the GPT-2 import
+
+Needs torch only ((c) is skipped when transformers is missing).
+    python -m benchmarks.decode --size small --batch 1 32 --new_tokens 64
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from models.engine import CompletionRequest, TextEngine, pick_device, reference_generate
+from models.gpt import GPT, GPTConfig, from_hf_gpt2
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+
+SIZES = {
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=2048),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+}
+PROMPT = "Return the value of the named attribute of the object."
+
+
+def timed(fn, repeats: int, sync) -> float:
+    """Median seconds of `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="small", help="model shape (random weights)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to measure")
+    ap.add_argument("--new_tokens", type=int, default=64, help="tokens generated per sequence")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--skip_recompute", action="store_true", help="skip (b), slow for big models")
+    args = ap.parse_args()
+
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shape = SIZES[args.size]
+    tok = Tokenizer.train([PROMPT * 40, "the of and to in is for that with " * 40], 512)
+    torch.manual_seed(0)
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=shape["vocab_size"], n_positions=shape["block_size"],
+                                        n_embd=shape["n_embd"], n_layer=shape["n_layer"], n_head=shape["n_head"]))
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d, safe_serialization=True)
+            model = from_hf_gpt2(d)  # (a), (b) and (c) share these exact weights
+        hf = hf.to(device, dtype).eval()
+    except ImportError:
+        hf, model = None, GPT(GPTConfig(**shape))
+    engine = TextEngine(model, tok, device=device, dtype=dtype)
+    prompt_ids = tok.encode(PROMPT)
+    n = args.new_tokens
+    # temperature 1, no filters: every path does the same sampling work; EOT is not reachable
+    # with random weights often enough to matter, and tokens are counted as produced.
+    params = SamplingParams(temperature=1.0)
+
+    print(f"device={device} dtype={dtype} size={args.size} params={model.num_params() / 1e6:.1f}M "
+          f"prompt={len(prompt_ids)} tokens new_tokens={n} threads={torch.get_num_threads()}")
+    print(f"{'batch':>5} {'path':<28} {'tokens/s':>10} {'vs (c)':>7}")
+    for b in args.batch:
+        results: dict[str, float] = {}
+        produced = {}
+
+        def run_engine():
+            out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
+            produced["a"] = sum(c.completion_tokens for c in out)
+        results["(a) KV-cache engine"] = timed(run_engine, args.repeats, sync)
+        results["(a) KV-cache engine"] = produced["a"] / results["(a) KV-cache engine"]
+        if not args.skip_recompute:
+            secs = timed(lambda: reference_generate(engine.model, [prompt_ids] * b, n, params, list(range(b))),
+                         args.repeats, sync)
+            results["(b) full recompute"] = b * n / secs
+        if hf is not None:
+            ids = torch.tensor([prompt_ids] * b, device=device)
+
+            def run_hf():
+                with torch.inference_mode():
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+            results["(c) transformers generate"] = b * n / timed(run_hf, args.repeats, sync)
+        ref = results.get("(c) transformers generate")
+        for name, tps in results.items():
+            ratio = f"{tps / ref:6.2f}x" if ref else "   n/a"
+            print(f"{b:>5} {name:<28} {tps:>10.1f} {ratio:>7}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Continuous batching: the decode batch is re-formed between steps.
+
+A fixed set of cache slots (rows of pre-allocated KV buffers, one per running sequence),
+a waiting queue, and a scheduler that runs one step at a time:
+
+  1. drop cancelled requests (their slots are free at once);
+  2. admit waiting requests while slots and the step's token budget allow;
+  3. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget;
+     a prompt is prefilled once and its cache copied into the slots of its n choices;
+  4. sample one token for every decoding sequence, release text, retire finished ones;
+  5. one forward pass over the live slots computes everyone's next logits.
+
+Each sequence draws from its own generator and only ever reads its own cache row, so its
+tokens do not depend on who else is in the batch. `AsyncEngine` runs the scheduler on a
+worker thread and hands each request an async iterator of events.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, advance_text, sample_rows,
+                           token_logprob)
+from models.errors import InvalidParameter
+from models.sampling import SamplingBatch
+
+
+@dataclass
+class SchedulerConfig:
+    max_running: int = 32  # sequences decoding at once (cache slots)
+    max_tokens_per_step: int = 512  # decode tokens + prefill tokens per step
+    prefill_chunk: int = 128  # longest piece of one prompt prefilled in a step
+    max_waiting: int = 256  # queued requests beyond which submit() refuses
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its limit; the service answers 429/503."""
+
+
+@dataclass
+class _Seq:
+    request: int
+    choice: int
+    generator: torch.Generator
+    scanner: StopScanner
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    position: int = 0  # where the next token goes
+
+
+@dataclass
+class _Group:
+    """One request: its prompt and its n sequences, admitted together."""
+    id: int
+    req: CompletionRequest
+    prompt: list[int]
+    seqs: list[_Seq]
+    prefilled: int = 0  # prompt tokens already in the cache
+
+
+class ContinuousEngine:
+    """Single-threaded scheduler over a TextEngine's model; call `step()` in a loop."""
+
+    def __init__(self, engine: TextEngine, cfg: SchedulerConfig | None = None):
+        self.engine = engine
+        self.cfg = cfg or SchedulerConfig()
+        self.model = engine.model
+        self.device = engine.device
+        self.model.setup_caches(self.cfg.max_running, engine.block_size)
+        vocab = self.model.config.vocab_size
+        self.seen = torch.zeros(self.cfg.max_running, vocab, dtype=torch.bool, device=self.device)
+        self.pending = torch.zeros(self.cfg.max_running, vocab, device=self.device)  # next-token logits per slot
+        self.free = list(range(self.cfg.max_running))  # a heap: lowest slot first keeps the batch compact
+        self.waiting: deque[_Group] = deque()
+        self.prefilling: list[_Group] = []
+        self.decoding: dict[int, tuple[_Group, _Seq]] = {}  # slot -> sequence
+        self.groups: dict[int, _Group] = {}
+        self._ids = itertools.count()
+        self.last_batch_size = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.decoding) + sum(len(g.seqs) for g in self.prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    def check(self, req: CompletionRequest, waiting: int = 0) -> None:
+        """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
+        self.engine.validate(req)
+        if req.n > self.cfg.max_running:
+            raise InvalidParameter("n", f"at most {self.cfg.max_running} choices on this server")
+        if len(self.waiting) + waiting >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.waiting) + waiting} requests are waiting")
+
+    def add(self, req: CompletionRequest, gid: int | None = None) -> int:
+        """Check and queue a request; returns its id (events carry it as `request`)."""
+        self.check(req)
+        gid = next(self._ids) if gid is None else gid
+        seqs = [_Seq(gid, c, torch.Generator().manual_seed(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
+                for c in range(req.n)]
+        group = _Group(gid, req, self.engine._prompt_ids(req), seqs)
+        self.groups[gid] = group
+        self.waiting.append(group)
+        return gid
+
+    def cancel(self, gid: int) -> None:
+        """Forget a request; its slots are free before the next forward pass."""
+        group = self.groups.pop(gid, None)
+        if group is None:
+            return
+        if group in self.waiting:
+            self.waiting.remove(group)
+        if group in self.prefilling:
+            self.prefilling.remove(group)
+        for seq in group.seqs:
+            if seq.slot >= 0:  # prefilling or decoding
+                self.decoding.pop(seq.slot, None)
+                heapq.heappush(self.free, seq.slot)
+                seq.slot = -1
+
+    # --- one scheduler step ----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        self.last_batch_size = 0
+        budget = self.cfg.max_tokens_per_step - len(self.decoding)
+        self._admit()
+        budget = self._prefill(budget, events)
+        self._sample(events)
+        self._forward()
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.free) >= self.waiting[0].req.n:
+            group = self.waiting.popleft()
+            for seq in group.seqs:
+                seq.slot = heapq.heappop(self.free)
+                seq.position = len(group.prompt)
+                self.seen[seq.slot] = False
+                self.seen[seq.slot, torch.tensor(group.prompt, device=self.device)] = True
+            self.prefilling.append(group)
+
+    def _prefill(self, budget: int, events: list[StreamEvent]) -> int:
+        """Prefill chunks in admission order; a finished prompt is copied into its n slots."""
+        for group in list(self.prefilling):
+            if budget <= 0:
+                break
+            start = group.prefilled
+            end = min(len(group.prompt), start + self.cfg.prefill_chunk, start + budget)
+            slot = group.seqs[0].slot
+            idx = torch.tensor([group.prompt[start:end]], device=self.device)  # (1, T)
+            pos = torch.arange(start, end, device=self.device).unsqueeze(0)  # (1, T)
+            mask = (torch.arange(end, device=self.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (1, 1, T, end)
+            logits = self.model.forward_cached(idx, pos, mask, rows=slice(slot, slot + 1))
+            budget -= end - start
+            group.prefilled = end
+            if end == len(group.prompt):
+                self.prefilling.remove(group)
+                for seq in group.seqs:
+                    if seq.slot != slot:
+                        self.model.copy_cache_row(slot, seq.slot, end)
+                    self.pending[seq.slot] = logits[0, -1].float()
+                    self.decoding[seq.slot] = (group, seq)
+                    if group.req.echo:
+                        events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))
+        return budget
+
+    def _sample(self, events: list[StreamEvent]) -> None:
+        if not self.decoding:
+            return
+        slots = sorted(self.decoding)
+        rows = [self.decoding[s] for s in slots]
+        index = torch.tensor(slots, device=self.device)
+        params = SamplingBatch.from_params([g.req.sampling for g, _ in rows], self.device)
+        seen = self.seen.index_select(0, index)
+        want = max((g.req.logprobs if g.req.logprobs is not None else -1) for g, _ in rows)
+        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.generator for _, s in rows], want)
+        self.seen.index_copy_(0, index, seen)
+        self.last_batch_size = len(slots)
+        eot = self.engine.tokenizer.eot_id
+        for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
+            seq.tokens.append(tok)
+            seq.position += 1
+            text, reason = advance_text(seq.scanner, tok, eot, len(seq.tokens), group.req.max_tokens)
+            lps = ([token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs)]
+                   if group.req.logprobs is not None else [])
+            events.append(StreamEvent(group.id, seq.choice, text, 1, lps, reason, tok))
+            if reason is not None:  # finished: the slot is free for the next admission
+                del self.decoding[seq.slot]
+                heapq.heappush(self.free, seq.slot)
+                seq.slot = -1
+                if all(s.slot < 0 for s in group.seqs):
+                    self.groups.pop(group.id, None)
+
+    def _forward(self) -> None:
+        """Next logits for every decoding slot, in one pass over slots [0, highest live slot].
+
+        Slots in that range that are not decoding (free, or mid-prefill) ride along as dummies:
+        they write at the last cache position, which no sequence reads before writing it itself.
+        """
+        if not self.decoding:
+            return
+        hi = max(self.decoding) + 1
+        last = self.engine.block_size - 1
+        tokens = torch.zeros(hi, 1, dtype=torch.long, device=self.device)
+        pos = torch.full((hi, 1), last, dtype=torch.long, device=self.device)
+        for slot, (_, seq) in self.decoding.items():
+            tokens[slot, 0] = seq.tokens[-1]
+            pos[slot, 0] = seq.position - 1
+        kv_len = max(seq.position for _, seq in self.decoding.values())
+        mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (hi, 1, 1, kv_len)
+        mask[:, :, :, 0] = True  # dummies past kv_len still attend somewhere (no empty softmax)
+        logits = self.model.forward_cached(tokens, pos, mask, rows=slice(0, hi))[:, -1].float()  # (hi, V)
+        live = torch.tensor(sorted(self.decoding), device=self.device)
+        self.pending.index_copy_(0, live, logits.index_select(0, live))
+
+
+class AsyncEngine:
+    """Runs a ContinuousEngine on a worker thread; each request gets an async iterator of events.
+
+    New requests and cancellations reach the worker through a thread-safe inbox and are applied
+    between steps: the scheduler stays single-threaded and the event loop never waits on a step.
+    """
+
+    def __init__(self, engine: ContinuousEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._outboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
+        self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
+        self._thread.start()
+
+    async def generate(self, req: CompletionRequest) -> AsyncIterator[StreamEvent]:
+        """Yield the request's events until all its choices finish; leaving early cancels it.
+
+        A bad request (InvalidParameter) or a full queue (QueueFull) raises before any event.
+        """
+        self.engine.check(req, waiting=self._inbox.qsize())
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()
+        gid = next(self._ids)
+        self._outboxes[gid] = (loop, outbox)
+        self._inbox.put(("add", gid, req))
+        self._wake.set()
+        remaining = req.n
+        try:
+            while remaining:
+                ev = await outbox.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if ev.finish_reason is not None:
+                    remaining -= 1
+                yield ev
+        finally:
+            self._outboxes.pop(gid, None)
+            if remaining:  # the client left (disconnect, deadline): free its slots
+                self._inbox.put(("cancel", gid, None))
+                self._wake.set()
+
+    def stats(self) -> tuple[int, int]:
+        """(sequences running, requests waiting)."""
+        return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _send(self, gid: int, item) -> None:
+        target = self._outboxes.get(gid)
+        if target is not None:
+            target[0].call_soon_threadsafe(target[1].put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            op, gid, req = self._inbox.get()
+            if op == "cancel":
+                self.engine.cancel(gid)
+                continue
+            try:
+                self.engine.add(req, gid)
+            except Exception as e:  # InvalidParameter / QueueFull raced past check()
+                self._send(gid, e)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug must fail the requests in flight, not hang them
+                for gid in list(self.engine.groups):
+                    self._send(gid, e)
+                    self.engine.cancel(gid)
+                continue
+            for ev in events:
+                self._send(ev.request, ev)
+            if self.on_step is not None:
+                self.on_step(self.engine.last_batch_size, *self.stats())

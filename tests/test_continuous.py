@@ -1,0 +1,140 @@
+"""Continuous batching: same tokens as the plain engine, whatever joins or leaves; limits; cancel."""
+import asyncio
+
+import pytest
+import torch
+
+from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
+from models.engine import CompletionRequest, TextEngine
+from models.errors import InvalidParameter
+from models.gpt import GPT, GPTConfig
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
+
+
+@pytest.fixture(scope="module")
+def engine() -> TextEngine:
+    tok = Tokenizer.train([TEXT], 400)
+    torch.manual_seed(0)
+    return TextEngine(GPT(GPTConfig(vocab_size=448, block_size=96, n_layer=2, n_head=2, n_embd=32)), tok, "cpu")
+
+
+def requests() -> list[CompletionRequest]:
+    return [CompletionRequest("The quick brown fox " * (1 + i % 3), seed=10 + i, max_tokens=4 + 5 * i,
+                              sampling=SamplingParams(temperature=0.7 + 0.05 * i, top_k=5 * i, top_p=0.95),
+                              stop=["x"] if i % 4 == 3 else [], n=1 + i % 2, logprobs=1 if i == 2 else None)
+            for i in range(8)]
+
+
+def run(cont: ContinuousEngine, arrivals: dict[int, list[CompletionRequest]], max_steps: int = 2000):
+    """Submit requests at given step numbers; return {gid: {choice: tokens}}, finish reasons, ids in order."""
+    tokens: dict[int, dict[int, list[int]]] = {}
+    reasons: dict[tuple[int, int], str] = {}
+    ids = []
+    step = 0
+    while step < max_steps and (cont.has_work() or any(s >= step for s in arrivals)):
+        for req in arrivals.get(step, []):
+            ids.append(cont.add(req))
+        for ev in cont.step():
+            if ev.token_id is not None:
+                tokens.setdefault(ev.request, {}).setdefault(ev.choice, []).append(ev.token_id)
+            if ev.finish_reason:
+                reasons[ev.request, ev.choice] = ev.finish_reason
+        step += 1
+    return tokens, reasons, ids
+
+
+def test_continuous_equals_the_plain_batched_engine(engine):
+    reqs = requests()
+    want = engine.complete(reqs)
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=6, max_tokens_per_step=64, prefill_chunk=8))
+    # staggered arrivals; only 6 slots for 12 sequences, so some wait and join later
+    tokens, reasons, ids = run(cont, {0: reqs[:3], 2: reqs[3:5], 7: reqs[5:]})
+    for gid, req, comp in zip(ids, reqs, want):
+        for c in comp.choices:
+            assert tokens[gid][c.index] == c.token_ids
+            assert reasons[gid, c.index] == c.finish_reason
+
+
+def test_a_request_is_batch_invariant_whatever_joins_or_leaves(engine):
+    target = CompletionRequest("Return the value", seed=99, max_tokens=40, sampling=SamplingParams(temperature=1.0))
+    alone, _, [gid] = run(ContinuousEngine(engine, SchedulerConfig(max_running=4)), {0: [target]})
+    crowd = ContinuousEngine(engine, SchedulerConfig(max_running=8, max_tokens_per_step=32, prefill_chunk=4))
+    arrivals = {0: requests()[:2], 1: [target], 5: requests()[2:4], 20: requests()[4:6]}
+    got, _, ids = run(crowd, arrivals)
+    assert got[ids[2]][0] == alone[gid][0]
+
+
+def test_limits_are_respected_and_no_request_starves(engine):
+    cfg = SchedulerConfig(max_running=3, max_tokens_per_step=20, prefill_chunk=5)
+    cont = ContinuousEngine(engine, cfg)
+    reqs = [CompletionRequest("The quick brown fox jumps " * 3, seed=i, max_tokens=6) for i in range(12)]
+    ids = [cont.add(r) for r in reqs]
+    finished = set()
+    for _ in range(500):
+        if not cont.has_work():
+            break
+        events = cont.step()
+        assert cont.num_running <= cfg.max_running
+        assert cont.last_batch_size <= cfg.max_running
+        finished |= {ev.request for ev in events if ev.finish_reason}
+    assert finished == set(ids)  # every request finished: nobody starved
+
+
+def test_cancel_frees_the_slot_within_one_step(engine):
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=2))
+    long = [cont.add(CompletionRequest("The", seed=i, max_tokens=80, sampling=SamplingParams(temperature=1.0)))
+            for i in range(2)]
+    queued = cont.add(CompletionRequest("The", seed=5, max_tokens=3))
+    for _ in range(3):
+        cont.step()
+    assert cont.num_waiting == 1 and len(cont.free) == 0
+    cont.cancel(long[0])
+    assert len(cont.free) == 1
+    events = cont.step()  # the queued request is admitted at once
+    assert cont.num_waiting == 0 and any(ev.request == queued for ev in events)
+    assert all(ev.request != long[0] for ev in events)
+
+
+def test_a_bad_request_does_not_disturb_the_others(engine):
+    good = CompletionRequest("The quick", seed=3, max_tokens=10)
+    want = engine.complete([good])[0].choices[0].token_ids
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
+    gid = cont.add(good)
+    with pytest.raises(InvalidParameter):
+        cont.add(CompletionRequest("The", seed=1, max_tokens=10, sampling=SamplingParams(top_p=2.0)))
+    tokens, _, _ = run(cont, {})
+    assert tokens[gid][0] == want
+
+
+def test_queue_limit_raises_queue_full(engine):
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=1, max_waiting=2))
+    for i in range(2):
+        cont.add(CompletionRequest("The", seed=i, max_tokens=3))
+    with pytest.raises(QueueFull):
+        cont.add(CompletionRequest("The", seed=9, max_tokens=3))
+
+
+def test_async_engine_streams_and_cancels_on_early_exit(engine):
+    async def main():
+        aeng = AsyncEngine(ContinuousEngine(engine, SchedulerConfig(max_running=4)))
+        req = CompletionRequest("The quick", seed=3, max_tokens=12, n=2)
+        got = [ev async for ev in aeng.generate(req)]
+        want = engine.complete([req])[0]
+        for c in want.choices:
+            assert [ev.token_id for ev in got if ev.choice == c.index and ev.token_id is not None] == c.token_ids
+        stream = aeng.generate(CompletionRequest("The", seed=1, max_tokens=90, sampling=SamplingParams(temperature=1)))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        for _ in range(100):
+            if aeng.stats() == (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        assert aeng.stats() == (0, 0)
+        with pytest.raises(InvalidParameter):
+            await aeng.generate(CompletionRequest("The", seed=1, max_tokens=0)).__anext__()
+        aeng.shutdown()
+
+    asyncio.run(main())
