@@ -1,0 +1,1 @@
+"""Load tests: a locustfile and a headless runner with pass/fail thresholds."""

@@ -1,0 +1,142 @@
+"""Locust users for the service. Every response is checked, not just its status:
+the schema, that each image decodes as a PNG, and that the seed echoed is the seed sent.
+
+    locust -f load_tests/locustfile.py --host http://127.0.0.1:3000            (web UI)
+    python -m load_tests.run --host http://127.0.0.1:3000 --users 8 --run-time 30s   (headless, thresholds)
+
+The user classes can be picked on the command line (`CompletionUser StreamingUser ...`);
+by default locust runs them all, weighted.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+
+from locust import HttpUser, between, task
+from PIL import Image
+
+PROMPTS = [
+    "Return the value of the",
+    "This module provides",
+    "If the argument is a string,",
+    "The default value is",
+    "Raise an exception when",
+]
+IMAGE_PROMPTS = [
+    "a small red circle on the left, blue background",
+    "a large green square in the centre on a white backdrop",
+    "blue backdrop with a little crimson disc at the left",
+    "a yellow triangle at the top, black background",
+]
+
+
+def _fail(resp, why: str) -> None:
+    resp.failure(f"{why}: {resp.text[:200]!r}")
+
+
+def check_completion(resp, seed: int, n: int) -> None:
+    try:
+        body = resp.json()
+        ok = (body["seed"] == seed and len(body["choices"]) == n
+              and all(isinstance(c["text"], str) and c["finish_reason"] in ("stop", "length", "eos")
+                      for c in body["choices"])
+              and body["usage"]["completion_tokens"] >= 1)
+    except (ValueError, KeyError, TypeError) as e:
+        return _fail(resp, f"bad completion body ({e})")
+    if not ok:
+        _fail(resp, "completion does not match the request")
+
+
+def check_images(resp, seed: int, n: int) -> None:
+    try:
+        body = resp.json()
+        images = body["images"]
+        if body["seed"] != seed or len(images) != n:
+            return _fail(resp, "wrong seed or image count")
+        for i, img in enumerate(images):
+            if img["seed"] != seed + i:
+                return _fail(resp, f"image {i} has seed {img['seed']}, expected {seed + i}")
+            Image.open(io.BytesIO(base64.b64decode(img["b64_json"]))).verify()
+    except Exception as e:  # any decoding problem is a failed response
+        _fail(resp, f"bad image body ({type(e).__name__}: {e})")
+
+
+class CompletionUser(HttpUser):
+    """Plain /complete requests of mixed lengths."""
+    weight = 3
+    wait_time = between(0.05, 0.3)
+
+    @task
+    def complete(self) -> None:
+        seed = random.randrange(2**31)
+        payload = {"prompt": random.choice(PROMPTS), "max_tokens": random.choice([8, 16, 32]),
+                   "temperature": 0.8, "top_k": 50, "seed": seed}
+        with self.client.post("/complete", json=payload, name="/complete", catch_response=True) as resp:
+            if resp.status_code != 200:
+                return _fail(resp, f"status {resp.status_code}")
+            check_completion(resp, seed, 1)
+            resp.success()
+
+
+class StreamingUser(HttpUser):
+    """/complete with stream=true: Server-Sent Events until `data: [DONE]`."""
+    weight = 2
+    wait_time = between(0.05, 0.3)
+
+    @task
+    def stream(self) -> None:
+        seed = random.randrange(2**31)
+        payload = {"prompt": random.choice(PROMPTS), "max_tokens": 24, "seed": seed, "stream": True}
+        with self.client.post("/complete", json=payload, name="/complete stream", stream=True,
+                              catch_response=True) as resp:
+            if resp.status_code != 200 or not resp.headers.get("content-type", "").startswith("text/event-stream"):
+                return _fail(resp, f"status {resp.status_code}, type {resp.headers.get('content-type')}")
+            chunks, done = 0, False
+            for line in resp.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    return _fail(resp, "an SSE chunk is not JSON")
+                if chunk.get("seed", seed) != seed:
+                    return _fail(resp, "the stream reports another seed")
+                chunks += 1
+            if not done or chunks == 0:
+                return _fail(resp, f"stream ended without [DONE] ({chunks} chunks)")
+            resp.success()
+
+
+class ImageUser(HttpUser):
+    """/generate with n = 1 and n = 4."""
+    weight = 2
+    wait_time = between(0.05, 0.3)
+
+    def _generate(self, n: int) -> None:
+        seed = random.randrange(2**31)
+        payload = {"prompt": random.choice(IMAGE_PROMPTS), "n": n, "seed": seed}
+        with self.client.post("/generate", json=payload, name=f"/generate n={n}", catch_response=True) as resp:
+            if resp.status_code != 200:
+                return _fail(resp, f"status {resp.status_code}")
+            check_images(resp, seed, n)
+            resp.success()
+
+    @task(3)
+    def one(self) -> None:
+        self._generate(1)
+
+    @task(1)
+    def four(self) -> None:
+        self._generate(4)
+
+
+class MixedUser(CompletionUser, StreamingUser, ImageUser):
+    """A product backend doing a bit of everything (realistic prompts, mixed endpoints)."""
+    weight = 1
+    tasks = {CompletionUser.complete: 3, StreamingUser.stream: 2, ImageUser.one: 2, ImageUser.four: 1}
