@@ -74,20 +74,27 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
     """Set to -inf every logit that top-k, then top-p (on the renormalised rest), then min-p removes.
 
-    logits (B, V); top_k (B, 1) long; top_p, min_p (B, 1). The best token always survives.
+    logits (B, V); top_k (B, 1) long, 0 = off; top_p, min_p (B, 1). The best token always
+    survives. Each filter runs only when some row uses it: the full sort that top-p needs is
+    the most expensive step of sampling.
     """
-    V = logits.size(-1)
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    ranks = torch.arange(V, device=logits.device).unsqueeze(0)  # (1, V)
-    remove = (top_k > 0) & (ranks >= top_k)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
-    remove |= (top_p < 1) & (mass_before >= top_p)  # keep the token that crosses top_p
-    remove |= probs < min_p * probs[:, :1]
-    remove[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    out = logits
+    if bool((top_k > 0).any()):
+        k_max = min(int(top_k.max()), logits.size(-1))
+        best = logits.topk(k_max, dim=-1).values  # (B, k_max), descending
+        kth = best.gather(1, (top_k.clamp(1, k_max) - 1))  # (B, 1): each row's k-th best logit
+        out = out.masked_fill((top_k > 0) & (logits < kth), float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_logits, order = out.sort(dim=-1, descending=True, stable=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
+        remove = (top_p < 1) & (mass_before >= top_p)  # keeps the token that crosses top_p
+        remove[:, 0] = False
+        out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
+    if bool((min_p > 0).any()):
+        probs = out.softmax(dim=-1)
+        out = out.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return out
 
 
 def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
@@ -110,7 +117,7 @@ def draw_uniforms(generators: list[torch.Generator]) -> Tensor:
 def sample(logits: Tensor, params: SamplingBatch, generators: list[torch.Generator],
            seen: Tensor | None = None) -> Tensor:
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
-    if seen is not None:
+    if seen is not None and bool((params.repetition_penalty != 1).any()):
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     greedy = params.temperature.squeeze(-1) == 0  # (B,)
     tempered = logits / params.temperature.clamp(min=1e-6)
