@@ -1,0 +1,218 @@
+"""Throughput through HTTP versus calling the engines in-process, at the same concurrency.
+
+    python -m benchmarks.http --concurrency 8 --seconds 30          # starts `bentoml serve` itself
+    python -m benchmarks.http --url http://127.0.0.1:3000            # or measures a running server
+
+Through HTTP, `concurrency` clients each send their next request as soon as the previous
+answer arrives. The in-process baseline hands the engine batches of `concurrency` requests
+back to back: what perfect batching of that many waiting clients would achieve, with no
+HTTP, JSON, queueing or encoding. The ratio HTTP / in-process is the figure to watch
+(target >= 80 %). For reference the table also shows the engine called with one request
+at a time (what `concurrency` callers sharing one engine without a batcher would get).
+The two sides alternate in short rounds so that drifting machine load biases neither.
+Models come from the BentoML store (BENTOML_HOME), GPT_MODEL / GAN_MODEL as for the service.
+Note that the HTTP clients run on the same machine and take CPU from the server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Result:
+    requests: int
+    units: int  # generated tokens or images
+    seconds: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def ups(self) -> float:
+        return self.units / self.seconds
+
+
+def load_text_engine(device: str):
+    import bentoml
+
+    from models.engine import CompletionRequest, TextEngine
+
+    engine = TextEngine.load(bentoml.models.get(os.environ.get("GPT_MODEL", "gpt:latest")).path, device=device)
+    engine.complete([CompletionRequest(prompt="warm", seed=0, max_tokens=2)])
+    return engine
+
+
+def load_image_engine(device: str):
+    import bentoml
+
+    from models.image_engine import ImageEngine, ImageRequest
+
+    engine = ImageEngine.load(bentoml.models.get(os.environ.get("GAN_MODEL", "gan:latest")).path, device=device)
+    engine.generate([ImageRequest(prompt="warm", seed=0)])
+    return engine
+
+
+def in_process_text(engine, batch: int, seconds: float, max_tokens: int) -> Result:
+    """`batch` requests per engine call, back to back (batch=1: no batching at all)."""
+    from models.engine import CompletionRequest
+
+    done = tokens = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        reqs = [CompletionRequest(prompt=f"Request {done + i}:", seed=done + i, max_tokens=max_tokens)
+                for i in range(batch)]
+        tokens += sum(c.completion_tokens for c in engine.complete(reqs))
+        done += batch
+    return Result(done, tokens, time.perf_counter() - start)
+
+
+def in_process_images(engine, batch: int, seconds: float, n: int) -> Result:
+    from models.image_engine import ImageRequest
+    from service.encode import encode_png  # the service encodes PNGs too: count it on both sides
+
+    done = images = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        reqs = [ImageRequest(prompt=f"a shape {done + i}", seed=done + i, n=n) for i in range(batch)]
+        for imgs in engine.generate(reqs):
+            for img in imgs:
+                encode_png(img, {"prompt": "x", "seed": 0})
+            images += len(imgs)
+        done += batch
+    return Result(done, images, time.perf_counter() - start)
+
+
+async def over_http(url: str, path: str, make_body, count_units, concurrency: int, seconds: float) -> Result:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        await client.post(path, json=make_body(0))  # warm the connection path
+        counter = {"requests": 0, "units": 0}
+        start = time.perf_counter()
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() - start < seconds:
+                r = await client.post(path, json=make_body(i))
+                r.raise_for_status()
+                counter["requests"] += 1
+                counter["units"] += count_units(r.json())
+                i += concurrency
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return Result(counter["requests"], counter["units"], time.perf_counter() - start)
+
+
+def start_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:Generation",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bentoml serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise SystemExit("server not ready after 180 s")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="", help="a running server; empty = start `bentoml serve` here")
+    p.add_argument("--concurrency", type=int, default=8, help="simultaneous clients (and in-process batch size)")
+    p.add_argument("--seconds", type=float, default=30, help="measuring time per side and kind, split in rounds")
+    p.add_argument("--rounds", type=int, default=3, help="alternations between HTTP and in-process")
+    p.add_argument("--max_tokens", type=int, default=32, help="tokens per completion")
+    p.add_argument("--images_per_request", type=int, default=1, help="n of each image request")
+    p.add_argument("--device", default="auto", help="device of the in-process engines")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads, in-process and in the server it starts (0 = torch's default)")
+    p.add_argument("--only", choices=["text", "images", "both"], default="both", help="what to measure")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    args = p.parse_args(argv)
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["CONDGEN_TORCH_THREADS"] = str(args.threads)  # inherited by the server started below
+    proc = None
+    url = args.url
+    if not url:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = start_server(port)
+        url = f"http://127.0.0.1:{port}"
+    report: dict = {"concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds,
+                    "threads": args.threads, "max_tokens": args.max_tokens,
+                    "images_per_request": args.images_per_request}
+    c, secs, n = args.concurrency, args.seconds / args.rounds, args.images_per_request
+    kinds = {
+        "text": ("tokens", "/complete", load_text_engine,
+                 lambda i: {"prompt": f"Request {i}:", "seed": i, "max_tokens": args.max_tokens},
+                 lambda body: body["usage"]["completion_tokens"],
+                 lambda engine, batch: in_process_text(engine, batch, secs, args.max_tokens)),
+        "images": ("images", "/generate", load_image_engine,
+                   lambda i: {"prompt": f"a shape {i}", "seed": i, "n": n},
+                   lambda body: len(body["images"]),
+                   lambda engine, batch: in_process_images(engine, batch, secs, n)),
+    }
+    try:
+        for kind, (unit, path, load, make_body, count_units, local_run) in kinds.items():
+            if args.only not in (kind, "both"):
+                continue
+            engine = load(args.device)
+            http, batched, single = [], [], []
+            # Interleaved short rounds: a machine whose load drifts (shared CPUs) biases neither side.
+            for _ in range(args.rounds):
+                http.append(asyncio.run(over_http(url, path, make_body, count_units, c, secs)))
+                batched.append(local_run(engine, c))
+                single.append(local_run(engine, 1))
+            del engine
+            report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single))
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _sum(results: list[Result]) -> Result:
+    return Result(sum(r.requests for r in results), sum(r.units for r in results), sum(r.seconds for r in results))
+
+
+def _row(name: str, unit: str, http: Result, batched: Result, single: Result) -> dict:
+    ratio = http.ups / batched.ups if batched.ups else float("nan")
+    ratio_single = http.ups / single.ups if single.ups else float("nan")
+    print(f"{name:7s} HTTP {http.rps:7.1f} req/s {http.ups:8.1f} {unit}/s | in-process, batches of the same "
+          f"concurrency {batched.rps:7.1f} req/s {batched.ups:8.1f} {unit}/s -> HTTP/in-process {ratio:6.1%} | "
+          f"in-process one request per call {single.ups:8.1f} {unit}/s -> {ratio_single:6.1%}")
+    return {"http_rps": http.rps, f"http_{unit}_per_s": http.ups,
+            "inproc_batched_rps": batched.rps, f"inproc_batched_{unit}_per_s": batched.ups, "ratio": ratio,
+            f"inproc_single_{unit}_per_s": single.ups, "ratio_vs_single": ratio_single}
+
+
+if __name__ == "__main__":
+    main()

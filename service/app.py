@@ -1,0 +1,582 @@
+"""The HTTP service: validate -> batch -> call an engine from models/ -> encode.
+
+`bentoml serve service.app:Generation` starts it. BentoML provides the server, /livez,
+/readyz, /metrics, the traffic limits (timeout, max concurrency) and the model store;
+the routes are a Starlette app mounted into the service, because the API is shaped by
+its clients (OpenAI-compatible JSON, Server-Sent Events, raw PNG bytes, one error shape)
+rather than by BentoML's IO descriptors. No model math lives here.
+
+Routes: POST /complete, POST /generate, GET /models,
+        POST /v1/completions, POST /v1/images/generations, GET /v1/models.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import bentoml
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from models.artifacts import ArtifactError
+from models.engine import CompletionRequest, StreamEvent, TextEngine, TokenLogprob
+from models.errors import InvalidParameter
+from models.image_engine import ImageEngine, ImageRequest
+from models.sampling import SamplingParams
+from service.batching import Job, MicroBatcher, fail
+from service.encode import SSE_DONE, SSEResponse, b64, encode_png, sse_event
+from service.metrics import IMAGE, TEXT, get_metrics
+from service.schemas import (
+    MAX_N,
+    MAX_SEED,
+    ApiError,
+    CompletionBody,
+    ImageBody,
+    OpenAICompletionBody,
+    OpenAIImageBody,
+    from_validation_error,
+)
+
+logger = logging.getLogger("condgen.service")
+logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
+B = TypeVar("B", bound=BaseModel)
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+# Configuration (read once, when BentoML imports the service).
+GPT_MODEL = os.environ.get("GPT_MODEL", "gpt:latest")
+GAN_MODEL = os.environ.get("GAN_MODEL", "gan:latest")
+DEVICE = os.environ.get("CONDGEN_DEVICE", "auto")  # auto = CUDA when available
+TIMEOUT_S = _env_float("CONDGEN_TIMEOUT", 300.0)  # per request, until the first byte is sent
+MAX_CONCURRENCY = _env_int("CONDGEN_MAX_CONCURRENCY", 256)  # beyond it: 429
+TEXT_MAX_BATCH = _env_int("CONDGEN_TEXT_MAX_BATCH", 64)  # choices per engine call
+IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward pass
+BATCH_WAIT_S = _env_float("CONDGEN_BATCH_WAIT_MS", 10.0) / 1000  # linger for requests sent together
+ACCESS_LOG = os.environ.get("CONDGEN_ACCESS_LOG", "1") != "0"  # one log line per request
+TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # 0 = torch's default (one per core)
+MAX_BODY_BYTES = 1 << 20
+
+END = object()  # marks the end of a text job's event stream
+
+
+def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler: find the service, map every failure to one JSON error shape.
+
+    Client mistakes are 4xx with the field named; anything else is a 500 that carries a
+    request id, and the traceback is logged under the same id.
+    """
+
+    @functools.wraps(fn)
+    async def handler(request: Request) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            try:
+                svc: Generation = bentoml.get_current_service()
+            except bentoml.exceptions.BentoMLException:
+                raise ApiError(503, "the service is starting", type="server_error") from None
+            response = await fn(svc, request)
+        except ApiError as e:
+            response = JSONResponse(e.body(), status_code=e.status)
+        except InvalidParameter as e:
+            response = JSONResponse(ApiError(400, e.message, e.param).body(), status_code=400)
+        except ValidationError as e:
+            response = JSONResponse(from_validation_error(e).body(), status_code=400)
+        except Exception:
+            logger.exception("request %s to %s failed", request_id, request.url.path)
+            err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
+                           type="server_error")
+            response = JSONResponse(err.body(request_id), status_code=500)
+        if response.status_code >= 400:
+            get_metrics().request_errors.labels(endpoint=request.url.path, status=str(response.status_code)).inc()
+        response.headers["X-Request-ID"] = request_id
+        return response
+
+    return handler
+
+
+async def _parse(request: Request, model: type[B]) -> B:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return model.model_validate(data)
+
+
+@_route
+async def complete(svc: "Generation", request: Request) -> Response:
+    return await svc.complete(await _parse(request, CompletionBody), openai=False)
+
+
+@_route
+async def openai_completions(svc: "Generation", request: Request) -> Response:
+    body = await _parse(request, OpenAICompletionBody)
+    if (err := body.unsupported()) is not None:
+        raise err
+    return await svc.complete(body, openai=True)
+
+
+@_route
+async def generate(svc: "Generation", request: Request) -> Response:
+    return await svc.generate(await _parse(request, ImageBody))
+
+
+@_route
+async def openai_images(svc: "Generation", request: Request) -> Response:
+    return await svc.openai_images(await _parse(request, OpenAIImageBody))
+
+
+@_route
+async def list_models(svc: "Generation", request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [svc.text_model.describe(), svc.image_model.describe()]})
+
+
+@_route
+async def openai_models(svc: "Generation", request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [m.openai() for m in (svc.text_model, svc.image_model)]})
+
+
+routes = Starlette(routes=[
+    Route("/complete", complete, methods=["POST"]),
+    Route("/generate", generate, methods=["POST"]),
+    Route("/models", list_models, methods=["GET"]),
+    Route("/v1/completions", openai_completions, methods=["POST"]),
+    Route("/v1/images/generations", openai_images, methods=["POST"]),
+    Route("/v1/models", openai_models, methods=["GET"]),
+])
+
+
+@dataclass
+class ServedModel:
+    """A store entry as the API describes it."""
+    kind: str  # "text" | "image"
+    tag: str
+    labels: dict[str, str]
+    created: float  # unix seconds
+    metrics: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)  # known once loaded: image_size, ...
+
+    @classmethod
+    def from_store(cls, kind: str, stored: Any) -> "ServedModel":
+        metrics_path = os.path.join(stored.path, "metrics.json")
+        metrics: dict[str, Any] = {}
+        if os.path.isfile(metrics_path):  # optional, as for the engines; unreadable is an error
+            try:
+                with open(metrics_path) as fh:
+                    metrics = json.load(fh)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ArtifactError(f"{metrics_path}: cannot read ({e})") from e
+        return cls(kind=kind, tag=str(stored.tag), labels=dict(stored.info.labels),
+                   created=stored.info.creation_time.timestamp(), metrics=metrics)
+
+    @property
+    def name(self) -> str:
+        return self.tag.split(":")[0]
+
+    def answers_to(self, requested: str | None) -> bool:
+        return requested in (None, self.name, self.tag, f"{self.name}:latest")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.tag, "name": self.name, "kind": self.kind,
+            "family": self.labels.get("family"), "dataset": self.labels.get("dataset"),
+            "created": int(self.created),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "labels": self.labels, "metrics": self.metrics, **self.details,
+        }
+
+    def openai(self) -> dict[str, Any]:
+        return {"id": self.tag, "object": "model", "created": int(self.created), "owned_by": "condgen"}
+
+
+@dataclass
+class _ChoiceState:
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _TextResult:
+    """One request's share of a text batch, accumulated by the engine thread."""
+    choices: list[_ChoiceState]
+    open: int  # choices not finished yet
+    tokens: int = 0
+    last_token: dict[int, float] = field(default_factory=dict)  # choice -> time of its latest token
+
+    @classmethod
+    def empty(cls, n: int) -> "_TextResult":
+        return cls([_ChoiceState() for _ in range(n)], open=n)
+
+    def add(self, ev: StreamEvent) -> None:
+        c = self.choices[ev.choice]
+        c.text += ev.text
+        c.logprobs.extend(ev.logprobs)
+        self.tokens += ev.num_tokens
+        if ev.finish_reason is not None:
+            c.finish_reason = ev.finish_reason
+            self.open -= 1
+
+
+def _resolve(future: asyncio.Future | None, value: Any) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+def _deliver(jobs: list[Job[CompletionRequest]], results: list[_TextResult], events: list[StreamEvent],
+             finished: list[int]) -> None:
+    """On the event loop: hand one decode step's events to the streaming requests they belong
+    to, and their results to the plain requests that finished in that step."""
+    by_request: dict[int, list[StreamEvent]] = {}
+    for ev in events:
+        by_request.setdefault(ev.request, []).append(ev)
+    for r, evs in by_request.items():
+        jobs[r].events.put_nowait(evs)
+    for r in finished:
+        _resolve(jobs[r].future, results[r])
+
+
+def _logprobs_json(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text."""
+    offsets = []
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
+
+
+def _pick_seed(seed: int | None) -> int:
+    # Leave room for seed + i (i < n) to stay inside the documented range.
+    return seed if seed is not None else secrets.randbelow(MAX_SEED + 1 - MAX_N)
+
+
+@bentoml.asgi_app(routes, path="/")
+@bentoml.service(
+    name="generation",
+    traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
+    logging={"access": {"enabled": ACCESS_LOG}},
+)
+class Generation:
+    # Declared at class scope so that `bentoml build` packs both models into the Bento.
+    gpt = bentoml.models.BentoModel(GPT_MODEL)
+    gan = bentoml.models.BentoModel(GAN_MODEL)
+
+    def __init__(self) -> None:
+        self.metrics = get_metrics()
+        # Resolving the tags here makes a missing model fail the start-up at once, by name.
+        self.text_model = ServedModel.from_store("text", self.gpt)
+        self.image_model = ServedModel.from_store("image", self.gan)
+        self.text: TextEngine | None = None
+        self.image: ImageEngine | None = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self.text_batcher: MicroBatcher[CompletionRequest] = MicroBatcher(
+            TEXT, self._run_text, self.metrics, TEXT_MAX_BATCH, BATCH_WAIT_S)
+        self.image_batcher: MicroBatcher[ImageRequest] = MicroBatcher(
+            IMAGE, self._run_images, self.metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S)
+        # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def __is_ready__(self) -> bool:
+        return self._ready.is_set()
+
+    def _load(self) -> None:
+        try:
+            started = time.perf_counter()
+            if TORCH_THREADS > 0:
+                import torch  # the engines' own dependency; only the CPU thread pool is set here
+
+                torch.set_num_threads(TORCH_THREADS)
+            text = TextEngine.load(self.gpt.path, device=DEVICE)
+            text.tag = self.text_model.tag
+            image = ImageEngine.load(self.gan.path, device=DEVICE)
+            image.tag = self.image_model.tag
+            self.image_model.details["image_size"] = image.image_size
+            self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
+            if (block := getattr(text, "block_size", None)) is not None:
+                self.text_model.details["context_length"] = block
+            loaded = time.perf_counter()
+            # Warm-up: the first calls pay for allocator growth and kernel selection.
+            list(text.stream([CompletionRequest(prompt="Hello", seed=0, max_tokens=2)]))
+            image.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
+            self.text, self.image = text, image
+            logger.info("loaded %s and %s in %.2fs, warm-up %.2fs", text.tag, image.tag,
+                        loaded - started, time.perf_counter() - loaded)
+            self._ready.set()
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            logger.exception("loading the models failed; the service stays not ready")
+
+    @bentoml.on_shutdown
+    async def _stop_batchers(self) -> None:
+        await self.text_batcher.close()
+        await self.image_batcher.close()
+
+    def _engine(self, kind: str) -> Any:
+        engine = self.text if kind == "text" else self.image
+        if engine is None:
+            why = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
+            raise ApiError(503, f"not ready: {why}", type="server_error")
+        return engine
+
+    def _check_model(self, requested: str | None, kind: str) -> ServedModel:
+        served = self.text_model if kind == "text" else self.image_model
+        if served.answers_to(requested):
+            return served
+        other = self.image_model if kind == "text" else self.text_model
+        if other.answers_to(requested):
+            raise ApiError(400, f"model {requested!r} is an {other.kind} model; this route needs a {kind} model",
+                           "model", code="model_not_supported")
+        raise ApiError(404, f"model {requested!r} is not served here (serving {served.tag})",
+                       "model", code="model_not_found")
+
+    # ---- text ---------------------------------------------------------------------------
+
+    async def complete(self, body: CompletionBody, openai: bool) -> Response:
+        engine: TextEngine = self._engine("text")
+        served = self._check_model(body.model, "text")
+        if len(body.prompt) > engine.max_prompt_chars:
+            raise ApiError(400, f"prompt has {len(body.prompt)} characters; the limit is "
+                                f"{engine.max_prompt_chars}", "prompt", code="prompt_too_long")
+        seed = _pick_seed(body.seed)
+        req = CompletionRequest(
+            prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
+            sampling=SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty),
+            stop=list(body.stop), n=body.n, logprobs=body.logprobs,
+            echo=False,  # the service prepends the prompt itself, identically for streams
+        )
+        engine.validate(req)
+        # As the model sees it (an empty prompt is one end-of-text token), when the engine says.
+        count = getattr(engine, "prompt_tokens", None)
+        prompt_tokens = count(req) if count is not None else engine.count_tokens(body.prompt)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": served.tag, "seed": seed}
+        if body.stream:
+            job: Job[CompletionRequest] = Job(req, cost=body.n, events=asyncio.Queue())
+            self.text_batcher.submit(job)
+            include_usage = (not openai) or bool(getattr(body, "stream_options", None)
+                                                 and body.stream_options.include_usage)
+            return SSEResponse(self._stream(job, body, head, prompt_tokens, openai, include_usage))
+        job = Job(req, cost=body.n, future=asyncio.get_running_loop().create_future())
+        self.text_batcher.submit(job)
+        try:
+            result: _TextResult = await job.future
+        finally:
+            job.cancelled = True  # no-op when finished; stops the batch if our client left
+        prefix = body.prompt if body.echo else ""
+        choices = [{
+            "index": i, "text": prefix + c.text,
+            "finish_reason": _finish_reason(c.finish_reason, openai),
+            "logprobs": _logprobs_json(c.logprobs, len(prefix)) if body.logprobs is not None else None,
+        } for i, c in enumerate(result.choices)]
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.tokens,
+                 "total_tokens": prompt_tokens + result.tokens}
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
+    async def _stream(self, job: Job[CompletionRequest], body: CompletionBody, head: dict[str, Any],
+                      prompt_tokens: int, openai: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        """SSE in the OpenAI layout: a chunk per event that released text, finished a choice or
+        carries logprobs; the chunks of one decode step leave in one write."""
+        assert job.events is not None
+
+        def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> bytes:
+            return sse_event({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                                   "finish_reason": _finish_reason(finish, openai)}]})
+
+        offsets = [len(body.prompt) if body.echo else 0] * body.n
+        tokens = 0
+        try:
+            if body.echo:
+                yield b"".join(chunk(i, body.prompt, None, None) for i in range(body.n))
+            while (item := await job.events.get()) is not END:
+                if isinstance(item, BaseException):
+                    raise item
+                out = []
+                for ev in item:
+                    tokens += ev.num_tokens
+                    if not ev.text and ev.finish_reason is None and not ev.logprobs:
+                        continue
+                    lp = _logprobs_json(ev.logprobs, offsets[ev.choice]) if body.logprobs is not None else None
+                    offsets[ev.choice] += len(ev.text)
+                    out.append(chunk(ev.choice, ev.text, ev.finish_reason, lp))
+                if out:
+                    yield b"".join(out)
+            if include_usage:
+                yield sse_event({**head, "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                    "total_tokens": prompt_tokens + tokens}})
+            yield SSE_DONE
+        except Exception:
+            # Headers are gone already: report in-band, as OpenAI does, then end the stream.
+            request_id = uuid.uuid4().hex
+            logger.exception("stream %s (request %s) failed", head["id"], request_id)
+            err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
+            yield sse_event(err.body(request_id))
+        finally:
+            job.cancelled = True  # client gone or done: the engine thread may stop
+
+    async def _run_text(self, jobs: list[Job[CompletionRequest]]) -> None:
+        """Run one engine batch in a worker thread.
+
+        The thread does the per-token bookkeeping itself (metrics, accumulating text), so the
+        event loop is woken only when there is something to send: once per decode step for
+        streaming requests (all of that step's events together), once per request otherwise,
+        as soon as its last choice finishes, even while the rest of the batch goes on.
+        """
+        engine = self._engine("text")
+        loop = asyncio.get_running_loop()
+        tokens = self.metrics.generated_tokens.labels(model=self.text_model.name)
+        ttft, itl = self.metrics.time_to_first_token, self.metrics.inter_token_latency
+        results = [_TextResult.empty(job.payload.n) for job in jobs]
+
+        def pump() -> None:  # in the worker thread
+            rows_open = sum(job.payload.n for job in jobs)  # rows still decoding
+            seen, pending, finished = 0, [], []
+            events = engine.stream([job.payload for job in jobs])
+            try:
+                for ev in events:
+                    job, result = jobs[ev.request], results[ev.request]
+                    if ev.num_tokens:
+                        now = time.perf_counter()
+                        tokens.inc(ev.num_tokens)
+                        last = result.last_token.get(ev.choice)
+                        (ttft.observe(now - job.arrived) if last is None else itl.observe(now - last))
+                        result.last_token[ev.choice] = now
+                    result.add(ev)
+                    if job.events is not None:
+                        pending.append(ev)
+                    elif result.open == 0:
+                        finished.append(ev.request)
+                    # The engine yields one event per open row per step: after that many, the
+                    # step is complete, and what it produced goes to the loop in one wake-up
+                    # (each wake-up costs a GIL hand-over between this thread and the loop's).
+                    seen += 1
+                    if seen >= rows_open:
+                        if pending or finished:
+                            loop.call_soon_threadsafe(_deliver, jobs, results, pending, finished)
+                            pending, finished = [], []
+                        seen, rows_open = 0, sum(r.open for r in results)
+                    if all(job.cancelled for job in jobs):
+                        logger.info("every client of a %d-request text batch left; stopping it", len(jobs))
+                        break
+                if pending or finished:
+                    loop.call_soon_threadsafe(_deliver, jobs, results, pending, finished)
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
+
+        try:
+            # Callbacks queued by call_soon_threadsafe run before this await returns (FIFO).
+            await asyncio.to_thread(pump)
+        except Exception as e:
+            logger.exception("text batch of %d requests failed", len(jobs))
+            for job in jobs:
+                fail(job, e)
+        finally:
+            for job, result in zip(jobs, results):
+                if job.events is not None:
+                    job.events.put_nowait(END)
+                _resolve(job.future, result)  # a batch stopped early still answers what it has
+
+    # ---- images -------------------------------------------------------------------------
+
+    async def _images(self, prompt: str, n: int, seed: int | None, truncation: float,
+                      model: str | None) -> tuple[ServedModel, int, list[bytes]]:
+        engine: ImageEngine = self._engine("image")
+        served = self._check_model(model, "image")
+        seed = _pick_seed(seed)
+        req = ImageRequest(prompt=prompt, seed=seed, n=n, truncation=truncation)
+        engine.validate(req)
+        job: Job[ImageRequest] = Job(req, cost=n, future=asyncio.get_running_loop().create_future())
+        self.image_batcher.submit(job)
+        try:
+            pngs = await job.future
+        finally:
+            job.cancelled = True
+        return served, seed, pngs
+
+    async def generate(self, body: ImageBody) -> Response:
+        if body.response_format == "png" and body.n != 1:
+            raise ApiError(400, "response_format 'png' returns a single image: use n = 1, or b64_json",
+                           "response_format")
+        served, seed, pngs = await self._images(body.prompt, body.n, body.seed, body.truncation, body.model)
+        if body.response_format == "png":
+            return Response(pngs[0], media_type="image/png",
+                            headers={"X-Seed": str(seed), "X-Model": served.tag})
+        return JSONResponse({"created": int(time.time()), "model": served.tag, "seed": seed,
+                             "images": [{"b64_json": b64(p), "seed": seed + i} for i, p in enumerate(pngs)]})
+
+    async def openai_images(self, body: OpenAIImageBody) -> Response:
+        if body.response_format == "url":
+            raise ApiError(400, "response_format 'url' is not supported: this service stores no files; "
+                                "use b64_json", "response_format")
+        engine: ImageEngine = self._engine("image")
+        size = f"{engine.image_size}x{engine.image_size}"
+        if body.size not in (None, size):
+            raise ApiError(400, f"size {body.size!r} is not available; this model makes {size}", "size")
+        served, seed, pngs = await self._images(body.prompt, body.n, body.seed, body.truncation, body.model)
+        return JSONResponse({"created": int(time.time()), "model": served.tag, "seed": seed,
+                             "data": [{"b64_json": b64(p), "revised_prompt": None, "seed": seed + i}
+                                      for i, p in enumerate(pngs)]})
+
+    async def _run_images(self, jobs: list[Job[ImageRequest]]) -> None:
+        """One forward pass for the whole batch, then PNG encoding, both off the event loop."""
+        engine = self._engine("image")
+        tag = self.image_model.tag
+
+        def work() -> list[list[bytes]]:
+            arrays = engine.generate([job.payload for job in jobs])
+            return [[encode_png(img, {"prompt": job.payload.prompt, "seed": job.payload.seed + i,
+                                      "model": tag, "truncation": job.payload.truncation})
+                     for i, img in enumerate(images)]
+                    for job, images in zip(jobs, arrays, strict=True)]
+
+        try:
+            results = await asyncio.to_thread(work)
+        except Exception as e:
+            logger.exception("image batch of %d requests failed", len(jobs))
+            for job in jobs:
+                fail(job, e)
+            return
+        counter = self.metrics.images.labels(model=self.image_model.name)
+        for job, pngs in zip(jobs, results):
+            counter.inc(len(pngs))
+            if job.future is not None and not job.future.done():
+                job.future.set_result(pngs)
+
+
+def _finish_reason(reason: str | None, openai: bool) -> str | None:
+    # OpenAI knows "stop" and "length"; reaching end-of-text is a natural stop there.
+    if openai and reason == "eos":
+        return "stop"
+    return reason

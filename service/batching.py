@@ -1,0 +1,137 @@
+"""An async micro-batcher: requests that queue while the engine is busy run together next.
+
+One consumer task per engine takes everything waiting (up to a cost budget: choices or
+images, so requests with different `n` share a forward pass), may linger a few
+milliseconds for requests sent at the same moment (see `_linger`), and hands the batch to `run`. While `run` works (in a thread,
+so the event loop keeps serving), new requests queue and form the next batch. This is the
+same policy as BentoML's adaptive batching, kept here because the text path streams
+events per request, which BentoML's batchable APIs (list in, list out) cannot express.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from service.metrics import Metrics
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job(Generic[T]):
+    """One HTTP request's work. `run` reports through `future` (images) or `events` (text)."""
+    payload: T
+    cost: int  # choices or images this job adds to a batch
+    arrived: float = field(default_factory=time.perf_counter)
+    future: asyncio.Future | None = None
+    events: asyncio.Queue | None = None
+    cancelled: bool = False  # set by the request handler when its client has gone
+
+
+class MicroBatcher(Generic[T]):
+    def __init__(self, endpoint: str, run: Callable[[list[Job[T]]], Awaitable[None]],
+                 metrics: Metrics, max_batch_cost: int = 64, max_wait_s: float = 0.0):
+        self.endpoint = endpoint
+        self.run = run
+        self.metrics = metrics
+        self.max_batch_cost = max_batch_cost
+        self.max_wait_s = max_wait_s
+        self._pending: deque[Job[T]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._expected = 1  # size of the previous batch: how many to linger for
+
+    def submit(self, job: Job[T]) -> None:
+        """Queue a job (from the event loop thread). The consumer starts on first use."""
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher-{self.endpoint}")
+        self._pending.append(job)
+        self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc()
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _take(self, batch: list[Job[T]], cost: int) -> int:
+        """Move pending jobs into `batch` while the budget allows (always at least one)."""
+        while self._pending:
+            job = self._pending[0]
+            if batch and cost + job.cost > self.max_batch_cost:
+                break
+            self._pending.popleft()
+            self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+            if job.cancelled:  # its client left while it waited: drop it for free
+                continue
+            batch.append(job)
+            cost += job.cost
+        return cost
+
+    async def _consume(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch: list[Job[T]] = []
+                cost = self._take(batch, 0)
+                if batch and self.max_wait_s > 0:
+                    cost = await self._linger(batch, cost)
+                if not batch:
+                    continue
+                self._expected = len(batch)
+                await self._run_batch(batch, cost)
+
+    async def _linger(self, batch: list[Job[T]], cost: int) -> int:
+        """Wait up to max_wait_s for requests sent together with the first, but only while
+        fewer have come than made up the previous batch: clients that send one request each
+        as soon as their answer arrives are all back without waiting out the window, and a
+        lone client (previous batch of one) does not wait at all."""
+        assert self._wakeup is not None
+        deadline = asyncio.get_running_loop().time() + self.max_wait_s
+        while len(batch) < self._expected and cost < self.max_batch_cost:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                pass
+            cost = self._take(batch, cost)
+        return cost
+
+    async def _run_batch(self, batch: list[Job[T]], cost: int) -> None:
+        m, now = self.metrics, time.perf_counter()
+        for job in batch:
+            m.queue_time.labels(endpoint=self.endpoint).observe(now - job.arrived)
+        m.batch_size.labels(endpoint=self.endpoint).observe(len(batch))
+        m.batch_items.labels(endpoint=self.endpoint).observe(cost)
+        running = m.requests_running.labels(endpoint=self.endpoint)
+        running.inc(len(batch))
+        try:
+            await self.run(batch)
+        except Exception as e:  # `run` should resolve its jobs itself; this is the safety net
+            logger.exception("%s batch failed", self.endpoint)
+            for job in batch:
+                fail(job, e)
+        finally:
+            running.dec(len(batch))
+
+
+def fail(job: Job[Any], exc: BaseException) -> None:
+    if job.future is not None and not job.future.done():
+        job.future.set_exception(exc)
+    if job.events is not None:
+        job.events.put_nowait(exc)

@@ -1,0 +1,75 @@
+"""Turning engine output into bytes: PNG files that remember how they were made, and SSE.
+
+A PNG carries its generation parameters as JSON in a tEXt chunk named `parameters`
+(the key image tools already look for), so a saved file is enough to reproduce it.
+Server-Sent Events: one `data: <json>` line plus a blank line per event, `data: [DONE]` last.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+PNG_PARAMETERS_KEY = "parameters"
+
+
+def encode_png(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes with `parameters` as JSON in a tEXt chunk."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+    info = PngInfo()
+    info.add_text(PNG_PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def png_parameters(png: bytes) -> dict[str, Any]:
+    """Read back what `encode_png` stored (used by tests and by anyone reproducing an image)."""
+    with Image.open(io.BytesIO(png)) as im:
+        return json.loads(im.text[PNG_PARAMETERS_KEY])
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def sse_event(payload: dict[str, Any] | str) -> bytes:
+    """One event. JSON never contains a raw newline, so a single `data:` line is enough."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+SSE_DONE = sse_event("[DONE]")
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream that always closes its generator, so a disconnect releases the work.
+
+    Starlette stops iterating when the client goes away; closing the generator here runs
+    its `finally` at once (rather than whenever it is garbage-collected), which is where
+    the service tells the engine thread to stop.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None):
+        # no-cache and X-Accel-Buffering keep proxies (nginx) from holding events back.
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                           **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

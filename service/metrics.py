@@ -1,0 +1,65 @@
+"""The service's own Prometheus metrics, all named `condgen_*`, served at /metrics beside BentoML's.
+
+BentoML runs prometheus_client in multiprocess mode and sets PROMETHEUS_MULTIPROC_DIR in
+the worker before it builds the service; prometheus_client reads that variable when it is
+first imported, so it is imported inside `get_metrics()` (called from the service's
+`__init__`), never at module import time. Gauges use `livesum` so that several workers add up.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "condgen"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# The two batched endpoint families; label values of `endpoint`.
+TEXT = "completions"
+IMAGE = "images"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    time_to_first_token: Any  # Histogram: arrival of the request -> first token of a choice
+    inter_token_latency: Any  # Histogram: between consecutive tokens of one choice
+    queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch
+    batch_size: Any  # Histogram{endpoint}: requests per engine call
+    batch_items: Any  # Histogram{endpoint}: choices / images per engine call
+    requests_running: Any  # Gauge{endpoint}: requests inside an engine call now
+    requests_waiting: Any  # Gauge{endpoint}: requests queued for the engine now
+    generated_tokens: Any  # Counter{model}
+    images: Any  # Counter{model}
+    request_errors: Any  # Counter{endpoint, status}: 4xx/5xx answers from our routes
+
+
+@functools.lru_cache(maxsize=1)
+def get_metrics() -> Metrics:
+    """Create the metric objects once per process (a second registration would raise)."""
+    import prometheus_client as pc  # deferred: see the module docstring
+
+    def histogram(name: str, doc: str, labels: tuple[str, ...] = (), buckets=LATENCY_BUCKETS):
+        return pc.Histogram(f"{PREFIX}_{name}", doc, labelnames=labels, buckets=buckets)
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...]):
+        return pc.Gauge(f"{PREFIX}_{name}", doc, labelnames=labels, multiprocess_mode="livesum")
+
+    return Metrics(
+        time_to_first_token=histogram("time_to_first_token_seconds",
+                                      "Seconds from request arrival to the first token of a choice"),
+        inter_token_latency=histogram("inter_token_latency_seconds",
+                                      "Seconds between consecutive tokens of one choice"),
+        queue_time=histogram("queue_time_seconds", "Seconds a request waited for an engine batch",
+                             ("endpoint",)),
+        batch_size=histogram("batch_size", "Requests per engine call", ("endpoint",), BATCH_BUCKETS),
+        batch_items=histogram("batch_items", "Choices (text) or images per engine call", ("endpoint",),
+                              BATCH_BUCKETS),
+        requests_running=gauge("requests_running", "Requests inside an engine call", ("endpoint",)),
+        requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint",)),
+        generated_tokens=pc.Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ("model",)),
+        images=pc.Counter(f"{PREFIX}_images", "Images generated", ("model",)),
+        request_errors=pc.Counter(f"{PREFIX}_request_errors", "Error answers by status",
+                                  ("endpoint", "status")),
+    )

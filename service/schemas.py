@@ -1,0 +1,147 @@
+"""Request bodies (pydantic, with the limits enforced by type) and the one error shape.
+
+Every client mistake becomes `ApiError` and is answered as OpenAI does:
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status, so the official
+client raises its usual `BadRequestError` / `NotFoundError` and `param` names the field.
+The engines check the rest (prompt length in tokens, model-specific ranges) and raise
+`models.errors.InvalidParameter`, which maps to the same shape.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+MAX_N = 16  # choices per completion request, images per image request
+MAX_STOP = 4
+MAX_SEED = 2**32 - 1  # choice / image i uses seed + i, still well inside torch's 64-bit seeds
+MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ApiError(Exception):
+    """A response that is not a success: status, OpenAI-style type, and the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type
+        self.code = code
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type,
+                                 "param": self.param, "code": self.code}
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
+
+
+def from_validation_error(exc: ValidationError) -> ApiError:
+    """Name the offending top-level field in `param`; list every problem in the message."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+
+    def path(err: dict[str, Any]) -> list[str]:
+        # Union members appear in `loc` as type names ("list[constrained-str]"): not fields.
+        return [str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+
+    problems = dict.fromkeys(f"{'.'.join(path(e)) or 'body'}: {e['msg']}" for e in errors)
+    first = path(errors[0]) if errors else []
+    return ApiError(400, "; ".join(problems), param=first[0] if first else None)
+
+
+class _Body(BaseModel):
+    # Unknown fields are mistakes (a typo such as `max_token` would otherwise be ignored
+    # silently); NaN/inf never reach the samplers.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class CompletionBody(_Body):
+    """POST /complete."""
+    model: str | None = Field(None, description="model name or tag; default: the served text model")
+    prompt: str
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
+    top_k: int = Field(0, ge=0, description="0 turns it off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
+    logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
+    echo: bool = False
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, v: str | list[str] | None) -> list[str]:
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return v
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class OpenAICompletionBody(CompletionBody):
+    """POST /v1/completions: the OpenAI legacy completions request (the fields we honour)."""
+    model: str
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # type: ignore[assignment]
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted for compatibility, but only at their neutral values (we do not implement them).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        return v if isinstance(v, str) else v[0]
+
+    def unsupported(self) -> ApiError | None:
+        if self.presence_penalty or self.frequency_penalty:
+            which = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            return ApiError(400, f"{which} is not supported (use repetition_penalty)", which)
+        if self.best_of is not None and self.best_of != self.n:
+            return ApiError(400, "best_of is not supported", "best_of")
+        if self.logit_bias:
+            return ApiError(400, "logit_bias is not supported", "logit_bias")
+        if self.suffix:
+            return ApiError(400, "suffix is not supported", "suffix")
+        return None
+
+
+class ImageBody(_Body):
+    """POST /generate."""
+    model: str | None = Field(None, description="model name or tag; default: the served image model")
+    prompt: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent")
+    truncation: float = Field(1.0, gt=0, le=1, description="latent truncation psi: smaller is tamer")
+    response_format: Literal["b64_json", "png"] = "b64_json"
+
+
+class OpenAIImageBody(_Body):
+    """POST /v1/images/generations (b64_json only: this service keeps no files to link to)."""
+    model: str | None = None
+    prompt: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    response_format: Literal["b64_json", "url"] | None = None
+    size: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    seed: Seed | None = None
+    truncation: float = Field(1.0, gt=0, le=1)

@@ -1,0 +1,120 @@
+"""Fixtures for the service tests: a model store with tiny trained models, and one real server.
+
+The store is filled by the real training jobs (`--preset tiny`, seconds each) in a temporary
+BENTOML_HOME; `bentoml serve service.app:Generation` then runs as a subprocess on a free
+loopback port, once per test session, and is shut down at the end. Set
+CONDGEN_TEST_BENTOML_HOME to an existing store to skip training (handy while iterating).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(jobs: list[list[str]], env: dict[str, str], logs: Path) -> None:
+    """Run the training jobs side by side (each takes seconds); fail with the log of any that fails."""
+    running = []
+    for args in jobs:
+        log = logs / f"{args[0]}.log"
+        with open(log, "w") as fh:
+            running.append((args, log, subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                                                        stdout=fh, stderr=subprocess.STDOUT)))
+    for args, log, proc in running:
+        try:
+            code = proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "timeout"
+        if code != 0:
+            raise RuntimeError(f"`python -m {' '.join(args)}` failed ({code}):\n" + log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BENTOML_HOME holding `gpt` and `gan`, trained by the real jobs with --preset tiny."""
+    if preset := os.environ.get("CONDGEN_TEST_BENTOML_HOME"):
+        return Path(preset)
+    root = tmp_path_factory.mktemp("store")
+    home = root / "bentoml_home"
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    _train([["training.train_gpt", "--preset", "tiny", f"--run_dir={root / 'runs' / 'gpt'}"],
+            ["training.train_gan", "--preset", "tiny", f"--out={root / 'runs' / 'gan'}"]], env, root)
+    return home
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`bentoml serve` as a real subprocess; yields once /readyz answers 200."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "CONDGEN_BATCH_WAIT_MS": "20"}
+    with open(log, "w") as fh:
+        # Its own session (process group), so that shutting down reaches the workers too.
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{srv.log_tail()}")
+            if "loading the models failed" in log.read_text(errors="replace"):
+                raise RuntimeError(f"the service could not load its models:\n{srv.log_tail(8000)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"/readyz not 200 after {READY_TIMEOUT_S}s:\n{srv.log_tail()}")
+            try:
+                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -1,0 +1,333 @@
+"""The real server over raw HTTP: every route, streaming, PNGs, seeds, errors, metrics.
+
+One `bentoml serve` subprocess (tests/conftest.py) serves the whole module; the tests run
+one after another, so metric deltas measured around a test are exactly that test's traffic.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.encode import png_parameters
+
+pytestmark = pytest.mark.slow
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of a text/event-stream response, checking the framing as we go."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads, buffer = [], ""
+    for piece in response.iter_text():
+        buffer += piece
+        while "\n\n" in buffer:
+            event, buffer = buffer.split("\n\n", 1)
+            assert event.startswith("data: "), event
+            payloads.append(event[len("data: "):])
+    assert buffer == ""
+    return payloads
+
+
+def stream(client: httpx.Client, path: str, body: dict) -> list[dict | str]:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200, r.read()
+        payloads = sse_events(r)
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]] + ["[DONE]"]
+
+
+def joined_text(chunks: list[dict | str], n: int) -> list[str]:
+    texts = [""] * n
+    for c in chunks[:-1]:
+        for ch in c["choices"]:
+            texts[ch["index"]] += ch["text"]
+    return texts
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+@pytest.fixture(scope="module")
+def models(client: httpx.Client) -> dict[str, dict]:
+    r = client.get("/models")
+    assert r.status_code == 200
+    return {m["kind"]: m for m in r.json()["data"]}
+
+
+# ---- health and models ------------------------------------------------------------------
+
+def test_ready_and_live(client):
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/livez").status_code == 200
+
+
+def test_models_describe_both_store_entries(models):
+    assert set(models) == {"text", "image"}
+    for kind, family in (("text", "gpt"), ("image", "gan")):
+        m = models[kind]
+        assert m["family"] == family and m["name"] == family
+        assert m["id"].startswith(f"{family}:") and len(m["id"]) > len(family) + 1
+        assert isinstance(m["dataset"], str) and m["dataset"]
+        assert isinstance(m["created"], int) and m["created_at"].endswith("Z")
+        assert isinstance(m["metrics"], dict) and m["metrics"]
+    assert models["image"]["image_size"] > 0
+
+
+# ---- /complete --------------------------------------------------------------------------
+
+def test_complete_shape_and_usage(client, models):
+    r = client.post("/complete", json={"prompt": "The", "max_tokens": 5, "n": 2, "seed": 11})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == models["text"]["id"] and body["seed"] == 11
+    assert body["id"] and isinstance(body["created"], int)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for c in body["choices"]:
+        assert isinstance(c["text"], str)
+        assert c["finish_reason"] in ("stop", "length", "eos")
+        assert c["logprobs"] is None
+    u = body["usage"]
+    assert u["prompt_tokens"] >= 1 and 1 <= u["completion_tokens"] <= 10
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert r.headers["x-request-id"]
+
+
+def test_complete_seed_reproduces_and_is_reported_when_picked(client):
+    req = {"prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "n": 2}
+    first = client.post("/complete", json=req).json()
+    assert isinstance(first["seed"], int)  # the server picked one and says which
+    again = client.post("/complete", json={**req, "seed": first["seed"]}).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in first["choices"]]
+    # Choice i uses seed + i: choice 1 of seed s is choice 0 of seed s + 1.
+    shifted = client.post("/complete", json={**req, "n": 1, "seed": first["seed"] + 1}).json()
+    assert shifted["choices"][0]["text"] == first["choices"][1]["text"]
+
+
+def test_complete_greedy_is_deterministic(client):
+    req = {"prompt": "import", "max_tokens": 6, "temperature": 0}
+    a, b = (client.post("/complete", json={**req, "seed": s}).json() for s in (1, 2))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_complete_echo_logprobs_and_length(client):
+    r = client.post("/complete", json={"prompt": "def f", "max_tokens": 4, "echo": True, "logprobs": 2,
+                                       "seed": 3, "temperature": 0.8})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"].startswith("def f")
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert 1 <= len(lp["tokens"]) <= 4
+    assert all(v <= 0 for v in lp["token_logprobs"])
+    assert all(len(top) <= 2 for top in lp["top_logprobs"])
+    assert lp["text_offset"][0] == len("def f")
+
+
+def test_complete_stop_string_ends_the_text(client):
+    # A seeded sample, then the same request with a stop string taken from its text: the
+    # draws are the same up to the stop, so the answer is exactly the text before it.
+    req = {"prompt": "The", "max_tokens": 16, "seed": 5}
+    text = client.post("/complete", json=req).json()["choices"][0]["text"]
+    k = next((k for k in range(1, len(text)) if text[k] not in text[:k]), None)
+    if k is None:
+        pytest.skip(f"sample {text!r} has no character that first appears after its start")
+    r = client.post("/complete", json={**req, "stop": ["@@@", text[k]]}).json()
+    c = r["choices"][0]
+    assert c["finish_reason"] == "stop" and c["text"] == text[:k]
+
+
+def test_complete_stream_matches_the_plain_answer(client):
+    req = {"prompt": "In the", "max_tokens": 10, "n": 2, "seed": 21}
+    plain = client.post("/complete", json=req).json()
+    chunks = stream(client, "/complete", {**req, "stream": True})
+    data = chunks[:-1]
+    assert all(c["id"] == data[0]["id"] and c["seed"] == 21 for c in data)
+    assert joined_text(chunks, 2) == [c["text"] for c in plain["choices"]]
+    finishes = {ch["index"]: ch["finish_reason"] for c in data for ch in c["choices"] if ch["finish_reason"]}
+    assert finishes == {c["index"]: c["finish_reason"] for c in plain["choices"]}
+    assert data[-1]["choices"] == [] and data[-1]["usage"] == plain["usage"]
+
+
+def test_complete_stream_with_echo_starts_with_the_prompt(client):
+    chunks = stream(client, "/complete", {"prompt": "x = ", "max_tokens": 3, "echo": True, "stream": True})
+    assert chunks[0]["choices"][0]["text"] == "x = "
+    assert joined_text(chunks, 1)[0].startswith("x = ")
+
+
+def test_stream_client_disconnect_leaves_the_server_healthy(client, server):
+    with client.stream("POST", "/complete", json={"prompt": "a", "max_tokens": 60, "stream": True}) as r:
+        assert r.status_code == 200
+        next(r.iter_bytes())  # read one chunk, then hang up
+    r = client.post("/complete", json={"prompt": "a", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+# ---- /generate --------------------------------------------------------------------------
+
+def test_generate_b64_images_decode_with_the_right_size_and_count(client, models):
+    size = models["image"]["image_size"]
+    r = client.post("/generate", json={"prompt": "a red circle", "n": 3, "seed": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 5 and body["model"] == models["image"]["id"]
+    assert [im["seed"] for im in body["images"]] == [5, 6, 7]
+    for im in body["images"]:
+        png = base64.b64decode(im["b64_json"])
+        assert decode_png(png).shape == (size, size, 3)
+        assert png_parameters(png) == {"prompt": "a red circle", "seed": im["seed"],
+                                       "model": body["model"], "truncation": 1.0}
+
+
+def test_generate_png_bytes_carry_parameters_and_reproduce(client, models):
+    req = {"prompt": "blue square", "seed": 42, "truncation": 0.7, "response_format": "png"}
+    r = client.post("/generate", json=req)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "42"
+    params = png_parameters(r.content)
+    assert params == {"prompt": "blue square", "seed": 42, "model": models["image"]["id"], "truncation": 0.7}
+    # Re-running the stored parameters gives the same pixels.
+    again = client.post("/generate", json={"prompt": params["prompt"], "seed": params["seed"],
+                                           "truncation": params["truncation"], "response_format": "png"})
+    assert np.array_equal(decode_png(again.content), decode_png(r.content))
+
+
+def test_generate_seed_is_picked_and_reported(client):
+    body = client.post("/generate", json={"prompt": "anything"}).json()
+    assert isinstance(body["seed"], int) and body["images"][0]["seed"] == body["seed"]
+
+
+def test_concurrent_image_requests_share_batches_without_changing_results(client):
+    """Requests with different n sent together: each answer equals the one it gets alone."""
+    reqs = [{"prompt": f"shape {i}", "n": n, "seed": 100 + 10 * i} for i, n in enumerate([1, 3, 2, 1, 4, 2])]
+    alone = [client.post("/generate", json=q).json() for q in reqs]
+    before = scrape(client)
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        together = list(pool.map(lambda q: client.post("/generate", json=q).json(), reqs))
+    after = scrape(client)
+    for a, b in zip(alone, together):
+        assert [im["seed"] for im in a["images"]] == [im["seed"] for im in b["images"]]
+        for x, y in zip(a["images"], b["images"]):
+            x, y = (decode_png(base64.b64decode(im["b64_json"])).astype(int) for im in (x, y))
+            # Same latents and prompt; a different batch shape may only flip a rounding here and there.
+            diff = np.abs(x - y)
+            assert diff.max() <= 2 and (diff > 0).mean() < 0.01
+    # Every request went through exactly one batch, every image through one forward pass.
+    d = lambda name: metric(after, name, endpoint="images") - metric(before, name, endpoint="images")
+    assert d("condgen_batch_size_sum") == len(reqs)
+    assert d("condgen_batch_items_sum") == sum(q["n"] for q in reqs)
+    assert 1 <= d("condgen_batch_size_count") <= len(reqs)
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    ("/complete", {"max_tokens": 3}, 400, "prompt"),
+    ("/complete", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("/complete", {"prompt": "a", "max_tokens": 100000}, 400, "max_tokens"),
+    ("/complete", {"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("/complete", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("/complete", {"prompt": "a", "n": 17}, 400, "n"),
+    ("/complete", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/complete", {"prompt": "a", "logprobs": 9}, 400, "logprobs"),
+    ("/complete", {"prompt": "a", "seed": "x"}, 400, "seed"),
+    ("/complete", {"prompt": "a", "bogus": 1}, 400, "bogus"),
+    ("/complete", {"prompt": "a" * 100_001}, 400, "prompt"),  # too long in characters
+    ("/complete", {"prompt": "hello world " * 2000, "max_tokens": 1}, 400, "prompt"),  # ... in tokens
+    ("/complete", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
+    ("/complete", {"prompt": "a", "model": "gan"}, 400, "model"),
+    ("/generate", {"prompt": "a", "n": 0}, 400, "n"),
+    ("/generate", {"prompt": "a", "n": 17}, 400, "n"),
+    ("/generate", {"prompt": "a", "n": 2, "response_format": "png"}, 400, "response_format"),
+    ("/generate", {"prompt": "a", "response_format": "jpeg"}, 400, "response_format"),
+    ("/generate", {"prompt": "a", "truncation": -1}, 400, "truncation"),
+    ("/generate", {"prompt": "a", "model": "gpt"}, 400, "model"),
+    ("/generate", {"prompt": "  "}, 400, "prompt"),
+    ("/generate", {"prompt": "many words " * 500}, 400, "prompt"),  # too long in tokens
+    ("/v1/completions", {"prompt": "a"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt", "prompt": "a", "frequency_penalty": 1}, 400, "frequency_penalty"),
+    ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, 400, "response_format"),
+    ("/v1/images/generations", {"prompt": "a", "size": "1024x1024"}, 400, "size"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
+def test_client_mistakes_are_4xx_json_naming_the_field(client, path, body, status, param):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b""])
+def test_bodies_that_are_not_a_json_object_are_400(client, content):
+    r = client.post("/complete", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_stream_request_errors_before_streaming_are_plain_4xx(client):
+    r = client.post("/complete", json={"prompt": "a", "stream": True, "top_k": -3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+def test_metrics_move_by_exactly_what_the_requests_produced(client):
+    before = scrape(client)
+    plain = client.post("/complete", json={"prompt": "a", "max_tokens": 7, "n": 3, "seed": 1}).json()
+    chunks = stream(client, "/complete", {"prompt": "b", "max_tokens": 5, "n": 2, "seed": 2, "stream": True})
+    images = client.post("/generate", json={"prompt": "c", "n": 3, "seed": 3}).json()
+    png = client.post("/generate", json={"prompt": "d", "response_format": "png"})
+    bad = client.post("/complete", json={"prompt": "a", "n": 99})
+    after = scrape(client)
+    assert png.status_code == 200 and bad.status_code == 400
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    tokens = plain["usage"]["completion_tokens"] + chunks[-2]["usage"]["completion_tokens"]
+    assert delta("condgen_generated_tokens_total") == tokens
+    assert delta("condgen_images_total") == len(images["images"]) + 1
+    # One TTFT per choice that produced a token; one inter-token gap for every further token.
+    assert delta("condgen_time_to_first_token_seconds_count") == 5
+    assert delta("condgen_inter_token_latency_seconds_count") == tokens - 5
+    assert delta("condgen_queue_time_seconds_count", endpoint="completions") == 2
+    assert delta("condgen_queue_time_seconds_count", endpoint="images") == 2
+    assert delta("condgen_batch_size_sum", endpoint="completions") == 2
+    assert delta("condgen_batch_items_sum", endpoint="completions") == 5
+    assert delta("condgen_batch_items_sum", endpoint="images") == 4
+    assert delta("condgen_request_errors_total", endpoint="/complete", status="400") == 1
+    assert metric(after, "condgen_requests_running") == 0 and metric(after, "condgen_requests_waiting") == 0
+    # BentoML's own counters see the same traffic.
+    assert delta("bentoml_service_request_total", endpoint="/complete", http_response_code="200") == 2
+    assert delta("bentoml_service_request_total", endpoint="/complete", http_response_code="400") == 1
+    assert delta("bentoml_service_request_total", endpoint="/generate", http_response_code="200") == 2
+    assert delta("bentoml_service_request_duration_seconds_count", endpoint="/generate") == 2

@@ -1,0 +1,73 @@
+"""The official openai client, unchanged, with base_url pointing at the real server."""
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+from PIL import Image
+
+from service.encode import png_parameters
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_list(oai):
+    ids = [m.id for m in oai.models.list()]
+    assert len(ids) == 2 and {i.split(":")[0] for i in ids} == {"gpt", "gan"}
+
+
+def test_completions(oai):
+    r = oai.completions.create(model="gpt", prompt="Hello", max_tokens=6, n=2, seed=9)
+    assert r.object == "text_completion" and r.model.startswith("gpt:")
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = oai.completions.create(model=r.model, prompt="Hello", max_tokens=6, n=2, seed=9)  # full tag works too
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+
+
+def test_completions_extra_sampling_params_and_logprobs(oai):
+    r = oai.completions.create(model="gpt", prompt="x", max_tokens=4, seed=1, logprobs=3, top_p=0.9,
+                               extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) >= 1
+
+
+def test_completions_stream(oai):
+    plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
+    chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,
+                                         stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_images(oai):
+    r = oai.images.generate(model="gan", prompt="a green triangle", n=2, response_format="b64_json",
+                            extra_body={"seed": 77})
+    assert len(r.data) == 2
+    for i, d in enumerate(r.data):
+        png = base64.b64decode(d.b64_json)
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size[0] == im.size[1] > 0
+        assert png_parameters(png)["seed"] == 77 + i
+
+
+def test_errors_raise_the_usual_exceptions(oai):
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="missing", prompt="x")
+    assert e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt", prompt="x", temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.images.generate(model="gan", prompt="x", n=17)
+    assert e.value.body["param"] == "n"

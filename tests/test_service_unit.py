@@ -1,0 +1,234 @@
+"""Service pieces without a server: schemas, encoding, the micro-batcher."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from service.batching import Job, MicroBatcher
+from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
+from service.metrics import get_metrics
+from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, from_validation_error
+
+
+# ---- schemas ----------------------------------------------------------------------------
+
+def _error_param(model, data) -> str:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(data)
+    err = from_validation_error(info.value)
+    assert err.status == 400
+    return err.param
+
+
+@pytest.mark.parametrize("data, param", [
+    ({}, "prompt"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "temperature": -0.1}, "temperature"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "min_p": 1}, "min_p"),
+    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "n": 17}, "n"),
+    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "max_token": 3}, "max_token"),  # typo: unknown fields are errors
+    ({"prompt": 3}, "prompt"),
+])
+def test_completion_body_names_the_field(data, param):
+    assert _error_param(CompletionBody, data) == param
+
+
+def test_completion_body_rejects_nan():
+    # Python's json module accepts NaN; it must never reach the sampler.
+    assert _error_param(CompletionBody, json.loads('{"prompt": "a", "temperature": NaN}')) == "temperature"
+
+
+def test_completion_body_defaults_and_stop_normalised():
+    body = CompletionBody.model_validate({"prompt": "hi"})
+    assert body.stop == [] and body.n == 1 and body.seed is None and body.stream is False
+    assert CompletionBody.model_validate({"prompt": "hi", "stop": "\n"}).stop == ["\n"]
+
+
+def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
+    body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": ["only one"]})
+    assert body.prompt == "only one" and body.unsupported() is None
+    assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": ["a", "b"]}) == "prompt"
+    assert OpenAICompletionBody.model_validate(
+        {"model": "gpt", "prompt": "a", "presence_penalty": 0.5}).unsupported().param == "presence_penalty"
+
+
+@pytest.mark.parametrize("data, param", [
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "response_format": "url"}, "response_format"),
+    ({"prompt": "a", "truncation": 0}, "truncation"),
+    ({"prompt": "a", "steps": 3}, "steps"),
+])
+def test_image_body_names_the_field(data, param):
+    assert _error_param(ImageBody, data) == param
+
+
+# ---- encoding ---------------------------------------------------------------------------
+
+def test_png_keeps_its_parameters():
+    img = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    params = {"prompt": "a red circle", "seed": 7, "model": "gan:abc", "truncation": 0.7}
+    png = encode_png(img, params)
+    assert png_parameters(png) == params
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.size == (12, 8)
+        assert np.array_equal(np.asarray(im.convert("RGB")), img)
+
+
+def test_png_refuses_wrong_arrays():
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4), dtype=np.uint8), {})
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4, 3), dtype=np.float32), {})
+
+
+def test_sse_framing():
+    assert sse_event({"a": "x\ny"}) == b'data: {"a":"x\\ny"}\n\n'  # newlines stay escaped in JSON
+    assert SSE_DONE == b"data: [DONE]\n\n"
+
+
+# ---- batching ---------------------------------------------------------------------------
+
+def test_requests_queued_while_busy_form_the_next_batch():
+    """The first job runs alone; the three that queue meanwhile (different n) run together."""
+    batches: list[list[int]] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def run(jobs):
+            batches.append([j.payload for j in jobs])
+            if len(batches) == 1:
+                await release.wait()  # the engine is busy with the first batch
+            for j in jobs:
+                j.future.set_result(j.payload)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64)
+        jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 1), (1, 3), (2, 1), (3, 4)]]
+        batcher.submit(jobs[0])
+        await asyncio.sleep(0.01)
+        for job in jobs[1:]:
+            batcher.submit(job)
+        await asyncio.sleep(0.01)
+        release.set()
+        results = await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+        return results
+
+    assert asyncio.run(scenario()) == [0, 1, 2, 3]
+    assert batches == [[0], [1, 2, 3]]
+
+
+def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
+    batches: list[list[int]] = []
+
+    async def scenario():
+        async def run(jobs):
+            batches.append([j.payload for j in jobs])
+            for j in jobs:
+                j.future.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=4)
+        jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 2), (1, 1), (2, 2), (3, 9), (4, 1)]]
+        jobs[4].cancelled = True  # its client left while it waited
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(j.future for j in jobs[:4]))
+        await batcher.close()
+
+    asyncio.run(scenario())
+    # A job larger than the budget still runs (alone); the cancelled one never runs.
+    assert batches == [[0, 1], [2], [3]]
+
+
+# ---- error mapping of the routes --------------------------------------------------------
+
+def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monkeypatch, caplog):
+    import bentoml
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from models.errors import InvalidParameter
+    from service import app as service_app
+
+    @service_app._route
+    async def broken(svc, request):
+        raise RuntimeError("engine exploded")
+
+    @service_app._route
+    async def picky(svc, request):
+        raise InvalidParameter("top_k", "must be >= 0")
+
+    monkeypatch.setattr(bentoml, "get_current_service", lambda: object())
+    client = TestClient(Starlette(routes=[Route("/broken", broken), Route("/picky", picky)]))
+    with caplog.at_level("ERROR", logger="condgen.service"):
+        r = client.get("/broken")
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["request_id"] == r.headers["x-request-id"]
+    assert "engine exploded" not in r.text  # internals stay in the log
+    record = next(rec for rec in caplog.records if err["request_id"] in rec.getMessage())
+    assert record.exc_info and "engine exploded" in str(record.exc_info[1])
+
+    r = client.get("/picky", headers={"x-request-id": "abc"})
+    assert r.status_code == 400 and r.headers["x-request-id"] == "abc"
+    assert r.json()["error"] == {"message": "must be >= 0", "type": "invalid_request_error",
+                                 "param": "top_k", "code": None}
+
+
+def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
+    """With a one-hour window, batches still start at once: a lone first request does not
+    wait, and a batch starts as soon as as many requests as last time have come (but a
+    single arrival after a batch of two does wait for a partner)."""
+    batches: list[list[int]] = []
+
+    async def scenario():
+        gate = asyncio.Event()
+
+        async def run(jobs):
+            batches.append([j.payload for j in jobs])
+            if len(batches) == 2:
+                await gate.wait()
+            for j in jobs:
+                j.future.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_wait_s=3600)
+        first = Job(0, cost=1, future=loop.create_future())
+        batcher.submit(first)
+        await first.future  # ran alone and at once: nothing suggested waiting for company
+        pair = [Job(p, cost=1, future=loop.create_future()) for p in (1, 2)]
+        batcher.submit(pair[0])
+        batcher.submit(pair[1])  # batch of 2 while 3 and 4 queue behind it
+        await asyncio.sleep(0)
+        rest = [Job(p, cost=1, future=loop.create_future()) for p in (3, 4)]
+        for job in rest:
+            batcher.submit(job)
+        gate.set()
+        await asyncio.gather(*(j.future for j in pair + rest))
+        # Last batch had two: a single arrival waits for a second one instead of running alone.
+        late = [Job(p, cost=1, future=loop.create_future()) for p in (5, 6)]
+        batcher.submit(late[0])
+        await asyncio.sleep(0.05)
+        assert len(batches) == 3
+        batcher.submit(late[1])
+        await asyncio.gather(*(j.future for j in late))
+        await batcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert batches == [[0], [1, 2], [3, 4], [5, 6]]
