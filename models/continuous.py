@@ -21,6 +21,7 @@ import heapq
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class _Group:
     prompt: list[int]
     seqs: list[_Seq]
     prefilled: int = 0  # prompt tokens already in the cache
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class ContinuousEngine:
@@ -85,7 +87,8 @@ class ContinuousEngine:
         self.decoding: dict[int, tuple[_Group, _Seq]] = {}  # slot -> sequence
         self.groups: dict[int, _Group] = {}
         self._ids = itertools.count()
-        self.last_batch_size = 0
+        self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
+        self.on_admit = None  # optional callback(seconds the request waited), for metrics
 
     @property
     def num_running(self) -> int:
@@ -147,6 +150,8 @@ class ContinuousEngine:
     def _admit(self) -> None:
         while self.waiting and len(self.free) >= self.waiting[0].req.n:
             group = self.waiting.popleft()
+            if self.on_admit is not None:
+                self.on_admit(time.perf_counter() - group.queued_at)
             for seq in group.seqs:
                 seq.slot = heapq.heappop(self.free)
                 seq.position = len(group.prompt)

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.artifacts import ArtifactError
+from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, StreamEvent, TextEngine, TokenLogprob
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
@@ -53,6 +54,7 @@ from service.schemas import (
 logger = logging.getLogger("condgen.service")
 logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 B = TypeVar("B", bound=BaseModel)
+T = TypeVar("T")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -69,14 +71,15 @@ GAN_MODEL = os.environ.get("GAN_MODEL", "gan:latest")
 DEVICE = os.environ.get("CONDGEN_DEVICE", "auto")  # auto = CUDA when available
 TIMEOUT_S = _env_float("CONDGEN_TIMEOUT", 300.0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = _env_int("CONDGEN_MAX_CONCURRENCY", 256)  # beyond it: 429
-TEXT_MAX_BATCH = _env_int("CONDGEN_TEXT_MAX_BATCH", 64)  # choices per engine call
+TEXT_MAX_RUNNING = _env_int("CONDGEN_TEXT_MAX_RUNNING", 32)  # sequences decoding at once (KV-cache slots)
+TEXT_TOKEN_BUDGET = _env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512)  # decode + prefill tokens per step
+TEXT_MAX_WAITING = _env_int("CONDGEN_TEXT_MAX_WAITING", 256)  # queued completion requests, beyond it 429
+RETRY_AFTER_S = _env_int("CONDGEN_RETRY_AFTER", 1)  # the Retry-After of a 429
 IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward pass
 BATCH_WAIT_S = _env_float("CONDGEN_BATCH_WAIT_MS", 10.0) / 1000  # linger for requests sent together
 ACCESS_LOG = os.environ.get("CONDGEN_ACCESS_LOG", "1") != "0"  # one log line per request
 TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # 0 = torch's default (one per core)
 MAX_BODY_BYTES = 1 << 20
-
-END = object()  # marks the end of a text job's event stream
 
 
 def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -96,7 +99,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
                 raise ApiError(503, "the service is starting", type="server_error") from None
             response = await fn(svc, request)
         except ApiError as e:
-            response = JSONResponse(e.body(), status_code=e.status)
+            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except InvalidParameter as e:
             response = JSONResponse(ApiError(400, e.message, e.param).body(), status_code=400)
         except ValidationError as e:
@@ -132,7 +135,7 @@ async def _parse(request: Request, model: type[B]) -> B:
 
 @_route
 async def complete(svc: "Generation", request: Request) -> Response:
-    return await svc.complete(await _parse(request, CompletionBody), openai=False)
+    return await svc.complete(await _parse(request, CompletionBody), openai=False, request=request)
 
 
 @_route
@@ -140,7 +143,7 @@ async def openai_completions(svc: "Generation", request: Request) -> Response:
     body = await _parse(request, OpenAICompletionBody)
     if (err := body.unsupported()) is not None:
         raise err
-    return await svc.complete(body, openai=True)
+    return await svc.complete(body, openai=True, request=request)
 
 
 @_route
@@ -225,7 +228,7 @@ class _ChoiceState:
 
 @dataclass
 class _TextResult:
-    """One request's share of a text batch, accumulated by the engine thread."""
+    """One completion request's choices, accumulated from its events."""
     choices: list[_ChoiceState]
     open: int  # choices not finished yet
     tokens: int = 0
@@ -243,24 +246,6 @@ class _TextResult:
         if ev.finish_reason is not None:
             c.finish_reason = ev.finish_reason
             self.open -= 1
-
-
-def _resolve(future: asyncio.Future | None, value: Any) -> None:
-    if future is not None and not future.done():
-        future.set_result(value)
-
-
-def _deliver(jobs: list[Job[CompletionRequest]], results: list[_TextResult], events: list[StreamEvent],
-             finished: list[int]) -> None:
-    """On the event loop: hand one decode step's events to the streaming requests they belong
-    to, and their results to the plain requests that finished in that step."""
-    by_request: dict[int, list[StreamEvent]] = {}
-    for ev in events:
-        by_request.setdefault(ev.request, []).append(ev)
-    for r, evs in by_request.items():
-        jobs[r].events.put_nowait(evs)
-    for r in finished:
-        _resolve(jobs[r].future, results[r])
 
 
 def _logprobs_json(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -298,8 +283,7 @@ class Generation:
         self.image: ImageEngine | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
-        self.text_batcher: MicroBatcher[CompletionRequest] = MicroBatcher(
-            TEXT, self._run_text, self.metrics, TEXT_MAX_BATCH, BATCH_WAIT_S)
+        self.text_stream: AsyncEngine | None = None  # continuous batching over `self.text`
         self.image_batcher: MicroBatcher[ImageRequest] = MicroBatcher(
             IMAGE, self._run_images, self.metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S)
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
@@ -324,9 +308,16 @@ class Generation:
             if (block := getattr(text, "block_size", None)) is not None:
                 self.text_model.details["context_length"] = block
             loaded = time.perf_counter()
+            scheduler = ContinuousEngine(text, SchedulerConfig(
+                max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING))
             # Warm-up: the first calls pay for allocator growth and kernel selection.
-            list(text.stream([CompletionRequest(prompt="Hello", seed=0, max_tokens=2)]))
+            scheduler.add(CompletionRequest(prompt="Hello", seed=0, max_tokens=2))
+            while scheduler.has_work():
+                scheduler.step()
             image.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
+            self.text_stream = AsyncEngine(scheduler)
+            self.text_stream.on_step = self._on_text_step
+            scheduler.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
             self.text, self.image = text, image
             logger.info("loaded %s and %s in %.2fs, warm-up %.2fs", text.tag, image.tag,
                         loaded - started, time.perf_counter() - loaded)
@@ -337,8 +328,16 @@ class Generation:
 
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
-        await self.text_batcher.close()
+        if self.text_stream is not None:
+            self.text_stream.shutdown()
         await self.image_batcher.close()
+
+    def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
+        """Called by the scheduler thread after every decode step."""
+        if batch_size:
+            self.metrics.batch_size.labels(endpoint=TEXT).observe(batch_size)
+        self.metrics.requests_running.labels(endpoint=TEXT).set(running)
+        self.metrics.requests_waiting.labels(endpoint=TEXT).set(waiting)
 
     def _engine(self, kind: str) -> Any:
         engine = self.text if kind == "text" else self.image
@@ -360,7 +359,7 @@ class Generation:
 
     # ---- text ---------------------------------------------------------------------------
 
-    async def complete(self, body: CompletionBody, openai: bool) -> Response:
+    async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
         engine: TextEngine = self._engine("text")
         served = self._check_model(body.model, "text")
         if len(body.prompt) > engine.max_prompt_chars:
@@ -374,24 +373,26 @@ class Generation:
             stop=list(body.stop), n=body.n, logprobs=body.logprobs,
             echo=False,  # the service prepends the prompt itself, identically for streams
         )
-        engine.validate(req)
-        # As the model sees it (an empty prompt is one end-of-text token), when the engine says.
-        count = getattr(engine, "prompt_tokens", None)
-        prompt_tokens = count(req) if count is not None else engine.count_tokens(body.prompt)
+        # As the model sees it (an empty prompt is one end-of-text token); the scheduler checks the rest.
+        prompt_tokens = engine.prompt_tokens(req)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
+        events = self.text_stream.generate(req)
+        arrived = time.perf_counter()
+        try:
+            first = await events.__anext__()  # a full queue or a bad request fails here, before any byte
+        except QueueFull as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
+                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        events = self._measured(_chain(first, events), arrived)
         if body.stream:
-            job: Job[CompletionRequest] = Job(req, cost=body.n, events=asyncio.Queue())
-            self.text_batcher.submit(job)
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
-            return SSEResponse(self._stream(job, body, head, prompt_tokens, openai, include_usage))
-        job = Job(req, cost=body.n, future=asyncio.get_running_loop().create_future())
-        self.text_batcher.submit(job)
-        try:
-            result: _TextResult = await job.future
-        finally:
-            job.cancelled = True  # no-op when finished; stops the batch if our client left
+            return SSEResponse(self._stream(events, body, head, prompt_tokens, openai, include_usage))
+        result = await _until_disconnected(_collect(events, body.n), request)
+        if result is None:
+            logger.info("client of %s left before the answer; its generation was cancelled", head["id"])
+            return Response(status_code=499)
         prefix = body.prompt if body.echo else ""
         choices = [{
             "index": i, "text": prefix + c.text,
@@ -402,11 +403,27 @@ class Generation:
                  "total_tokens": prompt_tokens + result.tokens}
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
-    async def _stream(self, job: Job[CompletionRequest], body: CompletionBody, head: dict[str, Any],
+    async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
+        """Pass events through, counting tokens, time to first token and inter-token latency."""
+        tokens = self.metrics.generated_tokens.labels(model=self.text_model.name)
+        ttft, itl = self.metrics.time_to_first_token, self.metrics.inter_token_latency
+        last: dict[int, float] = {}
+        try:
+            async for ev in events:
+                if ev.num_tokens:
+                    now = time.perf_counter()
+                    tokens.inc(ev.num_tokens)
+                    prev = last.get(ev.choice)
+                    (ttft.observe(now - arrived) if prev is None else itl.observe(now - prev))
+                    last[ev.choice] = now
+                yield ev
+        finally:
+            await events.aclose()  # leaving early cancels the request in the engine
+
+    async def _stream(self, events: AsyncIterator[StreamEvent], body: CompletionBody, head: dict[str, Any],
                       prompt_tokens: int, openai: bool, include_usage: bool) -> AsyncIterator[bytes]:
         """SSE in the OpenAI layout: a chunk per event that released text, finished a choice or
-        carries logprobs; the chunks of one decode step leave in one write."""
-        assert job.events is not None
+        carries logprobs. Closing this generator (client gone) cancels the generation."""
 
         def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> bytes:
             return sse_event({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
@@ -417,19 +434,13 @@ class Generation:
         try:
             if body.echo:
                 yield b"".join(chunk(i, body.prompt, None, None) for i in range(body.n))
-            while (item := await job.events.get()) is not END:
-                if isinstance(item, BaseException):
-                    raise item
-                out = []
-                for ev in item:
-                    tokens += ev.num_tokens
-                    if not ev.text and ev.finish_reason is None and not ev.logprobs:
-                        continue
-                    lp = _logprobs_json(ev.logprobs, offsets[ev.choice]) if body.logprobs is not None else None
-                    offsets[ev.choice] += len(ev.text)
-                    out.append(chunk(ev.choice, ev.text, ev.finish_reason, lp))
-                if out:
-                    yield b"".join(out)
+            async for ev in events:
+                tokens += ev.num_tokens
+                if not ev.text and ev.finish_reason is None and not ev.logprobs:
+                    continue
+                lp = _logprobs_json(ev.logprobs, offsets[ev.choice]) if body.logprobs is not None else None
+                offsets[ev.choice] += len(ev.text)
+                yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": {
                     "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
@@ -442,71 +453,7 @@ class Generation:
             err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
             yield sse_event(err.body(request_id))
         finally:
-            job.cancelled = True  # client gone or done: the engine thread may stop
-
-    async def _run_text(self, jobs: list[Job[CompletionRequest]]) -> None:
-        """Run one engine batch in a worker thread.
-
-        The thread does the per-token bookkeeping itself (metrics, accumulating text), so the
-        event loop is woken only when there is something to send: once per decode step for
-        streaming requests (all of that step's events together), once per request otherwise,
-        as soon as its last choice finishes, even while the rest of the batch goes on.
-        """
-        engine = self._engine("text")
-        loop = asyncio.get_running_loop()
-        tokens = self.metrics.generated_tokens.labels(model=self.text_model.name)
-        ttft, itl = self.metrics.time_to_first_token, self.metrics.inter_token_latency
-        results = [_TextResult.empty(job.payload.n) for job in jobs]
-
-        def pump() -> None:  # in the worker thread
-            rows_open = sum(job.payload.n for job in jobs)  # rows still decoding
-            seen, pending, finished = 0, [], []
-            events = engine.stream([job.payload for job in jobs])
-            try:
-                for ev in events:
-                    job, result = jobs[ev.request], results[ev.request]
-                    if ev.num_tokens:
-                        now = time.perf_counter()
-                        tokens.inc(ev.num_tokens)
-                        last = result.last_token.get(ev.choice)
-                        (ttft.observe(now - job.arrived) if last is None else itl.observe(now - last))
-                        result.last_token[ev.choice] = now
-                    result.add(ev)
-                    if job.events is not None:
-                        pending.append(ev)
-                    elif result.open == 0:
-                        finished.append(ev.request)
-                    # The engine yields one event per open row per step: after that many, the
-                    # step is complete, and what it produced goes to the loop in one wake-up
-                    # (each wake-up costs a GIL hand-over between this thread and the loop's).
-                    seen += 1
-                    if seen >= rows_open:
-                        if pending or finished:
-                            loop.call_soon_threadsafe(_deliver, jobs, results, pending, finished)
-                            pending, finished = [], []
-                        seen, rows_open = 0, sum(r.open for r in results)
-                    if all(job.cancelled for job in jobs):
-                        logger.info("every client of a %d-request text batch left; stopping it", len(jobs))
-                        break
-                if pending or finished:
-                    loop.call_soon_threadsafe(_deliver, jobs, results, pending, finished)
-            finally:
-                close = getattr(events, "close", None)
-                if close is not None:
-                    close()
-
-        try:
-            # Callbacks queued by call_soon_threadsafe run before this await returns (FIFO).
-            await asyncio.to_thread(pump)
-        except Exception as e:
-            logger.exception("text batch of %d requests failed", len(jobs))
-            for job in jobs:
-                fail(job, e)
-        finally:
-            for job, result in zip(jobs, results):
-                if job.events is not None:
-                    job.events.put_nowait(END)
-                _resolve(job.future, result)  # a batch stopped early still answers what it has
+            await events.aclose()
 
     # ---- images -------------------------------------------------------------------------
 
@@ -573,6 +520,39 @@ class Generation:
             counter.inc(len(pngs))
             if job.future is not None and not job.future.done():
                 job.future.set_result(pngs)
+
+
+async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    try:
+        yield first
+        async for ev in rest:
+            yield ev
+    finally:
+        await rest.aclose()
+
+
+async def _collect(events: AsyncIterator[StreamEvent], n: int) -> _TextResult:
+    result = _TextResult.empty(n)
+    async for ev in events:
+        result.add(ev)
+    return result
+
+
+async def _until_disconnected(work: Awaitable[T], request: Request, poll_s: float = 0.25) -> T | None:
+    """Await `work`, but give up (cancelling it, which cancels the generation) if the client
+    disconnects first; returns None then."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _finish_reason(reason: str | None, openai: bool) -> str | None:

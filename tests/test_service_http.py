@@ -321,8 +321,8 @@ def test_metrics_move_by_exactly_what_the_requests_produced(client):
     assert delta("condgen_inter_token_latency_seconds_count") == tokens - 5
     assert delta("condgen_queue_time_seconds_count", endpoint="completions") == 2
     assert delta("condgen_queue_time_seconds_count", endpoint="images") == 2
-    assert delta("condgen_batch_size_sum", endpoint="completions") == 2
-    assert delta("condgen_batch_items_sum", endpoint="completions") == 5
+    # Continuous batching: one observation per decode step, of the sequences it sampled.
+    assert delta("condgen_batch_size_sum", endpoint="completions") == tokens
     assert delta("condgen_batch_items_sum", endpoint="images") == 4
     assert delta("condgen_request_errors_total", endpoint="/complete", status="400") == 1
     assert metric(after, "condgen_requests_running") == 0 and metric(after, "condgen_requests_waiting") == 0
