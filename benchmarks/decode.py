@@ -28,17 +28,20 @@ SIZES = {
 PROMPT = "Return the value of the named attribute of the object."
 
 
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
+def timed_rounds(paths: dict[str, callable], repeats: int, sync) -> dict[str, float]:
+    """Median seconds per path. Paths alternate within each round, so a change in the
+    machine's load hits them all alike (these machines are shared and noisy)."""
+    for fn in paths.values():  # warm-up
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -78,31 +81,30 @@ def main() -> None:
           f"prompt={len(prompt_ids)} tokens new_tokens={n} threads={torch.get_num_threads()}")
     print(f"{'batch':>5} {'path':<28} {'tokens/s':>10} {'vs (c)':>7}")
     for b in args.batch:
-        results: dict[str, float] = {}
-        produced = {}
+        ids = torch.tensor([prompt_ids] * b, device=device)
+        produced: dict[str, int] = {}
 
         def run_engine():
             out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
             produced["a"] = sum(c.completion_tokens for c in out)
-        results["(a) KV-cache engine"] = timed(run_engine, args.repeats, sync)
-        results["(a) KV-cache engine"] = produced["a"] / results["(a) KV-cache engine"]
+
+        def run_hf():
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                            max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+        paths = {"(a) KV-cache engine": run_engine}
         if not args.skip_recompute:
-            secs = timed(lambda: reference_generate(engine.model, [prompt_ids] * b, n, params, list(range(b))),
-                         args.repeats, sync)
-            results["(b) full recompute"] = b * n / secs
+            paths["(b) full recompute"] = lambda: reference_generate(engine.model, [prompt_ids] * b, n, params,
+                                                                     list(range(b)))
         if hf is not None:
-            ids = torch.tensor([prompt_ids] * b, device=device)
-
-            def run_hf():
-                with torch.inference_mode():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                                max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-            results["(c) transformers generate"] = b * n / timed(run_hf, args.repeats, sync)
-        ref = results.get("(c) transformers generate")
-        for name, tps in results.items():
-            ratio = f"{tps / ref:6.2f}x" if ref else "   n/a"
-            print(f"{b:>5} {name:<28} {tps:>10.1f} {ratio:>7}")
-
+            paths["(c) transformers generate"] = run_hf
+        seconds = timed_rounds(paths, args.repeats, sync)
+        tps = {name: (produced["a"] if name.startswith("(a)") else b * n) / secs for name, secs in seconds.items()}
+        ref = tps.get("(c) transformers generate")
+        for name, value in tps.items():
+            ratio = f"{value / ref:6.2f}x" if ref else "   n/a"
+            print(f"{b:>5} {name:<28} {value:>10.1f} {ratio:>7}")
 
 if __name__ == "__main__":
     main()
