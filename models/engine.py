@@ -159,9 +159,6 @@ class TextEngine:
                                 f"more than the model's vocab_size {art.model.config.vocab_size}")
         return cls(art.model, art.tokenizer, device)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
-
     # --- validation ---------------------------------------------------------------------
     def validate(self, req: CompletionRequest) -> None:
         """Raise InvalidParameter, naming the field, for anything this engine cannot serve."""
@@ -235,7 +232,7 @@ class TextEngine:
             if requests[row.request].echo:
                 yield StreamEvent(row.request, row.choice, requests[row.request].prompt, 0, [], None)
         params = SamplingBatch.from_params([requests[row.request].sampling for row in rows], self.device)
-        want_logprobs = max((row.logprobs or 0) if row.logprobs is not None else -1 for row in rows)
+        want_logprobs = max(row.logprobs if row.logprobs is not None else -1 for row in rows)
         logits, seen = self._prefill(prompts, rows)
         active = rows
         while active:
@@ -256,7 +253,7 @@ class TextEngine:
                 self.model.select_cache_rows(idx)
                 params, seen, tokens = params.select(idx), seen.index_select(0, idx), tokens.index_select(0, idx)
                 active = [active[j] for j in keep]
-            logits = self._decode_step(tokens, [row.position - 1 for row in active], seen)
+            logits = self._decode_step(tokens, [row.position - 1 for row in active])
 
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]], rows: list[_Row]) -> tuple[Tensor, Tensor]:
@@ -280,7 +277,7 @@ class TextEngine:
         return last.index_select(0, row_to_prompt), seen.index_select(0, row_to_prompt)
 
     @torch.inference_mode()
-    def _decode_step(self, tokens: Tensor, positions: list[int], seen: Tensor) -> Tensor:
+    def _decode_step(self, tokens: Tensor, positions: list[int]) -> Tensor:
         pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (A, 1)
         kv_len = max(positions) + 1
         mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (A, 1, 1, S)
