@@ -27,3 +27,17 @@ test: install
 
 clean:
 	rm -rf $(VENV) bentoml_home runs
+
+# Against a server that is already running (`make serve` in another terminal); HOST overrides.
+HOST ?= http://127.0.0.1:$(PORT)
+.PHONY: loadtest fuzz soak
+
+loadtest: install  ## headless locust, CSV + HTML under load_tests/reports/, non-zero past the thresholds
+	$(PY) -m load_tests.run --host $(HOST) --users 16 --spawn-rate 16 --run-time 60s \
+		--max-failure-ratio 0.01 --max-p95-ms 2000 --out load_tests/reports/run
+
+fuzz: install  ## schemathesis, 2,000 generated requests against /openapi.json
+	$(PY) -m load_tests.fuzz --host $(HOST) --cases 2000
+
+soak: install  ## 30 minutes of steady load, RSS growth of the server's process tree
+	$(PY) -m load_tests.soak --host $(HOST) --pid $$(pgrep -of 'bentoml serve') --minutes 30

@@ -308,6 +308,8 @@ class AsyncEngine:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work():
+                if self.on_step is not None:  # cancellations can empty the batch without a step
+                    self.on_step(0, *self.stats())
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue

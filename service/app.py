@@ -50,6 +50,8 @@ from service.schemas import (
     OpenAIImageBody,
     from_validation_error,
 )
+from service.security import install as install_security
+from service.security import model_tag
 
 logger = logging.getLogger("condgen.service")
 logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
@@ -66,8 +68,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 # Configuration (read once, when BentoML imports the service).
-GPT_MODEL = os.environ.get("GPT_MODEL", "gpt:latest")
-GAN_MODEL = os.environ.get("GAN_MODEL", "gan:latest")
+GPT_MODEL = model_tag("GPT_MODEL", "gpt:latest")  # refused at start-up unless name[:version]
+GAN_MODEL = model_tag("GAN_MODEL", "gan:latest")
 DEVICE = os.environ.get("CONDGEN_DEVICE", "auto")  # auto = CUDA when available
 TIMEOUT_S = _env_float("CONDGEN_TIMEOUT", 300.0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = _env_int("CONDGEN_MAX_CONCURRENCY", 256)  # beyond it: 429
@@ -76,6 +78,7 @@ TEXT_TOKEN_BUDGET = _env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512)  # decode + prefi
 TEXT_MAX_WAITING = _env_int("CONDGEN_TEXT_MAX_WAITING", 256)  # queued completion requests, beyond it 429
 RETRY_AFTER_S = _env_int("CONDGEN_RETRY_AFTER", 1)  # the Retry-After of a 429
 IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward pass
+IMAGE_MAX_QUEUE = _env_int("CONDGEN_MAX_QUEUE", 256)  # images waiting for the engine, beyond it 429
 BATCH_WAIT_S = _env_float("CONDGEN_BATCH_WAIT_MS", 10.0) / 1000  # linger for requests sent together
 ACCESS_LOG = os.environ.get("CONDGEN_ACCESS_LOG", "1") != "0"  # one log line per request
 TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # 0 = torch's default (one per core)
@@ -118,16 +121,32 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
 
 
 async def _parse(request: Request, model: type[B]) -> B:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
+                            "'content-type: application/json'", code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    # Read in pieces and stop at the limit: a chunked body has no length to check up front.
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from e
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack
+        raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
+    try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text: refuse them here
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the body contains a lone surrogate escape (\\ud800-\\udfff), "
+                            "which is not valid Unicode") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return model.model_validate(data)
@@ -285,7 +304,8 @@ class Generation:
         self._ready = threading.Event()
         self.text_stream: AsyncEngine | None = None  # continuous batching over `self.text`
         self.image_batcher: MicroBatcher[ImageRequest] = MicroBatcher(
-            IMAGE, self._run_images, self.metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S)
+            IMAGE, self._run_images, self.metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S,
+            max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S)
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
@@ -324,7 +344,10 @@ class Generation:
             self._ready.set()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            logger.exception("loading the models failed; the service stays not ready")
+            # One line that names the bad file (ArtifactError messages start with its path),
+            # then the traceback for whoever needs it.
+            logger.error("loading the models failed; the service stays not ready: %s", self.load_error,
+                         exc_info=True)
 
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
@@ -334,8 +357,9 @@ class Generation:
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called by the scheduler thread after every decode step."""
-        if batch_size:
+        if batch_size:  # one token per sequence sampled, whether or not its client is still there
             self.metrics.batch_size.labels(endpoint=TEXT).observe(batch_size)
+            self.metrics.generated_tokens.labels(model=self.text_model.name).inc(batch_size)
         self.metrics.requests_running.labels(endpoint=TEXT).set(running)
         self.metrics.requests_waiting.labels(endpoint=TEXT).set(waiting)
 
@@ -404,15 +428,13 @@ class Generation:
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
-        """Pass events through, counting tokens, time to first token and inter-token latency."""
-        tokens = self.metrics.generated_tokens.labels(model=self.text_model.name)
+        """Pass events through, measuring time to first token and inter-token latency."""
         ttft, itl = self.metrics.time_to_first_token, self.metrics.inter_token_latency
         last: dict[int, float] = {}
         try:
             async for ev in events:
                 if ev.num_tokens:
                     now = time.perf_counter()
-                    tokens.inc(ev.num_tokens)
                     prev = last.get(ev.choice)
                     (ttft.observe(now - arrived) if prev is None else itl.observe(now - prev))
                     last[ev.choice] = now
@@ -560,3 +582,7 @@ def _finish_reason(reason: str | None, openai: bool) -> str | None:
     if openai and reason == "eos":
         return "stop"
     return reason
+
+
+# API key, CORS, overload limits and deadlines (service.security, service.limits); /openapi.json.
+install_security(Generation, routes)

@@ -18,9 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from service.metrics import Metrics
+from service.schemas import ApiError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
+
+class QueueFull(ApiError):
+    """The batcher's queue is at its cost limit: a 429 with Retry-After, nothing queued."""
+
+    def __init__(self, what: str, retry_after_s: int):
+        super().__init__(429, f"the server is at capacity ({what}); retry later", type="server_error",
+                         code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 
 @dataclass(eq=False)
@@ -36,8 +45,14 @@ class Job(Generic[T]):
 
 class MicroBatcher(Generic[T]):
     def __init__(self, endpoint: str, run: Callable[[list[Job[T]]], Awaitable[None]],
-                 metrics: Metrics, max_batch_cost: int = 64, max_wait_s: float = 0.0):
+                 metrics: Metrics, max_batch_cost: int = 64, max_wait_s: float = 0.0,
+                 max_queue_cost: int | None = None, retry_after_s: int = 1):
         self.endpoint = endpoint
+        # Beyond this much queued cost (images), `submit` refuses: a bounded queue answers
+        # "not now" at once instead of making everyone wait longer.
+        self.max_queue_cost = max_queue_cost
+        self._queued_cost = 0
+        self.retry_after_s = retry_after_s
         self.run = run
         self.metrics = metrics
         self.max_batch_cost = max_batch_cost
@@ -48,11 +63,19 @@ class MicroBatcher(Generic[T]):
         self._expected = 1  # size of the previous batch: how many to linger for
 
     def submit(self, job: Job[T]) -> None:
-        """Queue a job (from the event loop thread). The consumer starts on first use."""
+        """Queue a job (from the event loop thread). The consumer starts on first use.
+
+        Raises QueueFull (nothing queued) when the job would take the queue past max_queue_cost;
+        a job alone is always admitted into an empty queue, whatever its cost."""
+        if (self.max_queue_cost is not None and self._pending
+                and self._queued_cost + job.cost > self.max_queue_cost):
+            raise QueueFull(f"{self._queued_cost} {self.endpoint} queued, limit {self.max_queue_cost}",
+                            self.retry_after_s)
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher-{self.endpoint}")
         self._pending.append(job)
+        self._queued_cost += job.cost
         self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc()
         self._wakeup.set()
 
@@ -71,6 +94,7 @@ class MicroBatcher(Generic[T]):
             if batch and cost + job.cost > self.max_batch_cost:
                 break
             self._pending.popleft()
+            self._queued_cost -= job.cost
             self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
             if job.cancelled:  # its client left while it waited: drop it for free
                 continue

@@ -18,6 +18,10 @@ MAX_SEED = 2**32 - 1  # choice / image i uses seed + i, still well inside torch'
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# A store name, optionally with `:version` (BentoML's tag alphabet). Anything else, such as
+# a path ("../x", "a/b"), spaces or control characters, is refused before any lookup.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,64})?$"
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
@@ -64,7 +68,7 @@ class _Body(BaseModel):
 
 class CompletionBody(_Body):
     """POST /complete."""
-    model: str | None = Field(None, description="model name or tag; default: the served text model")
+    model: ModelName | None = Field(None, description="model name or tag; default: the served text model")
     prompt: str
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
@@ -96,7 +100,7 @@ class StreamOptions(_Body):
 
 class OpenAICompletionBody(CompletionBody):
     """POST /v1/completions: the OpenAI legacy completions request (the fields we honour)."""
-    model: str
+    model: ModelName
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # type: ignore[assignment]
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -127,7 +131,7 @@ class OpenAICompletionBody(CompletionBody):
 
 class ImageBody(_Body):
     """POST /generate."""
-    model: str | None = Field(None, description="model name or tag; default: the served image model")
+    model: ModelName | None = Field(None, description="model name or tag; default: the served image model")
     prompt: str
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent")
@@ -137,7 +141,7 @@ class ImageBody(_Body):
 
 class OpenAIImageBody(_Body):
     """POST /v1/images/generations (b64_json only: this service keeps no files to link to)."""
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: Literal["b64_json", "url"] | None = None

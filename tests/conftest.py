@@ -118,3 +118,69 @@ def _stop(proc: subprocess.Popen) -> None:
 def client(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+# ---- more servers, for the reliability tests ------------------------------------------------
+
+API_KEY = "test-key-0123456789"
+CORS_ORIGIN = "http://allowed.example"
+GUARDED_MAX_INFLIGHT = 4
+
+
+def launch_server(home: Path, log: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, Server]:
+    """Start `bentoml serve` on a free port with extra environment; does not wait."""
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home), "CONDGEN_BATCH_WAIT_MS": "20", **env_extra}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, Server(f"http://127.0.0.1:{port}", log)
+
+
+def wait_ready(proc: subprocess.Popen, srv: Server) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{srv.log_tail()}")
+        if "loading the models failed" in srv.log.read_text(errors="replace"):
+            raise RuntimeError(f"the service could not load its models:\n{srv.log_tail(8000)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"/readyz not 200 after {READY_TIMEOUT_S}s:\n{srv.log_tail()}")
+        try:
+            if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+
+
+@dataclass
+class GuardedServer:
+    """A second server with an API key, one CORS origin and small limits (4 requests in
+    flight, 4 queued images, 2 queued completions)."""
+    server: Server
+    proc: subprocess.Popen
+    key: str = API_KEY
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture(scope="module")  # module: its last test shuts it down with SIGTERM
+def guarded_server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuardedServer]:
+    log = tmp_path_factory.mktemp("guarded") / "serve.log"
+    proc, srv = launch_server(bentoml_home, log, {
+        "CONDGEN_API_KEY": API_KEY, "CONDGEN_CORS_ORIGINS": CORS_ORIGIN,
+        "CONDGEN_MAX_INFLIGHT": str(GUARDED_MAX_INFLIGHT), "CONDGEN_MAX_QUEUE": "4",
+        "CONDGEN_TEXT_MAX_WAITING": "2", "CONDGEN_RETRY_AFTER": "2"})
+    try:
+        wait_ready(proc, srv)
+        yield GuardedServer(srv, proc)
+    finally:
+        _stop(proc)

@@ -1,0 +1,117 @@
+"""Fuzz the running service against its own OpenAPI document with schemathesis.
+
+    python -m load_tests.fuzz --host http://127.0.0.1:3000 --cases 2000
+
+Fetches <host>/openapi.json, then, for every operation, lets schemathesis generate valid
+and invalid requests (hypothesis strategies from the schema: positive and negative modes).
+A case fails when the service answers 5xx, or a 4xx whose body is not the JSON error
+shape `{"error": {"message": ..., "type": ...}}`. Prints a summary and exits non-zero on
+any failure (each failing case is printed with a curl-like reproduction). Starts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+
+@dataclass
+class Outcome:
+    cases: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+
+def check_response(status: int, content_type: str, content: bytes) -> str | None:
+    """Why a response is wrong, or None."""
+    if status >= 500:
+        return f"server error {status}"
+    if 400 <= status < 500:
+        if not content_type.startswith("application/json"):
+            return f"{status} with content-type {content_type!r}"
+        try:
+            err = json.loads(content)["error"]
+            if not isinstance(err["message"], str) or not isinstance(err["type"], str):
+                return f"{status}: error message/type are not strings"
+        except (ValueError, KeyError, TypeError) as e:
+            return f"{status} body is not the JSON error shape ({e}): {content[:200]!r}"
+    return None
+
+
+def fuzz(host: str, cases: int, headers: dict[str, str] | None = None, seed: int | None = None,
+         timeout_s: float = 120.0) -> Outcome:
+    """About `cases` requests in all, spread over the operations, half valid, half invalid."""
+    host = host.rstrip("/")
+    session = requests.Session()
+    session.headers.update(headers or {})
+    raw = session.get(f"{host}/openapi.json", timeout=30)
+    raw.raise_for_status()
+    schema = schemathesis.openapi.from_dict(raw.json())
+    operations = [r.ok() for r in schema.get_all_operations()]
+    # A GET without parameters has one possible request: a few each; the rest for the bodies.
+    posts = [op for op in operations if op.method.lower() == "post"]
+    per_op = max(1, -(-(cases - 5 * (len(operations) - len(posts))) // (2 * max(1, len(posts)))))
+    out = Outcome()
+    for op in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            drawn = []
+
+            @settings(max_examples=per_op if op in posts else 5, deadline=None, database=None, derandomize=seed is not None,
+                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case) -> None:
+                drawn.append(1)
+                out.cases += 1
+                try:
+                    resp = case.call(base_url=host, session=session, timeout=timeout_s)
+                except requests.RequestException as e:
+                    out.failures.append(f"{op.method.upper()} {op.path} [{mode.value}]: no answer ({e}) "
+                                        f"body={_show(case)}")
+                    return
+                out.statuses[resp.status_code] += 1
+                ctype = resp.headers.get("content-type") or [""]  # schemathesis: name -> list of values
+                why = check_response(resp.status_code, ctype if isinstance(ctype, str) else ctype[0],
+                                     resp.content)
+                if why is not None:
+                    out.failures.append(f"{op.method.upper()} {op.path} [{mode.value}]: {why}; body={_show(case)}")
+
+            try:
+                run()
+            except Unsatisfiable:  # nothing to make invalid (a GET without parameters)
+                pass
+    return out
+
+
+def _show(case) -> str:
+    try:
+        return json.dumps(case.body)[:300]
+    except (TypeError, ValueError):
+        return repr(case.body)[:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", required=True, help="base URL of a running service")
+    ap.add_argument("--cases", type=int, default=2000, help="requests in all (spread over operations)")
+    ap.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
+    ap.add_argument("--seed", type=int, default=None, help="derandomize hypothesis (reproducible runs)")
+    args = ap.parse_args(argv)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    out = fuzz(args.host, args.cases, headers, args.seed)
+    print(f"{out.cases} cases; statuses: {dict(sorted(out.statuses.items()))}")
+    for f in out.failures[:50]:
+        print(f"FAIL: {f}", file=sys.stderr)
+    print(f"{len(out.failures)} failures")
+    return 1 if out.failures or out.cases == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

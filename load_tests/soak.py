@@ -1,0 +1,125 @@
+"""Soak test: steady load for --minutes while sampling the server's resident memory.
+
+    python -m load_tests.soak --host http://127.0.0.1:3000 --pid $(pgrep -of 'bentoml serve') --minutes 30
+
+Runs the locust users headless (load_tests/locustfile.py, all classes unless --user-classes)
+against a running server, reads the resident set size of --pid and all its descendants
+(BentoML's arbiter and its workers) from /proc every --interval seconds, and compares the
+mean RSS of the last tenth of the run with that of the first tenth after --warmup seconds.
+Prints the growth, writes the samples as CSV, and exits non-zero when the growth is above
+--max-growth-pct or locust saw failures above --max-failure-ratio. Starts no server.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants (processes that vanish count 0)."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/statm") as fh:
+                total += int(fh.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", required=True, help="base URL of a running service")
+    ap.add_argument("--pid", type=int, required=True, help="the server's main process (bentoml serve)")
+    ap.add_argument("--minutes", type=float, default=30, help="length of the steady load")
+    ap.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    ap.add_argument("--warmup", type=float, default=60, help="seconds of load before the baseline window")
+    ap.add_argument("--interval", type=float, default=5, help="seconds between RSS samples")
+    ap.add_argument("--user-classes", nargs="*", default=[], help="locust user classes (default: all)")
+    ap.add_argument("--out", default="load_tests/reports/soak", help="prefix for the CSV files")
+    ap.add_argument("--max-growth-pct", type=float, default=10.0, help="fail above this RSS growth")
+    ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    total_s = args.minutes * 60
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
+           "-u", str(args.users), "-r", str(args.users), "--run-time", f"{int(total_s)}s", "--csv", str(out),
+           "--only-summary", "--exit-code-on-error", "0", *args.user_classes]
+    locust = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    try:
+        while locust.poll() is None:
+            samples.append((time.monotonic() - t0, rss_bytes(args.pid)))
+            time.sleep(args.interval)
+    finally:
+        if locust.poll() is None:
+            locust.terminate()
+        locust.wait()
+    with open(f"{out}_rss.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["seconds", "rss_bytes"])
+        w.writerows(samples)
+
+    steady = [(t, r) for t, r in samples if t >= args.warmup]
+    if len(steady) < 4:
+        print(f"too few samples after the {args.warmup:g}s warm-up ({len(steady)})", file=sys.stderr)
+        return 2
+    k = max(1, len(steady) // 10)
+    first, last = mean([r for _, r in steady[:k]]), mean([r for _, r in steady[-k:]])
+    growth = 100 * (last - first) / first
+    peak = max(r for _, r in steady)
+
+    fails, reqs = 0, 0
+    stats = Path(f"{out}_stats.csv")
+    if stats.is_file():
+        for row in csv.DictReader(stats.open()):
+            if row["Name"] == "Aggregated":
+                reqs, fails = int(row["Request Count"]), int(row["Failure Count"])
+    print(f"soak: {args.minutes:g} min, {args.users} users, {reqs} requests, {fails} failures; RSS "
+          f"{first / 2**20:.0f} MiB -> {last / 2**20:.0f} MiB (peak {peak / 2**20:.0f} MiB), growth {growth:+.1f}%")
+    problems = []
+    if growth > args.max_growth_pct:
+        problems.append(f"RSS grew {growth:.1f}% > {args.max_growth_pct}%")
+    if reqs == 0 or fails / reqs > args.max_failure_ratio:
+        problems.append(f"{fails} failures in {reqs} requests")
+    for p in problems:
+        print(f"FAIL: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

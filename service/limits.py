@@ -1,0 +1,139 @@
+"""Overload protection and deadlines for the generation routes, as one ASGI middleware.
+
+A server that queues without bound answers everyone late; one that says "not now" at once
+lets clients back off and retry elsewhere. So:
+
+- at most CONDGEN_MAX_INFLIGHT requests are inside the generation routes at a time; the
+  next one gets 429 with `Retry-After` at once, before its body is even read;
+- every request has a deadline (CONDGEN_DEADLINE_S, from arrival to its last byte). When it
+  passes, the handler is cancelled, which releases its engine work (the handlers mark
+  their jobs cancelled in `finally`), and the client gets a 504 JSON error, or, when a
+  stream had already started, one in-band SSE error event before the stream ends;
+- the queues behind them are bounded too: the image batcher refuses work beyond
+  CONDGEN_MAX_QUEUE queued images (`service.batching.QueueFull`), the text engine beyond
+  CONDGEN_TEXT_MAX_WAITING queued requests; both answer 429 with `Retry-After`.
+
+Health, metrics and the model list are never limited.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.schemas import ApiError
+
+logger = logging.getLogger("condgen.service")
+
+# The routes that cost compute; everything else passes untouched.
+GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations"})
+
+
+def _env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_inflight: int = 64  # requests inside the generation routes at once
+    deadline_s: float = 120.0  # arrival -> last byte, per request
+    retry_after_s: int = 1  # what a 429 tells the client to wait
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        d = cls()
+        return cls(max_inflight=int(_env("CONDGEN_MAX_INFLIGHT", d.max_inflight)),
+                   deadline_s=_env("CONDGEN_DEADLINE_S", d.deadline_s),
+                   retry_after_s=max(1, round(_env("CONDGEN_RETRY_AFTER", d.retry_after_s))))
+
+
+def overloaded(what: str, retry_after_s: int) -> ApiError:
+    return ApiError(429, f"the server is at capacity ({what}); retry after {retry_after_s}s",
+                    type="server_error", code="overloaded",
+                    headers={"Retry-After": str(retry_after_s)})
+
+
+async def send_error(send: Send, err: ApiError) -> None:
+    """A complete JSON error response in the service's one error shape."""
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _count_error(path: str, status: int) -> None:
+    try:
+        from service.metrics import get_metrics
+
+        get_metrics().request_errors.labels(endpoint=path, status=str(status)).inc()
+    except Exception:  # metrics must never turn a clean refusal into a crash
+        logger.debug("could not count a %d on %s", status, path, exc_info=True)
+
+
+class LimitMiddleware:
+    """Bounded concurrency and a per-request deadline for GENERATION_PATHS (see the module doc)."""
+
+    def __init__(self, app: ASGIApp, limits: Limits | None = None) -> None:
+        self.app = app
+        self.limits = limits or Limits.from_env()
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in GENERATION_PATHS or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        lim = self.limits
+        if self.inflight >= lim.max_inflight:
+            _count_error(scope["path"], 429)
+            await send_error(send, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
+            return
+        self.inflight += 1
+        state: dict[str, Any] = {"started": False, "sse": False, "ended": False}
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                ctype = dict(message.get("headers") or []).get(b"content-type", b"")
+                state["sse"] = ctype.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["ended"] = True
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=lim.deadline_s)
+            if task in done:
+                task.result()  # re-raise what the app raised, as without this middleware
+                return
+            # Past the deadline: cancelling the handler marks its engine jobs cancelled.
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], lim.deadline_s)
+            _count_error(scope["path"], 504)
+            err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
+                           type="server_error", code="deadline_exceeded")
+            if not state["started"]:
+                await send_error(send, err)
+            elif not state["ended"]:
+                # Headers are gone: report in-band as a stream error does, then end the body.
+                tail = f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n".encode() if state["sse"] else b""
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            if not task.done():  # this request itself was cancelled (server shutting down)
+                task.cancel()
+            self.inflight -= 1

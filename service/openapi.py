@@ -1,0 +1,91 @@
+"""The OpenAPI document for the service's own routes, built from the pydantic bodies.
+
+BentoML's /docs.json describes BentoML-style APIs; the routes here are a mounted Starlette
+app, so their contract is written out from the same models that validate requests (one
+source of truth). Served at GET /openapi.json; schemathesis fuzzes against it
+(tests/test_schemathesis.py, load_tests/fuzz.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody
+
+REF = "#/components/schemas/{model}"
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+                       "request_id": {"type": "string"}}}},
+}
+ERRORS = {
+    "400": "a client mistake; `param` names the field",
+    "401": "API key missing or wrong (when CONDGEN_API_KEY is set)",
+    "404": "the requested model is not served here",
+    "413": "body larger than 1 MiB",
+    "415": "the body is not declared as JSON",
+    "429": "at capacity: retry after the `Retry-After` seconds",
+    "503": "not ready (models loading, or loading failed)",
+    "504": "the request passed its deadline",
+}
+
+
+def _errors() -> dict[str, Any]:
+    out = {}
+    for code, why in ERRORS.items():
+        headers = {"Retry-After": {"schema": {"type": "integer"}}} if code == "429" else {}
+        out[code] = {"description": why, "headers": headers,
+                     "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+    return out
+
+
+def _post(summary: str, body: str, ok: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary, "operationId": summary.split(":")[0].replace(" ", "_").lower(),
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": {"$ref": REF.format(model=body)}}}},
+        "responses": {"200": {"description": "success", "content": ok}, **_errors()},
+    }}
+
+
+def _get(summary: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
+        "200": {"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}},
+        **{k: v for k, v in _errors().items() if k in ("401", "503")}}}}
+
+
+@functools.lru_cache(maxsize=1)
+def build_openapi() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody)],
+        ref_template=REF)
+    schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
+    obj = {"application/json": {"schema": {"type": "object"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "condgen", "version": "1", "description": __doc__.strip().splitlines()[0]},
+        "paths": {
+            "/complete": _post("complete: text completion (JSON, or SSE with stream=true)", "CompletionBody",
+                               {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
+            "/generate": _post("generate: images from a prompt (JSON with base64 PNGs, or one PNG)", "ImageBody",
+                               {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}),
+            "/v1/completions": _post("openai completions", "OpenAICompletionBody",
+                                     {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
+            "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),
+            "/models": _get("list models"),
+            "/v1/models": _get("openai list models"),
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+async def openapi_endpoint(request: Request) -> JSONResponse:
+    return JSONResponse(build_openapi())

@@ -1,0 +1,87 @@
+"""Access control: an optional API key, CORS origins, and strict model tags.
+
+- CONDGEN_API_KEY: when set, every request needs `Authorization: Bearer <key>` (what the
+  OpenAI client sends) or `x-api-key: <key>`; without it the answer is 401 in the usual
+  JSON error shape. Health (/livez, /readyz, /healthz) and /metrics stay open, so that
+  orchestrators and Prometheus need no secret, and so do CORS pre-flight requests
+  (browsers send those without credentials).
+- CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
+  ("*" for any); unset means no CORS headers at all (same-origin only).
+- GPT_MODEL / GAN_MODEL: checked against BentoML's tag alphabet before the store sees them.
+
+`install(Service, routes)` wires it all (and /openapi.json, and the limits of
+`service.limits`) into the BentoML service, outermost first: CORS, API key, limits.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+import re
+
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.limits import LimitMiddleware, send_error
+from service.schemas import ApiError
+
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+# BentoML's tag: a lowercase name, then an optional version.
+TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]{1,64})?$")
+
+
+def model_tag(env_var: str, default: str) -> str:
+    """The store tag an environment variable names, refused at start-up when malformed."""
+    tag = os.environ.get(env_var, default)
+    if not TAG_PATTERN.fullmatch(tag) or ".." in tag:
+        raise ValueError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
+                         f"letters, digits, '.', '_', '-'; e.g. {default!r})")
+    return tag
+
+
+def cors_origins() -> list[str]:
+    raw = os.environ.get("CONDGEN_CORS_ORIGINS", "")
+    return [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
+
+
+def _presented_key(scope: Scope) -> str | None:
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1").strip() if key is not None else None
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope.get("path") not in OPEN_PATHS
+                and scope.get("method") != "OPTIONS"):
+            given = _presented_key(scope)
+            # Constant-time comparison: the answer's timing says nothing about the key.
+            if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), self.key):
+                why = "missing" if given is None else "invalid"
+                await send_error(send, ApiError(
+                    401, f"API key {why}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                    type="invalid_request_error", code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"}))
+                return
+        await self.app(scope, receive, send)
+
+
+def install(service: object, routes: object) -> None:
+    """Add /openapi.json to the mounted routes and the middlewares to the BentoML service."""
+    from service.openapi import openapi_endpoint
+
+    routes.add_route("/openapi.json", openapi_endpoint, methods=["GET"])  # type: ignore[attr-defined]
+    if origins := cors_origins():
+        service.add_asgi_middleware(  # type: ignore[attr-defined]
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
+    if key := os.environ.get("CONDGEN_API_KEY"):
+        service.add_asgi_middleware(APIKeyMiddleware, key=key)  # type: ignore[attr-defined]
+    service.add_asgi_middleware(LimitMiddleware)  # type: ignore[attr-defined]

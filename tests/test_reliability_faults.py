@@ -1,0 +1,57 @@
+"""A broken model in the store: the service starts, never becomes ready (/readyz 503, the
+routes 503 with the reason), and its log names the bad file in one line. Three servers, one
+per fault, start side by side on copies of the session store."""
+from __future__ import annotations
+
+import glob
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import _stop, launch_server
+from test_reliability_unit import FAULTS
+
+WAIT_S = 180
+
+
+@pytest.fixture(scope="module")
+def broken_servers(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    started = {}
+    try:
+        for fault, (kind, make) in {"corrupt_weights": ("gpt", FAULTS["corrupt_weights"]),
+                                    "mismatched_config": ("gpt", FAULTS["mismatched_config"]),
+                                    "missing_tokenizer": ("gan", FAULTS["missing_tokenizer"])}.items():
+            root = tmp_path_factory.mktemp(fault)
+            home = root / "bentoml_home"
+            shutil.copytree(bentoml_home, home, ignore=shutil.ignore_patterns("bentos", "tmp", "*.log"))
+            model_dir = Path(glob.glob(str(home / "models" / kind / "*" / "config.json"))[0]).parent
+            bad = model_dir / make(model_dir)
+            proc, srv = launch_server(home, root / "serve.log", {})
+            started[fault] = (proc, srv, bad)
+        yield started
+    finally:
+        for proc, _, _ in started.values():
+            _stop(proc)
+
+
+@pytest.mark.parametrize("fault", ["corrupt_weights", "mismatched_config", "missing_tokenizer"])
+def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broken_servers, fault):
+    proc, srv, bad = broken_servers[fault]
+    deadline = time.monotonic() + WAIT_S
+    line = None
+    while line is None:
+        assert proc.poll() is None or time.monotonic() < deadline, srv.log_tail()
+        assert time.monotonic() < deadline, f"no load failure logged after {WAIT_S}s:\n{srv.log_tail()}"
+        for candidate in srv.log.read_text(errors="replace").splitlines():
+            if "loading the models failed" in candidate:
+                line = candidate
+        time.sleep(0.25)
+    assert str(bad) in line, line  # one line, with the file's full path
+    r = httpx.get(f"{srv.url}/readyz", timeout=10)
+    assert r.status_code == 503
+    assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
+    r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi"}, timeout=30)
+    assert r.status_code == 503 and str(bad.name) in r.json()["error"]["message"]

@@ -1,0 +1,269 @@
+"""Reliability pieces that need no server: the limits middleware (429 + Retry-After, deadline),
+the API key and CORS, model-name validation, the image queue bound, the OpenAPI document, and
+model faults at load time (each names the bad file)."""
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from models.artifacts import ArtifactError
+from service.batching import Job, MicroBatcher, QueueFull
+from service.limits import LimitMiddleware, Limits
+from service.metrics import get_metrics
+from service.openapi import build_openapi
+from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody
+from service.security import APIKeyMiddleware, model_tag
+
+
+def _app(handler_log: dict, limits: Limits, key: str | None = None) -> Starlette:
+    release = asyncio.Event()
+    handler_log["release"] = release
+
+    async def complete(request):
+        handler_log["entered"] = handler_log.get("entered", 0) + 1
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            handler_log["cancelled"] = True
+            raise
+        return JSONResponse({"ok": True})
+
+    async def generate(request):  # a stream that never ends by itself
+        async def body():
+            try:
+                yield b"data: {\"first\":1}\n\n"
+                await asyncio.sleep(3600)
+            finally:
+                handler_log["stream_closed"] = True
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def models(request):
+        return JSONResponse({"data": []})
+
+    mw = [Middleware(APIKeyMiddleware, key=key)] if key else []
+    return Starlette(routes=[Route("/complete", complete, methods=["POST"]),
+                             Route("/generate", generate, methods=["POST"]),
+                             Route("/models", models), Route("/metrics", models)],
+                     middleware=[*mw, Middleware(LimitMiddleware, limits=limits)])
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_beyond_max_inflight_is_429_with_retry_after_at_once():
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=2, deadline_s=60, retry_after_s=3))
+
+    async def scenario():
+        async with _client(app) as c:
+            held = [asyncio.create_task(c.post("/complete", json={})) for _ in range(2)]
+            while log.get("entered", 0) < 2:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/complete", json={})
+            other = await c.get("/models")  # not a generation route: never limited
+            log["release"].set()
+            return refused, other, [await t for t in held]
+
+    refused, other, held = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert other.status_code == 200
+    assert [r.status_code for r in held] == [200, 200]
+
+
+def test_deadline_cancels_the_handler_and_answers_504_json():
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=8, deadline_s=0.3))
+
+    async def scenario():
+        async with _client(app) as c:
+            return await c.post("/complete", json={})
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+    assert log.get("cancelled") is True  # the handler's `finally` ran: its engine work is released
+
+
+def test_deadline_mid_stream_ends_it_with_an_in_band_error_event():
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=8, deadline_s=0.3))
+
+    async def scenario():
+        async with _client(app) as c:
+            return await c.post("/generate", json={})
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 200  # headers had gone before the deadline
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0] == {"first": 1}
+    assert events[-1]["error"]["code"] == "deadline_exceeded"
+    assert log.get("stream_closed") is True
+
+
+def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=1, deadline_s=0.2))
+
+    async def scenario():
+        async with _client(app) as c:
+            codes = [(await c.post("/complete", json={})).status_code for _ in range(3)]
+            return codes
+
+    assert asyncio.run(scenario()) == [504, 504, 504]  # never 429: each slot was given back
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401),
+    ({"Authorization": "Bearer wrong"}, 401),
+    ({"x-api-key": "wrong"}, 401),
+    ({"Authorization": "Bearer k3y"}, 200),
+    ({"authorization": "bearer k3y"}, 200),
+    ({"x-api-key": "k3y"}, 200),
+])
+def test_api_key_header_forms(headers, status):
+    app = _app({}, Limits(), key="k3y")
+
+    async def scenario():
+        async with _client(app) as c:
+            return await c.get("/models", headers=headers), await c.get("/metrics")
+
+    r, metrics = asyncio.run(scenario())
+    assert r.status_code == status
+    if status == 401:
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    assert metrics.status_code == 200  # health and metrics need no key
+
+
+def test_cors_preflight_passes_the_key_check_and_names_the_origin():
+    inner = _app({}, Limits(), key="k3y")
+    app = CORSMiddleware(inner, allow_origins=["http://ok.example"], allow_methods=["GET", "POST"],
+                         allow_headers=["authorization", "content-type"])
+
+    async def scenario():
+        async with _client(app) as c:
+            pre = await c.options("/complete", headers={"origin": "http://ok.example",
+                                                       "access-control-request-method": "POST"})
+            bad = await c.options("/complete", headers={"origin": "http://evil.example",
+                                                       "access-control-request-method": "POST"})
+            return pre, bad
+
+    pre, bad = asyncio.run(scenario())
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ok.example"
+    assert "access-control-allow-origin" not in bad.headers
+
+
+@pytest.mark.parametrize("tag", ["gpt", "gpt:latest", "my-model.v2:20240101_x"])
+def test_model_tags_from_the_environment_accepted(tag, monkeypatch):
+    monkeypatch.setenv("GPT_MODEL", tag)
+    assert model_tag("GPT_MODEL", "gpt:latest") == tag
+
+
+@pytest.mark.parametrize("tag", ["../gpt", "gpt/../../etc", "/abs/path", "gpt:../x", "a b", "GPT", "",
+                                 "gpt:", "gpt:v1:v2", "gpt\n", "..", "a..b"])
+def test_model_tags_from_the_environment_refused(tag, monkeypatch):
+    monkeypatch.setenv("GAN_MODEL", tag)
+    with pytest.raises(ValueError, match="GAN_MODEL"):
+        model_tag("GAN_MODEL", "gan:latest")
+
+
+@pytest.mark.parametrize("body_cls", [CompletionBody, ImageBody, OpenAICompletionBody])
+@pytest.mark.parametrize("name", ["../etc/passwd", "a/b", "x:../../y", " gpt", "gpt\x00", "g" * 200, ":v1"])
+def test_request_model_field_is_refused_unless_a_tag(body_cls, name):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        body_cls.model_validate({"prompt": "p", "model": name})
+    assert e.value.errors()[0]["loc"][0] == "model"
+
+
+def test_request_model_field_accepts_tags():
+    for name in ["gpt", "gpt:latest", "gpt:43wh7ghi4k2imax4", "gpt-3.5-turbo-instruct"]:
+        assert CompletionBody.model_validate({"prompt": "p", "model": name}).model == name
+
+
+def test_image_queue_is_bounded_by_cost():
+    async def scenario():
+        async def run(jobs):  # never called: the consumer is given no chance to run
+            raise AssertionError
+
+        b = MicroBatcher("images", run, get_metrics(), max_batch_cost=64, max_queue_cost=5, retry_after_s=7)
+        b.submit(Job("a", cost=4))
+        b.submit(Job("b", cost=1))
+        with pytest.raises(QueueFull) as e:
+            b.submit(Job("c", cost=1))
+        big = MicroBatcher("images", run, get_metrics(), max_queue_cost=2)
+        big.submit(Job("alone", cost=16))  # a job alone is always admitted
+        await b.close()
+        await big.close()
+        return e.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 429 and err.headers == {"Retry-After": "7"} and err.code == "overloaded"
+
+
+def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
+    doc = build_openapi()
+    assert set(doc["paths"]) == {"/complete", "/generate", "/models", "/v1/completions",
+                                 "/v1/images/generations", "/v1/models"}
+    body = doc["components"]["schemas"]["CompletionBody"]
+    assert body["additionalProperties"] is False and body["properties"]["n"]["maximum"] == 16
+    assert "429" in doc["paths"]["/generate"]["post"]["responses"]
+    json.dumps(doc)  # serialisable as served
+
+
+# ---- model faults: the loaders refuse, naming the file ---------------------------------------
+
+def _store_copy(bentoml_home: Path, name: str, dst: Path) -> Path:
+    src = Path(glob.glob(str(bentoml_home / "models" / name / "*" / "config.json"))[0]).parent
+    shutil.copytree(src, dst)
+    return dst
+
+
+def corrupt_weights(d: Path) -> str:
+    (d / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 64)
+    return "model.safetensors"
+
+
+def mismatched_config(d: Path) -> str:
+    cfg = json.loads((d / "config.json").read_text())
+    key = "n_embd" if "n_embd" in cfg else next(k for k, v in cfg.items() if isinstance(v, int) and v > 1)
+    cfg[key] = cfg[key] * 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    return "model.safetensors"
+
+
+def missing_tokenizer(d: Path) -> str:
+    (d / "tokenizer.json").unlink()
+    return "tokenizer.json"
+
+
+FAULTS = {"corrupt_weights": corrupt_weights, "mismatched_config": mismatched_config,
+          "missing_tokenizer": missing_tokenizer}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("kind", ["gpt", "gan"])
+def test_model_faults_fail_loading_naming_the_file(fault, kind, bentoml_home, tmp_path):
+    from models.engine import TextEngine
+    from models.image_engine import ImageEngine
+
+    d = _store_copy(bentoml_home, kind, tmp_path / kind)
+    bad_file = FAULTS[fault](d)
+    loader = TextEngine if kind == "gpt" else ImageEngine
+    with pytest.raises(ArtifactError) as e:
+        loader.load(d, device="cpu")
+    first_line = str(e.value).splitlines()[0]
+    assert first_line.startswith(str(d / bad_file)), first_line
