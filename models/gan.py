@@ -2,7 +2,8 @@
 
 Generator: z ~ N(0, I) and the prompt's vector go through a linear layer to a 4×4 map,
 then upsampling blocks whose per-sample normalisation is modulated by the prompt
-(FiLM), with one cross-attention layer from image positions to the prompt's tokens.
+(FiLM), with one cross-attention layer from image positions to the prompt's tokens;
+each block adds its own RGB output to the upsampled image so far (skip architecture).
 Nothing in it mixes samples (no BatchNorm), so an image depends only on its own
 latent and prompt, whatever else shares the batch.
 
@@ -113,26 +114,33 @@ class Generator(nn.Module):
         self.film0 = FiLM(c0, cfg.text_dim)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()
+        self.to_rgb = nn.ModuleList()
         res, cin = 4, c0
         while res < cfg.image_size:
             res *= 2
             cout = cfg.channels(cfg.g_ch, res)
             self.blocks.append(GBlock(cin, cout, cfg.text_dim))
+            self.to_rgb.append(nn.Conv2d(cout, 3, 1))
             if res == cfg.attn_res:
                 self.attn[str(len(self.blocks) - 1)] = CrossAttention(cout, cfg.text_dim)
             cin = cout
-        self.to_rgb = nn.Conv2d(cin, 3, 3, padding=1)
 
     def synthesize(self, z: torch.Tensor, vec: torch.Tensor, tokens: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
         """z (B, Z), text vector (B, D), tokens (B, T, D), mask (B, T) → images (B, 3, S, S) in [-1, 1]."""
         h = self.fc(torch.cat([z, vec], dim=1)).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
         h = F.leaky_relu(self.film0(h, vec), 0.2)
-        for i, block in enumerate(self.blocks):
+        rgb = None
+        for i, (block, to_rgb) in enumerate(zip(self.blocks, self.to_rgb)):
             h = block(h, vec)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h, tokens, mask)
-        return torch.tanh(self.to_rgb(h))
+            # StyleGAN2's skip generator: every resolution adds to the image, so colours
+            # and layout are learned at 8×8 before the fine stages have learned anything.
+            up = 0 if rgb is None else F.interpolate(rgb, scale_factor=2, mode="bilinear",
+                                                     align_corners=False)
+            rgb = up + to_rgb(h)                                             # (B, 3, res, res)
+        return torch.tanh(rgb)
 
     def forward(self, z: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         vec, tokens = self.text(ids, mask)
@@ -158,8 +166,12 @@ class Discriminator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text = TextEncoder(cfg.text)
-        self.from_rgb = spectral_norm(nn.Conv2d(3, cfg.d_ch, 3, padding=1))
-        blocks, res, cin = [], cfg.image_size, cfg.d_ch
+        # A strided 4×4 stem: full-resolution layers cost the most on a CPU, and the stem
+        # still sees every pixel.
+        res = cfg.image_size // 2
+        cin = cfg.channels(cfg.d_ch, res)
+        self.from_rgb = spectral_norm(nn.Conv2d(3, cin, 4, stride=2, padding=1))
+        blocks = []
         while res > 4:
             res //= 2
             cout = cfg.channels(cfg.d_ch, res)
@@ -236,3 +248,13 @@ def d_hinge_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tenso
 
 def g_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
+
+
+def contrastive_loss(scores: torch.Tensor) -> torch.Tensor:
+    """scores (B, M ≥ B): image i with caption j, caption i being image i's own. Cross-entropy
+    towards the own caption along rows, and along columns of the first B (XMC-GAN): every
+    other caption in the batch (and any extra hard negatives) is a negative, a far richer
+    text signal than one mismatched pair, and it needs no labels."""
+    B = scores.shape[0]
+    target = torch.arange(B, device=scores.device)
+    return 0.5 * (F.cross_entropy(scores, target) + F.cross_entropy(scores[:, :B].T, target))

@@ -13,7 +13,7 @@ discriminator so the generator cannot have learned to fool it. With it:
 - memorisation: the fraction of generated images whose nearest training image (pixel
   RMSE) is closer than a threshold calibrated on near-duplicates of training images.
 
-`python -m training.evaluate MODEL_DIR --run RUN_DIR` re-measures a saved model.
+`python -m training.evaluate MODEL_DIR [--run RUN_DIR]` re-measures a saved model.
 """
 from __future__ import annotations
 
@@ -99,7 +99,14 @@ def evaluator_data(cfg: ShapesConfig, n: int, seed: int) -> CaptionedImages:
 def train_evaluator(cfg: ShapesConfig, n_train: int = 12000, steps: int = 800, batch: int = 64,
                     lr: float = 3e-3, seed: int = 0, n_test: int = 2000) -> tuple[Evaluator, dict[str, Any]]:
     """Fit on fresh real data, report per-attribute accuracy on another fresh set."""
-    torch.manual_seed(seed)
+    # Its own random stream: training it must not shift the GAN's draws.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _fit_evaluator(cfg, n_train, steps, batch, lr, seed, n_test)
+
+
+def _fit_evaluator(cfg: ShapesConfig, n_train: int, steps: int, batch: int, lr: float,
+                   seed: int, n_test: int) -> tuple[Evaluator, dict[str, Any]]:
     data = evaluator_data(cfg, n_train, seed=10_000 + seed)
     test = evaluator_data(cfg, n_test, seed=20_000 + seed)
     labels = attribute_labels(data.attributes)                                # (N, A)
@@ -128,13 +135,18 @@ def train_evaluator(cfg: ShapesConfig, n_train: int = 12000, steps: int = 800, b
     return model.eval(), metrics
 
 
+def load_evaluator(path: Path) -> tuple[Evaluator, dict[str, Any]]:
+    art = load_model_dir(path, lambda c: Evaluator(EvaluatorConfig(c["image_size"])),
+                         needs_tokenizer=False)
+    return art.model, art.metrics
+
+
 def load_or_train_evaluator(path: Path, cfg: ShapesConfig, **kw: Any) -> tuple[Evaluator, dict]:
     """The evaluator is cached in the run folder: trained once, reused on resume."""
-    want = {"family": "evaluator", "shapes": asdict(cfg), **asdict(EvaluatorConfig(cfg.image_size))}
+    want = {"family": "evaluator", "shapes": asdict(cfg), "train": kw,
+            **asdict(EvaluatorConfig(cfg.image_size))}
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == want:
-        art = load_model_dir(path, lambda c: Evaluator(EvaluatorConfig(c["image_size"])),
-                             needs_tokenizer=False)
-        return art.model, art.metrics
+        return load_evaluator(path)
     model, metrics = train_evaluator(cfg, **kw)
     save_model_dir(path, want, model.state_dict(), metrics=metrics)
     return model, metrics
@@ -263,13 +275,17 @@ def _spread(feats: torch.Tensor, n: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Re-measure a saved generator; updates its metrics.json.")
     p.add_argument("model_dir", help="a model directory written by training.train_gan")
-    p.add_argument("--run", required=True, help="its run folder (holds the cached evaluator)")
+    p.add_argument("--run", default="", help="its run folder: reuse the evaluator cached there")
     p.add_argument("--per_pair", type=int, default=12, help="prompts per (colour, shape) pair")
     args = p.parse_args(argv)
     engine = ImageEngine.load(args.model_dir, device="cpu")
     data_cfg = json.loads((Path(args.model_dir) / "config.json").read_text())["data"]
+    if not data_cfg.get("shapes"):
+        raise SystemExit("metrics need attribute labels: this model was not trained on the "
+                         "procedural data")
     cfg = ShapesConfig(**data_cfg["shapes"])
-    evaluator, _ = load_or_train_evaluator(Path(args.run) / "evaluator", cfg)
+    cached = Path(args.run) / "evaluator"
+    evaluator, _ = load_evaluator(cached) if args.run and cached.is_dir() else train_evaluator(cfg)
     train = make_shapes(data_cfg["n_train"], data_cfg["seed"], cfg)
     metrics = evaluate_generator(engine, evaluator, cfg, train.images, per_pair=args.per_pair)
     path = Path(args.model_dir) / "metrics.json"

@@ -1,12 +1,13 @@
 """Train the text-conditioned GAN: `python -m training.train_gan --preset small`.
 
 Hinge loss, a matching-aware discriminator (a real image with the wrong caption is
-fake), DiffAugment on everything D sees, an EMA of the generator (what is evaluated and
+fake), a contrastive image-caption term over the batch (XMC-GAN), DiffAugment on
+everything D sees, an EMA of the generator (what is evaluated and
 served). Every `eval_interval` steps the EMA generator is graded by the independent
 evaluator (training.evaluate) and the run folder gets a sample grid (fixed prompts,
 fixed seeds) and a curves plot, so mode collapse shows up while it happens.
 
-Run folder (--out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png, curves.png,
+Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png, curves.png,
 history.json and model/ (the served model directory, also copied to the BentoML store
 as `gan` unless --store=false). `--resume` continues from ckpt.pt; under torchrun every
 rank trains on its own batches and gradients are averaged by DDP.
@@ -29,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from models.artifacts import save_model_dir
-from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
-                        g_hinge_loss)
+from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d_hinge_loss,
+                        diff_augment, g_hinge_loss)
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
@@ -46,8 +47,8 @@ log = logging.getLogger("train_gan")
 
 @dataclass
 class GANTrainConfig:
-    out: str = field(default="runs/gan", metadata={"help": "run folder (checkpoint, evaluator, "
-                                                            "sample grids, curves, model/)"})
+    run_dir: str = field(default="runs/gan", metadata={
+        "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
     data: str = field(default="shapes", metadata={
         "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
     image_size: int = field(default=32, metadata={"help": "32 or 64"})
@@ -64,24 +65,28 @@ class GANTrainConfig:
     text_dim: int = field(default=128, metadata={"help": "text encoder width"})
     text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers"})
     batch_size: int = field(default=32, metadata={"help": "images per step per process"})
-    max_steps: int = field(default=2000, metadata={"help": "training steps (one D + one G update)"})
-    lr_g: float = field(default=2e-4, metadata={"help": "generator Adam learning rate"})
-    lr_d: float = field(default=2e-4, metadata={"help": "discriminator Adam learning rate"})
+    max_steps: int = field(default=1200, metadata={"help": "training steps (one D + one G update)"})
+    lr_g: float = field(default=4e-4, metadata={"help": "generator Adam learning rate"})
+    lr_d: float = field(default=4e-4, metadata={"help": "discriminator Adam learning rate"})
     beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (0 is usual for GANs)"})
     beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    contrastive: float = field(default=1.0, metadata={
+        "help": "weight of the image-caption contrastive term in both losses (0 = off)"})
     augment: str = field(default="translation", metadata={
         "help": "DiffAugment policy: comma-separated from translation, cutout"})
     ema_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images"})
     ema_rampup: float = field(default=0.05, metadata={
         "help": "EMA half-life at most this fraction of the images seen so far (0 = off)"})
-    eval_interval: int = field(default=250, metadata={"help": "steps between evaluations"})
+    eval_interval: int = field(default=200, metadata={"help": "steps between evaluations"})
     eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals"})
     final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval"})
     evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
     evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads for torch (0 = torch's default); 1 is faster on a busy machine"})
     seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/ckpt.pt"})
+    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     store_name: str = field(default="gan", metadata={"help": "model name in the store"})
 
@@ -90,9 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests.
     "tiny": dict(n_train=512, z_dim=16, g_ch=8, d_ch=8, text_dim=32,
                  batch_size=8, max_steps=6, eval_interval=3, eval_per_pair=1, final_per_pair=1,
-                 evaluator_steps=20, evaluator_n=512, store=False),
+                 evaluator_steps=20, evaluator_n=512),
     # The served default: a few minutes on 2 CPU cores.
-    "small": dict(),
+    "small": dict(threads=1),
     # A real GPU run.
     "gpu": dict(n_train=100000, g_ch=64, d_ch=64, text_dim=256, text_layers=2, batch_size=128,
                 max_steps=20000, eval_interval=1000, final_per_pair=32, ema_kimg=50.0),
@@ -115,7 +120,7 @@ def gan_config(cfg: GANTrainConfig) -> GANConfig:
 
 def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist) -> Tokenizer:
     """Trained once on the captions by rank 0, then read back by everyone (and on resume)."""
-    path = Path(cfg.out) / "tokenizer.json"
+    path = Path(cfg.run_dir) / "tokenizer.json"
     if d.is_main and not (cfg.resume and path.is_file()):
         path.parent.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(captions, cfg.vocab_size).save(path)
@@ -137,10 +142,14 @@ def update_ema(ema: Generator, model: Generator, images_seen: int, cfg: GANTrain
         p_ema.lerp_(p, 1 - beta)
 
 
-def sample_prompts(data: CaptionedImages, shapes: ShapesConfig | None) -> list[str]:
-    """The grid's fixed rows: six training pairs and up to two held-out ones."""
+def sample_prompts(data: CaptionedImages, shapes: ShapesConfig | None,
+                   tokenizer: Tokenizer | None = None, context: int = 0) -> list[str]:
+    """The grid's fixed rows: six training pairs and up to two held-out ones (or the first
+    eight captions of the user's data, those that fit `context` tokens when it is given)."""
     if shapes is None:
-        return data.captions[:8]
+        fits = [c for c in data.captions
+                if tokenizer is None or 0 < len(tokenizer.encode(c)) <= context]
+        return fits[:8]
     train = eval_prompts(shapes, [("red", "circle"), ("blue", "square"), ("yellow", "triangle"),
                                   ("purple", "cross"), ("cyan", "circle"), ("green", "square")],
                          1, seed=7)
@@ -174,7 +183,7 @@ def save_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax1.plot(steps, [h["g_loss"] for h in history], label="G loss")
     ax1.set_xlabel("step")
     ax1.legend()
-    ax1.set_title("hinge losses (mean over the interval)")
+    ax1.set_title("losses (mean over the interval)")
     for key, label in (("colour", "colour acc"), ("shape", "shape acc"), ("coverage", "coverage"),
                        ("diversity", "diversity (gen/real)"), ("heldout_colour", "held-out colour"),
                        ("heldout_shape", "held-out shape")):
@@ -183,8 +192,9 @@ def save_curves(history: list[dict[str, Any]], path: Path) -> None:
                      [h[key] for h in history if key in h], label=label)
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("step")
-    ax2.legend(fontsize=8)
-    ax2.set_title("evaluator on the EMA generator")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    ax2.set_title("evaluator on the EMA generator" if ax2.lines else "no labels: not evaluated")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -203,13 +213,16 @@ def summarise(metrics: dict[str, Any]) -> dict[str, float]:
 def train(cfg: GANTrainConfig) -> Path:
     """Run the job; returns the saved model directory (on rank 0)."""
     d = setup_distributed(cfg.device)
-    run = Path(cfg.out)
+    run = Path(cfg.run_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
     data, shapes = load_data(cfg)
     tokenizer = get_tokenizer(cfg, data.captions, d)
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
+    neg_all = encode_prompts(tokenizer, data.negatives, cfg.context) if data.negatives else None
     gcfg = gan_config(cfg)
     if tokenizer.vocab_size > gcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {gcfg.vocab_size}")
@@ -229,7 +242,6 @@ def train(cfg: GANTrainConfig) -> Path:
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         step, history = ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"][d.rank])
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     evaluator = None
@@ -239,28 +251,46 @@ def train(cfg: GANTrainConfig) -> Path:
             seed=cfg.data_seed)
         log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
     engine = ImageEngine(G_ema, tokenizer, str(d.device))
-    grid_prompts = sample_prompts(data, shapes)
+    grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
 
     # DDP averages gradients across ranks; D keeps its own spectral-norm vectors per rank.
     G_train = DDP(G) if d.world_size > 1 else G
     D_train = DDP(D, broadcast_buffers=False) if d.world_size > 1 else D
     B = cfg.batch_size
-    idx_b = torch.arange(B, device=d.device)
-    # One D pass scores: real·own caption, fake·own caption, real·next image's caption.
-    pairs = torch.cat([torch.stack([idx_b, idx_b], 1), torch.stack([idx_b + B, idx_b], 1),
-                       torch.stack([idx_b, (idx_b + 1) % B], 1)])                  # (3B, 2)
+    ib = torch.arange(B, device=d.device)
+    # Captions per step: the batch's own (B), then one negative per image (B): a hard
+    # negative (one attribute changed) when the data has them, else another image's caption.
+    # Every real image is scored with all 2B captions (row-major: image i, caption j), each
+    # fake with its own: one D pass gives the matched, mismatched and contrastive scores.
+    all_pairs = torch.stack([ib.repeat_interleave(2 * B),
+                             torch.arange(2 * B, device=d.device).repeat(B)], 1)     # (2B², 2)
+    d_pairs = torch.cat([all_pairs, torch.stack([ib + B, ib], 1)])               # (2B² + B, 2)
     interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
+    if cfg.resume and ckpt_path.is_file():
+        # Last, after everything that draws random numbers while being built.
+        torch.set_rng_state(ckpt["rng"][d.rank])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="gan")
     while step < cfg.max_steps:
         idx = torch.randint(len(data), (B,))
         real = data.images[idx].to(d.device).float() / 127.5 - 1                  # (B, 3, S, S)
-        ids, mask = ids_all[idx].to(d.device), mask_all[idx].to(d.device)         # (B, T)
+        ids, mask = ids_all[idx], mask_all[idx]                                   # (B, T)
+        if neg_all is not None:
+            neg_ids, neg_mask = neg_all[0][idx], neg_all[1][idx]
+        else:
+            neg_ids, neg_mask = ids.roll(1, 0), mask.roll(1, 0)
+        ids, mask = ids.to(d.device), mask.to(d.device)
+        ids2 = torch.cat([ids, neg_ids.to(d.device)])                              # (2B, T)
+        mask2 = torch.cat([mask, neg_mask.to(d.device)])
 
-        # Discriminator step.
+        # Discriminator step: real·own caption up, fake and real·wrong caption down.
         with torch.no_grad():
             fake = G(torch.randn(B, cfg.z_dim, device=d.device), ids, mask)
-        logits = D_train(diff_augment(torch.cat([real, fake]), cfg.augment), ids, mask, pairs)
-        d_loss = d_hinge_loss(*logits.split(B))
+        logits = D_train(diff_augment(torch.cat([real, fake]), cfg.augment), ids2, mask2, d_pairs)
+        real_scores = logits[:2 * B * B].view(B, 2 * B)                            # (B, 2B)
+        d_loss = d_hinge_loss(real_scores[:, :B].diagonal(), logits[2 * B * B:],
+                              real_scores[:, B:].diagonal())
+        if cfg.contrastive:
+            d_loss = d_loss + cfg.contrastive * contrastive_loss(real_scores)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
@@ -268,7 +298,10 @@ def train(cfg: GANTrainConfig) -> Path:
         # Generator step: D is frozen and called unwrapped, so DDP syncs only G.
         D.requires_grad_(False)
         fake = G_train(torch.randn(B, cfg.z_dim, device=d.device), ids, mask)
-        g_loss = g_hinge_loss(D(diff_augment(fake, cfg.augment), ids, mask))
+        fake_scores = D(diff_augment(fake, cfg.augment), ids2, mask2, all_pairs).view(B, 2 * B)
+        g_loss = g_hinge_loss(fake_scores[:, :B].diagonal())
+        if cfg.contrastive:
+            g_loss = g_loss + cfg.contrastive * contrastive_loss(fake_scores)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
@@ -341,7 +374,7 @@ def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: Sha
            data: CaptionedImages, G_ema: Generator, tokenizer: Tokenizer, seconds: float,
            step: int, history: list[dict[str, Any]]) -> Path:
     """Final evaluation, the served model directory, and the store entry."""
-    run = Path(cfg.out)
+    run = Path(cfg.run_dir)
     digest = data.digest()
     metrics: dict[str, Any] = {"steps": step, "train_seconds": round(seconds, 1),
                                "dataset": digest, "n_train": len(data)}
@@ -361,10 +394,17 @@ def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: Sha
     return model_dir
 
 
+def _alias(arg: str) -> str:
+    """`--resume` alone means true; `--out DIR` is another name for `--run_dir DIR`."""
+    if arg == "--resume":
+        return "--resume=true"
+    if arg == "--out" or arg.startswith("--out="):
+        return "--run_dir" + arg[len("--out"):]
+    return arg
+
+
 def main(argv: list[str] | None = None) -> Path:
-    argv = sys.argv[1:] if argv is None else argv
-    # `--resume` on its own means true, as in the other jobs' usage.
-    argv = ["--resume=true" if a == "--resume" else a for a in argv]
+    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
     cfg = parse_config(GANTrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     return train(cfg)
 

@@ -30,6 +30,9 @@ class CaptionedImages:
     images: torch.Tensor                      # (N, 3, S, S) uint8
     captions: list[str]
     attributes: list[dict[str, Any]] = field(default_factory=list)  # empty when unknown
+    # Optional hard negatives: a caption per image that is almost right (one attribute
+    # changed). Without them the job uses another image's caption.
+    negatives: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -164,6 +164,18 @@ def _sdf(shape: np.ndarray, x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.n
     return np.select([shape == 0, shape == 1, shape == 2], [circle, square, tri], cross)
 
 
+def negative_attributes(attrs: dict[str, Any], rng: np.random.Generator,
+                        exclude: set[tuple[str, str]]) -> dict[str, Any]:
+    """The same scene with one attribute of the first object changed (the shape half the
+    time: the attribute that is easiest to ignore). Held-out pairs are never produced."""
+    key = "shape" if rng.random() < 0.5 else str(rng.choice(["colour", "size", "position",
+                                                             "background"]))
+    while True:
+        neg = dict(attrs, **{key: str(rng.choice([v for v in VALUES[key] if v != attrs[key]]))})
+        if (neg["colour"], neg["shape"]) not in exclude:
+            return neg
+
+
 def render(attrs: list[dict[str, Any]], image_size: int, rng: np.random.Generator) -> torch.Tensor:
     """Attributes → (N, 3, S, S) uint8, anti-aliased from signed distances."""
     n, s = len(attrs), image_size
@@ -184,11 +196,11 @@ def render(attrs: list[dict[str, Any]], image_size: int, rng: np.random.Generato
         m = len(sub)
         shape = np.array([SHAPES.index(a[f"shape{suffix}"]) for a in sub])[:, None, None]
         large = np.array([a[f"size{suffix}"] == "large" for a in sub])
-        r = np.where(large, rng.uniform(6.5, 8.0, m), rng.uniform(3.5, 4.5, m)) * k
+        r = np.where(large, rng.uniform(8.0, 9.5, m), rng.uniform(5.0, 6.0, m)) * k
         offs = np.array([centre[a[f"position{suffix}"]] for a in sub], dtype=np.float32)
-        cx = s / 2 + offs[:, 0] * 8 * k + rng.uniform(-1.5, 1.5, m) * k
-        cy = s / 2 + offs[:, 1] * 8 * k + rng.uniform(-1.5, 1.5, m) * k
-        theta = rng.uniform(-0.35, 0.35, m)  # about ±20 degrees
+        cx = s / 2 + offs[:, 0] * 9 * k + rng.uniform(-1.5, 1.5, m) * k
+        cy = s / 2 + offs[:, 1] * 9 * k + rng.uniform(-1.5, 1.5, m) * k
+        theta = rng.uniform(-0.17, 0.17, m)  # about ±10 degrees
         dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]          # (M, S, S)
         cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
         x, y = cos * dx + sin * dy, -sin * dx + cos * dy
@@ -209,9 +221,13 @@ def make_shapes(n: int, seed: int, cfg: ShapesConfig | None = None,
     rng = np.random.default_rng(seed)
     exclude = parse_holdout(cfg.holdout) if exclude_holdout else set()
     attrs = [sample_attributes(rng, cfg, exclude) for _ in range(n)]
-    captions = [caption(a, rng, full=rng.random() >= cfg.partial_caption_prob) for a in attrs]
+    full = rng.random(n) >= cfg.partial_caption_prob
+    captions = [caption(a, rng, full=f) for a, f in zip(attrs, full)]
+    # Negatives always name every attribute: a partial one could leave out the changed
+    # attribute and so be true of the image.
+    negatives = [caption(negative_attributes(a, rng, exclude), rng) for a in attrs]
     chunks = [render(attrs[i:i + 2048], cfg.image_size, rng) for i in range(0, n, 2048)]
-    return CaptionedImages(torch.cat(chunks), captions, attrs)
+    return CaptionedImages(torch.cat(chunks), captions, attrs, negatives)
 
 
 def attribute_labels(attrs: list[dict[str, Any]]) -> torch.Tensor:

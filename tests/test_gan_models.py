@@ -1,0 +1,143 @@
+"""GAN networks and the image engine: shapes, augmentation, and the seed contract
+(a request's images depend on its own prompt, seed and parameters only)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.artifacts import ArtifactError, save_model_dir
+from models.errors import InvalidParameter
+from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
+                        g_hinge_loss)
+from models.image_engine import ImageEngine, ImageRequest, latents, to_uint8
+from models.text_encoder import encode_prompts
+from models.tokenizer import Tokenizer
+
+CAPTIONS = ["a small red circle on the left, blue background",
+            "blue backdrop with a little crimson disc at the left",
+            "a large green square at the top on white", "a purple cross in the middle"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(CAPTIONS, 300)
+
+
+def tiny_config(**kw) -> GANConfig:
+    base = dict(z_dim=16, g_ch=8, d_ch=8, text_dim=32, vocab_size=320, context=24)
+    return GANConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    torch.manual_seed(0)
+    return ImageEngine(Generator(tiny_config()), tokenizer, device="cpu")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_generator_and_discriminator_shapes(tokenizer, size):
+    cfg = tiny_config(image_size=size)
+    G, D = Generator(cfg), Discriminator(cfg)
+    ids, mask = encode_prompts(tokenizer, CAPTIONS[:3], cfg.context)
+    assert ids.shape == mask.shape == (3, cfg.context)
+    x = G(torch.randn(3, cfg.z_dim), ids, mask)
+    assert x.shape == (3, 3, size, size) and x.abs().max() <= 1
+    assert D(x, ids, mask).shape == (3,)
+    pairs = torch.tensor([[0, 0], [1, 0], [2, 1], [0, 2]])
+    assert D(x, ids, mask, pairs).shape == (4,)
+    with pytest.raises(ValueError):
+        GANConfig(image_size=48)
+
+
+def test_losses_and_augmentation_are_differentiable(tokenizer):
+    cfg = tiny_config()
+    G, D = Generator(cfg), Discriminator(cfg)
+    ids, mask = encode_prompts(tokenizer, CAPTIONS[:4], cfg.context)
+    fake = G(torch.randn(4, cfg.z_dim), ids, mask)
+    aug = diff_augment(fake, "translation,cutout")
+    assert aug.shape == fake.shape and not torch.equal(aug, fake)
+    g_hinge_loss(D(aug, ids, mask)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in G.parameters())
+    real = D(torch.zeros_like(fake), ids, mask)
+    assert torch.isfinite(d_hinge_loss(real, real, real))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        diff_augment(fake, "color")
+
+
+def test_padding_does_not_change_a_prompts_vector(tokenizer):
+    cfg = tiny_config()
+    G = Generator(cfg).eval()
+    short, _ = encode_prompts(tokenizer, ["a red circle"], cfg.context)
+    ids, mask = encode_prompts(tokenizer, ["a red circle"], cfg.context)
+    ids2 = ids.clone()
+    ids2[~mask] = 5  # different filler under the mask
+    v1, _ = G.text(ids, mask)
+    v2, _ = G.text(ids2, mask)
+    assert torch.allclose(v1, v2, atol=1e-5)
+
+
+def test_engine_matches_the_plain_generator(engine, tokenizer):
+    """The batched engine is the obviously-correct path: z from seed + i, one G call."""
+    req = ImageRequest("a red circle", seed=42, n=3, truncation=0.7)
+    got = np.stack(engine.generate([req])[0])                                   # (3, S, S, 3)
+    cfg = engine.cfg
+    z = torch.stack([torch.randn(cfg.z_dim, generator=torch.Generator().manual_seed(42 + i))
+                     for i in range(3)]) * 0.7
+    ids, mask = encode_prompts(tokenizer, ["a red circle"] * 3, cfg.context)
+    with torch.no_grad():
+        want = to_uint8(engine.generator(z, ids, mask)).numpy()
+    assert got.shape == (3, 32, 32, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_seeded_batch_invariance(engine):
+    a = ImageRequest("a small red circle on the left, blue background", seed=1, n=2)
+    b = ImageRequest("a purple cross in the middle", seed=7, n=3, truncation=0.5)
+    c = ImageRequest("a large green square at the top on white", seed=1, n=1)
+    together = engine.generate([a, b, c])
+    alone = engine.generate([b])[0]
+    assert [len(x) for x in together] == [2, 3, 1]
+    for x, y in zip(together[1], alone):
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    # Image i of a request is the n=1 image of seed + i.
+    single = engine.generate([ImageRequest(b.prompt, seed=8, truncation=0.5)])[0][0]
+    assert np.abs(single.astype(int) - together[1][1].astype(int)).max() <= 1
+    # Seeds and prompts matter.
+    assert not np.array_equal(together[1][0], together[1][1])
+    other = engine.generate([ImageRequest(c.prompt, seed=1, n=2)])[0]
+    assert not np.array_equal(other[0], together[0][0])
+
+
+def test_truncation_scales_latents():
+    z1 = latents([ImageRequest("x", seed=3, n=2)], 8)
+    z_half = latents([ImageRequest("x", seed=3, n=2, truncation=0.5)], 8)
+    assert torch.allclose(z_half, 0.5 * z1)
+
+
+@pytest.mark.parametrize("field,value", [("n", 0), ("n", 17), ("truncation", 0.0),
+                                         ("truncation", 1.5), ("prompt", "  "),
+                                         ("prompt", "red " * 100), ("seed", -1)])
+def test_validation(engine, field, value):
+    req = ImageRequest("a red circle", seed=0)
+    setattr(req, field, value)
+    with pytest.raises(InvalidParameter) as e:
+        engine.generate([req])
+    assert e.value.param == field
+
+
+def test_load_round_trip_and_errors(tmp_path, engine, tokenizer):
+    cfg = engine.cfg
+    save_model_dir(tmp_path / "m", {"family": "gan", **cfg.to_dict()},
+                   engine.generator.state_dict(), tokenizer, {"colour": 1.0})
+    loaded = ImageEngine.load(tmp_path / "m", device="cpu")
+    req = [ImageRequest("a red circle", seed=5, n=2)]
+    assert all(np.array_equal(x, y) for x, y in zip(loaded.generate(req)[0], engine.generate(req)[0]))
+    assert loaded.image_size == 32
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "family": "gpt"}))
+    with pytest.raises(ArtifactError, match="config.json"):
+        ImageEngine.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "g_ch": 16}))
+    with pytest.raises(ArtifactError, match="model.safetensors"):
+        ImageEngine.load(tmp_path / "m")

@@ -1,0 +1,122 @@
+"""The image datasets: procedural shapes (determinism, captions that match pixels, held-out
+pairs) and the imagefolder loader (bad files are skipped and counted, never fatal)."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data.imagefolder import load_imagefolder, write_imagefolder
+from training.data.shapes import (ATTRIBUTES, COLOURS, DEFAULT_HOLDOUT, SYNONYMS, ShapesConfig,
+                                  attribute_labels, make_shapes, negative_attributes,
+                                  parse_holdout)
+
+
+def test_shapes_are_deterministic():
+    a, b = make_shapes(64, seed=3), make_shapes(64, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert a.digest() == b.digest()
+    c = make_shapes(64, seed=4)
+    assert not torch.equal(a.images, c.images) and a.digest() != c.digest()
+    assert a.images.shape == (64, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert make_shapes(4, seed=3, cfg=ShapesConfig(image_size=64)).images.shape == (4, 3, 64, 64)
+
+
+def _mentions(caption: str, value: str) -> bool:
+    return any(s in caption for s in SYNONYMS.get(value, (value,)))
+
+
+def test_captions_name_the_attributes():
+    data = make_shapes(300, seed=5, cfg=ShapesConfig(partial_caption_prob=0.0))
+    for text, attrs in zip(data.captions, data.attributes):
+        for key in ("shape", "colour", "size", "position", "background"):
+            assert _mentions(text, attrs[key]), (text, key, attrs[key])
+    assert len(set(data.captions)) > 250  # templates and synonyms vary
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_pixels_agree_with_attributes(size):
+    """The object's colour is where the position says, and large objects are larger."""
+    data = make_shapes(200, seed=6, cfg=ShapesConfig(image_size=size))
+    img = data.images.permute(0, 2, 3, 1).float()                               # (N, S, S, 3)
+    areas: dict[tuple[str, str], list[float]] = {}
+    for i, attrs in enumerate(data.attributes):
+        target = torch.tensor(COLOURS[attrs["colour"]], dtype=torch.float32)
+        inside = (img[i] - target).abs().max(-1).values < 30                     # (S, S)
+        assert inside.sum() >= 0.02 * size * size, attrs
+        ys, xs = torch.nonzero(inside, as_tuple=True)
+        cx, cy = xs.float().mean() / size, ys.float().mean() / size
+        expect = {"left": cx < 0.4, "right": cx > 0.6, "top": cy < 0.4, "bottom": cy > 0.6,
+                  "centre": abs(cx - 0.5) < 0.1 and abs(cy - 0.5) < 0.1}[attrs["position"]]
+        assert expect, (attrs, float(cx), float(cy))
+        areas.setdefault((attrs["shape"], attrs["size"]), []).append(float(inside.float().mean()))
+    for shape in ("circle", "square", "triangle", "cross"):
+        assert max(areas[shape, "small"]) < min(areas[shape, "large"]), shape
+
+
+def test_holdout_pairs_never_in_training():
+    cfg = ShapesConfig(holdout="red:circle,blue:square")
+    held = parse_holdout(cfg.holdout)
+    train = make_shapes(500, seed=7, cfg=cfg)
+    assert not any((a["colour"], a["shape"]) in held for a in train.attributes)
+    full = make_shapes(500, seed=7, cfg=cfg, exclude_holdout=False)
+    assert any((a["colour"], a["shape"]) in held for a in full.attributes)
+    with pytest.raises(ValueError):
+        parse_holdout("pink:circle")
+
+
+def test_two_object_scenes():
+    data = make_shapes(100, seed=8, cfg=ShapesConfig(two_object_prob=1.0))
+    for text, a in zip(data.captions, data.attributes):
+        assert a["n_objects"] == 2 and a["position"] != a["position2"]
+        assert _mentions(text, a["colour2"]) and _mentions(text, a["shape2"]) and " and " in text
+    assert attribute_labels(data.attributes).shape == (100, 5)
+
+
+def test_imagefolder_skips_corrupt_and_missing_files(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(40, 20), (64, 64), (17, 33)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture {i}", "shape": "circle"})
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    rows.append({"file_name": "corrupt.png", "text": "broken"})
+    rows.append({"file_name": "missing.png", "text": "gone"})
+    lines = [json.dumps(r) for r in rows] + ["{not json"]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        data = load_imagefolder(tmp_path, image_size=32)
+    assert data.images.shape == (3, 3, 32, 32) and data.images.dtype == torch.uint8
+    assert data.captions == ["picture 0", "picture 1", "picture 2"]
+    assert "skipped 3" in caplog.text and "1 missing" in caplog.text and "1 unreadable" in caplog.text
+
+
+def test_imagefolder_round_trip(tmp_path):
+    data = make_shapes(5, seed=9)
+    images = list(data.images.permute(0, 2, 3, 1).numpy())
+    write_imagefolder(tmp_path, images, data.captions, data.attributes)
+    back = load_imagefolder(tmp_path, image_size=32)
+    assert torch.equal(back.images, data.images) and back.captions == data.captions
+    assert back.attributes == data.attributes
+
+
+def test_imagefolder_without_metadata_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        load_imagefolder(tmp_path)
+
+
+def test_hard_negatives_change_exactly_one_attribute():
+    data = make_shapes(300, seed=10)
+    assert len(data.negatives) == 300
+    assert sum(n != c for n, c in zip(data.negatives, data.captions)) == 300
+    held = parse_holdout(DEFAULT_HOLDOUT)
+    rng = np.random.default_rng(0)
+    changed = []
+    for attrs in data.attributes:
+        neg = negative_attributes(attrs, rng, held)
+        diff = [k for k in ATTRIBUTES if neg[k] != attrs[k]]
+        assert len(diff) == 1 and (neg["colour"], neg["shape"]) not in held
+        changed.append(diff[0])
+    assert changed.count("shape") > 0.4 * len(changed)  # the attribute that is easiest to ignore
