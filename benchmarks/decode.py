@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--skip_recompute", action="store_true", help="skip (b), slow for big models")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -110,7 +110,11 @@ def main() -> None:
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="trace seed")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
+                                                           "steadier on a machine shared with other work")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tok = Tokenizer.train([" ".join(WORDS) * 50], 512)
     torch.manual_seed(0)

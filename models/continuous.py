@@ -220,12 +220,11 @@ class ContinuousEngine:
         if not self.decoding:
             return
         hi = max(self.decoding) + 1
-        last = self.engine.block_size - 1
-        tokens = torch.zeros(hi, 1, dtype=torch.long, device=self.device)
-        pos = torch.full((hi, 1), last, dtype=torch.long, device=self.device)
+        token_list, pos_list = [0] * hi, [self.engine.block_size - 1] * hi
         for slot, (_, seq) in self.decoding.items():
-            tokens[slot, 0] = seq.tokens[-1]
-            pos[slot, 0] = seq.position - 1
+            token_list[slot], pos_list[slot] = seq.tokens[-1], seq.position - 1
+        tokens = torch.tensor(token_list, device=self.device).unsqueeze(1)  # (hi, 1)
+        pos = torch.tensor(pos_list, device=self.device).unsqueeze(1)  # (hi, 1)
         kv_len = max(seq.position for _, seq in self.decoding.values())
         mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (hi, 1, 1, kv_len)
         mask[:, :, :, 0] = True  # dummies past kv_len still attend somewhere (no empty softmax)
