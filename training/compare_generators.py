@@ -1,0 +1,170 @@
+"""Compare the generators on the same data with the same evaluator:
+`python -m training.compare_generators --gan runs/gan/model --ar runs/ar_image/model
+ --ae runs/ae/model --vae runs/vae/model`.
+
+Every model is graded by one evaluator (cached in <run>/evaluator) on the same prompts and
+seeds (training.evaluate): attribute accuracy on training pairs and on held-out pairs,
+coverage, Fréchet distance in the evaluator's feature space, memorisation; beside them the
+network evaluations per image, the share of images the pixel-statistics guard flags as
+unnatural (training.classifier_ascent), and images/s at batch 64 on this machine. Writes
+<out>/compare.md (the table), <out>/compare.json and <out>/compare_grid.png (the same
+prompts and seeds, one block per model). A model whose path is empty is left out.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.ar_image import ARImageEngine
+from models.autoencoder import LatentEngine
+from models.image_engine import ImageEngine, ImageRequest
+from training.classifier_ascent import unnatural_rate, unnatural_threshold
+from training.common import parse_config
+from training.data.shapes import ShapesConfig, make_shapes
+from training.evaluate import evaluate_generator, load_or_train_evaluator
+from training.train_gan import sample_prompts
+
+
+@dataclass
+class CompareConfig:
+    gan: str = field(default="runs/gan/model", metadata={"help": "GAN model directory ('' to skip)"})
+    ar: str = field(default="runs/ar_image/model", metadata={"help": "AR model directory ('' to skip)"})
+    ae: str = field(default="runs/ae/model", metadata={"help": "plain autoencoder directory ('' to skip)"})
+    vae: str = field(default="runs/vae/model", metadata={"help": "VAE directory ('' to skip)"})
+    run: str = field(default="runs/compare", metadata={"help": "folder for the cached evaluator"})
+    out: str = field(default="docs", metadata={"help": "where the table, JSON and grid go"})
+    per_pair: int = field(default=4, metadata={"help": "prompts per (colour, shape) pair, 4 images each"})
+    speed_batch: int = field(default=64, metadata={"help": "images per timed generate() call"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    seed: int = field(default=1, metadata={"help": "seed of the evaluation prompts and images"})
+
+
+def engines(cfg: CompareConfig) -> dict[str, tuple[Any, int, str]]:
+    """Row name → (engine, network evaluations per image, model directory)."""
+    rows: dict[str, tuple[Any, int, str]] = {}
+    if cfg.gan:
+        rows["GAN"] = (ImageEngine.load(cfg.gan, device="cpu"), 1, cfg.gan)
+    if cfg.ar:
+        guided = ARImageEngine.load(cfg.ar, device="cpu")
+        plain = ARImageEngine(guided.model, guided.tokenizer, "cpu", guidance_scale=1.0)
+        rows[f"AR, guidance {guided.guidance_scale:g}"] = (guided, guided.evaluations_per_image(), cfg.ar)
+        rows["AR, no guidance"] = (plain, plain.evaluations_per_image(), cfg.ar)
+    for name, path in (("AE", cfg.ae), ("VAE", cfg.vae)):
+        if path:
+            for prior, label in (("standard", "z ~ N(0, I)"), ("fitted", "z ~ fitted Gaussian")):
+                rows[f"{name}, {label}"] = (LatentEngine.load(path, prior, device="cpu"), 1, path)
+    return rows
+
+
+def images_per_second(engine: Any, batch: int) -> tuple[float, torch.Tensor]:
+    """One warm-up call, then one timed call of `batch` images (4 prompts); returns the
+    rate and the timed call's images (uint8 (B, 3, S, S))."""
+    prompts = ["a red circle", "a large blue square at the top", "a yellow triangle on the left",
+               "a small purple cross, black background"]
+    reqs = [ImageRequest(p, seed=100 * i, n=batch // len(prompts)) for i, p in enumerate(prompts)]
+    engine.generate([ImageRequest(prompts[0], seed=0, n=1)])
+    t0 = time.perf_counter()
+    out = engine.generate(reqs)
+    seconds = time.perf_counter() - t0
+    images = torch.from_numpy(np.stack([x for imgs in out for x in imgs])).permute(0, 3, 1, 2)
+    return len(images) / seconds, images
+
+
+def save_grid(blocks: dict[str, np.ndarray], path: Path) -> None:
+    """Blocks (prompts × seeds images each) side by side, each under its model's name."""
+    from PIL import Image, ImageDraw
+
+    scale, gap, title = 2, 8, 14
+    h = max(b.shape[0] for b in blocks.values())
+    w = sum(b.shape[1] for b in blocks.values()) + gap * (len(blocks) - 1)
+    canvas = Image.new("RGB", (w * scale, h * scale + title), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, block in blocks.items():
+        img = Image.fromarray(block).resize((block.shape[1] * scale, block.shape[0] * scale),
+                                            Image.Resampling.NEAREST)
+        canvas.paste(img, (x * scale, title))
+        draw.text((x * scale + 2, 1), name, fill="black")
+        x += block.shape[1] + gap
+    canvas.save(path)
+
+
+def block(engine: Any, prompts: list[str], n: int = 4) -> np.ndarray:
+    """Rows = prompts, columns = seeds 0..n-1, 1 px white gutter."""
+    rows = engine.generate([ImageRequest(p, seed=0, n=n) for p in prompts])
+    s = engine.image_size
+    grid = np.full((len(rows) * (s + 1), n * (s + 1), 3), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            grid[r * (s + 1):r * (s + 1) + s, c * (s + 1):c * (s + 1) + s] = img
+    return grid
+
+
+def markdown(results: dict[str, dict[str, Any]], note: str) -> str:
+    head = ("| model | colour acc | shape acc | all 5 attrs | held-out colour / shape | coverage "
+            "| FD (evaluator feats) ↓ | memorised | unnatural (guard) | net evals / image "
+            "| images/s (batch 64, CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for name, m in results.items():
+        tr, ho = m["train_accuracy"], m.get("heldout_accuracy", {})
+        lines.append(
+            f"| {name} | {tr['colour']:.2f} | {tr['shape']:.2f} | {m['train_all_attributes']:.2f} "
+            f"| {ho.get('colour', float('nan')):.2f} / {ho.get('shape', float('nan')):.2f} "
+            f"| {m['coverage']:.2f} | {m['fd']:.1f} | {m['memorisation']:.3f} "
+            f"| {m['unnatural_rate']:.2f} | {m['evaluations_per_image']} | {m['images_per_s']:.1f} |")
+    return head + "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rows = engines(cfg)
+    data_cfgs = {json.dumps(json.loads((Path(p) / "config.json").read_text())["data"]["shapes"],
+                         sort_keys=True) for _, _, p in rows.values()}
+    if len(data_cfgs) != 1:
+        raise ValueError(f"the models were trained on different datasets: {data_cfgs}")
+    first = json.loads((Path(next(iter(rows.values()))[2]) / "config.json").read_text())["data"]
+    shapes = ShapesConfig(**first["shapes"])
+    # The settings the training jobs use, so an evaluator cached by any of their runs fits.
+    evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, n_train=12000,
+                                           steps=800, seed=first["seed"])
+    train = make_shapes(first["n_train"], first["seed"], shapes).images
+    threshold = unnatural_threshold(make_shapes(2000, seed=first["seed"] + 1, cfg=shapes).images)
+    prompts = sample_prompts(None, shapes)
+    results, blocks = {}, {}
+    for name, (engine, nfe, _) in rows.items():
+        t0 = time.perf_counter()
+        m = evaluate_generator(engine, evaluator, shapes, train, per_pair=cfg.per_pair, n=4,
+                               seed=cfg.seed)
+        rate, images = images_per_second(engine, cfg.speed_batch)
+        m.update(evaluations_per_image=nfe, images_per_s=rate,
+                 unnatural_rate=unnatural_rate(images, threshold))
+        results[name] = m
+        blocks[name] = block(engine, prompts)
+        print(f"{name}: {time.perf_counter() - t0:.0f}s, colour {m['train_accuracy']['colour']:.2f} "
+              f"shape {m['train_accuracy']['shape']:.2f} fd {m['fd']:.1f} {rate:.1f} img/s", flush=True)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    note = (f"{cfg.per_pair} prompts per (colour, shape) pair × 4 images, seed {cfg.seed}; "
+            f"torch threads: {torch.get_num_threads()}. Grid: {', '.join(rows)} (left to right), "
+            f"rows = prompts, columns = seeds 0-3.")
+    (out / "compare.md").write_text(markdown(results, note))
+    (out / "compare.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+    save_grid(blocks, out / "compare_grid.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    cfg = parse_config(CompareConfig, {"default": {}}, argv, default_preset="default",
+                       description=__doc__.splitlines()[0])
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

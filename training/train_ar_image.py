@@ -1,0 +1,300 @@
+"""Train the raster-scan autoregressive image model: `python -m training.train_ar_image --preset small`.
+
+Steps: fit the k-means code book to the training images, turn every image into its
+token sequence once, then train the Transformer with teacher forcing (next-token
+cross-entropy), the caption replaced by the empty caption in `p_uncond` of the examples
+so the same network also learns the unconditional distribution that classifier-free
+guidance needs. Every `eval_interval` steps: validation loss, and the independent
+evaluator (training.evaluate) grades samples drawn exactly as the service draws them.
+
+Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png,
+curves.png, history.json and model/ (the served model directory, also copied to the
+BentoML store as `ar_image` unless --store=false). `--resume` continues from ckpt.pt;
+`--halt_after N` checkpoints and stops after N steps; under torchrun every rank draws its
+own batches (seeded by seed, step and rank, so a resumed run continues exactly) and DDP
+averages the gradients.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from models.ar_image import ARImageConfig, ARImageEngine, ARImageModel, encode_images, fit_codebook
+from models.artifacts import save_model_dir
+from models.text_encoder import encode_prompts
+from training.common import (all_reduce_mean, atomic_save, autocast_for, cosine_lr, load_checkpoint,
+                             parse_config, setup_distributed, teardown_distributed)
+from training.data.shapes import DEFAULT_HOLDOUT
+from training.evaluate import evaluate_generator, load_or_train_evaluator
+from training.store import save_to_store
+from training.train_gan import _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gpt import make_optimizer
+
+log = logging.getLogger("train_ar_image")
+
+
+@dataclass
+class ARTrainConfig:
+    run_dir: str = field(default="runs/ar_image", metadata={
+        "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
+    data: str = field(default="shapes", metadata={
+        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
+    image_size: int = field(default=32, metadata={"help": "image side in pixels"})
+    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
+    n_val: int = field(default=512, metadata={"help": "images kept apart for the validation loss"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
+    holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
+        "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
+    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
+    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
+    patch: int = field(default=2, metadata={"help": "token side in pixels (1 = colour palette)"})
+    codebook: int = field(default=64, metadata={"help": "k-means code-book entries (16-256)"})
+    n_layer: int = field(default=3, metadata={"help": "Transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    n_embd: int = field(default=96, metadata={"help": "Transformer width"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    text_dim: int = field(default=64, metadata={"help": "text encoder width"})
+    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers"})
+    p_uncond: float = field(default=0.15, metadata={
+        "help": "share of examples trained with the empty caption (for guidance)"})
+    guidance_scale: float = field(default=3.0, metadata={
+        "help": "the served default guidance scale (1 = none); measured with and without"})
+    batch_size: int = field(default=32, metadata={"help": "images per step per process"})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    warmup: int = field(default=30, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
+    eval_interval: int = field(default=150, metadata={"help": "steps between evaluations"})
+    eval_per_pair: int = field(default=1, metadata={"help": "prompts per pair in periodic evals"})
+    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval"})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and caption dropping"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
+    halt_after: int = field(default=0, metadata={
+        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)"})
+    store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
+    store_name: str = field(default="ar_image", metadata={"help": "model name in the store"})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds: for tests. 8×8 images keep the sequence at 16 tokens.
+    "tiny": dict(image_size=32, n_train=256, n_val=32, patch=8, codebook=16, n_layer=1, n_head=2,
+                 n_embd=32, text_dim=32, batch_size=8, max_steps=6, warmup=2, eval_interval=3,
+                 final_per_pair=1, evaluator_steps=20, evaluator_n=512),
+    # The measured default: about 20 minutes on 2 busy CPU cores.
+    "small": dict(),
+    # A real GPU run.
+    "gpu": dict(n_train=100000, codebook=128, n_layer=8, n_head=8, n_embd=256, text_dim=128,
+                text_layers=2, batch_size=128, max_steps=20000, lr=1e-3, warmup=500,
+                eval_interval=1000, final_per_pair=16),
+}
+
+
+def model_config(cfg: ARTrainConfig) -> ARImageConfig:
+    return ARImageConfig(image_size=cfg.image_size, patch=cfg.patch, codebook=cfg.codebook,
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                         dropout=cfg.dropout, vocab_size=cfg.vocab_size, context=cfg.context,
+                         text_dim=cfg.text_dim, text_layers=cfg.text_layers,
+                         guidance_scale=cfg.guidance_scale)
+
+
+def save_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        ax1.plot([h["step"] for h in history], [h[key] for h in history], "o-", label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy (nats/token)")
+    ax1.legend()
+    for key in ("colour", "shape", "coverage", "heldout_colour", "heldout_shape"):
+        if any(key in h for h in history):
+            ax2.plot([h["step"] for h in history if key in h], [h[key] for h in history if key in h],
+                     label=key.replace("_", " "))
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("step")
+    ax2.legend(fontsize=8)
+    ax2.set_title("evaluator on guided samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def validation_loss(model: ARImageModel, tokens: torch.Tensor, ids: torch.Tensor,
+                    mask: torch.Tensor, batch: int, device: torch.device) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(tokens), batch):
+        with autocast_for(device):
+            _, loss = model(tokens[i:i + batch].to(device), ids[i:i + batch].to(device),
+                            mask[i:i + batch].to(device))
+        total += loss.item() * len(tokens[i:i + batch])
+    model.train()
+    return total / len(tokens)
+
+
+def train(cfg: ARTrainConfig) -> Path:
+    """Run the job; returns the model directory (written on rank 0 when max_steps is reached)."""
+    d = setup_distributed(cfg.device)
+    run = Path(cfg.run_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data, shapes = load_data(cfg)
+    tokenizer = get_tokenizer(cfg, data.captions, d)
+    mcfg = model_config(cfg)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {mcfg.vocab_size}")
+    torch.manual_seed(cfg.seed)
+    model = ARImageModel(mcfg).to(d.device)
+    optimizer = make_optimizer(model, cfg, d.device)
+    step, history = 0, []
+    ckpt_path = run / "ckpt.pt"
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    else:
+        # The same seed on every rank: each fits the identical code book, no broadcast needed.
+        codebook = fit_codebook(data.images[:-cfg.n_val], cfg.codebook, cfg.patch, seed=cfg.seed)
+        model.codebook.copy_(codebook)
+    tokens = encode_images(data.images, model.codebook.cpu(), cfg.patch)       # (N, L)
+    ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)  # (N, T)
+    null_ids, null_mask = encode_prompts(tokenizer, [""], cfg.context)         # (1, T)
+    n_train = len(data) - cfg.n_val
+    val = (tokens[n_train:], ids_all[n_train:], mask_all[n_train:])
+
+    evaluator = None
+    if d.is_main and shapes is not None:
+        evaluator, ev_metrics = load_or_train_evaluator(
+            run / "evaluator", shapes, n_train=cfg.evaluator_n, steps=cfg.evaluator_steps,
+            seed=cfg.data_seed)
+        log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
+    engine = ARImageEngine(model, tokenizer, str(d.device))
+    grid_prompts = sample_prompts(data, shapes)
+
+    # The text encoder's pooled-vector head gets no gradient (the model reads only its token
+    # features), so DDP must be told that some parameters sit out.
+    train_model = DDP(model, find_unused_parameters=True) if d.world_size > 1 else model
+    model.train()
+    halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps
+    interval: list[float] = []
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="ar_image")
+    while step < halt_at:
+        lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world_size + d.rank)
+        torch.manual_seed(cfg.seed + step * d.world_size + d.rank)  # dropout
+        idx = torch.randint(n_train, (cfg.batch_size,), generator=g)
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.p_uncond          # (B,)
+        ids = torch.where(drop[:, None], null_ids, ids_all[idx])                 # (B, T)
+        mask = torch.where(drop[:, None], null_mask, mask_all[idx])
+        with autocast_for(d.device):
+            _, loss = train_model(tokens[idx].to(d.device), ids.to(d.device), mask.to(d.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        interval.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if step % cfg.eval_interval == 0 or step == halt_at:
+            row: dict[str, Any] = {"step": step, "time_s": round(time.time() - t0, 1),
+                                   "train_loss": all_reduce_mean(float(np.mean(interval)), d),
+                                   "val_loss": all_reduce_mean(validation_loss(
+                                       model, *val, cfg.batch_size, d.device), d)}
+            interval = []
+            if not np.isfinite(row["train_loss"]):
+                raise FloatingPointError(f"loss is {row['train_loss']} at step {step}")
+            if d.is_main:
+                if evaluator is not None:
+                    m = evaluate_generator(engine, evaluator, shapes, data.images,
+                                           per_pair=cfg.eval_per_pair, n=4, seed=0,
+                                           memorisation=False)
+                    row.update(colour=m["train_accuracy"]["colour"],
+                               shape=m["train_accuracy"]["shape"], coverage=m["coverage"],
+                               heldout_colour=m["heldout_accuracy"]["colour"],
+                               heldout_shape=m["heldout_accuracy"]["shape"])
+                history.append(row)
+                log.info("step %d: %s", step, {k: round(v, 3) for k, v in row.items()})
+                save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
+                save_curves(history, run / "curves.png")
+                (run / "history.json").write_text(json.dumps(history, indent=1))
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step, "history": history, "config": asdict(cfg)}, ckpt_path)
+            model.train()
+    bar.close()
+    model_dir = run / "model"
+    if d.is_main and step == cfg.max_steps:
+        model_dir = finish(cfg, engine, evaluator, shapes, data, tokenizer, time.time() - t0,
+                           step, history)
+    teardown_distributed()
+    return model_dir
+
+
+def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: Any, data: Any,
+           tokenizer: Any, seconds: float, step: int, history: list[dict[str, Any]]) -> Path:
+    """Final evaluation with and without guidance, the model directory, the store entry."""
+    run = Path(cfg.run_dir)
+    model = engine.model.eval()
+    digest = data.digest()
+    metrics: dict[str, Any] = {"steps": step, "train_seconds_this_run": round(seconds, 1),
+                               "dataset": digest, "n_train": len(data) - cfg.n_val,
+                               "params": model.num_params(), "val_loss": history[-1]["val_loss"],
+                               "guidance_scale": cfg.guidance_scale,
+                               "evaluations_per_image": engine.evaluations_per_image()}
+    if evaluator is not None:
+        metrics["evaluator"] = json.loads((run / "evaluator" / "metrics.json").read_text())
+        metrics.update(evaluate_generator(engine, evaluator, shapes, data.images,
+                                          per_pair=cfg.final_per_pair, n=4, seed=1))
+        # The same prompts and seeds without guidance: what guidance buys, measured.
+        unguided = ARImageEngine(model, tokenizer, str(engine.device), guidance_scale=1.0)
+        metrics["unguided"] = evaluate_generator(unguided, evaluator, shapes, data.images,
+                                                 per_pair=cfg.final_per_pair, n=4, seed=1)
+        metrics["unguided"]["evaluations_per_image"] = unguided.evaluations_per_image()
+    data_info = {"source": cfg.data, "n_train": cfg.n_train, "n_val": cfg.n_val,
+                 "seed": cfg.data_seed, "hash": digest,
+                 "shapes": asdict(shapes) if shapes is not None else None}
+    config = {**model.cfg.to_dict(), "data": data_info, "train": asdict(cfg)}
+    model_dir = save_model_dir(run / "model", config, model.state_dict(), tokenizer, metrics)
+    log.info("final metrics: %s", json.dumps(metrics))
+    if cfg.store:
+        tag = save_to_store(cfg.store_name, model_dir,
+                            labels={"family": "ar_image", "dataset": digest},
+                            metadata={"steps": step, "image_size": cfg.image_size})
+        log.info("saved to the BentoML store as %s", tag)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    cfg = parse_config(ARTrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

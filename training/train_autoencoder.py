@@ -1,0 +1,229 @@
+"""Train an autoencoder baseline: `python -m training.train_autoencoder --variational=false`
+(plain) or `--variational=true` (VAE), on the same data as the GAN and the AR model.
+
+After training, the job encodes the training set, fits a Gaussian to the codes, and
+grades the decoder with the independent evaluator (training.evaluate) twice: fed
+z ~ N(0, I) ("standard") and fed z from the fitted Gaussian ("fitted"). The plain
+autoencoder under the standard prior is the garbage the lecture predicts; the numbers
+say how much each fix recovers.
+
+Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_<prior>.png,
+recon.png, curves.png, history.json and model/ (config, weights with the fitted Gaussian,
+tokenizer, metrics). A measured baseline, not served: no store entry, one process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.artifacts import save_model_dir
+from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
+from models.text_encoder import encode_prompts
+from training.common import Dist, atomic_save, cosine_lr, load_checkpoint, parse_config
+from training.data.shapes import DEFAULT_HOLDOUT
+from training.evaluate import evaluate_generator, load_or_train_evaluator
+from training.train_gan import _alias, get_tokenizer, load_data, sample_prompts, save_grid
+
+log = logging.getLogger("train_autoencoder")
+
+
+@dataclass
+class AETrainConfig:
+    run_dir: str = field(default="runs/autoencoder", metadata={
+        "help": "run folder (checkpoint, evaluator, grids, model/); alias --out"})
+    data: str = field(default="shapes", metadata={
+        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
+    image_size: int = field(default=32, metadata={"help": "image side in pixels (32)"})
+    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
+    n_val: int = field(default=512, metadata={"help": "images kept apart for the reconstruction error"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
+    holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
+        "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
+    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
+    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
+    variational: bool = field(default=False, metadata={"help": "train a VAE instead of a plain autoencoder"})
+    conditional: bool = field(default=True, metadata={"help": "the decoder reads the prompt"})
+    z_dim: int = field(default=32, metadata={"help": "latent size"})
+    ch: int = field(default=32, metadata={"help": "channels at 16×16 (×2 per halving)"})
+    text_dim: int = field(default=64, metadata={"help": "text encoder width"})
+    sigma: float = field(default=0.1, metadata={"help": "likelihood std in [-1, 1] pixel units"})
+    beta: float = field(default=1.0, metadata={"help": "KL weight (VAE only)"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    max_steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    eval_interval: int = field(default=250, metadata={"help": "steps between loss reports and checkpoints"})
+    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval"})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
+    halt_after: int = field(default=0, metadata={
+        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)"})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_train=256, n_val=32, z_dim=8, ch=8, text_dim=32, batch_size=8, max_steps=6,
+                 warmup=2, eval_interval=3, final_per_pair=1, evaluator_steps=20, evaluator_n=512),
+    "small": dict(),
+    "gpu": dict(n_train=100000, ch=64, z_dim=64, text_dim=128, batch_size=256, max_steps=10000,
+                lr=1e-3, warmup=200, eval_interval=1000, final_per_pair=16),
+}
+
+
+def model_config(cfg: AETrainConfig) -> AEConfig:
+    return AEConfig(image_size=cfg.image_size, z_dim=cfg.z_dim, ch=cfg.ch, variational=cfg.variational,
+                    conditional=cfg.conditional, vocab_size=cfg.vocab_size, context=cfg.context,
+                    text_dim=cfg.text_dim)
+
+
+def save_recon(model: AutoEncoder, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+               path: Path) -> None:
+    """Top row real, bottom row reconstructed: the autoencoder itself works."""
+    from PIL import Image
+
+    with torch.no_grad():
+        rec = model.decode(model.encode(images.float() / 127.5 - 1)[0], ids, mask)
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    grid = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(rec), dim=2)], dim=1)  # (3, 2S, nS)
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST).save(path)
+
+
+def save_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("loss", "val_mse", "kl_per_pixel"):
+        ax.plot([h["step"] for h in history], [h[key] for h in history], "o-", label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def train(cfg: AETrainConfig) -> Path:
+    """Run the job; returns the model directory (written when max_steps is reached)."""
+    run = Path(cfg.run_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    data, shapes = load_data(cfg)
+    tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device))
+    ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
+    torch.manual_seed(cfg.seed)
+    model = AutoEncoder(model_config(cfg)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, history = 0, []
+    ckpt_path = run / "ckpt.pt"
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    n_train = len(data) - cfg.n_val
+    halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps
+    interval: list[float] = []
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="vae" if cfg.variational else "ae")
+    model.train()
+    while step < halt_at:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, cfg.lr, cfg.warmup, cfg.max_steps)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(cfg.seed + step)  # the VAE's reparameterisation noise
+        idx = torch.randint(n_train, (cfg.batch_size,), generator=g)
+        x = data.images[idx].to(device).float() / 127.5 - 1                      # (B, 3, S, S)
+        _, loss, parts = model(x, ids_all[idx].to(device), mask_all[idx].to(device), cfg.sigma, cfg.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        interval.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['mse']:.4f}")
+        if step % cfg.eval_interval == 0 or step == halt_at:
+            if not np.isfinite(interval[-1]):
+                raise FloatingPointError(f"loss is {interval[-1]} at step {step}")
+            model.eval()
+            with torch.no_grad():
+                xv = data.images[n_train:].to(device).float() / 127.5 - 1
+                _, _, val = model(xv, ids_all[n_train:].to(device), mask_all[n_train:].to(device),
+                                  cfg.sigma, cfg.beta)
+            model.train()
+            history.append({"step": step, "loss": float(np.mean(interval)), "val_mse": val["mse"],
+                            "kl_per_pixel": max(val["kl"], 1e-8) / xv[0].numel()})
+            interval = []
+            log.info("step %d: %s", step, history[-1])
+            (run / "history.json").write_text(json.dumps(history, indent=1))
+            save_curves(history, run / "curves.png")
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "history": history, "config": asdict(cfg)}, ckpt_path)
+    bar.close()
+    model_dir = run / "model"
+    if step == cfg.max_steps:
+        model_dir = finish(cfg, model.eval(), tokenizer, data, shapes, ids_all, mask_all, n_train,
+                           history, time.time() - t0)
+    return model_dir
+
+
+def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, shapes: Any,
+           ids_all: torch.Tensor, mask_all: torch.Tensor, n_train: int,
+           history: list[dict[str, Any]], seconds: float) -> Path:
+    """Fit the latent Gaussian, grade both priors, write the model directory."""
+    run = Path(cfg.run_dir)
+    model = model.cpu()
+    model.fit_latent_gaussian(data.images[:n_train])
+    save_recon(model, data.images[n_train:n_train + 8], ids_all[n_train:n_train + 8],
+               mask_all[n_train:n_train + 8], run / "recon.png")
+    digest = data.digest()
+    metrics: dict[str, Any] = {"steps": history[-1]["step"],
+                               "train_seconds_this_run": round(seconds, 1), "dataset": digest,
+                               "val_mse": history[-1]["val_mse"], "evaluations_per_image": 1,
+                               "variational": cfg.variational}
+    evaluator = None
+    if shapes is not None:
+        evaluator, ev = load_or_train_evaluator(run / "evaluator", shapes, n_train=cfg.evaluator_n,
+                                                steps=cfg.evaluator_steps, seed=cfg.data_seed)
+        metrics["evaluator"] = ev
+    for prior in PRIORS:
+        engine = LatentEngine(model, tokenizer, prior, device="cpu")
+        save_grid(engine, sample_prompts(data, shapes), run / f"samples_{prior}.png")
+        if evaluator is not None:
+            metrics[prior] = evaluate_generator(engine, evaluator, shapes, data.images[:n_train],
+                                                per_pair=cfg.final_per_pair, n=4, seed=1)
+    data_info = {"source": cfg.data, "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.data_seed,
+                 "hash": digest, "shapes": asdict(shapes) if shapes is not None else None}
+    config = {**model.cfg.to_dict(), "data": data_info, "train": asdict(cfg)}
+    model_dir = save_model_dir(run / "model", config, model.state_dict(), tokenizer, metrics)
+    log.info("final metrics: %s", json.dumps(metrics))
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    cfg = parse_config(AETrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
