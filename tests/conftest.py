@@ -127,9 +127,21 @@ CORS_ORIGIN = "http://allowed.example"
 GUARDED_MAX_INFLIGHT = 4
 
 
+def private_home(home: Path, where: Path) -> Path:
+    """A BENTOML_HOME of its own that shares `home`'s model store. BentoML keeps per-server
+    state there (the Prometheus multiprocess directory, wiped when a server starts), so two
+    servers on one BENTOML_HOME would erase each other's metrics."""
+    where.mkdir(parents=True, exist_ok=True)
+    if not (where / "models").exists():
+        (where / "models").symlink_to(home / "models", target_is_directory=True)
+    return where
+
+
 def launch_server(home: Path, log: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen, Server]:
-    """Start `bentoml serve` on a free port with extra environment; does not wait."""
+    """Start `bentoml serve` on a free port with extra environment, in a BENTOML_HOME of its
+    own over the same models; does not wait."""
     port = free_port()
+    home = private_home(home, log.parent / "bentoml_home")
     env = {**os.environ, "BENTOML_HOME": str(home), "CONDGEN_BATCH_WAIT_MS": "20", **env_extra}
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
