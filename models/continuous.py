@@ -115,7 +115,7 @@ class ContinuousEngine:
         gid = next(self._ids) if gid is None else gid
         seqs = [_Seq(gid, c, torch.Generator().manual_seed(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
                 for c in range(req.n)]
-        group = _Group(gid, req, self.engine._prompt_ids(req), seqs)
+        group = _Group(gid, req, self.engine.prompt_ids(req), seqs)
         self.groups[gid] = group
         self.waiting.append(group)
         return gid

@@ -175,9 +175,10 @@ class TextEngine:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
         req.sampling.validate()
-        self._prompt_ids(req)
+        self.prompt_ids(req)
 
-    def _prompt_ids(self, req: CompletionRequest) -> list[int]:
+    def prompt_ids(self, req: CompletionRequest) -> list[int]:
+        """The prompt as the model sees it; InvalidParameter when it does not fit the context."""
         ids = self.tokenizer.encode(req.prompt) or [self.tokenizer.eot_id]  # empty prompt: start of a document
         room = self.block_size - req.max_tokens
         if len(ids) > room:
@@ -212,7 +213,7 @@ class TextEngine:
 
     def prompt_tokens(self, req: CompletionRequest) -> int:
         """Prompt length in tokens as the model sees it (after truncation; an empty prompt is one token)."""
-        return len(self._prompt_ids(req))
+        return len(self.prompt_ids(req))
 
     def stream(self, requests: list[CompletionRequest]) -> Iterator[StreamEvent]:
         """Run the requests as one batch, yielding text as it is released.
@@ -222,7 +223,7 @@ class TextEngine:
         """
         for req in requests:
             self.validate(req)
-        prompts = [self._prompt_ids(req) for req in requests]
+        prompts = [self.prompt_ids(req) for req in requests]
         rows = [
             _Row(r, c, req.max_tokens, req.logprobs, torch.Generator().manual_seed(req.seed + c),
                  StopScanner(self.tokenizer, req.stop), position=len(prompts[r]))
