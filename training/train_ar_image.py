@@ -34,30 +34,19 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (all_reduce_mean, atomic_save, autocast_for, cosine_lr, load_checkpoint,
                              parse_config, setup_distributed, teardown_distributed)
-from training.data.shapes import DEFAULT_HOLDOUT
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
-from training.train_gan import _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 from training.train_gpt import make_optimizer
 
 log = logging.getLogger("train_ar_image")
 
 
 @dataclass
-class ARTrainConfig:
+class ARTrainConfig(CaptionedDataConfig):
     run_dir: str = field(default="runs/ar_image", metadata={
         "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
-    data: str = field(default="shapes", metadata={
-        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
-    image_size: int = field(default=32, metadata={"help": "image side in pixels"})
-    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
     n_val: int = field(default=512, metadata={"help": "images kept apart for the validation loss"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
-    holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
-        "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
-    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
-    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
     patch: int = field(default=2, metadata={"help": "token side in pixels (1 = colour palette)"})
     codebook: int = field(default=64, metadata={"help": "k-means code-book entries (16-256)"})
     n_layer: int = field(default=3, metadata={"help": "Transformer blocks"})

@@ -29,28 +29,17 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.text_encoder import encode_prompts
 from training.common import Dist, atomic_save, cosine_lr, load_checkpoint, parse_config
-from training.data.shapes import DEFAULT_HOLDOUT
 from training.evaluate import evaluate_generator, load_or_train_evaluator
-from training.train_gan import _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 
 log = logging.getLogger("train_autoencoder")
 
 
 @dataclass
-class AETrainConfig:
+class AETrainConfig(CaptionedDataConfig):
     run_dir: str = field(default="runs/autoencoder", metadata={
         "help": "run folder (checkpoint, evaluator, grids, model/); alias --out"})
-    data: str = field(default="shapes", metadata={
-        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
-    image_size: int = field(default=32, metadata={"help": "image side in pixels (32)"})
-    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
     n_val: int = field(default=512, metadata={"help": "images kept apart for the reconstruction error"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
-    holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
-        "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
-    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
-    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
     variational: bool = field(default=False, metadata={"help": "train a VAE instead of a plain autoencoder"})
     conditional: bool = field(default=True, metadata={"help": "the decoder reads the prompt"})
     z_dim: int = field(default=32, metadata={"help": "latent size"})

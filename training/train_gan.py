@@ -46,12 +46,11 @@ log = logging.getLogger("train_gan")
 
 
 @dataclass
-class GANTrainConfig:
-    run_dir: str = field(default="runs/gan", metadata={
-        "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
+class CaptionedDataConfig:
+    """Data and tokenizer settings every image job shares (GAN, AR model, autoencoders)."""
     data: str = field(default="shapes", metadata={
         "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
-    image_size: int = field(default=32, metadata={"help": "32 or 64"})
+    image_size: int = field(default=32, metadata={"help": "image side in pixels (32 or 64)"})
     n_train: int = field(default=20000, metadata={"help": "procedural training images"})
     data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
     holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
@@ -59,6 +58,12 @@ class GANTrainConfig:
     two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
     vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
     context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
+
+
+@dataclass
+class GANTrainConfig(CaptionedDataConfig):
+    run_dir: str = field(default="runs/gan", metadata={
+        "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
     z_dim: int = field(default=64, metadata={"help": "latent size"})
     g_ch: int = field(default=16, metadata={"help": "generator width at full resolution"})
     d_ch: int = field(default=16, metadata={"help": "discriminator width at full resolution"})
