@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from models.artifacts import ArtifactError, load_model_dir
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
-from models.image_engine import MAX_IMAGES, MAX_SEED, ImageRequest
+from models.image_engine import ImageRequest, check_image_request
 from models.sampling import SamplingBatch, SamplingParams, sample
 from models.text_encoder import TextEncoder, TextEncoderConfig, encode_prompts
 from models.tokenizer import Tokenizer
@@ -337,23 +337,6 @@ def reference_sample_tokens(model: ARImageModel, ids: Tensor, mask: Tensor, null
 
 
 # ----------------------------------------------------------------------------- engine
-
-def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int) -> None:
-    """The ImageRequest fields every image engine checks the same way (as ImageEngine does)."""
-    if not isinstance(req.prompt, str) or not req.prompt.strip():
-        raise InvalidParameter("prompt", "must be a non-empty string")
-    n_tokens = len(tokenizer.encode(req.prompt))
-    if n_tokens > context:
-        raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
-    if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
-        raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) \
-            or not 0 <= req.seed <= MAX_SEED - MAX_IMAGES:
-        raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - MAX_IMAGES}")
-    t = req.truncation
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-        raise InvalidParameter("truncation", "must be a number in (0, 1]")
-
 
 def request_sampling(req: ImageRequest, temperature: float,
                      guidance_scale: float) -> tuple[SamplingParams, float]:

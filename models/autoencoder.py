@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.ar_image import check_image_request
 from models.artifacts import load_model_dir
-from models.image_engine import ImageRequest, to_uint8
+from models.image_engine import ImageRequest, check_image_request, to_uint8
 from models.text_encoder import TextEncoder, TextEncoderConfig, encode_prompts
 from models.tokenizer import Tokenizer
 

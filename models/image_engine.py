@@ -47,6 +47,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int) -> None:
+    """The ImageRequest fields every image engine checks the same way ."""
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise InvalidParameter("prompt", "must be a non-empty string")
+    n_tokens = len(tokenizer.encode(req.prompt))
+    if n_tokens > context:
+        raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
+    if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
+        raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, int) \
+            or not 0 <= req.seed <= MAX_SEED - MAX_IMAGES:
+        raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - MAX_IMAGES}")
+    t = req.truncation
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+        raise InvalidParameter("truncation", "must be a number in (0, 1]")
+
+
 class ImageEngine:
     tag: str = ""
 
@@ -74,20 +91,7 @@ class ImageEngine:
         return cls(art.model, art.tokenizer, device)
 
     def validate(self, req: ImageRequest) -> None:
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
-            raise InvalidParameter("prompt", "must be a non-empty string")
-        n_tokens = len(self.tokenizer.encode(req.prompt))
-        if n_tokens > self.cfg.context:
-            raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is "
-                                             f"{self.cfg.context}")
-        if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
-            raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
-        if isinstance(req.seed, bool) or not isinstance(req.seed, int) \
-                or not 0 <= req.seed <= MAX_SEED - MAX_IMAGES:
-            raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - MAX_IMAGES}")
-        t = req.truncation
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
-            raise InvalidParameter("truncation", "must be a number in (0, 1]")
+        check_image_request(req, self.tokenizer, self.cfg.context)
 
     @torch.inference_mode()
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
