@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.artifacts import ArtifactError, load_model_dir
+from models.artifacts import load_model_dir
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
 from models.image_engine import ImageRequest, check_image_request
@@ -380,15 +380,7 @@ class ARImageEngine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "ARImageEngine":
         """Load a model directory written by training.train_ar_image."""
-        def build(config: dict) -> ARImageModel:
-            if config.get("family") != "ar_image":
-                raise ValueError(f"family is {config.get('family')!r}, expected 'ar_image'")
-            return ARImageModel(ARImageConfig.from_dict(config))
-
-        art = load_model_dir(model_dir, build, needs_tokenizer=True)
-        if art.tokenizer is None or art.tokenizer.vocab_size > art.config["vocab_size"]:
-            raise ArtifactError(f"{Path(model_dir) / 'tokenizer.json'}: vocabulary larger than "
-                                "the model's embedding table")
+        art = load_model_dir(model_dir, lambda c: ARImageModel(ARImageConfig.from_dict(c)), family="ar_image")
         return cls(art.model, art.tokenizer, device)
 
     def evaluations_per_image(self, guidance_scale: float | None = None) -> int:

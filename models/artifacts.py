@@ -103,11 +103,15 @@ def load_weights_into(model: nn.Module, weights_path: Path) -> None:
 def load_model_dir(
     path: str | Path,
     build: Callable[[dict[str, Any]], nn.Module],
+    family: str,
     needs_tokenizer: bool = True,
 ) -> Artifact:
-    """Read a model directory. `build(config)` makes the (randomly initialised) network."""
+    """Read a model directory of the given family. `build(config)` makes the (randomly
+    initialised) network; the tokenizer must fit the config's `vocab_size`."""
     path = Path(path)
     config = read_json(path / CONFIG)
+    if config.get("family") != family:
+        raise ArtifactError(f"{path / CONFIG}: family is {config.get('family')!r}, expected {family!r}")
     try:
         model = build(config)
     except (TypeError, ValueError, KeyError) as e:
@@ -122,6 +126,9 @@ def load_model_dir(
             tokenizer = Tokenizer.load(tok_path)
         except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
             raise ArtifactError(f"{tok_path}: not a readable tokenizer ({e})") from e
+        if tokenizer.vocab_size > config.get("vocab_size", tokenizer.vocab_size):
+            raise ArtifactError(f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
+                                f"vocab_size {config['vocab_size']}")
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model.eval()
     return Artifact(model=model, config=config, tokenizer=tokenizer, metrics=metrics)

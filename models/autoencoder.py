@@ -154,12 +154,7 @@ class LatentEngine:
 
     @classmethod
     def load(cls, model_dir: str | Path, prior: str = "standard", device: str = "auto") -> "LatentEngine":
-        def build(config: dict) -> AutoEncoder:
-            if config.get("family") != "autoencoder":
-                raise ValueError(f"family is {config.get('family')!r}, expected 'autoencoder'")
-            return AutoEncoder(AEConfig.from_dict(config))
-
-        art = load_model_dir(model_dir, build, needs_tokenizer=True)
+        art = load_model_dir(model_dir, lambda c: AutoEncoder(AEConfig.from_dict(c)), family="autoencoder")
         return cls(art.model, art.tokenizer, prior, device)
 
     def validate(self, req: ImageRequest) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.artifacts import ArtifactError, load_model_dir
+from models.artifacts import load_model_dir
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -151,12 +151,7 @@ class TextEngine:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":
-        art = load_model_dir(model_dir, build=lambda c: GPT(GPTConfig.from_dict(c)), needs_tokenizer=True)
-        if art.config.get("family", "gpt") != "gpt":
-            raise ArtifactError(f"{Path(model_dir) / 'config.json'}: family is {art.config['family']!r}, not 'gpt'")
-        if art.tokenizer.vocab_size > art.model.config.vocab_size:
-            raise ArtifactError(f"{Path(model_dir) / 'tokenizer.json'}: {art.tokenizer.vocab_size} tokens, "
-                                f"more than the model's vocab_size {art.model.config.vocab_size}")
+        art = load_model_dir(model_dir, lambda c: GPT(GPTConfig.from_dict(c)), family="gpt")
         return cls(art.model, art.tokenizer, device)
 
     # --- validation ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifacts import ArtifactError, load_model_dir
+from models.artifacts import load_model_dir
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
 from models.text_encoder import encode_prompts
@@ -79,15 +79,7 @@ class ImageEngine:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageEngine":
         """Load a model directory written by training.train_gan (the EMA generator)."""
-        def build(config: dict) -> Generator:
-            if config.get("family") != "gan":
-                raise ValueError(f"family is {config.get('family')!r}, expected 'gan'")
-            return Generator(GANConfig.from_dict(config))
-
-        art = load_model_dir(model_dir, build, needs_tokenizer=True)
-        if art.tokenizer is None or art.tokenizer.vocab_size > art.config["vocab_size"]:
-            raise ArtifactError(f"{Path(model_dir) / 'tokenizer.json'}: vocabulary larger than "
-                                "the model's embedding table")
+        art = load_model_dir(model_dir, lambda c: Generator(GANConfig.from_dict(c)), family="gan")
         return cls(art.model, art.tokenizer, device)
 
     def validate(self, req: ImageRequest) -> None:

@@ -136,7 +136,7 @@ def _fit_evaluator(cfg: ShapesConfig, n_train: int, steps: int, batch: int, lr: 
 
 
 def load_evaluator(path: Path) -> tuple[Evaluator, dict[str, Any]]:
-    art = load_model_dir(path, lambda c: Evaluator(EvaluatorConfig(c["image_size"])),
+    art = load_model_dir(path, lambda c: Evaluator(EvaluatorConfig(c["image_size"])), family="evaluator",
                          needs_tokenizer=False)
     return art.model, art.metrics
 
