@@ -6,6 +6,7 @@ SIGTERM. The disconnect test uses the session's plain server. No test asserts on
 from __future__ import annotations
 
 import base64
+import io
 import os
 import signal
 import threading
@@ -13,8 +14,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from tests_support import metric_value
 
@@ -90,7 +93,22 @@ def _essence(path: str, body: dict) -> object:
     """What must match between the reference answer and the flooded one."""
     if path == "/complete":
         return body["seed"], [c["text"] for c in body["choices"]]
-    return body["seed"], [(im["seed"], base64.b64decode(im["b64_json"])) for im in body["images"]]
+    return body["seed"], [(im["seed"], _pixels(im["b64_json"])) for im in body["images"]]
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal texts and seeds; images equal up to float rounding, which may flip the last bit of
+    a few pixels when the batch shape differs (as in test_service_http)."""
+    if isinstance(a, np.ndarray):
+        diff = np.abs(a - b)
+        return a.shape == b.shape and diff.max() <= 2 and (diff > 0).mean() < 0.01
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_flood_at_four_times_capacity_gives_own_answers_or_fast_429(guarded_server):
@@ -117,7 +135,7 @@ def test_flood_at_four_times_capacity_gives_own_answers_or_fast_429(guarded_serv
         refused = 0
         for i, r in enumerate(answers):
             if r.status_code == 200:
-                assert _essence(reqs[i][0], r.json()) == reference[i], f"request {i} got another answer"
+                assert _same(_essence(reqs[i][0], r.json()), reference[i]), f"request {i} got another answer"
             else:
                 assert r.status_code in (429, 503), (i, r.status_code, r.text[:300])
                 assert int(r.headers["retry-after"]) >= 1
