@@ -340,19 +340,14 @@ def reference_sample_tokens(model: ARImageModel, ids: Tensor, mask: Tensor, null
 
 def request_sampling(req: ImageRequest, temperature: float,
                      guidance_scale: float) -> tuple[SamplingParams, float]:
-    """A request's sampler settings and guidance scale.
-
-    ImageRequest carries no sampler fields; this engine reads optional attributes:
-    `sampling` (a SamplingParams) and `guidance_scale` (float, 1 = none), defaulting to
-    the engine's (from the model's config). The request's `truncation` ψ < 1 becomes nucleus sampling
-    (top_p = ψ, or the request's own top_p if smaller): keeping the likeliest mass at each
-    step is the discrete counterpart of the GAN's latent truncation.
+    """A request's sampler settings and guidance scale; a field it leaves None takes the
+    engine's default (from the model's config). The request's `truncation` ψ < 1 becomes
+    nucleus sampling (top_p = ψ): keeping the likeliest mass at each step is the discrete
+    counterpart of the GAN's latent truncation.
     """
-    base = getattr(req, "sampling", None) or SamplingParams(temperature=temperature)
-    top_p = min(base.top_p, float(req.truncation))
-    params = SamplingParams(base.temperature, base.top_k, top_p, base.min_p, 1.0)
-    scale = getattr(req, "guidance_scale", None)
-    return params, float(guidance_scale if scale is None else scale)
+    params = SamplingParams(temperature=temperature if req.temperature is None else req.temperature,
+                            top_k=req.top_k or 0, top_p=float(req.truncation))
+    return params, float(guidance_scale if req.guidance_scale is None else req.guidance_scale)
 
 
 class ARImageEngine:
@@ -391,7 +386,7 @@ class ARImageEngine:
 
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context)
-        s = getattr(req, "guidance_scale", None)
+        s = req.guidance_scale
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))
                               or not math.isfinite(s) or not 0 <= s <= MAX_GUIDANCE):
             raise InvalidParameter("guidance_scale", f"must be a number in [0, {MAX_GUIDANCE:g}]")

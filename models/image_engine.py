@@ -30,6 +30,14 @@ class ImageRequest:
     seed: int
     n: int = 1
     truncation: float = 1.0   # 0 < truncation <= 1 (latent truncation psi)
+    # Sampler settings of autoregressive image models (None: the model's default). A GAN
+    # draws its image in one pass and has no sampler: it refuses them rather than ignore them.
+    guidance_scale: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+
+    def sampler_fields(self) -> list[str]:
+        return [f for f in ("guidance_scale", "temperature", "top_k") if getattr(self, f) is not None]
 
 
 def latents(requests: list[ImageRequest], z_dim: int) -> torch.Tensor:
@@ -48,7 +56,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int) -> None:
-    """The ImageRequest fields every image engine checks the same way ."""
+    """The ImageRequest fields every image engine checks the same way."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidParameter("prompt", "must be a non-empty string")
     n_tokens = len(tokenizer.encode(req.prompt))
@@ -84,6 +92,9 @@ class ImageEngine:
 
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context)
+        if fields := req.sampler_fields():
+            raise InvalidParameter(fields[0], "applies to autoregressive image models only; this is a GAN "
+                                              "(it draws an image in one pass, use truncation)")
 
     @torch.inference_mode()
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:

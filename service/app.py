@@ -8,6 +8,9 @@ rather than by BentoML's IO descriptors. No model math lives here.
 
 Routes: POST /complete, POST /generate, GET /models,
         POST /v1/completions, POST /v1/images/generations, GET /v1/models.
+
+Models: one text model (GPT_MODEL), the default image model (GAN_MODEL), and optionally the
+raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pick by `model`.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from models.artifacts import ArtifactError
 from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, StreamEvent, TextEngine, TokenLogprob
 from models.errors import InvalidParameter
+from models.ar_image import ARImageEngine
 from models.image_engine import ImageEngine, ImageRequest
 from models.sampling import SamplingParams
 from service.batching import Job, MicroBatcher, fail
@@ -70,6 +74,21 @@ def _env_int(name: str, default: int) -> int:
 # Configuration (read once, when BentoML imports the service).
 GPT_MODEL = model_tag("GPT_MODEL", "gpt:latest")  # refused at start-up unless name[:version]
 GAN_MODEL = model_tag("GAN_MODEL", "gan:latest")
+
+
+def _optional_model_tag(env_var: str, default: str) -> str | None:
+    """An optional model: the tag `env_var` names (then it must exist), else `default` when the
+    store has it; `env_var=""` turns it off."""
+    if env_var in os.environ:
+        return model_tag(env_var, default) if os.environ[env_var] else None
+    try:
+        bentoml.models.get(default)
+    except bentoml.exceptions.NotFound:
+        return None
+    return default
+
+
+AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
 DEVICE = os.environ.get("CONDGEN_DEVICE", "auto")  # auto = CUDA when available
 TIMEOUT_S = _env_float("CONDGEN_TIMEOUT", 300.0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = _env_int("CONDGEN_MAX_CONCURRENCY", 256)  # beyond it: 429
@@ -177,12 +196,12 @@ async def openai_images(svc: "Generation", request: Request) -> Response:
 
 @_route
 async def list_models(svc: "Generation", request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [svc.text_model.describe(), svc.image_model.describe()]})
+    return JSONResponse({"object": "list", "data": [m.describe() for m in svc.served_models]})
 
 
 @_route
 async def openai_models(svc: "Generation", request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [m.openai() for m in (svc.text_model, svc.image_model)]})
+    return JSONResponse({"object": "list", "data": [m.openai() for m in svc.served_models]})
 
 
 routes = Starlette(routes=[
@@ -239,6 +258,17 @@ class ServedModel:
 
 
 @dataclass
+class ImageBackend:
+    """A served image model: its description, its engine once loaded, and its own batcher
+    (one forward pass holds one model's requests)."""
+    served: ServedModel
+    stored: Any  # bentoml.models.BentoModel
+    engine_class: type[ImageEngine] | type[ARImageEngine]
+    batcher: MicroBatcher[ImageRequest] | None = None
+    engine: ImageEngine | ARImageEngine | None = None
+
+
+@dataclass
 class _ChoiceState:
     text: str = ""
     finish_reason: str | None = None
@@ -289,23 +319,28 @@ def _pick_seed(seed: int | None) -> int:
     logging={"access": {"enabled": ACCESS_LOG}},
 )
 class Generation:
-    # Declared at class scope so that `bentoml build` packs both models into the Bento.
+    # Declared at class scope so that `bentoml build` packs the models into the Bento.
     gpt = bentoml.models.BentoModel(GPT_MODEL)
     gan = bentoml.models.BentoModel(GAN_MODEL)
+    ar_image = bentoml.models.BentoModel(AR_IMAGE_MODEL) if AR_IMAGE_MODEL else None
 
     def __init__(self) -> None:
         self.metrics = get_metrics()
         # Resolving the tags here makes a missing model fail the start-up at once, by name.
         self.text_model = ServedModel.from_store("text", self.gpt)
-        self.image_model = ServedModel.from_store("image", self.gan)
+        self.images: dict[str, ImageBackend] = {}  # tag -> backend; the first is the default
+        for stored, engine_class in ((self.gan, ImageEngine), (self.ar_image, ARImageEngine)):
+            if stored is not None:
+                backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class)
+                backend.batcher = MicroBatcher(
+                    IMAGE, functools.partial(self._run_images, backend), self.metrics, IMAGE_MAX_BATCH,
+                    BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S)
+                self.images[backend.served.tag] = backend
+        self.served_models = [self.text_model, *(b.served for b in self.images.values())]
         self.text: TextEngine | None = None
-        self.image: ImageEngine | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
         self.text_stream: AsyncEngine | None = None  # continuous batching over `self.text`
-        self.image_batcher: MicroBatcher[ImageRequest] = MicroBatcher(
-            IMAGE, self._run_images, self.metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S,
-            max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S)
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
@@ -321,9 +356,15 @@ class Generation:
                 torch.set_num_threads(TORCH_THREADS)
             text = TextEngine.load(self.gpt.path, device=DEVICE)
             text.tag = self.text_model.tag
-            image = ImageEngine.load(self.gan.path, device=DEVICE)
-            image.tag = self.image_model.tag
-            self.image_model.details["image_size"] = image.image_size
+            image_engines = {}
+            for tag, backend in self.images.items():
+                engine = backend.engine_class.load(backend.stored.path, device=DEVICE)
+                engine.tag = tag
+                backend.served.details["image_size"] = engine.image_size
+                if isinstance(engine, ARImageEngine):
+                    backend.served.details["guidance_scale"] = engine.guidance_scale
+                    backend.served.details["evaluations_per_image"] = engine.evaluations_per_image()
+                image_engines[tag] = engine
             self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
             if (block := getattr(text, "block_size", None)) is not None:
                 self.text_model.details["context_length"] = block
@@ -334,12 +375,15 @@ class Generation:
             scheduler.add(CompletionRequest(prompt="Hello", seed=0, max_tokens=2))
             while scheduler.has_work():
                 scheduler.step()
-            image.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
+            for engine in image_engines.values():
+                engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
             self.text_stream = AsyncEngine(scheduler)
             self.text_stream.on_step = self._on_text_step
             scheduler.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
-            self.text, self.image = text, image
-            logger.info("loaded %s and %s in %.2fs, warm-up %.2fs", text.tag, image.tag,
+            self.text = text
+            for tag, engine in image_engines.items():
+                self.images[tag].engine = engine
+            logger.info("loaded %s in %.2fs, warm-up %.2fs", ", ".join(m.tag for m in self.served_models),
                         loaded - started, time.perf_counter() - loaded)
             self._ready.set()
         except Exception as e:
@@ -353,7 +397,8 @@ class Generation:
     async def _stop_batchers(self) -> None:
         if self.text_stream is not None:
             self.text_stream.shutdown()
-        await self.image_batcher.close()
+        for backend in self.images.values():
+            await backend.batcher.close()
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called by the scheduler thread after every decode step."""
@@ -363,28 +408,29 @@ class Generation:
         self.metrics.requests_running.labels(endpoint=TEXT).set(running)
         self.metrics.requests_waiting.labels(endpoint=TEXT).set(waiting)
 
-    def _engine(self, kind: str) -> Any:
-        engine = self.text if kind == "text" else self.image
+    def _ready_or_503(self, engine: Any) -> Any:
         if engine is None:
             why = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
             raise ApiError(503, f"not ready: {why}", type="server_error")
         return engine
 
     def _check_model(self, requested: str | None, kind: str) -> ServedModel:
-        served = self.text_model if kind == "text" else self.image_model
-        if served.answers_to(requested):
-            return served
-        other = self.image_model if kind == "text" else self.text_model
-        if other.answers_to(requested):
-            raise ApiError(400, f"model {requested!r} is an {other.kind} model; this route needs a {kind} model",
-                           "model", code="model_not_supported")
-        raise ApiError(404, f"model {requested!r} is not served here (serving {served.tag})",
+        """The served model of `kind` that `requested` names (None: the default, listed first)."""
+        for served in self.served_models:
+            if served.kind == kind and served.answers_to(requested):
+                return served
+        for other in self.served_models:
+            if other.answers_to(requested):
+                raise ApiError(400, f"model {requested!r} is an {other.kind} model; this route needs a {kind} "
+                                    "model", "model", code="model_not_supported")
+        choices = ", ".join(m.tag for m in self.served_models if m.kind == kind)
+        raise ApiError(404, f"model {requested!r} is not served here ({kind} models: {choices})",
                        "model", code="model_not_found")
 
     # ---- text ---------------------------------------------------------------------------
 
     async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
-        engine: TextEngine = self._engine("text")
+        engine: TextEngine = self._ready_or_503(self.text)
         served = self._check_model(body.model, "text")
         if len(body.prompt) > engine.max_prompt_chars:
             raise ApiError(400, f"prompt has {len(body.prompt)} characters; the limit is "
@@ -479,55 +525,64 @@ class Generation:
 
     # ---- images -------------------------------------------------------------------------
 
-    async def _images(self, prompt: str, n: int, seed: int | None, truncation: float,
-                      model: str | None) -> tuple[ServedModel, int, list[bytes]]:
-        engine: ImageEngine = self._engine("image")
-        served = self._check_model(model, "image")
-        seed = _pick_seed(seed)
-        req = ImageRequest(prompt=prompt, seed=seed, n=n, truncation=truncation)
-        engine.validate(req)
-        job: Job[ImageRequest] = Job(req, cost=n, future=asyncio.get_running_loop().create_future())
-        self.image_batcher.submit(job)
+    def _image_backend(self, model: str | None) -> ImageBackend:
+        backend = self.images[self._check_model(model, "image").tag]
+        self._ready_or_503(backend.engine)
+        return backend
+
+    async def _images(self, backend: ImageBackend, body: ImageBody | OpenAIImageBody) -> tuple[int, list[bytes]]:
+        seed = _pick_seed(body.seed)
+        req = ImageRequest(prompt=body.prompt, seed=seed, n=body.n, truncation=body.truncation,
+                           guidance_scale=body.guidance_scale, temperature=body.temperature, top_k=body.top_k)
+        backend.engine.validate(req)
+        job: Job[ImageRequest] = Job(req, cost=body.n, future=asyncio.get_running_loop().create_future())
+        backend.batcher.submit(job)
         try:
             pngs = await job.future
         finally:
             job.cancelled = True
-        return served, seed, pngs
+        return seed, pngs
 
     async def generate(self, body: ImageBody) -> Response:
         if body.response_format == "png" and body.n != 1:
             raise ApiError(400, "response_format 'png' returns a single image: use n = 1, or b64_json",
                            "response_format")
-        served, seed, pngs = await self._images(body.prompt, body.n, body.seed, body.truncation, body.model)
+        backend = self._image_backend(body.model)
+        seed, pngs = await self._images(backend, body)
+        tag = backend.served.tag
         if body.response_format == "png":
-            return Response(pngs[0], media_type="image/png",
-                            headers={"X-Seed": str(seed), "X-Model": served.tag})
-        return JSONResponse({"created": int(time.time()), "model": served.tag, "seed": seed,
+            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(seed), "X-Model": tag})
+        return JSONResponse({"created": int(time.time()), "model": tag, "seed": seed,
                              "images": [{"b64_json": b64(p), "seed": seed + i} for i, p in enumerate(pngs)]})
 
     async def openai_images(self, body: OpenAIImageBody) -> Response:
         if body.response_format == "url":
             raise ApiError(400, "response_format 'url' is not supported: this service stores no files; "
                                 "use b64_json", "response_format")
-        engine: ImageEngine = self._engine("image")
-        size = f"{engine.image_size}x{engine.image_size}"
+        backend = self._image_backend(body.model)
+        size = f"{backend.engine.image_size}x{backend.engine.image_size}"
         if body.size not in (None, size):
             raise ApiError(400, f"size {body.size!r} is not available; this model makes {size}", "size")
-        served, seed, pngs = await self._images(body.prompt, body.n, body.seed, body.truncation, body.model)
-        return JSONResponse({"created": int(time.time()), "model": served.tag, "seed": seed,
+        seed, pngs = await self._images(backend, body)
+        return JSONResponse({"created": int(time.time()), "model": backend.served.tag, "seed": seed,
                              "data": [{"b64_json": b64(p), "revised_prompt": None, "seed": seed + i}
                                       for i, p in enumerate(pngs)]})
 
-    async def _run_images(self, jobs: list[Job[ImageRequest]]) -> None:
-        """One forward pass for the whole batch, then PNG encoding, both off the event loop."""
-        engine = self._engine("image")
-        tag = self.image_model.tag
+    async def _run_images(self, backend: ImageBackend, jobs: list[Job[ImageRequest]]) -> None:
+        """One forward pass (or decode loop) for the whole batch, then PNG encoding, both off
+        the event loop."""
+        engine = self._ready_or_503(backend.engine)
+        tag = backend.served.tag
+
+        def parameters(req: ImageRequest, i: int) -> dict[str, Any]:
+            """What reproduces image i: prompt, seed, model and every sampler setting it used."""
+            extra = {f: getattr(req, f) for f in req.sampler_fields()}
+            return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation,
+                    **extra}
 
         def work() -> list[list[bytes]]:
             arrays = engine.generate([job.payload for job in jobs])
-            return [[encode_png(img, {"prompt": job.payload.prompt, "seed": job.payload.seed + i,
-                                      "model": tag, "truncation": job.payload.truncation})
-                     for i, img in enumerate(images)]
+            return [[encode_png(img, parameters(job.payload, i)) for i, img in enumerate(images)]
                     for job, images in zip(jobs, arrays, strict=True)]
 
         try:
@@ -537,7 +592,7 @@ class Generation:
             for job in jobs:
                 fail(job, e)
             return
-        counter = self.metrics.images.labels(model=self.image_model.name)
+        counter = self.metrics.images.labels(model=backend.served.name)
         for job, pngs in zip(jobs, results):
             counter.inc(len(pngs))
             if job.future is not None and not job.future.done():

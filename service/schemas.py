@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from models.ar_image import MAX_GUIDANCE
+
 MAX_N = 16  # choices per completion request, images per image request
 MAX_STOP = 4
 MAX_SEED = 2**32 - 1  # choice / image i uses seed + i, still well inside torch's 64-bit seeds
@@ -129,6 +131,10 @@ class OpenAICompletionBody(CompletionBody):
         return None
 
 
+AR_ONLY = "autoregressive image models only (default: the model's); a GAN answers 400"
+GUIDANCE_DOC = "classifier-free guidance, 1 = off; " + AR_ONLY
+
+
 class ImageBody(_Body):
     """POST /generate."""
     model: ModelName | None = Field(None, description="model name or tag; default: the served image model")
@@ -137,6 +143,9 @@ class ImageBody(_Body):
     seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent")
     truncation: float = Field(1.0, gt=0, le=1, description="latent truncation psi: smaller is tamer")
     response_format: Literal["b64_json", "png"] = "b64_json"
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
+    temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
+    top_k: int | None = Field(None, ge=0, description=AR_ONLY)
 
 
 class OpenAIImageBody(_Body):
@@ -151,3 +160,6 @@ class OpenAIImageBody(_Body):
     user: str | None = None
     seed: Seed | None = None
     truncation: float = Field(1.0, gt=0, le=1)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
+    temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
+    top_k: int | None = Field(None, ge=0, description=AR_ONLY)

@@ -51,14 +51,15 @@ def _train(jobs: list[list[str]], env: dict[str, str], logs: Path) -> None:
 
 @pytest.fixture(scope="session")
 def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BENTOML_HOME holding `gpt` and `gan`, trained by the real jobs with --preset tiny."""
+    """A BENTOML_HOME holding `gpt`, `gan` and `ar_image`, trained by the real jobs with --preset tiny."""
     if preset := os.environ.get("CONDGEN_TEST_BENTOML_HOME"):
         return Path(preset)
     root = tmp_path_factory.mktemp("store")
     home = root / "bentoml_home"
     env = {**os.environ, "BENTOML_HOME": str(home)}
     _train([["training.train_gpt", "--preset", "tiny", f"--run_dir={root / 'runs' / 'gpt'}"],
-            ["training.train_gan", "--preset", "tiny", f"--out={root / 'runs' / 'gan'}"]], env, root)
+            ["training.train_gan", "--preset", "tiny", f"--out={root / 'runs' / 'gan'}"],
+            ["training.train_ar_image", "--preset", "tiny", f"--out={root / 'runs' / 'ar_image'}"]], env, root)
     return home
 
 
@@ -169,8 +170,8 @@ def wait_ready(proc: subprocess.Popen, srv: Server) -> None:
 
 @dataclass
 class GuardedServer:
-    """A second server with an API key, one CORS origin and small limits (4 requests in
-    flight, 4 queued images, 2 queued completions)."""
+    """A second server with an API key, one CORS origin, small limits (4 requests in
+    flight, 4 queued images, 2 queued completions) and the optional AR image model turned off."""
     server: Server
     proc: subprocess.Popen
     key: str = API_KEY
@@ -190,7 +191,7 @@ def guarded_server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory)
     proc, srv = launch_server(bentoml_home, log, {
         "CONDGEN_API_KEY": API_KEY, "CONDGEN_CORS_ORIGINS": CORS_ORIGIN,
         "CONDGEN_MAX_INFLIGHT": str(GUARDED_MAX_INFLIGHT), "CONDGEN_MAX_QUEUE": "4",
-        "CONDGEN_TEXT_MAX_WAITING": "2", "CONDGEN_RETRY_AFTER": "2"})
+        "CONDGEN_TEXT_MAX_WAITING": "2", "CONDGEN_RETRY_AFTER": "2", "AR_IMAGE_MODEL": ""})
     try:
         wait_ready(proc, srv)
         yield GuardedServer(srv, proc)

@@ -2,7 +2,6 @@
 (cached decoding against the plain path), guidance, seeds, and the training job end to end."""
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +40,6 @@ def model() -> ARImageModel:
     m = ARImageModel(cfg)
     m.codebook.copy_(torch.rand(16, 3))
     return m.eval()
-
-
-@dataclass
-class GuidedRequest(ImageRequest):
-    guidance_scale: float | None = None
 
 
 def test_codebook_reconstructs_shapes():
@@ -124,7 +118,7 @@ def test_sampling_goes_through_the_shared_sampler(model, tokenizer, monkeypatch)
     monkeypatch.setattr(ar, "sample", spy)
     monkeypatch.setattr(torch, "multinomial", forbidden)
     engine = ARImageEngine(model, tokenizer, device="cpu")
-    engine.generate([GuidedRequest("a red circle", seed=0, n=3)])
+    engine.generate([ImageRequest("a red circle", seed=0, n=3)])
     assert len(calls) == model.cfg.seq_len and all(s == (3, 16) for s in calls)
 
 
@@ -137,30 +131,43 @@ def test_guidance_mix():
 
 def test_seeds_and_batch_independence(model, tokenizer):
     engine = ARImageEngine(model, tokenizer, device="cpu")
-    a = GuidedRequest("a red circle on the left", seed=5, n=2)
+    a = ImageRequest("a red circle on the left", seed=5, n=2)
     alone = engine.generate([a])[0]
     again = engine.generate([a])[0]
     assert all(np.array_equal(x, y) for x, y in zip(alone, again))
     assert alone[0].shape == (8, 8, 3) and alone[0].dtype == np.uint8
     # Image i is seeded with seed + i.
-    shifted = engine.generate([GuidedRequest("a red circle on the left", seed=6, n=1)])[0]
+    shifted = engine.generate([ImageRequest("a red circle on the left", seed=6, n=1)])[0]
     assert np.array_equal(alone[1], shifted[0])
     # Neighbours in the batch (other prompts, other guidance) change nothing.
-    mixed = engine.generate([GuidedRequest("a blue square", seed=1, n=3, guidance_scale=1.0), a,
-                             GuidedRequest("a blue square", seed=9, n=1, truncation=0.5)])
+    mixed = engine.generate([ImageRequest("a blue square", seed=1, n=3, guidance_scale=1.0), a,
+                             ImageRequest("a blue square", seed=9, n=1, truncation=0.5)])
     assert all(np.array_equal(x, y) for x, y in zip(alone, mixed[1]))
     assert [len(m) for m in mixed] == [3, 2, 1]
-    other = engine.generate([GuidedRequest("a red circle on the left", seed=99, n=2)])[0]
+    other = engine.generate([ImageRequest("a red circle on the left", seed=99, n=2)])[0]
     assert not all(np.array_equal(x, y) for x, y in zip(alone, other))
+
+
+def test_request_sampler_fields(model, tokenizer):
+    """temperature 0 is greedy: the seed no longer matters; top_k=1 is greedy too."""
+    engine = ARImageEngine(model, tokenizer, device="cpu")
+    for fields in (dict(temperature=0.0), dict(top_k=1)):
+        a, b = engine.generate([ImageRequest("a red circle", seed=1, **fields),
+                                ImageRequest("a red circle", seed=2, **fields)])
+        assert np.array_equal(a[0], b[0]), fields
+    a, b = engine.generate([ImageRequest("a red circle", seed=1), ImageRequest("a red circle", seed=2)])
+    assert not np.array_equal(a[0], b[0])
 
 
 def test_validation(model, tokenizer):
     engine = ARImageEngine(model, tokenizer, device="cpu")
-    bad = [(GuidedRequest("", seed=0), "prompt"), (GuidedRequest("x", seed=-1), "seed"),
-           (GuidedRequest("x", seed=0, n=0), "n"), (GuidedRequest("x", seed=0, truncation=0.0), "truncation"),
-           (GuidedRequest("x", seed=0, guidance_scale=-1.0), "guidance_scale"),
-           (GuidedRequest("x", seed=0, guidance_scale=float("nan")), "guidance_scale"),
-           (GuidedRequest("a " * 40, seed=0), "prompt")]
+    bad = [(ImageRequest("", seed=0), "prompt"), (ImageRequest("x", seed=-1), "seed"),
+           (ImageRequest("x", seed=0, n=0), "n"), (ImageRequest("x", seed=0, truncation=0.0), "truncation"),
+           (ImageRequest("x", seed=0, guidance_scale=-1.0), "guidance_scale"),
+           (ImageRequest("x", seed=0, guidance_scale=float("nan")), "guidance_scale"),
+           (ImageRequest("x", seed=0, temperature=-0.5), "temperature"),
+           (ImageRequest("x", seed=0, top_k=-1), "top_k"),
+           (ImageRequest("a " * 40, seed=0), "prompt")]
     for req, param in bad:
         with pytest.raises(InvalidParameter) as e:
             engine.validate(req)

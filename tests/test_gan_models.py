@@ -117,7 +117,9 @@ def test_truncation_scales_latents():
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("n", 17), ("truncation", 0.0),
                                          ("truncation", 1.5), ("prompt", "  "),
-                                         ("prompt", "red " * 100), ("seed", -1)])
+                                         ("prompt", "red " * 100), ("seed", -1),
+                                         # a GAN has no sampler: refused, not ignored
+                                         ("guidance_scale", 2.0), ("temperature", 0.5), ("top_k", 5)])
 def test_validation(engine, field, value):
     req = ImageRequest("a red circle", seed=0)
     setattr(req, field, value)

@@ -54,6 +54,16 @@ def test_the_key_opens_every_route(guarded_server):
         assert httpx.get(url + path, headers=guarded_server.auth, timeout=30).status_code == 200
 
 
+def test_an_empty_ar_image_model_turns_the_optional_model_off(guarded_server):
+    """The store has ar_image, but AR_IMAGE_MODEL="" leaves it out: not listed, not served."""
+    names = [m["name"] for m in httpx.get(f"{guarded_server.url}/models", headers=guarded_server.auth,
+                                          timeout=30).json()["data"]]
+    assert sorted(names) == ["gan", "gpt"]
+    r = httpx.post(f"{guarded_server.url}/generate", json={"prompt": "a", "model": "ar_image"},
+                   headers=guarded_server.auth, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
 def test_openai_client_sends_the_key_as_bearer(guarded_server):
     good = openai.OpenAI(base_url=f"{guarded_server.url}/v1", api_key=guarded_server.key, max_retries=0)
     assert good.completions.create(model="gpt", prompt="Hi", max_tokens=2, seed=3).choices[0].text is not None

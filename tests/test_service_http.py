@@ -79,7 +79,7 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 def models(client: httpx.Client) -> dict[str, dict]:
     r = client.get("/models")
     assert r.status_code == 200
-    return {m["kind"]: m for m in r.json()["data"]}
+    return {m["name"]: m for m in r.json()["data"]}
 
 
 # ---- health and models ------------------------------------------------------------------
@@ -89,16 +89,17 @@ def test_ready_and_live(client):
     assert client.get("/livez").status_code == 200
 
 
-def test_models_describe_both_store_entries(models):
-    assert set(models) == {"text", "image"}
-    for kind, family in (("text", "gpt"), ("image", "gan")):
-        m = models[kind]
-        assert m["family"] == family and m["name"] == family
-        assert m["id"].startswith(f"{family}:") and len(m["id"]) > len(family) + 1
+def test_models_describe_every_store_entry(models):
+    assert set(models) == {"gpt", "gan", "ar_image"}
+    for name, kind in (("gpt", "text"), ("gan", "image"), ("ar_image", "image")):
+        m = models[name]
+        assert m["family"] == name and m["kind"] == kind
+        assert m["id"].startswith(f"{name}:") and len(m["id"]) > len(name) + 1
         assert isinstance(m["dataset"], str) and m["dataset"]
         assert isinstance(m["created"], int) and m["created_at"].endswith("Z")
         assert isinstance(m["metrics"], dict) and m["metrics"]
-    assert models["image"]["image_size"] > 0
+    assert models["gan"]["image_size"] > 0 and models["ar_image"]["image_size"] > 0
+    assert models["ar_image"]["evaluations_per_image"] > 0
 
 
 # ---- /complete --------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def test_complete_shape_and_usage(client, models):
     r = client.post("/complete", json={"prompt": "The", "max_tokens": 5, "n": 2, "seed": 11})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == models["text"]["id"] and body["seed"] == 11
+    assert body["model"] == models["gpt"]["id"] and body["seed"] == 11
     assert body["id"] and isinstance(body["created"], int)
     assert [c["index"] for c in body["choices"]] == [0, 1]
     for c in body["choices"]:
@@ -193,11 +194,11 @@ def test_stream_client_disconnect_leaves_the_server_healthy(client, server):
 # ---- /generate --------------------------------------------------------------------------
 
 def test_generate_b64_images_decode_with_the_right_size_and_count(client, models):
-    size = models["image"]["image_size"]
+    size = models["gan"]["image_size"]
     r = client.post("/generate", json={"prompt": "a red circle", "n": 3, "seed": 5})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["seed"] == 5 and body["model"] == models["image"]["id"]
+    assert body["seed"] == 5 and body["model"] == models["gan"]["id"]
     assert [im["seed"] for im in body["images"]] == [5, 6, 7]
     for im in body["images"]:
         png = base64.b64decode(im["b64_json"])
@@ -212,7 +213,7 @@ def test_generate_png_bytes_carry_parameters_and_reproduce(client, models):
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "42"
     params = png_parameters(r.content)
-    assert params == {"prompt": "blue square", "seed": 42, "model": models["image"]["id"], "truncation": 0.7}
+    assert params == {"prompt": "blue square", "seed": 42, "model": models["gan"]["id"], "truncation": 0.7}
     # Re-running the stored parameters gives the same pixels.
     again = client.post("/generate", json={"prompt": params["prompt"], "seed": params["seed"],
                                            "truncation": params["truncation"], "response_format": "png"})
@@ -246,6 +247,25 @@ def test_concurrent_image_requests_share_batches_without_changing_results(client
     assert 1 <= d("condgen_batch_size_count") <= len(reqs)
 
 
+def test_generate_with_the_autoregressive_model(client, models):
+    """`model` picks the AR model; its sampler fields reach it, land in the PNG and reproduce."""
+    ar = models["ar_image"]
+    req = {"model": "ar_image", "prompt": "a red circle", "n": 2, "seed": 3, "guidance_scale": 2.0,
+           "temperature": 0.8, "top_k": 8}
+    body = client.post("/generate", json=req).json()
+    assert body["model"] == ar["id"] and [im["seed"] for im in body["images"]] == [3, 4]
+    pngs = [base64.b64decode(im["b64_json"]) for im in body["images"]]
+    assert decode_png(pngs[0]).shape == (ar["image_size"], ar["image_size"], 3)
+    assert png_parameters(pngs[1]) == {"prompt": "a red circle", "seed": 4, "model": ar["id"], "truncation": 1.0,
+                                       "guidance_scale": 2.0, "temperature": 0.8, "top_k": 8}
+    again = client.post("/generate", json={**req, "model": ar["id"]}).json()  # the full tag works too
+    assert [im["b64_json"] for im in again["images"]] == [im["b64_json"] for im in body["images"]]
+    # Greedy (temperature 0) makes the seed irrelevant: a check that the field reaches the sampler.
+    greedy = [client.post("/generate", json={"model": "ar_image", "prompt": "a blue square", "seed": s,
+                                             "temperature": 0, "response_format": "png"}).content for s in (1, 2)]
+    assert np.array_equal(decode_png(greedy[0]), decode_png(greedy[1]))
+
+
 # ---- errors -----------------------------------------------------------------------------
 
 BAD_REQUESTS = [
@@ -269,6 +289,13 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "a", "response_format": "jpeg"}, 400, "response_format"),
     ("/generate", {"prompt": "a", "truncation": -1}, 400, "truncation"),
     ("/generate", {"prompt": "a", "model": "gpt"}, 400, "model"),
+    ("/generate", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
+    ("/generate", {"prompt": "a", "guidance_scale": 2}, 400, "guidance_scale"),  # the GAN has no sampler
+    ("/generate", {"prompt": "a", "model": "gan", "top_k": 3}, 400, "top_k"),
+    ("/generate", {"prompt": "a", "model": "ar_image", "guidance_scale": -1}, 400, "guidance_scale"),
+    ("/generate", {"prompt": "a", "model": "ar_image", "guidance_scale": 21}, 400, "guidance_scale"),
+    ("/generate", {"prompt": "a", "model": "ar_image", "temperature": -0.1}, 400, "temperature"),
+    ("/generate", {"prompt": "a", "model": "ar_image", "truncation": 0}, 400, "truncation"),
     ("/generate", {"prompt": "  "}, 400, "prompt"),
     ("/generate", {"prompt": "many words " * 500}, 400, "prompt"),  # too long in tokens
     ("/v1/completions", {"prompt": "a"}, 400, "model"),

@@ -20,7 +20,7 @@ def oai(server) -> openai.OpenAI:
 
 def test_models_list(oai):
     ids = [m.id for m in oai.models.list()]
-    assert len(ids) == 2 and {i.split(":")[0] for i in ids} == {"gpt", "gan"}
+    assert len(ids) == 3 and {i.split(":")[0] for i in ids} == {"gpt", "gan", "ar_image"}
 
 
 def test_completions(oai):
@@ -59,6 +59,13 @@ def test_images(oai):
         with Image.open(io.BytesIO(png)) as im:
             assert im.format == "PNG" and im.size[0] == im.size[1] > 0
         assert png_parameters(png)["seed"] == 77 + i
+
+
+def test_images_from_the_autoregressive_model(oai):
+    r = oai.images.generate(model="ar_image", prompt="a red square", n=1, size=None,
+                            extra_body={"seed": 5, "guidance_scale": 1.5})
+    params = png_parameters(base64.b64decode(r.data[0].b64_json))
+    assert params["model"].startswith("ar_image:") and params["seed"] == 5 and params["guidance_scale"] == 1.5
 
 
 def test_errors_raise_the_usual_exceptions(oai):
