@@ -5,8 +5,9 @@ a waiting queue, and a scheduler that runs one step at a time:
 
   1. drop cancelled requests (their slots are free at once);
   2. admit waiting requests while slots and the step's token budget allow;
-  3. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget;
-     a prompt is prefilled once and its cache copied into the slots of its n choices;
+  3. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget,
+     all of the step's chunks in one forward pass; a prompt is prefilled once and its cache
+     copied into the slots of its n choices;
   4. sample one token for every decoding sequence, release text, retire finished ones;
   5. one forward pass over the live slots computes everyone's next logits.
 
@@ -160,28 +161,44 @@ class ContinuousEngine:
             self.prefilling.append(group)
 
     def _prefill(self, budget: int, events: list[StreamEvent]) -> int:
-        """Prefill chunks in admission order; a finished prompt is copied into its n slots."""
-        for group in list(self.prefilling):
+        """Prefill the next chunk of each prompt, in admission order and within the budget,
+        all in one forward pass (right-padded); a finished prompt's cache is copied into the
+        slots of its n choices."""
+        chunks: list[tuple[_Group, int, int]] = []  # (group, start, end)
+        for group in self.prefilling:
             if budget <= 0:
                 break
             start = group.prefilled
             end = min(len(group.prompt), start + self.cfg.prefill_chunk, start + budget)
-            slot = group.seqs[0].slot
-            idx = torch.tensor([group.prompt[start:end]], device=self.device)  # (1, T)
-            pos = torch.arange(start, end, device=self.device).unsqueeze(0)  # (1, T)
-            mask = (torch.arange(end, device=self.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (1, 1, T, end)
-            logits = self.model.forward_cached(idx, pos, mask, rows=slice(slot, slot + 1))
+            chunks.append((group, start, end))
             budget -= end - start
+        if not chunks:
+            return budget
+        T = max(end - start for _, start, end in chunks)
+        last_slot = self.engine.block_size - 1
+        idx = torch.zeros(len(chunks), T, dtype=torch.long)
+        pos = torch.full((len(chunks), T), last_slot)  # padding writes where nothing is read yet
+        for i, (group, start, end) in enumerate(chunks):
+            idx[i, :end - start] = torch.tensor(group.prompt[start:end])
+            pos[i, :end - start] = torch.arange(start, end)
+        kv_len = max(end for _, _, end in chunks)
+        idx, pos = idx.to(self.device), pos.to(self.device)
+        mask = (torch.arange(kv_len, device=self.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (G, 1, T, kv)
+        rows = torch.tensor([group.seqs[0].slot for group, _, _ in chunks], device=self.device)
+        logits = self.model.forward_cached(idx, pos, mask, rows=rows)  # (G, T, V)
+        for i, (group, start, end) in enumerate(chunks):
             group.prefilled = end
-            if end == len(group.prompt):
-                self.prefilling.remove(group)
-                for seq in group.seqs:
-                    if seq.slot != slot:
-                        self.model.copy_cache_row(slot, seq.slot, end)
-                    self.pending[seq.slot] = logits[0, -1].float()
-                    self.decoding[seq.slot] = (group, seq)
-                    if group.req.echo:
-                        events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))
+            if end < len(group.prompt):
+                continue
+            self.prefilling.remove(group)
+            slot = group.seqs[0].slot
+            for seq in group.seqs:
+                if seq.slot != slot:
+                    self.model.copy_cache_row(slot, seq.slot, end)
+                self.pending[seq.slot] = logits[i, end - start - 1].float()
+                self.decoding[seq.slot] = (group, seq)
+                if group.req.echo:
+                    events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))
         return budget
 
     def _sample(self, events: list[StreamEvent]) -> None:

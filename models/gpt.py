@@ -49,9 +49,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
-               rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, T, D) at positions pos (B, T) of cache rows `rows` (a view, so the
-        write lands in the buffer); return those rows' first kv_len slots."""
+               rows: slice | Tensor = slice(None)) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at positions pos (B, T) of cache rows `rows`; return those
+        rows' first kv_len slots. A slice of rows is written through a view (decoding); a
+        tensor of B row indices, scattered rows, is written by indexing (a few prompts
+        prefilled together) and read back as a copy."""
+        if isinstance(rows, Tensor):
+            heads = torch.arange(k.size(1), device=k.device)[None, :, None]
+            where = (rows[:, None, None], heads, pos[:, None, :])  # (B, H, T) each, broadcast
+            self.k[where], self.v[where] = k, v
+            return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
         k_rows, v_rows = self.k[rows], self.v[rows]
         index = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
         k_rows.scatter_(2, index, k)
@@ -74,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, rows: slice = slice(None)) -> Tensor:
+                mask: Tensor | None = None, rows: slice | Tensor = slice(None)) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -109,7 +116,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, rows: slice = slice(None)) -> Tensor:
+                mask: Tensor | None = None, rows: slice | Tensor = slice(None)) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache, pos, mask, rows)  # pre-LayerNorm
         return x + self.mlp(self.ln_2(x))
 
@@ -176,9 +183,10 @@ class GPT(nn.Module):
             cache.k[dst, :, :length] = cache.k[src, :, :length]
             cache.v[dst, :, :length] = cache.v[src, :, :length]
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor, rows: slice = slice(None)) -> Tensor:
+    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor,
+                       rows: slice | Tensor = slice(None)) -> Tensor:
         """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend;
-        `rows`: which cache rows these B sequences own (default: all).
+        `rows`: which cache rows these B sequences own (default: all; a slice, or B indices).
 
         Each row keeps its own length: a row writes its keys at its own positions, and the
         mask lets a query see only slots at or before its position, so the stale slots past

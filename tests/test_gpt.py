@@ -46,6 +46,31 @@ def test_kv_cache_logits_equal_full_recompute_with_ragged_rows():
             positions = positions + 1
 
 
+def test_prefill_into_scattered_cache_rows_by_index():
+    """Prompts prefilled together into cache rows given as indices (3 and 1 of 5) equal each
+    prompt alone, and the rows then decode from there; other rows are left untouched."""
+    m = tiny()
+    prompts = [torch.randint(0, 97, (6,)), torch.randint(0, 97, (4,))]
+    with torch.no_grad():
+        m.setup_caches(5, 48)
+        for c in m.caches:
+            c.k.fill_(7.0)
+        untouched = m.caches[0].k[[0, 2, 4]].clone()
+        idx = torch.stack([prompts[0], torch.cat([prompts[1], torch.zeros(2, dtype=torch.long)])])
+        pos = torch.stack([torch.arange(6), torch.tensor([0, 1, 2, 3, 47, 47])])  # padding -> last slot
+        mask = (torch.arange(6) <= pos[..., None])[:, None]
+        logits = m.forward_cached(idx, pos, mask, rows=torch.tensor([3, 1]))
+        assert torch.equal(m.caches[0].k[[0, 2, 4]], untouched)
+        for i, (p, row) in enumerate(zip(prompts, (3, 1))):
+            full = m(p[None])[0][0]
+            torch.testing.assert_close(logits[i, :len(p)], full, atol=1e-5, rtol=1e-5)
+            nxt = torch.randint(0, 97, (1, 1))
+            n = len(p)
+            step = m.forward_cached(nxt, torch.tensor([[n]]), (torch.arange(n + 1) <= n)[None, None, None],
+                                    rows=slice(row, row + 1))[0, 0]
+            torch.testing.assert_close(step, m(torch.cat([p, nxt[0]])[None])[0][0, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_hf_gpt2_import_matches_transformers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
