@@ -100,6 +100,7 @@ IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward 
 IMAGE_MAX_QUEUE = _env_int("CONDGEN_MAX_QUEUE", 256)  # images waiting for the engine, beyond it 429
 BATCH_WAIT_S = _env_float("CONDGEN_BATCH_WAIT_MS", 10.0) / 1000  # linger for requests sent together
 ACCESS_LOG = os.environ.get("CONDGEN_ACCESS_LOG", "1") != "0"  # one log line per request
+WORKERS = _env_int("CONDGEN_WORKERS", 1)  # server processes, each with its own models and batchers
 TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # 0 = torch's default (one per core)
 MAX_BODY_BYTES = 1 << 20
 
@@ -315,6 +316,7 @@ def _pick_seed(seed: int | None) -> int:
 @bentoml.asgi_app(routes, path="/")
 @bentoml.service(
     name="generation",
+    workers=WORKERS,
     traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
     logging={"access": {"enabled": ACCESS_LOG}},
 )

@@ -1,0 +1,58 @@
+"""CONDGEN_WORKERS=2: two server processes behind one port, each with its own models and
+batchers; answers stay reproducible and /metrics adds up what both workers did."""
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import _stop, launch_server, wait_ready
+from test_service_http import decode_png
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_workers(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("workers") / "serve.log"
+    proc, srv = launch_server(bentoml_home, log, {"CONDGEN_WORKERS": "2", "CONDGEN_TORCH_THREADS": "1"})
+    try:
+        wait_ready(proc, srv)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+def _counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+def test_two_workers_answer_alike_and_count_together(two_workers):
+    url = two_workers.url
+    images_before = _counter(url, "condgen_images_total")
+    tokens_before = _counter(url, "condgen_generated_tokens_total")
+    image_req = {"prompt": "a red circle", "n": 2, "seed": 11}
+    text_req = {"prompt": "The", "max_tokens": 5, "seed": 3, "temperature": 0.9}
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda _: httpx.post(f"{url}/generate", json=image_req, timeout=120), range(8)))
+        texts = list(pool.map(lambda _: httpx.post(f"{url}/complete", json=text_req, timeout=120), range(8)))
+    assert all(r.status_code == 200 for r in images + texts)
+    assert two_workers.log.read_text(errors="replace").count("loaded gpt:") == 2  # one per worker
+    # Whichever worker answered, the same seed gives the same image (up to float rounding
+    # between batch shapes, as in test_service_http) and the same text.
+    pixels = [[decode_png(base64.b64decode(im["b64_json"])).astype(int) for im in r.json()["images"]]
+              for r in images]
+    for other in pixels[1:]:
+        for a, b in zip(pixels[0], other):
+            diff = np.abs(a - b)
+            assert diff.max() <= 2 and (diff > 0).mean() < 0.01
+    assert len({r.json()["choices"][0]["text"] for r in texts}) == 1
+    assert _counter(url, "condgen_images_total") - images_before == 16
+    generated = sum(r.json()["usage"]["completion_tokens"] for r in texts)
+    assert _counter(url, "condgen_generated_tokens_total") - tokens_before == generated
