@@ -29,18 +29,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.artifacts import load_model_dir
+from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
 from models.image_engine import ImageRequest, check_image_request
 from models.sampling import SamplingBatch, SamplingParams, sample
-from models.text_encoder import TextEncoder, TextEncoderConfig, encode_prompts
+from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
 
 MAX_GUIDANCE = 20.0
 
 
 @dataclass
-class ARImageConfig:
+class ARImageConfig(PromptModelConfig):
     image_size: int = 32
     patch: int = 2             # token side in pixels: 1 = colour palette, 2 = 2×2 patch code book
     codebook: int = 64         # code-book entries (the image vocabulary)
@@ -74,18 +75,8 @@ class ARImageConfig:
     def token_dim(self) -> int:
         return 3 * self.patch ** 2
 
-    @property
-    def text(self) -> TextEncoderConfig:
-        return TextEncoderConfig(self.vocab_size, self.context, self.text_dim, self.text_layers,
-                                 self.text_heads)
-
     def to_dict(self) -> dict[str, Any]:
         return {"family": "ar_image", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ARImageConfig":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ------------------------------------------------------------------ the code book (k-means)
@@ -363,9 +354,7 @@ class ARImageEngine:
     def __init__(self, model: ARImageModel, tokenizer: Tokenizer, device: str = "auto",
                  guidance_scale: float | None = None):
         """guidance_scale: the default for requests that name none (None: the model's config)."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cfg: ARImageConfig = model.cfg

@@ -23,15 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from models.artifacts import load_model_dir
+from models.engine import pick_device
 from models.image_engine import ImageRequest, check_image_request, to_uint8
-from models.text_encoder import TextEncoder, TextEncoderConfig, encode_prompts
+from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
 
 PRIORS = ("standard", "fitted")
 
 
 @dataclass
-class AEConfig:
+class AEConfig(PromptModelConfig):
     image_size: int = 32
     z_dim: int = 32
     ch: int = 32              # channels at 16×16, doubled at each halving
@@ -47,18 +48,8 @@ class AEConfig:
         if self.image_size != 32:
             raise ValueError(f"image_size must be 32, got {self.image_size}")
 
-    @property
-    def text(self) -> TextEncoderConfig:
-        return TextEncoderConfig(self.vocab_size, self.context, self.text_dim, self.text_layers,
-                                 self.text_heads)
-
     def to_dict(self) -> dict[str, Any]:
         return {"family": "autoencoder", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AEConfig":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -143,9 +134,7 @@ class LatentEngine:
                  device: str = "auto"):
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.prior = prior

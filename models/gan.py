@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.text_encoder import PromptModelConfig, TextEncoder
 
 
 @dataclass
-class GANConfig:
+class GANConfig(PromptModelConfig):
     image_size: int = 32
     z_dim: int = 64
     g_ch: int = 32          # generator channels at full resolution, doubled per halving (≤ 8×)
@@ -40,21 +40,11 @@ class GANConfig:
         if self.image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, got {self.image_size}")
 
-    @property
-    def text(self) -> TextEncoderConfig:
-        return TextEncoderConfig(self.vocab_size, self.context, self.text_dim,
-                                 self.text_layers, self.text_heads)
-
     def channels(self, base: int, res: int) -> int:
         return base * min(8, self.image_size // res)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GANConfig":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class FiLM(nn.Module):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from models.artifacts import load_model_dir
+from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
 from models.text_encoder import encode_prompts
@@ -76,9 +77,7 @@ class ImageEngine:
     tag: str = ""
 
     def __init__(self, generator: Generator, tokenizer: Tokenizer, device: str = "auto"):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.generator = generator.to(self.device).eval()
         self.tokenizer = tokenizer
         self.cfg: GANConfig = generator.cfg

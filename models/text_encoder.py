@@ -8,6 +8,7 @@ features (for cross-attention), so "red circle and blue square" can bind words t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,27 @@ class TextEncoderConfig:
     dim: int = 128
     n_layer: int = 1
     n_head: int = 4
+
+
+class PromptModelConfig:
+    """What the configs of prompt-conditioned image models share: their text encoder's
+    settings (fields vocab_size, context, text_dim, text_layers, text_heads) and loading
+    from a saved config.json, whose extra keys (family, data, train) are ignored."""
+    vocab_size: int
+    context: int
+    text_dim: int
+    text_layers: int
+    text_heads: int
+
+    @property
+    def text(self) -> TextEncoderConfig:
+        return TextEncoderConfig(self.vocab_size, self.context, self.text_dim, self.text_layers,
+                                 self.text_heads)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class TextEncoder(nn.Module):

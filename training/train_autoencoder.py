@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
+from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import Dist, atomic_save, cosine_lr, load_checkpoint, parse_config
 from training.evaluate import evaluate_generator, load_or_train_evaluator
@@ -114,8 +115,7 @@ def train(cfg: AETrainConfig) -> Path:
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     data, shapes = load_data(cfg)
     tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device))
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
