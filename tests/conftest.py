@@ -75,30 +75,10 @@ class Server:
 @pytest.fixture(scope="session")
 def server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`bentoml serve` as a real subprocess; yields once /readyz answers 200."""
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "CONDGEN_BATCH_WAIT_MS": "20"}
-    with open(log, "w") as fh:
-        # Its own session (process group), so that shutting down reaches the workers too.
-        proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", log)
+    proc, srv = launch_server(bentoml_home, log, {})
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{srv.log_tail()}")
-            if "loading the models failed" in log.read_text(errors="replace"):
-                raise RuntimeError(f"the service could not load its models:\n{srv.log_tail(8000)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"/readyz not 200 after {READY_TIMEOUT_S}s:\n{srv.log_tail()}")
-            try:
-                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_ready(proc, srv)
         yield srv
     finally:
         _stop(proc)
@@ -145,6 +125,7 @@ def launch_server(home: Path, log: Path, env_extra: dict[str, str]) -> tuple[sub
     home = private_home(home, log.parent / "bentoml_home")
     env = {**os.environ, "BENTOML_HOME": str(home), "CONDGEN_BATCH_WAIT_MS": "20", **env_extra}
     with open(log, "w") as fh:
+        # Its own session (process group), so that shutting down reaches the workers too.
         proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
