@@ -32,7 +32,7 @@ from models.artifacts import load_model_dir
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
-from models.image_engine import ImageRequest, check_image_request
+from models.image_engine import ImageRequest, check_image_request, per_request
 from models.sampling import SamplingBatch, SamplingParams, sample
 from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
@@ -374,7 +374,7 @@ class ARImageEngine:
         return self.cfg.seq_len * (1 if s == 1 else 2)
 
     def validate(self, req: ImageRequest) -> None:
-        check_image_request(req, self.tokenizer, self.cfg.context)
+        check_image_request(req, self.tokenizer, self.cfg.context, sampler=True)
         s = req.guidance_scale
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))
                               or not math.isfinite(s) or not 0 <= s <= MAX_GUIDANCE):
@@ -407,9 +407,4 @@ class ARImageEngine:
         null = self.model.text_context(null_ids, null_mask).repeat(torch.zeros_like(rep))
         tokens = sample_tokens(self.model, ctx, null, params, generators, scale)  # (N, L)
         images = decode_tokens(tokens, self.model.codebook, self.cfg.patch)   # (N, 3, S, S)
-        flat = images.permute(0, 2, 3, 1).cpu().numpy()                       # (N, S, S, 3)
-        out, start = [], 0
-        for n in counts:
-            out.append(list(flat[start:start + n]))
-            start += n
-        return out
+        return per_request(images.permute(0, 2, 3, 1).cpu().numpy(), requests)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from models.artifacts import load_model_dir
 from models.engine import pick_device
-from models.image_engine import ImageRequest, check_image_request, to_uint8
+from models.image_engine import ImageRequest, check_image_request, per_request, to_uint8
 from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
 
@@ -169,9 +169,4 @@ class LatentEngine:
                                    self.device)                               # (R, T)
         rep = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(self.device)
         images = self.model.decode(self.latents(requests), ids[rep], mask[rep])  # (N, 3, S, S)
-        flat = to_uint8(images).cpu().numpy()
-        out, start = [], 0
-        for n in counts:
-            out.append(list(flat[start:start + n]))
-            start += n
-        return out
+        return per_request(to_uint8(images).cpu().numpy(), requests)

@@ -56,8 +56,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int) -> None:
-    """The ImageRequest fields every image engine checks the same way."""
+def per_request(images: np.ndarray, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
+    """Split (sum of n, H, W, 3) images, in request order, into one list per request."""
+    ends = np.cumsum([r.n for r in requests])[:-1]
+    return [list(chunk) for chunk in np.split(images, ends)]
+
+
+def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, sampler: bool = False) -> None:
+    """The ImageRequest fields every image engine checks the same way. An engine without a
+    sampler (`sampler=False`: one pass from a latent) refuses the sampler fields rather than
+    ignore them."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidParameter("prompt", "must be a non-empty string")
     n_tokens = len(tokenizer.encode(req.prompt))
@@ -71,6 +79,9 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int) -
     t = req.truncation
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
         raise InvalidParameter("truncation", "must be a number in (0, 1]")
+    if not sampler and (fields := req.sampler_fields()):
+        raise InvalidParameter(fields[0], "applies to autoregressive image models only; this model draws "
+                                          "an image in one pass (use truncation)")
 
 
 class ImageEngine:
@@ -91,9 +102,6 @@ class ImageEngine:
 
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context)
-        if fields := req.sampler_fields():
-            raise InvalidParameter(fields[0], "applies to autoregressive image models only; this is a GAN "
-                                              "(it draws an image in one pass, use truncation)")
 
     @torch.inference_mode()
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:
@@ -110,9 +118,4 @@ class ImageEngine:
         counts = torch.tensor([r.n for r in requests], device=self.device)
         rep = torch.repeat_interleave(torch.arange(len(requests), device=self.device), counts)
         images = self.generator.synthesize(z, vec[rep], tokens[rep], mask[rep])  # (N, 3, S, S)
-        flat = to_uint8(images).cpu().numpy()                                 # (N, S, S, 3)
-        out, start = [], 0
-        for r in requests:
-            out.append(list(flat[start:start + r.n]))
-            start += r.n
-        return out
+        return per_request(to_uint8(images).cpu().numpy(), requests)
