@@ -34,11 +34,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from models.ar_image import ARImageEngine
 from models.artifacts import ArtifactError
 from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, StreamEvent, TextEngine, TokenLogprob
 from models.errors import InvalidParameter
-from models.ar_image import ARImageEngine
 from models.image_engine import ImageEngine, ImageRequest
 from models.sampling import SamplingParams
 from service.batching import Job, MicroBatcher, fail
