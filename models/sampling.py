@@ -42,24 +42,32 @@ class SamplingParams:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors, built once per batch."""
+    """Per-row sampling parameters as tensors, built once per batch, and which of the optional
+    steps any row needs, as plain bools: checking a tensor every decode step costs a device
+    round trip, and the sort that top-p needs is the most expensive part of sampling."""
     temperature: Tensor  # (B, 1)
     top_k: Tensor  # (B, 1) long, 0 = off
     top_p: Tensor  # (B, 1)
     min_p: Tensor  # (B, 1)
     repetition_penalty: Tensor  # (B, 1)
+    uses: frozenset[str] = frozenset()  # of "top_k", "top_p", "min_p", "repetition_penalty"
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
         def col(name: str, dtype: torch.dtype) -> Tensor:
             return torch.tensor([[getattr(p, name)] for p in params], dtype=dtype, device=device)
+        off = SamplingParams()
+        uses = frozenset(name for name in ("top_k", "top_p", "min_p", "repetition_penalty")
+                         if any(getattr(p, name) != getattr(off, name) for p in params))
         return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
-                   col("min_p", torch.float32), col("repetition_penalty", torch.float32))
+                   col("min_p", torch.float32), col("repetition_penalty", torch.float32), uses)
 
     def select(self, rows: Tensor) -> "SamplingBatch":
-        """Keep only `rows` (when finished sequences leave the batch)."""
+        """Keep only `rows` (when finished sequences leave the batch). `uses` stays as it was:
+        a step that no remaining row needs is a no-op for them."""
         return SamplingBatch(*(t.index_select(0, rows) for t in
-                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)))
+                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)),
+                             self.uses)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -71,27 +79,26 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
     """Set to -inf every logit that top-k, then top-p (on the renormalised rest), then min-p removes.
 
-    logits (B, V); top_k (B, 1) long, 0 = off; top_p, min_p (B, 1). The best token always
-    survives. Each filter runs only when some row uses it: the full sort that top-p needs is
-    the most expensive step of sampling.
+    logits (B, V); per row, top_k 0 = off, top_p 1 = off, min_p 0 = off. The best token
+    always survives. Each filter runs only when some row uses it (`params.uses`).
     """
-    out = logits
-    if bool((top_k > 0).any()):
-        k_max = min(int(top_k.max()), logits.size(-1))
+    out, top_k, top_p, min_p = logits, params.top_k, params.top_p, params.min_p
+    if "top_k" in params.uses:
+        k_max = min(max(int(top_k.max()), 1), logits.size(-1))  # ≥ 1: rows that used it may have left
         best = logits.topk(k_max, dim=-1).values  # (B, k_max), descending
         kth = best.gather(1, (top_k.clamp(1, k_max) - 1))  # (B, 1): each row's k-th best logit
         out = out.masked_fill((top_k > 0) & (logits < kth), float("-inf"))
-    if bool((top_p < 1).any()):
+    if "top_p" in params.uses:
         sorted_logits, order = out.sort(dim=-1, descending=True, stable=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
         remove = (top_p < 1) & (mass_before >= top_p)  # keeps the token that crosses top_p
         remove[:, 0] = False
         out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
-    if bool((min_p > 0).any()):
+    if "min_p" in params.uses:
         probs = out.softmax(dim=-1)
         out = out.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return out
@@ -117,11 +124,11 @@ def draw_uniforms(generators: list[torch.Generator]) -> Tensor:
 def sample(logits: Tensor, params: SamplingBatch, generators: list[torch.Generator],
            seen: Tensor | None = None) -> Tensor:
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
-    if seen is not None and bool((params.repetition_penalty != 1).any()):
+    if seen is not None and "repetition_penalty" in params.uses:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     greedy = params.temperature.squeeze(-1) == 0  # (B,)
     tempered = logits / params.temperature.clamp(min=1e-6)
-    filtered = filter_logits(tempered, params.top_k, params.top_p, params.min_p)
+    filtered = filter_logits(tempered, params)
     probs = filtered.softmax(dim=-1)
     uniforms = draw_uniforms(generators).to(logits.device)  # drawn for greedy rows too: streams stay aligned
     drawn = inverse_cdf_sample(probs, uniforms)

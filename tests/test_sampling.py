@@ -15,7 +15,7 @@ def batch(**kw) -> SamplingBatch:
 
 def kept(logits, **kw):
     b = batch(**kw)
-    return torch.isfinite(filter_logits(logits, b.top_k, b.top_p, b.min_p))[0].nonzero().flatten().tolist()
+    return torch.isfinite(filter_logits(logits, b))[0].nonzero().flatten().tolist()
 
 
 def test_top_k_keeps_the_k_best():
@@ -42,7 +42,7 @@ def test_min_p_is_relative_to_the_best_token():
 def test_filters_differ_per_row():
     logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     b = SamplingBatch.from_params([SamplingParams(top_k=1), SamplingParams(top_k=0)])
-    out = filter_logits(logits, b.top_k, b.top_p, b.min_p)
+    out = filter_logits(logits, b)
     assert torch.isfinite(out).sum(dim=1).tolist() == [1, 3]
 
 
@@ -95,3 +95,16 @@ def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         SamplingParams(**{field: value}).validate()
     assert e.value.param == field and isinstance(e.value, ValueError)
+
+
+def test_filters_still_run_after_the_rows_that_used_them_left():
+    """`uses` is fixed per batch: once the top-k/top-p rows have left, the filters must be
+    no-ops for the rest rather than fail (top-k of 0 tokens) or change their draws."""
+    logits = torch.randn(1, 20, generator=torch.Generator().manual_seed(0))
+    both = SamplingBatch.from_params([SamplingParams(top_k=5, top_p=0.5), SamplingParams()])
+    rest = both.select(torch.tensor([1]))
+    assert rest.uses == {"top_k", "top_p"}
+    plain = batch()
+    assert torch.equal(filter_logits(logits, rest), filter_logits(logits, plain))
+    draw = lambda b: sample(logits, b, [torch.Generator().manual_seed(3)])
+    assert torch.equal(draw(rest), draw(plain))
