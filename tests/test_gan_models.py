@@ -9,7 +9,7 @@ import torch
 from models.artifacts import ArtifactError, save_model_dir
 from models.errors import InvalidParameter
 from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
-                        g_hinge_loss)
+                        g_hinge_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest, latents, to_uint8
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
@@ -63,6 +63,28 @@ def test_losses_and_augmentation_are_differentiable(tokenizer):
     assert torch.isfinite(d_hinge_loss(real, real, real))
     with pytest.raises(ValueError, match="unknown augmentation"):
         diff_augment(fake, "color")
+
+
+def test_r1_penalty_is_the_squared_input_gradient():
+    """For a linear D(x) = Σ w·x the input gradient is w whatever x: γ/2 · ‖w‖², and the
+    penalty trains w (its gradient is γ·w)."""
+    w = torch.randn(3, 8, 8, requires_grad=True)
+    real = torch.randn(5, 3, 8, 8, requires_grad=True)
+    penalty = r1_penalty((real * w).sum(dim=(1, 2, 3)), real, gamma=0.5)
+    assert torch.allclose(penalty, 0.25 * w.detach().square().sum())
+    penalty.backward()
+    assert torch.allclose(w.grad, 0.5 * w.detach())
+
+
+def test_discriminator_with_spectral_norm(tokenizer):
+    cfg = tiny_config(d_spectral_norm=True)
+    D = Discriminator(cfg)
+    layers = [m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    normed = [m for m in layers if hasattr(m, "parametrizations")]
+    assert len(normed) == len(layers) - sum(1 for m in D.text.modules() if isinstance(m, torch.nn.Linear))
+    assert not any(hasattr(m, "parametrizations") for m in Discriminator(tiny_config()).modules())
+    ids, mask = encode_prompts(tokenizer, CAPTIONS[:2], cfg.context)
+    assert D(torch.zeros(2, 3, 32, 32), ids, mask).shape == (2,)
 
 
 def test_padding_does_not_change_a_prompts_vector(tokenizer):

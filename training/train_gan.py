@@ -1,9 +1,9 @@
 """Train the text-conditioned GAN: `python -m training.train_gan --preset small`.
 
 Hinge loss, a matching-aware discriminator (a real image with the wrong caption is
-fake), a contrastive image-caption term over the batch (XMC-GAN), DiffAugment on
-everything D sees, an EMA of the generator (what is evaluated and
-served). Every `eval_interval` steps the EMA generator is graded by the independent
+fake), a contrastive image-caption term over the batch (XMC-GAN), an R1 penalty on real
+images (lazy, every few steps), DiffAugment on everything D sees, an EMA of the generator
+(what is evaluated and served). Every `eval_interval` steps the EMA generator is graded by the independent
 evaluator (training.evaluate) and the run folder gets a sample grid (fixed prompts,
 fixed seeds) and a curves plot, so mode collapse shows up while it happens.
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models.artifacts import save_model_dir
 from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d_hinge_loss,
-                        diff_augment, g_hinge_loss)
+                        diff_augment, g_hinge_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
@@ -75,6 +75,11 @@ class GANTrainConfig(CaptionedDataConfig):
     lr_d: float = field(default=4e-4, metadata={"help": "discriminator Adam learning rate"})
     beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (0 is usual for GANs)"})
     beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    d_spectral_norm: bool = field(default=False, metadata={
+        "help": "spectral norm on every D layer (then r1_gamma=0 is usual)"})
+    r1_gamma: float = field(default=0.1, metadata={
+        "help": "R1 gradient penalty on real images (StyleGAN2), 0 = off"})
+    r1_interval: int = field(default=4, metadata={"help": "steps between (lazy) R1 penalties"})
     contrastive: float = field(default=1.0, metadata={
         "help": "weight of the image-caption contrastive term in both losses (0 = off)"})
     augment: str = field(default="translation", metadata={
@@ -120,7 +125,7 @@ def load_data(cfg: GANTrainConfig) -> tuple[CaptionedImages, ShapesConfig | None
 def gan_config(cfg: GANTrainConfig) -> GANConfig:
     return GANConfig(image_size=cfg.image_size, z_dim=cfg.z_dim, g_ch=cfg.g_ch, d_ch=cfg.d_ch,
                      vocab_size=cfg.vocab_size, context=cfg.context, text_dim=cfg.text_dim,
-                     text_layers=cfg.text_layers)
+                     text_layers=cfg.text_layers, d_spectral_norm=cfg.d_spectral_norm)
 
 
 def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist) -> Tokenizer:
@@ -296,6 +301,9 @@ def train(cfg: GANTrainConfig) -> Path:
                               real_scores[:, B:].diagonal())
         if cfg.contrastive:
             d_loss = d_loss + cfg.contrastive * contrastive_loss(real_scores)
+        if cfg.r1_gamma and step % cfg.r1_interval == 0:
+            # Lazy regularisation (StyleGAN2): every r1_interval steps, weighted to match.
+            d_loss = d_loss + r1_loss(D_train, real, ids, mask, cfg) * cfg.r1_interval
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
@@ -345,6 +353,14 @@ def train(cfg: GANTrainConfig) -> Path:
                            step, history)
     teardown_distributed()
     return model_dir
+
+
+def r1_loss(D: torch.nn.Module, real: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+            cfg: GANTrainConfig) -> torch.Tensor:
+    """The R1 penalty on the batch's real images with their own captions, as D sees them
+    (augmented)."""
+    real = real.detach().requires_grad_(True)
+    return r1_penalty(D(diff_augment(real, cfg.augment), ids, mask), real, cfg.r1_gamma)
 
 
 def gather_rng(d: Dist) -> list[torch.Tensor]:
