@@ -7,8 +7,12 @@ Through HTTP, `concurrency` clients each send their next request as soon as the 
 answer arrives. The in-process baseline hands the engine batches of `concurrency` requests
 back to back: what perfect batching of that many waiting clients would achieve, with no
 HTTP, JSON, queueing or encoding. The ratio HTTP / in-process is the figure to watch
-(target >= 80 %). For reference the table also shows the engine called with one request
-at a time (what `concurrency` callers sharing one engine without a batcher would get).
+(target >= 80 %). For text the service does not run static batches but continuous batching,
+so text also gets the service's own engine in-process: `concurrency` closed-loop callers of
+the same continuous-batching engine (AsyncEngine, default scheduler settings) in one event
+loop, no HTTP; HTTP / that isolates what the HTTP layer costs. For reference the table also
+shows the engine called with one request at a time (what `concurrency` callers sharing one
+engine without a batcher would get).
 The two sides alternate in short rounds so that drifting machine load biases neither.
 Models come from the BentoML store (BENTOML_HOME), GPT_MODEL / GAN_MODEL as for the service.
 Note that the HTTP clients run on the same machine and take CPU from the server.
@@ -79,6 +83,36 @@ def in_process_text(engine, batch: int, seconds: float, max_tokens: int) -> Resu
         tokens += sum(c.completion_tokens for c in engine.complete(reqs))
         done += batch
     return Result(done, tokens, time.perf_counter() - start)
+
+
+def in_process_served_text(engine, concurrency: int, seconds: float, max_tokens: int) -> Result:
+    """The service's text path without HTTP: `concurrency` closed-loop callers of the
+    continuous-batching engine (models.continuous.AsyncEngine), as the service builds it."""
+    from models.continuous import AsyncEngine, ContinuousEngine, SchedulerConfig
+    from models.engine import CompletionRequest
+
+    served = AsyncEngine(ContinuousEngine(engine, SchedulerConfig()))
+    counter = {"requests": 0, "units": 0}
+
+    async def caller(w: int, start: float) -> None:
+        i = w
+        while time.perf_counter() - start < seconds:
+            req = CompletionRequest(prompt=f"Request {i}:", seed=i, max_tokens=max_tokens)
+            tokens = sum([ev.num_tokens async for ev in served.generate(req)])  # awaits: not inside +=
+            counter["units"] += tokens
+            counter["requests"] += 1
+            i += concurrency
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(w, start) for w in range(concurrency)))
+        return time.perf_counter() - start
+
+    try:
+        elapsed = asyncio.run(run())
+    finally:
+        served.shutdown()
+    return Result(counter["requests"], counter["units"], elapsed)
 
 
 def in_process_images(engine, batch: int, seconds: float, n: int) -> Result:
@@ -182,14 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
             if args.only not in (kind, "both"):
                 continue
             engine = load(args.device)
-            http, batched, single = [], [], []
+            http, batched, single, served = [], [], [], []
             # Interleaved short rounds: a machine whose load drifts (shared CPUs) biases neither side.
             for _ in range(args.rounds):
                 http.append(asyncio.run(over_http(url, path, make_body, count_units, c, secs)))
                 batched.append(local_run(engine, c))
                 single.append(local_run(engine, 1))
+                if kind == "text":
+                    served.append(in_process_served_text(engine, c, secs, args.max_tokens))
             del engine
-            report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single))
+            report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single),
+                                _sum(served) if served else None)
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -203,15 +240,25 @@ def _sum(results: list[Result]) -> Result:
     return Result(sum(r.requests for r in results), sum(r.units for r in results), sum(r.seconds for r in results))
 
 
-def _row(name: str, unit: str, http: Result, batched: Result, single: Result) -> dict:
-    ratio = http.ups / batched.ups if batched.ups else float("nan")
-    ratio_single = http.ups / single.ups if single.ups else float("nan")
+def _ratio(a: Result, b: Result) -> float:
+    return a.ups / b.ups if b.ups else float("nan")
+
+
+def _row(name: str, unit: str, http: Result, batched: Result, single: Result, served: Result | None) -> dict:
     print(f"{name:7s} HTTP {http.rps:7.1f} req/s {http.ups:8.1f} {unit}/s | in-process, batches of the same "
-          f"concurrency {batched.rps:7.1f} req/s {batched.ups:8.1f} {unit}/s -> HTTP/in-process {ratio:6.1%} | "
-          f"in-process one request per call {single.ups:8.1f} {unit}/s -> {ratio_single:6.1%}")
-    return {"http_rps": http.rps, f"http_{unit}_per_s": http.ups,
-            "inproc_batched_rps": batched.rps, f"inproc_batched_{unit}_per_s": batched.ups, "ratio": ratio,
-            f"inproc_single_{unit}_per_s": single.ups, "ratio_vs_single": ratio_single}
+          f"concurrency {batched.rps:7.1f} req/s {batched.ups:8.1f} {unit}/s -> HTTP/in-process "
+          f"{_ratio(http, batched):6.1%} | in-process one request per call {single.ups:8.1f} {unit}/s -> "
+          f"{_ratio(http, single):6.1%}")
+    row = {"http_rps": http.rps, f"http_{unit}_per_s": http.ups,
+           "inproc_batched_rps": batched.rps, f"inproc_batched_{unit}_per_s": batched.ups,
+           "ratio": _ratio(http, batched),
+           f"inproc_single_{unit}_per_s": single.ups, "ratio_vs_single": _ratio(http, single)}
+    if served is not None:
+        print(f"{'':7s} in-process, the service's continuous-batching engine, same concurrency "
+              f"{served.rps:7.1f} req/s {served.ups:8.1f} {unit}/s -> HTTP/in-process {_ratio(http, served):6.1%}")
+        row.update({"inproc_served_rps": served.rps, f"inproc_served_{unit}_per_s": served.ups,
+                    "ratio_vs_served": _ratio(http, served)})
+    return row
 
 
 if __name__ == "__main__":
