@@ -50,17 +50,19 @@ class SamplingBatch:
     top_p: Tensor  # (B, 1)
     min_p: Tensor  # (B, 1)
     repetition_penalty: Tensor  # (B, 1)
-    uses: frozenset[str] = frozenset()  # of "top_k", "top_p", "min_p", "repetition_penalty"
+    uses: frozenset[str] = frozenset()  # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty"
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
         def col(name: str, dtype: torch.dtype) -> Tensor:
             return torch.tensor([[getattr(p, name)] for p in params], dtype=dtype, device=device)
         off = SamplingParams()
-        uses = frozenset(name for name in ("top_k", "top_p", "min_p", "repetition_penalty")
-                         if any(getattr(p, name) != getattr(off, name) for p in params))
+        uses = {name for name in ("top_k", "top_p", "min_p", "repetition_penalty")
+                if any(getattr(p, name) != getattr(off, name) for p in params)}
+        if any(p.temperature == 0 for p in params):
+            uses.add("greedy")
         return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
-                   col("min_p", torch.float32), col("repetition_penalty", torch.float32), uses)
+                   col("min_p", torch.float32), col("repetition_penalty", torch.float32), frozenset(uses))
 
     def select(self, rows: Tensor) -> "SamplingBatch":
         """Keep only `rows` (when finished sequences leave the batch). `uses` stays as it was:
@@ -126,12 +128,14 @@ def sample(logits: Tensor, params: SamplingBatch, generators: list[torch.Generat
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
     if seen is not None and "repetition_penalty" in params.uses:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    greedy = params.temperature.squeeze(-1) == 0  # (B,)
     tempered = logits / params.temperature.clamp(min=1e-6)
     filtered = filter_logits(tempered, params)
     probs = filtered.softmax(dim=-1)
     uniforms = draw_uniforms(generators).to(logits.device)  # drawn for greedy rows too: streams stay aligned
     drawn = inverse_cdf_sample(probs, uniforms)
+    if "greedy" not in params.uses:
+        return drawn
+    greedy = params.temperature.squeeze(-1) == 0  # (B,)
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 

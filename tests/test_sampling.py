@@ -104,6 +104,7 @@ def test_filters_still_run_after_the_rows_that_used_them_left():
     both = SamplingBatch.from_params([SamplingParams(top_k=5, top_p=0.5), SamplingParams()])
     rest = both.select(torch.tensor([1]))
     assert rest.uses == {"top_k", "top_p"}
+    assert batch(temperature=0).uses == {"greedy"}
     plain = batch()
     assert torch.equal(filter_logits(logits, rest), filter_logits(logits, plain))
     draw = lambda b: sample(logits, b, [torch.Generator().manual_seed(3)])
