@@ -16,6 +16,7 @@ spectral norm, 98 % without), and a generator learns only what its discriminator
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -149,7 +150,7 @@ def _no_norm(module: nn.Module) -> nn.Module:
 class DBlock(nn.Module):
     """Two 3×3 convs, ×2 max-pool downsample, 1×1 skip."""
 
-    def __init__(self, cin: int, cout: int, sn=spectral_norm):
+    def __init__(self, cin: int, cout: int, sn: Callable[[nn.Module], nn.Module] = spectral_norm):
         super().__init__()
         self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1))
         self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1))

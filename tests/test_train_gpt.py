@@ -43,7 +43,8 @@ def test_torchrun_ddp_with_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "training.train_gpt", *TINY, f"--run_dir={tmp_path}"]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]  # the workers' traceback, if any
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 20 and metrics["val_loss"] < 7
 
