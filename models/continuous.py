@@ -208,10 +208,12 @@ class ContinuousEngine:
         rows = [self.decoding[s] for s in slots]
         index = torch.tensor(slots, device=self.device)
         params = SamplingBatch.from_params([g.req.sampling for g, _ in rows], self.device)
-        seen = self.seen.index_select(0, index)
+        penalised = "repetition_penalty" in params.uses  # only then is `seen` read or updated
+        seen = self.seen.index_select(0, index) if penalised else None
         want = max((g.req.logprobs if g.req.logprobs is not None else -1) for g, _ in rows)
         tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.generator for _, s in rows], want)
-        self.seen.index_copy_(0, index, seen)
+        if penalised:
+            self.seen.index_copy_(0, index, seen)
         self.last_batch_size = len(slots)
         eot = self.engine.tokenizer.eot_id
         for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
@@ -309,6 +311,17 @@ class AsyncEngine:
         if target is not None:
             target[0].call_soon_threadsafe(target[1].put_nowait, item)
 
+    def _send_events(self, events: list[StreamEvent]) -> None:
+        """A step's events, handed to each event loop in one call: waking a loop from another
+        thread costs a system call, and one per event was a visible share of a step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StreamEvent]]] = {}
+        for ev in events:
+            target = self._outboxes.get(ev.request)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], ev))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
             op, gid, req = self._inbox.get()
@@ -336,7 +349,11 @@ class AsyncEngine:
                     self._send(gid, e)
                     self.engine.cancel(gid)
                 continue
-            for ev in events:
-                self._send(ev.request, ev)
+            self._send_events(events)
             if self.on_step is not None:
                 self.on_step(self.engine.last_batch_size, *self.stats())
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
+    for outbox, ev in items:
+        outbox.put_nowait(ev)

@@ -294,13 +294,13 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
 
 
 @torch.inference_mode()
-def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor, generators: list[torch.Generator],
+def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, generators: list[torch.Generator],
                 want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
     """Sample one token per row and mark it seen (when some row has a repetition penalty: only
     those rows read `seen`); with want_logprobs >= 0 also return, per row, the chosen token's
     logprob and the top-`want_logprobs` alternatives (as Python lists)."""
     tokens = sample(logits, params, generators, seen)
-    if "repetition_penalty" in params.uses:
+    if seen is not None and "repetition_penalty" in params.uses:
         seen.scatter_(1, tokens.unsqueeze(1), True)
     if want_logprobs < 0:
         return tokens, ([], [], [])
