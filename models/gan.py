@@ -257,6 +257,14 @@ def r1_penalty(scores: torch.Tensor, real: torch.Tensor, gamma: float) -> torch.
     return 0.5 * gamma * grad.square().sum(dim=(1, 2, 3)).mean()
 
 
+def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """Mode seeking (MSGAN, Mao et al. 2019): images a, b of the same prompts from latents
+    za, zb. The reciprocal of their distance per unit of latent distance, so the generator is
+    pushed to make the seed matter instead of drawing one image per prompt."""
+    ratio = (a - b).abs().mean(dim=(1, 2, 3)) / (za - zb).abs().mean(dim=1)
+    return 1 / (ratio.mean() + 1e-5)
+
+
 def g_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
 

@@ -9,7 +9,7 @@ import torch
 from models.artifacts import ArtifactError, save_model_dir
 from models.errors import InvalidParameter
 from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
-                        g_hinge_loss, r1_penalty)
+                        g_hinge_loss, mode_seeking_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest, latents, to_uint8
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
@@ -74,6 +74,16 @@ def test_r1_penalty_is_the_squared_input_gradient():
     assert torch.allclose(penalty, 0.25 * w.detach().square().sum())
     penalty.backward()
     assert torch.allclose(w.grad, 0.5 * w.detach())
+
+
+def test_mode_seeking_loss_rewards_images_that_differ_with_the_latent():
+    za, zb = torch.zeros(2, 4), torch.ones(2, 4)               # latent distance 1
+    a = torch.zeros(2, 3, 8, 8, requires_grad=True)
+    same, apart = a.detach().clone(), a.detach() + 0.5          # image distance 0 and 0.5
+    assert mode_seeking_loss(a, same, za, zb) > 1e4              # collapsed: as bad as it gets
+    assert torch.isclose(mode_seeking_loss(a, apart, za, zb), torch.tensor(2.0), rtol=1e-3)
+    mode_seeking_loss(a, apart, za, zb).backward()
+    assert a.grad.abs().sum() > 0
 
 
 def test_discriminator_with_spectral_norm(tokenizer):

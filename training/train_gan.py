@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models.artifacts import save_model_dir
 from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d_hinge_loss,
-                        diff_augment, g_hinge_loss, r1_penalty)
+                        diff_augment, g_hinge_loss, mode_seeking_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
@@ -80,6 +80,8 @@ class GANTrainConfig(CaptionedDataConfig):
     r1_gamma: float = field(default=0.1, metadata={
         "help": "R1 gradient penalty on real images (StyleGAN2), 0 = off"})
     r1_interval: int = field(default=4, metadata={"help": "steps between (lazy) R1 penalties"})
+    mode_seeking: float = field(default=0.0, metadata={
+        "help": "weight of the mode-seeking term (a quarter of the batch drawn twice), 0 = off"})
     contrastive: float = field(default=1.0, metadata={
         "help": "weight of the image-caption contrastive term in both losses (0 = off)"})
     augment: str = field(default="translation", metadata={
@@ -310,11 +312,16 @@ def train(cfg: GANTrainConfig) -> Path:
 
         # Generator step: D is frozen and called unwrapped, so DDP syncs only G.
         D.requires_grad_(False)
-        fake = G_train(torch.randn(B, cfg.z_dim, device=d.device), ids, mask)
+        twins = B // 4 if cfg.mode_seeking else 0  # the first `twins` prompts drawn a second time
+        z = torch.randn(B + twins, cfg.z_dim, device=d.device)
+        fake = G_train(z, torch.cat([ids, ids[:twins]]), torch.cat([mask, mask[:twins]]))
+        fake, twin = fake[:B], fake[B:]
         fake_scores = D(diff_augment(fake, cfg.augment), ids2, mask2, all_pairs).view(B, 2 * B)
         g_loss = g_hinge_loss(fake_scores[:, :B].diagonal())
         if cfg.contrastive:
             g_loss = g_loss + cfg.contrastive * contrastive_loss(fake_scores)
+        if twins:
+            g_loss = g_loss + cfg.mode_seeking * mode_seeking_loss(fake[:twins], twin, z[:twins], z[B:])
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
