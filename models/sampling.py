@@ -42,9 +42,10 @@ class SamplingParams:
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors, built once per batch, and which of the optional
-    steps any row needs, as plain bools: checking a tensor every decode step costs a device
-    round trip, and the sort that top-p needs is the most expensive part of sampling."""
+    """Per-row sampling parameters as tensors, built once per batch, and the names of the
+    optional steps any row needs (`uses`, plain Python): checking a tensor every decode step
+    costs a device round trip, and the sort that top-p needs is the most expensive part of
+    sampling."""
     temperature: Tensor  # (B, 1)
     top_k: Tensor  # (B, 1) long, 0 = off
     top_p: Tensor  # (B, 1)
