@@ -153,11 +153,13 @@ class ContinuousEngine:
             group = self.waiting.popleft()
             if self.on_admit is not None:
                 self.on_admit(time.perf_counter() - group.queued_at)
+            penalised = group.req.sampling.repetition_penalty != 1  # only they read `seen`
             for seq in group.seqs:
                 seq.slot = heapq.heappop(self.free)
                 seq.position = len(group.prompt)
-                self.seen[seq.slot] = False
-                self.seen[seq.slot, torch.tensor(group.prompt, device=self.device)] = True
+                if penalised:
+                    self.seen[seq.slot] = False
+                    self.seen[seq.slot, torch.tensor(group.prompt, device=self.device)] = True
             self.prefilling.append(group)
 
     def _prefill(self, budget: int, events: list[StreamEvent]) -> int:
