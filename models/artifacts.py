@@ -100,6 +100,30 @@ def load_weights_into(model: nn.Module, weights_path: Path) -> None:
     model.load_state_dict(tensors, strict=True)
 
 
+def read_config(path: str | Path, family: str) -> dict[str, Any]:
+    """A model directory's config.json, which must describe a model of `family`."""
+    config_path = Path(path) / CONFIG
+    config = read_json(config_path)
+    if config.get("family") != family:
+        raise ArtifactError(f"{config_path}: family is {config.get('family')!r}, expected {family!r}")
+    return config
+
+
+def load_tokenizer(path: str | Path, config: dict[str, Any]) -> Tokenizer:
+    """A model directory's tokenizer.json, which must fit the config's `vocab_size`."""
+    tok_path = Path(path) / TOKENIZER
+    if not tok_path.is_file():
+        raise ArtifactError(f"{tok_path}: file is missing")
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
+        raise ArtifactError(f"{tok_path}: not a readable tokenizer ({e})") from e
+    if tokenizer.vocab_size > config.get("vocab_size", tokenizer.vocab_size):
+        raise ArtifactError(f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
+                            f"vocab_size {config['vocab_size']}")
+    return tokenizer
+
+
 def load_model_dir(
     path: str | Path,
     build: Callable[[dict[str, Any]], nn.Module],
@@ -109,26 +133,13 @@ def load_model_dir(
     """Read a model directory of the given family. `build(config)` makes the (randomly
     initialised) network; the tokenizer must fit the config's `vocab_size`."""
     path = Path(path)
-    config = read_json(path / CONFIG)
-    if config.get("family") != family:
-        raise ArtifactError(f"{path / CONFIG}: family is {config.get('family')!r}, expected {family!r}")
+    config = read_config(path, family)
     try:
         model = build(config)
     except (TypeError, ValueError, KeyError) as e:
         raise ArtifactError(f"{path / CONFIG}: does not describe a valid model ({e})") from e
     load_weights_into(model, path / WEIGHTS)
-    tokenizer = None
-    if needs_tokenizer:
-        tok_path = path / TOKENIZER
-        if not tok_path.is_file():
-            raise ArtifactError(f"{tok_path}: file is missing")
-        try:
-            tokenizer = Tokenizer.load(tok_path)
-        except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
-            raise ArtifactError(f"{tok_path}: not a readable tokenizer ({e})") from e
-        if tokenizer.vocab_size > config.get("vocab_size", tokenizer.vocab_size):
-            raise ArtifactError(f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
-                                f"vocab_size {config['vocab_size']}")
+    tokenizer = load_tokenizer(path, config) if needs_tokenizer else None
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}
     model.eval()
     return Artifact(model=model, config=config, tokenizer=tokenizer, metrics=metrics)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.artifacts import load_model_dir
+from models.artifacts import CONFIG, ArtifactError, load_model_dir, load_tokenizer, read_config
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -135,28 +135,27 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-class TextEngine:
-    """A GPT plus its tokenizer, serving batches of completion requests."""
+class TextRequests:
+    """Checking and tokenizing completion requests: what the tokenizer and the context length
+    decide, without the weights (a server whose model runs in another process holds one)."""
 
     max_prompt_chars = 100_000
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None, tag: str = ""):
-        self.device = pick_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model = model.to(self.device, self.dtype).eval()
+    def __init__(self, tokenizer: Tokenizer, block_size: int):
         self.tokenizer = tokenizer
-        self.tag = tag
-        self.block_size = model.config.block_size
+        self.block_size = block_size
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":
-        art = load_model_dir(model_dir, lambda c: GPT(GPTConfig.from_dict(c)), family="gpt")
-        return cls(art.model, art.tokenizer, device)
+    def load(cls, model_dir: str | Path) -> "TextRequests":
+        """From a GPT model directory's config.json and tokenizer.json (the weights are not read)."""
+        config = read_config(model_dir, "gpt")
+        block_size = config.get("block_size")
+        if not isinstance(block_size, int) or block_size < 2:
+            raise ArtifactError(f"{Path(model_dir) / CONFIG}: block_size must be an integer >= 2, got {block_size!r}")
+        return cls(load_tokenizer(model_dir, config), block_size)
 
-    # --- validation ---------------------------------------------------------------------
     def validate(self, req: CompletionRequest) -> None:
-        """Raise InvalidParameter, naming the field, for anything this engine cannot serve."""
+        """Raise InvalidParameter, naming the field, for anything this model cannot serve."""
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
         if not 1 <= req.max_tokens < self.block_size:
@@ -184,6 +183,27 @@ class TextEngine:
             ids = ids[-room:]
         return ids
 
+    def prompt_tokens(self, req: CompletionRequest) -> int:
+        """Prompt length in tokens as the model sees it (after truncation; an empty prompt is one token)."""
+        return len(self.prompt_ids(req))
+
+
+class TextEngine(TextRequests):
+    """A GPT plus its tokenizer, serving batches of completion requests."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None, tag: str = ""):
+        super().__init__(tokenizer, model.config.block_size)
+        self.device = pick_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.tag = tag
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":
+        art = load_model_dir(model_dir, lambda c: GPT(GPTConfig.from_dict(c)), family="gpt")
+        return cls(art.model, art.tokenizer, device)
+
     # --- generation ---------------------------------------------------------------------
     def complete(self, requests: list[CompletionRequest]) -> list[Completion]:
         """Run the requests to the end; the same path as streaming, collected."""
@@ -205,10 +225,6 @@ class TextEngine:
                               logprobs[r, c] if req.logprobs is not None else None) for c in range(req.n)]
             out.append(Completion(choices, self.prompt_tokens(req), sum(len(tokens[r, c]) for c in range(req.n))))
         return out
-
-    def prompt_tokens(self, req: CompletionRequest) -> int:
-        """Prompt length in tokens as the model sees it (after truncation; an empty prompt is one token)."""
-        return len(self.prompt_ids(req))
 
     def stream(self, requests: list[CompletionRequest]) -> Iterator[StreamEvent]:
         """Run the requests as one batch, yielding text as it is released.

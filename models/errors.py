@@ -8,3 +8,6 @@ class InvalidParameter(ValueError):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+    def __reduce__(self):  # pickled as (param, message): it crosses to and from the engine process
+        return type(self), (self.param, self.message)

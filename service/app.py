@@ -15,9 +15,11 @@ raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pi
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import secrets
 import threading
@@ -25,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 import bentoml
@@ -36,13 +39,15 @@ from starlette.routing import Route
 
 from models.ar_image import ARImageEngine
 from models.artifacts import ArtifactError
-from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
-from models.engine import CompletionRequest, StreamEvent, TextEngine, TokenLogprob
+from models.continuous import QueueFull, SchedulerConfig
+from models.engine import CompletionRequest, StreamEvent, TextRequests, TokenLogprob
+from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
 from models.sampling import SamplingParams
+from service import image_worker
 from service.batching import Job, MicroBatcher, fail
-from service.encode import SSE_DONE, SSEResponse, b64, encode_png, sse_event
+from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.metrics import IMAGE, TEXT, get_metrics
 from service.schemas import (
     MAX_N,
@@ -266,7 +271,9 @@ class ImageBackend:
     stored: Any  # bentoml.models.BentoModel
     engine_class: type[ImageEngine] | type[ARImageEngine]
     batcher: MicroBatcher[ImageRequest] | None = None
-    engine: ImageEngine | ARImageEngine | None = None
+    engine: ImageEngine | ARImageEngine | None = None  # checks requests; the worker's copy generates
+    worker: concurrent.futures.ProcessPoolExecutor | None = None
+    failed: bool = False  # its worker process died: not ready any more
 
 
 @dataclass
@@ -336,18 +343,22 @@ class Generation:
                 backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class)
                 backend.batcher = MicroBatcher(
                     IMAGE, functools.partial(self._run_images, backend), self.metrics, IMAGE_MAX_BATCH,
-                    BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S)
+                    BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S,
+                    max_in_flight=2)  # the next batch waits in the image worker's queue
                 self.images[backend.served.tag] = backend
         self.served_models = [self.text_model, *(b.served for b in self.images.values())]
-        self.text: TextEngine | None = None
+        self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()
-        self.text_stream: AsyncEngine | None = None  # continuous batching over `self.text`
+        self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def __is_ready__(self) -> bool:
-        return self._ready.is_set()
+        """Models loaded and every engine process alive: a dead one takes this replica out of
+        the load balancer's rotation (and an orchestrator can restart it)."""
+        return (self._ready.is_set() and self.text_stream is not None and self.text_stream.alive
+                and not any(b.failed for b in self.images.values()))
 
     def _load(self) -> None:
         try:
@@ -356,37 +367,36 @@ class Generation:
                 import torch  # the engines' own dependency; only the CPU thread pool is set here
 
                 torch.set_num_threads(TORCH_THREADS)
-            text = TextEngine.load(self.gpt.path, device=DEVICE)
-            text.tag = self.text_model.tag
-            image_engines = {}
+            # The models run (and warm up) in processes of their own: in this one, the server's
+            # Python (HTTP, JSON) would stall their work on the GIL. All start at once.
+            image_engines, starting = {}, []
             for tag, backend in self.images.items():
-                engine = backend.engine_class.load(backend.stored.path, device=DEVICE)
+                # This copy only checks requests; the worker process loads its own on DEVICE.
+                engine = backend.engine_class.load(backend.stored.path, device="cpu")
                 engine.tag = tag
                 backend.served.details["image_size"] = engine.image_size
                 if isinstance(engine, ARImageEngine):
                     backend.served.details["guidance_scale"] = engine.guidance_scale
                     backend.served.details["evaluations_per_image"] = engine.evaluations_per_image()
                 image_engines[tag] = engine
-            self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
-            if (block := getattr(text, "block_size", None)) is not None:
-                self.text_model.details["context_length"] = block
-            loaded = time.perf_counter()
-            scheduler = ContinuousEngine(text, SchedulerConfig(
-                max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING))
-            # Warm-up: the first calls pay for allocator growth and kernel selection.
-            scheduler.add(CompletionRequest(prompt="Hello", seed=0, max_tokens=2))
-            while scheduler.has_work():
-                scheduler.step()
-            for engine in image_engines.values():
-                engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
-            self.text_stream = AsyncEngine(scheduler)
+                backend.worker = concurrent.futures.ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=image_worker.load,
+                    initargs=(backend.engine_class, str(backend.stored.path), DEVICE, TORCH_THREADS))
+                starting.append(backend.worker.submit(int))  # starts it: it loads and warms up its engine
+            self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, TORCH_THREADS, SchedulerConfig(
+                max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING)))
             self.text_stream.on_step = self._on_text_step
-            scheduler.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
+            self.text_stream.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
+            text = self.text_stream.requests
+            for started_worker in starting:
+                started_worker.result()
+            self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
+            self.text_model.details["context_length"] = text.block_size
             self.text = text
             for tag, engine in image_engines.items():
                 self.images[tag].engine = engine
-            logger.info("loaded %s in %.2fs, warm-up %.2fs", ", ".join(m.tag for m in self.served_models),
-                        loaded - started, time.perf_counter() - loaded)
+            logger.info("loaded and warmed up %s in %.2fs", ", ".join(m.tag for m in self.served_models),
+                        time.perf_counter() - started)
             self._ready.set()
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
@@ -401,6 +411,8 @@ class Generation:
             self.text_stream.shutdown()
         for backend in self.images.values():
             await backend.batcher.close()
+            if backend.worker is not None:
+                backend.worker.shutdown(cancel_futures=True)
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called by the scheduler thread after every decode step."""
@@ -432,7 +444,7 @@ class Generation:
     # ---- text ---------------------------------------------------------------------------
 
     async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
-        engine: TextEngine = self._ready_or_503(self.text)
+        engine: TextRequests = self._ready_or_503(self.text)
         served = self._check_model(body.model, "text")
         if len(body.prompt) > engine.max_prompt_chars:
             raise ApiError(400, f"prompt has {len(body.prompt)} characters; the limit is "
@@ -456,6 +468,8 @@ class Generation:
         except QueueFull as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
                            code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineFailed as e:
+            raise ApiError(503, f"the text engine is not available: {e}", type="server_error") from None
         events = self._measured(_chain(first, events), arrived)
         if body.stream:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
@@ -530,6 +544,8 @@ class Generation:
     def _image_backend(self, model: str | None) -> ImageBackend:
         backend = self.images[self._check_model(model, "image").tag]
         self._ready_or_503(backend.engine)
+        if backend.failed:
+            raise ApiError(503, f"the image engine of {backend.served.tag} is not available", type="server_error")
         return backend
 
     async def _images(self, backend: ImageBackend, body: ImageBody | OpenAIImageBody) -> tuple[int, list[bytes]]:
@@ -582,13 +598,16 @@ class Generation:
             return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation,
                     **extra}
 
-        def work() -> list[list[bytes]]:
-            arrays = engine.generate([job.payload for job in jobs])
-            return [[encode_png(img, parameters(job.payload, i)) for i, img in enumerate(images)]
-                    for job, images in zip(jobs, arrays, strict=True)]
-
+        params = [[parameters(job.payload, i) for i in range(job.payload.n)] for job in jobs]
         try:
-            results = await asyncio.to_thread(work)
+            results = await asyncio.get_running_loop().run_in_executor(
+                backend.worker, image_worker.generate_pngs, [job.payload for job in jobs], params)
+        except BrokenProcessPool:
+            logger.error("the worker process of %s has died; /readyz now answers 503", tag)
+            backend.failed = True
+            for job in jobs:
+                fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))
+            return
         except Exception as e:
             logger.exception("image batch of %d requests failed", len(jobs))
             for job in jobs:

@@ -2,8 +2,11 @@
 
 One consumer task per engine takes everything waiting (up to a cost budget: choices or
 images, so requests with different `n` share a forward pass), may linger a few
-milliseconds for requests sent at the same moment (see `_linger`), and hands the batch to `run`. While `run` works (in a thread,
-so the event loop keeps serving), new requests queue and form the next batch. This is the
+milliseconds for requests sent at the same moment (see `_linger`), and hands the batch to `run`.
+While `run` works (in a thread or another process, so the event loop keeps serving), new
+requests queue and form the next batch; with `max_in_flight` 2 that batch is handed over at
+once and waits in the worker's queue, so a worker process goes from one batch to the next
+without waiting for the event loop to answer the first batch's clients. This is the
 same policy as BentoML's adaptive batching, kept here because the text path streams
 events per request, which BentoML's batchable APIs (list in, list out) cannot express.
 """
@@ -46,7 +49,7 @@ class Job(Generic[T]):
 class MicroBatcher(Generic[T]):
     def __init__(self, endpoint: str, run: Callable[[list[Job[T]]], Awaitable[None]],
                  metrics: Metrics, max_batch_cost: int = 64, max_wait_s: float = 0.0,
-                 max_queue_cost: int | None = None, retry_after_s: int = 1):
+                 max_queue_cost: int | None = None, retry_after_s: int = 1, max_in_flight: int = 1):
         self.endpoint = endpoint
         # Beyond this much queued cost (images), `submit` refuses: a bounded queue answers
         # "not now" at once instead of making everyone wait longer.
@@ -61,6 +64,8 @@ class MicroBatcher(Generic[T]):
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._expected = 1  # size of the previous batch: how many to linger for
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._batches: set[asyncio.Task] = set()
 
     def submit(self, job: Job[T]) -> None:
         """Queue a job (from the event loop thread). The consumer starts on first use.
@@ -115,7 +120,14 @@ class MicroBatcher(Generic[T]):
                 if not batch:
                     continue
                 self._expected = len(batch)
-                await self._run_batch(batch, cost)
+                await self._in_flight.acquire()
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch, cost))
+                self._batches.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batches.discard(task)
+        self._in_flight.release()
 
     async def _linger(self, batch: list[Job[T]], cost: int) -> int:
         """Wait up to max_wait_s for requests sent together with the first, but only while

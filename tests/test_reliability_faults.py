@@ -4,14 +4,17 @@ per fault, start side by side on copies of the session store."""
 from __future__ import annotations
 
 import glob
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from conftest import _stop, launch_server
+from conftest import _stop, launch_server, wait_ready
 from test_reliability_unit import FAULTS
 
 WAIT_S = 180
@@ -55,3 +58,32 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
     assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
     r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi"}, timeout=30)
     assert r.status_code == 503 and str(bad.name) in r.json()["error"]["message"]
+
+
+# ---- an engine process that dies after start-up -----------------------------------------------
+
+def test_dead_engine_processes_answer_503_and_take_the_replica_out_of_rotation(
+        bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The text engine and the image worker run in child processes of the server worker. Killed
+    (out of memory, say), their routes answer 503 with a reason, never 500 or a hang, and
+    /readyz turns 503 so that a load balancer stops sending traffic here."""
+    root = tmp_path_factory.mktemp("dead_engines")
+    proc, srv = launch_server(bentoml_home, root / "serve.log", {})
+    try:
+        wait_ready(proc, srv)
+        assert httpx.post(f"{srv.url}/complete", json={"prompt": "Hi", "max_tokens": 3}, timeout=30).status_code == 200
+        engines = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "multiprocessing.spawn" in " ".join(p.cmdline())]
+        assert len(engines) >= 2, [p.cmdline() for p in psutil.Process(proc.pid).children(recursive=True)]
+        for p in engines:
+            os.kill(p.pid, signal.SIGKILL)
+        time.sleep(1)
+        r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 503 and "text engine" in r.json()["error"]["message"], r.text
+        for _ in range(2):  # the first batch finds the worker dead, the next request is refused at once
+            r = httpx.post(f"{srv.url}/generate", json={"prompt": "a red circle"}, timeout=30)
+            assert r.status_code == 503 and "image engine" in r.json()["error"]["message"], r.text
+        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 503
+        assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200
+    finally:
+        _stop(proc)

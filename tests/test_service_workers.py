@@ -3,6 +3,7 @@ batchers; answers stay reproducible and /metrics adds up what both workers did."
 from __future__ import annotations
 
 import base64
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import _stop, launch_server, wait_ready
 from test_service_http import decode_png
 
 pytestmark = pytest.mark.slow
+READY_LINE = "loaded and warmed up gpt:"  # each worker logs it once its models are ready
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,10 @@ def two_workers(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("workers") / "serve.log"
     proc, srv = launch_server(bentoml_home, log, {"CONDGEN_WORKERS": "2", "CONDGEN_TORCH_THREADS": "1"})
     try:
-        wait_ready(proc, srv)
+        wait_ready(proc, srv)  # one worker answered ready; wait for the other's models as well
+        deadline = time.monotonic() + 120
+        while log.read_text(errors="replace").count(READY_LINE) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         yield srv
     finally:
         _stop(proc)
@@ -43,7 +48,7 @@ def test_two_workers_answer_alike_and_count_together(two_workers):
         images = list(pool.map(lambda _: httpx.post(f"{url}/generate", json=image_req, timeout=120), range(8)))
         texts = list(pool.map(lambda _: httpx.post(f"{url}/complete", json=text_req, timeout=120), range(8)))
     assert all(r.status_code == 200 for r in images + texts)
-    assert two_workers.log.read_text(errors="replace").count("loaded gpt:") == 2  # one per worker
+    assert two_workers.log.read_text(errors="replace").count(READY_LINE) == 2  # one per worker
     # Whichever worker answered, the same seed gives the same image (up to float rounding
     # between batch shapes, as in test_service_http) and the same text.
     pixels = [[decode_png(base64.b64decode(im["b64_json"])).astype(int) for im in r.json()["images"]]

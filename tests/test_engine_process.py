@@ -1,0 +1,151 @@
+"""The text engine in a process of its own (models/engine_process.py): same tokens as the
+plain engine, checks before any work, cancellation, and a dead or broken child reported as
+EngineFailed instead of hanging its requests."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+
+from models.artifacts import save_model_dir
+from models.continuous import QueueFull, SchedulerConfig
+from models.engine import CompletionRequest, TextEngine, TextRequests
+from models.engine_process import EngineFailed, EngineProcess, EngineSpec
+from models.errors import InvalidParameter
+from models.gpt import GPT, GPTConfig
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+
+TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory):
+    tok = Tokenizer.train([TEXT], 400)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=448, block_size=96, n_layer=2, n_head=2, n_embd=32))
+    return save_model_dir(tmp_path_factory.mktemp("gpt"), model.config.to_dict(), model.state_dict(), tok)
+
+
+@pytest.fixture(scope="module")
+def engine_process(model_dir):
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1, SchedulerConfig(max_running=4, max_waiting=8)))
+    yield proc
+    proc.shutdown()
+
+
+def requests() -> list[CompletionRequest]:
+    return [CompletionRequest("The quick brown fox " * (1 + i % 3), seed=10 + i, max_tokens=4 + 5 * i, n=1 + i % 2,
+                              sampling=SamplingParams(temperature=0.8, top_k=5 * i,
+                                                      repetition_penalty=1.5 if i % 3 == 1 else 1.0),
+                              stop=["lazy"] if i == 2 else [])
+            for i in range(6)]
+
+
+async def _tokens(proc: EngineProcess, req: CompletionRequest) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {c: [] for c in range(req.n)}
+    async for ev in proc.generate(req):
+        if ev.token_id is not None:
+            out[ev.choice].append(ev.token_id)
+    return out
+
+
+def test_same_tokens_as_the_plain_engine_while_requests_join_and_leave(engine_process, model_dir):
+    plain = TextEngine.load(model_dir, device="cpu")
+
+    async def main():  # six requests of different lengths on four slots: they queue, join and leave
+        return await asyncio.gather(*(_tokens(engine_process, r) for r in requests()))
+
+    got = asyncio.run(main())
+    for req, tokens in zip(requests(), got):
+        want = plain.complete([req])[0]
+        assert tokens == {c.index: c.token_ids for c in want.choices}
+    assert engine_process.stats() == (0, 0)
+
+
+def test_bad_requests_fail_in_the_server_before_any_work(engine_process):
+    async def first(req: CompletionRequest):
+        return await engine_process.generate(req).__anext__()
+
+    with pytest.raises(InvalidParameter) as e:
+        asyncio.run(first(CompletionRequest("The", seed=1, max_tokens=0)))
+    assert e.value.param == "max_tokens"
+    with pytest.raises(InvalidParameter) as e:
+        asyncio.run(first(CompletionRequest("The", seed=1, n=5)))  # more choices than slots
+    assert e.value.param == "n"
+
+
+def test_a_client_that_leaves_frees_its_slots(engine_process):
+    async def main():
+        stream = engine_process.generate(CompletionRequest("The", seed=1, max_tokens=90, n=4))
+        await stream.__anext__()
+        assert engine_process.stats()[0] == 4
+        await stream.aclose()  # the client went away
+        for _ in range(200):
+            if engine_process.stats() == (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        assert engine_process.stats() == (0, 0)
+        assert await _tokens(engine_process, CompletionRequest("The", seed=2, max_tokens=3)) != {}
+
+    asyncio.run(main())
+
+
+def test_the_queue_limit_counts_requests_still_on_their_way(model_dir):
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1, SchedulerConfig(max_running=1, max_waiting=2)))
+
+    async def main():
+        streams = [proc.generate(CompletionRequest("The", seed=i, max_tokens=60)) for i in range(3)]
+        tasks = [asyncio.ensure_future(s.__anext__()) for s in streams]
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        return done
+
+    try:
+        results = asyncio.run(main())
+        assert isinstance(results[2], QueueFull) and not isinstance(results[0], BaseException)
+    finally:
+        proc.shutdown()
+
+
+def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(model_dir):
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
+
+    async def main():
+        stream = proc.generate(CompletionRequest("The", seed=1, max_tokens=90))
+        await stream.__anext__()
+        os.kill(proc._proc.pid, signal.SIGKILL)
+        async def drain():
+            async for _ in stream:
+                pass
+
+        with pytest.raises(EngineFailed):
+            await asyncio.wait_for(drain(), timeout=60)  # fails, does not hang
+
+    try:
+        asyncio.run(main())
+        assert not proc.alive
+        with pytest.raises(EngineFailed):
+            proc.check(CompletionRequest("The", seed=1))
+    finally:
+        proc.shutdown()
+
+
+def test_a_model_that_does_not_load_fails_the_start_naming_the_file(model_dir, tmp_path):
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(EngineFailed, match="model.safetensors"):
+        EngineProcess(EngineSpec(str(tmp_path), "cpu", 1))
+
+
+def test_errors_and_requests_survive_the_pipe(model_dir):
+    e = pickle.loads(pickle.dumps(InvalidParameter("top_p", "must be in (0, 1]")))
+    assert (e.param, e.message, str(e)) == ("top_p", "must be in (0, 1]", "top_p: must be in (0, 1]")
+    checker = TextRequests.load(model_dir)
+    assert checker.block_size == 96 and checker.prompt_tokens(CompletionRequest("The quick", seed=0)) >= 1
