@@ -7,12 +7,13 @@ Through HTTP, `concurrency` clients each send their next request as soon as the 
 answer arrives. The in-process baseline hands the engine batches of `concurrency` requests
 back to back: what perfect batching of that many waiting clients would achieve, with no
 HTTP, JSON, queueing or encoding. The ratio HTTP / in-process is the figure to watch
-(target >= 80 %). For text the service does not run static batches but continuous batching,
-so text also gets the service's own engine in-process: `concurrency` closed-loop callers of
-the same continuous-batching engine (AsyncEngine, default scheduler settings) in one event
-loop, no HTTP; HTTP / that isolates what the HTTP layer costs. For reference the table also
-shows the engine called with one request at a time (what `concurrency` callers sharing one
-engine without a batcher would get).
+(target >= 80 %). For text the service does not run static batches but continuous batching
+in an engine process of its own, so text also gets the service's own engine without HTTP:
+`concurrency` closed-loop callers of that engine process (models.engine_process) in one event
+loop; HTTP / that isolates what the HTTP layer costs. The same engine on a thread of the
+callers' own process (models.continuous.AsyncEngine) shows what sharing the GIL with them
+costs. For reference the table also shows the engine called with one request at a time (what
+`concurrency` callers sharing one engine without a batcher would get).
 The two sides alternate in short rounds so that drifting machine load biases neither.
 Models come from the BentoML store (BENTOML_HOME), GPT_MODEL / GAN_MODEL as for the service.
 Note that the HTTP clients run on the same machine and take CPU from the server.
@@ -56,7 +57,9 @@ def load_text_engine(device: str):
 
     from models.engine import CompletionRequest, TextEngine
 
-    engine = TextEngine.load(bentoml.models.get(os.environ.get("GPT_MODEL", "gpt:latest")).path, device=device)
+    model_dir = bentoml.models.get(os.environ.get("GPT_MODEL", "gpt:latest")).path
+    engine = TextEngine.load(model_dir, device=device)
+    engine.model_dir = str(model_dir)  # for the engine process, which loads its own copy
     engine.complete([CompletionRequest(prompt="warm", seed=0, max_tokens=2)])
     return engine
 
@@ -85,13 +88,19 @@ def in_process_text(engine, batch: int, seconds: float, max_tokens: int) -> Resu
     return Result(done, tokens, time.perf_counter() - start)
 
 
-def in_process_served_text(engine, concurrency: int, seconds: float, max_tokens: int) -> Result:
+def in_process_served_text(engine, concurrency: int, seconds: float, max_tokens: int, process: bool) -> Result:
     """The service's text path without HTTP: `concurrency` closed-loop callers of the
-    continuous-batching engine (models.continuous.AsyncEngine), as the service builds it."""
+    continuous-batching engine, in one event loop. process=True: in its own process, as the
+    service runs it (models.engine_process.EngineProcess); False: on a thread of this process
+    (models.continuous.AsyncEngine), where the callers' Python shares the GIL with decoding."""
     from models.continuous import AsyncEngine, ContinuousEngine, SchedulerConfig
     from models.engine import CompletionRequest
+    from models.engine_process import EngineProcess, EngineSpec
 
-    served = AsyncEngine(ContinuousEngine(engine, SchedulerConfig()))
+    if process:
+        served = EngineProcess(EngineSpec(engine.model_dir, engine.device.type, torch_threads(), SchedulerConfig()))
+    else:
+        served = AsyncEngine(ContinuousEngine(engine, SchedulerConfig()))
     counter = {"requests": 0, "units": 0}
 
     async def caller(w: int, start: float) -> None:
@@ -115,6 +124,12 @@ def in_process_served_text(engine, concurrency: int, seconds: float, max_tokens:
     return Result(counter["requests"], counter["units"], elapsed)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def in_process_images(engine, batch: int, seconds: float, n: int) -> Result:
     from models.image_engine import ImageRequest
     from service.encode import encode_png  # the service encodes PNGs too: count it on both sides
@@ -132,19 +147,27 @@ def in_process_images(engine, batch: int, seconds: float, n: int) -> Result:
 
 
 async def over_http(url: str, path: str, make_body, count_units, concurrency: int, seconds: float) -> Result:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        await client.post(path, json=make_body(0))  # warm the connection path
+    """`concurrency` closed-loop clients. aiohttp, not httpx: the clients share the machine with
+    the server, and aiohttp spends about a third of httpx's CPU per request (measured here:
+    10 % of a core against 31 % at 340 requests/s)."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
+        async with client.post(path, json=make_body(0)) as r:  # warm the connection path
+            await r.read()
         counter = {"requests": 0, "units": 0}
         start = time.perf_counter()
 
         async def worker(w: int) -> None:
             i = w
             while time.perf_counter() - start < seconds:
-                r = await client.post(path, json=make_body(i))
-                r.raise_for_status()
+                async with client.post(path, json=make_body(i)) as r:
+                    r.raise_for_status()
+                    body = await r.json()
                 counter["requests"] += 1
-                counter["units"] += count_units(r.json())
+                counter["units"] += count_units(body)
                 i += concurrency
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -216,17 +239,18 @@ def main(argv: list[str] | None = None) -> dict:
             if args.only not in (kind, "both"):
                 continue
             engine = load(args.device)
-            http, batched, single, served = [], [], [], []
+            http, batched, single, served, threaded = [], [], [], [], []
             # Interleaved short rounds: a machine whose load drifts (shared CPUs) biases neither side.
             for _ in range(args.rounds):
                 http.append(asyncio.run(over_http(url, path, make_body, count_units, c, secs)))
                 batched.append(local_run(engine, c))
                 single.append(local_run(engine, 1))
                 if kind == "text":
-                    served.append(in_process_served_text(engine, c, secs, args.max_tokens))
+                    served.append(in_process_served_text(engine, c, secs, args.max_tokens, process=True))
+                    threaded.append(in_process_served_text(engine, c, secs, args.max_tokens, process=False))
             del engine
             report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single),
-                                _sum(served) if served else None)
+                                _sum(served) if served else None, _sum(threaded) if threaded else None)
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -244,7 +268,8 @@ def _ratio(a: Result, b: Result) -> float:
     return a.ups / b.ups if b.ups else float("nan")
 
 
-def _row(name: str, unit: str, http: Result, batched: Result, single: Result, served: Result | None) -> dict:
+def _row(name: str, unit: str, http: Result, batched: Result, single: Result, served: Result | None,
+         threaded: Result | None) -> dict:
     print(f"{name:7s} HTTP {http.rps:7.1f} req/s {http.ups:8.1f} {unit}/s | in-process, batches of the same "
           f"concurrency {batched.rps:7.1f} req/s {batched.ups:8.1f} {unit}/s -> HTTP/in-process "
           f"{_ratio(http, batched):6.1%} | in-process one request per call {single.ups:8.1f} {unit}/s -> "
@@ -254,10 +279,14 @@ def _row(name: str, unit: str, http: Result, batched: Result, single: Result, se
            "ratio": _ratio(http, batched),
            f"inproc_single_{unit}_per_s": single.ups, "ratio_vs_single": _ratio(http, single)}
     if served is not None:
-        print(f"{'':7s} in-process, the service's continuous-batching engine, same concurrency "
-              f"{served.rps:7.1f} req/s {served.ups:8.1f} {unit}/s -> HTTP/in-process {_ratio(http, served):6.1%}")
+        print(f"{'':7s} no HTTP, the service's engine process (continuous batching), same concurrency "
+              f"{served.rps:7.1f} req/s {served.ups:8.1f} {unit}/s -> HTTP/that {_ratio(http, served):6.1%}")
+        print(f"{'':7s} no HTTP, the same engine on a thread of the callers' process "
+              f"{threaded.rps:7.1f} req/s {threaded.ups:8.1f} {unit}/s -> HTTP/that {_ratio(http, threaded):6.1%}")
         row.update({"inproc_served_rps": served.rps, f"inproc_served_{unit}_per_s": served.ups,
-                    "ratio_vs_served": _ratio(http, served)})
+                    "ratio_vs_served": _ratio(http, served),
+                    "inproc_thread_rps": threaded.rps, f"inproc_thread_{unit}_per_s": threaded.ups,
+                    "ratio_vs_thread": _ratio(http, threaded)})
     return row
 
 

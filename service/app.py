@@ -415,7 +415,7 @@ class Generation:
                 backend.worker.shutdown(cancel_futures=True)
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
-        """Called by the scheduler thread after every decode step."""
+        """Called (on the engine process's reader thread) after every decode step."""
         if batch_size:  # one token per sequence sampled, whether or not its client is still there
             self.metrics.batch_size.labels(endpoint=TEXT).observe(batch_size)
             self.metrics.generated_tokens.labels(model=self.text_model.name).inc(batch_size)

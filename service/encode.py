@@ -56,7 +56,7 @@ class SSEResponse(StreamingResponse):
 
     Starlette stops iterating when the client goes away; closing the generator here runs
     its `finally` at once (rather than whenever it is garbage-collected), which is where
-    the service tells the engine thread to stop.
+    the service tells the engine to stop.
     """
 
     media_type = "text/event-stream"
