@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, advance_text, sample_rows,
                            token_logprob)
@@ -254,36 +253,36 @@ class ContinuousEngine:
         self.pending.index_copy_(0, live, logits.index_select(0, live))
 
 
-class AsyncEngine:
-    """Runs a ContinuousEngine on a worker thread; each request gets an async iterator of events.
+class EventStreams:
+    """Each request's async iterator of events, fed from the thread that runs the scheduler.
 
-    New requests and cancellations reach the worker through a thread-safe inbox and are applied
-    between steps: the scheduler stays single-threaded and the event loop never waits on a step.
-    """
+    Subclasses say how a request is checked, handed to the scheduler and cancelled; the events
+    of a step reach each requester's event loop in one call."""
 
-    def __init__(self, engine: ContinuousEngine):
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+    def __init__(self) -> None:
         self._outboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
-        self._stopping = False
-        self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
-        self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
-        self._thread.start()
+
+    def check(self, req: CompletionRequest) -> None:
+        raise NotImplementedError
+
+    def _submit(self, gid: int, req: CompletionRequest) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, gid: int) -> None:
+        raise NotImplementedError
 
     async def generate(self, req: CompletionRequest) -> AsyncIterator[StreamEvent]:
         """Yield the request's events until all its choices finish; leaving early cancels it.
 
         A bad request (InvalidParameter) or a full queue (QueueFull) raises before any event.
         """
-        self.engine.check(req, waiting=self._inbox.qsize())
+        self.check(req)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
         gid = next(self._ids)
         self._outboxes[gid] = (loop, outbox)
-        self._inbox.put(("add", gid, req))
-        self._wake.set()
+        self._submit(gid, req)
         remaining = req.n
         try:
             while remaining:
@@ -296,17 +295,7 @@ class AsyncEngine:
         finally:
             self._outboxes.pop(gid, None)
             if remaining:  # the client left (disconnect, deadline): free its slots
-                self._inbox.put(("cancel", gid, None))
-                self._wake.set()
-
-    def stats(self) -> tuple[int, int]:
-        """(sequences running, requests waiting)."""
-        return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+                self._cancel(gid)
 
     def _send(self, gid: int, item) -> None:
         target = self._outboxes.get(gid)
@@ -323,6 +312,44 @@ class AsyncEngine:
                 by_loop.setdefault(target[0], []).append((target[1], ev))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_deliver, items)
+
+
+class AsyncEngine(EventStreams):
+    """Runs a ContinuousEngine on a worker thread; each request gets an async iterator of events.
+
+    New requests and cancellations reach the worker through a thread-safe inbox and are applied
+    between steps: the scheduler stays single-threaded and the event loop never waits on a step.
+    """
+
+    def __init__(self, engine: ContinuousEngine):
+        super().__init__()
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
+        self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
+        self._thread.start()
+
+    def check(self, req: CompletionRequest) -> None:
+        self.engine.check(req, waiting=self._inbox.qsize())
+
+    def _submit(self, gid: int, req: CompletionRequest) -> None:
+        self._inbox.put(("add", gid, req))
+        self._wake.set()
+
+    def _cancel(self, gid: int) -> None:
+        self._inbox.put(("cancel", gid, None))
+        self._wake.set()
+
+    def stats(self) -> tuple[int, int]:
+        """(sequences running, requests waiting)."""
+        return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=5)
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():

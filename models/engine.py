@@ -9,7 +9,6 @@ row that finishes leaves the batch at once. Each row draws from its own torch.Ge
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path

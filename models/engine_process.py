@@ -17,19 +17,17 @@ one guards its entry point with `if __name__ == "__main__":`, as any multiproces
 """
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import multiprocessing as mp
+import atexit
 import signal
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
 
-from models.continuous import ContinuousEngine, QueueFull, SchedulerConfig
+from models.continuous import ContinuousEngine, EventStreams, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, StreamEvent, TextEngine, TextRequests
 from models.errors import InvalidParameter
 
@@ -60,17 +58,16 @@ class StepReport:
     admitted_waits: list[float]  # seconds each request admitted in this step had waited
 
 
-class EngineProcess:
+class EngineProcess(EventStreams):
     """Runs a ContinuousEngine in a child process; each request gets an async iterator of events."""
 
     def __init__(self, spec: EngineSpec, start_timeout_s: float = 300.0):
+        super().__init__()
         self.spec = spec
         self.cfg = spec.scheduler or SchedulerConfig()
         self.requests = TextRequests.load(spec.model_dir)  # tokenizer and context length, no weights
         self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
         self.on_admit = None  # optional callback(seconds waited), for metrics
-        self._outboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._running = self._waiting = self._sent = self._received = 0
         self._failure: str | None = None
@@ -90,6 +87,8 @@ class EngineProcess:
             raise EngineFailed(f"the text engine process failed to start: {detail}")
         self._reader = threading.Thread(target=self._read, name="text-engine-reader", daemon=True)
         self._reader.start()
+        # Before multiprocessing's own exit handler, which would wait on a child that ignores SIGTERM.
+        atexit.register(self.shutdown)
 
     def _recv_start(self) -> tuple[str, str]:
         try:
@@ -110,28 +109,13 @@ class EngineProcess:
         if waiting >= self.cfg.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting")
 
-    async def generate(self, req: CompletionRequest) -> AsyncIterator[StreamEvent]:
-        """Yield the request's events until all its choices finish; leaving early cancels it."""
-        self.check(req)
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue = asyncio.Queue()
-        gid = next(self._ids)
-        self._outboxes[gid] = (loop, outbox)
+    def _submit(self, gid: int, req: CompletionRequest) -> None:
         self._sent += 1
         self._post(("add", gid, req))
-        remaining = req.n
-        try:
-            while remaining:
-                ev = await outbox.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                if ev.finish_reason is not None:
-                    remaining -= 1
-                yield ev
-        finally:
-            self._outboxes.pop(gid, None)
-            if remaining and self._failure is None:  # the client left: free its slots
-                self._post(("cancel", gid, None))
+
+    def _cancel(self, gid: int) -> None:
+        if self._failure is None:
+            self._post(("cancel", gid, None))
 
     @property
     def alive(self) -> bool:
@@ -142,7 +126,10 @@ class EngineProcess:
         return self._running, self._waiting + self._sent - self._received
 
     def shutdown(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
+        atexit.unregister(self.shutdown)
         if self._proc.is_alive():
             self._post(("stop", None, None))
             self._proc.join(timeout=5)
@@ -164,11 +151,14 @@ class EngineProcess:
                 kind, payload = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if kind == "step":
-                self._on_report(payload)
-            elif kind == "rejected":  # raced past check(): the queue filled up meanwhile
-                gid, error = payload
-                self._deliver_to(gid, error)
+            try:
+                if kind == "step":
+                    self._on_report(payload)
+                elif kind == "error":  # raced past check() (a full queue), or a failed step
+                    gid, error = payload
+                    self._send(gid, error)
+            except Exception:  # a failing metrics callback must not stop the deliveries
+                logger.exception("handling a message of the text engine process failed")
         if self._proc.is_alive():
             self._proc.join(timeout=1)
         self._failure = f"the text engine process exited (code {self._proc.exitcode})"
@@ -176,39 +166,24 @@ class EngineProcess:
             return
         logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))
         for gid in list(self._outboxes):
-            self._deliver_to(gid, EngineFailed(self._failure))
+            self._send(gid, EngineFailed(self._failure))
 
     def _on_report(self, report: StepReport) -> None:
         self._running, self._waiting, self._received = report.running, report.waiting, report.received
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StreamEvent]]] = {}
-        for ev in report.events:
-            target = self._outboxes.get(ev.request)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], ev))
-        for loop, items in by_loop.items():  # one wake-up per loop and step
-            loop.call_soon_threadsafe(_deliver, items)
+        self._send_events(report.events)
         if self.on_admit is not None:
             for waited in report.admitted_waits:
                 self.on_admit(waited)
         if self.on_step is not None:
             self.on_step(report.batch_size, *self.stats())
 
-    def _deliver_to(self, gid: int, item) -> None:
-        target = self._outboxes.get(gid)
-        if target is not None:
-            target[0].call_soon_threadsafe(target[1].put_nowait, item)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
-    for outbox, ev in items:
-        outbox.put_nowait(ev)
-
 
 # --- the child's side -----------------------------------------------------------------------
 def _child_main(conn: Connection, spec: EngineSpec) -> None:
     # The server decides when the engine stops (a "stop" message, or its end of the pipe
-    # closing): a SIGTERM or Ctrl-C sent to the whole process group must not cut off the
-    # requests the server is still finishing during a graceful shutdown.
+    # closing): a SIGTERM or Ctrl-C sent to the server's whole process tree (BentoML's process
+    # manager signals children too) must not cut off the requests the server is still
+    # finishing during a graceful shutdown.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -222,7 +197,10 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", ""))
-    _serve(conn, engine)
+    try:
+        _serve(conn, engine)
+    except (EOFError, OSError):  # the server is gone (its end of the pipe closed)
+        pass
 
 
 def _serve(conn: Connection, engine: ContinuousEngine) -> None:
@@ -247,8 +225,15 @@ def _serve(conn: Connection, engine: ContinuousEngine) -> None:
             try:
                 engine.add(req, gid)
             except (InvalidParameter, QueueFull) as e:  # raced past the server's check
-                conn.send(("rejected", (gid, e)))
-        events = engine.step() if engine.has_work() else []
+                conn.send(("error", (gid, e)))
+        try:
+            events = engine.step() if engine.has_work() else []
+        except Exception as e:  # a bug must fail the requests in flight, not the engine
+            logger.exception("a step of the text engine failed")
+            for gid in list(engine.groups):
+                conn.send(("error", (gid, RuntimeError(f"the text engine failed: {type(e).__name__}: {e}"))))
+                engine.cancel(gid)
+            events = []
         conn.send(("step", StepReport(events, engine.last_batch_size, engine.num_running, engine.num_waiting,
                                       received, admitted[:])))
         admitted.clear()

@@ -8,7 +8,10 @@ a batch of requests goes in, PNG bytes come out.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 from typing import Any
 
 import torch
@@ -21,14 +24,22 @@ _engine = None  # the worker process's engine, set by `load`
 def load(engine_class: type, model_dir: str, device: str, threads: int) -> None:
     """Initializer of the worker process: load the engine and warm it up."""
     global _engine
-    # The server decides when the worker stops; a SIGTERM to the whole process group must
-    # not cut off the batches it is finishing during a graceful shutdown.
+    # The server shuts the pool down: a SIGTERM or Ctrl-C sent to the server's process tree
+    # must not cut off the batches it is finishing during a graceful shutdown. A pool worker
+    # does not notice its server dying, so it watches for that itself.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     if threads > 0:
         torch.set_num_threads(threads)
     _engine = engine_class.load(model_dir, device=device)
     _engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def generate_pngs(requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]) -> list[list[bytes]]:
