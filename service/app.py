@@ -355,10 +355,18 @@ class Generation:
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def __is_ready__(self) -> bool:
-        """Models loaded and every engine process alive: a dead one takes this replica out of
-        the load balancer's rotation (and an orchestrator can restart it)."""
-        return (self._ready.is_set() and self.text_stream is not None and self.text_stream.alive
-                and not any(b.failed for b in self.images.values()))
+        """Models loaded and every engine process alive (/readyz)."""
+        return self._ready.is_set() and not self._engine_died()
+
+    def __is_alive__(self) -> bool:
+        """False once an engine process has died after start-up (/livez): only a restart brings
+        it back, so a liveness probe lets the orchestrator do it. A model that fails to load
+        keeps the service alive but not ready, with the reason in its log and answers."""
+        return not self._engine_died()
+
+    def _engine_died(self) -> bool:
+        return ((self.text_stream is not None and not self.text_stream.alive)
+                or any(b.failed for b in self.images.values()))
 
     def _load(self) -> None:
         try:
@@ -603,7 +611,7 @@ class Generation:
             results = await asyncio.get_running_loop().run_in_executor(
                 backend.worker, image_worker.generate_pngs, [job.payload for job in jobs], params)
         except BrokenProcessPool:
-            logger.error("the worker process of %s has died; /readyz now answers 503", tag)
+            logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
             backend.failed = True
             for job in jobs:
                 fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))

@@ -62,11 +62,12 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
 
 # ---- an engine process that dies after start-up -----------------------------------------------
 
-def test_dead_engine_processes_answer_503_and_take_the_replica_out_of_rotation(
+def test_dead_engine_processes_answer_503_and_fail_the_health_checks(
         bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
     """The text engine and the image worker run in child processes of the server worker. Killed
-    (out of memory, say), their routes answer 503 with a reason, never 500 or a hang, and
-    /readyz turns 503 so that a load balancer stops sending traffic here."""
+    (out of memory, say), their routes answer 503 with a reason, never 500 or a hang, /readyz
+    turns 503 so that a load balancer stops sending traffic here, and /livez 503 so that an
+    orchestrator restarts the replica."""
     root = tmp_path_factory.mktemp("dead_engines")
     proc, srv = launch_server(bentoml_home, root / "serve.log", {})
     try:
@@ -84,6 +85,6 @@ def test_dead_engine_processes_answer_503_and_take_the_replica_out_of_rotation(
             r = httpx.post(f"{srv.url}/generate", json={"prompt": "a red circle"}, timeout=30)
             assert r.status_code == 503 and "image engine" in r.json()["error"]["message"], r.text
         assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 503
-        assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200
+        assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 503  # restart me
     finally:
         _stop(proc)
