@@ -17,9 +17,9 @@ one guards its entry point with `if __name__ == "__main__":`, as any multiproces
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
-import atexit
 import signal
 import threading
 from dataclasses import dataclass
