@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, advance_text, sample_rows,
-                           token_logprob)
+from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
+                           sample_rows, token_logprob)
 from models.errors import InvalidParameter
 from models.sampling import SamplingBatch
 
@@ -45,6 +45,16 @@ class SchedulerConfig:
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the service answers 429/503."""
+
+
+def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int) -> None:
+    """Raise InvalidParameter for a request this model or scheduler cannot serve, QueueFull
+    when `waiting` requests already fill the queue."""
+    requests.validate(req)
+    if req.n > cfg.max_running:
+        raise InvalidParameter("n", f"at most {cfg.max_running} choices on this server")
+    if waiting >= cfg.max_waiting:
+        raise QueueFull(f"{waiting} requests are waiting")
 
 
 @dataclass
@@ -103,11 +113,7 @@ class ContinuousEngine:
 
     def check(self, req: CompletionRequest, waiting: int = 0) -> None:
         """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
-        self.engine.validate(req)
-        if req.n > self.cfg.max_running:
-            raise InvalidParameter("n", f"at most {self.cfg.max_running} choices on this server")
-        if len(self.waiting) + waiting >= self.cfg.max_waiting:
-            raise QueueFull(f"{len(self.waiting) + waiting} requests are waiting")
+        check_request(self.engine, self.cfg, req, len(self.waiting) + waiting)
 
     def add(self, req: CompletionRequest, gid: int | None = None) -> int:
         """Check and queue a request; returns its id (events carry it as `request`)."""

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from models.continuous import ContinuousEngine, EventStreams, QueueFull, SchedulerConfig
+from models.continuous import ContinuousEngine, EventStreams, QueueFull, SchedulerConfig, check_request
 from models.engine import CompletionRequest, StreamEvent, TextEngine, TextRequests
 from models.errors import InvalidParameter
 
@@ -102,12 +102,7 @@ class EngineProcess(EventStreams):
         EngineFailed when the engine is gone: before any work, so the service can answer 4xx/503."""
         if self._failure is not None:
             raise EngineFailed(self._failure)
-        self.requests.validate(req)
-        if req.n > self.cfg.max_running:
-            raise InvalidParameter("n", f"at most {self.cfg.max_running} choices on this server")
-        waiting = self._waiting + self._sent - self._received
-        if waiting >= self.cfg.max_waiting:
-            raise QueueFull(f"{waiting} requests are waiting")
+        check_request(self.requests, self.cfg, req, waiting=self.stats()[1])
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
         self._sent += 1
