@@ -26,8 +26,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import bentoml
@@ -595,9 +595,9 @@ class Generation:
                                       for i, p in enumerate(pngs)]})
 
     async def _run_images(self, backend: ImageBackend, jobs: list[Job[ImageRequest]]) -> None:
-        """One forward pass (or decode loop) for the whole batch, then PNG encoding, both off
-        the event loop."""
-        engine = self._ready_or_503(backend.engine)
+        """One forward pass (or decode loop) for the whole batch, then PNG encoding, both in the
+        model's worker process."""
+        self._ready_or_503(backend.engine)
         tag = backend.served.tag
 
         def parameters(req: ImageRequest, i: int) -> dict[str, Any]:
