@@ -88,6 +88,7 @@ class ContinuousEngine:
         self.model = engine.model
         self.device = engine.device
         self.model.setup_caches(self.cfg.max_running, engine.block_size)
+        self.caches = self.model.caches  # its slots; TextEngine.complete on the same model swaps in others
         vocab = self.model.config.vocab_size
         self.seen = torch.zeros(self.cfg.max_running, vocab, dtype=torch.bool, device=self.device)
         self.pending = torch.zeros(self.cfg.max_running, vocab, device=self.device)  # next-token logits per slot
@@ -145,6 +146,7 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
         events: list[StreamEvent] = []
+        self.model.caches = self.caches  # another engine on this model may have swapped in its own
         self.last_batch_size = 0
         budget = self.cfg.max_tokens_per_step - len(self.decoding)
         self._admit()

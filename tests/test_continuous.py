@@ -1,5 +1,6 @@
 """Continuous batching: same tokens as the plain engine, whatever joins or leaves; limits; cancel."""
 import asyncio
+import itertools
 
 import pytest
 import torch
@@ -57,6 +58,24 @@ def test_continuous_equals_the_plain_batched_engine(engine):
         for c in comp.choices:
             assert tokens[gid][c.index] == c.token_ids
             assert reasons[gid, c.index] == c.finish_reason
+
+
+def test_the_plain_engine_on_the_same_model_does_not_disturb_running_sequences(engine):
+    reqs = requests()[:4]
+    want = engine.complete(reqs)
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=8))
+    ids = [cont.add(req) for req in reqs]
+    tokens: dict[int, dict[int, list[int]]] = {}
+    for step in itertools.count():
+        if step == 2:  # mid-generation, a static batch reallocates the model's KV caches
+            engine.complete([CompletionRequest("Another prompt", seed=99, max_tokens=3)])
+        for ev in cont.step():
+            if ev.token_id is not None:
+                tokens.setdefault(ev.request, {}).setdefault(ev.choice, []).append(ev.token_id)
+        if not cont.has_work():
+            break
+    for gid, comp in zip(ids, want):
+        assert {c.index: c.token_ids for c in comp.choices} == tokens[gid]
 
 
 def test_a_request_is_batch_invariant_whatever_joins_or_leaves(engine):
