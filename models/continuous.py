@@ -262,7 +262,8 @@ class ContinuousEngine:
 
 
 class EventStreams:
-    """Each request's async iterator of events, fed from the thread that runs the scheduler.
+    """Each request's async iterator of events, fed from another thread (the scheduler's, or
+    the reader of an engine process).
 
     Subclasses say how a request is checked, handed to the scheduler and cancelled; the events
     of a step reach each requester's event loop in one call."""

@@ -113,14 +113,16 @@ class MicroBatcher(Generic[T]):
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._pending:
+                # A slot first, then the batch: it takes everything that queued meanwhile.
+                await self._in_flight.acquire()
                 batch: list[Job[T]] = []
                 cost = self._take(batch, 0)
                 if batch and self.max_wait_s > 0:
                     cost = await self._linger(batch, cost)
                 if not batch:
+                    self._in_flight.release()
                     continue
                 self._expected = len(batch)
-                await self._in_flight.acquire()
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch, cost))
                 self._batches.add(task)  # the loop keeps only a weak reference to a task
                 task.add_done_callback(self._batch_done)

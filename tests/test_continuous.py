@@ -11,6 +11,7 @@ from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
+from tests_support import wait_until_idle
 
 TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
 
@@ -148,11 +149,7 @@ def test_async_engine_streams_and_cancels_on_early_exit(engine):
         stream = aeng.generate(CompletionRequest("The", seed=1, max_tokens=90, sampling=SamplingParams(temperature=1)))
         await stream.__anext__()
         await stream.aclose()  # the client went away
-        for _ in range(100):
-            if aeng.stats() == (0, 0):
-                break
-            await asyncio.sleep(0.01)
-        assert aeng.stats() == (0, 0)
+        assert await wait_until_idle(aeng) == (0, 0)
         with pytest.raises(InvalidParameter):
             await aeng.generate(CompletionRequest("The", seed=1, max_tokens=0)).__anext__()
         aeng.shutdown()

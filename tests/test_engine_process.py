@@ -19,6 +19,7 @@ from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
+from tests_support import wait_until_idle
 
 TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
 
@@ -85,11 +86,7 @@ def test_a_client_that_leaves_frees_its_slots(engine_process):
         await stream.__anext__()
         assert engine_process.stats()[0] == 4
         await stream.aclose()  # the client went away
-        for _ in range(200):
-            if engine_process.stats() == (0, 0):
-                break
-            await asyncio.sleep(0.01)
-        assert engine_process.stats() == (0, 0)
+        assert await wait_until_idle(engine_process) == (0, 0)
         assert await _tokens(engine_process, CompletionRequest("The", seed=2, max_tokens=3)) != {}
 
     asyncio.run(main())
