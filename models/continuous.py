@@ -194,7 +194,8 @@ class ContinuousEngine:
         idx, pos = idx.to(self.device), pos.to(self.device)
         mask = (torch.arange(kv_len, device=self.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (G, 1, T, kv)
         rows = torch.tensor([group.seqs[0].slot for group, _, _ in chunks], device=self.device)
-        logits = self.model.forward_cached(idx, pos, mask, rows=rows)  # (G, T, V)
+        ends = torch.tensor([end - start - 1 for _, start, end in chunks], device=self.device)
+        logits = self.model.forward_cached(idx, pos, mask, rows=rows, logits_at=ends)  # (G, V)
         for i, (group, start, end) in enumerate(chunks):
             group.prefilled = end
             if end < len(group.prompt):
@@ -204,7 +205,7 @@ class ContinuousEngine:
             for seq in group.seqs:
                 if seq.slot != slot:
                     self.model.copy_cache_row(slot, seq.slot, end)
-                self.pending[seq.slot] = logits[i, end - start - 1].float()
+                self.pending[seq.slot] = logits[i].float()
                 self.decoding[seq.slot] = (group, seq)
                 if group.req.echo:
                     events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))

@@ -268,7 +268,8 @@ class TextEngine(TextRequests):
 
     @torch.inference_mode()
     def _prefill(self, prompts: list[list[int]], rows: list[_Row]) -> tuple[Tensor, Tensor]:
-        """Run each distinct prompt once (right-padded), then copy its cache into its rows."""
+        """Run each distinct prompt once (right-padded) into its first row's cache, then copy
+        that cache into the request's other rows."""
         lens = [len(p) for p in prompts]
         T = max(lens)
         idx = torch.zeros(len(prompts), T, dtype=torch.long, device=self.device)
@@ -276,15 +277,20 @@ class TextEngine(TextRequests):
             idx[i, :len(p)] = torch.tensor(p)
         pos = torch.arange(T, device=self.device).expand(len(prompts), T)  # (Q, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-        max_seq = max(len(prompts[row.request]) + row.max_tokens for row in rows)
-        self.model.setup_caches(len(prompts), max_seq)
-        logits = self.model.forward_cached(idx, pos, causal.expand(len(prompts), 1, T, T))  # (Q, T, V)
-        last = logits[torch.arange(len(prompts)), torch.tensor(lens) - 1].float()  # (Q, V)
-        row_to_prompt = torch.tensor([row.request for row in rows], device=self.device)
-        self.model.select_cache_rows(row_to_prompt)
+        self.model.setup_caches(len(rows), max(len(prompts[row.request]) + row.max_tokens for row in rows))
+        first = {}  # request -> its first row
+        for j, row in enumerate(rows):
+            first.setdefault(row.request, j)
+        targets = slice(None) if len(rows) == len(prompts) else torch.tensor(list(first.values()), device=self.device)
+        last = self.model.forward_cached(idx, pos, causal.expand(len(prompts), 1, T, T), rows=targets,
+                                         logits_at=torch.tensor(lens, device=self.device) - 1).float()  # (Q, V)
+        for j, row in enumerate(rows):
+            if j != first[row.request]:
+                self.model.copy_cache_row(first[row.request], j, lens[row.request])
         seen = torch.zeros(len(prompts), last.size(-1), dtype=torch.bool, device=self.device)
         for i, n in enumerate(lens):  # the prompt's own tokens count for the repetition penalty
             seen[i, idx[i, :n]] = True
+        row_to_prompt = torch.tensor([row.request for row in rows], device=self.device)
         return last.index_select(0, row_to_prompt), seen.index_select(0, row_to_prompt)
 
     @torch.inference_mode()

@@ -66,7 +66,7 @@ class KVCache(nn.Module):
         return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
 
     def select(self, rows: Tensor) -> None:
-        """Keep only `rows` (copy a prefilled prompt into n rows, or drop finished rows)."""
+        """Keep only `rows` (finished rows leave a static batch)."""
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
 
@@ -183,10 +183,13 @@ class GPT(nn.Module):
             cache.k[dst, :, :length] = cache.k[src, :, :length]
             cache.v[dst, :, :length] = cache.v[src, :, :length]
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor,
-                       rows: slice | Tensor = slice(None)) -> Tensor:
+    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor, rows: slice | Tensor = slice(None),
+                       logits_at: Tensor | None = None) -> Tensor:
         """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend;
         `rows`: which cache rows these B sequences own (default: all; a slice, or B indices).
+        Returns logits (B, T, V), or with `logits_at` (B,) only those at one index of T per
+        row, (B, V): a prompt needs the logits of its last token only, and the vocabulary
+        projection of every prompt position would be a quarter of a small model's prefill.
 
         Each row keeps its own length: a row writes its keys at its own positions, and the
         mask lets a query see only slots at or before its position, so the stale slots past
@@ -195,7 +198,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block, cache in zip(self.transformer.h, self.caches):
             x = block(x, cache, pos, mask, rows)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), logits_at]  # (B, C)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V) or (B, V)
 
 
 # Hugging Face GPT-2 stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in).

@@ -35,6 +35,11 @@ def test_kv_cache_logits_equal_full_recompute_with_ragged_rows():
         logits = m.forward_cached(idx, pos, mask)
         for i, n in enumerate(lens):
             torch.testing.assert_close(logits[i, :n], full[i][:n], atol=1e-5, rtol=1e-5)
+        m.setup_caches(3, 48)  # only each prompt's last position, as the engines prefill
+        last = m.forward_cached(idx, pos, mask, logits_at=torch.tensor(lens) - 1)
+        assert last.shape == (3, 97)
+        for i, n in enumerate(lens):
+            torch.testing.assert_close(last[i], full[i][n - 1], atol=1e-5, rtol=1e-5)
         positions = torch.tensor(lens)
         for _ in range(12):  # each row continues from its own length
             tok = torch.stack([seqs[i][p] for i, p in enumerate(positions.tolist())])[:, None]
