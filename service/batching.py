@@ -6,7 +6,9 @@ milliseconds for requests sent at the same moment (see `_linger`), and hands the
 While `run` works (in a thread or another process, so the event loop keeps serving), new
 requests queue and form the next batch; with `max_in_flight` 2 that batch is handed over at
 once and waits in the worker's queue, so a worker process goes from one batch to the next
-without waiting for the event loop to answer the first batch's clients. This is the
+without waiting for the event loop to answer the first batch's clients; and a queue that
+finds the worker idle goes in as two halves, so the clients keep arriving in two groups
+that alternate instead of all waiting on one batch (`_split`). The rest is the
 same policy as BentoML's adaptive batching, kept here because the text path streams
 events per request, which BentoML's batchable APIs (list in, list out) cannot express.
 """
@@ -64,6 +66,7 @@ class MicroBatcher(Generic[T]):
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._expected = 1  # size of the previous batch: how many to linger for
+        self.max_in_flight = max_in_flight
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._batches: set[asyncio.Task] = set()
 
@@ -122,10 +125,29 @@ class MicroBatcher(Generic[T]):
                 if not batch:
                     self._in_flight.release()
                     continue
+                if not self._batches and self.max_in_flight > 1:
+                    cost = self._split(batch, cost)
                 self._expected = len(batch)
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch, cost))
                 self._batches.add(task)  # the loop keeps only a weak reference to a task
                 task.add_done_callback(self._batch_done)
+
+    def _split(self, batch: list[Job[T]], cost: int) -> int:
+        """The worker is idle: keep about half of the batch's cost and put the rest back at
+        the head of the queue, to go next, at once, into the worker's queue. The first half's
+        clients then come back while the second half runs, so the worker does not wait for
+        the event loop to answer everyone; with one batch of everything it would (a batch of
+        8 single images ran 12 ms, then the worker waited 8 ms for the next)."""
+        kept, kept_cost = 1, batch[0].cost
+        while kept < len(batch) and 2 * (kept_cost + batch[kept].cost) <= cost:
+            kept_cost += batch[kept].cost
+            kept += 1
+        rest = batch[kept:]
+        del batch[kept:]
+        self._pending.extendleft(reversed(rest))
+        self._queued_cost += cost - kept_cost
+        self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc(len(rest))
+        return kept_cost
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batches.discard(task)

@@ -155,6 +155,43 @@ def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
     assert batches == [[0, 1], [2], [3]]
 
 
+def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it():
+    """With two batches in flight, jobs that queue together while the worker is idle split by
+    cost: the first half's clients can come back while the second half runs. A batch formed
+    while another is in flight is not split."""
+    batches: list[list[int]] = []
+
+    async def scenario():
+        gates = [asyncio.Event() for _ in range(3)]
+
+        async def run(jobs):
+            gate = gates[len(batches)]
+            batches.append([j.payload for j in jobs])
+            await gate.wait()
+            for j in jobs:
+                j.future.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_in_flight=2)
+        jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 4), (1, 1), (2, 1), (3, 1), (4, 1)]]
+        for job in jobs:
+            batcher.submit(job)  # all queued before the consumer first runs
+        late = [Job(p, cost=1, future=loop.create_future()) for p in (5, 6, 7)]
+        await asyncio.sleep(0.01)
+        for job in late:  # both slots are taken: these wait
+            batcher.submit(job)
+        gates[0].set()  # a slot frees while the second batch still runs
+        await jobs[0].future
+        await asyncio.sleep(0.01)
+        for gate in gates[1:]:
+            gate.set()
+        await asyncio.gather(*(j.future for j in jobs + late))
+        await batcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7]]  # cost 4 | 4, then everything that waited
+
+
 # ---- error mapping of the routes --------------------------------------------------------
 
 def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monkeypatch, caplog):
