@@ -3,8 +3,8 @@
 A request's image i is drawn from its own `torch.Generator` seeded with `seed + i`, on
 the CPU (so the same seed gives the same latent on any device), scaled by the
 truncation ψ. All requests then run as one forward pass; the generator has no
-cross-sample layers and prompts are padded to a fixed length, so what shares the
-batch does not change a request's images (up to float rounding).
+cross-sample layers and padding is masked out of the prompts' features, so what shares
+the batch does not change a request's images (up to float rounding).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from models.artifacts import load_model_dir
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
-from models.text_encoder import encode_prompts
+from models.text_encoder import encode_prompts, trim_padding
 from models.tokenizer import Tokenizer
 
 MAX_IMAGES = 16
@@ -113,8 +113,8 @@ class ImageEngine:
         for req in requests:
             self.validate(req)
         z = latents(requests, self.cfg.z_dim).to(self.device)                 # (N, Z)
-        ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests],
-                                   self.cfg.context, self.device)             # (R, T)
+        ids, mask = trim_padding(*encode_prompts(self.tokenizer, [r.prompt for r in requests],
+                                                 self.cfg.context, self.device))  # (R, T)
         # Encode each prompt once, then repeat its features for its n images.
         vec, tokens = self.generator.text(ids, mask)                          # (R, D), (R, T, D)
         counts = torch.tensor([r.n for r in requests], device=self.device)

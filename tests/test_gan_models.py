@@ -11,7 +11,7 @@ from models.errors import InvalidParameter
 from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
                         g_hinge_loss, mode_seeking_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest, latents, to_uint8
-from models.text_encoder import encode_prompts
+from models.text_encoder import encode_prompts, trim_padding
 from models.tokenizer import Tokenizer
 
 CAPTIONS = ["a small red circle on the left, blue background",
@@ -107,6 +107,14 @@ def test_padding_does_not_change_a_prompts_vector(tokenizer):
     v1, _ = G.text(ids, mask)
     v2, _ = G.text(ids2, mask)
     assert torch.allclose(v1, v2, atol=1e-5)
+    # Nor does cutting the padding that every row has (what the engine serves with).
+    ids, mask = encode_prompts(tokenizer, ["a red circle", "a red circle on the left"], cfg.context)
+    cut_ids, cut_mask = trim_padding(ids, mask)
+    assert cut_ids.shape[1] == int(mask.sum(1).max()) < cfg.context
+    assert torch.equal(cut_mask.sum(1), mask.sum(1))
+    (v1, t1), (v2, t2) = G.text(ids, mask), G.text(cut_ids, cut_mask)
+    assert torch.allclose(v1, v2, atol=1e-5)
+    assert torch.allclose(t1[:, :cut_ids.shape[1]][cut_mask], t2[cut_mask], atol=1e-5)
 
 
 def test_engine_matches_the_plain_generator(engine, tokenizer):
