@@ -32,7 +32,7 @@ from models.artifacts import load_model_dir
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
-from models.image_engine import ImageRequest, check_image_request, per_request
+from models.image_engine import ImageRequest, ImageRequests, check_image_request, per_request
 from models.sampling import SamplingBatch, SamplingParams, sample
 from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
@@ -341,31 +341,15 @@ def request_sampling(req: ImageRequest, temperature: float,
     return params, float(guidance_scale if req.guidance_scale is None else req.guidance_scale)
 
 
-class ARImageEngine:
-    """The ImageEngine contract for the AR model: load, image_size, tag, validate, generate.
+class ARImageRequests(ImageRequests):
+    """Checking requests for an AR image model: its tokenizer and config, no weights (the
+    server's side; the engine, a subclass, runs in a worker process)."""
+    family, config_class = "ar_image", ARImageConfig
 
-    Image i of a request draws from its own CPU generator seeded with seed + i. All images
-    of all requests decode in one loop (one row each, plus one unconditional row each when
-    guided); rows never mix, so a request's images do not depend on what shares its batch
-    (up to float rounding). Cost: seq_len sequential steps per batch.
-    """
-    tag: str = ""
-
-    def __init__(self, model: ARImageModel, tokenizer: Tokenizer, device: str = "auto",
-                 guidance_scale: float | None = None):
+    def __init__(self, tokenizer: Tokenizer, cfg: ARImageConfig, guidance_scale: float | None = None):
         """guidance_scale: the default for requests that name none (None: the model's config)."""
-        self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
-        self.cfg: ARImageConfig = model.cfg
-        self.image_size: int = self.cfg.image_size
-        self.guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
-
-    @classmethod
-    def load(cls, model_dir: str | Path, device: str = "auto") -> "ARImageEngine":
-        """Load a model directory written by training.train_ar_image."""
-        art = load_model_dir(model_dir, lambda c: ARImageModel(ARImageConfig.from_dict(c)), family="ar_image")
-        return cls(art.model, art.tokenizer, device)
+        super().__init__(tokenizer, cfg)
+        self.guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
 
     def evaluations_per_image(self, guidance_scale: float | None = None) -> int:
         """Network evaluations (one-token forward passes) per image: one per token, twice
@@ -383,6 +367,29 @@ class ARImageEngine:
 
     def settings(self, req: ImageRequest) -> tuple[SamplingParams, float]:
         return request_sampling(req, self.cfg.temperature, self.guidance_scale)
+
+
+class ARImageEngine(ARImageRequests):
+    """The ImageEngine contract for the AR model: load, image_size, tag, validate, generate.
+
+    Image i of a request draws from its own CPU generator seeded with seed + i. All images
+    of all requests decode in one loop (one row each, plus one unconditional row each when
+    guided); rows never mix, so a request's images do not depend on what shares its batch
+    (up to float rounding). Cost: seq_len sequential steps per batch.
+    """
+
+    def __init__(self, model: ARImageModel, tokenizer: Tokenizer, device: str = "auto",
+                 guidance_scale: float | None = None):
+        """guidance_scale: the default for requests that name none (None: the model's config)."""
+        super().__init__(tokenizer, model.cfg, guidance_scale)
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "auto") -> "ARImageEngine":
+        """Load a model directory written by training.train_ar_image."""
+        art = load_model_dir(model_dir, lambda c: ARImageModel(ARImageConfig.from_dict(c)), family=cls.family)
+        return cls(art.model, art.tokenizer, device)
 
     @torch.inference_mode()
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:

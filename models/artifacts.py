@@ -124,6 +124,14 @@ def load_tokenizer(path: str | Path, config: dict[str, Any]) -> Tokenizer:
     return tokenizer
 
 
+def build_config(path: str | Path, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """`build(config)`, with an error that names the model directory's config.json."""
+    try:
+        return build(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{Path(path) / CONFIG}: does not describe a valid model ({e})") from e
+
+
 def load_model_dir(
     path: str | Path,
     build: Callable[[dict[str, Any]], nn.Module],
@@ -134,10 +142,7 @@ def load_model_dir(
     initialised) network; the tokenizer must fit the config's `vocab_size`."""
     path = Path(path)
     config = read_config(path, family)
-    try:
-        model = build(config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{path / CONFIG}: does not describe a valid model ({e})") from e
+    model = build_config(path, build, config)
     load_weights_into(model, path / WEIGHTS)
     tokenizer = load_tokenizer(path, config) if needs_tokenizer else None
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}

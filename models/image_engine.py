@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifacts import load_model_dir
+from models.artifacts import build_config, load_model_dir, load_tokenizer, read_config
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
@@ -84,26 +84,41 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, s
                                           "an image in one pass (use truncation)")
 
 
-class ImageEngine:
+class ImageRequests:
+    """Checking image requests for a GAN: what its tokenizer and config decide, no weights.
+    The server checks requests with this before they queue; the engine (a subclass) runs in
+    a worker process of its own."""
+    family, config_class = "gan", GANConfig
     tag: str = ""
 
+    def __init__(self, tokenizer: Tokenizer, cfg: GANConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.image_size: int = cfg.image_size
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ImageRequests":
+        """The tokenizer and config of a model directory (`ArtifactError` naming a bad file)."""
+        config = read_config(model_dir, cls.family)
+        return cls(load_tokenizer(model_dir, config), build_config(model_dir, cls.config_class.from_dict, config))
+
+    def validate(self, req: ImageRequest) -> None:
+        check_image_request(req, self.tokenizer, self.cfg.context)
+
+
+class ImageEngine(ImageRequests):
     def __init__(self, generator: Generator, tokenizer: Tokenizer, device: str = "auto"):
+        super().__init__(tokenizer, generator.cfg)
         self.device = pick_device(device)
         # Channels-last weights make every conv work in NHWC, the layout oneDNN computes in:
         # no layout conversions between layers (10–13 % faster on CPU at batch 1–8, same pixels).
         self.generator = generator.to(self.device, memory_format=torch.channels_last).eval()
-        self.tokenizer = tokenizer
-        self.cfg: GANConfig = generator.cfg
-        self.image_size: int = self.cfg.image_size
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "ImageEngine":
         """Load a model directory written by training.train_gan (the EMA generator)."""
-        art = load_model_dir(model_dir, lambda c: Generator(GANConfig.from_dict(c)), family="gan")
+        art = load_model_dir(model_dir, lambda c: Generator(GANConfig.from_dict(c)), family=cls.family)
         return cls(art.model, art.tokenizer, device)
-
-    def validate(self, req: ImageRequest) -> None:
-        check_image_request(req, self.tokenizer, self.cfg.context)
 
     @torch.inference_mode()
     def generate(self, requests: list[ImageRequest]) -> list[list[np.ndarray]]:

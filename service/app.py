@@ -37,13 +37,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from models.ar_image import ARImageEngine
+from models.ar_image import ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, StreamEvent, TextRequests, TokenLogprob
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
-from models.image_engine import ImageEngine, ImageRequest
+from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from models.sampling import SamplingParams
 from service import image_worker
 from service.batching import Job, MicroBatcher, fail
@@ -265,13 +265,14 @@ class ServedModel:
 
 @dataclass
 class ImageBackend:
-    """A served image model: its description, its engine once loaded, and its own batcher
-    (one forward pass holds one model's requests)."""
+    """A served image model: its description, its request checker and worker process once
+    loaded, and its own batcher (one forward pass holds one model's requests)."""
     served: ServedModel
     stored: Any  # bentoml.models.BentoModel
-    engine_class: type[ImageEngine] | type[ARImageEngine]
+    engine_class: type[ImageEngine] | type[ARImageEngine]  # what the worker process loads
+    checker_class: type[ImageRequests] | type[ARImageRequests]  # what this process loads
     batcher: MicroBatcher[ImageRequest] | None = None
-    engine: ImageEngine | ARImageEngine | None = None  # checks requests; the worker's copy generates
+    requests: ImageRequests | None = None  # checks requests (no weights), once loaded
     worker: concurrent.futures.ProcessPoolExecutor | None = None
     failed: bool = False  # its worker process died: not ready any more
 
@@ -338,9 +339,10 @@ class Generation:
         # Resolving the tags here makes a missing model fail the start-up at once, by name.
         self.text_model = ServedModel.from_store("text", self.gpt)
         self.images: dict[str, ImageBackend] = {}  # tag -> backend; the first is the default
-        for stored, engine_class in ((self.gan, ImageEngine), (self.ar_image, ARImageEngine)):
+        for stored, engine_class, checker_class in ((self.gan, ImageEngine, ImageRequests),
+                                                    (self.ar_image, ARImageEngine, ARImageRequests)):
             if stored is not None:
-                backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class)
+                backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class, checker_class)
                 backend.batcher = MicroBatcher(
                     IMAGE, functools.partial(self._run_images, backend), self.metrics, IMAGE_MAX_BATCH,
                     BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S,
@@ -371,26 +373,24 @@ class Generation:
     def _load(self) -> None:
         try:
             started = time.perf_counter()
-            if TORCH_THREADS > 0:
-                import torch  # the engines' own dependency; only the CPU thread pool is set here
-
-                torch.set_num_threads(TORCH_THREADS)
             # The models run (and warm up) in processes of their own: in this one, the server's
-            # Python (HTTP, JSON) would stall their work on the GIL. All start at once.
-            image_engines, starting = {}, []
+            # Python (HTTP, JSON) would stall their work on the GIL. All start at once; this
+            # process reads only tokenizers and configs, to check requests before they queue.
+            checkers, starting = {}, []
             for tag, backend in self.images.items():
-                # This copy only checks requests; the worker process loads its own on DEVICE.
-                engine = backend.engine_class.load(backend.stored.path, device="cpu")
-                engine.tag = tag
-                backend.served.details["image_size"] = engine.image_size
-                if isinstance(engine, ARImageEngine):
-                    backend.served.details["guidance_scale"] = engine.guidance_scale
-                    backend.served.details["evaluations_per_image"] = engine.evaluations_per_image()
-                image_engines[tag] = engine
+                checker = backend.checker_class.load(backend.stored.path)
+                checker.tag = tag
+                backend.served.details["image_size"] = checker.image_size
+                if isinstance(checker, ARImageRequests):
+                    backend.served.details["guidance_scale"] = checker.guidance_scale
+                    backend.served.details["evaluations_per_image"] = checker.evaluations_per_image()
+                checkers[tag] = checker
                 backend.worker = concurrent.futures.ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"), initializer=image_worker.load,
-                    initargs=(backend.engine_class, str(backend.stored.path), DEVICE, TORCH_THREADS))
-                starting.append(backend.worker.submit(int))  # starts it: it loads and warms up its engine
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=image_worker.start)
+                # Loading is the worker's first task, so a bad weights file fails it with an
+                # ArtifactError that names the file (an initializer's error would not come back).
+                starting.append(backend.worker.submit(image_worker.load, backend.engine_class,
+                                                      str(backend.stored.path), DEVICE, TORCH_THREADS))
             self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, TORCH_THREADS, SchedulerConfig(
                 max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING)))
             self.text_stream.on_step = self._on_text_step
@@ -401,8 +401,8 @@ class Generation:
             self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
             self.text_model.details["context_length"] = text.block_size
             self.text = text
-            for tag, engine in image_engines.items():
-                self.images[tag].engine = engine
+            for tag, checker in checkers.items():
+                self.images[tag].requests = checker
             logger.info("loaded and warmed up %s in %.2fs", ", ".join(m.tag for m in self.served_models),
                         time.perf_counter() - started)
             self._ready.set()
@@ -551,7 +551,7 @@ class Generation:
 
     def _image_backend(self, model: str | None) -> ImageBackend:
         backend = self.images[self._check_model(model, "image").tag]
-        self._ready_or_503(backend.engine)
+        self._ready_or_503(backend.requests)
         if backend.failed:
             raise ApiError(503, f"the image engine of {backend.served.tag} is not available", type="server_error")
         return backend
@@ -560,7 +560,7 @@ class Generation:
         seed = _pick_seed(body.seed)
         req = ImageRequest(prompt=body.prompt, seed=seed, n=body.n, truncation=body.truncation,
                            guidance_scale=body.guidance_scale, temperature=body.temperature, top_k=body.top_k)
-        backend.engine.validate(req)
+        backend.requests.validate(req)
         job: Job[ImageRequest] = Job(req, cost=body.n, future=asyncio.get_running_loop().create_future())
         backend.batcher.submit(job)
         try:
@@ -586,7 +586,7 @@ class Generation:
             raise ApiError(400, "response_format 'url' is not supported: this service stores no files; "
                                 "use b64_json", "response_format")
         backend = self._image_backend(body.model)
-        size = f"{backend.engine.image_size}x{backend.engine.image_size}"
+        size = f"{backend.requests.image_size}x{backend.requests.image_size}"
         if body.size not in (None, size):
             raise ApiError(400, f"size {body.size!r} is not available; this model makes {size}", "size")
         seed, pngs = await self._images(backend, body)
@@ -597,7 +597,7 @@ class Generation:
     async def _run_images(self, backend: ImageBackend, jobs: list[Job[ImageRequest]]) -> None:
         """One forward pass (or decode loop) for the whole batch, then PNG encoding, both in the
         model's worker process."""
-        self._ready_or_503(backend.engine)
+        self._ready_or_503(backend.requests)
         tag = backend.served.tag
 
         def parameters(req: ImageRequest, i: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from models.artifacts import ArtifactError, save_model_dir
 from models.errors import InvalidParameter
 from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
                         g_hinge_loss, mode_seeking_loss, r1_penalty)
-from models.image_engine import ImageEngine, ImageRequest, latents, to_uint8
+from models.image_engine import ImageEngine, ImageRequest, ImageRequests, latents, to_uint8
 from models.text_encoder import encode_prompts, trim_padding
 from models.tokenizer import Tokenizer
 
@@ -183,3 +183,20 @@ def test_load_round_trip_and_errors(tmp_path, engine, tokenizer):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "g_ch": 16}))
     with pytest.raises(ArtifactError, match="model.safetensors"):
         ImageEngine.load(tmp_path / "m")
+
+
+def test_request_checker_reads_tokenizer_and_config_only(tmp_path, engine, tokenizer):
+    """What the server loads to check requests: no weights, the engine's verdicts, bad files named."""
+    save_model_dir(tmp_path / "m", {"family": "gan", **engine.cfg.to_dict()},
+                   engine.generator.state_dict(), tokenizer)
+    (tmp_path / "m" / "model.safetensors").unlink()  # only the worker process reads it
+    checker = ImageRequests.load(tmp_path / "m")
+    assert checker.image_size == 32 and not hasattr(checker, "generator")
+    checker.validate(ImageRequest("a red circle", seed=5, n=2))
+    with pytest.raises(InvalidParameter) as e:
+        checker.validate(ImageRequest("a red circle", seed=5, n=17))
+    assert e.value.param == "n"
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "image_size": 48}))
+    with pytest.raises(ArtifactError, match="config.json"):
+        ImageRequests.load(tmp_path / "m")

@@ -26,7 +26,9 @@ def broken_servers(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory)
     try:
         for fault, (kind, make) in {"corrupt_weights": ("gpt", FAULTS["corrupt_weights"]),
                                     "mismatched_config": ("gpt", FAULTS["mismatched_config"]),
-                                    "missing_tokenizer": ("gan", FAULTS["missing_tokenizer"])}.items():
+                                    "missing_tokenizer": ("gan", FAULTS["missing_tokenizer"]),
+                                    # weights that only the image worker process reads
+                                    "corrupt_image_weights": ("gan", FAULTS["corrupt_weights"])}.items():
             root = tmp_path_factory.mktemp(fault)
             home = root / "bentoml_home"
             shutil.copytree(bentoml_home, home, ignore=shutil.ignore_patterns("bentos", "tmp", "*.log"))
@@ -40,7 +42,8 @@ def broken_servers(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory)
             _stop(proc)
 
 
-@pytest.mark.parametrize("fault", ["corrupt_weights", "mismatched_config", "missing_tokenizer"])
+@pytest.mark.parametrize("fault", ["corrupt_weights", "mismatched_config", "missing_tokenizer",
+                                   "corrupt_image_weights"])
 def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broken_servers, fault):
     proc, srv, bad = broken_servers[fault]
     deadline = time.monotonic() + WAIT_S
