@@ -1,0 +1,130 @@
+"""Decode speed against the memory system, and batch invariance, on the device at hand.
+
+For a model size (random weights), on CUDA in bf16 or on the CPU in float32:
+  - tokens/s of the KV-cache engine at each --batch (decode steps only: a run of one token,
+    the prefill, is subtracted from a run of --new_tokens);
+  - at batch 1, memory bandwidth use = (bytes of weights + KV cache read per step) / step
+    time / the device's bandwidth. A decode step at batch 1 must read every weight once, so
+    this says how close the engine gets to the memory system's limit. The bandwidth is the
+    one measured here by a large device copy (read + write), or --peak_gbs (the data sheet's);
+  - batch invariance: how many of --trials seeded requests yield the same tokens alone as
+    inside a batch of 8 with other, different requests (always, on the CPU in float32; bf16
+    kernels on a GPU may round differently with the batch shape).
+
+Needs torch only.
+    python -m benchmarks.bandwidth --size gpt2-124m --batch 1 64        # on a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from benchmarks.decode import PROMPT, SIZES
+from models.engine import CompletionRequest, TextEngine, pick_device
+from models.gpt import GPT, GPTConfig
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+
+
+def copy_bandwidth(device: torch.device, mib: int) -> float:
+    """Bytes per second of a large device-to-device copy, counting the read and the write."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src)
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() / best
+
+
+def timed(engine: TextEngine, requests: list[CompletionRequest], sync) -> tuple[float, int]:
+    """Seconds and generated tokens of one run (the best of three)."""
+    best, tokens = float("inf"), 0
+    engine.complete(requests)  # warm-up
+    for _ in range(3):
+        sync()
+        t = time.perf_counter()
+        out = engine.complete(requests)
+        sync()
+        best = min(best, time.perf_counter() - t)
+        tokens = sum(c.completion_tokens for c in out)
+    return best, tokens
+
+
+def invariance(engine: TextEngine, trials: int, new_tokens: int) -> int:
+    """Of `trials` seeded requests, how many decode the same tokens alone as in a batch of 8."""
+    same = 0
+    for t in range(trials):
+        target = CompletionRequest(PROMPT, seed=1000 + t, max_tokens=new_tokens,
+                                   sampling=SamplingParams(temperature=1.0))
+        others = [CompletionRequest("the of and " * (i + 1), seed=t * 8 + i, max_tokens=new_tokens // 2 + i,
+                                    sampling=SamplingParams(temperature=0.7, top_k=40)) for i in range(7)]
+        alone = engine.complete([target])[0].choices[0].token_ids
+        batched = engine.complete(others[:3] + [target] + others[3:])[3].choices[0].token_ids
+        same += alone == batched
+    return same
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="gpt2-124m", help="model shape (random weights)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes to measure")
+    ap.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sequence")
+    ap.add_argument("--trials", type=int, default=16, help="requests checked for batch invariance")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--peak_gbs", type=float, default=0.0,
+                    help="the device's memory bandwidth in GB/s (0 = measure a large copy)")
+    ap.add_argument("--copy_mib", type=int, default=1024, help="size of the copy that measures bandwidth")
+    args = ap.parse_args(argv)
+
+    device = pick_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shape = SIZES[args.size]
+    tok = Tokenizer.train([PROMPT * 40, "the of and to in is for that with " * 40], 512)
+    torch.manual_seed(0)
+    engine = TextEngine(GPT(GPTConfig(**shape)), tok, device=device)
+    model, elem = engine.model, torch.finfo(engine.dtype).bits // 8
+    prompt_len = len(tok.encode(PROMPT))
+    n = min(args.new_tokens, shape["block_size"] - prompt_len)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    bandwidth = args.peak_gbs * 1e9 or copy_bandwidth(device, args.copy_mib)
+    print(f"device={name} dtype={engine.dtype} size={args.size} params={model.num_params() / 1e6:.1f}M "
+          f"prompt={prompt_len} new_tokens={n} bandwidth={bandwidth / 1e9:.0f} GB/s "
+          f"({'given' if args.peak_gbs else 'measured copy'})")
+    result: dict = {"device": name, "dtype": str(engine.dtype), "size": args.size, "new_tokens": n,
+                    "bandwidth_gbs": bandwidth / 1e9, "tokens_per_s": {}}
+    for b in args.batch:
+        def requests(max_tokens: int) -> list[CompletionRequest]:
+            return [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens,
+                                      sampling=SamplingParams(temperature=1.0)) for i in range(b)]
+        full, tokens = timed(engine, requests(n), sync)
+        prefill, _ = timed(engine, requests(1), sync)
+        step = (full - prefill) / (n - 1)  # one decode step (all rows)
+        tps = (tokens - b) / (full - prefill)
+        result["tokens_per_s"][b] = tps
+        line = f"batch {b:>3}: {tps:10.1f} tokens/s, {step * 1e3:7.3f} ms per decode step"
+        if b == 1:
+            weights = (model.num_params() - model.transformer.wpe.weight.numel()) * elem  # wpe: one row a step
+            cfg = model.config
+            kv = 2 * cfg.n_layer * (prompt_len + n / 2) * cfg.n_embd * elem  # keys + values, mean length
+            use = (weights + kv) / step / bandwidth
+            result.update(bytes_per_step=weights + kv, bandwidth_use=use)
+            line += f", {(weights + kv) / 1e6:.1f} MB read per step -> bandwidth use {use:.1%}"
+        print(line)
+    same = invariance(engine, args.trials, min(n, 32))
+    result.update(invariant=same, trials=args.trials)
+    print(f"batch invariance: {same} of {args.trials} seeded requests decode the same tokens alone and in a batch of 8")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
