@@ -346,7 +346,11 @@ class Generation:
                 backend.batcher = MicroBatcher(
                     IMAGE, functools.partial(self._run_images, backend), self.metrics, IMAGE_MAX_BATCH,
                     BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S,
-                    max_in_flight=2)  # the next batch waits in the image worker's queue
+                    max_in_flight=2,  # the next batch waits in the image worker's queue
+                    # One pass per batch (the GAN) is as short as answering its clients: two
+                    # alternating halves keep the worker busy. An AR model's batch is hundreds
+                    # of sequential steps; there, every request it holds is what pays.
+                    split_when_idle=engine_class is ImageEngine)
                 self.images[backend.served.tag] = backend
         self.served_models = [self.text_model, *(b.served for b in self.images.values())]
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream

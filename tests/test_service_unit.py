@@ -156,9 +156,9 @@ def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
 
 
 def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it():
-    """With two batches in flight, jobs that queue together while the worker is idle split by
+    """With split_when_idle, jobs that queue together while the worker is idle split by
     cost: the first half's clients can come back while the second half runs. A batch formed
-    while another is in flight is not split."""
+    while another is in flight is not split, and without the option nothing is."""
     batches: list[list[int]] = []
 
     async def scenario():
@@ -172,7 +172,7 @@ def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it(
                 j.future.set_result(None)
 
         loop = asyncio.get_running_loop()
-        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_in_flight=2)
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_in_flight=2, split_when_idle=True)
         jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 4), (1, 1), (2, 1), (3, 1), (4, 1)]]
         for job in jobs:
             batcher.submit(job)  # all queued before the consumer first runs
@@ -190,6 +190,27 @@ def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it(
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert batches == [[0], [1, 2, 3, 4], [5, 6, 7]]  # cost 4 | 4, then everything that waited
+
+    whole: list[list[int]] = []
+
+    async def unsplit():
+        async def run(jobs):
+            whole.append([j.payload for j in jobs])
+            for j in jobs:
+                j.future.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_in_flight=2)
+        jobs = [Job(p, cost=1, future=loop.create_future()) for p in range(4)]
+        for job in jobs:
+            batcher.submit(job)
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close()
+
+    asyncio.run(asyncio.wait_for(unsplit(), timeout=60))
+    assert whole == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError):
+        MicroBatcher("test", lambda jobs: None, get_metrics(), split_when_idle=True)  # nowhere for the 2nd half
 
 
 # ---- error mapping of the routes --------------------------------------------------------
