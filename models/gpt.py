@@ -195,7 +195,7 @@ class GPT(nn.Module):
         `rows`: which cache rows these B sequences own (default: all; a slice, or B indices).
         Returns logits (B, T, V), or with `logits_at` (B,) only those at one index of T per
         row, (B, V): a prompt needs the logits of its last token only, and the vocabulary
-        projection of every prompt position would be a quarter of a small model's prefill.
+        projection at every prompt position is a quarter of a small model's prefill FLOPs.
 
         Each row keeps its own length: a row writes its keys at its own positions, and the
         mask lets a query see only slots at or before its position, so the stale slots past
