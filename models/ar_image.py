@@ -370,7 +370,7 @@ class ARImageRequests(ImageRequests):
 
 
 class ARImageEngine(ARImageRequests):
-    """The ImageEngine contract for the AR model: load, image_size, tag, validate, generate.
+    """The ImageEngine contract for the AR model: load, image_size, validate, generate.
 
     Image i of a request draws from its own CPU generator seeded with seed + i. All images
     of all requests decode in one loop (one row each, plus one unconditional row each when

@@ -89,7 +89,6 @@ class ImageRequests:
     The server checks requests with this before they queue; the engine (a subclass) runs in
     a worker process of its own."""
     family, config_class = "gan", GANConfig
-    tag: str = ""
 
     def __init__(self, tokenizer: Tokenizer, cfg: GANConfig):
         self.tokenizer = tokenizer

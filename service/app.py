@@ -383,7 +383,6 @@ class Generation:
             checkers, starting = {}, []
             for tag, backend in self.images.items():
                 checker = backend.checker_class.load(backend.stored.path)
-                checker.tag = tag
                 backend.served.details["image_size"] = checker.image_size
                 if isinstance(checker, ARImageRequests):
                     backend.served.details["guidance_scale"] = checker.guidance_scale
