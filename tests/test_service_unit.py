@@ -290,3 +290,19 @@ def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert batches == [[0], [1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("env,want", [(None, {"excluded_urls": ".*"}), ("1", {})])
+def test_requests_skip_opentelemetry_unless_tracing_is_asked_for(env, want):
+    """BentoML's span per request costs event-loop CPU even when nothing is sampled: off by
+    default (every path excluded), BentoML's own tracing settings with CONDGEN_TRACE_REQUESTS=1."""
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "CONDGEN_TRACE_REQUESTS"}
+    if env is not None:
+        environ["CONDGEN_TRACE_REQUESTS"] = env
+    code = "import json, service.app as a; print(json.dumps(a.Generation.config.get('tracing')))"
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want
