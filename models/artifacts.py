@@ -124,7 +124,7 @@ def load_tokenizer(path: str | Path, config: dict[str, Any]) -> Tokenizer:
     return tokenizer
 
 
-def build_config(path: str | Path, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+def build_from_config(path: str | Path, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
     """`build(config)`, with an error that names the model directory's config.json."""
     try:
         return build(config)
@@ -142,7 +142,7 @@ def load_model_dir(
     initialised) network; the tokenizer must fit the config's `vocab_size`."""
     path = Path(path)
     config = read_config(path, family)
-    model = build_config(path, build, config)
+    model = build_from_config(path, build, config)
     load_weights_into(model, path / WEIGHTS)
     tokenizer = load_tokenizer(path, config) if needs_tokenizer else None
     metrics = read_json(path / METRICS) if (path / METRICS).is_file() else {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifacts import build_config, load_model_dir, load_tokenizer, read_config
+from models.artifacts import build_from_config, load_model_dir, load_tokenizer, read_config
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
@@ -99,7 +99,7 @@ class ImageRequests:
     def load(cls, model_dir: str | Path) -> "ImageRequests":
         """The tokenizer and config of a model directory (`ArtifactError` naming a bad file)."""
         config = read_config(model_dir, cls.family)
-        return cls(load_tokenizer(model_dir, config), build_config(model_dir, cls.config_class.from_dict, config))
+        return cls(load_tokenizer(model_dir, config), build_from_config(model_dir, cls.config_class.from_dict, config))
 
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context)
