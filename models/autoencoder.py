@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from models.artifacts import load_model_dir
 from models.engine import pick_device
-from models.image_engine import ImageRequest, check_image_request, per_request, to_uint8
+from models.image_engine import ImageRequest, ImageRequests, latents, per_request, to_uint8
 from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
 
@@ -121,38 +121,32 @@ class AutoEncoder(nn.Module):
         self.latent_scale_tril.copy_(torch.linalg.cholesky(cov))
 
 
-class LatentEngine:
+class LatentEngine(ImageRequests):
     """The ImageEngine contract for a decoder: z from the chosen prior → image.
 
     Image i of a request draws ε ~ N(0, I) from a CPU generator seeded with seed + i,
     scaled by the truncation ψ; prior="fitted" maps it through the fitted Gaussian
     (z = mean + L·ε), prior="standard" uses it as is.
     """
-    tag: str = ""
+    family, config_class = "autoencoder", AEConfig
 
     def __init__(self, model: AutoEncoder, tokenizer: Tokenizer, prior: str = "standard",
                  device: str = "auto"):
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        super().__init__(tokenizer, model.cfg)
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        self.tokenizer = tokenizer
         self.prior = prior
-        self.cfg: AEConfig = model.cfg
-        self.image_size: int = self.cfg.image_size
 
     @classmethod
     def load(cls, model_dir: str | Path, prior: str = "standard", device: str = "auto") -> "LatentEngine":
-        art = load_model_dir(model_dir, lambda c: AutoEncoder(AEConfig.from_dict(c)), family="autoencoder")
+        art = load_model_dir(model_dir, lambda c: AutoEncoder(AEConfig.from_dict(c)), family=cls.family)
         return cls(art.model, art.tokenizer, prior, device)
-
-    def validate(self, req: ImageRequest) -> None:
-        check_image_request(req, self.tokenizer, self.cfg.context)
 
     def latents(self, requests: list[ImageRequest]) -> Tensor:
         """(sum of n, Z) on the engine's device."""
-        eps = torch.stack([torch.randn(self.cfg.z_dim, generator=torch.Generator().manual_seed(r.seed + i))
-                           * r.truncation for r in requests for i in range(r.n)]).to(self.device)
+        eps = latents(requests, self.cfg.z_dim).to(self.device)
         if self.prior == "standard":
             return eps
         return self.model.latent_mean + eps @ self.model.latent_scale_tril.T
