@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.decode import PROMPT, SIZES
+from benchmarks.decode import PROMPT, SIZES, timed_rounds
 from models.engine import CompletionRequest, TextEngine, pick_device
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
@@ -43,20 +43,6 @@ def copy_bandwidth(device: torch.device, mib: int) -> float:
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * src.numel() / best
-
-
-def timed(engine: TextEngine, requests: list[CompletionRequest], sync) -> tuple[float, int]:
-    """Seconds and generated tokens of one run (the best of three)."""
-    best, tokens = float("inf"), 0
-    engine.complete(requests)  # warm-up
-    for _ in range(3):
-        sync()
-        t = time.perf_counter()
-        out = engine.complete(requests)
-        sync()
-        best = min(best, time.perf_counter() - t)
-        tokens = sum(c.completion_tokens for c in out)
-    return best, tokens
 
 
 def invariance(engine: TextEngine, trials: int, new_tokens: int) -> int:
@@ -105,10 +91,17 @@ def main(argv: list[str] | None = None) -> dict:
         def requests(max_tokens: int) -> list[CompletionRequest]:
             return [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens,
                                       sampling=SamplingParams(temperature=1.0)) for i in range(b)]
-        full, tokens = timed(engine, requests(n), sync)
-        prefill, _ = timed(engine, requests(1), sync)
+        produced: dict[str, int] = {}
+
+        def run(name: str, max_tokens: int):
+            def go():
+                produced[name] = sum(c.completion_tokens for c in engine.complete(requests(max_tokens)))
+            return go
+
+        secs = timed_rounds({"full": run("full", n), "prefill": run("prefill", 1)}, 3, sync)
+        full, prefill = secs["full"], secs["prefill"]
         step = (full - prefill) / (n - 1)  # one decode step (all rows)
-        tps = (tokens - b) / (full - prefill)
+        tps = (produced["full"] - produced["prefill"]) / (full - prefill)
         result["tokens_per_s"][b] = tps
         line = f"batch {b:>3}: {tps:10.1f} tokens/s, {step * 1e3:7.3f} ms per decode step"
         if b == 1:
