@@ -9,7 +9,8 @@ a waiting queue, and a scheduler that runs one step at a time:
      all of the step's chunks in one forward pass; a prompt is prefilled once and its cache
      copied into the slots of its n choices;
   4. sample one token for every decoding sequence, release text, retire finished ones;
-  5. one forward pass over the live slots computes everyone's next logits.
+  5. one forward pass over the live slots computes everyone's next logits (on CUDA, a replayed
+     CUDA graph: models/decode_graphs.py).
 
 Each sequence draws from its own generator and only ever reads its own cache row, so its
 tokens do not depend on who else is in the batch. `AsyncEngine` runs the scheduler on a
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
                            sample_rows, token_logprob)
 from models.errors import InvalidParameter
@@ -41,6 +43,7 @@ class SchedulerConfig:
     max_tokens_per_step: int = 512  # decode tokens + prefill tokens per step
     prefill_chunk: int = 128  # longest piece of one prompt prefilled in a step
     max_waiting: int = 256  # queued requests beyond which submit() refuses
+    cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (models/decode_graphs.py)
 
 
 class QueueFull(RuntimeError):
@@ -89,6 +92,8 @@ class ContinuousEngine:
         self.device = engine.device
         self.model.setup_caches(self.cfg.max_running, engine.block_size)
         self.caches = self.model.caches  # its slots; TextEngine.complete on the same model swaps in others
+        self.graphs = (DecodeGraphs(self.model, self.cfg.max_running)
+                       if self.cfg.cuda_graphs and self.device.type == "cuda" else None)
         vocab = self.model.config.vocab_size
         self.seen = torch.zeros(self.cfg.max_running, vocab, dtype=torch.bool, device=self.device)
         self.pending = torch.zeros(self.cfg.max_running, vocab, device=self.device)  # next-token logits per slot
@@ -252,12 +257,15 @@ class ContinuousEngine:
         token_list, pos_list = [0] * hi, [self.engine.block_size - 1] * hi
         for slot, (_, seq) in self.decoding.items():
             token_list[slot], pos_list[slot] = seq.tokens[-1], seq.position - 1
-        tokens = torch.tensor(token_list, device=self.device).unsqueeze(1)  # (hi, 1)
-        pos = torch.tensor(pos_list, device=self.device).unsqueeze(1)  # (hi, 1)
         kv_len = max(seq.position for _, seq in self.decoding.values())
-        mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (hi, 1, 1, kv_len)
-        mask[:, :, :, 0] = True  # dummies past kv_len still attend somewhere (no empty softmax)
-        logits = self.model.forward_cached(tokens, pos, mask, rows=slice(0, hi))[:, -1].float()  # (hi, V)
+        if self.graphs is not None:
+            logits = self.graphs(token_list, pos_list, kv_len)
+        else:
+            tokens = torch.tensor(token_list, device=self.device).unsqueeze(1)  # (hi, 1)
+            pos = torch.tensor(pos_list, device=self.device).unsqueeze(1)  # (hi, 1)
+            mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (hi, 1, 1, kv_len)
+            mask[:, :, :, 0] = True  # dummies past kv_len still attend somewhere (no empty softmax)
+            logits = self.model.forward_cached(tokens, pos, mask, rows=slice(0, hi))[:, -1].float()  # (hi, V)
         live = torch.tensor(sorted(self.decoding), device=self.device)
         self.pending.index_copy_(0, live, logits.index_select(0, live))
 
