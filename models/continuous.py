@@ -105,6 +105,7 @@ class ContinuousEngine:
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
         self.on_admit = None  # optional callback(seconds the request waited), for metrics
+        self._batch_cache: tuple[list[_Seq], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
     @property
     def num_running(self) -> int:
@@ -221,11 +222,9 @@ class ContinuousEngine:
             return
         slots = sorted(self.decoding)
         rows = [self.decoding[s] for s in slots]
-        index = torch.tensor(slots, device=self.device)
-        params = SamplingBatch.from_params([g.req.sampling for g, _ in rows], self.device)
+        index, params, want = self._batch_params(slots, rows)
         penalised = "repetition_penalty" in params.uses  # only then is `seen` read or updated
         seen = self.seen.index_select(0, index) if penalised else None
-        want = max((g.req.logprobs if g.req.logprobs is not None else -1) for g, _ in rows)
         tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.generator for _, s in rows], want)
         if penalised:
             self.seen.index_copy_(0, index, seen)
@@ -244,6 +243,18 @@ class ContinuousEngine:
                 seq.slot = -1
                 if all(s.slot < 0 for s in group.seqs):
                     self.groups.pop(group.id, None)
+
+    def _batch_params(self, slots: list[int], rows: list[tuple[_Group, _Seq]]) -> tuple[torch.Tensor, SamplingBatch, int]:
+        """The decoding rows' slot index, sampling parameters and widest logprobs request, built
+        again only when the rows change (a join or a leave): building them is a handful of
+        host-to-device copies, a visible share of a CUDA-graph step at batch 1."""
+        seqs = [seq for _, seq in rows]
+        cached = self._batch_cache
+        if cached is None or len(cached[0]) != len(seqs) or any(a is not b for a, b in zip(cached[0], seqs)):
+            params = SamplingBatch.from_params([g.req.sampling for g, _ in rows], self.device)
+            want = max((g.req.logprobs if g.req.logprobs is not None else -1) for g, _ in rows)
+            cached = self._batch_cache = (seqs, (torch.tensor(slots, device=self.device), params, want))
+        return cached[1]
 
     def _forward(self) -> None:
         """Next logits for every decoding slot, in one pass over slots [0, highest live slot].
