@@ -1,8 +1,11 @@
 """Decode speed against the memory system, and batch invariance, on the device at hand.
 
-For a model size (random weights), on CUDA in bf16 or on the CPU in float32:
-  - tokens/s of the KV-cache engine at each --batch (decode steps only: a run of one token,
-    the prefill, is subtracted from a run of --new_tokens);
+For a model size (random weights), on CUDA in bf16 or on the CPU in float32, side by side:
+the static engine (TextEngine), the continuous-batching engine stepping eagerly, and (on
+CUDA) the continuous engine replaying its decode step as CUDA graphs, which is what the
+service runs. For each:
+  - tokens/s at each --batch (decode steps only: a run of one token, the prefill, is
+    subtracted from a run of --new_tokens);
   - at batch 1, memory bandwidth use = (bytes of weights + KV cache read per step) / step
     time / the device's bandwidth. A decode step at batch 1 must read every weight once, so
     this says how close the engine gets to the memory system's limit. The bandwidth is the
@@ -19,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
-from benchmarks.decode import PROMPT, SIZES, timed_rounds
+from benchmarks.decode import PROMPT, SIZES, run_continuous, timed_rounds
+from models.continuous import ContinuousEngine, SchedulerConfig
+from models.decode_graphs import DecodeGraphs
 from models.engine import CompletionRequest, TextEngine, pick_device
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
@@ -45,7 +51,31 @@ def copy_bandwidth(device: torch.device, mib: int) -> float:
     return 2 * src.numel() / best
 
 
-def invariance(engine: TextEngine, trials: int, new_tokens: int) -> int:
+Complete = Callable[[list[CompletionRequest]], list[list[int]]]  # requests -> first choice's tokens
+
+
+def static_path(engine: TextEngine) -> Complete:
+    return lambda reqs: [c.choices[0].token_ids for c in engine.complete(reqs)]
+
+
+def continuous_path(cont: ContinuousEngine) -> Complete:
+    return lambda reqs: [choices[0] for choices in run_continuous(cont, reqs)]
+
+
+def replay_seconds(graphs: DecodeGraphs, sync, replays: int = 200) -> float:
+    """Seconds of one replay of the batch-1 decode graph with the shortest cache bucket: the
+    forward pass alone, without the scheduler and sampler around it."""
+    graph, _ = graphs.graphs[1, graphs.kv_sizes[0]]
+    graph.replay()
+    sync()
+    t = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    sync()
+    return (time.perf_counter() - t) / replays
+
+
+def invariance(complete: Complete, trials: int, new_tokens: int) -> int:
     """Of `trials` seeded requests, how many decode the same tokens alone as in a batch of 8."""
     same = 0
     for t in range(trials):
@@ -53,9 +83,7 @@ def invariance(engine: TextEngine, trials: int, new_tokens: int) -> int:
                                    sampling=SamplingParams(temperature=1.0))
         others = [CompletionRequest("the of and " * (i + 1), seed=t * 8 + i, max_tokens=new_tokens // 2 + i,
                                     sampling=SamplingParams(temperature=0.7, top_k=40)) for i in range(7)]
-        alone = engine.complete([target])[0].choices[0].token_ids
-        batched = engine.complete(others[:3] + [target] + others[3:])[3].choices[0].token_ids
-        same += alone == batched
+        same += complete([target])[0] == complete(others[:3] + [target] + others[3:])[3]
     return same
 
 
@@ -66,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sequence")
     ap.add_argument("--trials", type=int, default=16, help="requests checked for batch invariance")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="auto: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--peak_gbs", type=float, default=0.0,
                     help="the device's memory bandwidth in GB/s (0 = measure a large copy)")
     ap.add_argument("--copy_mib", type=int, default=1024, help="size of the copy that measures bandwidth")
@@ -76,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     shape = SIZES[args.size]
     tok = Tokenizer.train([PROMPT * 40, "the of and to in is for that with " * 40], 512)
     torch.manual_seed(0)
-    engine = TextEngine(GPT(GPTConfig(**shape)), tok, device=device)
+    engine = TextEngine(GPT(GPTConfig(**shape)), tok, device=device,
+                        dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     model, elem = engine.model, torch.finfo(engine.dtype).bits // 8
     prompt_len = len(tok.encode(PROMPT))
     n = min(args.new_tokens, shape["block_size"] - prompt_len)
@@ -85,36 +116,51 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device={name} dtype={engine.dtype} size={args.size} params={model.num_params() / 1e6:.1f}M "
           f"prompt={prompt_len} new_tokens={n} bandwidth={bandwidth / 1e9:.0f} GB/s "
           f"({'given' if args.peak_gbs else 'measured copy'})")
+    slots = max(max(args.batch), 8)
+    paths = {"static": static_path(engine),
+             "continuous": continuous_path(ContinuousEngine(engine, SchedulerConfig(slots, cuda_graphs=False)))}
+    if device.type == "cuda":
+        t = time.perf_counter()
+        graphed = ContinuousEngine(engine, SchedulerConfig(slots))
+        print(f"captured {len(graphed.graphs.graphs)} CUDA graphs in {time.perf_counter() - t:.1f} s")
+        paths["continuous+graphs"] = continuous_path(graphed)
+    weights = (model.num_params() - model.transformer.wpe.weight.numel()) * elem  # wpe: one row a step
+    kv = 2 * model.config.n_layer * (prompt_len + n / 2) * model.config.n_embd * elem  # keys + values, mean length
     result: dict = {"device": name, "dtype": str(engine.dtype), "size": args.size, "new_tokens": n,
-                    "bandwidth_gbs": bandwidth / 1e9, "tokens_per_s": {}}
+                    "bandwidth_gbs": bandwidth / 1e9, "bytes_per_step": weights + kv, "paths": {}}
     for b in args.batch:
-        def requests(max_tokens: int) -> list[CompletionRequest]:
-            return [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens,
-                                      sampling=SamplingParams(temperature=1.0)) for i in range(b)]
         produced: dict[str, int] = {}
 
-        def run(name: str, max_tokens: int):
+        def run(path: str, max_tokens: int):
             def go():
-                produced[name] = sum(c.completion_tokens for c in engine.complete(requests(max_tokens)))
+                reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens,
+                                          sampling=SamplingParams(temperature=1.0)) for i in range(b)]
+                produced[path, max_tokens] = sum(map(len, paths[path](reqs)))
             return go
 
-        secs = timed_rounds({"full": run("full", n), "prefill": run("prefill", 1)}, 3, sync)
-        full, prefill = secs["full"], secs["prefill"]
-        step = (full - prefill) / (n - 1)  # one decode step (all rows)
-        tps = (produced["full"] - produced["prefill"]) / (full - prefill)
-        result["tokens_per_s"][b] = tps
-        line = f"batch {b:>3}: {tps:10.1f} tokens/s, {step * 1e3:7.3f} ms per decode step"
-        if b == 1:
-            weights = (model.num_params() - model.transformer.wpe.weight.numel()) * elem  # wpe: one row a step
-            cfg = model.config
-            kv = 2 * cfg.n_layer * (prompt_len + n / 2) * cfg.n_embd * elem  # keys + values, mean length
-            use = (weights + kv) / step / bandwidth
-            result.update(bytes_per_step=weights + kv, bandwidth_use=use)
-            line += f", {(weights + kv) / 1e6:.1f} MB read per step -> bandwidth use {use:.1%}"
-        print(line)
-    same = invariance(engine, args.trials, min(n, 32))
-    result.update(invariant=same, trials=args.trials)
-    print(f"batch invariance: {same} of {args.trials} seeded requests decode the same tokens alone and in a batch of 8")
+        secs = timed_rounds({(p, m): run(p, m) for p in paths for m in (n, 1)}, 3, sync)
+        for p in paths:
+            step = (secs[p, n] - secs[p, 1]) / (n - 1)  # one decode step (all rows)
+            tps = (produced[p, n] - produced[p, 1]) / (secs[p, n] - secs[p, 1])
+            row = result["paths"].setdefault(p, {"tokens_per_s": {}})
+            row["tokens_per_s"][b] = tps
+            line = f"{p:<18} batch {b:>3}: {tps:10.1f} tokens/s, {step * 1e3:7.3f} ms per decode step"
+            if b == 1:
+                row["bandwidth_use"] = (weights + kv) / step / bandwidth
+                line += f", {(weights + kv) / 1e6:.1f} MB read per step -> bandwidth use {row['bandwidth_use']:.1%}"
+            print(line)
+    if "continuous+graphs" in paths:
+        fwd = replay_seconds(graphed.graphs, sync)
+        kv_bytes = 2 * model.config.n_layer * graphed.graphs.kv_sizes[0] * model.config.n_embd * elem
+        result["graph_replay_s"] = fwd
+        result["graph_replay_bandwidth_use"] = (weights + kv_bytes) / fwd / bandwidth
+        print(f"decode forward alone (one graph replay, batch 1, {graphed.graphs.kv_sizes[0]} cache slots): "
+              f"{fwd * 1e6:.0f} us -> bandwidth use {result['graph_replay_bandwidth_use']:.1%}")
+    for p, complete in paths.items():
+        same = invariance(complete, args.trials, min(n, 32))
+        result["paths"][p].update(invariant=same, trials=args.trials)
+        print(f"{p:<18} batch invariance: {same} of {args.trials} seeded requests decode the same tokens "
+              f"alone and in a batch of 8")
     print(json.dumps(result))
     return result
 

@@ -1,6 +1,7 @@
 """Decode throughput, side by side in one run, on the same weights and prompts:
 
   (a) our KV-cache engine (models.engine.TextEngine)
+  (a') on CUDA: the continuous-batching engine replaying its decode step as CUDA graphs, as served
   (b) the same model recomputing the whole prefix every step (nanoGPT's `generate`)
   (c) Hugging Face `transformers` `generate` (KV cache too), on the same weights via the GPT-2 import
 
@@ -13,9 +14,11 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Hashable
 
 import torch
 
+from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine, pick_device, reference_generate
 from models.gpt import GPT, GPTConfig, from_hf_gpt2
 from models.sampling import SamplingParams
@@ -26,9 +29,10 @@ SIZES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
 }
 PROMPT = "Return the value of the named attribute of the object."
+ENGINE, GRAPHED = "(a) KV-cache engine", "(a') continuous, CUDA graphs"
 
 
-def timed_rounds(paths: dict[str, callable], repeats: int, sync) -> dict[str, float]:
+def timed_rounds(paths: dict[Hashable, Callable[[], None]], repeats: int, sync) -> dict[Hashable, float]:
     """Median seconds per path. Paths alternate within each round, so a change in the
     machine's load hits them all alike (these machines are shared and noisy)."""
     for fn in paths.values():  # warm-up
@@ -42,6 +46,17 @@ def timed_rounds(paths: dict[str, callable], repeats: int, sync) -> dict[str, fl
             sync()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_continuous(cont: ContinuousEngine, reqs: list[CompletionRequest]) -> list[list[list[int]]]:
+    """Run requests to the end on a continuous engine; each request's choices' tokens."""
+    ids = [cont.add(r) for r in reqs]
+    tokens = {gid: [[] for _ in range(r.n)] for gid, r in zip(ids, reqs)}
+    while cont.has_work():
+        for ev in cont.step():
+            if ev.token_id is not None:
+                tokens[ev.request][ev.choice].append(ev.token_id)
+    return [tokens[gid] for gid in ids]
 
 
 def main() -> None:
@@ -74,6 +89,7 @@ def main() -> None:
     except ImportError:
         hf, model = None, GPT(GPTConfig(**shape))
     engine = TextEngine(model, tok, device=device, dtype=dtype)
+    graphed = ContinuousEngine(engine, SchedulerConfig(max(args.batch))) if device.type == "cuda" else None
     prompt_ids = tok.encode(PROMPT)
     n = args.new_tokens
     # temperature 1, no filters: every path does the same sampling work; EOT is not reachable
@@ -82,32 +98,38 @@ def main() -> None:
 
     print(f"device={device} dtype={dtype} size={args.size} params={model.num_params() / 1e6:.1f}M "
           f"prompt={len(prompt_ids)} tokens new_tokens={n} threads={torch.get_num_threads()}")
-    print(f"{'batch':>5} {'path':<28} {'tokens/s':>10} {'vs (c)':>7}")
+    print(f"{'batch':>5} {'path':<32} {'tokens/s':>10} {'vs (c)':>7}")
     for b in args.batch:
         ids = torch.tensor([prompt_ids] * b, device=device)
         produced: dict[str, int] = {}
 
         def run_engine():
             out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
-            produced["a"] = sum(c.completion_tokens for c in out)
+            produced[ENGINE] = sum(c.completion_tokens for c in out)
 
         def run_hf():
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
-        paths = {"(a) KV-cache engine": run_engine}
+        def run_graphed():
+            reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)]
+            produced[GRAPHED] = sum(len(choices[0]) for choices in run_continuous(graphed, reqs))
+
+        paths = {ENGINE: run_engine}
+        if graphed is not None:
+            paths[GRAPHED] = run_graphed
         if not args.skip_recompute:
             paths["(b) full recompute"] = lambda: reference_generate(engine.model, [prompt_ids] * b, n, params,
                                                                      list(range(b)))
         if hf is not None:
             paths["(c) transformers generate"] = run_hf
         seconds = timed_rounds(paths, args.repeats, sync)
-        tps = {name: (produced["a"] if name.startswith("(a)") else b * n) / secs for name, secs in seconds.items()}
+        tps = {name: produced.get(name, b * n) / secs for name, secs in seconds.items()}
         ref = tps.get("(c) transformers generate")
         for name, value in tps.items():
             ratio = f"{value / ref:6.2f}x" if ref else "   n/a"
-            print(f"{b:>5} {name:<28} {value:>10.1f} {ratio:>7}")
+            print(f"{b:>5} {name:<32} {value:>10.1f} {ratio:>7}")
 
 if __name__ == "__main__":
     main()
