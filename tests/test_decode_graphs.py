@@ -44,3 +44,18 @@ def test_fixed_shape_step_yields_the_plain_engines_tokens(engine):
             assert reasons[gid, c.index] == c.finish_reason
     longest = max(engine.prompt_tokens(r) + len(c.token_ids) for r, comp in zip(reqs, want) for c in comp.choices)
     assert longest > 256  # the last bucket was used
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_equals_the_same_step_run_eagerly(engine):
+    gpu = TextEngine(GPT(engine.model.config), engine.tokenizer, "cuda", dtype=torch.float32)
+    cont = ContinuousEngine(gpu, SchedulerConfig(max_running=6))
+    assert cont.graphs is not None and len(cont.graphs.graphs) == 4 * 3  # batch 1, 2, 4, 6 x cache 128, 256, 300
+    eager = DecodeGraphs(cont.model, 6, capture=False)  # same model and cache slots, no graphs
+    tokens, positions = [5, 7, 9], [0, 130, 299]  # slot 2 is a dummy (the cache's last position)
+    with torch.inference_mode():  # as the engine's step runs
+        replayed = cont.graphs(tokens, positions, kv_len=131).clone()  # batch bucket 4, cache bucket 256
+        # The same inputs write the same keys and values again, so both see the same cache.
+        torch.testing.assert_close(replayed, eager(tokens, positions, kv_len=131), rtol=1e-5, atol=1e-5)
+    tokens, reasons, [gid] = run(cont, {0: [CompletionRequest("The quick brown fox", seed=1, max_tokens=5)]})
+    assert len(tokens[gid][0]) == 5 and reasons[gid, 0] == "length"  # the engine decodes through its graphs
