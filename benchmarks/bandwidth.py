@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"captured {len(graphed.graphs.graphs)} CUDA graphs in {time.perf_counter() - t:.1f} s")
         paths["continuous+graphs"] = continuous_path(graphed)
     weights = (model.num_params() - model.transformer.wpe.weight.numel()) * elem  # wpe: one row a step
-    kv = 2 * model.config.n_layer * (prompt_len + n / 2) * model.config.n_embd * elem  # keys + values, mean length
+
+    def kv_read(positions: float) -> float:  # bytes of keys + values attended to, all layers
+        return 2 * model.config.n_layer * positions * model.config.n_embd * elem
+
+    kv = kv_read(prompt_len + n / 2)  # the mean length of a run
     result: dict = {"device": name, "dtype": str(engine.dtype), "size": args.size, "new_tokens": n,
                     "bandwidth_gbs": bandwidth / 1e9, "bytes_per_step": weights + kv, "paths": {}}
     for b in args.batch:
-        produced: dict[str, int] = {}
+        produced: dict[tuple[str, int], int] = {}
 
         def run(path: str, max_tokens: int):
             def go():
@@ -151,9 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(line)
     if "continuous+graphs" in paths:
         fwd = replay_seconds(graphed.graphs, sync)
-        kv_bytes = 2 * model.config.n_layer * graphed.graphs.kv_sizes[0] * model.config.n_embd * elem
         result["graph_replay_s"] = fwd
-        result["graph_replay_bandwidth_use"] = (weights + kv_bytes) / fwd / bandwidth
+        result["graph_replay_bandwidth_use"] = (weights + kv_read(graphed.graphs.kv_sizes[0])) / fwd / bandwidth
         print(f"decode forward alone (one graph replay, batch 1, {graphed.graphs.kv_sizes[0]} cache slots): "
               f"{fwd * 1e6:.0f} us -> bandwidth use {result['graph_replay_bandwidth_use']:.1%}")
     for p, complete in paths.items():
