@@ -132,17 +132,21 @@ def test_requests_queued_while_busy_form_the_next_batch():
     assert batches == [[0], [1, 2, 3]]
 
 
+def recording(batches: list[list[int]]):
+    """A batch runner that notes each batch's payloads and finishes its jobs at once."""
+    async def run(jobs):
+        batches.append([j.payload for j in jobs])
+        for j in jobs:
+            j.future.set_result(None)
+    return run
+
+
 def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
     batches: list[list[int]] = []
 
     async def scenario():
-        async def run(jobs):
-            batches.append([j.payload for j in jobs])
-            for j in jobs:
-                j.future.set_result(None)
-
         loop = asyncio.get_running_loop()
-        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=4)
+        batcher = MicroBatcher("test", recording(batches), get_metrics(), max_batch_cost=4)
         jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 2), (1, 1), (2, 2), (3, 9), (4, 1)]]
         jobs[4].cancelled = True  # its client left while it waited
         for job in jobs:
@@ -194,13 +198,8 @@ def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it(
     whole: list[list[int]] = []
 
     async def unsplit():
-        async def run(jobs):
-            whole.append([j.payload for j in jobs])
-            for j in jobs:
-                j.future.set_result(None)
-
         loop = asyncio.get_running_loop()
-        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64, max_in_flight=2)
+        batcher = MicroBatcher("test", recording(whole), get_metrics(), max_batch_cost=64, max_in_flight=2)
         jobs = [Job(p, cost=1, future=loop.create_future()) for p in range(4)]
         for job in jobs:
             batcher.submit(job)
