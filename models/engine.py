@@ -20,7 +20,7 @@ from models.artifacts import CONFIG, ArtifactError, load_model_dir, load_tokeniz
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
-from models.tokenizer import Tokenizer
+from models.tokenizer import StreamDecoder, Tokenizer
 
 MAX_N = 16
 MAX_STOP = 4
@@ -79,31 +79,27 @@ class StopScanner:
     """Turns a row's tokens into text released only once it can no longer be part of a stop
     string, and stops at the first stop string, which is not returned.
 
-    The whole completion is re-decoded each step, so stop strings spanning token boundaries
-    are found, and a UTF-8 character split across byte-level tokens (decoded as U+FFFD
-    until complete) is held back.
+    Only the text not yet released is searched, so stop strings spanning token boundaries
+    are found at a cost that does not grow with the completion, and a UTF-8 character split
+    across byte-level tokens is held back until complete (`StreamDecoder`).
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
+        self.decoder = StreamDecoder(tokenizer)
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.released = 0  # characters of the decoded text already handed out
+        self.held = ""  # decoded text not yet released: the start of a stop string, maybe
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text to release now, whether a stop string was hit)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (text.find(s, self.released) for s in self.stop) if i >= 0]
+        self.held += self.decoder.step(token_id)
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if hits:
-            return self._release(text, min(hits)), True
-        end = len(text)
-        while end > self.released and text[end - 1] == "\ufffd":
-            end -= 1
-        return self._release(text, end - self._stop_prefix_len(text[self.released:end])), False
+            return self._release(min(hits)), True
+        return self._release(len(self.held) - self._stop_prefix_len(self.held)), False
 
     def flush(self) -> str:
-        return self._release(self.tokenizer.decode(self.ids), None)
+        self.held += self.decoder.flush()
+        return self._release(len(self.held))
 
     def _stop_prefix_len(self, tail: str) -> int:
         """Length of the longest suffix of `tail` that begins some stop string."""
@@ -115,10 +111,8 @@ class StopScanner:
                     break
         return best
 
-    def _release(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        out = text[self.released:end]
-        self.released = max(self.released, end)
+    def _release(self, end: int) -> str:
+        out, self.held = self.held[:end], self.held[end:]
         return out
 
 

@@ -1,4 +1,6 @@
 """The batched engine: equals the plain path, batch invariance, stop strings, streaming, params."""
+import random
+
 import pytest
 import torch
 
@@ -126,3 +128,29 @@ def test_truncation_keeps_the_end_of_a_long_prompt(engine):
 def test_empty_prompt_starts_a_document(engine):
     c = engine.complete([CompletionRequest("", seed=0, max_tokens=4)])[0]
     assert c.prompt_tokens == 1
+
+
+def test_stop_scanner_matches_decoding_the_whole_completion():
+    """Random token sequences, multi-byte characters split across tokens included: the text the
+    scanner releases equals decoding all tokens at once, cut at the first stop string."""
+    tok = Tokenizer.train(["naïve café 日本語のテキスト emoji 🙂🚀 Ωμέγα the of and " * 50], 400)
+    rng = random.Random(0)
+    for trial in range(300):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 40))]
+        ids = [i for i in ids if i != tok.eot_id] or [0]
+        full = tok.decode(ids)
+        candidates = [full[a:a + rng.randint(1, 4)] for a in range(len(full))] if trial % 2 else []
+        stop = [s for s in rng.sample(candidates, min(2, len(candidates))) if "\ufffd" not in s]
+        scanner = StopScanner(tok, stop)
+        released, stopped = "", False
+        for i in ids:
+            out, stopped = scanner.push(i)
+            released += out
+            assert not any(s in released for s in stop)
+            if stopped:
+                break
+        if not stopped:
+            released += scanner.flush()
+        hits = [full.find(s) for s in stop if s in full]
+        assert stopped == bool(hits)
+        assert released == (full[:min(hits)] if hits else full), (ids, stop)
