@@ -15,18 +15,15 @@ raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pi
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import json
 import logging
-import multiprocessing
 import os
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,7 +42,7 @@ from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from models.sampling import SamplingParams
-from service import image_worker
+from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.metrics import IMAGE, TEXT, get_metrics
@@ -278,7 +275,7 @@ class ImageBackend:
     checker_class: type[ImageRequests] | type[ARImageRequests]  # what this process loads
     batcher: MicroBatcher[ImageRequest] | None = None
     requests: ImageRequests | None = None  # checks requests (no weights), once loaded
-    worker: concurrent.futures.ProcessPoolExecutor | None = None
+    worker: ImageWorker | None = None
     failed: bool = False  # its worker process died: not ready any more
 
 
@@ -394,20 +391,16 @@ class Generation:
                     backend.served.details["guidance_scale"] = checker.guidance_scale
                     backend.served.details["evaluations_per_image"] = checker.evaluations_per_image()
                 checkers[tag] = checker
-                backend.worker = concurrent.futures.ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"), initializer=image_worker.start)
-                # Loading is the worker's first task, so a bad weights file fails it with an
-                # ArtifactError that names the file (an initializer's error would not come back).
-                starting.append(backend.worker.submit(image_worker.load, backend.engine_class,
-                                                      str(backend.stored.path), DEVICE, TORCH_THREADS))
+                backend.worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, TORCH_THREADS)
+                starting.append(backend.worker)
             self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, TORCH_THREADS, SchedulerConfig(
                 max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
                 cuda_graphs=CUDA_GRAPHS)))
             self.text_stream.on_step = self._on_text_step
             self.text_stream.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
             text = self.text_stream.requests
-            for started_worker in starting:
-                started_worker.result()
+            for worker in starting:
+                worker.wait_started()  # raises the worker's error: an ArtifactError names the bad file
             self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
             self.text_model.details["context_length"] = text.block_size
             self.text = text
@@ -430,7 +423,7 @@ class Generation:
         for backend in self.images.values():
             await backend.batcher.close()
             if backend.worker is not None:
-                backend.worker.shutdown(cancel_futures=True)
+                backend.worker.shutdown()
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called (on the engine process's reader thread) after every decode step."""
@@ -618,9 +611,8 @@ class Generation:
 
         params = [[parameters(job.payload, i) for i in range(job.payload.n)] for job in jobs]
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                backend.worker, image_worker.generate_pngs, [job.payload for job in jobs], params)
-        except BrokenProcessPool:
+            results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
+        except WorkerDied:
             logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
             backend.failed = True
             for job in jobs:

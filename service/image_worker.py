@@ -2,56 +2,171 @@
 
 The same reason as the text engine's process (models/engine_process.py): in the server's
 process, the forward pass and the PNG encoding would share the GIL with the event loop that
-parses and answers HTTP requests, and each would stall the other. A one-process
-`ProcessPoolExecutor` (standard library) holds the engine, loaded once by its first task;
-a batch of requests goes in, PNG bytes come out.
+parses and answers HTTP requests, and each would stall the other. The event loop talks to
+the worker over one pipe: a batch of requests goes in as one message, its PNGs come back as
+one, read when the pipe becomes readable (`loop.add_reader`). A `ProcessPoolExecutor` does
+the same with two helper threads in the server (a manager and a queue feeder) and four
+thread hand-offs per batch: measured here, 123 µs of the server's CPU and a 163 µs round
+trip per batch, against 32 µs and 54 µs over the bare pipe.
 """
 from __future__ import annotations
 
-import os
+import asyncio
+import logging
+import multiprocessing as mp
+import pickle
+import queue
 import signal
 import threading
-import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
 
 from models.image_engine import ImageRequest
 
-_engine = None  # the worker process's engine, set by `load`
+logger = logging.getLogger(__name__)
 
 
-def start() -> None:
-    """Initializer of the worker process."""
-    # The server shuts the pool down: a SIGTERM or Ctrl-C sent to the server's process tree
-    # must not cut off the batches it is finishing during a graceful shutdown. A pool worker
-    # does not notice its server dying, so it watches for that itself.
+class WorkerDied(RuntimeError):
+    """The worker process is gone (killed, out of memory); the service answers 503."""
+
+
+class ImageWorker:
+    """One image engine in a child process, loaded at start-up, one batch at a time."""
+
+    def __init__(self, engine_class: type, model_dir: str, device: str, threads: int):
+        ctx = mp.get_context("spawn")  # fork would copy the server's threads and locks
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(child_conn, engine_class, model_dir, device, threads),
+                                 name="condgen-image-worker", daemon=True)
+        self._proc.start()
+        child_conn.close()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._sent = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: str | None = None
+
+    def wait_started(self) -> None:
+        """Block until the engine is loaded and warmed up; raise the child's error if it failed
+        (an ArtifactError naming a bad file, say)."""
+        try:
+            status, detail = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(timeout=5)
+            status, detail = "failed", WorkerDied(f"the image worker exited with code {self._proc.exitcode}")
+        if status != "ready":
+            self.failure = str(detail)
+            raise detail
+
+    async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
+                            ) -> list[list[bytes]]:
+        """One forward pass (or decode loop) for the batch; image i of request r is encoded with
+        parameters[r][i] in its tEXt chunk. Raises WorkerDied when the process is gone."""
+        if self.failure is not None:
+            raise WorkerDied(self.failure)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._sent += 1
+        future = self._loop.create_future()
+        self._pending[self._sent] = future
+        try:
+            self._conn.send(("generate", self._sent, (requests, parameters)))
+        except OSError:  # the child is gone: the reader reports it, failing this batch too
+            pass
+        return await future
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                ok, batch, result = self._conn.recv()
+                future = self._pending.pop(batch)
+                if not future.done():
+                    future.set_result(result) if ok else future.set_exception(result)
+        except (EOFError, OSError):
+            self._died()
+
+    def _died(self) -> None:
+        self._loop.remove_reader(self._conn.fileno())
+        self._proc.join(timeout=1)
+        self.failure = f"the image worker exited (code {self._proc.exitcode})"
+        logger.error("%s; failing %d batches in flight", self.failure, len(self._pending))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(WorkerDied(self.failure))
+        self._pending.clear()
+
+    def shutdown(self) -> None:
+        """Stop the worker once it has finished the batches it holds."""
+        if self._loop is not None and self.failure is None:
+            self._loop.remove_reader(self._conn.fileno())
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", 0, None))
+            except OSError:
+                pass
+            self._proc.join(timeout=5)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+# --- the child's side -----------------------------------------------------------------------
+def _child_main(conn: Connection, engine_class: type, model_dir: str, device: str, threads: int) -> None:
+    # The server decides when the worker stops (a "stop" message, or its end of the pipe
+    # closing): a SIGTERM or Ctrl-C sent to the server's whole process tree must not cut off
+    # the batches it is finishing during a graceful shutdown.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def load(engine_class: type, model_dir: str, device: str, threads: int) -> None:
-    """The worker's first task: load the engine and warm it up (its errors, an ArtifactError
-    naming a bad file say, come back to the server through the task's future)."""
-    global _engine
-    if threads > 0:
-        torch.set_num_threads(threads)
-    _engine = engine_class.load(model_dir, device=device)
-    _engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(0)
-
-
-def generate_pngs(requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]) -> list[list[bytes]]:
-    """One forward pass (or decode loop) for the batch; image i of request r is encoded with
-    parameters[r][i] in its tEXt chunk."""
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        engine = engine_class.load(model_dir, device=device)
+        engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
+    except Exception as e:
+        conn.send(("failed", _picklable(e)))
+        return
+    conn.send(("ready", None))
+    # A thread keeps reading the pipe while a batch runs, so the server's send never waits on
+    # a full pipe (while this process waits on the server to read its PNGs: a deadlock).
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_into, args=(conn, inbox), daemon=True).start()
     from service.encode import encode_png
 
-    arrays = _engine.generate(requests)
-    return [[encode_png(img, params) for img, params in zip(images, request_params, strict=True)]
-            for images, request_params in zip(arrays, parameters, strict=True)]
+    while True:
+        op, batch, payload = inbox.get()
+        if op == "stop":
+            return
+        requests, parameters = payload
+        try:
+            arrays = engine.generate(requests)
+            result = [[encode_png(img, params) for img, params in zip(images, request_params, strict=True)]
+                      for images, request_params in zip(arrays, parameters, strict=True)]
+            reply = (True, batch, result)
+        except Exception as e:  # fails this batch's requests, not the worker
+            logger.exception("an image batch failed")
+            reply = (False, batch, _picklable(e))
+        try:
+            conn.send(reply)
+        except OSError:  # the server is gone
+            return
+
+
+def _read_into(conn: Connection, inbox: queue.SimpleQueue) -> None:
+    while True:
+        try:
+            inbox.put(conn.recv())
+        except (EOFError, OSError):  # the server is gone (its end of the pipe closed)
+            inbox.put(("stop", 0, None))
+            return
+
+
+def _picklable(e: Exception) -> Exception:
+    """The exception itself when it survives the pipe (it keeps its type: an ArtifactError
+    names a bad file), else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
