@@ -6,7 +6,8 @@ output lengths, served three ways, side by side in one run:
   continuous     ContinuousEngine: requests join and leave between decode steps
 
 Prints aggregate tokens/s, p50/p95 latency and p50/p95 time to first token, then the
-closed-loop ratio of aggregate tokens/s at --streams concurrent streams to one stream.
+closed-loop ratio of aggregate tokens/s at --streams concurrent streams to one stream (median
+of --repeats runs after a warm-up run).
 Needs torch only.   python -m benchmarks.serving_sim --requests 64 --rate 6
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="trace seed")
+    ap.add_argument("--repeats", type=int, default=3, help="closed-loop runs per setting, after a warm-up run")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
                                                            "steadier on a machine shared with other work")
     args = ap.parse_args()
@@ -134,12 +136,17 @@ def main() -> None:
     print(f"continuous / static throughput: {rows['continuous']['tps'] / rows['static']['tps']:.2f}x, "
           f"p95 latency {rows['continuous']['p95']:.2f}s vs {rows['static']['p95']:.2f}s")
 
+    # All requests present at t=0, equal lengths. Each setting runs once to warm up (its
+    # first run allocates the engine's buffers), then the median of --repeats runs counts.
     closed = {}
-    for streams in (1, args.streams):  # all requests present at t=0, equal lengths
-        trace = [Trace(0.0, CompletionRequest("the value of the object", seed=i, max_tokens=args.max_new,
-                                              sampling=SamplingParams(temperature=1.0))) for i in range(streams)]
-        serve_continuous(engine, trace, max(streams, 1))
-        closed[streams] = sum(tr.tokens for tr in trace) / max(tr.done for tr in trace)
+    for streams in (1, args.streams):
+        runs = []
+        for _ in range(1 + args.repeats):
+            trace = [Trace(0.0, CompletionRequest("the value of the object", seed=i, max_tokens=args.max_new,
+                                                  sampling=SamplingParams(temperature=1.0))) for i in range(streams)]
+            serve_continuous(engine, trace, streams)
+            runs.append(sum(tr.tokens for tr in trace) / max(tr.done for tr in trace))
+        closed[streams] = statistics.median(runs[1:])
     print(f"closed loop: 1 stream {closed[1]:.1f} tokens/s, {args.streams} streams {closed[args.streams]:.1f} "
           f"tokens/s, ratio {closed[args.streams] / closed[1]:.1f}x")
 
