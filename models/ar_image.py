@@ -33,7 +33,7 @@ from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
 from models.image_engine import ImageRequest, ImageRequests, check_image_request, per_request
-from models.sampling import SamplingBatch, SamplingParams, sample
+from models.sampling import RowRandom, SamplingBatch, SamplingParams, sample
 from models.text_encoder import PromptModelConfig, TextEncoder, encode_prompts
 from models.tokenizer import Tokenizer
 
@@ -283,7 +283,7 @@ def guide(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, params: SamplingBatch,
-                  generators: list[torch.Generator], scale: Tensor) -> Tensor:
+                  generators: list[RowRandom], scale: Tensor) -> Tensor:
     """Raster-scan decoding with the KV cache. ctx: the B rows' prompts; null: the empty
     prompt for the same rows (read only when some row's scale is not 1); scale (B, 1)
     → tokens (B, L). One uniform per row per step from that row's generator."""
@@ -313,7 +313,7 @@ def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, para
 @torch.inference_mode()
 def reference_sample_tokens(model: ARImageModel, ids: Tensor, mask: Tensor, null_ids: Tensor,
                             null_mask: Tensor, params: SamplingBatch,
-                            generators: list[torch.Generator], scale: Tensor) -> Tensor:
+                            generators: list[RowRandom], scale: Tensor) -> Tensor:
     """The plain path the cached one is tested against: recompute the whole prefix every
     step with `forward`, same sampler, same generators."""
     B, L = len(generators), model.cfg.seq_len
@@ -405,7 +405,7 @@ class ARImageEngine(ARImageRequests):
                                            self.device)
         scale = torch.tensor([[s] for (_, s), n in zip(settings, counts) for _ in range(n)],
                              device=self.device)                              # (N, 1)
-        generators = [torch.Generator().manual_seed(r.seed + i) for r in requests for i in range(r.n)]
+        generators = [RowRandom(r.seed + i) for r in requests for i in range(r.n)]
         # Each prompt is encoded once, then its features repeated for its n images.
         ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests], self.cfg.context,
                                    self.device)                               # (R, T)
