@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
-import pickle
+import os
 import queue
 import signal
 import threading
@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 class WorkerDied(RuntimeError):
     """The worker process is gone (killed, out of memory); the service answers 503."""
+
+
+class WorkerError(RuntimeError):
+    """An error raised in the worker, as "Type: message": errors cross the pipe as text, since
+    an arbitrary exception object may not survive pickling."""
 
 
 class ImageWorker:
@@ -48,16 +53,17 @@ class ImageWorker:
         self.failure: str | None = None
 
     def wait_started(self) -> None:
-        """Block until the engine is loaded and warmed up; raise the child's error if it failed
-        (an ArtifactError naming a bad file, say)."""
+        """Block until the engine is loaded and warmed up; a WorkerError carries the child's
+        error if it failed ("ArtifactError: <the bad file>: ...", say)."""
         try:
             status, detail = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(timeout=5)
-            status, detail = "failed", WorkerDied(f"the image worker exited with code {self._proc.exitcode}")
+            self.failure = f"the image worker exited with code {self._proc.exitcode}"
+            raise WorkerDied(self.failure) from None
         if status != "ready":
-            self.failure = str(detail)
-            raise detail
+            self.failure = detail
+            raise WorkerError(detail)
 
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
                             ) -> list[list[bytes]]:
@@ -68,6 +74,10 @@ class ImageWorker:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._conn.fileno(), self._on_readable)
+            # uvloop (the server's loop) makes the descriptor non-blocking; a reply larger
+            # than what has arrived would then fail mid-message. Readiness is all we need
+            # from the loop: once a reply starts, reading it to its end takes microseconds.
+            os.set_blocking(self._conn.fileno(), True)
         self._sent += 1
         future = self._loop.create_future()
         self._pending[self._sent] = future
@@ -83,7 +93,7 @@ class ImageWorker:
                 ok, batch, result = self._conn.recv()
                 future = self._pending.pop(batch)
                 if not future.done():
-                    future.set_result(result) if ok else future.set_exception(result)
+                    future.set_result(result) if ok else future.set_exception(WorkerError(result))
         except (EOFError, OSError):
             self._died()
 
@@ -125,7 +135,7 @@ def _child_main(conn: Connection, engine_class: type, model_dir: str, device: st
         engine = engine_class.load(model_dir, device=device)
         engine.generate([ImageRequest(prompt="warm-up", seed=0, n=1)])
     except Exception as e:
-        conn.send(("failed", _picklable(e)))
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", None))
     # A thread keeps reading the pipe while a batch runs, so the server's send never waits on
@@ -146,7 +156,7 @@ def _child_main(conn: Connection, engine_class: type, model_dir: str, device: st
             reply = (True, batch, result)
         except Exception as e:  # fails this batch's requests, not the worker
             logger.exception("an image batch failed")
-            reply = (False, batch, _picklable(e))
+            reply = (False, batch, f"{type(e).__name__}: {e}")
         try:
             conn.send(reply)
         except OSError:  # the server is gone
@@ -161,12 +171,3 @@ def _read_into(conn: Connection, inbox: queue.SimpleQueue) -> None:
             inbox.put(("stop", 0, None))
             return
 
-
-def _picklable(e: Exception) -> Exception:
-    """The exception itself when it survives the pipe (it keeps its type: an ArtifactError
-    names a bad file), else a RuntimeError with its message."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")

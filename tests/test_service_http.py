@@ -234,6 +234,7 @@ def test_concurrent_image_requests_share_batches_without_changing_results(client
         together = list(pool.map(lambda q: client.post("/generate", json=q).json(), reqs))
     after = scrape(client)
     for a, b in zip(alone, together):
+        assert "images" in b, b
         assert [im["seed"] for im in a["images"]] == [im["seed"] for im in b["images"]]
         for x, y in zip(a["images"], b["images"]):
             x, y = (decode_png(base64.b64decode(im["b64_json"])).astype(int) for im in (x, y))

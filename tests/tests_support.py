@@ -25,3 +25,22 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
             continue
         total += float(value)
     return total
+
+
+class NoiseImageEngine:
+    """An image engine for service.image_worker tests: incompressible 128×128 images, so a
+    batch's PNGs outgrow a pipe's buffer; the prompt "fail" fails the batch."""
+
+    @classmethod
+    def load(cls, model_dir: str, device: str = "cpu") -> "NoiseImageEngine":
+        if model_dir == "missing":
+            from models.artifacts import ArtifactError
+            raise ArtifactError("missing/model.safetensors: no such file")
+        return cls()
+
+    def generate(self, requests: list) -> list[list]:
+        import numpy as np
+        if any(r.prompt == "fail" for r in requests):
+            raise ValueError("this batch fails")
+        rng = np.random.default_rng(0)
+        return [[rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(r.n)] for r in requests]

@@ -1,0 +1,77 @@
+"""The image worker process, over its pipe, on the event loops the server may run (uvloop
+and asyncio): large replies, a failing batch, a worker that fails to load or dies."""
+import asyncio
+import io
+import os
+import signal
+
+import pytest
+from PIL import Image
+
+from models.image_engine import ImageRequest
+from service.image_worker import ImageWorker, WorkerDied, WorkerError
+from tests_support import NoiseImageEngine
+
+LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("uvloop"), reason="uvloop is not installed"))]
+
+
+def run(loop: str, coro):
+    if loop == "uvloop":
+        import uvloop
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def worker():
+    w = ImageWorker(NoiseImageEngine, "unused", "cpu", 1)
+    w.wait_started()
+    yield w
+    w.shutdown()
+
+
+def batch(prompt: str, requests: int, n: int) -> tuple[list[ImageRequest], list[list[dict]]]:
+    reqs = [ImageRequest(prompt=prompt, seed=i, n=n) for i in range(requests)]
+    return reqs, [[{"prompt": prompt, "seed": i}] * n for i in range(requests)]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_replies_larger_than_a_pipe_buffer_arrive_whole(worker, loop):
+    """uvloop makes a watched descriptor non-blocking: reading a reply that had not fully
+    arrived failed half-way, and the server took its worker for dead."""
+    async def two_batches():
+        return await asyncio.gather(worker.generate_pngs(*batch("a", 2, 16)), worker.generate_pngs(*batch("b", 1, 16)))
+    first, second = run(loop, two_batches())
+    pngs = [png for request in first + second for png in request]
+    assert len(pngs) == 48 and sum(map(len, pngs)) > 2**21  # replies of over 1 MB: far past a pipe's buffer
+    assert all(Image.open(io.BytesIO(png)).size == (128, 128) for png in pngs)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_failing_batch_fails_its_requests_not_the_worker(worker, loop):
+    async def fail_then_succeed():
+        with pytest.raises(WorkerError, match="ValueError: this batch fails"):
+            await worker.generate_pngs(*batch("fail", 1, 1))
+        return await worker.generate_pngs(*batch("ok", 1, 2))
+    assert len(run(loop, fail_then_succeed())[0]) == 2
+    assert worker.failure is None
+
+
+def test_a_worker_that_cannot_load_names_the_error():
+    w = ImageWorker(NoiseImageEngine, "missing", "cpu", 1)
+    with pytest.raises(WorkerError, match="ArtifactError: missing/model.safetensors"):
+        w.wait_started()
+    w.shutdown()
+
+
+def test_a_dead_worker_fails_the_batch_in_flight_and_the_next(worker):
+    async def kill_mid_batch():
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("a", 4, 16)))
+        await asyncio.sleep(0)  # the batch is sent
+        os.kill(worker._proc.pid, signal.SIGKILL)
+        with pytest.raises(WorkerDied):
+            await pending
+        with pytest.raises(WorkerDied):
+            await worker.generate_pngs(*batch("b", 1, 1))
+    asyncio.run(kill_mid_batch())
