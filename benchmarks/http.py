@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images_per_request", type=int, default=1, help="n of each image request")
     p.add_argument("--device", default="auto", help="device of the in-process engines")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads, in-process and in the server it starts (0 = torch's default)")
+                   help="torch CPU threads, in-process and per engine process of the server it starts "
+                        "(0: torch's default in-process, the server's own default there)")
     p.add_argument("--only", choices=["text", "images", "both"], default="both", help="what to measure")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args(argv)
