@@ -283,11 +283,11 @@ def guide(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, params: SamplingBatch,
-                  generators: list[RowRandom], scale: Tensor) -> Tensor:
+                  randoms: list[RowRandom], scale: Tensor) -> Tensor:
     """Raster-scan decoding with the KV cache. ctx: the B rows' prompts; null: the empty
     prompt for the same rows (read only when some row's scale is not 1); scale (B, 1)
     → tokens (B, L). One uniform per row per step from that row's generator."""
-    B, L = len(generators), model.cfg.seq_len
+    B, L = len(randoms), model.cfg.seq_len
     guided = bool((scale != 1).any())
     if guided:  # the unconditional rows ride in the same batch, rows B..2B-1
         ctx = TextContext([(torch.cat([k, nk]), torch.cat([v, nv]))
@@ -303,7 +303,7 @@ def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, para
             logits = model.decode_step(prev, i, ctx).float()                  # (rows, K)
             if guided:
                 logits = guide(logits[:B], logits[B:], scale)
-            out[:, i] = sample(logits, params, generators)                    # (B,)
+            out[:, i] = sample(logits, params, randoms)                       # (B,)
             prev = torch.cat([out[:, i], out[:, i]]) if guided else out[:, i]
     finally:
         model.caches = None  # the cache is per call; do not keep its memory between requests
@@ -313,16 +313,16 @@ def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, para
 @torch.inference_mode()
 def reference_sample_tokens(model: ARImageModel, ids: Tensor, mask: Tensor, null_ids: Tensor,
                             null_mask: Tensor, params: SamplingBatch,
-                            generators: list[RowRandom], scale: Tensor) -> Tensor:
+                            randoms: list[RowRandom], scale: Tensor) -> Tensor:
     """The plain path the cached one is tested against: recompute the whole prefix every
-    step with `forward`, same sampler, same generators."""
-    B, L = len(generators), model.cfg.seq_len
+    step with `forward`, same sampler, same uniforms."""
+    B, L = len(randoms), model.cfg.seq_len
     tokens = torch.zeros(B, 0, dtype=torch.long, device=ids.device)
     for _ in range(L):
         probe = torch.cat([tokens, tokens.new_zeros(B, 1)], dim=1)  # the last slot is never read
         cond = model(probe, ids, mask)[0][:, -1].float()
         uncond = model(probe, null_ids, null_mask)[0][:, -1].float()
-        nxt = sample(guide(cond, uncond, scale), params, generators)
+        nxt = sample(guide(cond, uncond, scale), params, randoms)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     return tokens
 
@@ -405,13 +405,13 @@ class ARImageEngine(ARImageRequests):
                                            self.device)
         scale = torch.tensor([[s] for (_, s), n in zip(settings, counts) for _ in range(n)],
                              device=self.device)                              # (N, 1)
-        generators = [RowRandom(r.seed + i) for r in requests for i in range(r.n)]
+        randoms = [RowRandom(r.seed + i) for r in requests for i in range(r.n)]
         # Each prompt is encoded once, then its features repeated for its n images.
         ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests], self.cfg.context,
                                    self.device)                               # (R, T)
         ctx = self.model.text_context(ids, mask).repeat(rep)
         null_ids, null_mask = encode_prompts(self.tokenizer, [""], self.cfg.context, self.device)
         null = self.model.text_context(null_ids, null_mask).repeat(torch.zeros_like(rep))
-        tokens = sample_tokens(self.model, ctx, null, params, generators, scale)  # (N, L)
+        tokens = sample_tokens(self.model, ctx, null, params, randoms, scale)  # (N, L)
         images = decode_tokens(tokens, self.model.codebook, self.cfg.patch)   # (N, 3, S, S)
         return per_request(images.permute(0, 2, 3, 1).cpu().numpy(), requests)

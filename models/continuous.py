@@ -64,7 +64,7 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
 class _Seq:
     request: int
     choice: int
-    generator: RowRandom
+    random: RowRandom  # its seeded uniforms
     scanner: StopScanner
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
@@ -225,7 +225,7 @@ class ContinuousEngine:
         index, params, want = self._batch_params(slots, rows)
         penalised = "repetition_penalty" in params.uses  # only then is `seen` read or updated
         seen = self.seen.index_select(0, index) if penalised else None
-        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.generator for _, s in rows], want)
+        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for _, s in rows], want)
         if penalised:
             self.seen.index_copy_(0, index, seen)
         self.last_batch_size = len(slots)

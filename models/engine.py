@@ -122,7 +122,7 @@ class _Row:
     choice: int
     max_tokens: int
     logprobs: int | None
-    generator: RowRandom
+    random: RowRandom  # its seeded uniforms
     scanner: StopScanner
     position: int  # where this row's next token goes
     tokens: list[int] = field(default_factory=list)
@@ -241,7 +241,7 @@ class TextEngine(TextRequests):
         logits, seen = self._prefill(prompts, rows)
         active = rows
         while active:
-            tokens, lp = sample_rows(logits, params, seen, [row.generator for row in active], want_logprobs)
+            tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs)
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 row.tokens.append(tok)
@@ -309,12 +309,12 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
 
 
 @torch.inference_mode()
-def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, generators: list[RowRandom],
+def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, randoms: list[RowRandom],
                 want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
     """Sample one token per row and mark it seen (when some row has a repetition penalty: only
     those rows read `seen`); with want_logprobs >= 0 also return, per row, the chosen token's
     logprob and the top-`want_logprobs` alternatives (as Python lists)."""
-    tokens = sample(logits, params, generators, seen)
+    tokens = sample(logits, params, randoms, seen)
     if seen is not None and "repetition_penalty" in params.uses:
         seen.scatter_(1, tokens.unsqueeze(1), True)
     if want_logprobs < 0:
@@ -347,16 +347,16 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 def reference_generate(model: GPT, prompts: list[list[int]], max_tokens: int, params: SamplingParams,
                        seeds: list[int]) -> list[list[int]]:
     """The plain path the engine is tested against: recompute the whole prefix every step
-    (nanoGPT's `generate`), same sampler, same per-row generators. Prompts of equal length."""
+    (nanoGPT's `generate`), same sampler, same per-row uniforms. Prompts of equal length."""
     device = model.lm_head.weight.device
     idx = torch.tensor(prompts, device=device)  # (B, T)
-    generators = [RowRandom(s) for s in seeds]
+    randoms = [RowRandom(s) for s in seeds]
     batch = SamplingBatch.from_params([params] * len(prompts), device)
     seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, idx, True)
     for _ in range(max_tokens):
         logits, _ = model(idx[:, -model.config.block_size:])
-        nxt = sample(logits[:, -1].float(), batch, generators, seen)  # (B,)
+        nxt = sample(logits[:, -1].float(), batch, randoms, seen)  # (B,)
         seen.scatter_(1, nxt.unsqueeze(1), True)
         idx = torch.cat([idx, nxt.unsqueeze(1)], dim=1)
     return idx[:, len(prompts[0]):].tolist()

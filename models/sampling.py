@@ -143,7 +143,7 @@ def draw_uniforms(rows: list[RowRandom]) -> Tensor:
     return torch.tensor([row.next() for row in rows])
 
 
-def sample(logits: Tensor, params: SamplingBatch, generators: list[RowRandom],
+def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
            seen: Tensor | None = None) -> Tensor:
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
     if seen is not None and "repetition_penalty" in params.uses:
@@ -151,7 +151,7 @@ def sample(logits: Tensor, params: SamplingBatch, generators: list[RowRandom],
     tempered = logits / params.temperature.clamp(min=1e-6)
     filtered = filter_logits(tempered, params)
     probs = filtered.softmax(dim=-1)
-    uniforms = draw_uniforms(generators).to(logits.device)  # drawn for greedy rows too: streams stay aligned
+    uniforms = draw_uniforms(randoms).to(logits.device)  # drawn for greedy rows too: streams stay aligned
     drawn = inverse_cdf_sample(probs, uniforms)
     if "greedy" not in params.uses:
         return drawn

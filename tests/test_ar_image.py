@@ -108,9 +108,9 @@ def test_sampling_goes_through_the_shared_sampler(model, tokenizer, monkeypatch)
     assert ar.sample is models.sampling.sample
     calls = []
 
-    def spy(logits, params, generators, seen=None):
+    def spy(logits, params, randoms, seen=None):
         calls.append(logits.shape)
-        return models.sampling.sample(logits, params, generators, seen)
+        return models.sampling.sample(logits, params, randoms, seen)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a second sampler ran")
