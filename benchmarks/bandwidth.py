@@ -10,6 +10,8 @@ service runs. For each:
     time / the device's bandwidth. A decode step at batch 1 must read every weight once, so
     this says how close the engine gets to the memory system's limit. The bandwidth is the
     one measured here by a large device copy (read + write), or --peak_gbs (the data sheet's);
+  - with --compile, a fourth path: the graphed engine with its decode step compiled by
+    torch.compile before capture;
   - batch invariance: how many of --trials seeded requests yield the same tokens alone as
     inside a batch of 8 with other, different requests (always, on the CPU in float32; bf16
     kernels on a GPU may round differently with the batch shape).
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="auto: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--peak_gbs", type=float, default=0.0,
                     help="the device's memory bandwidth in GB/s (0 = measure a large copy)")
+    ap.add_argument("--compile", action="store_true",
+                    help="on CUDA, also the graphed engine with its decode step compiled before capture")
     ap.add_argument("--copy_mib", type=int, default=1024, help="size of the copy that measures bandwidth")
     args = ap.parse_args(argv)
 
@@ -119,11 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     slots = max(max(args.batch), 8)
     paths = {"static": static_path(engine),
              "continuous": continuous_path(ContinuousEngine(engine, SchedulerConfig(slots, cuda_graphs=False)))}
+    graphed: dict[str, ContinuousEngine] = {}
     if device.type == "cuda":
-        t = time.perf_counter()
-        graphed = ContinuousEngine(engine, SchedulerConfig(slots))
-        print(f"captured {len(graphed.graphs.graphs)} CUDA graphs in {time.perf_counter() - t:.1f} s")
-        paths["continuous+graphs"] = continuous_path(graphed)
+        for p, compiled in [("continuous+graphs", False)] + [("compiled+graphs", True)] * args.compile:
+            t = time.perf_counter()
+            graphed[p] = ContinuousEngine(engine, SchedulerConfig(slots, cuda_graphs=not compiled))
+            if compiled:
+                graphed[p].graphs = DecodeGraphs(model, slots, compile=True)
+            print(f"{p}: {'compiled and ' * compiled}captured {len(graphed[p].graphs.graphs)} CUDA graphs "
+                  f"in {time.perf_counter() - t:.1f} s")
+            paths[p] = continuous_path(graphed[p])
     weights = (model.num_params() - model.transformer.wpe.weight.numel()) * elem  # wpe: one row a step
 
     def kv_read(positions: float) -> float:  # bytes of keys + values attended to, all layers
@@ -153,12 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
                 row["bandwidth_use"] = (weights + kv) / step / bandwidth
                 line += f", {(weights + kv) / 1e6:.1f} MB read per step -> bandwidth use {row['bandwidth_use']:.1%}"
             print(line)
-    if "continuous+graphs" in paths:
-        fwd = replay_seconds(graphed.graphs, sync)
-        result["graph_replay_s"] = fwd
-        result["graph_replay_bandwidth_use"] = (weights + kv_read(graphed.graphs.kv_sizes[0])) / fwd / bandwidth
-        print(f"decode forward alone (one graph replay, batch 1, {graphed.graphs.kv_sizes[0]} cache slots): "
-              f"{fwd * 1e6:.0f} us -> bandwidth use {result['graph_replay_bandwidth_use']:.1%}")
+    for p, cont in graphed.items():
+        fwd = replay_seconds(cont.graphs, sync)
+        result["paths"][p].update(graph_replay_s=fwd,
+                                  graph_replay_bandwidth_use=(weights + kv_read(cont.graphs.kv_sizes[0])) / fwd / bandwidth)
+        print(f"{p:<18} decode forward alone (one graph replay, batch 1, {cont.graphs.kv_sizes[0]} cache slots): "
+              f"{fwd * 1e6:.0f} us -> bandwidth use {result['paths'][p]['graph_replay_bandwidth_use']:.1%}")
     for p, complete in paths.items():
         same = invariance(complete, args.trials, min(n, 32))
         result["paths"][p].update(invariant=same, trials=args.trials)

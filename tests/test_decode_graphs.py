@@ -47,9 +47,12 @@ def test_fixed_shape_step_yields_the_plain_engines_tokens(engine):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replay_equals_the_same_step_run_eagerly(engine):
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_replay_equals_the_same_step_run_eagerly(engine, compile):
     gpu = TextEngine(GPT(engine.model.config), engine.tokenizer, "cuda", dtype=torch.float32)
     cont = ContinuousEngine(gpu, SchedulerConfig(max_running=6))
+    if compile:  # what `benchmarks.bandwidth --compile` measures
+        cont.graphs = DecodeGraphs(cont.model, 6, compile=True)
     assert cont.graphs is not None and len(cont.graphs.graphs) == 4 * 3  # batch 1, 2, 4, 6 x cache 128, 256, 300
     eager = DecodeGraphs(cont.model, 6, capture=False)  # same model and cache slots, no graphs
     tokens, positions = [5, 7, 9], [0, 130, 299]  # slot 2 is a dummy (the cache's last position)
