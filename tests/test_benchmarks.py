@@ -12,3 +12,11 @@ def test_bandwidth_benchmark_reports_speed_bandwidth_use_and_invariance():
         assert set(path["tokens_per_s"]) == {1, 4} and all(v > 0 for v in path["tokens_per_s"].values())
         assert 0 < path["bandwidth_use"]
         assert path["invariant"] == path["trials"] == 2  # float32 on the CPU: always
+
+
+def test_batch1_floor_reports_matrix_products_and_forward_pass():
+    from benchmarks.batch1_floor import main as floor
+    [r] = floor(["--shapes", "tiny", "--device", "cpu", "--calls", "3", "--copy_mib", "16"])
+    assert r["weight_bytes"] == 4 * (r["params"] - 1024 * 32)  # float32, less the position table
+    assert 0 < r["matrix_products_s"] and 0 < r["forward_s"]
+    assert 0 < r["matrix_products_use"] and 0 < r["forward_use"]
