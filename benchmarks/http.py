@@ -6,11 +6,12 @@
 Through HTTP, `concurrency` clients each send their next request as soon as the previous
 answer arrives. The in-process baseline hands the engine batches of `concurrency` requests
 back to back: what perfect batching of that many waiting clients would achieve, with no
-HTTP, JSON, queueing or encoding. The ratio HTTP / in-process is the figure to watch
-(target >= 80 %). For text the service does not run static batches but continuous batching
-in an engine process of its own, so text also gets the service's own engine without HTTP:
-`concurrency` closed-loop callers of that engine process (models.engine_process) in one event
-loop; HTTP / that isolates what the HTTP layer costs. The same engine on a thread of the
+HTTP, JSON or queueing (images are PNG-encoded on both sides). The ratio HTTP / in-process
+is the figure to watch (target >= 80 %). Each kind also gets the service's own path without
+HTTP, `concurrency` closed-loop callers in one event loop, so HTTP / that isolates what the
+HTTP layer costs: for text the continuous-batching engine process (models.engine_process),
+for images the service's micro-batcher, with its settings, feeding the image worker process
+(service.batching, service.image_worker). The same engine on a thread of the
 callers' own process (models.continuous.AsyncEngine) shows what sharing the GIL with them
 costs. For reference the table also shows the engine called with one request at a time (what
 `concurrency` callers sharing one engine without a batcher would get).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -35,6 +37,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+WARM_UP_S = 2.0  # untimed, before the rounds: every batch shape seen once, on both sides
 
 
 @dataclass
@@ -69,7 +72,9 @@ def load_image_engine(device: str):
 
     from models.image_engine import ImageEngine, ImageRequest
 
-    engine = ImageEngine.load(bentoml.models.get(os.environ.get("GAN_MODEL", "gan:latest")).path, device=device)
+    model_dir = bentoml.models.get(os.environ.get("GAN_MODEL", "gan:latest")).path
+    engine = ImageEngine.load(model_dir, device=device)
+    engine.model_dir = str(model_dir)  # for the image worker process, which loads its own copy
     engine.generate([ImageRequest(prompt="warm", seed=0)])
     return engine
 
@@ -144,6 +149,74 @@ def in_process_images(engine, batch: int, seconds: float, n: int) -> Result:
             images += len(imgs)
         done += batch
     return Result(done, images, time.perf_counter() - start)
+
+
+class ServedImages:
+    """The service's image path without HTTP: closed-loop callers submit jobs to the service's
+    micro-batcher, with the service's settings, whose batches go to an image worker process
+    (forward pass and PNG encoding), as in service/app.py. The worker and the event loop
+    (uvloop, as the service's, where installed) live across rounds, as the server's do."""
+
+    def __init__(self, engine):
+        from models.image_engine import ImageEngine
+        from service.image_worker import ImageWorker
+
+        self.worker = ImageWorker(ImageEngine, engine.model_dir, engine.device.type, torch_threads())
+        self.worker.wait_started()
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None
+        self.loop = asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None)
+
+    def run(self, concurrency: int, seconds: float, n: int) -> Result:
+        from models.image_engine import ImageRequest
+        from service.app import BATCH_WAIT_S, IMAGE_MAX_BATCH
+        from service.batching import Job, MicroBatcher
+        from service.metrics import IMAGE
+
+        counter = {"requests": 0, "units": 0}
+
+        async def run_batch(jobs: list[Job[ImageRequest]]) -> None:
+            params = [[{"prompt": j.payload.prompt, "seed": j.payload.seed + i, "model": "gan", "truncation": 1.0}
+                       for i in range(j.payload.n)] for j in jobs]
+            for job, pngs in zip(jobs, await self.worker.generate_pngs([j.payload for j in jobs], params)):
+                job.future.set_result(pngs)
+
+        async def caller(batcher: MicroBatcher, w: int, start: float) -> None:
+            i = w
+            while time.perf_counter() - start < seconds:
+                job = Job(ImageRequest(prompt=f"a shape {i}", seed=i, n=n), cost=n,
+                          future=asyncio.get_running_loop().create_future())
+                batcher.submit(job)
+                pngs = await job.future  # awaited first: not inside +=
+                counter["units"] += len(pngs)
+                counter["requests"] += 1
+                i += concurrency
+
+        async def run() -> float:
+            batcher = MicroBatcher(IMAGE, run_batch, service_metrics(), IMAGE_MAX_BATCH, BATCH_WAIT_S,
+                                   max_in_flight=2, split_when_idle=True)  # as the service runs a GAN
+            start = time.perf_counter()
+            await asyncio.gather(*(caller(batcher, w, start) for w in range(concurrency)))
+            elapsed = time.perf_counter() - start
+            await batcher.close()
+            return elapsed
+
+        elapsed = self.loop.run(run())
+        return Result(counter["requests"], counter["units"], elapsed)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
+        self.loop.close()
+
+
+@functools.cache
+def service_metrics():
+    """The service's metric objects, created once: prometheus registers each name once per process."""
+    from service.metrics import get_metrics
+
+    return get_metrics()
 
 
 async def over_http(url: str, path: str, make_body, count_units, concurrency: int, seconds: float) -> Result:
@@ -240,6 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
             if args.only not in (kind, "both"):
                 continue
             engine = load(args.device)
+            if kind == "images":
+                served_images = ServedImages(engine)
+                served_images.run(c, WARM_UP_S, n)
+            asyncio.run(over_http(url, path, make_body, count_units, c, WARM_UP_S))
             http, batched, single, served, threaded = [], [], [], [], []
             # Interleaved short rounds: a machine whose load drifts (shared CPUs) biases neither side.
             for _ in range(args.rounds):
@@ -249,9 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if kind == "text":
                     served.append(in_process_served_text(engine, c, secs, args.max_tokens, process=True))
                     threaded.append(in_process_served_text(engine, c, secs, args.max_tokens, process=False))
+                else:
+                    served.append(served_images.run(c, secs, n))
+            if kind == "images":
+                served_images.shutdown()
             del engine
-            report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single),
-                                _sum(served) if served else None, _sum(threaded) if threaded else None)
+            report[kind] = _row(kind, unit, _sum(http), _sum(batched), _sum(single), _sum(served),
+                                _sum(threaded) if threaded else None)
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -269,7 +350,7 @@ def _ratio(a: Result, b: Result) -> float:
     return a.ups / b.ups if b.ups else float("nan")
 
 
-def _row(name: str, unit: str, http: Result, batched: Result, single: Result, served: Result | None,
+def _row(name: str, unit: str, http: Result, batched: Result, single: Result, served: Result,
          threaded: Result | None) -> dict:
     print(f"{name:7s} HTTP {http.rps:7.1f} req/s {http.ups:8.1f} {unit}/s | in-process, batches of the same "
           f"concurrency {batched.rps:7.1f} req/s {batched.ups:8.1f} {unit}/s -> HTTP/in-process "
@@ -279,14 +360,15 @@ def _row(name: str, unit: str, http: Result, batched: Result, single: Result, se
            "inproc_batched_rps": batched.rps, f"inproc_batched_{unit}_per_s": batched.ups,
            "ratio": _ratio(http, batched),
            f"inproc_single_{unit}_per_s": single.ups, "ratio_vs_single": _ratio(http, single)}
-    if served is not None:
-        print(f"{'':7s} no HTTP, the service's engine process (continuous batching), same concurrency "
-              f"{served.rps:7.1f} req/s {served.ups:8.1f} {unit}/s -> HTTP/that {_ratio(http, served):6.1%}")
+    what = "engine process (continuous batching)" if name == "text" else "batcher and image worker process"
+    print(f"{'':7s} no HTTP, the service's {what}, same concurrency "
+          f"{served.rps:7.1f} req/s {served.ups:8.1f} {unit}/s -> HTTP/that {_ratio(http, served):6.1%}")
+    row.update({"inproc_served_rps": served.rps, f"inproc_served_{unit}_per_s": served.ups,
+                "ratio_vs_served": _ratio(http, served)})
+    if threaded is not None:
         print(f"{'':7s} no HTTP, the same engine on a thread of the callers' process "
               f"{threaded.rps:7.1f} req/s {threaded.ups:8.1f} {unit}/s -> HTTP/that {_ratio(http, threaded):6.1%}")
-        row.update({"inproc_served_rps": served.rps, f"inproc_served_{unit}_per_s": served.ups,
-                    "ratio_vs_served": _ratio(http, served),
-                    "inproc_thread_rps": threaded.rps, f"inproc_thread_{unit}_per_s": threaded.ups,
+        row.update({"inproc_thread_rps": threaded.rps, f"inproc_thread_{unit}_per_s": threaded.ups,
                     "ratio_vs_thread": _ratio(http, threaded)})
     return row
 
