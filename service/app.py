@@ -288,7 +288,12 @@ class ImageBackend:
     batcher: MicroBatcher[ImageRequest] | None = None
     requests: ImageRequests | None = None  # checks requests (no weights), once loaded
     worker: ImageWorker | None = None
-    failed: bool = False  # its worker process died: not ready any more
+
+    @property
+    def failed(self) -> bool:
+        """Its worker process died after loading: not ready any more (a load error is the
+        service's `load_error` instead, which leaves it alive)."""
+        return self.requests is not None and not self.worker.alive
 
 
 @dataclass
@@ -627,7 +632,6 @@ class Generation:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:
             logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
-            backend.failed = True
             for job in jobs:
                 fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))
             return

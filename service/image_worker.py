@@ -65,6 +65,11 @@ class ImageWorker:
             self.failure = detail
             raise WorkerError(detail)
 
+    @property
+    def alive(self) -> bool:
+        """Loaded and still running. A death is seen at once, not only by the next batch."""
+        return self.failure is None and self._proc.is_alive()
+
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
                             ) -> list[list[bytes]]:
         """One forward pass (or decode loop) for the batch; image i of request r is encoded with

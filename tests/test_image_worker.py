@@ -62,7 +62,15 @@ def test_a_worker_that_cannot_load_names_the_error():
     w = ImageWorker(NoiseImageEngine, "missing", "cpu", 1)
     with pytest.raises(WorkerError, match="ArtifactError: missing/model.safetensors"):
         w.wait_started()
+    assert not w.alive
     w.shutdown()
+
+
+def test_an_idle_worker_that_dies_is_seen_dead_without_a_batch(worker):
+    assert worker.alive
+    os.kill(worker._proc.pid, signal.SIGKILL)
+    worker._proc.join(timeout=5)
+    assert not worker.alive  # what /readyz and /livez read: no request has to fail first
 
 
 def test_a_dead_worker_fails_the_batch_in_flight_and_the_next(worker):

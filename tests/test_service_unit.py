@@ -319,3 +319,28 @@ def test_engine_processes_share_the_cores_unless_told(monkeypatch):
     assert app.engine_threads(2) == 1  # never 0
     monkeypatch.setattr(app, "TORCH_THREADS", 4)
     assert app.engine_threads(2) == 4
+
+
+def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fails():
+    import os
+    import signal
+
+    import service.app as app
+    from service.image_worker import ImageWorker, WorkerError
+    from tests_support import NoiseImageEngine
+
+    backend = app.ImageBackend(served=None, stored=None, engine_class=NoiseImageEngine, checker_class=None)
+    assert not backend.failed  # nothing started yet
+    backend.worker = ImageWorker(NoiseImageEngine, "missing", "cpu", 1)
+    with pytest.raises(WorkerError):
+        backend.worker.wait_started()
+    assert not backend.failed  # a load error leaves the service alive, only not ready
+    backend.worker.shutdown()
+    backend.worker = ImageWorker(NoiseImageEngine, "unused", "cpu", 1)
+    backend.worker.wait_started()
+    backend.requests = object()  # loaded
+    assert not backend.failed
+    os.kill(backend.worker._proc.pid, signal.SIGKILL)
+    backend.worker._proc.join(timeout=5)
+    assert backend.failed  # seen at once: /readyz and /livez answer 503 before any request fails
+    backend.worker.shutdown()
