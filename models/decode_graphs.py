@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.gpt import GPT
+
+# Attention kernels for the captured step, in order of preference (the first that takes the shape).
+GRAPH_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def buckets(limit: int, first: int) -> list[int]:
@@ -68,17 +72,20 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, workspaces
+        # cuDNN's attention, which the engine keeps off elsewhere (it plans every new shape,
+        # see pick_device), plans each bucket's shape once here and is replayed from then on.
+        with sdpa_kernel(GRAPH_ATTENTION, set_priority=True):
+            with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, workspaces, plans
+                for b in self.batch_sizes:
+                    for kv in self.kv_sizes:
+                        self.step(b, kv)
+            torch.cuda.current_stream().wait_stream(side)
             for b in self.batch_sizes:
                 for kv in self.kv_sizes:
-                    self.step(b, kv)
-        torch.cuda.current_stream().wait_stream(side)
-        for b in self.batch_sizes:
-            for kv in self.kv_sizes:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.step(b, kv)
-                self.graphs[b, kv] = (graph, out)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self.step(b, kv)
+                    self.graphs[b, kv] = (graph, out)
         torch.cuda.synchronize()
 
     def __call__(self, tokens: list[int], positions: list[int], kv_len: int) -> Tensor:
