@@ -184,9 +184,8 @@ class Block(nn.Module):
         self.mlp = MLP(gpt)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], text_mask: Tensor,
-                cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos, mask)
+                cache: KVCache | None = None, pos: Tensor | None = None, kv_len: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, kv_len=kv_len)  # decoding: every row sees all kv_len
         x = x + self.cross(self.ln_x(x), kv, text_mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -266,11 +265,10 @@ class ARImageModel(nn.Module):
     def decode_step(self, prev: Tensor, i: int, ctx: TextContext) -> Tensor:
         """prev (B,) the token at i-1 (or the start token), i the cell to predict → logits (B, K)."""
         B = prev.shape[0]
-        pos = torch.full((B, 1), i, dtype=torch.long, device=prev.device)    # (B, 1)
-        mask = torch.ones(B, 1, 1, i + 1, dtype=torch.bool, device=prev.device)  # every row is at i
+        pos = torch.full((B, 1), i, dtype=torch.long, device=prev.device)    # (B, 1): every row is at i
         x = self.tok_emb(prev[:, None]) + self.pos_emb(pos)                   # (B, 1, C)
         for block, cache, kv in zip(self.blocks, self.caches, ctx.kv):
-            x = block(x, kv, ctx.mask, cache, pos, mask)
+            x = block(x, kv, ctx.mask, cache, pos, kv_len=i + 1)
         return self.head(self.ln_f(x))[:, 0]                                  # (B, K)
 
 

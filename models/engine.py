@@ -290,8 +290,9 @@ class TextEngine(TextRequests):
     @torch.inference_mode()
     def _decode_step(self, tokens: Tensor, positions: list[int]) -> Tensor:
         pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (A, 1)
-        kv_len = max(positions) + 1
-        mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (A, 1, 1, S)
+        mask = None  # rows at one position (a single request, say) see every cached slot
+        if min(positions) != max(positions):
+            mask = (torch.arange(max(positions) + 1, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (A, 1, 1, S)
         return self.model.forward_cached(tokens.unsqueeze(1), pos, mask)[:, -1].float()  # (A, V)
 
 

@@ -87,15 +87,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, rows: slice | Tensor = slice(None)) -> Tensor:
+                mask: Tensor | None = None, rows: slice | Tensor = slice(None), kv_len: int = 0) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).chunk(3, dim=2)  # (chunk skips the Python wrapper split has)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is None:  # training / full recompute: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:  # incremental: attend to everything cached so far, as the mask allows
-            k, v = cache.update(pos, k, v, kv_len=mask.size(-1), rows=rows)  # (B, nh, S, hs)
+        else:  # incremental: attend to the first kv_len cached positions, as the mask allows
+            k, v = cache.update(pos, k, v, kv_len, rows=rows)  # (B, nh, S, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -122,8 +122,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
-                mask: Tensor | None = None, rows: slice | Tensor = slice(None)) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos, mask, rows)  # pre-LayerNorm
+                mask: Tensor | None = None, rows: slice | Tensor = slice(None), kv_len: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, mask, rows, kv_len)  # pre-LayerNorm
         return x + self.mlp(self.ln_2(x))
 
 
@@ -189,9 +189,11 @@ class GPT(nn.Module):
             cache.k[dst, :, :length] = cache.k[src, :, :length]
             cache.v[dst, :, :length] = cache.v[src, :, :length]
 
-    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor, rows: slice | Tensor = slice(None),
+    def forward_cached(self, idx: Tensor, pos: Tensor, mask: Tensor | None, rows: slice | Tensor = slice(None),
                        logits_at: Tensor | None = None) -> Tensor:
-        """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend;
+        """idx, pos (B, T): tokens and their positions; mask (B, 1, T, S) True = may attend to
+        that cached position, or None when every row decodes one token at the same position
+        and may see everything before it (no masking to do: 8 % of a batch-1 step on the CPU);
         `rows`: which cache rows these B sequences own (default: all; a slice, or B indices).
         Returns logits (B, T, V), or with `logits_at` (B,) only those at one index of T per
         row, (B, V): a prompt needs the logits of its last token only, and the vocabulary
@@ -201,9 +203,10 @@ class GPT(nn.Module):
         mask lets a query see only slots at or before its position, so the stale slots past
         a short prompt (right padding) are never read before being overwritten.
         """
+        kv_len = mask.size(-1) if mask is not None else int(pos.max()) + 1  # cached positions to read
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block, cache in zip(self.transformer.h, self.caches):
-            x = block(x, cache, pos, mask, rows)
+            x = block(x, cache, pos, mask, rows, kv_len)
         if logits_at is not None:
             x = x[torch.arange(x.size(0), device=x.device), logits_at]  # (B, C)
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V) or (B, V)
