@@ -77,18 +77,21 @@ def test_prefill_into_scattered_cache_rows_by_index():
 
 
 def test_decoding_without_a_mask_equals_an_all_true_mask():
-    """Rows at one position may pass mask=None (nothing to mask): the same logits, bit for bit."""
+    """Rows at one position may pass mask=None (nothing to mask; the cache is written by a
+    strided copy instead of a scatter): the same logits and cache, bit for bit."""
     m = tiny()
     prompts = torch.randint(0, 97, (3, 9))
     with torch.no_grad():
-        outs = []
+        outs, caches = [], []
         for mask in ("all true", None):
             m.setup_caches(3, 48)
             m.forward_cached(prompts, torch.arange(9).expand(3, 9), torch.ones(9, 9, dtype=torch.bool).tril()[None, None])
             pos = torch.full((3, 1), 9)
             step_mask = torch.ones(3, 1, 1, 10, dtype=torch.bool) if mask else None
             outs.append(m.forward_cached(torch.tensor([[1], [2], [3]]), pos, step_mask))
+            caches.append(torch.stack([torch.stack([c.k, c.v]) for c in m.caches]))
         assert torch.equal(outs[0], outs[1])
+        assert torch.equal(caches[0], caches[1]) and caches[1][:, :, :, :, 9].abs().sum() > 0  # position 9 written
 
 
 def test_hf_gpt2_import_matches_transformers(tmp_path):
