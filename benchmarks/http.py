@@ -170,16 +170,14 @@ class ServedImages:
         self.loop = asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None)
 
     def run(self, concurrency: int, seconds: float, n: int) -> Result:
-        from models.image_engine import ImageRequest
-        from service.app import BATCH_WAIT_S, IMAGE_MAX_BATCH
+        from models.image_engine import ImageEngine, ImageRequest
+        from service.app import image_batcher, image_parameters
         from service.batching import Job, MicroBatcher
-        from service.metrics import IMAGE
 
         counter = {"requests": 0, "units": 0}
 
         async def run_batch(jobs: list[Job[ImageRequest]]) -> None:
-            params = [[{"prompt": j.payload.prompt, "seed": j.payload.seed + i, "model": "gan", "truncation": 1.0}
-                       for i in range(j.payload.n)] for j in jobs]
+            params = [[image_parameters(j.payload, i, "gan") for i in range(j.payload.n)] for j in jobs]
             for job, pngs in zip(jobs, await self.worker.generate_pngs([j.payload for j in jobs], params)):
                 job.future.set_result(pngs)
 
@@ -195,8 +193,7 @@ class ServedImages:
                 i += concurrency
 
         async def run() -> float:
-            batcher = MicroBatcher(IMAGE, run_batch, service_metrics(), IMAGE_MAX_BATCH, BATCH_WAIT_S,
-                                   max_in_flight=2, split_when_idle=True)  # as the service runs a GAN
+            batcher = image_batcher(run_batch, service_metrics(), ImageEngine)  # the service's, for a GAN
             start = time.perf_counter()
             await asyncio.gather(*(caller(batcher, w, start) for w in range(concurrency)))
             elapsed = time.perf_counter() - start

@@ -45,7 +45,7 @@ from models.sampling import SamplingParams
 from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
-from service.metrics import IMAGE, TEXT, get_metrics
+from service.metrics import IMAGE, TEXT, Metrics, get_metrics
 from service.schemas import (
     MAX_N,
     MAX_SEED,
@@ -277,6 +277,26 @@ class ServedModel:
         return {"id": self.tag, "object": "model", "created": int(self.created), "owned_by": "condgen"}
 
 
+def image_batcher(run: Callable[[list[Job[ImageRequest]]], Awaitable[None]], metrics: Metrics,
+                  engine_class: type) -> MicroBatcher[ImageRequest]:
+    """The micro-batcher in front of one image model's worker process."""
+    return MicroBatcher(
+        IMAGE, run, metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE,
+        retry_after_s=RETRY_AFTER_S,
+        max_in_flight=2,  # the next batch waits in the image worker's queue
+        # One pass per batch (the GAN) is as short as answering its clients: two alternating
+        # halves keep the worker busy. An AR model's batch is hundreds of sequential steps;
+        # there, every request it holds is what pays.
+        split_when_idle=engine_class is ImageEngine)
+
+
+def image_parameters(req: ImageRequest, i: int, tag: str) -> dict[str, Any]:
+    """What reproduces image i of a request (its PNG's `parameters` chunk): prompt, seed,
+    model and every sampler setting it used."""
+    extra = {f: getattr(req, f) for f in req.sampler_fields()}
+    return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation, **extra}
+
+
 @dataclass
 class ImageBackend:
     """A served image model: its description, its request checker and worker process once
@@ -363,14 +383,8 @@ class Generation:
                                                     (self.ar_image, ARImageEngine, ARImageRequests)):
             if stored is not None:
                 backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class, checker_class)
-                backend.batcher = MicroBatcher(
-                    IMAGE, functools.partial(self._run_images, backend), self.metrics, IMAGE_MAX_BATCH,
-                    BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE, retry_after_s=RETRY_AFTER_S,
-                    max_in_flight=2,  # the next batch waits in the image worker's queue
-                    # One pass per batch (the GAN) is as short as answering its clients: two
-                    # alternating halves keep the worker busy. An AR model's batch is hundreds
-                    # of sequential steps; there, every request it holds is what pays.
-                    split_when_idle=engine_class is ImageEngine)
+                backend.batcher = image_batcher(functools.partial(self._run_images, backend), self.metrics,
+                                                engine_class)
                 self.images[backend.served.tag] = backend
         self.served_models = [self.text_model, *(b.served for b in self.images.values())]
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
@@ -620,14 +634,7 @@ class Generation:
         model's worker process."""
         self._ready_or_503(backend.requests)
         tag = backend.served.tag
-
-        def parameters(req: ImageRequest, i: int) -> dict[str, Any]:
-            """What reproduces image i: prompt, seed, model and every sampler setting it used."""
-            extra = {f: getattr(req, f) for f in req.sampler_fields()}
-            return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation,
-                    **extra}
-
-        params = [[parameters(job.payload, i) for i in range(job.payload.n)] for job in jobs]
+        params = [[image_parameters(job.payload, i, tag) for i in range(job.payload.n)] for job in jobs]
         try:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:
