@@ -32,7 +32,7 @@ import torch
 
 from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
-                           sample_rows, token_logprob)
+                           decode_mask, sample_rows, token_logprob)
 from models.errors import InvalidParameter
 from models.sampling import RowRandom, SamplingBatch
 
@@ -274,10 +274,7 @@ class ContinuousEngine:
         else:
             tokens = torch.tensor(token_list, device=self.device).unsqueeze(1)  # (hi, 1)
             pos = torch.tensor(pos_list, device=self.device).unsqueeze(1)  # (hi, 1)
-            mask = None  # no dummies, every row at one position: each sees every cached slot
-            if min(pos_list) != max(pos_list):
-                mask = (torch.arange(kv_len, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (hi, 1, 1, kv_len)
-                mask[:, :, :, 0] = True  # dummies past kv_len still attend somewhere (no empty softmax)
+            mask = decode_mask(pos_list, pos, kv_len)
             logits = self.model.forward_cached(tokens, pos, mask, rows=slice(0, hi))[:, -1].float()  # (hi, V)
         live = torch.tensor(sorted(self.decoding), device=self.device)
         self.pending.index_copy_(0, live, logits.index_select(0, live))

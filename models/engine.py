@@ -290,10 +290,20 @@ class TextEngine(TextRequests):
     @torch.inference_mode()
     def _decode_step(self, tokens: Tensor, positions: list[int]) -> Tensor:
         pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (A, 1)
-        mask = None  # rows at one position (a single request, say) see every cached slot
-        if min(positions) != max(positions):
-            mask = (torch.arange(max(positions) + 1, device=self.device) <= pos).unsqueeze(1).unsqueeze(1)  # (A, 1, 1, S)
+        mask = decode_mask(positions, pos, max(positions) + 1)
         return self.model.forward_cached(tokens.unsqueeze(1), pos, mask)[:, -1].float()  # (A, V)
+
+
+def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None:
+    """The attention mask of a one-token decode step over the first kv_len cached slots: None
+    when every row sits at one position (a single request, say: nothing to mask); otherwise
+    (A, 1, 1, kv_len), True at or before each row's position `pos` (A, 1), and at slot 0 for
+    dummy rows placed past kv_len (no empty softmax)."""
+    if min(positions) == max(positions):
+        return None
+    mask = (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
+    mask[:, :, :, 0] = True
+    return mask
 
 
 def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int
