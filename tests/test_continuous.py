@@ -88,6 +88,26 @@ def test_a_request_is_batch_invariant_whatever_joins_or_leaves(engine):
     assert got[ids[2]][0] == alone[gid][0]
 
 
+def test_sequences_move_down_into_freed_slots_and_keep_their_tokens(engine):
+    """When a sequence in a low slot finishes, the one in the highest slot moves into it, so the
+    decode step never computes a free slot as a dummy row; the moved one's tokens (penalised:
+    its seen-token row moves too) equal its tokens alone."""
+    mover = CompletionRequest("Return the value", seed=3, max_tokens=30,
+                              sampling=SamplingParams(temperature=1.0, repetition_penalty=1.5))
+    alone, _, [gid] = run(ContinuousEngine(engine, SchedulerConfig(max_running=4)), {0: [mover]})
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
+    short = [CompletionRequest("The quick", seed=i, max_tokens=2 + 3 * i) for i in range(3)]
+    ids = [cont.add(r) for r in short] + [cont.add(mover)]  # the mover takes slot 3
+    tokens: list[int] = []
+    slots = set()
+    while cont.has_work():
+        tokens += [ev.token_id for ev in cont.step() if ev.request == ids[-1] and ev.token_id is not None]
+        assert sorted(cont.decoding) == list(range(len(cont.decoding)))  # no free slot inside the batch
+        slots |= {seq.slot for _, seq in cont.decoding.values() if seq.request == ids[-1]}
+    assert slots == {3, 0}  # from the highest slot into the first one freed
+    assert tokens == alone[gid][0]
+
+
 def test_limits_are_respected_and_no_request_starves(engine):
     cfg = SchedulerConfig(max_running=3, max_tokens_per_step=20, prefill_chunk=5)
     cont = ContinuousEngine(engine, cfg)
