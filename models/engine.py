@@ -19,13 +19,12 @@ from torch import Tensor
 from models.artifacts import CONFIG, ArtifactError, load_model_dir, load_tokenizer, read_config
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
-from models.sampling import RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
+from models.sampling import MAX_SEED, RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
 from models.tokenizer import StreamDecoder, Tokenizer
 
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 5
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -155,8 +154,9 @@ class TextRequests:
             raise InvalidParameter("max_tokens", f"must be in [1, {self.block_size - 1}], got {req.max_tokens}")
         if not 1 <= req.n <= MAX_N:
             raise InvalidParameter("n", f"must be in [1, {MAX_N}], got {req.n}")
-        if not 0 <= req.seed <= MAX_SEED - MAX_N:
-            raise InvalidParameter("seed", f"must be in [0, {MAX_SEED - MAX_N}], got {req.seed}")
+        if not 0 <= req.seed <= MAX_SEED - (req.n - 1):
+            raise InvalidParameter("seed", f"must be in [0, {MAX_SEED - (req.n - 1)}] for n={req.n} (choice i "
+                                           f"uses seed + i, at most {MAX_SEED}), got {req.seed}")
         if len(req.stop) > MAX_STOP or any(not s for s in req.stop):
             raise InvalidParameter("stop", f"at most {MAX_STOP} non-empty strings")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:

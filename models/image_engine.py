@@ -18,11 +18,11 @@ from models.artifacts import build_from_config, load_model_dir, load_tokenizer, 
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gan import GANConfig, Generator
+from models.sampling import MAX_SEED
 from models.text_encoder import encode_prompts, trim_padding
 from models.tokenizer import Tokenizer
 
 MAX_IMAGES = 16
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -73,9 +73,9 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, s
         raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
     if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
         raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) \
-            or not 0 <= req.seed <= MAX_SEED - MAX_IMAGES:
-        raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - MAX_IMAGES}")
+    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED - (req.n - 1):
+        raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - (req.n - 1)} for n={req.n} "
+                                       f"(image i uses seed + i, at most {MAX_SEED})")
     t = req.truncation
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
         raise InvalidParameter("truncation", "must be a number in (0, 1]")

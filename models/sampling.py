@@ -16,6 +16,11 @@ from torch import Tensor
 
 from models.errors import InvalidParameter
 
+# torch's CPU generator keeps only the low 32 bits of a seed (seeds 0 and 2**32 draw the same
+# numbers), so a request's seeds, seed + i for its n choices or images, stay within 32 bits.
+MAX_SEED = 2**32 - 1
+MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would not fit the sampler's tensors
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,7 +34,7 @@ class SamplingParams:
         checks = [
             ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
              "must be a finite number in [0, 100]"),
-            ("top_k", 0 <= self.top_k, "must be >= 0 (0 turns it off)"),
+            ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be in [0, {MAX_TOP_K}] (0 turns it off)"),
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
             ("repetition_penalty", math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,

@@ -106,6 +106,8 @@ def test_finish_reason_length(engine):
 
 @pytest.mark.parametrize("kw,param", [
     (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(n=99), "n"), (dict(seed=-1), "seed"),
+    (dict(seed=2**32), "seed"), (dict(seed=2**32 - 2, n=3), "seed"),  # choice i uses seed + i: 32 bits
+    (dict(sampling=SamplingParams(top_k=2**63)), "top_k"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(logprobs=9), "logprobs"),
     (dict(sampling=SamplingParams(top_p=0)), "top_p"), (dict(sampling=SamplingParams(temperature=-1)), "temperature"),
     (dict(prompt="fox " * 500), "prompt"), (dict(max_tokens=90, prompt="fox " * 20), "max_tokens"),

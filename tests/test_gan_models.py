@@ -157,7 +157,7 @@ def test_truncation_scales_latents():
 
 @pytest.mark.parametrize("field,value", [("n", 0), ("n", 17), ("truncation", 0.0),
                                          ("truncation", 1.5), ("prompt", "  "),
-                                         ("prompt", "red " * 100), ("seed", -1),
+                                         ("prompt", "red " * 100), ("seed", -1), ("seed", 2**32),
                                          # a GAN has no sampler: refused, not ignored
                                          ("guidance_scale", 2.0), ("temperature", 0.5), ("top_k", 5)])
 def test_validation(engine, field, value):
@@ -196,6 +196,10 @@ def test_request_checker_reads_tokenizer_and_config_only(tmp_path, engine, token
     with pytest.raises(InvalidParameter) as e:
         checker.validate(ImageRequest("a red circle", seed=5, n=17))
     assert e.value.param == "n"
+    checker.validate(ImageRequest("a red circle", seed=2**32 - 3, n=3))  # seeds up to 2**32 - 1
+    with pytest.raises(InvalidParameter) as e:  # image 3 would need seed 2**32
+        checker.validate(ImageRequest("a red circle", seed=2**32 - 3, n=4))
+    assert e.value.param == "seed"
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "image_size": 48}))
     with pytest.raises(ArtifactError, match="config.json"):

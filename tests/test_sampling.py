@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.errors import InvalidParameter
-from models.sampling import (RowRandom, SamplingBatch, SamplingParams, apply_repetition_penalty, draw_uniforms,
-                             filter_logits, inverse_cdf_sample, sample)
+from models.sampling import (MAX_SEED, RowRandom, SamplingBatch, SamplingParams, apply_repetition_penalty,
+                             draw_uniforms, filter_logits, inverse_cdf_sample, sample)
 
 
 def batch(**kw) -> SamplingBatch:
@@ -89,12 +89,20 @@ def test_repetition_penalty_pushes_seen_tokens_down():
 
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
-                                         ("temperature", float("nan")), ("top_k", -1), ("min_p", 1.0),
+                                         ("temperature", float("nan")), ("top_k", -1), ("top_k", 2**63),
+                                         ("min_p", 1.0),
                                          ("repetition_penalty", 0.0)])
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         SamplingParams(**{field: value}).validate()
     assert e.value.param == field and isinstance(e.value, ValueError)
+
+
+def test_seeds_are_32_bit():
+    """Why MAX_SEED is 2**32 - 1: torch's CPU generator keeps the low 32 bits of a seed, so a
+    larger seed would silently draw another seed's numbers."""
+    first = RowRandom(5).next()
+    assert RowRandom(5 + 2**32).next() == first and RowRandom(MAX_SEED).next() != first
 
 
 def test_filters_still_run_after_the_rows_that_used_them_left():
