@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import bentoml
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -110,6 +110,10 @@ TRACE_REQUESTS = os.environ.get("CONDGEN_TRACE_REQUESTS", "0") == "1"
 WORKERS = _env_int("CONDGEN_WORKERS", 1)  # server processes, each with its own models and batchers
 TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # per engine process; 0 = share the cores out
 MAX_BODY_BYTES = 1 << 20
+# A request holds one of the CONDGEN_MAX_INFLIGHT places from its headers on, so a client that
+# sends headers and then stalls must not keep it until the deadline: 64 such sockets would
+# shut everyone else out for two minutes. The body has this long to arrive (then 408).
+BODY_TIMEOUT_S = _env_float("CONDGEN_BODY_TIMEOUT_S", 10.0)
 
 
 def engine_threads(engines: int) -> int:
@@ -146,6 +150,9 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             response = JSONResponse(ApiError(400, e.message, e.param).body(), status_code=400)
         except ValidationError as e:
             response = JSONResponse(from_validation_error(e).body(), status_code=400)
+        except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing broken
+            logger.info("request %s to %s: the client left before its body was read", request_id, request.url.path)
+            response = Response(status_code=499)
         except Exception:
             logger.exception("request %s to %s failed", request_id, request.url.path)
             err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
@@ -167,28 +174,44 @@ async def _parse(request: Request, model: type[B]) -> B:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    # Read in pieces and stop at the limit: a chunked body has no length to check up front.
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    try:
+        body = await asyncio.wait_for(_read_body(request), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s",
+                       code="request_timeout") from None
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from e
     except RecursionError:  # "[[[[..." nested deeper than the parser's stack
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
-    try:  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text: refuse them here
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, "the body contains a lone surrogate escape (\\ud800-\\udfff), "
-                            "which is not valid Unicode") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    for name, value in data.items():  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
+        if not (_is_unicode(name) and _is_unicode(value)):
+            field = name if _is_unicode(name) else None
+            raise ApiError(400, f"{field or 'a field name'}: contains a lone surrogate escape (\\ud800-\\udfff), "
+                                "which is not valid Unicode", param=field)
     return model.model_validate(data)
+
+
+def _is_unicode(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read in pieces up to the limit: a chunked body has no length to check up front."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @_route
@@ -588,7 +611,8 @@ class Generation:
         backend = self.images[self._check_model(model, "image").tag]
         self._ready_or_503(backend.requests)
         if backend.failed:
-            raise ApiError(503, f"the image engine of {backend.served.tag} is not available", type="server_error")
+            raise ApiError(503, f"the image engine of {backend.served.tag} is not available: {backend.worker.failure}",
+                           type="server_error")
         return backend
 
     async def _images(self, backend: ImageBackend, body: ImageBody | OpenAIImageBody) -> tuple[int, list[bytes]]:

@@ -67,8 +67,11 @@ class ImageWorker:
 
     @property
     def alive(self) -> bool:
-        """Loaded and still running. A death is seen at once, not only by the next batch."""
-        return self.failure is None and self._proc.is_alive()
+        """Loaded and still running. A death is seen at once, not only by the next batch, and
+        logged with its exit code however it is noticed (an idle worker has no reader)."""
+        if self.failure is None and not self._proc.is_alive():
+            self._died()
+        return self.failure is None
 
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
                             ) -> list[list[bytes]]:
@@ -103,7 +106,8 @@ class ImageWorker:
             self._died()
 
     def _died(self) -> None:
-        self._loop.remove_reader(self._conn.fileno())
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
         self._proc.join(timeout=1)
         self.failure = f"the image worker exited (code {self._proc.exitcode})"
         logger.error("%s; failing %d batches in flight", self.failure, len(self._pending))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from models.ar_image import MAX_GUIDANCE
+from models.sampling import MAX_SEED, MAX_TOP_K
 
 MAX_N = 16  # choices per completion request, images per image request
 MAX_STOP = 4
-MAX_SEED = 2**32 - 1  # choice / image i uses seed + i, still well inside torch's 64-bit seeds
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -64,8 +64,19 @@ def from_validation_error(exc: ValidationError) -> ApiError:
 
 class _Body(BaseModel):
     # Unknown fields are mistakes (a typo such as `max_token` would otherwise be ignored
-    # silently); NaN/inf never reach the samplers.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # silently); NaN/inf never reach the samplers; types are strict, as OpenAI's are: "4",
+    # true or 4.0 is not an integer, 1 or "yes" not a boolean (an integer is a fine float).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class _NullIsDefault(BaseModel):
+    """OpenAI's API takes null for an optional field, meaning its default, and its official
+    client sends such nulls (`temperature=None`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class CompletionBody(_Body):
@@ -74,7 +85,7 @@ class CompletionBody(_Body):
     prompt: str
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
-    top_k: int = Field(0, ge=0, description="0 turns it off")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
@@ -100,7 +111,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class OpenAICompletionBody(CompletionBody):
+class OpenAICompletionBody(CompletionBody, _NullIsDefault):
     """POST /v1/completions: the OpenAI legacy completions request (the fields we honour)."""
     model: ModelName
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # type: ignore[assignment]
@@ -145,10 +156,10 @@ class ImageBody(_Body):
     response_format: Literal["b64_json", "png"] = "b64_json"
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
-    top_k: int | None = Field(None, ge=0, description=AR_ONLY)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description=AR_ONLY)
 
 
-class OpenAIImageBody(_Body):
+class OpenAIImageBody(_Body, _NullIsDefault):
     """POST /v1/images/generations (b64_json only: this service keeps no files to link to)."""
     model: ModelName | None = None
     prompt: str
@@ -162,4 +173,4 @@ class OpenAIImageBody(_Body):
     truncation: float = Field(1.0, gt=0, le=1)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
-    top_k: int | None = Field(None, ge=0, description=AR_ONLY)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description=AR_ONLY)

@@ -8,9 +8,11 @@
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
   ("*" for any); unset means no CORS headers at all (same-origin only).
 - GPT_MODEL / GAN_MODEL: checked against BentoML's tag alphabet before the store sees them.
+- Starlette's own answers to an unknown path (404) or method (405) are plain text; they are
+  rewritten into the one JSON error shape, which the clients of this API parse.
 
 `install(Service, routes)` wires it all (and /openapi.json, and the limits of
-`service.limits`) into the BentoML service, outermost first: CORS, API key, limits.
+`service.limits`) into the BentoML service, outermost first: JSON errors, CORS, API key, limits.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import re
 
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.limits import LimitMiddleware, send_error
 from service.schemas import ApiError
@@ -72,11 +74,43 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class JSONRoutingErrors:
+    """Starlette's plain-text 404 / 405, answered in the JSON error shape instead."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json(message: Message) -> None:
+            nonlocal replaced
+            if replaced:  # the plain-text body of an answer already sent as JSON
+                return
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                headers = dict(message.get("headers") or [])
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replaced = True
+                    method, path, status = scope["method"], scope["path"], message["status"]
+                    allow = {"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None
+                    await send_error(send, ApiError(
+                        status, f"{method} is not allowed on {path}" if status == 405 else f"no route {method} {path}",
+                        code="method_not_allowed" if status == 405 else "not_found", headers=allow))
+                    return
+            await send(message)
+
+        await self.app(scope, receive, send_json)
+
+
 def install(service: object, routes: object) -> None:
     """Add /openapi.json to the mounted routes and the middlewares to the BentoML service."""
     from service.openapi import openapi_endpoint
 
     routes.add_route("/openapi.json", openapi_endpoint, methods=["GET"])  # type: ignore[attr-defined]
+    service.add_asgi_middleware(JSONRoutingErrors)  # type: ignore[attr-defined]
     if origins := cors_origins():
         service.add_asgi_middleware(  # type: ignore[attr-defined]
             CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],

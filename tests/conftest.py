@@ -152,7 +152,8 @@ def wait_ready(proc: subprocess.Popen, srv: Server) -> None:
 @dataclass
 class GuardedServer:
     """A second server with an API key, one CORS origin, small limits (4 requests in
-    flight, 4 queued images, 2 queued completions) and the optional AR image model turned off."""
+    flight, 4 queued images, 2 queued completions, 2 s for a request body) and the optional AR
+    image model turned off."""
     server: Server
     proc: subprocess.Popen
     key: str = API_KEY
@@ -172,7 +173,8 @@ def guarded_server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory)
     proc, srv = launch_server(bentoml_home, log, {
         "CONDGEN_API_KEY": API_KEY, "CONDGEN_CORS_ORIGINS": CORS_ORIGIN,
         "CONDGEN_MAX_INFLIGHT": str(GUARDED_MAX_INFLIGHT), "CONDGEN_MAX_QUEUE": "4",
-        "CONDGEN_TEXT_MAX_WAITING": "2", "CONDGEN_RETRY_AFTER": "2", "AR_IMAGE_MODEL": ""})
+        "CONDGEN_TEXT_MAX_WAITING": "2", "CONDGEN_RETRY_AFTER": "2", "AR_IMAGE_MODEL": "",
+        "CONDGEN_BODY_TIMEOUT_S": "2"})
     try:
         wait_ready(proc, srv)
         yield GuardedServer(srv, proc)

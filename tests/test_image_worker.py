@@ -71,6 +71,7 @@ def test_an_idle_worker_that_dies_is_seen_dead_without_a_batch(worker):
     os.kill(worker._proc.pid, signal.SIGKILL)
     worker._proc.join(timeout=5)
     assert not worker.alive  # what /readyz and /livez read: no request has to fail first
+    assert worker.failure == f"the image worker exited (code {-signal.SIGKILL})"  # the 503s' reason
 
 
 def test_a_dead_worker_fails_the_batch_in_flight_and_the_next(worker):

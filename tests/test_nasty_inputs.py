@@ -3,9 +3,13 @@ and the JSON error shape (never a 5xx, never a hang), and the server stays ready
 from __future__ import annotations
 
 import json
+import socket
+import time
 
 import httpx
 import pytest
+
+from tests_support import metric_value
 
 ROUTES = ["/complete", "/generate", "/v1/completions", "/v1/images/generations"]
 MB = 1 << 20
@@ -80,7 +84,11 @@ BAD_NUMBERS = [
     ("top_p", "NaN"), ("truncation", "NaN"), ("truncation", "Infinity"),
     ("n", "-1"), ("n", "0"), ("n", "1000000000000000000000000000000"), ("n", "1.5"), ("n", '"four"'),
     ("max_tokens", "-5"), ("max_tokens", "0"), ("max_tokens", "9223372036854775808"), ("max_tokens", "1e30"),
-    ("seed", "-1"), ("seed", "18446744073709551616"), ("seed", '"seven"'),
+    ("seed", "-1"), ("seed", "18446744073709551616"), ("seed", '"seven"'), ("seed", "4294967296"),
+    ("top_k", "9223372036854775808"), ("top_k", "-1"),  # 2**63 once failed a whole decode step (500)
+    # strict types, as OpenAI's: no string, boolean or float passes for an integer
+    ("max_tokens", "true"), ("max_tokens", '"4"'), ("n", '"2"'), ("n", "2.0"), ("seed", '"1"'), ("seed", "true"),
+    ("temperature", "true"), ("temperature", '"0.5"'),
 ]
 TEXT_ONLY, IMAGE_ONLY = {"temperature", "top_p", "max_tokens"}, {"truncation"}
 
@@ -91,6 +99,23 @@ TEXT_ONLY, IMAGE_ONLY = {"temperature", "top_p", "max_tokens"}, {"truncation"}
 def test_bad_numbers(client, route, field, value):
     raw = json.dumps(_valid(route))[:-1] + f', "{field}": {value}}}'
     err = _assert_json_4xx(_post_raw(client, route, raw.encode()), 400)
+    assert err["param"] == field
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_seed_plus_n_must_stay_32_bit(client, route):
+    """Choice / image i uses seed + i, and seeds are 32-bit: the last one must fit, or the
+    answer would report a seed that cannot be sent back (and that draws seed 0's numbers)."""
+    body = {**_valid(route), "seed": 2**32 - 2, "n": 3}
+    err = _assert_json_4xx(client.post(route, json=body), 400)
+    assert err["param"] == "seed" and str(2**32 - 3) in err["message"]
+
+
+@pytest.mark.parametrize("route", ["/complete", "/v1/completions"])
+@pytest.mark.parametrize("field,value", [("stream", "yes"), ("stream", 1), ("echo", 1), ("echo", "true"),
+                                         ("logprobs", True), ("stop", 5)])
+def test_wrong_types_are_refused_not_converted(client, route, field, value):
+    err = _assert_json_4xx(client.post(route, json={**_valid(route), field: value}), 400)
     assert err["param"] == field
 
 
@@ -118,6 +143,8 @@ def test_odd_but_valid_strings_never_crash(client, route, prompt):
     assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code != 200:
         _assert_json_4xx(r)
+    if "\ud800" in prompt:  # not Unicode: refused, naming the field
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 @pytest.mark.parametrize("route", ["/complete", "/v1/completions"])
@@ -126,11 +153,28 @@ def test_too_many_or_too_long_stop_strings(client, route):
     _assert_json_4xx(client.post(route, json={**_valid(route), "stop": "s" * 10_000}), 400)
 
 
-def test_wrong_methods_and_paths_do_not_5xx(client):
-    for method, path in [("GET", "/complete"), ("PUT", "/generate"), ("DELETE", "/models"),
-                         ("POST", "/nope"), ("GET", "/../../etc/passwd")]:
-        r = client.request(method, path)
-        assert 400 <= r.status_code < 500, (method, path, r.status_code)
+def test_wrong_methods_and_paths_get_the_json_error_shape(client):
+    for method, path, status in [("GET", "/complete", 405), ("PUT", "/generate", 405), ("DELETE", "/models", 405),
+                                 ("POST", "/nope", 404), ("GET", "/v1/chat/completions", 404),
+                                 ("GET", "/v1/models/gpt", 404), ("GET", "/../../etc/passwd", 404)]:
+        err = _assert_json_4xx(client.request(method, path), status)
+        assert path.split("/")[-1] in err["message"], (method, path, err)
+
+
+def test_a_client_gone_while_its_body_is_read_is_no_server_error(client, server):
+    """Headers and half a body, then the socket closes: a 499 in the log, not a 500 with a traceback."""
+    before = metric_value(client.get("/metrics").text, "condgen_request_errors_total", 'status="500"')
+    for route in ("/complete", "/generate"):
+        with socket.create_connection((client.base_url.host, client.base_url.port)) as s:
+            s.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 50\r\n\r\n{{\"prompt\": \"a\"".encode())
+    for _ in range(100):  # until both have been handled
+        if server.log_tail(50_000).count("left before its body was read") >= 2:
+            break
+        time.sleep(0.1)
+    assert client.post("/complete", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200  # served after
+    assert metric_value(client.get("/metrics").text, "condgen_request_errors_total", 'status="500"') == before
+    assert "ClientDisconnect" not in server.log_tail(20_000)
 
 
 def test_server_is_still_ready_after_the_abuse(client):

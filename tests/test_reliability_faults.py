@@ -87,7 +87,9 @@ def test_dead_engine_processes_answer_503_and_fail_the_health_checks(
         for _ in range(2):  # refused at once: the worker's death is seen without a batch failing
             r = httpx.post(f"{srv.url}/generate", json={"prompt": "a red circle"}, timeout=30)
             assert r.status_code == 503 and "image engine" in r.json()["error"]["message"], r.text
+            assert "exited (code -9)" in r.json()["error"]["message"], r.text
         assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 503
         assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 503  # restart me
+        assert "the image worker exited (code -9)" in srv.log.read_text(errors="replace")  # logged, as the text engine's
     finally:
         _stop(proc)

@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,25 @@ def test_flood_at_four_times_capacity_gives_own_answers_or_fast_429(guarded_serv
     else:
         pytest.fail("16 simultaneous requests against a capacity of 4 were never refused")
     assert httpx.get(f"{guarded_server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_stalled_uploads_get_408_and_free_their_places(guarded_server):
+    """Clients that send headers and then stall hold places among the requests in flight only
+    until the body timeout (408), not until the deadline: a few idle sockets cannot lock
+    everyone out of the generation routes."""
+    host, port = guarded_server.url.removeprefix("http://").split(":")
+    head = (f"POST /complete HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {guarded_server.key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    stalled = [socket.create_connection((host, int(port)), timeout=60) for _ in range(GUARDED_MAX_INFLIGHT)]
+    for s in stalled:
+        s.sendall(head.encode())
+    for s in stalled:
+        with s:
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:300]
+    r = httpx.post(f"{guarded_server.url}/complete", json={"prompt": "Hi", "max_tokens": 2},
+                   headers=guarded_server.auth, timeout=60)
+    assert r.status_code == 200, r.text[:300]
 
 
 # ---- graceful shutdown (last: it stops the guarded server) -----------------------------------

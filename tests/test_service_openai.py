@@ -33,6 +33,16 @@ def test_completions(oai):
     assert [c.text for c in again.choices] == [c.text for c in r.choices]
 
 
+def test_null_means_the_default_as_in_openai(oai):
+    """The client sends explicit nulls for optional fields (`temperature=None`); OpenAI's API
+    takes them as the defaults, and so does this one."""
+    r = oai.completions.create(model="gpt", prompt="Hello", max_tokens=3, seed=2, temperature=None, top_p=None,
+                               n=None, echo=None, stream=None, presence_penalty=None, frequency_penalty=None)
+    plain = oai.completions.create(model="gpt", prompt="Hello", max_tokens=3, seed=2)
+    assert r.choices[0].text == plain.choices[0].text
+    assert oai.images.generate(prompt="a red circle", n=None, size=None).data
+
+
 def test_completions_extra_sampling_params_and_logprobs(oai):
     r = oai.completions.create(model="gpt", prompt="x", max_tokens=4, seed=1, logprobs=3, top_p=0.9,
                                extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
