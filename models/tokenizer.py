@@ -47,6 +47,14 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
 
+    @classmethod
+    def from_str(cls, text: str) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(text))
+
+    def to_str(self) -> str:
+        """The tokenizer.json text (a training checkpoint carries it beside the weights)."""
+        return self.hf.to_str()
+
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()

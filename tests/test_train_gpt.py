@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from models.tokenizer import Tokenizer
+from training.data.text_corpus import load_corpus
 from training.train_gpt import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     main(TINY + [f"--run_dir={tmp_path / 'halted'}", "--halt_after=12"])
     assert not (tmp_path / "halted" / "model").exists()  # stopped before the end
     assert torch.load(tmp_path / "halted" / "ckpt.pt", weights_only=True)["step"] == 12
+    # Another run's tokenizer in the folder (a run started there without --resume and stopped)
+    # must not be paired with these weights: the checkpoint carries its own.
+    (tmp_path / "halted" / "tokenizer.json").write_text(Tokenizer.train(["other text " * 50], 300).to_str())
     main(TINY + [f"--run_dir={tmp_path / 'halted'}", "--resume=true"])
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "halted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -65,3 +70,61 @@ def test_bad_flags_exit_with_a_usage_error(flag):
     with pytest.raises(SystemExit) as e:
         main([flag])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flag,named", [
+    ("--max_steps=0", "--max_steps=0: must be >= 1"), ("--batch_size=0", "--batch_size"),
+    ("--eval_interval=0", "--eval_interval"), ("--grad_accum=0", "--grad_accum"), ("--lr=-1", "--lr"),
+    ("--dropout=2", "--dropout"), ("--vocab_size=10", "--vocab_size"), ("--block_size=0", "--block_size"),
+    ("--device=foo", "--device"), ("--n_head=3", "--n_embd=32 is not divisible by --n_head=3"),
+    ("--name=My Model", "--name"),
+])
+def test_bad_settings_are_refused_before_training_naming_the_option(tmp_path, capsys, flag, named):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", f"--run_dir={tmp_path}", flag])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        main(TINY + [f"--run_dir={tmp_path / 'run'}", f"--out={tmp_path / 'afile'}"])
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        main(TINY + [f"--run_dir={tmp_path}", "--resume=true"])  # a mistyped run_dir does not start afresh
+    main(TINY + [f"--run_dir={tmp_path}", "--halt_after=5"])
+    with pytest.raises(ValueError, match="n_layer=2, this run asks for n_layer=3"):
+        main(TINY + [f"--run_dir={tmp_path}", "--resume=true", "--n_layer=3"])
+    ckpt = tmp_path / "ckpt.pt"
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=f"{ckpt} is not a readable checkpoint"):
+        main(TINY + [f"--run_dir={tmp_path}", "--resume=true"])
+
+
+def test_a_diverging_run_stops_and_saves_no_model(tmp_path):
+    with pytest.raises(FloatingPointError, match="diverged"):
+        main(TINY + [f"--run_dir={tmp_path}", "--lr=1e6", f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "model").exists() and not (tmp_path / "out").exists()
+
+
+def test_too_little_text_is_named(tmp_path):
+    (tmp_path / "tiny.txt").write_text("hello world")
+    with pytest.raises(ValueError, match="block_size"):
+        main(TINY + [f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'tiny.txt'}"])
+
+
+def test_user_text_must_be_utf8_and_the_split_ignores_how_the_path_is_spelled(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sub.txt").mkdir(parents=True)  # a folder named like a text file is not one
+    for i in range(30):
+        (data / f"doc{i}.txt").write_text(f"document number {i} " * 20)
+    monkeypatch.chdir(tmp_path)
+    assert load_corpus("data").hash == load_corpus(str(data)).hash == load_corpus(f"../{tmp_path.name}/data").hash
+    (data / "latin1.txt").write_bytes("Café naïve".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        load_corpus(str(data))

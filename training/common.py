@@ -1,7 +1,10 @@
 """Conventions every training job shares: CLI config, checkpoints, distributed set-up, LR.
 
 A job declares a config dataclass and a dict of presets; `parse_config` turns
-`--preset small --lr=3e-4` into an instance (the preset first, then overrides).
+`--preset small --lr=3e-4` into an instance (the preset first, then overrides), and refuses
+at once, naming the option, a value outside its field's `valid` rule (`at_least(1)`, ...) or
+one the config's own `check()` rejects: a bad setting must not fail deep inside torch, or
+after the whole run, or not at all.
 """
 from __future__ import annotations
 
@@ -12,12 +15,30 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 C = TypeVar("C")
+Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, what a valid value is)
+
+
+def at_least(lo: float) -> Rule:
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def above(lo: float) -> Rule:
+    return (lambda v: v > lo), f"must be > {lo}"
+
+
+def fraction() -> Rule:
+    return (lambda v: 0 <= v < 1), "must be in [0, 1)"
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices), f"must be one of {', '.join(choices)}"
 
 
 def _parse_bool(text: str) -> bool:
@@ -53,7 +74,25 @@ def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[st
     args = parser.parse_args(argv)
     values = dict(presets[args.preset])
     values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
-    return cls(**values)
+    cfg = cls(**values)
+    for f in dataclasses.fields(cls):
+        if (rule := f.metadata.get("valid")) and not rule[0](getattr(cfg, f.name)):
+            parser.error(f"--{f.name}={getattr(cfg, f.name)!r}: {rule[1]}")
+    try:
+        getattr(cfg, "check", lambda: None)()
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def check_outputs(name: str, store: bool, out: str) -> None:
+    """Refuse, before training, a store name or an --out path that would fail after it."""
+    from training.store import NAME_RE
+
+    if store and not NAME_RE.match(name):
+        raise ValueError(f"--name={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out={out}: exists and is not a folder")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -68,9 +107,25 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Training checkpoints hold tensors, numbers and strings only: no unpickling of code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = ()
+                    ) -> dict[str, Any]:
+    """Training checkpoints hold tensors, numbers and strings only: no unpickling of code.
+
+    `--resume` without a checkpoint, an unreadable one, or one whose `shape_keys` settings differ
+    from this run's `config`, is a ValueError naming the file and the setting."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {path} (check --run_dir, or drop --resume to start afresh)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    for key in shape_keys:
+        if config is not None and key in saved and saved[key] != config[key]:
+            raise ValueError(f"--resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
+                             f"{key}={config[key]!r}")
+    return ckpt
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:

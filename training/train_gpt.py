@@ -22,43 +22,57 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
-from training.common import (all_reduce_mean, atomic_save, autocast_for, cosine_lr, load_checkpoint,
-                             parse_config, setup_distributed, teardown_distributed)
+from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for, check_outputs, cosine_lr,
+                             fraction, load_checkpoint, one_of, parse_config, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
 @dataclass
 class TrainGPTConfig:
     data: str = field(default="", metadata={"help": "comma-separated .txt files or folders; empty = Python's own docs"})
-    max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)"})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train"})
-    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_embd: int = field(default=128, metadata={"help": "embedding width"})
-    block_size: int = field(default=128, metadata={"help": "context length in tokens"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
+    max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)",
+                                                "valid": at_least(0)})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train (256 bytes + end-of-text "
+                                                            "+ merges)", "valid": at_least(257)})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks", "valid": at_least(1)})
+    n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
+    n_embd: int = field(default=128, metadata={"help": "embedding width", "valid": at_least(1)})
+    block_size: int = field(default=128, metadata={"help": "context length in tokens", "valid": at_least(2)})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability", "valid": fraction()})
     bias: bool = field(default=True, metadata={"help": "biases in Linear and LayerNorm"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
-    eval_interval: int = field(default=100, metadata={"help": "steps between validation runs"})
-    eval_batches: int = field(default=20, metadata={"help": "batches per validation run"})
-    ckpt_interval: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch per process",
+                                                  "valid": at_least(1)})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "valid": at_least(1)})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps", "valid": at_least(1)})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate", "valid": above(0)})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps", "valid": at_least(0)})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)",
+                                                       "valid": at_least(0)})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)",
+                                                    "valid": at_least(0)})
+    eval_interval: int = field(default=100, metadata={"help": "steps between validation runs", "valid": at_least(1)})
+    eval_batches: int = field(default=20, metadata={"help": "batches per validation run", "valid": at_least(1)})
+    ckpt_interval: int = field(default=100, metadata={"help": "steps between checkpoints", "valid": at_least(1)})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "valid": one_of("auto", "cpu", "cuda")})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout", "valid": at_least(0)})
     run_dir: str = field(default="runs/gpt", metadata={"help": "checkpoints, curves and samples go here"})
     resume: bool = field(default=False, metadata={"help": "continue from run_dir/ckpt.pt"})
     halt_after: int = field(default=0, metadata={"help": "checkpoint and exit after this many steps in this "
-                                                         "invocation (0 = run to max_steps); for time-sliced machines"})
+                                                         "invocation (0 = run to max_steps); for time-sliced machines",
+                                                 "valid": at_least(0)})
     out: str = field(default="", metadata={"help": "also write the model directory here"})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     name: str = field(default="gpt", metadata={"help": "model name in the store"})
 
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}")
+        check_outputs(self.name, self.store, self.out)
+
+
+
+SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resumed run must keep
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(max_chars=200_000, vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8,
@@ -142,16 +156,23 @@ def train(cfg: TrainGPTConfig) -> dict:
     ckpt_path = run / "ckpt.pt"
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
-    resume = cfg.resume and ckpt_path.is_file()
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE) if cfg.resume else None
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
     tok_path = run / "tokenizer.json"
-    if not resume and d.is_main:  # rank 0 trains the tokenizer; the others read it
-        Tokenizer.train(corpus.train, cfg.vocab_size).save(tok_path)
-    if d.world_size > 1:
-        torch.distributed.barrier()
-    tok = Tokenizer.load(tok_path)
+    if ckpt is not None:  # the checkpoint carries the tokenizer its weights were trained with
+        tok = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else Tokenizer.load(tok_path)  # (older)
+    else:
+        if d.is_main:  # rank 0 trains the tokenizer; the others read it
+            Tokenizer.train(corpus.train, cfg.vocab_size).save(tok_path)
+        if d.world_size > 1:
+            torch.distributed.barrier()
+        tok = Tokenizer.load(tok_path)
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
+    for part, ids in (("training", train_data), ("validation", val_data)):
+        if len(ids) < cfg.block_size + 2:
+            raise ValueError(f"--data: the {part} text is {len(ids)} tokens, fewer than --block_size + 2 = "
+                             f"{cfg.block_size + 2}: give more text or a smaller --block_size")
     val_bytes = sum(len(t.encode("utf-8")) + len(EOT) for t in corpus.val)
 
     torch.manual_seed(cfg.seed)
@@ -162,8 +183,7 @@ def train(cfg: TrainGPTConfig) -> dict:
     optimizer = make_optimizer(model, cfg, d.device)
     history = {"step": [], "train_loss": [], "eval_step": [], "val_loss": []}
     step = 0
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, history = ckpt["step"], ckpt["history"]
@@ -197,6 +217,9 @@ def train(cfg: TrainGPTConfig) -> dict:
         step += 1
         history["step"].append(step)
         history["train_loss"].append(all_reduce_mean(total, d))
+        if not math.isfinite(history["train_loss"][-1]):  # never checkpoint, let alone store, a diverged model
+            raise FloatingPointError(f"step {step}: the training loss is {history['train_loss'][-1]}; the run "
+                                     f"diverged (a lower --lr may help); {ckpt_path} holds the last good state")
         bar.update(1)
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.2e}")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -206,7 +229,7 @@ def train(cfg: TrainGPTConfig) -> dict:
             bar.write(f"step {step}: train {history['train_loss'][-1]:.4f}, val {val:.4f}")
         if d.is_main and (step % cfg.ckpt_interval == 0 or step == halt_at):
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "history": history, "config": asdict(cfg)}, ckpt_path)
+                         "history": history, "config": asdict(cfg), "tokenizer": tok.to_str()}, ckpt_path)
     bar.close()
 
     result: dict = {}

@@ -56,20 +56,31 @@ def default_documents() -> list[tuple[str, str]]:
 
 
 def user_documents(paths: list[str]) -> list[tuple[str, str]]:
-    """Every .txt file named, or found under a named folder, is one document."""
-    files: list[Path] = []
+    """Every .txt file named, or found under a named folder, is one document, named by its path
+    inside that folder (or its file name): the split must not depend on how a path is spelled
+    ("data", "./data", "/home/me/data") or on the working directory."""
+    files: list[tuple[str, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(p.rglob("*.txt")))
+            files.extend((str(f.relative_to(p)), f) for f in sorted(p.rglob("*.txt")) if f.is_file())
         elif p.is_file():
-            files.append(p)
+            files.append((p.name, p))
         else:
             raise FileNotFoundError(f"--data: {p} does not exist")
-    docs = [(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    docs = [(name, _read_utf8(f)) for name, f in files]
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise ValueError(f"--data: no non-empty .txt files in {paths}")
     return docs
+
+
+def _read_utf8(path: Path) -> str:
+    """A text file's contents; other encodings are refused, not silently turned into U+FFFD."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
+                         f"e.g. `iconv -f latin1 -t utf-8`") from None
 
 
 def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) -> Corpus:
