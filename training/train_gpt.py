@@ -71,7 +71,6 @@ class TrainGPTConfig:
         check_outputs(self.name, self.store, self.out)
 
 
-
 SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resumed run must keep
 
 PRESETS: dict[str, dict] = {
