@@ -125,11 +125,15 @@ def load_tokenizer(path: str | Path, config: dict[str, Any]) -> Tokenizer:
 
 
 def build_from_config(path: str | Path, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
-    """`build(config)`, with an error that names the model directory's config.json."""
+    """`build(config)`, with an error that names the model directory's config.json.
+
+    Any failure counts: bad values surface from deep inside torch as RuntimeError (a negative
+    width, a size it cannot allocate), ZeroDivisionError (no heads), AssertionError, ..."""
     try:
         return build(config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ArtifactError(f"{Path(path) / CONFIG}: does not describe a valid model ({e})") from e
+    except Exception as e:
+        raise ArtifactError(f"{Path(path) / CONFIG}: does not describe a valid model "
+                            f"({type(e).__name__}: {e})") from e
 
 
 def load_model_dir(

@@ -6,7 +6,9 @@ import torch
 
 from models.artifacts import ArtifactError, save_model_dir
 from models.engine import TextEngine
+from models.gan import GANConfig
 from models.gpt import GPT, GPTConfig
+from models.image_engine import ImageEngine
 from models.tokenizer import Tokenizer
 
 
@@ -71,3 +73,22 @@ def test_garbled_tokenizer(model_dir):
     path, _ = model_dir
     (path / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     expect_error(path, "tokenizer.json")
+
+
+@pytest.mark.parametrize("key, value", [("n_embd", -32), ("n_head", 0), ("n_layer", "two")])
+def test_config_values_the_model_cannot_be_built_from(model_dir, key, value):
+    """Whatever torch raises on a bad value (RuntimeError, ZeroDivisionError, ...), the error
+    names config.json."""
+    path, _ = model_dir
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    expect_error(path, "config.json")
+
+
+@pytest.mark.parametrize("key, value", [("text_heads", 3), ("g_ch", 0)])
+def test_gan_config_values_the_model_cannot_be_built_from(tmp_path, key, value):
+    config = {"family": "gan", **GANConfig(g_ch=8, d_ch=8, text_dim=32).to_dict(), key: value}
+    save_model_dir(tmp_path, config, {"unused": torch.zeros(1)})
+    with pytest.raises(ArtifactError, match="config.json: does not describe a valid model"):
+        ImageEngine.load(tmp_path, device="cpu")

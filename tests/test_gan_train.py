@@ -71,6 +71,51 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.parametrize("arg, message", [
+    ("--max_steps=0", "--max_steps=0: must be >= 1"),
+    ("--max_steps=-5", "--max_steps=-5: must be >= 1"),
+    ("--eval_interval=0", "--eval_interval=0: must be >= 1"),
+    ("--context=0", "--context=0: must be >= 1"),
+    ("--lr_d=0", "--lr_d=0.0: must be > 0"),
+    ("--beta2=1", "--beta2=1.0: must be in [0, 1)"),
+    ("--device=gpu", "--device='gpu': must be one of auto, cpu, cuda"),
+    ("--g_ch=12", "--g_ch=12"),
+    ("--text_dim=30", "--text_dim=30 is not divisible"),
+    ("--image_size=48", "--image_size=48: must be 32 or 64"),
+    ("--augment=flip", "--augment='flip'"),
+    ("--store_name=My Model", "--store_name='My Model'"),
+])
+def test_bad_settings_are_refused_before_training(arg, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", arg])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing saved
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--store=false"])
+    assert e.value.code == 2 and "--run_dir=" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_missing_broken_or_mismatched_checkpoint(tiny_run, tmp_path):
+    """No silent fresh start and no raw traceback from torch: a ValueError naming the file."""
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", f"--out={out}", "--resume", "--store=false"]
+    with pytest.raises(ValueError, match="no checkpoint"):
+        main(args)
+    out.mkdir()
+    saved = (tiny_run[0] / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(ValueError, match="ckpt.pt is not a readable checkpoint"):
+        main(args)
+    (out / "ckpt.pt").write_bytes(saved)
+    with pytest.raises(ValueError, match="trained with g_ch=8, this run asks for g_ch=16"):
+        main(args + ["--g_ch=16"])
+
+
 def test_trains_on_an_imagefolder(tmp_path):
     """Bring-your-own data: no attribute labels, so losses and grids but no accuracy."""
     data = make_shapes(24, seed=2)

@@ -2,6 +2,7 @@
 pairs) and the imagefolder loader (bad files are skipped and counted, never fatal)."""
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +92,30 @@ def test_imagefolder_skips_corrupt_and_missing_files(tmp_path, caplog):
     assert data.images.shape == (3, 3, 32, 32) and data.images.dtype == torch.uint8
     assert data.captions == ["picture 0", "picture 1", "picture 2"]
     assert "skipped 3" in caplog.text and "1 missing" in caplog.text and "1 unreadable" in caplog.text
+
+
+def _folder_with_one_huge_image(folder, huge_size):
+    """Two ordinary images and one of `huge_size` (1-bit: a few KB on disk however large)."""
+    write_imagefolder(folder, [np.zeros((32, 32, 3), np.uint8)] * 2, ["small 0", "small 1"])
+    Image.new("1", huge_size).save(folder / "huge.png")
+    with open(folder / "metadata.jsonl", "a") as fh:
+        fh.write(json.dumps({"file_name": "huge.png", "text": "huge"}) + "\n")
+
+
+def test_imagefolder_skips_a_decompression_bomb(tmp_path, caplog):
+    """15000×12000 is past PIL's limit, which raises DecompressionBombError: skipped, counted."""
+    _folder_with_one_huge_image(tmp_path, (15000, 12000))
+    with caplog.at_level(logging.WARNING):
+        data = load_imagefolder(tmp_path, image_size=32)
+    assert data.captions == ["small 0", "small 1"] and "1 unreadable" in caplog.text
+
+
+def test_imagefolder_skips_a_large_image_when_bomb_warnings_are_errors(tmp_path, monkeypatch):
+    _folder_with_one_huge_image(tmp_path, (64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 64×64 warns, 32×32 does not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert load_imagefolder(tmp_path, image_size=32).captions == ["small 0", "small 1"]
 
 
 def test_imagefolder_round_trip(tmp_path):

@@ -85,14 +85,14 @@ def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[st
     return cfg
 
 
-def check_outputs(name: str, store: bool, out: str) -> None:
-    """Refuse, before training, a store name or an --out path that would fail after it."""
+def check_outputs(name: str, store: bool, out: str, name_option: str = "--name", out_option: str = "--out") -> None:
+    """Refuse, before training, a store name or an output folder that would fail after it."""
     from training.store import NAME_RE
 
     if store and not NAME_RE.match(name):
-        raise ValueError(f"--name={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+        raise ValueError(f"{name_option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
     if out and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out={out}: exists and is not a folder")
+        raise ValueError(f"{out_option}={out}: exists and is not a folder")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

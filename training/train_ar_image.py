@@ -29,10 +29,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from models.ar_image import ARImageConfig, ARImageEngine, ARImageModel, encode_images, fit_codebook
+from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImageModel, encode_images,
+                             fit_codebook)
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
-from training.common import (all_reduce_mean, atomic_save, autocast_for, cosine_lr, load_checkpoint,
+from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
+                             check_outputs, cosine_lr, fraction, load_checkpoint, one_of,
                              parse_config, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
@@ -46,39 +48,74 @@ log = logging.getLogger("train_ar_image")
 class ARTrainConfig(CaptionedDataConfig):
     run_dir: str = field(default="runs/ar_image", metadata={
         "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
-    n_val: int = field(default=512, metadata={"help": "images kept apart for the validation loss"})
-    patch: int = field(default=2, metadata={"help": "token side in pixels (1 = colour palette)"})
-    codebook: int = field(default=64, metadata={"help": "k-means code-book entries (16-256)"})
-    n_layer: int = field(default=3, metadata={"help": "Transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads"})
-    n_embd: int = field(default=96, metadata={"help": "Transformer width"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability"})
-    text_dim: int = field(default=64, metadata={"help": "text encoder width"})
-    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers"})
+    n_val: int = field(default=512, metadata={"help": "images kept apart for the validation loss",
+                                              "valid": at_least(1)})
+    patch: int = field(default=2, metadata={"help": "token side in pixels (1 = colour palette)",
+                                            "valid": at_least(1)})
+    codebook: int = field(default=64, metadata={"help": "k-means code-book entries (16-256)",
+                                                "valid": at_least(1)})
+    n_layer: int = field(default=3, metadata={"help": "Transformer blocks", "valid": at_least(1)})
+    n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
+    n_embd: int = field(default=96, metadata={"help": "Transformer width", "valid": at_least(1)})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability", "valid": fraction()})
+    text_dim: int = field(default=64, metadata={"help": "text encoder width", "valid": at_least(1)})
+    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers",
+                                                  "valid": at_least(0)})
     p_uncond: float = field(default=0.15, metadata={
-        "help": "share of examples trained with the empty caption (for guidance)"})
+        "help": "share of examples trained with the empty caption (for guidance)",
+        "valid": fraction()})
     guidance_scale: float = field(default=3.0, metadata={
-        "help": "the served default guidance scale (1 = none); measured with and without"})
-    batch_size: int = field(default=32, metadata={"help": "images per step per process"})
-    max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
-    warmup: int = field(default=30, metadata={"help": "linear warm-up steps"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
-    eval_interval: int = field(default=150, metadata={"help": "steps between evaluations"})
-    eval_per_pair: int = field(default=1, metadata={"help": "prompts per pair in periodic evals"})
-    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval"})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+        "help": "the served default guidance scale (1 = none); measured with and without",
+        "valid": ((lambda v: 0 <= v <= MAX_GUIDANCE), f"must be in [0, {MAX_GUIDANCE:g}]")})
+    batch_size: int = field(default=32, metadata={"help": "images per step per process",
+                                                  "valid": at_least(1)})
+    max_steps: int = field(default=600, metadata={"help": "optimizer steps", "valid": at_least(1)})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate", "valid": above(0)})
+    warmup: int = field(default=30, metadata={"help": "linear warm-up steps", "valid": at_least(0)})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (matrices only)",
+                                                        "valid": at_least(0)})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)",
+                                                    "valid": at_least(0)})
+    eval_interval: int = field(default=150, metadata={"help": "steps between evaluations",
+                                                      "valid": at_least(1)})
+    eval_per_pair: int = field(default=1, metadata={"help": "prompts per pair in periodic evals",
+                                                    "valid": at_least(1)})
+    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
+                                                     "valid": at_least(1)})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
+                                                        "valid": at_least(1)})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
+                                                      "valid": at_least(1)})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)",
+                                              "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and caption dropping"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
+                                                  "valid": one_of("auto", "cpu", "cuda")})
     resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     halt_after: int = field(default=0, metadata={
-        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)"})
+        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
+        "valid": at_least(0)})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
-    store_name: str = field(default="ar_image", metadata={"help": "model name in the store"})
+    store_name: str = field(default="ar_image", metadata={"help": "model name in the store; alias --name"})
 
+    def check(self) -> None:
+        """Settings that are wrong together, or that would fail only after training."""
+        super().check()
+        if self.data == "shapes" and self.n_val >= self.n_train:
+            raise ValueError(f"--n_val={self.n_val} leaves no training images of --n_train={self.n_train}")
+        if self.image_size % self.patch:
+            raise ValueError(f"--image_size={self.image_size} is not a multiple of --patch={self.patch}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}")
+        if self.text_dim % ARImageConfig.text_heads:
+            raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
+                             f"{ARImageConfig.text_heads} heads")
+        check_outputs(self.store_name, self.store, self.run_dir, "--store_name", "--run_dir")
+
+
+# The settings that change the model's tensors: a checkpoint resumes only with the same ones.
+SHAPE_KEYS = ("image_size", "vocab_size", "context", "patch", "codebook", "n_layer", "n_head", "n_embd",
+              "text_dim", "text_layers")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds: for tests. 8×8 images keep the sequence at 16 tokens.
@@ -146,6 +183,9 @@ def train(cfg: ARTrainConfig) -> Path:
     run = Path(cfg.run_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
+    ckpt_path = run / "ckpt.pt"
+    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
@@ -157,12 +197,14 @@ def train(cfg: ARTrainConfig) -> Path:
     model = ARImageModel(mcfg).to(d.device)
     optimizer = make_optimizer(model, cfg, d.device)
     step, history = 0, []
-    ckpt_path = run / "ckpt.pt"
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = ckpt["step"], ckpt["history"]
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, history = ckpt["step"], ckpt["history"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
+                             f"({type(e).__name__}: {e})") from None
         log.info("resumed from %s at step %d", ckpt_path, step)
     else:
         # The same seed on every rank: each fits the identical code book, no broadcast needed.

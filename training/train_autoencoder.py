@@ -29,7 +29,8 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
-from training.common import Dist, atomic_save, cosine_lr, load_checkpoint, parse_config
+from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
+                             one_of, parse_config)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 
@@ -40,29 +41,56 @@ log = logging.getLogger("train_autoencoder")
 class AETrainConfig(CaptionedDataConfig):
     run_dir: str = field(default="runs/autoencoder", metadata={
         "help": "run folder (checkpoint, evaluator, grids, model/); alias --out"})
-    n_val: int = field(default=512, metadata={"help": "images kept apart for the reconstruction error"})
+    n_val: int = field(default=512, metadata={"help": "images kept apart for the reconstruction error",
+                                              "valid": at_least(1)})
     variational: bool = field(default=False, metadata={"help": "train a VAE instead of a plain autoencoder"})
     conditional: bool = field(default=True, metadata={"help": "the decoder reads the prompt"})
-    z_dim: int = field(default=32, metadata={"help": "latent size"})
-    ch: int = field(default=32, metadata={"help": "channels at 16×16 (×2 per halving)"})
-    text_dim: int = field(default=64, metadata={"help": "text encoder width"})
-    sigma: float = field(default=0.1, metadata={"help": "likelihood std in [-1, 1] pixel units"})
-    beta: float = field(default=1.0, metadata={"help": "KL weight (VAE only)"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
-    max_steps: int = field(default=1500, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    eval_interval: int = field(default=250, metadata={"help": "steps between loss reports and checkpoints"})
-    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval"})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    z_dim: int = field(default=32, metadata={"help": "latent size", "valid": at_least(1)})
+    ch: int = field(default=32, metadata={"help": "channels at 16×16 (×2 per halving)",
+                                          "valid": at_least(1)})
+    text_dim: int = field(default=64, metadata={"help": "text encoder width", "valid": at_least(1)})
+    sigma: float = field(default=0.1, metadata={"help": "likelihood std in [-1, 1] pixel units",
+                                                "valid": above(0)})
+    beta: float = field(default=1.0, metadata={"help": "KL weight (VAE only)", "valid": at_least(0)})
+    batch_size: int = field(default=64, metadata={"help": "images per step", "valid": at_least(1)})
+    max_steps: int = field(default=1500, metadata={"help": "optimizer steps", "valid": at_least(1)})
+    lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate", "valid": above(0)})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps", "valid": at_least(0)})
+    eval_interval: int = field(default=250, metadata={"help": "steps between loss reports and checkpoints",
+                                                      "valid": at_least(1)})
+    final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
+                                                     "valid": at_least(1)})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
+                                                        "valid": at_least(1)})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
+                                                      "valid": at_least(1)})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)",
+                                              "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
+                                                  "valid": one_of("auto", "cpu", "cuda")})
     resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     halt_after: int = field(default=0, metadata={
-        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)"})
+        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
+        "valid": at_least(0)})
 
+    def check(self) -> None:
+        """Settings that are wrong together, or that would fail only after training."""
+        super().check()
+        if self.image_size != 32:
+            raise ValueError(f"--image_size={self.image_size}: the autoencoder is built for 32")
+        if self.data == "shapes" and self.n_val >= self.n_train:
+            raise ValueError(f"--n_val={self.n_val} leaves no training images of --n_train={self.n_train}")
+        if self.ch % 8:
+            raise ValueError(f"--ch={self.ch}: must be a multiple of 8 (the group norms use 8 groups)")
+        if self.text_dim % AEConfig.text_heads:
+            raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
+                             f"{AEConfig.text_heads} heads")
+        check_outputs("", False, self.run_dir, out_option="--run_dir")  # no store entry
+
+
+# The settings that change the model's tensors: a checkpoint resumes only with the same ones.
+SHAPE_KEYS = ("image_size", "vocab_size", "context", "z_dim", "ch", "text_dim", "variational", "conditional")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_train=256, n_val=32, z_dim=8, ch=8, text_dim=32, batch_size=8, max_steps=6,
@@ -113,6 +141,9 @@ def train(cfg: AETrainConfig) -> Path:
     run = Path(cfg.run_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
+    ckpt_path = run / "ckpt.pt"
+    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -123,12 +154,14 @@ def train(cfg: AETrainConfig) -> Path:
     model = AutoEncoder(model_config(cfg)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, history = 0, []
-    ckpt_path = run / "ckpt.pt"
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = ckpt["step"], ckpt["history"]
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step, history = ckpt["step"], ckpt["history"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
+                             f"({type(e).__name__}: {e})") from None
         log.info("resumed from %s at step %d", ckpt_path, step)
     n_train = len(data) - cfg.n_val
     halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps

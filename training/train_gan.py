@@ -35,7 +35,8 @@ from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
-from training.common import (Dist, all_reduce_mean, atomic_save, load_checkpoint, parse_config,
+from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomic_save,
+                             check_outputs, fraction, load_checkpoint, one_of, parse_config,
                              setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
@@ -44,6 +45,8 @@ from training.store import save_to_store
 
 log = logging.getLogger("train_gan")
 
+PROBABILITY: Rule = ((lambda v: 0 <= v <= 1), "must be in [0, 1]")
+
 
 @dataclass
 class CaptionedDataConfig:
@@ -51,57 +54,113 @@ class CaptionedDataConfig:
     data: str = field(default="shapes", metadata={
         "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
     image_size: int = field(default=32, metadata={"help": "image side in pixels (32 or 64)"})
-    n_train: int = field(default=20000, metadata={"help": "procedural training images"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset"})
+    n_train: int = field(default=20000, metadata={"help": "procedural training images", "valid": at_least(1)})
+    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset",
+                                                "valid": at_least(0)})
     holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
         "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
-    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes"})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)"})
-    context: int = field(default=32, metadata={"help": "longest prompt in tokens"})
+    two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes",
+                                                          "valid": PROBABILITY})
+    # The tokenizer always holds the 256 bytes and the end-of-text token.
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)",
+                                                   "valid": at_least(257)})
+    context: int = field(default=32, metadata={"help": "longest prompt in tokens", "valid": at_least(1)})
+
+    def check(self) -> None:
+        """What every image job checks before loading data."""
+        if self.image_size not in (32, 64):
+            raise ValueError(f"--image_size={self.image_size}: must be 32 or 64")
+        if self.data == "shapes":
+            try:
+                parse_holdout(self.holdout)
+            except ValueError as e:
+                raise ValueError(f"--holdout={self.holdout!r}: {e}") from None
 
 
 @dataclass
 class GANTrainConfig(CaptionedDataConfig):
     run_dir: str = field(default="runs/gan", metadata={
         "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
-    z_dim: int = field(default=64, metadata={"help": "latent size"})
-    g_ch: int = field(default=16, metadata={"help": "generator width at full resolution"})
-    d_ch: int = field(default=16, metadata={"help": "discriminator width at full resolution"})
-    text_dim: int = field(default=128, metadata={"help": "text encoder width"})
-    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers"})
-    batch_size: int = field(default=32, metadata={"help": "images per step per process"})
-    max_steps: int = field(default=1200, metadata={"help": "training steps (one D + one G update)"})
-    lr_g: float = field(default=4e-4, metadata={"help": "generator Adam learning rate"})
-    lr_d: float = field(default=4e-4, metadata={"help": "discriminator Adam learning rate"})
-    beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (0 is usual for GANs)"})
-    beta2: float = field(default=0.99, metadata={"help": "Adam beta2"})
+    z_dim: int = field(default=64, metadata={"help": "latent size", "valid": at_least(1)})
+    g_ch: int = field(default=16, metadata={"help": "generator width at full resolution",
+                                            "valid": at_least(1)})
+    d_ch: int = field(default=16, metadata={"help": "discriminator width at full resolution",
+                                            "valid": at_least(1)})
+    text_dim: int = field(default=128, metadata={"help": "text encoder width", "valid": at_least(1)})
+    text_layers: int = field(default=1, metadata={"help": "text encoder Transformer layers",
+                                                  "valid": at_least(0)})
+    batch_size: int = field(default=32, metadata={"help": "images per step per process",
+                                                  "valid": at_least(1)})
+    max_steps: int = field(default=1200, metadata={"help": "training steps (one D + one G update)",
+                                                   "valid": at_least(1)})
+    lr_g: float = field(default=4e-4, metadata={"help": "generator Adam learning rate",
+                                                "valid": above(0)})
+    lr_d: float = field(default=4e-4, metadata={"help": "discriminator Adam learning rate",
+                                                "valid": above(0)})
+    beta1: float = field(default=0.0, metadata={"help": "Adam beta1 (0 is usual for GANs)",
+                                                "valid": fraction()})
+    beta2: float = field(default=0.99, metadata={"help": "Adam beta2", "valid": fraction()})
     d_spectral_norm: bool = field(default=False, metadata={
         "help": "spectral norm on every D layer (then r1_gamma=0 is usual)"})
     r1_gamma: float = field(default=0.1, metadata={
-        "help": "R1 gradient penalty on real images (StyleGAN2), 0 = off"})
-    r1_interval: int = field(default=4, metadata={"help": "steps between (lazy) R1 penalties"})
+        "help": "R1 gradient penalty on real images (StyleGAN2), 0 = off", "valid": at_least(0)})
+    r1_interval: int = field(default=4, metadata={"help": "steps between (lazy) R1 penalties",
+                                                  "valid": at_least(1)})
     mode_seeking: float = field(default=0.0, metadata={
-        "help": "weight of the mode-seeking term (a quarter of the batch drawn twice), 0 = off"})
+        "help": "weight of the mode-seeking term (a quarter of the batch drawn twice), 0 = off",
+        "valid": at_least(0)})
     contrastive: float = field(default=1.0, metadata={
-        "help": "weight of the image-caption contrastive term in both losses (0 = off)"})
+        "help": "weight of the image-caption contrastive term in both losses (0 = off)",
+        "valid": at_least(0)})
     augment: str = field(default="translation", metadata={
         "help": "DiffAugment policy: comma-separated from translation, cutout"})
-    ema_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images"})
+    ema_kimg: float = field(default=10.0, metadata={"help": "EMA half-life in thousands of images",
+                                                    "valid": at_least(0)})
     ema_rampup: float = field(default=0.05, metadata={
-        "help": "EMA half-life at most this fraction of the images seen so far (0 = off)"})
-    eval_interval: int = field(default=200, metadata={"help": "steps between evaluations"})
-    eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals"})
-    final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval"})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps"})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images"})
+        "help": "EMA half-life at most this fraction of the images seen so far (0 = off)",
+        "valid": at_least(0)})
+    eval_interval: int = field(default=200, metadata={"help": "steps between evaluations",
+                                                      "valid": at_least(1)})
+    eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals",
+                                                    "valid": at_least(1)})
+    final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval",
+                                                      "valid": at_least(1)})
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
+                                                        "valid": at_least(1)})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
+                                                      "valid": at_least(1)})
     threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = torch's default); 1 is faster on a busy machine"})
+        "help": "CPU threads for torch (0 = torch's default); 1 is faster on a busy machine",
+        "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
+                                                  "valid": one_of("auto", "cpu", "cuda")})
     resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     store_name: str = field(default="gan", metadata={"help": "model name in the store"})
 
+    def check(self) -> None:
+        """Settings that are wrong together, or that would fail only after training."""
+        super().check()
+        if self.g_ch != 4 and self.g_ch % 8:
+            raise ValueError(f"--g_ch={self.g_ch}: must be 4 or a multiple of 8 (the generator's "
+                             "group norms split its channels into groups of up to 8)")
+        if self.text_dim % GANConfig.text_heads:
+            raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
+                             f"{GANConfig.text_heads} heads")
+        unknown = set(filter(None, self.augment.split(","))) - {"translation", "cutout"}
+        if unknown:
+            raise ValueError(f"--augment={self.augment!r}: unknown {sorted(unknown)} "
+                             "(use translation, cutout)")
+        if self.mode_seeking and self.batch_size < 4:
+            raise ValueError(f"--mode_seeking={self.mode_seeking} needs --batch_size >= 4 "
+                             f"(a quarter of the batch is drawn twice), got {self.batch_size}")
+        check_outputs(self.store_name, self.store, self.run_dir, "--store_name", "--run_dir")
+
+
+# The settings that change the networks' tensors: a checkpoint resumes only with the same ones.
+SHAPE_KEYS = ("image_size", "vocab_size", "context", "z_dim", "g_ch", "d_ch", "text_dim", "text_layers",
+              "d_spectral_norm")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a laptop: for tests.
@@ -228,6 +287,9 @@ def train(cfg: GANTrainConfig) -> Path:
     run = Path(cfg.run_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
+    ckpt_path = run / "ckpt.pt"
+    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
@@ -245,15 +307,17 @@ def train(cfg: GANTrainConfig) -> Path:
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=betas)
     step, history = 0, []
-    ckpt_path = run / "ckpt.pt"
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        G_ema.load_state_dict(ckpt["G_ema"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        step, history = ckpt["step"], ckpt["history"]
+    if ckpt is not None:
+        try:
+            G.load_state_dict(ckpt["G"])
+            D.load_state_dict(ckpt["D"])
+            G_ema.load_state_dict(ckpt["G_ema"])
+            opt_g.load_state_dict(ckpt["opt_g"])
+            opt_d.load_state_dict(ckpt["opt_d"])
+            step, history = ckpt["step"], ckpt["history"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
+                             f"({type(e).__name__}: {e})") from None
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     evaluator = None
@@ -278,7 +342,7 @@ def train(cfg: GANTrainConfig) -> Path:
                              torch.arange(2 * B, device=d.device).repeat(B)], 1)     # (2B², 2)
     d_pairs = torch.cat([all_pairs, torch.stack([ib + B, ib], 1)])               # (2B² + B, 2)
     interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
-    if cfg.resume and ckpt_path.is_file():
+    if ckpt is not None:
         # Last, after everything that draws random numbers while being built.
         torch.set_rng_state(ckpt["rng"][d.rank])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="gan")

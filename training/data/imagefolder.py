@@ -85,7 +85,10 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
         try:
             with Image.open(path) as img:
                 images.append(resize_center_crop(img, image_size))
-        except (UnidentifiedImageError, OSError, ValueError):
+        # A decompression bomb (an image too large to decode safely) is as unusable as a
+        # corrupt one; the warning PIL gives for a merely large one may be set to raise.
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning):
             skipped["unreadable"] += 1
             continue
         captions.append(str(text))

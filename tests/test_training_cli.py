@@ -1,0 +1,41 @@
+"""The AR image and autoencoder jobs refuse bad settings at once, naming the option (the GAN
+job's cases are in test_gan_train.py), and `--resume` without a checkpoint is an error."""
+import pytest
+
+from training import train_ar_image, train_autoencoder
+
+
+@pytest.mark.parametrize("job, arg, message", [
+    (train_ar_image, "--max_steps=0", "--max_steps=0: must be >= 1"),
+    (train_ar_image, "--eval_interval=0", "--eval_interval=0: must be >= 1"),
+    (train_ar_image, "--p_uncond=1", "--p_uncond=1.0: must be in [0, 1)"),
+    (train_ar_image, "--n_embd=33", "--n_embd=33 is not divisible by --n_head=2"),
+    (train_ar_image, "--patch=3", "--image_size=32 is not a multiple of --patch=3"),
+    (train_ar_image, "--n_val=256", "--n_val=256 leaves no training images"),
+    (train_ar_image, "--store_name=My Model", "--store_name='My Model'"),
+    (train_autoencoder, "--max_steps=-1", "--max_steps=-1: must be >= 1"),
+    (train_autoencoder, "--sigma=0", "--sigma=0.0: must be > 0"),
+    (train_autoencoder, "--ch=12", "--ch=12: must be a multiple of 8"),
+    (train_autoencoder, "--image_size=64", "--image_size=64"),
+    (train_autoencoder, "--device=gpu", "--device='gpu'"),
+])
+def test_bad_settings_are_refused_before_training(job, arg, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        job.main(["--preset", "tiny", f"--out={tmp_path / 'run'}", arg])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("job", [train_ar_image, train_autoencoder])
+def test_out_that_is_a_file_is_refused(job, tmp_path, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        job.main(["--preset", "tiny", f"--out={tmp_path / 'run'}"])
+    assert e.value.code == 2 and "--run_dir=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("job", [train_ar_image, train_autoencoder])
+def test_resume_without_a_checkpoint_is_an_error(job, tmp_path):
+    with pytest.raises(ValueError, match="--resume: no checkpoint"):
+        job.main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--resume", "--device=cpu"])
