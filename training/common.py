@@ -128,6 +128,18 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
     return ckpt
 
 
+def restore(ckpt: dict[str, Any], path: str | Path, **parts: Any) -> tuple[int, Any]:
+    """Load each part (a module or optimizer) from ckpt[name]; return (step, history). A
+    checkpoint of another job, or with other shapes, is a ValueError naming the file."""
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(ckpt[name])
+        return ckpt["step"], ckpt["history"]
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"--resume: {path} is not a checkpoint of this job and settings "
+                         f"({type(e).__name__}: {e})") from None
+
+
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
     """Linear warm-up, then cosine decay to `min_ratio * base_lr` at `total`."""
     if step < warmup:

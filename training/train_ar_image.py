@@ -35,7 +35,7 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_outputs, cosine_lr, fraction, load_checkpoint, one_of,
-                             parse_config, setup_distributed, teardown_distributed)
+                             parse_config, restore, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
@@ -198,13 +198,7 @@ def train(cfg: ARTrainConfig) -> Path:
     optimizer = make_optimizer(model, cfg, d.device)
     step, history = 0, []
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, history = ckpt["step"], ckpt["history"]
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
-                             f"({type(e).__name__}: {e})") from None
+        step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
         log.info("resumed from %s at step %d", ckpt_path, step)
     else:
         # The same seed on every rank: each fits the identical code book, no broadcast needed.

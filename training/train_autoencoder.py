@@ -30,7 +30,7 @@ from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
-                             one_of, parse_config)
+                             one_of, parse_config, restore)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 
@@ -155,13 +155,7 @@ def train(cfg: AETrainConfig) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, history = 0, []
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, history = ckpt["step"], ckpt["history"]
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
-                             f"({type(e).__name__}: {e})") from None
+        step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
         log.info("resumed from %s at step %d", ckpt_path, step)
     n_train = len(data) - cfg.n_val
     halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps

@@ -37,7 +37,7 @@ from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomic_save,
                              check_outputs, fraction, load_checkpoint, one_of, parse_config,
-                             setup_distributed, teardown_distributed)
+                             restore, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, load_or_train_evaluator
@@ -308,16 +308,7 @@ def train(cfg: GANTrainConfig) -> Path:
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=betas)
     step, history = 0, []
     if ckpt is not None:
-        try:
-            G.load_state_dict(ckpt["G"])
-            D.load_state_dict(ckpt["D"])
-            G_ema.load_state_dict(ckpt["G_ema"])
-            opt_g.load_state_dict(ckpt["opt_g"])
-            opt_d.load_state_dict(ckpt["opt_d"])
-            step, history = ckpt["step"], ckpt["history"]
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"--resume: {ckpt_path} is not a checkpoint of this job and settings "
-                             f"({type(e).__name__}: {e})") from None
+        step, history = restore(ckpt, ckpt_path, G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d)
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     evaluator = None

@@ -23,7 +23,8 @@ from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
 from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for, check_outputs, cosine_lr,
-                             fraction, load_checkpoint, one_of, parse_config, setup_distributed, teardown_distributed)
+                             fraction, load_checkpoint, one_of, parse_config, restore, setup_distributed,
+                             teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -183,9 +184,7 @@ def train(cfg: TrainGPTConfig) -> dict:
     history = {"step": [], "train_loss": [], "eval_step": [], "val_loss": []}
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, history = ckpt["step"], ckpt["history"]
+        step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
     train_model = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         train_model = DDP(train_model)
