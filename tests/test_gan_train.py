@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.image_engine import ImageEngine, ImageRequest
+from models.tokenizer import Tokenizer
 from training.data.imagefolder import load_imagefolder, write_imagefolder
 from training.data.shapes import ShapesConfig, make_shapes
 from training.evaluate import (frechet_distance, memorisation_rate, near_duplicate_threshold,
@@ -62,6 +63,8 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     _, straight = tiny_run
     out = tmp_path / "run"
     main(["--preset", "tiny", f"--run_dir={out}", "--max_steps=3", "--store=false"])
+    # Another run's tokenizer in the folder must not be paired with these weights.
+    (out / "tokenizer.json").write_text(Tokenizer.train(["other captions " * 50], 300).to_str())
     resumed = main(["--preset", "tiny", "--out", str(out), "--max_steps=6", "--resume",
                     "--store=false"])
     history = json.loads((out / "history.json").read_text())

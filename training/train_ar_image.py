@@ -189,7 +189,7 @@ def train(cfg: ARTrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
-    tokenizer = get_tokenizer(cfg, data.captions, d)
+    tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
     mcfg = model_config(cfg)
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {mcfg.vocab_size}")
@@ -270,7 +270,8 @@ def train(cfg: ARTrainConfig) -> Path:
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step, "history": history, "config": asdict(cfg)}, ckpt_path)
+                             "step": step, "history": history, "config": asdict(cfg),
+                             "tokenizer": tokenizer.to_str()}, ckpt_path)
             model.train()
     bar.close()
     model_dir = run / "model"

@@ -148,7 +148,7 @@ def train(cfg: AETrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     data, shapes = load_data(cfg)
-    tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device))
+    tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device), ckpt)
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
     torch.manual_seed(cfg.seed)
     model = AutoEncoder(model_config(cfg)).to(device)
@@ -193,7 +193,8 @@ def train(cfg: AETrainConfig) -> Path:
             (run / "history.json").write_text(json.dumps(history, indent=1))
             save_curves(history, run / "curves.png")
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "history": history, "config": asdict(cfg)}, ckpt_path)
+                         "step": step, "history": history, "config": asdict(cfg),
+                         "tokenizer": tokenizer.to_str()}, ckpt_path)
     bar.close()
     model_dir = run / "model"
     if step == cfg.max_steps:

@@ -189,10 +189,13 @@ def gan_config(cfg: GANTrainConfig) -> GANConfig:
                      text_layers=cfg.text_layers, d_spectral_norm=cfg.d_spectral_norm)
 
 
-def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist) -> Tokenizer:
-    """Trained once on the captions by rank 0, then read back by everyone (and on resume)."""
+def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist, ckpt: dict | None) -> Tokenizer:
+    """Trained once on the captions by rank 0, then read back by everyone; on resume, the one
+    the checkpoint carries, never another run's tokenizer.json left in the folder."""
     path = Path(cfg.run_dir) / "tokenizer.json"
-    if d.is_main and not (cfg.resume and path.is_file()):
+    if ckpt is not None:
+        return Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else Tokenizer.load(path)  # (older)
+    if d.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(captions, cfg.vocab_size).save(path)
     if d.world_size > 1:
@@ -294,7 +297,7 @@ def train(cfg: GANTrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
     data, shapes = load_data(cfg)
-    tokenizer = get_tokenizer(cfg, data.captions, d)
+    tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
     neg_all = encode_prompts(tokenizer, data.negatives, cfg.context) if data.negatives else None
     gcfg = gan_config(cfg)
@@ -405,7 +408,7 @@ def train(cfg: GANTrainConfig) -> Path:
                 atomic_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                              "step": step, "history": history, "rng": gather_rng(d),
-                             "config": asdict(cfg)}, ckpt_path)
+                             "config": asdict(cfg), "tokenizer": tokenizer.to_str()}, ckpt_path)
             elif d.world_size > 1:
                 gather_rng(d)
     bar.close()
