@@ -34,18 +34,18 @@ from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImage
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
-                             check_outputs, cosine_lr, fraction, load_checkpoint, one_of,
-                             parse_config, restore, setup_distributed, teardown_distributed)
+                             check_outputs, cosine_lr, fraction, load_checkpoint, parse_config,
+                             restore, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
-from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import ImageJobConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 from training.train_gpt import make_optimizer
 
 log = logging.getLogger("train_ar_image")
 
 
 @dataclass
-class ARTrainConfig(CaptionedDataConfig):
+class ARTrainConfig(ImageJobConfig):
     run_dir: str = field(default="runs/ar_image", metadata={
         "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
     n_val: int = field(default=512, metadata={"help": "images kept apart for the validation loss",
@@ -82,21 +82,12 @@ class ARTrainConfig(CaptionedDataConfig):
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
                                                      "valid": at_least(1)})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
-                                                        "valid": at_least(1)})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
-                                                      "valid": at_least(1)})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)",
-                                              "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and caption dropping"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
-                                                  "valid": one_of("auto", "cpu", "cuda")})
-    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     halt_after: int = field(default=0, metadata={
         "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
         "valid": at_least(0)})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
-    store_name: str = field(default="ar_image", metadata={"help": "model name in the store; alias --name"})
+    store_name: str = field(default="ar_image", metadata={"help": "model name in the store"})
 
     def check(self) -> None:
         """Settings that are wrong together, or that would fail only after training."""

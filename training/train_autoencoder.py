@@ -30,15 +30,15 @@ from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
-                             one_of, parse_config, restore)
+                             parse_config, restore)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
-from training.train_gan import CaptionedDataConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import ImageJobConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
 
 log = logging.getLogger("train_autoencoder")
 
 
 @dataclass
-class AETrainConfig(CaptionedDataConfig):
+class AETrainConfig(ImageJobConfig):
     run_dir: str = field(default="runs/autoencoder", metadata={
         "help": "run folder (checkpoint, evaluator, grids, model/); alias --out"})
     n_val: int = field(default=512, metadata={"help": "images kept apart for the reconstruction error",
@@ -60,16 +60,7 @@ class AETrainConfig(CaptionedDataConfig):
                                                       "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
                                                      "valid": at_least(1)})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
-                                                        "valid": at_least(1)})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
-                                                      "valid": at_least(1)})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)",
-                                              "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
-                                                  "valid": one_of("auto", "cpu", "cuda")})
-    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     halt_after: int = field(default=0, metadata={
         "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
         "valid": at_least(0)})

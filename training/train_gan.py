@@ -78,7 +78,23 @@ class CaptionedDataConfig:
 
 
 @dataclass
-class GANTrainConfig(CaptionedDataConfig):
+class ImageJobConfig(CaptionedDataConfig):
+    """Beyond the data, what every image job shares: the evaluator that scores its samples,
+    where it runs, and resuming."""
+    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
+                                                        "valid": at_least(1)})
+    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
+                                                      "valid": at_least(1)})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads for torch (0 = torch's default); 1 is faster on a busy machine",
+        "valid": at_least(0)})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
+                                                  "valid": one_of("auto", "cpu", "cuda")})
+    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
+
+
+@dataclass
+class GANTrainConfig(ImageJobConfig):
     run_dir: str = field(default="runs/gan", metadata={
         "help": "run folder (checkpoint, evaluator, sample grids, curves, model/); alias --out"})
     z_dim: int = field(default=64, metadata={"help": "latent size", "valid": at_least(1)})
@@ -125,17 +141,7 @@ class GANTrainConfig(CaptionedDataConfig):
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval",
                                                       "valid": at_least(1)})
-    evaluator_steps: int = field(default=800, metadata={"help": "evaluator classifier steps",
-                                                        "valid": at_least(1)})
-    evaluator_n: int = field(default=12000, metadata={"help": "evaluator training images",
-                                                      "valid": at_least(1)})
-    threads: int = field(default=0, metadata={
-        "help": "CPU threads for torch (0 = torch's default); 1 is faster on a busy machine",
-        "valid": at_least(0)})
     seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
-                                                  "valid": one_of("auto", "cpu", "cuda")})
-    resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     store_name: str = field(default="gan", metadata={"help": "model name in the store"})
 
