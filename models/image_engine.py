@@ -62,12 +62,20 @@ def per_request(images: np.ndarray, requests: list[ImageRequest]) -> list[list[n
     return [list(chunk) for chunk in np.split(images, ends)]
 
 
+def max_prompt_chars(tokenizer: Tokenizer, context: int) -> int:
+    """The most characters a prompt of `context` tokens can have: a longer one is refused unread."""
+    return context * tokenizer.max_token_bytes
+
+
 def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, sampler: bool = False) -> None:
     """The ImageRequest fields every image engine checks the same way. An engine without a
     sampler (`sampler=False`: one pass from a latent) refuses the sampler fields rather than
     ignore them."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidParameter("prompt", "must be a non-empty string")
+    if len(req.prompt) > (limit := max_prompt_chars(tokenizer, context)):  # tokenizing 1 MB took 0.5 s
+        raise InvalidParameter("prompt", f"has {len(req.prompt)} characters; the limit is {context} tokens, "
+                                         f"at most {limit} characters")
     n_tokens = len(tokenizer.encode(req.prompt))
     if n_tokens > context:
         raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
@@ -100,6 +108,10 @@ class ImageRequests:
         """The tokenizer and config of a model directory (`ArtifactError` naming a bad file)."""
         config = read_config(model_dir, cls.family)
         return cls(load_tokenizer(model_dir, config), build_from_config(model_dir, cls.config_class.from_dict, config))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return max_prompt_chars(self.tokenizer, self.cfg.context)
 
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context)

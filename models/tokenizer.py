@@ -5,6 +5,7 @@ back to their UTF-8 bytes, which are always in the base vocabulary.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,6 +59,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes in the longest token (byte-level: one vocabulary character per byte). A text of
+        c characters has at least c bytes, so at least c / max_token_bytes tokens: its length
+        alone can show that it will not fit a context, without tokenizing it."""
+        return max(len(token) for token in self.hf.get_vocab())
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -179,6 +179,8 @@ class MicroBatcher(Generic[T]):
 
     async def _run_batch(self, batch: list[Job[T]], cost: int) -> None:
         m, now = self.metrics, time.perf_counter()
+        # Queue time ends at the hand-over: with max_in_flight 2, a batch may still wait in the
+        # worker for the one before it (README, Metrics).
         for job in batch:
             m.queue_time.labels(endpoint=self.endpoint).observe(now - job.arrived)
         m.batch_size.labels(endpoint=self.endpoint).observe(len(batch))

@@ -25,7 +25,7 @@ IMAGE = "images"
 class Metrics:
     time_to_first_token: Any  # Histogram: arrival of the request -> first token of a choice
     inter_token_latency: Any  # Histogram: between consecutive tokens of one choice
-    queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch
+    queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch (images: handed to the worker)
     batch_size: Any  # Histogram{endpoint}: requests per engine call
     batch_items: Any  # Histogram{endpoint}: choices / images per engine call
     requests_running: Any  # Gauge{endpoint}: requests inside an engine call now

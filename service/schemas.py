@@ -160,14 +160,20 @@ class ImageBody(_Body):
 
 
 class OpenAIImageBody(_Body, _NullIsDefault):
-    """POST /v1/images/generations (b64_json only: this service keeps no files to link to)."""
+    """POST /v1/images/generations (b64_json only: this service keeps no files to link to).
+    OpenAI's options are taken at the values that mean what the service does anyway (PNG, an
+    opaque image, no moderation to tune); any other value is refused, naming the field, rather
+    than ignored. `style` has no such value: it is refused whenever it is set."""
     model: ModelName | None = None
     prompt: str
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: Literal["b64_json", "url"] | None = None
-    size: str | None = None
-    quality: str | None = None
+    size: str | None = None  # "auto" or the model's "SxS", checked against the model
+    quality: Literal["auto", "standard"] | None = None
     style: str | None = None
+    output_format: Literal["png"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: Literal["auto", "low"] | None = None
     user: str | None = None
     seed: Seed | None = None
     truncation: float = Field(1.0, gt=0, le=1)

@@ -67,6 +67,7 @@ def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Server:
     url: str
     log: Path
+    pid: int  # `bentoml serve`; its engine processes are among its descendants
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
@@ -129,7 +130,7 @@ def launch_server(home: Path, log: Path, env_extra: dict[str, str]) -> tuple[sub
         proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service.app:Generation",
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, Server(f"http://127.0.0.1:{port}", log)
+    return proc, Server(f"http://127.0.0.1:{port}", log, proc.pid)
 
 
 def wait_ready(proc: subprocess.Popen, srv: Server) -> None:

@@ -168,6 +168,19 @@ def test_validation(engine, field, value):
     assert e.value.param == field
 
 
+def test_a_prompt_too_long_in_characters_is_refused_before_it_is_tokenized(tokenizer, monkeypatch):
+    """Tokenizing a 1 MB prompt took half a second of the event loop; its length alone says
+    it cannot fit: no token is longer than the longest in the vocabulary."""
+    checker = ImageRequests(tokenizer, tiny_config())
+    longest = max(tokenizer.hf.get_vocab(), key=len)  # byte-level: one character per byte
+    assert checker.max_prompt_chars == checker.cfg.context * len(longest)
+    checker.validate(ImageRequest(CAPTIONS[0], seed=0))  # a prompt that fits still passes
+    monkeypatch.setattr(tokenizer, "encode", lambda text: pytest.fail("the prompt was tokenized"))
+    with pytest.raises(InvalidParameter) as e:
+        checker.validate(ImageRequest("x" * (1 << 20), seed=0))
+    assert e.value.param == "prompt" and f"at most {checker.max_prompt_chars} characters" in e.value.message
+
+
 def test_load_round_trip_and_errors(tmp_path, engine, tokenizer):
     cfg = engine.cfg
     save_model_dir(tmp_path / "m", {"family": "gan", **cfg.to_dict()},

@@ -98,7 +98,9 @@ def test_models_describe_every_store_entry(models):
         assert isinstance(m["dataset"], str) and m["dataset"]
         assert isinstance(m["created"], int) and m["created_at"].endswith("Z")
         assert isinstance(m["metrics"], dict) and m["metrics"]
-    assert models["gan"]["image_size"] > 0 and models["ar_image"]["image_size"] > 0
+    for name in ("gan", "ar_image"):  # the prompt limits, as the text model states its own
+        m = models[name]
+        assert m["image_size"] > 0 and m["max_prompt_chars"] >= m["context_length"] > 0
     assert models["ar_image"]["evaluations_per_image"] > 0
 
 

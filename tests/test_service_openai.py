@@ -88,3 +88,21 @@ def test_errors_raise_the_usual_exceptions(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.images.generate(model="gan", prompt="x", n=17)
     assert e.value.body["param"] == "n"
+
+
+def test_images_take_the_values_that_mean_what_the_service_does(oai):
+    """OpenAI's neutral values are what this service does anyway (PNG, the model's one size, no
+    moderation to tune); anything it cannot honour is refused, naming the field, not ignored."""
+    plain = oai.images.generate(model="gan", prompt="a red circle", extra_body={"seed": 3})
+    r = oai.images.generate(model="gan", prompt="a red circle", size="auto", quality="standard", output_format="png",
+                            background="auto", moderation="low", extra_body={"seed": 3})
+    assert r.data[0].b64_json == plain.data[0].b64_json
+    assert oai.images.generate(model="gan", prompt="a red circle", quality="auto", moderation="auto").data
+    for field, value in [("quality", "hd"), ("quality", "banana"), ("style", "vivid"), ("output_format", "jpeg"),
+                         ("background", "transparent"), ("moderation", "strict"), ("size", "1024x1024")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.images.generate(model="gan", prompt="a red circle", **{field: value})
+        assert e.value.body["param"] == field, (field, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.images.generate(model="gan", prompt="a red circle", quality="hd")
+    assert "'auto'" in e.value.body["message"] and "'standard'" in e.value.body["message"]  # what it takes
