@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,6 +45,48 @@ def dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+# Batch-invariant decoding (`GPT.set_batch_invariant`). On the CPU, MKL multiplies one row,
+# two or three rows, and four or more with different kernels, which round differently, and
+# attention rounds differently with how many cache positions the batch reads; so by default
+# a row's logits depend, in their last bits, on what shares its batch. Padding every matrix
+# product to a multiple of ROW_BLOCK rows, and reading the cache in whole KV_BLOCKs through a
+# plain attention, makes each row's arithmetic the same whatever the batch (tested).
+ROW_BLOCK = 4
+KV_BLOCK = 16
+
+
+def round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def row_padded_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x), computed on x's rows padded with zeros to a multiple of ROW_BLOCK."""
+    rows = x.reshape(-1, x.size(-1))
+    extra = -rows.size(0) % ROW_BLOCK
+    if not extra:
+        return F.linear(x, linear.weight, linear.bias)
+    out = F.linear(F.pad(rows, (0, 0, 0, extra)), linear.weight, linear.bias)
+    return out[:rows.size(0)].view(*x.shape[:-1], -1)
+
+
+def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
+    """Attention of q (B, H, T, D) over k, v (B, H, L, D), L a multiple of KV_BLOCK: a query
+    sees the cached positions its mask allows (B, 1, T, kv_len), or all first kv_len with no
+    mask. The same arithmetic for a row whatever L and T: positions past kv_len are masked
+    (they add exact zeros), and the queries are padded to a multiple of ROW_BLOCK."""
+    T, L = q.size(2), k.size(2)
+    if mask is None:
+        visible = (torch.arange(L, device=q.device) < kv_len).view(1, 1, 1, L)
+    else:
+        visible = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], L - kv_len)], dim=-1)
+    extra = -T % ROW_BLOCK
+    if extra:  # padding queries see everything: no empty softmax
+        q = F.pad(q, (0, 0, 0, extra))
+        visible = torch.cat([visible.expand(q.size(0), 1, T, L), visible.new_ones(q.size(0), 1, extra, L)], dim=2)
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+    return (scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v)[:, :, :T]
+
+
 class KVCache(nn.Module):
     """Pre-allocated keys and values for one layer: (B, H, max_seq, D), written at given positions."""
 
@@ -54,31 +97,31 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor, kv_len: int,
+    def update(self, pos: Tensor, k: Tensor, v: Tensor, read: int,
                rows: slice | Tensor = slice(None)) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, D) at positions pos (B, T) of cache rows `rows`; return those
-        rows' first kv_len slots. A slice of rows is written through a view (decoding); a
+        rows' first `read` slots. A slice of rows is written through a view (decoding); a
         tensor of B row indices, scattered rows, is written by indexing (a few prompts
         prefilled together) and read back as a copy."""
         if isinstance(rows, Tensor):
             heads = torch.arange(k.size(1), device=k.device)[None, :, None]
             where = (rows[:, None, None], heads, pos[:, None, :])  # (B, H, T) each, broadcast
             self.k[where], self.v[where] = k, v
-            return self.k[rows, :, :kv_len], self.v[rows, :, :kv_len]
+            return self.k[rows, :, :read], self.v[rows, :, :read]
         k_rows, v_rows = self.k[rows], self.v[rows]
         index = pos[:, None, :, None].expand_as(k)  # (B, H, T, D)
         k_rows.scatter_(2, index, k)
         v_rows.scatter_(2, index, v)
-        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        return k_rows[:, :, :read], v_rows[:, :, :read]
 
-    def append(self, k: Tensor, v: Tensor, kv_len: int, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+    def append(self, k: Tensor, v: Tensor, kv_len: int, read: int, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
         """Write one token per row, k, v (B, H, 1, D), every row at position kv_len - 1: a
         strided copy instead of `update`'s scatter (+4.5 % tokens/s at batch 32 on the CPU);
-        return the rows' first kv_len slots."""
+        return the rows' first `read` slots."""
         k_rows, v_rows = self.k[rows], self.v[rows]
         k_rows[:, :, kv_len - 1] = k[:, :, 0]
         v_rows[:, :, kv_len - 1] = v[:, :, 0]
-        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        return k_rows[:, :, :read], v_rows[:, :, :read]
 
     def select(self, rows: Tensor) -> None:
         """Keep only `rows` (finished rows leave a static batch)."""
@@ -94,6 +137,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = dropout(cfg.dropout)
         self.dropout = cfg.dropout
+        self.batch_invariant = False  # see GPT.set_batch_invariant
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
                 mask: Tensor | None = None, rows: slice | Tensor = slice(None), kv_len: int = 0) -> Tensor:
@@ -104,11 +148,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # incremental: attend to the first kv_len cached positions, as the mask allows
+            read = round_up(kv_len, KV_BLOCK) if self.batch_invariant else kv_len
             if mask is None:  # one token per row, every row at position kv_len - 1
-                k, v = cache.append(k, v, kv_len, rows)  # (B, nh, S, hs)
+                k, v = cache.append(k, v, kv_len, read, rows)  # (B, nh, S, hs)
             else:
-                k, v = cache.update(pos, k, v, kv_len, rows=rows)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                k, v = cache.update(pos, k, v, read, rows=rows)
+            if self.batch_invariant:
+                y = invariant_attention(q, k, v, mask, kv_len)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -186,8 +234,28 @@ class GPT(nn.Module):
         return logits, loss
 
     # --- incremental decoding -------------------------------------------------------------
+    def set_batch_invariant(self, on: bool = True) -> None:
+        """Make a row's logits independent of the batch, bit for bit (CPU, float32): every
+        matrix product on rows padded to a multiple of ROW_BLOCK, attention read in whole
+        KV_BLOCKs (see invariant_attention). By default a row's logits depend on its batch in
+        their last bits, which flips a sampled token now and then."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # an instance attribute: the default path pays nothing
+                if on:
+                    module.forward = types.MethodType(row_padded_linear, module)
+                else:
+                    module.__dict__.pop("forward", None)
+            elif isinstance(module, CausalSelfAttention):
+                module.batch_invariant = on
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.transformer.h[0].attn.batch_invariant
+
     def setup_caches(self, batch: int, max_seq: int) -> None:
         cfg, p = self.config, self.lm_head.weight
+        if self.batch_invariant:  # attention reads whole blocks
+            max_seq = round_up(max_seq, KV_BLOCK)
         self.caches = [KVCache(batch, cfg.n_head, max_seq, cfg.n_embd // cfg.n_head, p.dtype, p.device)
                        for _ in range(cfg.n_layer)]
 

@@ -99,6 +99,8 @@ TEXT_MAX_RUNNING = _env_int("CONDGEN_TEXT_MAX_RUNNING", 32)  # sequences decodin
 TEXT_TOKEN_BUDGET = _env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512)  # decode + prefill tokens per step
 TEXT_MAX_WAITING = _env_int("CONDGEN_TEXT_MAX_WAITING", 256)  # queued completion requests, beyond it 429
 CUDA_GRAPHS = os.environ.get("CONDGEN_CUDA_GRAPHS", "1") != "0"  # on CUDA, replay the decode step as CUDA graphs
+# Completions bit for bit independent of what shares their batch (CPU only; slower: README, Batching)
+BATCH_INVARIANT = os.environ.get("CONDGEN_BATCH_INVARIANT", "0") == "1"
 RETRY_AFTER_S = _env_int("CONDGEN_RETRY_AFTER", 1)  # the Retry-After of a 429
 IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward pass
 IMAGE_MAX_QUEUE = _env_int("CONDGEN_MAX_QUEUE", 256)  # images waiting for the engine, beyond it 429
@@ -455,7 +457,7 @@ class Generation:
                 starting.append(backend.worker)
             self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, threads, SchedulerConfig(
                 max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
-                cuda_graphs=CUDA_GRAPHS)))
+                cuda_graphs=CUDA_GRAPHS, batch_invariant=BATCH_INVARIANT)))
             self.text_stream.on_step = self._on_text_step
             self.text_stream.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
             text = self.text_stream.requests
