@@ -4,6 +4,7 @@
   (a') on CUDA: the continuous-batching engine replaying its decode step as CUDA graphs, as served
   (b) the same model recomputing the whole prefix every step (nanoGPT's `generate`)
   (c) Hugging Face `transformers` `generate` (KV cache too), on the same weights via the GPT-2 import
+  with --batch_invariant also (a) in the exact batch-invariant mode (GPT.set_batch_invariant), to show its cost
 
 Needs torch only ((c) is skipped when transformers is missing).
     python -m benchmarks.decode --size small --batch 1 32 --new_tokens 64
@@ -11,6 +12,7 @@ Needs torch only ((c) is skipped when transformers is missing).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -29,7 +31,7 @@ SIZES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
 }
 PROMPT = "Return the value of the named attribute of the object."
-ENGINE, GRAPHED = "(a) KV-cache engine", "(a') continuous, CUDA graphs"
+ENGINE, GRAPHED, EXACT = "(a) KV-cache engine", "(a') continuous, CUDA graphs", "(a) batch-invariant mode"
 
 
 def timed_rounds(paths: dict[Hashable, Callable[[], None]], repeats: int, sync) -> dict[Hashable, float]:
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--skip_recompute", action="store_true", help="skip (b), slow for big models")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--batch_invariant", action="store_true", help="also (a) in the exact batch-invariant mode")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +92,9 @@ def main() -> None:
     except ImportError:
         hf, model = None, GPT(GPTConfig(**shape))
     engine = TextEngine(model, tok, device=device, dtype=dtype)
+    exact = TextEngine(copy.deepcopy(model), tok, device=device, dtype=dtype) if args.batch_invariant else None
+    if exact is not None:
+        exact.model.set_batch_invariant(True)
     graphed = ContinuousEngine(engine, SchedulerConfig(max(args.batch))) if device.type == "cuda" else None
     prompt_ids = tok.encode(PROMPT)
     n = args.new_tokens
@@ -107,6 +113,10 @@ def main() -> None:
             out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
             produced[ENGINE] = sum(c.completion_tokens for c in out)
 
+        def run_exact():
+            out = exact.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
+            produced[EXACT] = sum(c.completion_tokens for c in out)
+
         def run_hf():
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
@@ -117,6 +127,8 @@ def main() -> None:
             produced[GRAPHED] = sum(len(choices[0]) for choices in run_continuous(graphed, reqs))
 
         paths = {ENGINE: run_engine}
+        if exact is not None:
+            paths[EXACT] = run_exact
         if graphed is not None:
             paths[GRAPHED] = run_graphed
         if not args.skip_recompute:
