@@ -73,13 +73,15 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv
     """Attention of q (B, H, T, D) over k, v (B, H, L, D), L a multiple of KV_BLOCK: a query
     sees the cached positions its mask allows (B, 1, T, kv_len), or all first kv_len with no
     mask. The same arithmetic for a row whatever L and T: positions past kv_len are masked
-    (they add exact zeros), and the queries are padded to a multiple of ROW_BLOCK."""
+    (they add exact zeros), and several queries per row (a prompt pass; GPT.forward_cached
+    makes it at least two) are padded to a multiple of ROW_BLOCK, while one (a decode step)
+    always takes the one-row products."""
     T, L = q.size(2), k.size(2)
     if mask is None:
         visible = (torch.arange(L, device=q.device) < kv_len).view(1, 1, 1, L)
     else:
         visible = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], L - kv_len)], dim=-1)
-    extra = -T % ROW_BLOCK
+    extra = -T % ROW_BLOCK if T > 1 else 0
     if extra:  # padding queries see everything: no empty softmax
         q = F.pad(q, (0, 0, 0, extra))
         visible = torch.cat([visible.expand(q.size(0), 1, T, L), visible.new_ones(q.size(0), 1, extra, L)], dim=2)
@@ -283,6 +285,12 @@ class GPT(nn.Module):
         mask lets a query see only slots at or before its position, so the stale slots past
         a short prompt (right padding) are never read before being overwritten.
         """
+        if self.batch_invariant and logits_at is not None and idx.size(1) == 1:
+            # A one-token prompt pass would take the decode step's arithmetic (one query per
+            # row, see invariant_attention); the token twice, at the same position (the same
+            # keys written twice to the same slot), makes it a prompt pass like any other.
+            idx, pos = idx.repeat(1, 2), pos.repeat(1, 2)
+            mask = mask.repeat(1, 1, 2, 1) if mask is not None else None
         kv_len = mask.size(-1) if mask is not None else int(pos.max()) + 1  # cached positions to read
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block, cache in zip(self.transformer.h, self.caches):

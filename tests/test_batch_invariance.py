@@ -31,7 +31,8 @@ def threads(request):
 
 
 def target(seed: int) -> CompletionRequest:
-    return CompletionRequest("Return the value", seed=seed, max_tokens=40, logprobs=0,
+    """Even seeds: a three-token prompt; odd: a one-token one (its prompt pass is the special case)."""
+    return CompletionRequest("Return the value" if seed % 2 == 0 else "The", seed=seed, max_tokens=40, logprobs=0,
                              sampling=SamplingParams(temperature=1.0))
 
 
@@ -45,6 +46,7 @@ def trace(choice) -> tuple[list[int], list[float]]:
 
 
 def test_static_batch_gives_bit_identical_logprobs(engine, threads):
+    assert len(engine.tokenizer.encode(target(1).prompt)) == 1
     engine.model.set_batch_invariant(True)
     try:
         for seed in range(4):
@@ -94,3 +96,20 @@ def test_attention_of_a_row_does_not_depend_on_the_cache_length_read_or_its_neig
         assert torch.equal(invariant_attention(q, k[:, :, :read], v[:, :, :read], mask, read - 5)[:1], alone)
     want = F.scaled_dot_product_attention(q[:1], k[:1, :, :position + 1], v[:1, :, :position + 1])
     assert torch.allclose(alone, want, atol=1e-6) and read % KV_BLOCK == 0
+
+
+def test_a_prompt_whose_last_chunk_is_one_token_prefills_like_a_whole_prompt(engine, threads):
+    """Chunks of 3 split a 7-token prompt 3 + 3 + 1: the one-token chunk must not take the
+    decode step's one-query arithmetic (GPT.forward_cached passes it twice)."""
+    req = CompletionRequest("Return the value of the attribute", seed=3, max_tokens=20, logprobs=0)
+    assert len(engine.tokenizer.encode(req.prompt)) % 3 == 1
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=2, prefill_chunk=3, batch_invariant=True))
+    want = trace(engine.complete([req])[0].choices[0])
+    cont.add(req)
+    tokens, logprobs = [], []
+    while cont.has_work():
+        for ev in cont.step():
+            tokens += [ev.token_id] if ev.token_id is not None else []
+            logprobs += [lp.logprob for lp in ev.logprobs]
+    engine.model.set_batch_invariant(False)
+    assert (tokens, logprobs) == want
