@@ -239,9 +239,9 @@ class ContinuousEngine:
         for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
             seq.tokens.append(tok)
             seq.position += 1
-            text, reason = advance_text(seq.scanner, tok, eot, len(seq.tokens), group.req.max_tokens)
-            lps = ([token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs)]
-                   if group.req.logprobs is not None else [])
+            entry = (token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs)
+                     if group.req.logprobs is not None else None)
+            text, lps, reason = advance_text(seq.scanner, tok, eot, len(seq.tokens), group.req.max_tokens, entry)
             events.append(StreamEvent(group.id, seq.choice, text, 1, lps, reason, tok))
             if reason is not None:  # finished: the slot is free for the next admission
                 del self.decoding[seq.slot]

@@ -221,14 +221,15 @@ def _serve(conn: Connection, engine: ContinuousEngine) -> None:
                 engine.add(req, gid)
             except (InvalidParameter, QueueFull) as e:  # raced past the server's check
                 conn.send(("error", (gid, e)))
+        events, batch_size = [], 0  # no step (cancellations only): still a report, for the gauges
         try:
-            events = engine.step() if engine.has_work() else []
+            if engine.has_work():
+                events, batch_size = engine.step(), engine.last_batch_size
         except Exception as e:  # a bug must fail the requests in flight, not the engine
             logger.exception("a step of the text engine failed")
             for gid in list(engine.groups):
                 conn.send(("error", (gid, RuntimeError(f"the text engine failed: {type(e).__name__}: {e}"))))
                 engine.cancel(gid)
-            events = []
-        conn.send(("step", StepReport(events, engine.last_batch_size, engine.num_running, engine.num_waiting,
+        conn.send(("step", StepReport(events, batch_size, engine.num_running, engine.num_waiting,
                                       received, admitted[:])))
         admitted.clear()

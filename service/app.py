@@ -536,22 +536,17 @@ class Generation:
                 "model": served.tag, "seed": seed}
         events = self.text_stream.generate(req)
         arrived = time.perf_counter()
-        try:
-            first = await events.__anext__()  # a full queue or a bad request fails here, before any byte
-        except QueueFull as e:
-            raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
-                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except EngineFailed as e:
-            raise ApiError(503, f"the text engine is not available: {e}", type="server_error") from None
+        # The first event comes once the request is admitted: a client that leaves while it
+        # queues takes it out of the queue, streaming or not.
+        if (first := await _until_disconnected(_first_event(events), request)) is None:
+            return _client_left(head["id"])
         events = self._measured(_chain(first, events), arrived)
         if body.stream:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
             return SSEResponse(self._stream(events, body, head, prompt_tokens, openai, include_usage))
-        result = await _until_disconnected(_collect(events, body.n), request)
-        if result is None:
-            logger.info("client of %s left before the answer; its generation was cancelled", head["id"])
-            return Response(status_code=499)
+        if (result := await _until_disconnected(_collect(events, body.n), request)) is None:
+            return _client_left(head["id"])
         prefix = body.prompt if body.echo else ""
         choices = [{
             "index": i, "text": prefix + c.text,
@@ -596,7 +591,7 @@ class Generation:
                 if not ev.text and ev.finish_reason is None and not ev.logprobs:
                     continue
                 lp = _logprobs_json(ev.logprobs, offsets[ev.choice]) if body.logprobs is not None else None
-                offsets[ev.choice] += len(ev.text)
+                offsets[ev.choice] += sum(len(x.token) for x in ev.logprobs)  # counted as the whole answer counts
                 yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": {
@@ -698,6 +693,22 @@ class Generation:
             counter.inc(len(pngs))
             if job.future is not None and not job.future.done():
                 job.future.set_result(pngs)
+
+
+async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
+    """A request's first event: a full queue or a dead engine fails here, before any byte."""
+    try:
+        return await events.__anext__()
+    except QueueFull as e:
+        raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
+                       code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineFailed as e:
+        raise ApiError(503, f"the text engine is not available: {e}", type="server_error") from None
+
+
+def _client_left(completion_id: str) -> Response:
+    logger.info("client of %s left before the answer; its generation was cancelled", completion_id)
+    return Response(status_code=499)
 
 
 async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:

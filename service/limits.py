@@ -119,6 +119,10 @@ class LimitMiddleware:
             done, _ = await asyncio.wait({task}, timeout=lim.deadline_s)
             if task in done:
                 task.result()  # re-raise what the app raised, as without this middleware
+                if state["started"] and not state["ended"]:
+                    # A stream whose client left: a 499 like a plain answer's (BentoML counts
+                    # a request at its last byte, so it counts none of these).
+                    _count_error(scope["path"], 499)
                 return
             # Past the deadline: cancelling the handler marks its engine jobs cancelled.
             task.cancel()

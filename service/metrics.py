@@ -46,7 +46,7 @@ def get_metrics() -> Metrics:
     def gauge(name: str, doc: str, labels: tuple[str, ...]):
         return pc.Gauge(f"{PREFIX}_{name}", doc, labelnames=labels, multiprocess_mode="livesum")
 
-    return Metrics(
+    metrics = Metrics(
         time_to_first_token=histogram("time_to_first_token_seconds",
                                       "Seconds from request arrival to the first token of a choice"),
         inter_token_latency=histogram("inter_token_latency_seconds",
@@ -63,3 +63,7 @@ def get_metrics() -> Metrics:
         request_errors=pc.Counter(f"{PREFIX}_request_errors", "Error answers by status",
                                   ("endpoint", "status")),
     )
+    for endpoint in (TEXT, IMAGE):  # at 0 from the start, not absent until the first request
+        metrics.requests_running.labels(endpoint=endpoint).set(0)
+        metrics.requests_waiting.labels(endpoint=endpoint).set(0)
+    return metrics

@@ -139,6 +139,8 @@ class OpenAICompletionBody(CompletionBody, _NullIsDefault):
             return ApiError(400, "logit_bias is not supported", "logit_bias")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
+            return ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         return None
 
 

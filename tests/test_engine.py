@@ -1,4 +1,5 @@
 """The batched engine: equals the plain path, batch invariance, stop strings, streaming, params."""
+import dataclasses
 import random
 
 import pytest
@@ -97,6 +98,23 @@ def test_streaming_concatenates_to_the_completion(engine):
     assert events[-1].finish_reason in ("stop", "length", "eos")
     assert len(whole.logprobs) == len(whole.token_ids)
     assert all(len(lp.top) <= 2 and lp.logprob <= 0 for lp in whole.logprobs)
+
+
+def test_logprobs_leave_with_the_text_a_stop_string_held_back(engine):
+    """An event carries the logprob entries of the text it releases: the tokens of text that might
+    begin a stop string wait with it, a token ending inside a character waits for that character,
+    and the last event carries the rest (a stop string's own tokens), as the whole answer has them."""
+    req = CompletionRequest("The quick", seed=3, max_tokens=12, logprobs=1)
+    free = [lp for e in engine.stream([req]) for lp in e.logprobs]
+    assert [lp.token for lp in free[2:9]] == ["\ufffd", ",", "\x17", ":", " brown", " wit", " d"]  # this sample
+    held = list(engine.stream([dataclasses.replace(req, stop=[": brown witZ"])]))  # held, then released
+    assert [(e.text, [lp.token for lp in e.logprobs]) for e in held[2:9]] == [
+        ("", []), ("\ufffd,", ["\ufffd", ","]), ("\x17", ["\x17"]), ("", []), ("", []), ("", []),
+        (": brown wit d", [":", " brown", " wit", " d"])]
+    assert [lp for e in held for lp in e.logprobs] == free
+    cut = list(engine.stream([dataclasses.replace(req, stop=[": brown wit"])]))
+    assert cut[-1].finish_reason == "stop" and [lp.token for lp in cut[-1].logprobs] == [":", " brown", " wit"]
+    assert [lp for e in cut for lp in e.logprobs] == free[:8]
 
 
 def test_finish_reason_length(engine):

@@ -92,6 +92,30 @@ def test_a_client_that_leaves_frees_its_slots(engine_process):
     asyncio.run(main())
 
 
+def test_a_request_cancelled_while_queued_is_never_admitted_nor_counted(engine_process):
+    """Its cancellation reaches the child with it (the child is stopped meanwhile): it leaves the
+    queue before any step, and the report of that step-less round counts no token."""
+    admitted, sampled = [], []
+    engine_process.on_admit, engine_process.on_step = admitted.append, lambda b, r, w: sampled.append(b)
+
+    async def main():
+        os.kill(engine_process._proc.pid, signal.SIGSTOP)
+        try:
+            first = asyncio.ensure_future(engine_process.generate(CompletionRequest("The", seed=1, n=2)).__anext__())
+            await asyncio.sleep(0.1)  # submitted, waiting
+            first.cancel()  # the client left
+            await asyncio.gather(first, return_exceptions=True)
+        finally:
+            os.kill(engine_process._proc.pid, signal.SIGCONT)
+        return await wait_until_idle(engine_process)
+
+    try:
+        assert asyncio.run(main()) == (0, 0)
+        assert sampled and admitted == [] and sum(sampled) == 0
+    finally:
+        engine_process.on_admit = engine_process.on_step = None
+
+
 def test_the_queue_limit_counts_requests_still_on_their_way(model_dir):
     proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1, SchedulerConfig(max_running=1, max_waiting=2)))
 

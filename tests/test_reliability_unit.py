@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -111,6 +112,35 @@ def test_deadline_mid_stream_ends_it_with_an_in_band_error_event():
     assert events[0] == {"first": 1}
     assert events[-1]["error"]["code"] == "deadline_exceeded"
     assert log.get("stream_closed") is True
+
+
+def test_a_stream_cut_off_by_its_client_counts_as_a_499():
+    """As a plain answer to a client that left does: BentoML counts a request at its last byte,
+    which such a stream never sends, so without this it is counted nowhere."""
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=8, deadline_s=60))
+    labels = {"endpoint": "/generate", "status": "499"}
+    get_metrics()
+    before = REGISTRY.get_sample_value("condgen_request_errors_total", labels) or 0
+    sent: list[dict] = []
+    first_chunk = asyncio.Event()
+    body = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            first_chunk.set()
+
+    async def receive() -> dict:
+        if body:
+            return body.pop()
+        await first_chunk.wait()  # the client hangs up once the stream has begun
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert log.get("stream_closed") is True and sent[-1].get("more_body") is True  # cut off
+    assert REGISTRY.get_sample_value("condgen_request_errors_total", labels) == before + 1
 
 
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():

@@ -4,6 +4,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +67,27 @@ def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
     assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": ["a", "b"]}) == "prompt"
     assert OpenAICompletionBody.model_validate(
         {"model": "gpt", "prompt": "a", "presence_penalty": 0.5}).unsupported().param == "presence_penalty"
+
+
+def test_openai_stream_options_need_a_stream():
+    """As OpenAI and vLLM answer: options of a stream on a request that is not one are a mistake."""
+    body = {"model": "gpt", "prompt": "a", "stream_options": {"include_usage": True}}
+    assert OpenAICompletionBody.model_validate(body).unsupported().param == "stream_options"
+    assert OpenAICompletionBody.model_validate({**body, "stream": True}).unsupported() is None
+    assert OpenAICompletionBody.model_validate({**body, "stream_options": None}).unsupported() is None
+
+
+def test_engine_gauges_are_zero_before_the_first_request():
+    """Not absent until an engine first reports: a dashboard sees 0 from the start. A process of
+    its own, so that no other test's metrics have touched the gauges yet."""
+    code = ("import prometheus_client as pc; from service.metrics import get_metrics; get_metrics(); "
+            "print(pc.generate_latest().decode())")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    for gauge in ("condgen_requests_running", "condgen_requests_waiting"):
+        for endpoint in ("completions", "images"):
+            assert f'{gauge}{{endpoint="{endpoint}"}} 0.0' in out
 
 
 @pytest.mark.parametrize("data, param", [
