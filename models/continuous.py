@@ -45,7 +45,9 @@ class SchedulerConfig:
     prefill_chunk: int = 128  # longest piece of one prompt prefilled in a step
     max_waiting: int = 256  # queued requests beyond which submit() refuses
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (models/decode_graphs.py)
-    batch_invariant: bool = False  # bit-identical logits whatever shares the batch (CPU; slower: GPT.set_batch_invariant)
+    # Turn on the model's batch-invariant mode: bit-identical logits whatever shares the batch
+    # (CPU; slower: GPT.set_batch_invariant). False leaves the model as it is.
+    batch_invariant: bool = False
 
 
 class QueueFull(RuntimeError):
@@ -94,7 +96,8 @@ class ContinuousEngine:
         self.device = engine.device
         if self.cfg.batch_invariant and self.device.type != "cpu":
             raise ValueError("batch_invariant is for the CPU: GPU kernels round differently with the batch shape")
-        self.model.set_batch_invariant(self.cfg.batch_invariant)
+        if self.cfg.batch_invariant:
+            self.model.set_batch_invariant()
         self.model.setup_caches(self.cfg.max_running, engine.block_size)
         self.caches = self.model.caches  # its slots; TextEngine.complete on the same model swaps in others
         self.graphs = (DecodeGraphs(self.model, self.cfg.max_running)
