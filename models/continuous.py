@@ -94,9 +94,9 @@ class ContinuousEngine:
         self.cfg = cfg or SchedulerConfig()
         self.model = engine.model
         self.device = engine.device
-        if self.cfg.batch_invariant and self.device.type != "cpu":
-            raise ValueError("batch_invariant is for the CPU: GPU kernels round differently with the batch shape")
         if self.cfg.batch_invariant:
+            if self.device.type != "cpu":
+                raise ValueError("batch_invariant is for the CPU: GPU kernels round differently with the batch shape")
             self.model.set_batch_invariant()
         self.model.setup_caches(self.cfg.max_running, engine.block_size)
         self.caches = self.model.caches  # its slots; TextEngine.complete on the same model swaps in others
