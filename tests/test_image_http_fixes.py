@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import psutil
 import pytest
 
-from tests_support import metric_value
+from tests_support import engines_paused, metric_value, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def _metric(client: httpx.Client, name: str, labels: str = "") -> float:
     return metric_value(client.get("/metrics").text, name, labels)
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def test_a_queued_image_request_whose_client_left_is_never_generated(client, server):
@@ -36,31 +26,21 @@ def test_a_queued_image_request_whose_client_left_is_never_generated(client, ser
     images = lambda: _metric(client, "condgen_images_total")
     left = lambda: _metric(client, "condgen_request_errors_total", 'endpoint="/generate",status="499"')
     images_before, left_before = images(), left()
-    engines = [p for p in psutil.Process(server.pid).children(recursive=True)
-               if "multiprocessing.spawn" in " ".join(p.cmdline())]
-    assert engines
-    pool = ThreadPoolExecutor(2)
-    for p in engines:
-        p.suspend()
-    try:
+    with ThreadPoolExecutor(2) as pool, engines_paused(server.pid):
         # The image worker holds two batches: these two, so that the next request queues.
         busy = [pool.submit(client.post, "/generate", json=body) for _ in range(2)]
-        _wait_for(lambda: _metric(client, "condgen_requests_running", 'endpoint="images"') == 2,
-                  "the two requests did not reach the image worker")
+        wait_for(lambda: _metric(client, "condgen_requests_running", 'endpoint="images"') == 2,
+                 "the two requests did not reach the image worker")
         payload = json.dumps(body).encode()
         with socket.create_connection((client.base_url.host, client.base_url.port)) as s:
             s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-            _wait_for(lambda: _metric(client, "condgen_requests_waiting", 'endpoint="images"') == 1,
-                      "the third request did not queue")
-        _wait_for(lambda: left() == left_before + 1, "the request whose client left was not answered 499", 10)
-    finally:
-        for p in engines:
-            p.resume()
-        pool.shutdown()
+            wait_for(lambda: _metric(client, "condgen_requests_waiting", 'endpoint="images"') == 1,
+                     "the third request did not queue")
+        wait_for(lambda: left() == left_before + 1, "the request whose client left was not answered 499", 10)
     assert [f.result().status_code for f in busy] == [200, 200]
-    _wait_for(lambda: _metric(client, "condgen_requests_waiting", 'endpoint="images"') == 0
-              and _metric(client, "condgen_requests_running", 'endpoint="images"') == 0, "the queue did not drain")
+    wait_for(lambda: _metric(client, "condgen_requests_waiting", 'endpoint="images"') == 0
+             and _metric(client, "condgen_requests_running", 'endpoint="images"') == 0, "the queue did not drain")
     assert images() - images_before == 2 * body["n"]  # the third request's 16 images were never made
     assert "left before the answer" in server.log_tail(20_000)
 

@@ -3,17 +3,13 @@ and streamed logprobs when a stop string holds text back. Uses the session's ser
 (tests/conftest.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
 
 import httpx
-import psutil
 import pytest
 
-from tests_support import metric_value
+from tests_support import engines_paused, metric_value, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -24,28 +20,6 @@ def _metric(client: httpx.Client, name: str, labels: str = "") -> float:
 
 def _left(client: httpx.Client, path: str) -> float:
     return _metric(client, "condgen_request_errors_total", f'endpoint="{path}",status="499"')
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def _engines_paused(server) -> Iterator[None]:
-    """The engine processes stopped (SIGSTOP): what reaches them waits, certainly, until the end."""
-    engines = [p for p in psutil.Process(server.pid).children(recursive=True)
-               if "multiprocessing.spawn" in " ".join(p.cmdline())]
-    assert engines
-    for p in engines:
-        p.suspend()
-    try:
-        yield
-    finally:
-        for p in engines:
-            p.resume()
 
 
 def _send(client: httpx.Client, path: str, body: dict) -> socket.socket:
@@ -68,13 +42,15 @@ def test_queued_completions_whose_clients_left_are_never_admitted(client, server
     before = tokens(), admitted(), _left(client, "/complete"), _left(client, "/v1/completions")
     logged = lambda: server.log.read_text(errors="replace").count("left before the answer; its generation was cancelled")
     logged_before = logged()
-    with _engines_paused(server):
+    with engines_paused(server.pid):
+        in_progress = lambda: _metric(client, "bentoml_service_request_in_progress")  # noqa: E731
+        started = in_progress()
         sockets = [_send(client, path, b) for path, b in requests]
-        time.sleep(0.5)  # read, checked and handed to the (paused) engine
+        wait_for(lambda: in_progress() == started + 3, "the requests did not reach their handlers", 10)
         for s in sockets:
             s.close()
-        _wait_for(lambda: (_left(client, "/complete"), _left(client, "/v1/completions"))
-                  == (before[2] + 2, before[3] + 1), "the requests whose clients left were not answered 499")
+        wait_for(lambda: (_left(client, "/complete"), _left(client, "/v1/completions"))
+                  == (before[2] + 2, before[3] + 1), "the requests whose clients left were not answered 499", 10)
     # The engine reads each request with its cancellation, then this one: once it is answered,
     # the others have been dropped from the queue.
     r = client.post("/complete", json={"prompt": "a", "max_tokens": 2, "seed": 0})

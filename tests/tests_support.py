@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
 
 
 async def wait_until_idle(engine, timeout_s: float = 2.0) -> tuple[int, int]:
@@ -25,6 +30,30 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
             continue
         total += float(value)
     return total
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll until `condition()` holds; fail with `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def engines_paused(server_pid: int) -> Iterator[None]:
+    """A running server's engine processes stopped (SIGSTOP): what reaches them waits, certainly,
+    until the block ends."""
+    engines = [p for p in psutil.Process(server_pid).children(recursive=True)
+               if "multiprocessing.spawn" in " ".join(p.cmdline())]
+    assert engines
+    for p in engines:
+        p.suspend()
+    try:
+        yield
+    finally:
+        for p in engines:
+            p.resume()
 
 
 class NoiseImageEngine:
