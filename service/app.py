@@ -465,6 +465,7 @@ class Generation:
                 worker.wait_started()  # raises the worker's error: an ArtifactError names the bad file
             self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
             self.text_model.details["context_length"] = text.block_size
+            self.text_model.details["batch_invariant"] = BATCH_INVARIANT
             self.text = text
             for tag, checker in checkers.items():
                 self.images[tag].requests = checker

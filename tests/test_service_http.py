@@ -102,6 +102,7 @@ def test_models_describe_every_store_entry(models):
         m = models[name]
         assert m["image_size"] > 0 and m["max_prompt_chars"] >= m["context_length"] > 0
     assert models["ar_image"]["evaluations_per_image"] > 0
+    assert models["gpt"]["batch_invariant"] is False  # CONDGEN_BATCH_INVARIANT unset
 
 
 # ---- /complete --------------------------------------------------------------------------
