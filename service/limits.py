@@ -122,6 +122,8 @@ class LimitMiddleware:
                 if state["started"] and not state["ended"]:
                     # A stream whose client left: a 499 like a plain answer's (BentoML counts
                     # a request at its last byte, so it counts none of these).
+                    logger.info("client of a stream on %s left before its end; its generation was cancelled",
+                                scope["path"])
                     _count_error(scope["path"], 499)
                 return
             # Past the deadline: cancelling the handler marks its engine jobs cancelled.

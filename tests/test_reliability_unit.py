@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -114,9 +115,11 @@ def test_deadline_mid_stream_ends_it_with_an_in_band_error_event():
     assert log.get("stream_closed") is True
 
 
-def test_a_stream_cut_off_by_its_client_counts_as_a_499():
-    """As a plain answer to a client that left does: BentoML counts a request at its last byte,
-    which such a stream never sends, so without this it is counted nowhere."""
+def test_a_stream_cut_off_by_its_client_counts_as_a_499(caplog):
+    """As a plain answer to a client that left does (counted and logged): BentoML counts a
+    request at its last byte, which such a stream never sends, so without this it is counted
+    nowhere."""
+    caplog.set_level(logging.INFO, logger="condgen.service")
     log: dict = {}
     app = _app(log, Limits(max_inflight=8, deadline_s=60))
     labels = {"endpoint": "/generate", "status": "499"}
@@ -141,6 +144,7 @@ def test_a_stream_cut_off_by_its_client_counts_as_a_499():
     asyncio.run(app(scope, receive, send))
     assert log.get("stream_closed") is True and sent[-1].get("more_body") is True  # cut off
     assert REGISTRY.get_sample_value("condgen_request_errors_total", labels) == before + 1
+    assert "client of a stream on /generate left before its end" in caplog.text
 
 
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
