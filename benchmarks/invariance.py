@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     def static(batch: list[CompletionRequest]) -> list[tuple[list[int], list[float]]]:
         return [(c.choices[0].token_ids, [lp.logprob for lp in c.choices[0].logprobs]) for c in engine.complete(batch)]
 
-    cont = ContinuousEngine(engine, SchedulerConfig(max_running=8, batch_invariant=args.batch_invariant))
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=8))  # on the model, in the mode set above
 
     def continuous(batch: list[CompletionRequest]) -> list[tuple[list[int], list[float]]]:
         return [(choices[0], []) for choices in run_continuous(cont, batch)]  # tokens only

@@ -45,6 +45,21 @@ def trace(choice) -> tuple[list[int], list[float]]:
     return choice.token_ids, [lp.logprob for lp in choice.logprobs]
 
 
+def run(cont: ContinuousEngine, arrivals: dict[int, list[CompletionRequest]], target: int
+        ) -> tuple[tuple[list[int], list[float]], list[int]]:
+    """Add requests at given steps, run to the end; the tokens and logprobs of the request with
+    id `target`, and the ids the requests got, in the order added."""
+    tokens, logprobs, ids, step = [], [], [], 0
+    while cont.has_work() or any(s >= step for s in arrivals):
+        ids += [cont.add(r) for r in arrivals.get(step, [])]
+        for ev in cont.step():
+            if ev.request == target and ev.token_id is not None:
+                tokens.append(ev.token_id)
+                logprobs += [lp.logprob for lp in ev.logprobs]
+        step += 1
+    return (tokens, logprobs), ids
+
+
 def test_static_batch_gives_bit_identical_logprobs(engine, threads):
     assert len(engine.tokenizer.encode(target(1).prompt)) == 1
     engine.model.set_batch_invariant(True)
@@ -64,16 +79,9 @@ def test_continuous_batch_with_chunked_prefill_gives_the_static_engines_logprobs
                                                     batch_invariant=True))
     want = trace(engine.complete([target(7)])[0].choices[0])  # the mode is on: the engine set it
     arrivals = {0: others()[:3], 2: [target(7)], 6: others()[3:5], 15: others()[5:]}
-    got_tokens, got_logprobs, ids, step = [], [], [], 0
-    while cont.has_work() or any(s >= step for s in arrivals):
-        ids += [cont.add(r) for r in arrivals.get(step, [])]
-        for ev in cont.step():
-            if ev.request == 3 and ev.token_id is not None:  # the target: the fourth request added
-                got_tokens.append(ev.token_id)
-                got_logprobs += [lp.logprob for lp in ev.logprobs]
-        step += 1
+    got, ids = run(cont, arrivals, target=3)  # the fourth request added
     engine.model.set_batch_invariant(False)
-    assert ids[3] == 3 and (got_tokens, got_logprobs) == want
+    assert ids[3] == 3 and got == want
 
 
 def test_a_rows_product_does_not_depend_on_how_many_rows_share_it():
@@ -105,11 +113,6 @@ def test_a_prompt_whose_last_chunk_is_one_token_prefills_like_a_whole_prompt(eng
     assert len(engine.tokenizer.encode(req.prompt)) % 3 == 1
     cont = ContinuousEngine(engine, SchedulerConfig(max_running=2, prefill_chunk=3, batch_invariant=True))
     want = trace(engine.complete([req])[0].choices[0])
-    cont.add(req)
-    tokens, logprobs = [], []
-    while cont.has_work():
-        for ev in cont.step():
-            tokens += [ev.token_id] if ev.token_id is not None else []
-            logprobs += [lp.logprob for lp in ev.logprobs]
+    got, _ = run(cont, {0: [req]}, target=0)
     engine.model.set_batch_invariant(False)
-    assert (tokens, logprobs) == want
+    assert got == want
