@@ -599,8 +599,10 @@ class Generation:
                     "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                     "total_tokens": prompt_tokens + tokens}})
             yield SSE_DONE
+        # Headers are gone already: report in-band, as OpenAI does, then end the stream.
+        except EngineFailed as e:  # the engine process died (its reader has logged it)
+            yield sse_event(_engine_unavailable(e).body())
         except Exception:
-            # Headers are gone already: report in-band, as OpenAI does, then end the stream.
             request_id = uuid.uuid4().hex
             logger.exception("stream %s (request %s) failed", head["id"], request_id)
             err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
@@ -696,6 +698,10 @@ class Generation:
                 job.future.set_result(pngs)
 
 
+def _engine_unavailable(e: EngineFailed) -> ApiError:
+    return ApiError(503, f"the text engine is not available: {e}", type="server_error")
+
+
 async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
     """A request's first event: a full queue or a dead engine fails here, before any byte."""
     try:
@@ -704,7 +710,7 @@ async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
         raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
                        code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except EngineFailed as e:
-        raise ApiError(503, f"the text engine is not available: {e}", type="server_error") from None
+        raise _engine_unavailable(e) from None
 
 
 def _client_left(completion_id: str) -> Response:
@@ -722,9 +728,13 @@ async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncI
 
 
 async def _collect(events: AsyncIterator[StreamEvent], n: int) -> _TextResult:
+    """A request's choices; an engine that dies half-way is a 503, as one dead before it began."""
     result = _TextResult.empty(n)
-    async for ev in events:
-        result.add(ev)
+    try:
+        async for ev in events:
+            result.add(ev)
+    except EngineFailed as e:
+        raise _engine_unavailable(e) from None
     return result
 
 

@@ -273,6 +273,34 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
                                  "param": "top_k", "code": None}
 
 
+def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
+    """The engine process dies after a request's first event: the plain answer is a 503 (as
+    for a request that arrives after it died), a stream ends with that error in-band."""
+    from models.engine import StreamEvent
+    from models.engine_process import EngineFailed
+    from service import app as service_app
+    from service.schemas import ApiError
+
+    async def dies_after_one_token():
+        yield StreamEvent(0, 0, "Hello", 1, [], None, 5)
+        raise EngineFailed("the text engine process exited (code -9)")
+
+    with pytest.raises(ApiError) as info:
+        asyncio.run(service_app._collect(dies_after_one_token(), 1))
+    assert info.value.status == 503 and "exited (code -9)" in info.value.message
+
+    async def stream() -> list[bytes]:
+        body = CompletionBody.model_validate({"prompt": "Hi", "stream": True})
+        gen = service_app.Generation.inner._stream(None, dies_after_one_token(), body, {"id": "cmpl-1"}, 1,
+                                                   False, False)
+        return [chunk async for chunk in gen]
+
+    chunks = asyncio.run(stream())
+    assert json.loads(chunks[0].removeprefix(b"data: "))["choices"][0]["text"] == "Hello"
+    error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
+    assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
+
+
 def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
     """With a one-hour window, batches still start at once: a lone first request does not
     wait, and a batch starts as soon as as many requests as last time have come (but a
