@@ -2,7 +2,10 @@
 output lengths, served three ways, side by side in one run:
 
   one-at-a-time  a single request at a time (TextEngine, batch of 1)
-  static         whatever is queued (up to --max_batch) runs as one batch to the end
+  static         whatever is queued (up to --max_batch) runs as one batch to the end; a
+                 finished request leaves the batch and gets its answer at once (our engine)
+  static padded  the same batches as Hugging Face `generate` runs them: every row decodes
+                 until the batch's longest request is done, and every answer comes then
   continuous     ContinuousEngine: requests join and leave between decode steps
 
 Prints aggregate tokens/s, p50/p95 latency and p50/p95 time to first token, then the
@@ -16,7 +19,7 @@ import argparse
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,8 +61,10 @@ def on_event(tr: Trace, now: float, num_tokens: int, finished: bool) -> None:
         tr.done = now
 
 
-def serve_batches(engine: TextEngine, trace: list[Trace], max_batch: int) -> None:
-    """One-at-a-time (max_batch=1) and static batching: run what is queued, to the end."""
+def serve_batches(engine: TextEngine, trace: list[Trace], max_batch: int, padded: bool = False) -> None:
+    """One-at-a-time (max_batch=1) and static batching: run what is queued, to the end. Padded,
+    every row runs to the batch's longest max_tokens and answers then; only the tokens a
+    request asked for count."""
     start, pending = time.perf_counter(), list(trace)
     while pending:
         now = time.perf_counter() - start
@@ -68,9 +73,17 @@ def serve_batches(engine: TextEngine, trace: list[Trace], max_batch: int) -> Non
             continue
         batch = [tr for tr in pending if tr.arrival <= now][:max_batch]
         pending = [tr for tr in pending if tr not in batch]
-        for ev in engine.stream([tr.req for tr in batch]):
-            tr = batch[ev.request]
-            on_event(tr, time.perf_counter() - start, ev.num_tokens, ev.finish_reason is not None and ev.choice == 0)
+        longest = max(tr.req.max_tokens for tr in batch)
+        reqs = [replace(tr.req, max_tokens=longest) if padded else tr.req for tr in batch]
+        made = [0] * len(batch)
+        for ev in engine.stream(reqs):
+            tr, made[ev.request] = batch[ev.request], made[ev.request] + ev.num_tokens
+            wanted = ev.num_tokens if made[ev.request] <= tr.req.max_tokens else 0
+            on_event(tr, time.perf_counter() - start, wanted, ev.finish_reason is not None and not padded)
+        if padded:
+            end = time.perf_counter() - start
+            for tr in batch:
+                tr.done = end
 
 
 def serve_continuous(engine: TextEngine, trace: list[Trace], max_running: int) -> None:
@@ -129,12 +142,14 @@ def main() -> None:
     rows = {}
     for name, serve in [("one-at-a-time", lambda t: serve_batches(engine, t, 1)),
                         ("static", lambda t: serve_batches(engine, t, args.max_batch)),
+                        ("static padded", lambda t: serve_batches(engine, t, args.max_batch, padded=True)),
                         ("continuous", lambda t: serve_continuous(engine, t, args.max_batch))]:
         trace = make_trace(args.requests, args.rate, args.seed, args.max_prompt_words, args.max_new)
         serve(trace)
         rows[name] = report(name, trace)
-    print(f"continuous / static throughput: {rows['continuous']['tps'] / rows['static']['tps']:.2f}x, "
-          f"p95 latency {rows['continuous']['p95']:.2f}s vs {rows['static']['p95']:.2f}s")
+    for static in ("static", "static padded"):
+        print(f"continuous / {static} throughput: {rows['continuous']['tps'] / rows[static]['tps']:.2f}x, "
+              f"p95 latency {rows['continuous']['p95']:.2f}s vs {rows[static]['p95']:.2f}s")
 
     # All requests present at t=0, equal lengths. Each setting runs once to warm up (its
     # first run allocates the engine's buffers), then the median of --repeats runs counts.

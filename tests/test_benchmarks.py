@@ -30,3 +30,24 @@ def test_invariance_benchmark_counts_differing_requests_and_logprob_gap():
     assert 0 <= r["static"]["max_logprob_diff"] < 1e-4  # rounding, not a different computation
     exact = invariance(["--requests", "8", "--max_tokens", "12", "--batch_invariant"])
     assert exact["static"]["differ"] == exact["continuous"]["differ"] == exact["static"]["max_logprob_diff"] == 0
+
+
+def test_serving_sim_static_policies_count_only_the_tokens_asked_for():
+    """Static batching as our engine runs it answers each request when it finishes; padded, as
+    `generate` runs it, every request of a batch answers when its longest is done."""
+    import torch
+
+    from benchmarks.serving_sim import WORDS, make_trace, serve_batches
+    from models.engine import TextEngine
+    from models.gpt import GPT, GPTConfig
+    from models.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    engine = TextEngine(GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=1, n_head=2, n_embd=16)),
+                        Tokenizer.train([" ".join(WORDS) * 20], 300), device="cpu")
+    for padded in (False, True):
+        trace = make_trace(8, rate=0, seed=0, max_prompt_words=4, max_new=16)  # all at t=0: one batch
+        serve_batches(engine, trace, max_batch=8, padded=padded)
+        assert len({tr.req.max_tokens for tr in trace}) > 1
+        assert all(0 < tr.tokens <= tr.req.max_tokens for tr in trace)  # fewer only at end-of-text
+        assert (len({tr.done for tr in trace}) == 1) == padded
