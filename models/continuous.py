@@ -242,7 +242,7 @@ class ContinuousEngine:
         for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
             seq.tokens.append(tok)
             seq.position += 1
-            entry = (token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs)
+            entry = (token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs, seq.scanner)
                      if group.req.logprobs is not None else None)
             text, lps, reason = advance_text(seq.scanner, tok, eot, len(seq.tokens), group.req.max_tokens, entry)
             events.append(StreamEvent(group.id, seq.choice, text, 1, lps, reason, tok))

@@ -42,9 +42,12 @@ class CompletionRequest:
 
 @dataclass
 class TokenLogprob:
-    token: str
+    token: str  # Tokenizer.token_name: its text, or "bytes:..." for part of a character
     logprob: float  # under the model's own distribution (before penalty, temperature, filters)
     top: dict[str, float]
+    # Where the token's text starts in the choice's text, in characters; the tokens that
+    # make up one character share its offset (names of bytes do not add up to the text).
+    offset: int = 0
 
 
 @dataclass
@@ -269,7 +272,8 @@ class TextEngine(TextRequests):
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 row.tokens.append(tok)
                 row.position += 1
-                entry = token_logprob(self.tokenizer, tok, lp, j, row.logprobs) if row.logprobs is not None else None
+                entry = (token_logprob(self.tokenizer, tok, lp, j, row.logprobs, row.scanner)
+                         if row.logprobs is not None else None)
                 text, lps, reason = advance_text(row.scanner, tok, self.tokenizer.eot_id, len(row.tokens),
                                                  row.max_tokens, entry)
                 yield StreamEvent(row.request, row.choice, text, 1, lps, reason, tok)
@@ -365,10 +369,13 @@ def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, rand
     return tokens, (chosen.tolist(), vals.tolist(), ids.tolist())
 
 
-def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], row: int, k: int) -> TokenLogprob:
+def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], row: int, k: int,
+                  scanner: StopScanner) -> TokenLogprob:
+    """The entry of a row's next token, before `advance_text` takes it (its offset counts the
+    row's text so far)."""
     chosen, vals, ids = lp[0][row], lp[1][row], lp[2][row]
-    return TokenLogprob(tokenizer.decode([tok]), chosen,
-                        {tokenizer.decode([i]): v for i, v in zip(ids[:k], vals[:k])})
+    name, offset = tokenizer.token_name, scanner.decoded + scanner.decoder.start_of(tok)
+    return TokenLogprob(name(tok), chosen, {name(i): v for i, v in zip(ids[:k], vals[:k])}, offset)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

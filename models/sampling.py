@@ -20,6 +20,9 @@ from models.errors import InvalidParameter
 # numbers), so a request's seeds, seed + i for its n choices or images, stay within 32 bits.
 MAX_SEED = 2**32 - 1
 MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would not fit the sampler's tensors
+# A penalty divides positive logits: below this, float32 logits overflow to inf (and a penalty
+# under 1.4e-45 rounds to 0), softmax turns them into NaN, and the draw is garbage.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class SamplingParams:
             ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be in [0, {MAX_TOP_K}] (0 turns it off)"),
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
-            ("repetition_penalty", math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
-             "must be in (0, 10]"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10, f"must be in [{MIN_REPETITION_PENALTY}, 10]"),
         ]
         for name, ok, why in checks:
             if not ok:

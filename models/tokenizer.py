@@ -5,6 +5,7 @@ back to their UTF-8 bytes, which are always in the base vocabulary.
 """
 from __future__ import annotations
 
+import codecs
 import functools
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves,
+    the others for characters from 256 up (`tokenizers`' ByteLevel uses the same table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
 class Tokenizer:
@@ -67,6 +76,39 @@ class Tokenizer:
         alone can show that it will not fit a context, without tokenizing it."""
         return max(len(token) for token in self.hf.get_vocab())
 
+    def token_name(self, token_id: int) -> str:
+        """A token's text, as logprobs show it. A byte-level token can hold part of a
+        character, which decodes to U+FFFD (130 of the default model's 2,048 tokens do): such a
+        token is named by its bytes, as OpenAI names them ("bytes:\\xe2\\x80"), so that distinct
+        tokens keep distinct names."""
+        names = self._token_names
+        return names[token_id] if token_id < len(names) else ""  # a vocabulary padded past the tokenizer's
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for (a special token: its text's)."""
+        pieces = self._token_bytes
+        return pieces[token_id] if token_id < len(pieces) else b""
+
+    @functools.cached_property
+    def _token_bytes(self) -> list[bytes]:
+        byte_of = _byte_level_chars()
+        pieces = []
+        for i in range(self.vocab_size):
+            piece = self.hf.id_to_token(i) or ""
+            special = piece == EOT or not all(c in byte_of for c in piece)
+            pieces.append(self.decode([i]).encode() if special else bytes(byte_of[c] for c in piece))
+        return pieces
+
+    @functools.cached_property
+    def _token_names(self) -> list[str]:
+        names = []
+        for raw in self._token_bytes:
+            try:
+                names.append(raw.decode())
+            except UnicodeDecodeError:
+                names.append("bytes:" + repr(raw)[2:-1])
+        return names
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
@@ -105,6 +147,21 @@ class StreamDecoder:
         else:
             self.sent = end
         return out
+
+    def start_of(self, token_id: int) -> int:
+        """Where the next token's text will start, in characters, counted from the end of the
+        text returned so far: after the window's complete characters (an invalid byte among them
+        is one U+FFFD), at a character the window has begun and the token continues, after it
+        when the token cannot continue it (it will be one U+FFFD)."""
+        window = b"".join(map(self.tokenizer.token_bytes, self.window))
+        chars, consumed = codecs.utf_8_decode(window, "replace", False)  # leaves a begun character
+        start = len(chars)
+        if consumed < len(window):
+            try:
+                codecs.utf_8_decode(window[consumed:] + self.tokenizer.token_bytes(token_id)[:1], "strict", False)
+            except UnicodeDecodeError:
+                start += 1
+        return start - self.sent
 
     def flush(self) -> str:
         """The rest, an incomplete character decoded as U+FFFD."""

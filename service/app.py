@@ -161,8 +161,9 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
                            type="server_error")
             response = JSONResponse(err.body(request_id), status_code=500)
-        if response.status_code >= 400:
-            get_metrics().request_errors.labels(endpoint=request.url.path, status=str(response.status_code)).inc()
+        if response.status_code >= 400:  # labelled by route ("/v1/models/{model}"): one series per route
+            endpoint = getattr(request.scope.get("route"), "path", request.url.path)
+            get_metrics().request_errors.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         response.headers["X-Request-ID"] = request_id
         return response
 
@@ -252,6 +253,16 @@ async def openai_models(svc: "Generation", request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [m.openai() for m in svc.served_models]})
 
 
+@_route
+async def openai_model(svc: "Generation", request: Request) -> Response:
+    """GET /v1/models/{model}: one model, by any name it answers to (OpenAI's `models.retrieve`)."""
+    requested = request.path_params["model"]
+    for served in svc.served_models:
+        if served.answers_to(requested):
+            return JSONResponse(served.openai())
+    raise ApiError(404, f"model {requested[:100]!r} is not served here", "model", code="model_not_found")
+
+
 routes = Starlette(routes=[
     Route("/complete", complete, methods=["POST"]),
     Route("/generate", generate, methods=["POST"]),
@@ -259,6 +270,7 @@ routes = Starlette(routes=[
     Route("/v1/completions", openai_completions, methods=["POST"]),
     Route("/v1/images/generations", openai_images, methods=["POST"]),
     Route("/v1/models", openai_models, methods=["GET"]),
+    Route("/v1/models/{model}", openai_model, methods=["GET"]),
 ])
 
 
@@ -373,14 +385,11 @@ class _TextResult:
             self.open -= 1
 
 
-def _logprobs_json(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text."""
-    offsets = []
-    for lp in items:
-        offsets.append(offset)
-        offset += len(lp.token)
+def _logprobs_json(items: list[TokenLogprob], prefix: int) -> dict[str, Any]:
+    """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text,
+    after an echoed prompt of `prefix` characters."""
     return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
+            "top_logprobs": [lp.top for lp in items], "text_offset": [prefix + lp.offset for lp in items]}
 
 
 def _pick_seed(seed: int | None) -> int:
@@ -582,7 +591,7 @@ class Generation:
             return sse_event({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                                    "finish_reason": _finish_reason(finish, openai)}]})
 
-        offsets = [len(body.prompt) if body.echo else 0] * body.n
+        prefix = len(body.prompt) if body.echo else 0
         tokens = 0
         try:
             if body.echo:
@@ -591,8 +600,7 @@ class Generation:
                 tokens += ev.num_tokens
                 if not ev.text and ev.finish_reason is None and not ev.logprobs:
                     continue
-                lp = _logprobs_json(ev.logprobs, offsets[ev.choice]) if body.logprobs is not None else None
-                offsets[ev.choice] += sum(len(x.token) for x in ev.logprobs)  # counted as the whole answer counts
+                lp = _logprobs_json(ev.logprobs, prefix) if body.logprobs is not None else None
                 yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": {

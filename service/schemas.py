@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from models.ar_image import MAX_GUIDANCE
-from models.sampling import MAX_SEED, MAX_TOP_K
+from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY
 
 MAX_N = 16  # choices per completion request, images per image request
 MAX_STOP = 4
@@ -88,7 +88,7 @@ class CompletionBody(_Body):
     top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
@@ -107,8 +107,11 @@ class CompletionBody(_Body):
         return v
 
 
-class StreamOptions(_Body):
+class StreamOptions(_Body, _NullIsDefault):
     include_usage: bool = False
+    # OpenAI pads stream events with random characters against length side channels unless
+    # this is false; this service does not pad, so either value gets no `obfuscation` field.
+    include_obfuscation: bool = True
 
 
 class OpenAICompletionBody(CompletionBody, _NullIsDefault):
@@ -135,7 +138,7 @@ class OpenAICompletionBody(CompletionBody, _NullIsDefault):
             return ApiError(400, f"{which} is not supported (use repetition_penalty)", which)
         if self.best_of is not None and self.best_of != self.n:
             return ApiError(400, "best_of is not supported", "best_of")
-        if self.logit_bias:
+        if self.logit_bias and any(self.logit_bias.values()):  # a bias of 0 changes nothing
             return ApiError(400, "logit_bias is not supported", "logit_bias")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")

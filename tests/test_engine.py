@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from models.engine import CompletionRequest, StopScanner, TextEngine, reference_generate
+from models.engine import CompletionRequest, StopScanner, TextEngine, advance_text, reference_generate, token_logprob
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
@@ -106,15 +106,40 @@ def test_logprobs_leave_with_the_text_a_stop_string_held_back(engine):
     and the last event carries the rest (a stop string's own tokens), as the whole answer has them."""
     req = CompletionRequest("The quick", seed=3, max_tokens=12, logprobs=1)
     free = [lp for e in engine.stream([req]) for lp in e.logprobs]
-    assert [lp.token for lp in free[2:9]] == ["\ufffd", ",", "\x17", ":", " brown", " wit", " d"]  # this sample
+    assert [lp.token for lp in free[2:9]] == ["bytes:\\xc1", ",", "\x17", ":", " brown", " wit", " d"]  # this sample
     held = list(engine.stream([dataclasses.replace(req, stop=[": brown witZ"])]))  # held, then released
     assert [(e.text, [lp.token for lp in e.logprobs]) for e in held[2:9]] == [
-        ("", []), ("\ufffd,", ["\ufffd", ","]), ("\x17", ["\x17"]), ("", []), ("", []), ("", []),
+        ("", []), ("\ufffd,", ["bytes:\\xc1", ","]), ("\x17", ["\x17"]), ("", []), ("", []), ("", []),
         (": brown wit d", [":", " brown", " wit", " d"])]
     assert [lp for e in held for lp in e.logprobs] == free
     cut = list(engine.stream([dataclasses.replace(req, stop=[": brown wit"])]))
     assert cut[-1].finish_reason == "stop" and [lp.token for lp in cut[-1].logprobs] == [":", " brown", " wit"]
     assert [lp for e in cut for lp in e.logprobs] == free[:8]
+
+
+def test_logprob_tokens_name_split_characters_by_their_bytes_and_offsets_point_into_the_text(tok):
+    """A character split across byte-level tokens: each part is named by its bytes (OpenAI's
+    "bytes:" names; they all decode to U+FFFD, so they would collide as keys of top_logprobs),
+    and all its parts point at the character, so the offsets of later tokens stay right."""
+    names = [tok.token_name(i) for i in range(tok.vocab_size)]
+    assert len(set(names)) == len(names)
+
+    def run(ids: list[int]) -> tuple[str, list[tuple[str, int]]]:
+        scanner, text, entries = StopScanner(tok, []), "", []
+        for i, t in enumerate(ids):
+            entry = token_logprob(tok, t, ([-1.0], [[]], [[]]), 0, 0, scanner)
+            released, lps, _ = advance_text(scanner, t, tok.eot_id, i + 1, len(ids), entry)
+            text, entries = text + released, entries + lps
+        return text, [(e.token, e.offset) for e in entries]
+
+    byte = {name: i for i, name in enumerate(names) if name.startswith("bytes:")}
+    text, entries = run(tok.encode("Hé😀 the") + [byte["bytes:\\x81"]] + tok.encode(" x"))
+    assert text == "Hé😀 the\ufffd x"  # a continuation byte on its own is never valid UTF-8
+    assert entries == [("H", 0), ("bytes:\\xc3", 1), ("bytes:\\xa9", 1),
+                       *[(f"bytes:\\x{b:02x}", 2) for b in "😀".encode()], (" the", 3), ("bytes:\\x81", 7),
+                       (" ", 8), ("x", 9)]
+    text, entries = run([byte["bytes:\\xf0"], byte["bytes:\\x9f"]] + tok.encode(" x"))  # a character cut short
+    assert text == "\ufffd x" and entries == [("bytes:\\xf0", 0), ("bytes:\\x9f", 0), (" ", 1), ("x", 2)]
 
 
 def test_finish_reason_length(engine):

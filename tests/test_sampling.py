@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.errors import InvalidParameter
-from models.sampling import (MAX_SEED, RowRandom, SamplingBatch, SamplingParams, apply_repetition_penalty,
-                             draw_uniforms, filter_logits, inverse_cdf_sample, sample)
+from models.sampling import (MAX_SEED, MIN_REPETITION_PENALTY, RowRandom, SamplingBatch, SamplingParams,
+                             apply_repetition_penalty, draw_uniforms, filter_logits, inverse_cdf_sample, sample)
 
 
 def batch(**kw) -> SamplingBatch:
@@ -88,10 +88,21 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     assert out.tolist() == [[1.0, -2.0, 3.0]]
 
 
+def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing():
+    """A penalty below 1 multiplies seen positive logits; at the smallest allowed one, even large
+    logits stay finite, so the draw is a real one (it used to be NaN: the last token, always)."""
+    params = SamplingParams(temperature=1.0, repetition_penalty=MIN_REPETITION_PENALTY)
+    params.validate()
+    logits = torch.tensor([[40.0, 1e3, -5.0, 45.0]])
+    seen = torch.tensor([[True, False, True, False]])
+    draws = [sample(logits, SamplingBatch.from_params([params]), [RowRandom(s)], seen).item() for s in range(20)]
+    assert set(draws) == {0}  # 40 / 0.01 = 4,000 beats 1,000 and 45
+
+
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
                                          ("temperature", float("nan")), ("top_k", -1), ("top_k", 2**63),
                                          ("min_p", 1.0),
-                                         ("repetition_penalty", 0.0)])
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45)])
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         SamplingParams(**{field: value}).validate()

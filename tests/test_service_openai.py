@@ -21,6 +21,10 @@ def oai(server) -> openai.OpenAI:
 def test_models_list(oai):
     ids = [m.id for m in oai.models.list()]
     assert len(ids) == 3 and {i.split(":")[0] for i in ids} == {"gpt", "gan", "ar_image"}
+    for name in ("gpt", "gpt:latest", ids[0]):  # models.retrieve, by any name a request may use
+        assert oai.models.retrieve(name).id.split(":")[0] == name.split(":")[0]
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-3.5-turbo-instruct")
 
 
 def test_completions(oai):

@@ -38,6 +38,7 @@ def _error_param(model, data) -> str:
     ({"prompt": "a", "min_p": 1}, "min_p"),
     ({"prompt": "a", "top_k": -1}, "top_k"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "repetition_penalty": 1e-45}, "repetition_penalty"),  # would overflow the logits
     ({"prompt": "a", "n": 17}, "n"),
     ({"prompt": "a", "seed": -1}, "seed"),
     ({"prompt": "a", "logprobs": 6}, "logprobs"),
@@ -67,6 +68,10 @@ def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
     assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": ["a", "b"]}) == "prompt"
     assert OpenAICompletionBody.model_validate(
         {"model": "gpt", "prompt": "a", "presence_penalty": 0.5}).unsupported().param == "presence_penalty"
+    neutral_bias = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": 0.0}}  # changes nothing: fine
+    assert OpenAICompletionBody.model_validate(neutral_bias).unsupported() is None
+    biased = {**neutral_bias, "logit_bias": {"50": 0, "7": -100}}
+    assert OpenAICompletionBody.model_validate(biased).unsupported().param == "logit_bias"
 
 
 def test_openai_stream_options_need_a_stream():
@@ -75,6 +80,10 @@ def test_openai_stream_options_need_a_stream():
     assert OpenAICompletionBody.model_validate(body).unsupported().param == "stream_options"
     assert OpenAICompletionBody.model_validate({**body, "stream": True}).unsupported() is None
     assert OpenAICompletionBody.model_validate({**body, "stream_options": None}).unsupported() is None
+    # null inside the options means the default too; the current client's obfuscation switch is known
+    options = {"include_usage": None, "include_obfuscation": False}
+    body = OpenAICompletionBody.model_validate({**body, "stream": True, "stream_options": options})
+    assert body.stream_options.include_usage is False and body.unsupported() is None
 
 
 def test_engine_gauges_are_zero_before_the_first_request():
