@@ -19,6 +19,7 @@ from models.image_engine import ImageRequest
 from models.sampling import RowRandom, SamplingBatch, SamplingParams
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
+from training.data.imagefolder import write_imagefolder
 from training.data.shapes import make_shapes
 from training import train_ar_image
 from training.train_ar_image import main
@@ -239,3 +240,31 @@ def test_loader_rejects_another_family(tiny_run, tmp_path):
     (bad / "config.json").write_text(json.dumps({**config, "family": "gan"}))
     with pytest.raises(ValueError, match="ar_image"):
         ARImageEngine.load(bad, device="cpu")
+
+
+def test_bad_holdout_is_refused_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, f"--run_dir={tmp_path / 'run'}", "--holdout=red:square,red:triangle,red:cross"])
+    assert e.value.code == 2 and "leaves red with one shape (circle)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"--context=12: the longest evaluation prompt is \d+ tokens"):
+        main([*TINY, f"--run_dir={tmp_path / 'run'}", "--n_train=64", "--n_val=8", "--context=12"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_an_empty_holdout_evaluates_without_heldout_metrics(tmp_path):
+    out = tmp_path / "run"
+    main([*TINY, f"--run_dir={out}", "--holdout=", "--n_train=64", "--n_val=8", "--max_steps=2",
+          "--halt_after=1"])
+    row = json.loads((out / "history.json").read_text())[-1]
+    assert row["step"] == 1 and "coverage" in row and "heldout_colour" not in row
+
+
+def test_n_val_that_leaves_no_folder_images_is_refused_when_the_folder_is_read(tmp_path):
+    data = make_shapes(10, seed=2)
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), data.captions)
+    with pytest.raises(ValueError, match=f"--n_val=32 leaves no training images of the 10 in {tmp_path / 'data'}"):
+        main([*TINY, f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'data'}"])

@@ -10,6 +10,7 @@ from models.autoencoder import AEConfig, AutoEncoder, LatentEngine
 from models.image_engine import ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
+from training.data.imagefolder import write_imagefolder
 from training.data.shapes import make_shapes
 from training.train_autoencoder import main
 
@@ -78,3 +79,23 @@ def test_tiny_vae_run(tmp_path):
     assert config["family"] == "autoencoder" and config["variational"] is True
     engine = LatentEngine.load(model_dir, prior="fitted", device="cpu")
     assert engine.generate([ImageRequest("a red circle", seed=0)])[0][0].shape == (32, 32, 3)
+
+
+def test_bad_holdout_is_refused_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--holdout=red:square,red:triangle,red:cross"])
+    assert e.value.code == 2 and "leaves red with one shape (circle)" in capsys.readouterr().err
+
+
+def test_n_val_that_leaves_no_folder_images_is_refused_when_the_folder_is_read(tmp_path):
+    data = make_shapes(10, seed=2)
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), data.captions)
+    with pytest.raises(ValueError, match="--n_val=32 leaves no training images of the 10"):
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", f"--data={tmp_path / 'data'}"])
+
+
+def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training(tmp_path):
+    """Otherwise the final evaluation, after all the training, would fail."""
+    with pytest.raises(ValueError, match=r"--context=12: the longest evaluation prompt is \d+ tokens"):
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--n_train=64", "--n_val=8", "--context=12"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -18,7 +18,8 @@ from training.data.shapes import ShapesConfig, make_shapes
 from training.evaluate import (frechet_distance, memorisation_rate, near_duplicate_threshold,
                                train_evaluator)
 from training.synthesize import main as synthesize_main
-from training.train_gan import main
+from training.common import Dist
+from training.train_gan import main, restore_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,8 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     ("--image_size=48", "--image_size=48: must be 32 or 64"),
     ("--augment=flip", "--augment='flip'"),
     ("--store_name=My Model", "--store_name='My Model'"),
+    ("--holdout=green:triangle,blue:triangle,yellow:triangle,purple:triangle,cyan:triangle",
+     "leaves triangle with one colour (red)"),
 ])
 def test_bad_settings_are_refused_before_training(arg, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -119,6 +122,28 @@ def test_resume_refuses_a_missing_broken_or_mismatched_checkpoint(tiny_run, tmp_
         main(args + ["--g_ch=16"])
 
 
+def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training(tmp_path):
+    """Not at the first evaluation, with the training before it lost (no checkpoint yet)."""
+    with pytest.raises(ValueError, match=r"--context=12: the longest evaluation prompt is \d+ tokens"):
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--n_train=64", "--context=12",
+              "--store=false"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_resume_with_more_processes_than_the_checkpoint_was_written_by():
+    """Rank 0 continues its saved stream; rank 1, with none saved, starts as a fresh run's would."""
+    torch.manual_seed(5)
+    saved = torch.get_rng_state()
+    expected = torch.rand(3)
+    ckpt = {"rng": [saved]}
+    restore_rng(ckpt, Dist(0, 2, torch.device("cpu")), seed=1337)
+    assert torch.equal(torch.rand(3), expected)
+    restore_rng(ckpt, Dist(1, 2, torch.device("cpu")), seed=1337)
+    rank1 = torch.rand(3)
+    torch.manual_seed(1338)
+    assert torch.equal(rank1, torch.rand(3))
+
+
 def test_trains_on_an_imagefolder(tmp_path):
     """Bring-your-own data: no attribute labels, so losses and grids but no accuracy."""
     data = make_shapes(24, seed=2)
@@ -139,6 +164,21 @@ def test_synthesize_exports_what_the_job_reads(tiny_run, tmp_path):
     data = load_imagefolder(tmp_path / "synth", image_size=32)
     assert len(data) == 12 and len(data.attributes) == 12
     assert set(report["cas"]) == {"shape", "colour", "size", "position", "background"}
+
+
+def test_synthesize_refuses_bad_counts_and_prompts_before_any_work(tiny_run, tmp_path, capsys):
+    _, model_dir = tiny_run
+    out = tmp_path / "synth"
+    with pytest.raises(SystemExit) as e:
+        synthesize_main([str(model_dir), "--out", str(out), "--n", "0"])
+    assert e.value.code == 2 and "--n=0: must be >= 1" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\n" + "a big blue square on the left " * 8 + "\n")
+    with pytest.raises(SystemExit) as e:
+        synthesize_main([str(model_dir), "--out", str(out), "--prompts", str(prompts), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--prompts {prompts}, line 3" in err and "the limit is 32" in err
+    assert not out.exists()
 
 
 def test_evaluator_is_accurate_on_real_data():

@@ -2,6 +2,7 @@
 pairs) and the imagefolder loader (bad files are skipped and counted, never fatal)."""
 import json
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -145,3 +146,34 @@ def test_hard_negatives_change_exactly_one_attribute():
         assert len(diff) == 1 and (neg["colour"], neg["shape"]) not in held
         changed.append(diff[0])
     assert changed.count("shape") > 0.4 * len(changed)  # the attribute that is easiest to ignore
+
+
+ALL_PAIRS = ",".join(f"{c}:{s}" for c in COLOURS for s in ("circle", "square", "triangle", "cross"))
+
+
+@pytest.mark.parametrize("holdout, message", [
+    ("green:triangle,blue:triangle,yellow:triangle,purple:triangle,cyan:triangle",
+     "leaves triangle with one colour (red)"),
+    ("red:square,red:triangle,red:cross", "leaves red with one shape (circle)"),
+    (ALL_PAIRS, "none is left for training"),
+])
+def test_holdout_that_leaves_no_negative_or_no_pair_is_refused(holdout, message):
+    """Sampling and hard negatives would redraw forever: refused instead of hanging."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_holdout(holdout)
+    with pytest.raises(ValueError):
+        make_shapes(4, seed=0, cfg=ShapesConfig(holdout=holdout))
+    # Two colours left for every shape (and two shapes for every colour) is enough.
+    parse_holdout("green:triangle,blue:triangle,yellow:triangle,purple:triangle")
+
+
+def test_imagefolder_metadata_that_is_not_utf8_fails_naming_the_file(tmp_path):
+    data = make_shapes(2, seed=9)
+    write_imagefolder(tmp_path, list(data.images.permute(0, 2, 3, 1).numpy()), ["a", "b"])
+    meta = tmp_path / "metadata.jsonl"
+    text = meta.read_text()
+    meta.write_text(text, encoding="utf-16")
+    with pytest.raises(ValueError, match=r"metadata.jsonl: not UTF-8"):
+        load_imagefolder(tmp_path)
+    meta.write_text(text, encoding="utf-8-sig")  # a byte-order mark, as some editors write
+    assert load_imagefolder(tmp_path).captions == ["a", "b"]

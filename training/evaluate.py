@@ -215,6 +215,18 @@ def eval_prompts(cfg: ShapesConfig, pairs: list[tuple[str, str]], per_pair: int,
     return scenes
 
 
+def eval_splits(cfg: ShapesConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The (split, pairs) evaluate_generator grades: training pairs and held-out ones, if any."""
+    splits = [("train", training_pairs(cfg)), ("heldout", sorted(parse_holdout(cfg.holdout)))]
+    return [(split, pairs) for split, pairs in splits if pairs]
+
+
+def generator_prompts(cfg: ShapesConfig, per_pair: int, seed: int) -> list[str]:
+    """Every prompt evaluate_generator(per_pair=, seed=) asks the generator for, so a job can
+    check they fit its context before training rather than at the first evaluation."""
+    return [s["prompt"] for _, pairs in eval_splits(cfg) for s in eval_prompts(cfg, pairs, per_pair, seed)]
+
+
 def generate_for(engine: ImageEngine, prompts: list[str], n: int, seed: int,
                  batch: int = 64) -> torch.Tensor:
     """n images per prompt → uint8 (len(prompts)·n, 3, S, S), prompt-major."""
@@ -234,10 +246,7 @@ def evaluate_generator(engine: ImageEngine, evaluator: Evaluator, cfg: ShapesCon
     """All the metrics above, as one JSON-ready dict."""
     evaluator.eval()
     results: dict[str, Any] = {}
-    held = sorted(parse_holdout(cfg.holdout))
-    for split, pairs in (("train", training_pairs(cfg)), ("heldout", held)):
-        if not pairs:
-            continue
+    for split, pairs in eval_splits(cfg):
         scenes = eval_prompts(cfg, pairs, per_pair, seed)
         images = generate_for(engine, [s["prompt"] for s in scenes], n, seed)  # (P·n, 3, S, S)
         wanted = attribute_labels([s["attrs"] for s in scenes]).repeat_interleave(n, 0)

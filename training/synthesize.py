@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
@@ -35,6 +36,20 @@ def sample_scenes(cfg: ShapesConfig, n: int, seed: int) -> list[dict[str, Any]]:
     one = ShapesConfig(cfg.image_size, cfg.holdout, two_object_prob=0.0)
     attrs = [sample_attributes(rng, one, parse_holdout(cfg.holdout)) for _ in range(n)]
     return [{"attrs": a, "prompt": caption(a, rng, full=True)} for a in attrs]
+
+
+def read_prompts(path: str, engine: ImageEngine, seed: int) -> list[str]:
+    """The file's non-blank lines, each checked as synthesize will request it: a prompt the
+    model cannot take is refused before any image is made, naming its line."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if prompt := line.strip():
+            try:
+                engine.validate(ImageRequest(prompt, seed=seed + len(prompts)))
+            except InvalidParameter as e:
+                raise ValueError(f"--prompts {path}, line {number} ({prompt[:60]!r}): {e}") from None
+            prompts.append(prompt)
+    return prompts
 
 
 def synthesize(engine: ImageEngine, prompts: list[str], seed: int,
@@ -78,12 +93,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cas_steps", type=int, default=800, help="CAS classifier steps (0 = skip)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"--n={args.n}: must be >= 1")
 
     engine = ImageEngine.load(args.model_dir, device=args.device)
     config = json.loads((Path(args.model_dir) / "config.json").read_text())
     report: dict[str, Any] = {}
     if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        try:
+            prompts = read_prompts(args.prompts, engine, args.seed)
+        except ValueError as e:
+            p.error(str(e))
         images = synthesize(engine, prompts, args.seed)
         write_imagefolder(args.out, images, prompts)
     else:

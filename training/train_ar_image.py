@@ -38,7 +38,8 @@ from training.common import (above, all_reduce_mean, at_least, atomic_save, auto
                              restore, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
-from training.train_gan import ImageJobConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
+                                get_tokenizer, load_data, sample_prompts, save_grid)
 from training.train_gpt import make_optimizer
 
 log = logging.getLogger("train_ar_image")
@@ -180,7 +181,12 @@ def train(cfg: ARTrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
+    check_validation_split(cfg.n_val, data, cfg.data)
     tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
+    grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
+    # The prompts of the periodic evaluations (seed 0) and of finish (seed 1).
+    check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
+                      [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
     mcfg = model_config(cfg)
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {mcfg.vocab_size}")
@@ -208,7 +214,6 @@ def train(cfg: ARTrainConfig) -> Path:
             seed=cfg.data_seed)
         log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
     engine = ARImageEngine(model, tokenizer, str(d.device))
-    grid_prompts = sample_prompts(data, shapes)
 
     # The text encoder's pooled-vector head gets no gradient (the model reads only its token
     # features), so DDP must be told that some parameters sit out.
@@ -252,9 +257,10 @@ def train(cfg: ARTrainConfig) -> Path:
                                            per_pair=cfg.eval_per_pair, n=4, seed=0,
                                            memorisation=False)
                     row.update(colour=m["train_accuracy"]["colour"],
-                               shape=m["train_accuracy"]["shape"], coverage=m["coverage"],
-                               heldout_colour=m["heldout_accuracy"]["colour"],
-                               heldout_shape=m["heldout_accuracy"]["shape"])
+                               shape=m["train_accuracy"]["shape"], coverage=m["coverage"])
+                    if "heldout_accuracy" in m:  # none with --holdout=''
+                        row.update(heldout_colour=m["heldout_accuracy"]["colour"],
+                                   heldout_shape=m["heldout_accuracy"]["shape"])
                 history.append(row)
                 log.info("step %d: %s", step, {k: round(v, 3) for k, v in row.items()})
                 save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")

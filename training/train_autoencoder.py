@@ -32,7 +32,8 @@ from models.text_encoder import encode_prompts
 from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
                              parse_config, restore)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
-from training.train_gan import ImageJobConfig, _alias, get_tokenizer, load_data, sample_prompts, save_grid
+from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
+                                get_tokenizer, load_data, sample_prompts, save_grid)
 
 log = logging.getLogger("train_autoencoder")
 
@@ -139,7 +140,11 @@ def train(cfg: AETrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     data, shapes = load_data(cfg)
+    check_validation_split(cfg.n_val, data, cfg.data)
     tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device), ckpt)
+    # The prompts finish grades (seed 1) and draws its grids from.
+    check_prompts_fit(tokenizer, cfg.context, sample_prompts(data, shapes, tokenizer, cfg.context),
+                      shapes, [(cfg.final_per_pair, 1)])
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
     torch.manual_seed(cfg.seed)
     model = AutoEncoder(model_config(cfg)).to(device)
@@ -215,7 +220,7 @@ def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, sh
         metrics["evaluator"] = ev
     for prior in PRIORS:
         engine = LatentEngine(model, tokenizer, prior, device="cpu")
-        save_grid(engine, sample_prompts(data, shapes), run / f"samples_{prior}.png")
+        save_grid(engine, sample_prompts(data, shapes, tokenizer, cfg.context), run / f"samples_{prior}.png")
         if evaluator is not None:
             metrics[prior] = evaluate_generator(engine, evaluator, shapes, data.images[:n_train],
                                                 per_pair=cfg.final_per_pair, n=4, seed=1)

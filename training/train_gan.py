@@ -40,7 +40,7 @@ from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomi
                              restore, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
-from training.evaluate import evaluate_generator, eval_prompts, load_or_train_evaluator
+from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
 from training.store import save_to_store
 
 log = logging.getLogger("train_gan")
@@ -209,6 +209,28 @@ def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist, ckpt: dict 
     return Tokenizer.load(path)
 
 
+def check_prompts_fit(tokenizer: Tokenizer, context: int, grid: list[str], shapes: ShapesConfig | None,
+                      evals: list[tuple[int, int]]) -> None:
+    """The engine refuses a prompt longer than --context, and the job generates from the grid's
+    prompts and each evaluation's ((per_pair, seed)): refuse the run before training, not at
+    the first evaluation, after the training it would lose."""
+    prompts = list(grid)
+    if shapes is not None:
+        prompts += [p for per_pair, seed in evals for p in generator_prompts(shapes, per_pair, seed)]
+    n, longest = max(((len(tokenizer.encode(p)), p) for p in prompts), default=(0, ""))
+    if n > context:
+        raise ValueError(f"--context={context}: the longest evaluation prompt is {n} tokens with this "
+                         f"tokenizer ({longest!r}); use a larger --context or --vocab_size")
+
+
+def check_validation_split(n_val: int, data: CaptionedImages, source: str) -> None:
+    """A folder's image count is known only once it is read: refuse an --n_val that leaves no
+    training images then, before anything is trained (procedural data is checked at parse time)."""
+    if n_val >= len(data):
+        raise ValueError(f"--n_val={n_val} leaves no training images of the {len(data)} in {source} "
+                         "(use a smaller --n_val)")
+
+
 @torch.no_grad()
 def update_ema(ema: Generator, model: Generator, images_seen: int, cfg: GANTrainConfig,
                batch_images: int) -> None:
@@ -304,6 +326,10 @@ def train(cfg: GANTrainConfig) -> Path:
     torch.manual_seed(cfg.seed + d.rank)
     data, shapes = load_data(cfg)
     tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
+    grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
+    # The prompts of periodic_eval (seed 0) and finish (seed 1).
+    check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
+                      [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
     neg_all = encode_prompts(tokenizer, data.negatives, cfg.context) if data.negatives else None
     gcfg = gan_config(cfg)
@@ -327,7 +353,6 @@ def train(cfg: GANTrainConfig) -> Path:
             seed=cfg.data_seed)
         log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
     engine = ImageEngine(G_ema, tokenizer, str(d.device))
-    grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
 
     # DDP averages gradients across ranks; D keeps its own spectral-norm vectors per rank.
     G_train = DDP(G) if d.world_size > 1 else G
@@ -344,7 +369,7 @@ def train(cfg: GANTrainConfig) -> Path:
     interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
     if ckpt is not None:
         # Last, after everything that draws random numbers while being built.
-        torch.set_rng_state(ckpt["rng"][d.rank])
+        restore_rng(ckpt, d, cfg.seed)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="gan")
     while step < cfg.max_steps:
         idx = torch.randint(len(data), (B,))
@@ -442,6 +467,19 @@ def gather_rng(d: Dist) -> list[torch.Tensor]:
     states = [torch.empty_like(state) for _ in range(d.world_size)]
     dist.all_gather_object(states, state)
     return states
+
+
+def restore_rng(ckpt: dict[str, Any], d: Dist, seed: int) -> None:
+    """This rank's RNG state from the checkpoint. Resumed with more processes than wrote it, a
+    rank it has no state for is seeded as a fresh run seeds it (seed + rank)."""
+    states = ckpt["rng"]
+    if d.is_main and len(states) != d.world_size:
+        log.warning("the checkpoint was written by %d processes, this run has %d: the batches "
+                    "differ from those of an uninterrupted run", len(states), d.world_size)
+    if d.rank < len(states):
+        torch.set_rng_state(states[d.rank])
+    else:
+        torch.manual_seed(seed + d.rank)
 
 
 def periodic_eval(engine: ImageEngine, evaluator: Any, shapes: ShapesConfig | None,

@@ -60,6 +60,15 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def read_metadata(path: Path) -> str:
+    """The whole file as text. Unlike one bad line, a file in another encoding cannot be read
+    at all: a ValueError naming it (a UTF-8 byte-order mark, as some editors write, is fine)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImages:
     """Read `folder/metadata.jsonl` and its images; skipped files are counted in one warning."""
     folder = Path(folder)
@@ -69,7 +78,7 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
                                 "with 'file_name' and 'text')")
     images, captions, attributes = [], [], []
     skipped: dict[str, int] = {"missing": 0, "unreadable": 0, "bad metadata line": 0}
-    for line in meta_path.read_text().splitlines():
+    for line in read_metadata(meta_path).splitlines():
         if not line.strip():
             continue
         try:

@@ -101,7 +101,27 @@ def parse_holdout(spec: str) -> set[tuple[str, str]]:
             raise ValueError(f"holdout entry {item!r}: expected colour:shape with colour in "
                              f"{list(COLOURS)} and shape in {list(SHAPES)}")
         pairs.add((colour, shape))
+    check_holdout(pairs)
     return pairs
+
+
+def check_holdout(held: set[tuple[str, str]]) -> None:
+    """Sampling redraws until it finds a training pair, and a hard negative redraws until it
+    finds another colour for its shape (or another shape for its colour): a holdout that
+    leaves none would loop forever, so it is refused."""
+    train = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+    if not train:
+        raise ValueError("holds out every colour:shape pair: none is left for training")
+    for shape in SHAPES:
+        colours = [c for c, s in train if s == shape]
+        if len(colours) == 1:
+            raise ValueError(f"leaves {shape} with one colour ({colours[0]}): its hard negatives "
+                             "need another")
+    for colour in COLOURS:
+        shapes = [s for c, s in train if c == colour]
+        if len(shapes) == 1:
+            raise ValueError(f"leaves {colour} with one shape ({shapes[0]}): its hard negatives "
+                             "need another")
 
 
 def word(value: str, rng: np.random.Generator) -> str:
