@@ -1,19 +1,22 @@
 """Model directories: config.json + model.safetensors (+ tokenizer.json) + metrics.json.
 
 Loading never unpickles (safetensors and JSON only), checks every tensor's shape
-against the model the config describes, and names the bad file when it fails.
+against the model the config describes (from the file's header, before the real network is
+built: a config that describes a huge model must not allocate it), and names the bad file
+when it fails.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -75,28 +78,48 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_weights_into(model: nn.Module, weights_path: Path) -> None:
-    """Copy a safetensors file into `model`, insisting on the same keys and shapes."""
+def positive_ints(config: dict[str, Any], names: Iterable[str]) -> None:
+    """ValueError naming the first of `names` that is missing or not an integer >= 1: a missing
+    size must not fall back to a default (head counts do not show in the weights' shapes)."""
+    for name in names:
+        value = config.get(name)
+        if name not in config:
+            raise ValueError(f"{name} is missing")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def read_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors file's header (the tensors are not read)."""
     if not weights_path.is_file():
         raise ArtifactError(f"{weights_path}: file is missing")
     try:
-        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{weights_path}: not a readable safetensors file ({e})") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], weights_path: Path) -> None:
+    """The file must hold exactly the tensors the config implies, each of the implied shape."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ArtifactError(
             f"{weights_path}: tensors do not match the config "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     for name, want in expected.items():
-        if tensors[name].shape != want.shape:
-            raise ArtifactError(
-                f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                f"the config implies {tuple(want.shape)}"
-            )
+        if found[name] != want:
+            raise ArtifactError(f"{weights_path}: tensor {name} has shape {found[name]}, the config implies {want}")
+
+
+def load_weights_into(model: nn.Module, weights_path: Path) -> None:
+    """Copy a safetensors file, whose header `check_shapes` has accepted, into `model`."""
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{weights_path}: not a readable safetensors file ({e})") from e
     model.load_state_dict(tensors, strict=True)
 
 
@@ -118,7 +141,11 @@ def load_tokenizer(path: str | Path, config: dict[str, Any]) -> Tokenizer:
         tokenizer = Tokenizer.load(tok_path)
     except Exception as e:  # the tokenizers library raises plain Exception on bad JSON
         raise ArtifactError(f"{tok_path}: not a readable tokenizer ({e})") from e
-    if tokenizer.vocab_size > config.get("vocab_size", tokenizer.vocab_size):
+    try:
+        positive_ints(config, ["vocab_size"])
+    except ValueError as e:
+        raise ArtifactError(f"{Path(path) / CONFIG}: {e}") from None
+    if tokenizer.vocab_size > config["vocab_size"]:
         raise ArtifactError(f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
                             f"vocab_size {config['vocab_size']}")
     return tokenizer
@@ -131,9 +158,36 @@ def build_from_config(path: str | Path, build: Callable[[dict[str, Any]], Any], 
     width, a size it cannot allocate), ZeroDivisionError (no heads), AssertionError, ..."""
     try:
         return build(config)
+    except ArtifactError:
+        raise
     except Exception as e:
         raise ArtifactError(f"{Path(path) / CONFIG}: does not describe a valid model "
                             f"({type(e).__name__}: {e})") from e
+
+
+def expected_shapes(path: Path, build: Callable[[dict[str, Any]], nn.Module], config: dict[str, Any],
+                    n_tensors: int) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes `build(config)` would have, from a build on the meta device (no memory
+    for tensors). The build stops once it has registered far more tensors than the file holds:
+    even meta modules cost time and memory, and a config may ask for 10**12 layers."""
+    limit, made, thread = 4 * n_tensors + 64, 0, threading.get_ident()
+
+    def count(*_: Any) -> None:
+        nonlocal made
+        made += threading.get_ident() == thread
+        if made > limit:
+            raise ArtifactError(f"{path / WEIGHTS}: holds {n_tensors} tensors, far fewer than {path / CONFIG} "
+                                f"implies (past {limit} while building the model it describes)")
+
+    hooks = [nn.modules.module.register_module_parameter_registration_hook(count),
+             nn.modules.module.register_module_buffer_registration_hook(count)]
+    try:
+        with torch.device("meta"):
+            model = build_from_config(path, build, config)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def load_model_dir(
@@ -143,9 +197,12 @@ def load_model_dir(
     needs_tokenizer: bool = True,
 ) -> Artifact:
     """Read a model directory of the given family. `build(config)` makes the (randomly
-    initialised) network; the tokenizer must fit the config's `vocab_size`."""
+    initialised) network, once the weights file's header agrees with the config; the tokenizer
+    must fit the config's `vocab_size`."""
     path = Path(path)
     config = read_config(path, family)
+    found = read_shapes(path / WEIGHTS)
+    check_shapes(expected_shapes(path, build, config, len(found)), found, path / WEIGHTS)
     model = build_from_config(path, build, config)
     load_weights_into(model, path / WEIGHTS)
     tokenizer = load_tokenizer(path, config) if needs_tokenizer else None

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from models.artifacts import CONFIG, ArtifactError, load_model_dir, load_tokenizer, read_config
+from models.artifacts import CONFIG, ArtifactError, build_from_config, load_model_dir, load_tokenizer, read_config
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import MAX_SEED, RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
@@ -167,8 +167,8 @@ class TextRequests:
     def load(cls, model_dir: str | Path) -> "TextRequests":
         """From a GPT model directory's config.json and tokenizer.json (the weights are not read)."""
         config = read_config(model_dir, "gpt")
-        block_size = config.get("block_size")
-        if not isinstance(block_size, int) or block_size < 2:
+        block_size = build_from_config(model_dir, GPTConfig.from_dict, config).block_size  # checks the whole config
+        if block_size < 2:
             raise ArtifactError(f"{Path(model_dir) / CONFIG}: block_size must be an integer >= 2, got {block_size!r}")
         return cls(load_tokenizer(model_dir, config), block_size)
 

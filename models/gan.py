@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from models.artifacts import positive_ints
 from models.text_encoder import PromptModelConfig, TextEncoder
 
 
@@ -46,11 +47,22 @@ class GANConfig(PromptModelConfig):
         if self.image_size not in (32, 64):
             raise ValueError(f"image_size must be 32 or 64, got {self.image_size}")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GANConfig":
+        """From a saved config.json; the sizes are required (ValueError naming one that is missing
+        or not a positive integer): the default text_heads, say, would load and draw wrongly."""
+        positive_ints(d, SIZES)
+        return super().from_dict(d)
+
     def channels(self, base: int, res: int) -> int:
         return base * min(8, self.image_size // res)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SIZES = ("image_size", "z_dim", "g_ch", "d_ch", "attn_res", "vocab_size", "context", "text_dim", "text_layers",
+         "text_heads")
 
 
 class FiLM(nn.Module):

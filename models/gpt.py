@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from models.artifacts import positive_ints
+
 
 @dataclass
 class GPTConfig:
@@ -29,6 +31,14 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        """From a saved config.json: every field required and checked (ValueError naming it); a
+        missing one must not take its default, which the weights' shapes may not reveal."""
+        positive_ints(d, ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
+        if not isinstance(d.get("bias"), bool):
+            raise ValueError(f"bias must be true or false, got {d.get('bias')!r}")
+        dropout = d.get("dropout")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
         if cfg.n_embd % cfg.n_head:

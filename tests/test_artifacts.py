@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from models.artifacts import ArtifactError, save_model_dir
-from models.engine import TextEngine
+from models.artifacts import ArtifactError, load_model_dir, save_model_dir
+from models.engine import TextEngine, TextRequests
 from models.gan import GANConfig
 from models.gpt import GPT, GPTConfig
 from models.image_engine import ImageEngine
@@ -92,3 +92,60 @@ def test_gan_config_values_the_model_cannot_be_built_from(tmp_path, key, value):
     save_model_dir(tmp_path, config, {"unused": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="config.json: does not describe a valid model"):
         ImageEngine.load(tmp_path, device="cpu")
+
+
+def edit_config(path, key, value):
+    """Set config.json's `key` to `value`, or remove it when value is ...."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop(key) if value is ... else cfg.update({key: value})
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("value", ["512", None, ..., 1.5])
+def test_a_vocab_size_that_is_not_an_integer_names_config_json(model_dir, value):
+    path, _ = model_dir
+    edit_config(path, "vocab_size", value)
+    with pytest.raises(ArtifactError, match="config.json: .*vocab_size"):
+        TextRequests.load(path)
+
+
+@pytest.mark.parametrize("key, value", [("n_head", ...), ("n_head", -1), ("n_layer", True), ("block_size", 32.0),
+                                        ("bias", "yes"), ("bias", ...), ("dropout", 1.0), ("dropout", ...)])
+def test_required_config_fields_are_present_and_valid(model_dir, key, value):
+    """A missing n_head would take the default, which the weights' shapes do not reveal."""
+    path, _ = model_dir
+    edit_config(path, key, value)
+    with pytest.raises(ArtifactError, match=f"config.json: .*{key}"):
+        TextEngine.load(path, device="cpu")
+    with pytest.raises(ArtifactError, match=f"config.json: .*{key}"):  # the server's request checker too
+        TextRequests.load(path)
+
+
+def test_gan_size_fields_are_required(tmp_path):
+    config = {"family": "gan", **GANConfig(g_ch=8, d_ch=8, text_dim=32).to_dict()}
+    del config["text_heads"]
+    save_model_dir(tmp_path, config, {"unused": torch.zeros(1)})
+    with pytest.raises(ArtifactError, match="config.json: .*text_heads is missing"):
+        ImageEngine.load(tmp_path, device="cpu")
+
+
+def test_the_weights_header_is_checked_before_the_model_is_built(model_dir):
+    path, _ = model_dir
+    edit_config(path, "n_layer", 3)
+    devices = []
+
+    def build(config):
+        model = GPT(GPTConfig.from_dict(config))
+        devices.append(model.lm_head.weight.device.type)
+        return model
+
+    with pytest.raises(ArtifactError, match="model.safetensors: tensors do not match the config"):
+        load_model_dir(path, build, "gpt")
+    assert devices == ["meta"]
+
+
+def test_a_config_of_a_huge_model_fails_at_once(model_dir):
+    """10**12 layers: even on the meta device the modules would never all be built."""
+    path, _ = model_dir
+    edit_config(path, "n_layer", 10**12)
+    expect_error(path, "model.safetensors: holds 17 tensors")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.tokenizer import Tokenizer
-from training.data.text_corpus import load_corpus
+from training.data.text_corpus import Corpus, load_corpus
 from training.train_gpt import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +112,75 @@ def test_a_diverging_run_stops_and_saves_no_model(tmp_path):
     assert not (tmp_path / "model").exists() and not (tmp_path / "out").exists()
 
 
-def test_too_little_text_is_named(tmp_path):
+def test_too_little_text_is_named_and_leaves_the_run_dir_as_it_was(tmp_path):
     (tmp_path / "tiny.txt").write_text("hello world")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tokenizer.json").write_text("another run's tokenizer")
     with pytest.raises(ValueError, match="block_size"):
         main(TINY + [f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'tiny.txt'}"])
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["tokenizer.json"]
+    assert (tmp_path / "run" / "tokenizer.json").read_text() == "another run's tokenizer"
+    with pytest.raises(ValueError, match="block_size"):
+        main(TINY + [f"--run_dir={tmp_path / 'new'}", f"--data={tmp_path / 'tiny.txt'}"])
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("block_size", [2, 8])
+def test_a_short_context_still_writes_samples_and_saves_the_model(tmp_path, block_size):
+    main(["--preset", "tiny", "--store=false", "--max_steps=2", f"--block_size={block_size}", f"--run_dir={tmp_path}"])
+    assert (tmp_path / "samples.txt").read_text().count("###") == 4
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_resuming_at_or_past_max_steps_saves_the_checkpoints_model(tmp_path, capsys):
+    main(TINY + [f"--run_dir={tmp_path}", "--halt_after=6"])  # no validation at step 6 (every 10)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for max_steps in (6, 3):
+        main(TINY + [f"--run_dir={tmp_path}", "--resume=true", f"--max_steps={max_steps}"])
+        assert "nothing to train" in capsys.readouterr().err
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        assert metrics["steps"] == 6 and metrics["val_loss"] > 0
+        saved = weights(tmp_path)
+        assert all(torch.equal(saved[k], v) for k, v in ckpt["model"].items())
+        (tmp_path / "model" / "model.safetensors").unlink()
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(TINY + [f"--run_dir={tmp_path / 'afile'}"])
+    assert e.value.code == 2 and "--run_dir" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + [f"--run_dir={tmp_path / 'run'}", "--device=cuda"])
+    assert e.value.code == 2 and "--device=cuda: no CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_errors_on_the_command_line_are_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "training.train_gpt", *TINY, f"--run_dir={tmp_path}",
+           f"--data={tmp_path / 'missing.txt'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"error: --data: {tmp_path / 'missing.txt'} does not exist"
+
+
+@pytest.mark.parametrize("data", ["{f},", ",{f}", "{f},,{f}"])
+def test_an_empty_data_entry_is_refused(tmp_path, monkeypatch, data):
+    (tmp_path / "small.txt").write_text("some text " * 50)
+    monkeypatch.chdir(tmp_path)  # Path("") is "." : it would read every .txt here
+    with pytest.raises(ValueError, match="is empty"):
+        load_corpus(data.format(f=tmp_path / "small.txt"))
+
+
+def test_the_dataset_hash_covers_document_boundaries():
+    assert Corpus(["ab", "c"], ["v"]).hash != Corpus(["a", "bc"], ["v"]).hash
+    assert Corpus(["a"], ["b", "c"]).hash != Corpus(["a", "b"], ["c"]).hash
+    assert Corpus(["ab", "c"], ["v"]).hash == Corpus(["ab", "c"], ["v"]).hash
 
 
 def test_user_text_must_be_utf8_and_the_split_ignores_how_the_path_is_spelled(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ job's cases are in test_gan_train.py), and `--resume` without a checkpoint is an
 import pytest
 
 from training import train_ar_image, train_autoencoder
+from training.common import run_cli
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -39,3 +40,19 @@ def test_out_that_is_a_file_is_refused(job, tmp_path, capsys):
 def test_resume_without_a_checkpoint_is_an_error(job, tmp_path):
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
         job.main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--resume", "--device=cpu"])
+
+
+def test_run_cli_makes_a_user_error_one_line_with_status_2(capsys):
+    def main():
+        raise ValueError("--data: nope.txt does not exist")
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --data: nope.txt does not exist\n"
+
+
+@pytest.mark.parametrize("bug", [lambda: {}["key"], lambda: __import__("json").loads("{")])
+def test_run_cli_keeps_the_traceback_of_a_bug(bug):
+    """A library's ValueError, or another type, is not a user's mistake."""
+    with pytest.raises((ValueError, KeyError)):
+        run_cli(bug)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image_engine import ImageRequest
-from training.common import parse_config
+from training.common import parse_config, run_cli
 from training.data.shapes import (ATTRIBUTES, SHAPES, ShapesConfig, attribute_labels,
                                   parse_holdout, render, training_pairs)
 from training.evaluate import Evaluator, eval_prompts, evaluate_generator, load_or_train_evaluator
@@ -239,4 +239,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

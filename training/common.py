@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +93,46 @@ def check_outputs(name: str, store: bool, out: str, name_option: str = "--name",
 
     if store and not NAME_RE.match(name):
         raise ValueError(f"{name_option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"{out_option}={out}: exists and is not a folder")
+    check_folder(out, out_option)
+
+
+def check_folder(path: str, option: str) -> None:
+    """Refuse an output folder that exists as a file: the job would fail there after training."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{option}={path}: exists and is not a folder")
+
+
+def check_device(device: str) -> None:
+    """Refuse --device=cuda where there is no CUDA before any work, not deep inside torch."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda: no CUDA device is available here (use --device=cpu or auto)")
+
+
+# What the project raises for a user's mistake: a bad --data, a --resume that cannot resume,
+# a bad model directory (ArtifactError), a run that diverged. Bugs raise other types.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _raised_by_project(e: BaseException) -> bool:
+    """Whether the project's own code raised `e` (its innermost frame), not torch or another library."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = Path(frames[-1].filename).resolve() if frames else None
+    return (where is not None and where.is_relative_to(PROJECT)
+            and not where.is_relative_to(Path(sys.prefix).resolve()))
+
+
+def run_cli(main: Callable[[], Any]) -> None:
+    """Run a job's `main()` as a command: a user error ends it as argparse does, one line on stderr
+    and exit status 2, with no traceback to read past. The same types raised inside a library,
+    and every other exception, keep their traceback: they are bugs."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if not _raised_by_project(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

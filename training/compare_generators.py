@@ -25,7 +25,7 @@ from models.ar_image import ARImageEngine
 from models.autoencoder import LatentEngine
 from models.image_engine import ImageEngine, ImageRequest
 from training.classifier_ascent import unnatural_rate, unnatural_threshold
-from training.common import parse_config
+from training.common import parse_config, run_cli
 from training.data.shapes import ShapesConfig, make_shapes
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import sample_prompts
@@ -167,4 +167,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

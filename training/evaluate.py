@@ -30,6 +30,7 @@ from torch import nn
 
 from models.artifacts import load_model_dir, save_model_dir
 from models.image_engine import ImageEngine, ImageRequest
+from training.common import run_cli
 from training.data.imagefolder import CaptionedImages
 from training.data.shapes import (ATTRIBUTES, BACKGROUNDS, POSITIONS, SIZES, VALUES, ShapesConfig,
                                   attribute_labels, caption, make_shapes, parse_holdout, render,
@@ -305,4 +306,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
+from training.common import run_cli
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
                                   sample_attributes)
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

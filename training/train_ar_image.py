@@ -35,7 +35,7 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_outputs, cosine_lr, fraction, load_checkpoint, parse_config,
-                             restore, setup_distributed, teardown_distributed)
+                             restore, run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
@@ -320,4 +320,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,7 +30,7 @@ from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
-                             parse_config, restore)
+                             parse_config, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
                                 get_tokenizer, load_data, sample_prompts, save_grid)
@@ -239,4 +239,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

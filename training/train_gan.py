@@ -37,7 +37,7 @@ from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomic_save,
                              check_outputs, fraction, load_checkpoint, one_of, parse_config,
-                             restore, setup_distributed, teardown_distributed)
+                             restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
@@ -540,4 +540,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,9 +22,9 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
-from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for, check_outputs, cosine_lr,
-                             fraction, load_checkpoint, one_of, parse_config, restore, setup_distributed,
-                             teardown_distributed)
+from training.common import (Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
+                             check_folder, check_outputs, cosine_lr, fraction, load_checkpoint, one_of, parse_config,
+                             restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -70,6 +70,8 @@ class TrainGPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}")
         check_outputs(self.name, self.store, self.out)
+        check_folder(self.run_dir, "--run_dir")
+        check_device(self.device)
 
 
 SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resumed run must keep
@@ -141,38 +143,47 @@ def save_curves(history: dict, path: Path) -> None:
 
 
 def write_samples(model: GPT, tok: Tokenizer, path: Path) -> None:
+    """Completions of fixed prompts; with a short context (any --block_size >= 2) the completion
+    takes at most half of it and the prompt keeps its last tokens."""
     engine = TextEngine(model, tok, device="cpu")
     prompts = ["The ", "Return the ", "This module ", "If the "]
-    reqs = [CompletionRequest(p, seed=i, max_tokens=min(48, model.config.block_size - 16),
+    reqs = [CompletionRequest(p, seed=i, max_tokens=min(48, model.config.block_size // 2), truncate=True,
                               sampling=SamplingParams(temperature=0.8, top_k=50)) for i, p in enumerate(prompts)]
     lines = [f"### {r.prompt!r} (seed {r.seed})\n{r.prompt}{c.choices[0].text}\n"
              for r, c in zip(reqs, engine.complete(reqs))]
     path.write_text("\n".join(lines))
 
 
+def get_tokenizer(cfg: TrainGPTConfig, train_docs: list[str], ckpt: dict | None, d: Dist) -> Tokenizer:
+    """The checkpoint's tokenizer when resuming (never another run's tokenizer.json left in the
+    folder); else one trained by rank 0 and sent to the others. Nothing is written here."""
+    if ckpt is not None:
+        if "tokenizer" in ckpt:
+            return Tokenizer.from_str(ckpt["tokenizer"])
+        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")  # an older checkpoint
+    text = [Tokenizer.train(train_docs, cfg.vocab_size).to_str() if d.is_main else None]
+    if d.world_size > 1:
+        torch.distributed.broadcast_object_list(text, src=0)
+    return Tokenizer.from_str(text[0])
+
+
 def train(cfg: TrainGPTConfig) -> dict:
     d = setup_distributed(cfg.device)
     run = Path(cfg.run_dir)
     ckpt_path = run / "ckpt.pt"
-    if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE) if cfg.resume else None
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
-    tok_path = run / "tokenizer.json"
-    if ckpt is not None:  # the checkpoint carries the tokenizer its weights were trained with
-        tok = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else Tokenizer.load(tok_path)  # (older)
-    else:
-        if d.is_main:  # rank 0 trains the tokenizer; the others read it
-            Tokenizer.train(corpus.train, cfg.vocab_size).save(tok_path)
-        if d.world_size > 1:
-            torch.distributed.barrier()
-        tok = Tokenizer.load(tok_path)
+    tok = get_tokenizer(cfg, corpus.train, ckpt, d)
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):
         if len(ids) < cfg.block_size + 2:
             raise ValueError(f"--data: the {part} text is {len(ids)} tokens, fewer than --block_size + 2 = "
                              f"{cfg.block_size + 2}: give more text or a smaller --block_size")
+    if d.is_main:  # only now that the data is accepted: a refused run leaves run_dir as it was
+        run.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            tok.save(run / "tokenizer.json")
     val_bytes = sum(len(t.encode("utf-8")) + len(EOT) for t in corpus.val)
 
     torch.manual_seed(cfg.seed)
@@ -185,6 +196,9 @@ def train(cfg: TrainGPTConfig) -> dict:
     step = 0
     if ckpt is not None:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
+        if step >= cfg.max_steps and d.is_main:
+            print(f"{ckpt_path} is at step {step}, --max_steps={cfg.max_steps}: nothing to train, saving its "
+                  f"model", file=sys.stderr)
     train_model = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         train_model = DDP(train_model)
@@ -229,9 +243,12 @@ def train(cfg: TrainGPTConfig) -> dict:
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg), "tokenizer": tok.to_str()}, ckpt_path)
     bar.close()
+    if step >= cfg.max_steps and history["eval_step"][-1:] != [step]:  # resumed at or past max_steps
+        history["eval_step"].append(step)
+        history["val_loss"].append(all_reduce_mean(evaluate(model, val_data, cfg, d.device), d))
 
     result: dict = {}
-    if d.is_main and step == cfg.max_steps:
+    if d.is_main and step >= cfg.max_steps:
         result = finish(cfg, model, tok, corpus.hash, history, val_data, val_bytes, time.time() - t0)
     teardown_distributed()
     return result
@@ -274,4 +291,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,10 +23,14 @@ class Corpus:
 
     @property
     def hash(self) -> str:
-        """Short content hash, stored in the model's labels so a model names its data."""
+        """Short content hash, stored in the model's labels so a model names its data. Each split
+        and document is length-prefixed: where documents end (an end-of-text token) is data too."""
         h = hashlib.sha256()
-        for doc in self.train + ["\x00split\x00"] + self.val:
-            h.update(doc.encode("utf-8", "surrogatepass"))
+        for split in (self.train, self.val):
+            h.update(f"{len(split)};".encode())
+            for doc in split:
+                data = doc.encode("utf-8", "surrogatepass")
+                h.update(f"{len(data)};".encode() + data)
         return h.hexdigest()[:16]
 
 
@@ -60,7 +64,10 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
     inside that folder (or its file name): the split must not depend on how a path is spelled
     ("data", "./data", "/home/me/data") or on the working directory."""
     files: list[tuple[str, Path]] = []
-    for p in map(Path, paths):
+    for i, entry in enumerate(paths):
+        if not entry.strip():  # Path("") is ".": it would read every .txt under the working directory
+            raise ValueError(f"--data={','.join(paths)}: entry {i + 1} is empty (a stray comma?)")
+        p = Path(entry)
         if p.is_dir():
             files.extend((str(f.relative_to(p)), f) for f in sorted(p.rglob("*.txt")) if f.is_file())
         elif p.is_file():
