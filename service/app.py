@@ -46,6 +46,8 @@ from models.sampling import SamplingParams
 from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
+from service.env import env_choice, env_flag, env_float, env_int
+from service.limits import Limits
 from service.metrics import IMAGE, TEXT, Metrics, get_metrics
 from service.schemas import (
     MAX_N,
@@ -66,15 +68,7 @@ B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
 
 
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-# Configuration (read once, when BentoML imports the service).
+# Configuration (read once, when BentoML imports the service; a bad value stops the start-up).
 GPT_MODEL = model_tag("GPT_MODEL", "gpt:latest")  # refused at start-up unless name[:version]
 GAN_MODEL = model_tag("GAN_MODEL", "gan:latest")
 
@@ -92,31 +86,32 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
 
 
 AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
-DEVICE = os.environ.get("CONDGEN_DEVICE", "auto")  # auto = CUDA when available
-TIMEOUT_S = _env_float("CONDGEN_TIMEOUT", 300.0)  # per request, until the first byte is sent
-MAX_CONCURRENCY = _env_int("CONDGEN_MAX_CONCURRENCY", 256)  # beyond it: 429
-TEXT_MAX_RUNNING = _env_int("CONDGEN_TEXT_MAX_RUNNING", 32)  # sequences decoding at once (KV-cache slots)
-TEXT_TOKEN_BUDGET = _env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512)  # decode + prefill tokens per step
-TEXT_MAX_WAITING = _env_int("CONDGEN_TEXT_MAX_WAITING", 256)  # queued completion requests, beyond it 429
-CUDA_GRAPHS = os.environ.get("CONDGEN_CUDA_GRAPHS", "1") != "0"  # on CUDA, replay the decode step as CUDA graphs
+DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
+TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
+MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
+TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
+TEXT_TOKEN_BUDGET = env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512, 1)  # decode + prefill tokens per step
+TEXT_MAX_WAITING = env_int("CONDGEN_TEXT_MAX_WAITING", 256, 0)  # queued completion requests, beyond it 429
+CUDA_GRAPHS = env_flag("CONDGEN_CUDA_GRAPHS", True)  # on CUDA, replay the decode step as CUDA graphs
 # Completions bit for bit independent of what shares their batch (CPU only; slower: README, Batching)
-BATCH_INVARIANT = os.environ.get("CONDGEN_BATCH_INVARIANT", "0") == "1"
-RETRY_AFTER_S = _env_int("CONDGEN_RETRY_AFTER", 1)  # the Retry-After of a 429
-IMAGE_MAX_BATCH = _env_int("CONDGEN_IMAGE_MAX_BATCH", 64)  # images per forward pass
-IMAGE_MAX_QUEUE = _env_int("CONDGEN_MAX_QUEUE", 256)  # images waiting for the engine, beyond it 429
-BATCH_WAIT_S = _env_float("CONDGEN_BATCH_WAIT_MS", 10.0) / 1000  # linger for requests sent together
-ACCESS_LOG = os.environ.get("CONDGEN_ACCESS_LOG", "1") != "0"  # one log line per request
+BATCH_INVARIANT = env_flag("CONDGEN_BATCH_INVARIANT", False)
+LIMITS = Limits.from_env()  # in-flight requests, deadline, Retry-After (service.limits)
+RETRY_AFTER_S = LIMITS.retry_after_s  # the Retry-After of a 429
+IMAGE_MAX_BATCH = env_int("CONDGEN_IMAGE_MAX_BATCH", 64, 1)  # images per forward pass
+IMAGE_MAX_QUEUE = env_int("CONDGEN_MAX_QUEUE", 256, 1)  # images waiting for the engine, beyond it 429
+BATCH_WAIT_S = env_float("CONDGEN_BATCH_WAIT_MS", 10.0, 0, allow_minimum=True) / 1000  # linger for requests sent together
+ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
 # BentoML wraps every request in an OpenTelemetry span, and by default samples none of them;
 # the wrapping alone was 0.3-0.4 ms of the event loop's CPU per request (0.83-0.94 against
 # 0.54-0.56 ms with it off, single images). Set to 1 when a tracing exporter is configured.
-TRACE_REQUESTS = os.environ.get("CONDGEN_TRACE_REQUESTS", "0") == "1"
-WORKERS = _env_int("CONDGEN_WORKERS", 1)  # server processes, each with its own models and batchers
-TORCH_THREADS = _env_int("CONDGEN_TORCH_THREADS", 0)  # per engine process; 0 = share the cores out
+TRACE_REQUESTS = env_flag("CONDGEN_TRACE_REQUESTS", False)
+WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its own models and batchers
+TORCH_THREADS = env_int("CONDGEN_TORCH_THREADS", 0, 0)  # per engine process; 0 = share the cores out
 MAX_BODY_BYTES = 1 << 20
 # A request holds one of the CONDGEN_MAX_INFLIGHT places from its headers on, so a client that
 # sends headers and then stalls must not keep it until the deadline: 64 such sockets would
 # shut everyone else out for two minutes. The body has this long to arrive (then 408).
-BODY_TIMEOUT_S = _env_float("CONDGEN_BODY_TIMEOUT_S", 10.0)
+BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
 
 
 def engine_threads(engines: int) -> int:
@@ -782,4 +777,4 @@ def _finish_reason(reason: str | None, openai: bool) -> str | None:
 
 
 # API key, CORS, overload limits and deadlines (service.security, service.limits); /openapi.json.
-install_security(Generation, routes)
+install_security(Generation, routes, LIMITS)

@@ -20,31 +20,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.env import env_float, env_int
 from service.schemas import ApiError
 
 logger = logging.getLogger("condgen.service")
 
 # The routes that cost compute; everything else passes untouched.
 GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations"})
-
-
-def _env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return value
 
 
 @dataclass(frozen=True)
@@ -56,9 +43,9 @@ class Limits:
     @classmethod
     def from_env(cls) -> "Limits":
         d = cls()
-        return cls(max_inflight=int(_env("CONDGEN_MAX_INFLIGHT", d.max_inflight)),
-                   deadline_s=_env("CONDGEN_DEADLINE_S", d.deadline_s),
-                   retry_after_s=max(1, round(_env("CONDGEN_RETRY_AFTER", d.retry_after_s))))
+        return cls(max_inflight=env_int("CONDGEN_MAX_INFLIGHT", d.max_inflight, 1),
+                   deadline_s=env_float("CONDGEN_DEADLINE_S", d.deadline_s, 0),
+                   retry_after_s=env_int("CONDGEN_RETRY_AFTER", d.retry_after_s, 1))
 
 
 def overloaded(what: str, retry_after_s: int) -> ApiError:
@@ -76,7 +63,7 @@ async def send_error(send: Send, err: ApiError) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _count_error(path: str, status: int) -> None:
+def count_error(path: str, status: int) -> None:
     try:
         from service.metrics import get_metrics
 
@@ -88,9 +75,9 @@ def _count_error(path: str, status: int) -> None:
 class LimitMiddleware:
     """Bounded concurrency and a per-request deadline for GENERATION_PATHS (see the module doc)."""
 
-    def __init__(self, app: ASGIApp, limits: Limits | None = None) -> None:
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
         self.app = app
-        self.limits = limits or Limits.from_env()
+        self.limits = limits
         self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,7 +86,7 @@ class LimitMiddleware:
             return
         lim = self.limits
         if self.inflight >= lim.max_inflight:
-            _count_error(scope["path"], 429)
+            count_error(scope["path"], 429)
             await send_error(send, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
             return
         self.inflight += 1
@@ -124,13 +111,13 @@ class LimitMiddleware:
                     # a request at its last byte, so it counts none of these).
                     logger.info("client of a stream on %s left before its end; its generation was cancelled",
                                 scope["path"])
-                    _count_error(scope["path"], 499)
+                    count_error(scope["path"], 499)
                 return
             # Past the deadline: cancelling the handler marks its engine jobs cancelled.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], lim.deadline_s)
-            _count_error(scope["path"], 504)
+            count_error(scope["path"], 504)
             err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
                            type="server_error", code="deadline_exceeded")
             if not state["started"]:

@@ -11,7 +11,7 @@
 - Starlette's own answers to an unknown path (404) or method (405) are plain text; they are
   rewritten into the one JSON error shape, which the clients of this API parse.
 
-`install(Service, routes)` wires it all (and /openapi.json, and the limits of
+`install(Service, routes, limits)` wires it all (and /openapi.json, and the limits of
 `service.limits`) into the BentoML service, outermost first: JSON errors, CORS, API key, limits.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import re
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.limits import LimitMiddleware, send_error
+from service.limits import LimitMiddleware, Limits, count_error, send_error
 from service.schemas import ApiError
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
@@ -66,6 +66,7 @@ class APIKeyMiddleware:
             # Constant-time comparison: the answer's timing says nothing about the key.
             if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), self.key):
                 why = "missing" if given is None else "invalid"
+                count_error(scope["path"], 401)
                 await send_error(send, ApiError(
                     401, f"API key {why}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                     type="invalid_request_error", code="invalid_api_key",
@@ -75,7 +76,8 @@ class APIKeyMiddleware:
 
 
 class JSONRoutingErrors:
-    """Starlette's plain-text 404 / 405, answered in the JSON error shape instead."""
+    """Starlette's plain-text 404 / 405 and refused CORS pre-flight (400), answered in the JSON
+    error shape instead."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -90,22 +92,33 @@ class JSONRoutingErrors:
             nonlocal replaced
             if replaced:  # the plain-text body of an answer already sent as JSON
                 return
-            if message["type"] == "http.response.start" and message["status"] in (404, 405):
-                headers = dict(message.get("headers") or [])
-                if headers.get(b"content-type", b"").startswith(b"text/plain"):
-                    replaced = True
-                    method, path, status = scope["method"], scope["path"], message["status"]
-                    allow = {"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None
-                    await send_error(send, ApiError(
-                        status, f"{method} is not allowed on {path}" if status == 405 else f"no route {method} {path}",
-                        code="method_not_allowed" if status == 405 else "not_found", headers=allow))
-                    return
+            if message["type"] == "http.response.start" and (err := _as_json(scope, message)) is not None:
+                replaced = True
+                await send_error(send, err)
+                return
             await send(message)
 
         await self.app(scope, receive, send_json)
 
 
-def install(service: object, routes: object) -> None:
+def _as_json(scope: Scope, start: Message) -> ApiError | None:
+    """The JSON error for a plain-text answer that Starlette made itself, else None."""
+    headers = dict(start.get("headers") or [])
+    if not headers.get(b"content-type", b"").startswith(b"text/plain"):
+        return None
+    method, path, status = scope["method"], scope["path"], start["status"]
+    if status == 405:
+        return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed",
+                        headers={"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None)
+    if status == 404:
+        return ApiError(404, f"no route {method} {path}", code="not_found")
+    if status == 400 and method == "OPTIONS":  # CORSMiddleware refusing a pre-flight
+        return ApiError(400, "CORS pre-flight refused: the origin, method or headers asked for are not allowed "
+                             "(CONDGEN_CORS_ORIGINS)", code="cors_not_allowed")
+    return None
+
+
+def install(service: object, routes: object, limits: Limits) -> None:
     """Add /openapi.json to the mounted routes and the middlewares to the BentoML service."""
     from service.openapi import openapi_endpoint
 
@@ -118,4 +131,4 @@ def install(service: object, routes: object) -> None:
             expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
     if key := os.environ.get("CONDGEN_API_KEY"):
         service.add_asgi_middleware(APIKeyMiddleware, key=key)  # type: ignore[attr-defined]
-    service.add_asgi_middleware(LimitMiddleware)  # type: ignore[attr-defined]
+    service.add_asgi_middleware(LimitMiddleware, limits=limits)  # type: ignore[attr-defined]

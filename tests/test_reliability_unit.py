@@ -25,7 +25,8 @@ from service.limits import LimitMiddleware, Limits
 from service.metrics import get_metrics
 from service.openapi import build_openapi
 from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody
-from service.security import APIKeyMiddleware, model_tag
+from service.env import env_choice, env_flag, env_float, env_int
+from service.security import APIKeyMiddleware, JSONRoutingErrors, model_tag
 
 
 def _app(handler_log: dict, limits: Limits, key: str | None = None) -> Starlette:
@@ -174,17 +175,21 @@ def test_api_key_header_forms(headers, status):
         async with _client(app) as c:
             return await c.get("/models", headers=headers), await c.get("/metrics")
 
+    labels = {"endpoint": "/models", "status": "401"}
+    before = REGISTRY.get_sample_value("condgen_request_errors_total", labels) or 0
     r, metrics = asyncio.run(scenario())
     assert r.status_code == status
     if status == 401:
         assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+    counted = (REGISTRY.get_sample_value("condgen_request_errors_total", labels) or 0) - before
+    assert counted == (status == 401)  # a refused key is an error answer like any other
     assert metrics.status_code == 200  # health and metrics need no key
 
 
 def test_cors_preflight_passes_the_key_check_and_names_the_origin():
     inner = _app({}, Limits(), key="k3y")
-    app = CORSMiddleware(inner, allow_origins=["http://ok.example"], allow_methods=["GET", "POST"],
-                         allow_headers=["authorization", "content-type"])
+    app = JSONRoutingErrors(CORSMiddleware(inner, allow_origins=["http://ok.example"], allow_methods=["GET", "POST"],
+                                           allow_headers=["authorization", "content-type"]))
 
     async def scenario():
         async with _client(app) as c:
@@ -197,6 +202,7 @@ def test_cors_preflight_passes_the_key_check_and_names_the_origin():
     pre, bad = asyncio.run(scenario())
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ok.example"
     assert "access-control-allow-origin" not in bad.headers
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "cors_not_allowed"  # the JSON shape
 
 
 @pytest.mark.parametrize("tag", ["gpt", "gpt:latest", "my-model.v2:20240101_x"])
@@ -301,3 +307,40 @@ def test_model_faults_fail_loading_naming_the_file(fault, kind, bentoml_home, tm
         loader.load(d, device="cpu")
     first_line = str(e.value).splitlines()[0]
     assert first_line.startswith(str(d / bad_file)), first_line
+
+
+@pytest.mark.parametrize("read, raw", [
+    (lambda: env_int("CONDGEN_X", 64, 1), "abc"), (lambda: env_int("CONDGEN_X", 64, 1), "0.5"),
+    (lambda: env_int("CONDGEN_X", 64, 1), "0"), (lambda: env_int("CONDGEN_X", 0, 0), "-1"),
+    (lambda: env_float("CONDGEN_X", 10.0, 0), "-1"), (lambda: env_float("CONDGEN_X", 10.0, 0), "0"),
+    (lambda: env_float("CONDGEN_X", 10.0, 0), "nan"), (lambda: env_float("CONDGEN_X", 10.0, 0), "inf"),
+    (lambda: env_flag("CONDGEN_X", False), "true"), (lambda: env_choice("CONDGEN_X", "auto", "auto|cpu", "a"), "gpu"),
+])
+def test_a_bad_setting_is_refused_naming_the_variable(read, raw, monkeypatch):
+    monkeypatch.setenv("CONDGEN_X", raw)
+    with pytest.raises(ValueError, match=f"CONDGEN_X='{raw}'"):
+        read()
+
+
+def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(monkeypatch):
+    monkeypatch.setenv("CONDGEN_X", "")
+    assert env_int("CONDGEN_X", 64, 1) == 64 and env_flag("CONDGEN_X", True) is True
+    monkeypatch.setenv("CONDGEN_X", " 8 ")
+    assert env_int("CONDGEN_X", 64, 1) == 8 and env_float("CONDGEN_X", 1.0, 0) == 8.0
+    monkeypatch.setenv("CONDGEN_X", "0")
+    assert env_float("CONDGEN_X", 10.0, 0, allow_minimum=True) == 0 and env_flag("CONDGEN_X", True) is False
+
+
+@pytest.mark.parametrize("name, raw", [("CONDGEN_MAX_INFLIGHT", "abc"), ("CONDGEN_DEADLINE_S", "-5"),
+                                       ("CONDGEN_RETRY_AFTER", "1.5"), ("CONDGEN_BODY_TIMEOUT_S", "-1"),
+                                       ("CONDGEN_TEXT_MAX_RUNNING", "0"), ("CONDGEN_DEVICE", "gpu")])
+def test_the_service_refuses_to_start_with_a_bad_setting(name, raw):
+    """Read when BentoML imports the service, so a bad value stops the start-up with its name,
+    instead of a 500 on every request (the limits were read at the first request)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, name: raw}
+    out = subprocess.run([sys.executable, "-c", "import service.app"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and f"{name}='{raw}'" in out.stderr.strip().splitlines()[-1]

@@ -1,0 +1,58 @@
+"""Settings from environment variables, checked when the service is imported.
+
+A malformed or out-of-range value stops the server at start-up with a message naming the
+variable, instead of surfacing later as a 500 on every request (a limit read lazily) or as
+a behaviour nobody asked for (a negative body timeout answering every POST with 408).
+An unset or empty variable takes its default.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+
+def _raw(name: str) -> str | None:
+    raw = os.environ.get(name)
+    return None if raw is None or raw.strip() == "" else raw.strip()
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"[+-]?\d+", raw) or int(raw) < minimum:
+        raise ValueError(f"{name}={raw!r}: must be a whole number >= {minimum}")
+    return int(raw)
+
+
+def env_float(name: str, default: float, minimum: float, allow_minimum: bool = False) -> float:
+    """A finite number above `minimum` (or equal to it, with allow_minimum)."""
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum):
+        raise ValueError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}")
+    return value
+
+
+def env_flag(name: str, default: bool) -> bool:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}={raw!r}: must be 0 or 1")
+    return raw == "1"
+
+
+def env_choice(name: str, default: str, pattern: str, expected: str) -> str:
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(pattern, raw):
+        raise ValueError(f"{name}={raw!r}: must be {expected}")
+    return raw
