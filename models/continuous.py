@@ -113,7 +113,7 @@ class ContinuousEngine:
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
         self.on_admit = None  # optional callback(seconds the request waited), for metrics
-        self._batch_cache: tuple[list[_Seq], tuple[torch.Tensor, SamplingBatch, int]] | None = None
+        self._batch_cache: tuple[list[tuple[_Seq, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
     @property
     def num_running(self) -> int:
@@ -271,11 +271,13 @@ class ContinuousEngine:
 
     def _batch_params(self, slots: list[int], rows: list[tuple[_Group, _Seq]]) -> tuple[torch.Tensor, SamplingBatch, int]:
         """The decoding rows' slot index, sampling parameters and widest logprobs request, built
-        again only when the rows change (a join or a leave): building them is a handful of
-        host-to-device copies, which a sub-millisecond CUDA-graph step should not pay each time."""
-        seqs = [seq for _, seq in rows]
+        again only when the rows change (a join, a leave, or a sequence moved to another slot by
+        `_compact`): building them is a handful of host-to-device copies, which a
+        sub-millisecond CUDA-graph step should not pay each time."""
+        seqs = [(seq, slot) for (_, seq), slot in zip(rows, slots)]
         cached = self._batch_cache
-        if cached is None or len(cached[0]) != len(seqs) or any(a is not b for a, b in zip(cached[0], seqs)):
+        if cached is None or len(cached[0]) != len(seqs) or any(a is not b or i != j
+                                                               for (a, i), (b, j) in zip(cached[0], seqs)):
             params = SamplingBatch.from_params([g.req.sampling for g, _ in rows], self.device)
             want = max((g.req.logprobs if g.req.logprobs is not None else -1) for g, _ in rows)
             cached = self._batch_cache = (seqs, (torch.tensor(slots, device=self.device), params, want))

@@ -108,6 +108,23 @@ def test_sequences_move_down_into_freed_slots_and_keep_their_tokens(engine):
     assert tokens == alone[gid][0]
 
 
+def test_a_sequence_moved_down_alone_samples_from_its_own_logits(engine):
+    """A short request finishes in slot 0 while a long one, chunk-prefilling in slot 1, goes on:
+    it then moves to slot 0 while the decoding rows stay the same list (just it). The rows'
+    sampling index must follow it there (it was cached by rows alone: the moved sequence read
+    the logits left in its old slot, and drew garbage)."""
+    long = CompletionRequest("The quick brown fox jumps over the lazy dog. " * 2, seed=7, max_tokens=20,
+                             sampling=SamplingParams(temperature=1.0))
+    want = engine.complete([long])[0].choices[0].token_ids
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=2, prefill_chunk=4))
+    cont.add(CompletionRequest("The", seed=1, max_tokens=2))
+    gid = cont.add(long)
+    got: list[int] = []
+    while cont.has_work():
+        got += [ev.token_id for ev in cont.step() if ev.request == gid and ev.token_id is not None]
+    assert got == want
+
+
 def test_limits_are_respected_and_no_request_starves(engine):
     cfg = SchedulerConfig(max_running=3, max_tokens_per_step=20, prefill_chunk=5)
     cont = ContinuousEngine(engine, cfg)
