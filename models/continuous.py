@@ -49,6 +49,13 @@ class SchedulerConfig:
     # (CPU; slower: GPT.set_batch_invariant). False leaves the model as it is.
     batch_invariant: bool = False
 
+    def __post_init__(self) -> None:
+        # A chunk or budget of 0 would never prefill: requests would wait forever.
+        for name, least in (("max_running", 1), ("max_tokens_per_step", 1), ("prefill_chunk", 1), ("max_waiting", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SchedulerConfig.{name} must be an integer >= {least}, got {value!r}")
+
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the service answers 429/503."""

@@ -45,8 +45,9 @@ class TokenLogprob:
     token: str  # Tokenizer.token_name: its text, or "bytes:..." for part of a character
     logprob: float  # under the model's own distribution (before penalty, temperature, filters)
     top: dict[str, float]
-    # Where the token's text starts in the choice's text, in characters; the tokens that
-    # make up one character share its offset (names of bytes do not add up to the text).
+    # Where the token's text starts in the choice's generated text (an echoed prompt not
+    # counted), in characters; the tokens of one character share its offset (names of bytes
+    # do not add up to the text).
     offset: int = 0
 
 
@@ -100,14 +101,21 @@ class StopScanner:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text to release now, whether a stop string was hit)."""
         self._decoded(self.decoder.step(token_id))
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            return self._release(min(hits)), True
+        if (stop := self._first_stop()) is not None:
+            return self._release(stop), True
         return self._release(len(self.held) - self._stop_prefix_len(self.held)), False
 
-    def flush(self) -> str:
+    def flush(self) -> tuple[str, bool]:
+        """The row has ended: release the rest (an unfinished character decodes as U+FFFD, which
+        a stop string may hold too); return (text, whether a stop string was hit)."""
         self._decoded(self.decoder.flush())
-        return self._release(len(self.held))
+        if (stop := self._first_stop()) is not None:
+            return self._release(stop), True
+        return self._release(len(self.held)), False
+
+    def _first_stop(self) -> int | None:
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
 
     def hold(self, entry: TokenLogprob) -> None:
         """Keep the latest token's logprob entry until its text is released; a token that ends
@@ -153,6 +161,25 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+def check_types(req: CompletionRequest) -> None:
+    """InvalidParameter for a field of the wrong type (a library caller's `max_tokens=5.0`, `stop="ab"`),
+    before it fails deep inside torch or, for a string of stops, is read as one stop per character."""
+    def wrong(name: str, what: str) -> InvalidParameter:
+        return InvalidParameter(name, f"must be {what}, got {getattr(req, name)!r}")
+
+    for name in ("max_tokens", "n", "seed"):
+        if isinstance(getattr(req, name), bool) or not isinstance(getattr(req, name), int):
+            raise wrong(name, "an integer")
+    if req.logprobs is not None and (isinstance(req.logprobs, bool) or not isinstance(req.logprobs, int)):
+        raise wrong("logprobs", "an integer or None")
+    if not isinstance(req.prompt, str):
+        raise wrong("prompt", "a string")
+    if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
+        raise wrong("stop", "a list of strings")
+    if not isinstance(req.sampling, SamplingParams):
+        raise wrong("sampling", "SamplingParams")
+
+
 class TextRequests:
     """Checking and tokenizing completion requests: what the tokenizer and the context length
     decide, without the weights (a server whose model runs in another process holds one)."""
@@ -174,6 +201,7 @@ class TextRequests:
 
     def validate(self, req: CompletionRequest) -> None:
         """Raise InvalidParameter, naming the field, for anything this model cannot serve."""
+        check_types(req)
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
         if not 1 <= req.max_tokens < self.block_size:
@@ -341,12 +369,14 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
     call releases every entry left, so the entries of a stream's events add up to the whole
     answer's (those of a stop string's tokens and of end-of-text included)."""
     if tok == eot_id:
-        text, reason = scanner.flush(), "eos"
+        text, stopped = scanner.flush()
+        reason = "stop" if stopped else "eos"
     else:
         text, stopped = scanner.push(tok)
         reason = "stop" if stopped else "length" if generated >= max_tokens else None
         if reason == "length":
-            text += scanner.flush()
+            rest, stopped = scanner.flush()
+            text, reason = text + rest, "stop" if stopped else "length"
     if entry is not None:
         scanner.hold(entry)
     return text, scanner.release_logprobs(reason is not None), reason

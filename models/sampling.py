@@ -34,6 +34,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already seen
 
     def validate(self) -> None:
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):  # library callers
+            value, kinds = getattr(self, name), (int,) if name == "top_k" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise InvalidParameter(name, f"must be {'an integer' if name == 'top_k' else 'a number'}, got {value!r}")
         checks = [
             ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
              "must be a finite number in [0, 100]"),

@@ -82,7 +82,8 @@ class Tokenizer:
         token is named by its bytes, as OpenAI names them ("bytes:\\xe2\\x80"), so that distinct
         tokens keep distinct names."""
         names = self._token_names
-        return names[token_id] if token_id < len(names) else ""  # a vocabulary padded past the tokenizer's
+        # A model's vocabulary may be padded past the tokenizer's: such ids decode to nothing.
+        return names[token_id] if token_id < len(names) else f"<unused:{token_id}>"
 
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes a token stands for (a special token: its text's)."""

@@ -125,6 +125,12 @@ def test_a_sequence_moved_down_alone_samples_from_its_own_logits(engine):
     assert got == want
 
 
+@pytest.mark.parametrize("field", ["max_running", "max_tokens_per_step", "prefill_chunk"])
+def test_a_scheduler_that_could_never_run_a_request_is_refused(field):
+    with pytest.raises(ValueError, match=field):  # a prefill chunk of 0 never prefilled: requests waited forever
+        SchedulerConfig(**{field: 0})
+
+
 def test_limits_are_respected_and_no_request_starves(engine):
     cfg = SchedulerConfig(max_running=3, max_tokens_per_step=20, prefill_chunk=5)
     cont = ContinuousEngine(engine, cfg)

@@ -121,7 +121,7 @@ def test_logprob_tokens_name_split_characters_by_their_bytes_and_offsets_point_i
     """A character split across byte-level tokens: each part is named by its bytes (OpenAI's
     "bytes:" names; they all decode to U+FFFD, so they would collide as keys of top_logprobs),
     and all its parts point at the character, so the offsets of later tokens stay right."""
-    names = [tok.token_name(i) for i in range(tok.vocab_size)]
+    names = [tok.token_name(i) for i in range(tok.vocab_size + 48)]  # a model's vocabulary may be padded past it
     assert len(set(names)) == len(names)
 
     def run(ids: list[int]) -> tuple[str, list[tuple[str, int]]]:
@@ -142,6 +142,23 @@ def test_logprob_tokens_name_split_characters_by_their_bytes_and_offsets_point_i
     assert text == "\ufffd x" and entries == [("bytes:\\xf0", 0), ("bytes:\\x9f", 0), (" ", 1), ("x", 2)]
 
 
+def test_a_stop_string_in_the_text_flushed_at_the_end_still_stops(tok):
+    """A row that ends (length or end-of-text) inside a character flushes it as U+FFFD: a stop
+    string there cuts the text and makes the finish reason "stop", as anywhere else."""
+    names = [tok.token_name(i) for i in range(tok.vocab_size)]
+    cut_short = [names.index(f"bytes:\\x{b:02x}") for b in "日".encode()[:2]]  # two of its three bytes
+    for ending, reason in (([], "length"), ([tok.eot_id], "eos")):
+        ids = [*tok.encode("ab"), *cut_short, *ending]
+        for stop, want in (([], ("ab\ufffd", reason)), (["b\ufffd"], ("a", "stop"))):
+            scanner, text, why = StopScanner(tok, stop), "", None
+            for i, t in enumerate(ids):
+                out, _, why = advance_text(scanner, t, tok.eot_id, i + 1, len(ids) if reason == "length" else 99)
+                text += out
+                if why:
+                    break
+            assert (text, why) == want, (reason, stop)
+
+
 def test_finish_reason_length(engine):
     c = engine.complete([CompletionRequest("The", seed=0, max_tokens=3)])[0]
     assert c.choices[0].finish_reason in ("length", "eos") and len(c.choices[0].token_ids) <= 3
@@ -154,6 +171,10 @@ def test_finish_reason_length(engine):
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(logprobs=9), "logprobs"),
     (dict(sampling=SamplingParams(top_p=0)), "top_p"), (dict(sampling=SamplingParams(temperature=-1)), "temperature"),
     (dict(prompt="fox " * 500), "prompt"), (dict(max_tokens=90, prompt="fox " * 20), "max_tokens"),
+    # wrong types, as a library caller may pass them: named, not a TypeError from inside torch
+    (dict(max_tokens=5.0), "max_tokens"), (dict(n=True), "n"), (dict(seed=1.5), "seed"), (dict(logprobs=2.5), "logprobs"),
+    (dict(stop="abc"), "stop"), (dict(stop=[1]), "stop"), (dict(prompt=None), "prompt"), (dict(sampling=None), "sampling"),
+    (dict(sampling=SamplingParams(top_k=2.5)), "top_k"), (dict(sampling=SamplingParams(temperature="1")), "temperature"),
 ])
 def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
     req = CompletionRequest(**{"prompt": "The", "seed": 0, **kw})
@@ -195,7 +216,8 @@ def test_stop_scanner_matches_decoding_the_whole_completion():
             if stopped:
                 break
         if not stopped:
-            released += scanner.flush()
+            rest, stopped = scanner.flush()
+            released += rest
         hits = [full.find(s) for s in stop if s in full]
         assert stopped == bool(hits)
         assert released == (full[:min(hits)] if hits else full), (ids, stop)
