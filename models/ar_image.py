@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.artifacts import load_model_dir
+from models.artifacts import load_model_dir, positive_ints
 from models.engine import pick_device
 from models.errors import InvalidParameter
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
@@ -56,6 +56,15 @@ class ARImageConfig(PromptModelConfig):
     text_heads: int = 4
     guidance_scale: float = 3.0  # used when a request names none; 1 = no guidance
     temperature: float = 1.0     # likewise
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ARImageConfig":
+        """From a saved config.json; the sizes are required (ValueError naming one that is missing
+        or not a positive integer), as the GAN's and the GPT's: a default n_head would load and
+        draw wrongly."""
+        positive_ints(d, ("image_size", "patch", "codebook", "n_layer", "n_head", "n_embd", "vocab_size", "context",
+                          "text_dim", "text_layers", "text_heads"))
+        return super().from_dict(d)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch:

@@ -1,9 +1,11 @@
 """Model directories: round trip, and every kind of bad file fails with a message naming it."""
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
+from models.ar_image import ARImageConfig, ARImageEngine
 from models.artifacts import ArtifactError, load_model_dir, save_model_dir
 from models.engine import TextEngine, TextRequests
 from models.gan import GANConfig
@@ -127,6 +129,15 @@ def test_gan_size_fields_are_required(tmp_path):
     save_model_dir(tmp_path, config, {"unused": torch.zeros(1)})
     with pytest.raises(ArtifactError, match="config.json: .*text_heads is missing"):
         ImageEngine.load(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("key, value", [("n_head", ...), ("patch", 0), ("codebook", "64")])
+def test_ar_image_size_fields_are_required(tmp_path, key, value):
+    config = {"family": "ar_image", **asdict(ARImageConfig(n_embd=32, text_dim=32))}
+    config.pop(key) if value is ... else config.update({key: value})
+    save_model_dir(tmp_path, config, {"unused": torch.zeros(1)})
+    with pytest.raises(ArtifactError, match=f"config.json: .*{key}"):
+        ARImageEngine.load(tmp_path, device="cpu")
 
 
 def test_the_weights_header_is_checked_before_the_model_is_built(model_dir):
