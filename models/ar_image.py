@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from models.artifacts import load_model_dir, positive_ints
 from models.engine import pick_device
-from models.errors import InvalidParameter
+from models.errors import InvalidParameter, is_number
 from models.gpt import MLP, CausalSelfAttention, GPTConfig, KVCache
 from models.image_engine import ImageRequest, ImageRequests, check_image_request, per_request
 from models.sampling import RowRandom, SamplingBatch, SamplingParams, sample
@@ -367,8 +367,7 @@ class ARImageRequests(ImageRequests):
     def validate(self, req: ImageRequest) -> None:
         check_image_request(req, self.tokenizer, self.cfg.context, sampler=True)
         s = req.guidance_scale
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))
-                              or not math.isfinite(s) or not 0 <= s <= MAX_GUIDANCE):
+        if s is not None and (not is_number(s) or not math.isfinite(s) or not 0 <= s <= MAX_GUIDANCE):
             raise InvalidParameter("guidance_scale", f"must be a number in [0, {MAX_GUIDANCE:g}]")
         self.settings(req)[0].validate()
 

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.errors import is_int
 from models.tokenizer import Tokenizer
 
 CONFIG = "config.json"
@@ -85,7 +86,7 @@ def positive_ints(config: dict[str, Any], names: Iterable[str]) -> None:
         value = config.get(name)
         if name not in config:
             raise ValueError(f"{name} is missing")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -34,7 +34,7 @@ import torch
 from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
                            decode_mask, sample_rows, token_logprob)
-from models.errors import InvalidParameter
+from models.errors import InvalidParameter, is_int
 from models.sampling import RowRandom, SamplingBatch
 
 
@@ -53,7 +53,7 @@ class SchedulerConfig:
         # A chunk or budget of 0 would never prefill: requests would wait forever.
         for name, least in (("max_running", 1), ("max_tokens_per_step", 1), ("prefill_chunk", 1), ("max_waiting", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_int(value) or value < least:
                 raise ValueError(f"SchedulerConfig.{name} must be an integer >= {least}, got {value!r}")
 
 

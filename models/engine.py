@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from models.artifacts import CONFIG, ArtifactError, build_from_config, load_model_dir, load_tokenizer, read_config
-from models.errors import InvalidParameter
+from models.errors import InvalidParameter, is_int
 from models.gpt import GPT, GPTConfig
 from models.sampling import MAX_SEED, RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
 from models.tokenizer import StreamDecoder, Tokenizer
@@ -168,9 +168,9 @@ def check_types(req: CompletionRequest) -> None:
         return InvalidParameter(name, f"must be {what}, got {getattr(req, name)!r}")
 
     for name in ("max_tokens", "n", "seed"):
-        if isinstance(getattr(req, name), bool) or not isinstance(getattr(req, name), int):
+        if not is_int(getattr(req, name)):
             raise wrong(name, "an integer")
-    if req.logprobs is not None and (isinstance(req.logprobs, bool) or not isinstance(req.logprobs, int)):
+    if req.logprobs is not None and not is_int(req.logprobs):
         raise wrong("logprobs", "an integer or None")
     if not isinstance(req.prompt, str):
         raise wrong("prompt", "a string")

@@ -1,4 +1,5 @@
-"""The one error type for a bad request parameter; the service maps it to HTTP 400."""
+"""The one error type for a bad request parameter (the service maps it to HTTP 400), and the
+type checks that parameters and configs share."""
 
 
 class InvalidParameter(ValueError):
@@ -11,3 +12,13 @@ class InvalidParameter(ValueError):
 
     def __reduce__(self):  # pickled as (param, message): it crosses to and from the engine process
         return type(self), (self.param, self.message)
+
+
+def is_int(value: object) -> bool:
+    """An integer, and not a bool (to Python, True is the integer 1; to a request, a mistake)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from models.artifacts import positive_ints
+from models.errors import is_number
 
 
 @dataclass
@@ -37,7 +38,7 @@ class GPTConfig:
         if not isinstance(d.get("bias"), bool):
             raise ValueError(f"bias must be true or false, got {d.get('bias')!r}")
         dropout = d.get("dropout")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if not is_number(dropout) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in known})

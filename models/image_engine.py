@@ -16,7 +16,7 @@ import torch
 
 from models.artifacts import build_from_config, load_model_dir, load_tokenizer, read_config
 from models.engine import pick_device
-from models.errors import InvalidParameter
+from models.errors import InvalidParameter, is_int, is_number
 from models.gan import GANConfig, Generator
 from models.sampling import MAX_SEED
 from models.text_encoder import encode_prompts, trim_padding
@@ -79,13 +79,13 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, s
     n_tokens = len(tokenizer.encode(req.prompt))
     if n_tokens > context:
         raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
-    if isinstance(req.n, bool) or not isinstance(req.n, int) or not 1 <= req.n <= MAX_IMAGES:
+    if not is_int(req.n) or not 1 <= req.n <= MAX_IMAGES:
         raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
-    if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED - (req.n - 1):
+    if not is_int(req.seed) or not 0 <= req.seed <= MAX_SEED - (req.n - 1):
         raise InvalidParameter("seed", f"must be an integer from 0 to {MAX_SEED - (req.n - 1)} for n={req.n} "
                                        f"(image i uses seed + i, at most {MAX_SEED})")
     t = req.truncation
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+    if not is_number(t) or not 0 < t <= 1:
         raise InvalidParameter("truncation", "must be a number in (0, 1]")
     if not sampler and (fields := req.sampler_fields()):
         raise InvalidParameter(fields[0], "applies to autoregressive image models only; this model draws "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.errors import InvalidParameter
+from models.errors import InvalidParameter, is_int, is_number
 
 # torch's CPU generator keeps only the low 32 bits of a seed (seeds 0 and 2**32 draw the same
 # numbers), so a request's seeds, seed + i for its n choices or images, stay within 32 bits.
@@ -35,8 +35,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):  # library callers
-            value, kinds = getattr(self, name), (int,) if name == "top_k" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds):
+            value = getattr(self, name)
+            if not (is_int(value) if name == "top_k" else is_number(value)):
                 raise InvalidParameter(name, f"must be {'an integer' if name == 'top_k' else 'a number'}, got {value!r}")
         checks = [
             ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
