@@ -113,9 +113,19 @@ def _as_json(scope: Scope, start: Message) -> ApiError | None:
     if status == 404:
         return ApiError(404, f"no route {method} {path}", code="not_found")
     if status == 400 and method == "OPTIONS":  # CORSMiddleware refusing a pre-flight
-        return ApiError(400, "CORS pre-flight refused: the origin, method or headers asked for are not allowed "
-                             "(CONDGEN_CORS_ORIGINS)", code="cors_not_allowed")
+        origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
+        return ApiError(400, f"CORS pre-flight refused: origin {origin!r} is not in CONDGEN_CORS_ORIGINS, or the "
+                             "method asked for is not GET or POST", code="cors_not_allowed")
     return None
+
+
+def cors_options(origins: list[str]) -> dict:
+    """CORSMiddleware's settings. Any request header is allowed: the official OpenAI SDKs send
+    their own (`x-stainless-os`, `x-stainless-retry-count`, ...) with every request, and a
+    pre-flight naming one header off a fixed list fails in the browser; the origin is what
+    CORS guards, and the API key is checked on the request itself."""
+    return dict(allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
 
 
 def install(service: object, routes: object, limits: Limits) -> None:
@@ -125,10 +135,7 @@ def install(service: object, routes: object, limits: Limits) -> None:
     routes.add_route("/openapi.json", openapi_endpoint, methods=["GET"])  # type: ignore[attr-defined]
     service.add_asgi_middleware(JSONRoutingErrors)  # type: ignore[attr-defined]
     if origins := cors_origins():
-        service.add_asgi_middleware(  # type: ignore[attr-defined]
-            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
-            expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
+        service.add_asgi_middleware(CORSMiddleware, **cors_options(origins))  # type: ignore[attr-defined]
     if key := os.environ.get("CONDGEN_API_KEY"):
         service.add_asgi_middleware(APIKeyMiddleware, key=key)  # type: ignore[attr-defined]
     service.add_asgi_middleware(LimitMiddleware, limits=limits)  # type: ignore[attr-defined]

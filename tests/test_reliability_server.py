@@ -75,7 +75,8 @@ def test_openai_client_sends_the_key_as_bearer(guarded_server):
 
 def test_cors_allows_the_configured_origin_only(guarded_server):
     url = guarded_server.url
-    pre = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
+    pre = {"access-control-request-method": "POST",  # with the headers the official OpenAI SDKs add
+           "access-control-request-headers": "authorization,content-type,x-stainless-os,x-stainless-retry-count"}
     ok = httpx.options(url + "/complete", headers={"origin": "http://allowed.example", **pre}, timeout=30)
     assert ok.status_code == 200  # a pre-flight carries no key and must not need one
     assert ok.headers["access-control-allow-origin"] == "http://allowed.example"

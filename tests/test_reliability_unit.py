@@ -26,7 +26,7 @@ from service.metrics import get_metrics
 from service.openapi import build_openapi
 from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody
 from service.env import env_choice, env_flag, env_float, env_int
-from service.security import APIKeyMiddleware, JSONRoutingErrors, model_tag
+from service.security import APIKeyMiddleware, JSONRoutingErrors, cors_options, model_tag
 
 
 def _app(handler_log: dict, limits: Limits, key: str | None = None) -> Starlette:
@@ -188,21 +188,26 @@ def test_api_key_header_forms(headers, status):
 
 def test_cors_preflight_passes_the_key_check_and_names_the_origin():
     inner = _app({}, Limits(), key="k3y")
-    app = JSONRoutingErrors(CORSMiddleware(inner, allow_origins=["http://ok.example"], allow_methods=["GET", "POST"],
-                                           allow_headers=["authorization", "content-type"]))
+    app = JSONRoutingErrors(CORSMiddleware(inner, **cors_options(["http://ok.example"])))
+    # What the official OpenAI SDKs ask for: their own x-stainless-* headers besides the usual ones.
+    asked = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count"
 
     async def scenario():
         async with _client(app) as c:
             pre = await c.options("/complete", headers={"origin": "http://ok.example",
-                                                       "access-control-request-method": "POST"})
+                                                       "access-control-request-method": "POST",
+                                                       "access-control-request-headers": asked})
             bad = await c.options("/complete", headers={"origin": "http://evil.example",
                                                        "access-control-request-method": "POST"})
             return pre, bad
 
     pre, bad = asyncio.run(scenario())
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ok.example"
+    allowed = {h.strip() for h in pre.headers["access-control-allow-headers"].lower().split(",")}
+    assert set(asked.split(",")) <= allowed
     assert "access-control-allow-origin" not in bad.headers
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "cors_not_allowed"  # the JSON shape
+    assert "http://evil.example" in bad.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("tag", ["gpt", "gpt:latest", "my-model.v2:20240101_x"])
