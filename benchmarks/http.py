@@ -159,9 +159,10 @@ class ServedImages:
 
     def __init__(self, engine):
         from models.image_engine import ImageEngine
+        from service.app import IMAGE_MAX_BATCH
         from service.image_worker import ImageWorker
 
-        self.worker = ImageWorker(ImageEngine, engine.model_dir, engine.device.type, torch_threads())
+        self.worker = ImageWorker(ImageEngine, engine.model_dir, engine.device.type, torch_threads(), IMAGE_MAX_BATCH)
         self.worker.wait_started()
         try:
             import uvloop

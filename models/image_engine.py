@@ -8,7 +8,8 @@ the batch does not change a request's images (up to float rounding).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,27 @@ def per_request(images: np.ndarray, requests: list[ImageRequest]) -> list[list[n
     """Split (sum of n, H, W, 3) images, in request order, into one list per request."""
     ends = np.cumsum([r.n for r in requests])[:-1]
     return [list(chunk) for chunk in np.split(images, ends)]
+
+
+def generate_in_passes(generate: Callable[[list[ImageRequest]], list[list[np.ndarray]]],
+                       requests: list[ImageRequest], max_images: int) -> list[list[np.ndarray]]:
+    """`generate` (an engine's) over passes of at most max_images images, so that a pass's memory
+    stays bounded whatever the requests ask: a request for more is cut into parts (the part
+    from image i on seeded with seed + i, so its images are the same), and consecutive parts
+    share a pass while they fit."""
+    parts = [(r, replace(req, seed=req.seed + start, n=min(max_images, req.n - start)))
+             for r, req in enumerate(requests) for start in range(0, req.n, max_images)]
+    out: list[list[np.ndarray]] = [[] for _ in requests]
+    first = 0
+    while first < len(parts):
+        end, size = first + 1, parts[first][1].n
+        while end < len(parts) and size + parts[end][1].n <= max_images:
+            size += parts[end][1].n
+            end += 1
+        for (r, _), images in zip(parts[first:end], generate([part for _, part in parts[first:end]])):
+            out[r].extend(images)
+        first = end
+    return out
 
 
 def max_prompt_chars(tokenizer: Tokenizer, context: int) -> int:

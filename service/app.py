@@ -457,7 +457,8 @@ class Generation:
                     backend.served.details["guidance_scale"] = checker.guidance_scale
                     backend.served.details["evaluations_per_image"] = checker.evaluations_per_image()
                 checkers[tag] = checker
-                backend.worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, threads)
+                backend.worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, threads,
+                                             IMAGE_MAX_BATCH)
                 starting.append(backend.worker)
             self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, threads, SchedulerConfig(
                 max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from models.image_engine import ImageRequest
+from models.image_engine import ImageRequest, generate_in_passes
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,13 @@ class WorkerError(RuntimeError):
 class ImageWorker:
     """One image engine in a child process, loaded at start-up, one batch at a time."""
 
-    def __init__(self, engine_class: type, model_dir: str, device: str, threads: int):
+    def __init__(self, engine_class: type, model_dir: str, device: str, threads: int, max_images: int):
+        """max_images: the most images in one forward pass (a batch, or a request, asking for more
+        runs in several)."""
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and locks
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child_conn, engine_class, model_dir, device, threads),
+        self._proc = ctx.Process(target=_child_main,
+                                 args=(child_conn, engine_class, model_dir, device, threads, max_images),
                                  name="condgen-image-worker", daemon=True)
         self._proc.start()
         child_conn.close()
@@ -132,7 +135,8 @@ class ImageWorker:
 
 
 # --- the child's side -----------------------------------------------------------------------
-def _child_main(conn: Connection, engine_class: type, model_dir: str, device: str, threads: int) -> None:
+def _child_main(conn: Connection, engine_class: type, model_dir: str, device: str, threads: int,
+                max_images: int) -> None:
     # The server decides when the worker stops (a "stop" message, or its end of the pipe
     # closing): a SIGTERM or Ctrl-C sent to the server's whole process tree must not cut off
     # the batches it is finishing during a graceful shutdown.
@@ -159,7 +163,7 @@ def _child_main(conn: Connection, engine_class: type, model_dir: str, device: st
             return
         requests, parameters = payload
         try:
-            arrays = engine.generate(requests)
+            arrays = generate_in_passes(engine.generate, requests, max_images)
             result = [[encode_png(img, params) for img, params in zip(images, request_params, strict=True)]
                       for images, request_params in zip(arrays, parameters, strict=True)]
             reply = (True, batch, result)

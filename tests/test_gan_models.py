@@ -10,7 +10,7 @@ from models.artifacts import ArtifactError, save_model_dir
 from models.errors import InvalidParameter
 from models.gan import (Discriminator, GANConfig, Generator, d_hinge_loss, diff_augment,
                         g_hinge_loss, mode_seeking_loss, r1_penalty)
-from models.image_engine import ImageEngine, ImageRequest, ImageRequests, latents, to_uint8
+from models.image_engine import ImageEngine, ImageRequest, ImageRequests, generate_in_passes, latents, to_uint8
 from models.text_encoder import encode_prompts, trim_padding
 from models.tokenizer import Tokenizer
 
@@ -147,6 +147,28 @@ def test_seeded_batch_invariance(engine):
     assert not np.array_equal(together[1][0], together[1][1])
     other = engine.generate([ImageRequest(c.prompt, seed=1, n=2)])[0]
     assert not np.array_equal(other[0], together[0][0])
+
+
+def test_passes_of_at_most_max_images_give_the_same_images(engine):
+    """generate_in_passes (the image worker's) cuts requests into passes of at most max_images:
+    image i still comes from seed + i, in request order."""
+    reqs = [ImageRequest("a red circle", seed=3, n=5), ImageRequest("a blue square", seed=9, n=1, truncation=0.5),
+            ImageRequest("a green cross", seed=20, n=3)]
+    passes = []
+
+    def recorded(requests):
+        passes.append(sum(r.n for r in requests))
+        return engine.generate(requests)
+
+    got = generate_in_passes(recorded, reqs, 2)
+    want = engine.generate(reqs)
+    assert passes == [2, 2, 2, 2, 1]  # n=5 as 2, 2, 1 (sharing its pass with the n=1); n=3 as 2, 1
+    assert [len(x) for x in got] == [5, 1, 3]
+    for a, b in zip(got, want):
+        for x, y in zip(a, b):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    generate_in_passes(recorded, reqs, 64)
+    assert passes[-1] == 9  # all in one pass when they fit
 
 
 def test_truncation_scales_latents():

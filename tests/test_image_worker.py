@@ -25,7 +25,7 @@ def run(loop: str, coro):
 
 @pytest.fixture
 def worker():
-    w = ImageWorker(NoiseImageEngine, "unused", "cpu", 1)
+    w = ImageWorker(NoiseImageEngine, "unused", "cpu", 1, 64)
     w.wait_started()
     yield w
     w.shutdown()
@@ -59,7 +59,7 @@ def test_a_failing_batch_fails_its_requests_not_the_worker(worker, loop):
 
 
 def test_a_worker_that_cannot_load_names_the_error():
-    w = ImageWorker(NoiseImageEngine, "missing", "cpu", 1)
+    w = ImageWorker(NoiseImageEngine, "missing", "cpu", 1, 64)
     with pytest.raises(WorkerError, match="ArtifactError: missing/model.safetensors"):
         w.wait_started()
     assert not w.alive
@@ -84,3 +84,18 @@ def test_a_dead_worker_fails_the_batch_in_flight_and_the_next(worker):
         with pytest.raises(WorkerDied):
             await worker.generate_pngs(*batch("b", 1, 1))
     asyncio.run(kill_mid_batch())
+
+
+def test_a_request_larger_than_max_images_runs_in_several_passes():
+    """CONDGEN_IMAGE_MAX_BATCH bounds a forward pass, also for one request of more images
+    (it used to run a request of n = 16 in one pass whatever the setting)."""
+    w = ImageWorker(NoiseImageEngine, "unused", "cpu", 1, 4)
+    w.wait_started()
+    try:
+        reqs = [ImageRequest(prompt="count", seed=0, n=16), ImageRequest(prompt="count", seed=50, n=3)]
+        pngs = asyncio.run(w.generate_pngs(reqs, [[{}] * 16, [{}] * 3]))
+    finally:
+        w.shutdown()
+    assert [len(p) for p in pngs] == [16, 3]
+    per_pass = [Image.open(io.BytesIO(png)).getpixel((0, 0))[0] for p in pngs for png in p]
+    assert per_pass == [4] * 16 + [3] * 3

@@ -393,12 +393,12 @@ def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fai
 
     backend = app.ImageBackend(served=None, stored=None, engine_class=NoiseImageEngine, checker_class=None)
     assert not backend.failed  # nothing started yet
-    backend.worker = ImageWorker(NoiseImageEngine, "missing", "cpu", 1)
+    backend.worker = ImageWorker(NoiseImageEngine, "missing", "cpu", 1, 64)
     with pytest.raises(WorkerError):
         backend.worker.wait_started()
     assert not backend.failed  # a load error leaves the service alive, only not ready
     backend.worker.shutdown()
-    backend.worker = ImageWorker(NoiseImageEngine, "unused", "cpu", 1)
+    backend.worker = ImageWorker(NoiseImageEngine, "unused", "cpu", 1, 64)
     backend.worker.wait_started()
     backend.requests = object()  # loaded
     assert not backend.failed

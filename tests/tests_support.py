@@ -58,7 +58,8 @@ def engines_paused(server_pid: int) -> Iterator[None]:
 
 class NoiseImageEngine:
     """An image engine for service.image_worker tests: incompressible 128×128 images, so a
-    batch's PNGs outgrow a pipe's buffer; the prompt "fail" fails the batch."""
+    batch's PNGs outgrow a pipe's buffer; the prompt "fail" fails the batch, and the prompt
+    "count" makes images whose first pixel is the number of images in their forward pass."""
 
     @classmethod
     def load(cls, model_dir: str, device: str = "cpu") -> "NoiseImageEngine":
@@ -72,4 +73,9 @@ class NoiseImageEngine:
         if any(r.prompt == "fail" for r in requests):
             raise ValueError("this batch fails")
         rng = np.random.default_rng(0)
-        return [[rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(r.n)] for r in requests]
+        out = [[rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(r.n)] for r in requests]
+        for r, images in zip(requests, out):
+            if r.prompt == "count":
+                for image in images:
+                    image[0, 0] = sum(q.n for q in requests)
+        return out
