@@ -71,15 +71,19 @@ class _Body(BaseModel):
 
 class _NullIsDefault(BaseModel):
     """OpenAI's API takes null for an optional field, meaning its default, and its official
-    client sends such nulls (`temperature=None`)."""
+    client sends such nulls (`temperature=None`); every route here does the same. A required
+    field's null stays, to be refused as the wrong type (not as a missing field)."""
 
     @model_validator(mode="before")
     @classmethod
     def _drop_nulls(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        required = {name for name, f in cls.model_fields.items() if f.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k in required}
 
 
-class CompletionBody(_Body):
+class CompletionBody(_Body, _NullIsDefault):
     """POST /complete."""
     model: ModelName | None = Field(None, description="model name or tag; default: the served text model")
     prompt: str
@@ -114,7 +118,7 @@ class StreamOptions(_Body, _NullIsDefault):
     include_obfuscation: bool = True
 
 
-class OpenAICompletionBody(CompletionBody, _NullIsDefault):
+class OpenAICompletionBody(CompletionBody):
     """POST /v1/completions: the OpenAI legacy completions request (the fields we honour)."""
     model: ModelName
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # type: ignore[assignment]
@@ -151,7 +155,7 @@ AR_ONLY = "autoregressive image models only (default: the model's); a GAN answer
 GUIDANCE_DOC = "classifier-free guidance, 1 = off; " + AR_ONLY
 
 
-class ImageBody(_Body):
+class ImageBody(_Body, _NullIsDefault):
     """POST /generate."""
     model: ModelName | None = Field(None, description="model name or tag; default: the served image model")
     prompt: str

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from service.batching import Job, MicroBatcher
 from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
 from service.metrics import get_metrics
-from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, from_validation_error
+from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, from_validation_error
 
 
 # ---- schemas ----------------------------------------------------------------------------
@@ -60,6 +60,20 @@ def test_completion_body_defaults_and_stop_normalised():
     body = CompletionBody.model_validate({"prompt": "hi"})
     assert body.stop == [] and body.n == 1 and body.seed is None and body.stream is False
     assert CompletionBody.model_validate({"prompt": "hi", "stop": "\n"}).stop == ["\n"]
+
+
+@pytest.mark.parametrize("body_class", [CompletionBody, ImageBody, OpenAIImageBody])
+def test_null_means_the_default_on_every_route_but_not_for_a_required_field(body_class):
+    """/generate refused `"n": null` while taking `"seed": null`; a null prompt was reported
+    as missing ("Field required") on the OpenAI routes, which drop nulls."""
+    own = ({"max_tokens": None, "stop": None, "echo": None} if body_class is CompletionBody
+           else {"truncation": None, "response_format": None})
+    body = body_class.model_validate({"prompt": "hi", "n": None, "seed": None, **own})
+    assert body.n == 1 and body.seed is None
+    with pytest.raises(ValidationError) as e:
+        body_class.model_validate({"prompt": None})
+    err = from_validation_error(e.value)
+    assert err.param == "prompt" and "valid string" in err.message
 
 
 def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
