@@ -145,7 +145,8 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
         except ApiError as e:
             response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except InvalidParameter as e:
-            response = JSONResponse(ApiError(400, e.message, e.param).body(), status_code=400)
+            # "prompt: must be ...": the message names the field, as a schema error's does
+            response = JSONResponse(ApiError(400, str(e), e.param).body(), status_code=400)
         except ValidationError as e:
             response = JSONResponse(from_validation_error(e).body(), status_code=400)
         except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing broken

@@ -52,3 +52,14 @@ def test_a_queued_image_request_whose_client_left_is_never_generated(client, ser
 def test_a_model_of_the_wrong_kind_is_named_in_plain_english(client, path, model, message):
     r = client.post(path, json={"prompt": "a", "model": model})
     assert r.status_code == 400 and r.json()["error"]["message"] == message
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/generate", {"prompt": "   "}, "prompt"),
+    ("/complete", {"prompt": "a", "max_tokens": 4000}, "max_tokens"),  # past the context: the engine's check
+])
+def test_an_engine_check_names_the_field_in_its_message(client, path, body, param):
+    """As a schema error's message does ("n: Input should be ..."); the engine's said "must be a
+    non-empty string" with the field in `param` only."""
+    err = client.post(path, json=body).json()["error"]
+    assert err["param"] == param and err["message"].startswith(f"{param}: "), err
