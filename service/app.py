@@ -86,6 +86,10 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
 
 
 AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
+# The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), so a
+# Bento built with GPT_MODEL=my-gpt serves my-gpt, the one model of that kind it holds.
+MODEL_ENVS = [{"name": name, "value": tag} for name, tag in
+              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL)) if tag]
 DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
@@ -396,6 +400,7 @@ def _pick_seed(seed: int | None) -> int:
 @bentoml.asgi_app(routes, path="/")
 @bentoml.service(
     name="generation",
+    envs=MODEL_ENVS,
     workers=WORKERS,
     traffic={"timeout": TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
     logging={"access": {"enabled": ACCESS_LOG}},

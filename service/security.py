@@ -32,8 +32,9 @@ TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]
 
 
 def model_tag(env_var: str, default: str) -> str:
-    """The store tag an environment variable names, refused at start-up when malformed."""
-    tag = os.environ.get(env_var, default)
+    """The store tag an environment variable names (unset or empty: `default`), refused at
+    start-up when malformed."""
+    tag = os.environ.get(env_var) or default
     if not TAG_PATTERN.fullmatch(tag) or ".." in tag:
         raise ValueError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
                          f"letters, digits, '.', '_', '-'; e.g. {default!r})")

@@ -216,7 +216,13 @@ def test_model_tags_from_the_environment_accepted(tag, monkeypatch):
     assert model_tag("GPT_MODEL", "gpt:latest") == tag
 
 
-@pytest.mark.parametrize("tag", ["../gpt", "gpt/../../etc", "/abs/path", "gpt:../x", "a b", "GPT", "",
+def test_an_empty_model_tag_means_the_default(monkeypatch):
+    """As for every other setting (README, Configuration); it stopped the start-up."""
+    monkeypatch.setenv("GPT_MODEL", "")
+    assert model_tag("GPT_MODEL", "gpt:latest") == "gpt:latest"
+
+
+@pytest.mark.parametrize("tag", ["../gpt", "gpt/../../etc", "/abs/path", "gpt:../x", "a b", "GPT", " ",
                                  "gpt:", "gpt:v1:v2", "gpt\n", "..", "a..b"])
 def test_model_tags_from_the_environment_refused(tag, monkeypatch):
     monkeypatch.setenv("GAN_MODEL", tag)

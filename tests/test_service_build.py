@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,40 @@ BENTOML = str(Path(sys.executable).parent / "bentoml")
 pytestmark = pytest.mark.slow
 
 
-def test_bentoml_build_lists_every_served_model(bentoml_home):
-    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+def _build(env: dict[str, str]) -> dict:
+    """`bentoml build` of bentofile.yaml; the Bento's description (`bentoml get -o json`) and its path."""
     build = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     info = subprocess.run([BENTOML, "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr
-    bento = json.loads(info.stdout)
+    return {**json.loads(info.stdout), "path": Path(env["BENTOML_HOME"], "bentos", *tag.split(":"))}
+
+
+def _packed(bento: dict) -> list[str]:
+    return sorted(m["tag"].split(":")[0] for m in bento["services"][0]["models"])
+
+
+def test_bentoml_build_lists_every_served_model(bentoml_home):
+    bento = _build({**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"})
     assert bento["service"] == "service.app:Generation"
-    assert sorted(m["tag"].split(":")[0] for m in bento["models"]) == ["gan", "gpt"]  # bentofile.yaml's
-    # ar_image is optional, so not in bentofile.yaml; the service declares it when the store has it.
-    assert sorted(m["tag"].split(":")[0] for m in bento["services"][0]["models"]) == ["ar_image", "gan", "gpt"]
+    assert _packed(bento) == ["ar_image", "gan", "gpt"]  # ar_image too, since the store has it
+
+
+def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_home, tmp_path):
+    """A store without `gpt` builds (bentofile.yaml listed gpt:latest), and the container's
+    GPT_MODEL is the model the Bento was built with (it was fixed at gpt:latest)."""
+    home = tmp_path / "home"
+    shutil.copytree(bentoml_home / "models" / "gan", home / "models" / "gan")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "GPT_MODEL": "own-gpt"}
+    train = subprocess.run([sys.executable, "-m", "training.train_gpt", "--preset", "tiny", "--name=own-gpt",
+                            f"--run_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    bento = _build(env)
+    assert _packed(bento) == ["gan", "own-gpt"]
+    envs = {e["name"]: e["value"] for e in bento["envs"]}
+    assert envs["GPT_MODEL"] == "own-gpt" and envs["GAN_MODEL"] == "gan:latest" and "AR_IMAGE_MODEL" not in envs
+    dockerfile = (bento["path"] / "env" / "docker" / "Dockerfile").read_text()
+    assert "ENV GPT_MODEL=$GPT_MODEL" in dockerfile and "ARG GPT_MODEL=own-gpt" in dockerfile
