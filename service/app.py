@@ -86,6 +86,22 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
 
 
 AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
+def _check_family(env_var: str, tag: str, family: str) -> None:
+    """A store model of another family (GPT_MODEL=gan:latest) stops the start-up, naming it, as a
+    missing one does: it used to be listed under the wrong kind and fail later, when loaded."""
+    try:
+        labels = bentoml.models.get(tag).info.labels
+    except bentoml.exceptions.NotFound:
+        return  # the service's BentoModel says so, naming the tag
+    if labels.get("family", family) != family:
+        raise ValueError(f"{env_var}={tag!r} is a {labels['family']!r} model; {env_var} needs a {family!r} model")
+
+
+_check_family("GPT_MODEL", GPT_MODEL, "gpt")
+_check_family("GAN_MODEL", GAN_MODEL, "gan")
+if AR_IMAGE_MODEL:
+    _check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
+
 # The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), so a
 # Bento built with GPT_MODEL=my-gpt serves my-gpt, the one model of that kind it holds.
 MODEL_ENVS = [{"name": name, "value": tag} for name, tag in
@@ -283,6 +299,7 @@ class ServedModel:
     created: float  # unix seconds
     metrics: dict[str, Any]
     details: dict[str, Any] = field(default_factory=dict)  # known once loaded: image_size, ...
+    is_latest: bool = True  # the store's `name:latest` at start-up (not so for a pinned older version)
 
     @classmethod
     def from_store(cls, kind: str, stored: Any) -> "ServedModel":
@@ -294,15 +311,17 @@ class ServedModel:
                     metrics = json.load(fh)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ArtifactError(f"{metrics_path}: cannot read ({e})") from e
+        latest = bentoml.models.get(f"{stored.tag.name}:latest").tag
         return cls(kind=kind, tag=str(stored.tag), labels=dict(stored.info.labels),
-                   created=stored.info.creation_time.timestamp(), metrics=metrics)
+                   created=stored.info.creation_time.timestamp(), metrics=metrics, is_latest=latest == stored.tag)
 
     @property
     def name(self) -> str:
         return self.tag.split(":")[0]
 
     def answers_to(self, requested: str | None) -> bool:
-        return requested in (None, self.name, self.tag, f"{self.name}:latest")
+        """None (the default), its name, its full tag, or `name:latest` when it is the latest."""
+        return requested in (None, self.name, self.tag) or (self.is_latest and requested == f"{self.name}:latest")
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -420,3 +420,25 @@ def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fai
     backend.worker._proc.join(timeout=5)
     assert backend.failed  # seen at once: /readyz and /livez answer 503 before any request fails
     backend.worker.shutdown()
+
+
+# ---- the served models ------------------------------------------------------------------
+
+@pytest.mark.parametrize("env_var, tag, family", [("GPT_MODEL", "gan:latest", "gan"), ("GAN_MODEL", "gpt", "gpt")])
+def test_a_model_of_the_wrong_family_stops_the_start_up(bentoml_home, env_var, tag, family):
+    """As a missing one does: it was listed under the wrong kind by /models and failed when loaded."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), env_var: tag}
+    run = subprocess.run([sys.executable, "-c", "import service.app"], cwd=Path(__file__).resolve().parents[1],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert f"{env_var}={tag!r} is a {family!r} model" in run.stderr.splitlines()[-1], run.stderr[-2000:]
+
+
+def test_name_latest_names_only_the_latest_version():
+    """A server pinned to an older version (GPT_MODEL=gpt:v1) answered `gpt:latest` with it."""
+    from service.app import ServedModel
+
+    pinned = ServedModel("text", "gpt:v1", {}, 0.0, {}, is_latest=False)
+    latest = ServedModel("text", "gpt:v2", {}, 0.0, {})
+    assert pinned.answers_to("gpt:v1") and pinned.answers_to("gpt") and pinned.answers_to(None)
+    assert not pinned.answers_to("gpt:latest") and latest.answers_to("gpt:latest")
