@@ -268,3 +268,27 @@ def test_n_val_that_leaves_no_folder_images_is_refused_when_the_folder_is_read(t
     write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), data.captions)
     with pytest.raises(ValueError, match=f"--n_val=32 leaves no training images of the 10 in {tmp_path / 'data'}"):
         main([*TINY, f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'data'}"])
+
+
+def test_a_folder_run_records_its_image_count_and_refuses_a_resume_on_other_data(tmp_path):
+    """config.json's data.n_train counts the folder's images (the last --n_val kept apart), not the
+    procedural preset's --n_train; the checkpoint resumes only on the data it was trained on."""
+    data = make_shapes(40, seed=2)
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), data.captions)
+    out = tmp_path / "run"
+    model_dir = main([*TINY, f"--run_dir={out}", f"--data={tmp_path / 'data'}", "--n_val=8", "--max_steps=2"])
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["data"]["n_train"], config["data"]["n_val"]) == (40, 8)
+    assert json.loads((model_dir / "metrics.json").read_text())["n_train"] == 32
+    with pytest.raises(ValueError, match=r"ckpt.pt was trained on dataset \w+ \(--data='.*data'\), this run's is "
+                                         r"dataset \w+ \(--data='shapes'\): resume with the same data"):
+        main([*TINY, f"--run_dir={out}", "--n_val=8", "--max_steps=4", "--resume"])
+
+
+def test_captions_all_longer_than_the_context_are_refused_before_training(tmp_path):
+    data = make_shapes(8, seed=2)
+    long = [c + ", " + " ".join(f"word{i}" for i in range(40)) for c in data.captions]
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), long)
+    with pytest.raises(ValueError, match=r"--context=32: every caption is longer than that"):
+        main([*TINY, f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'data'}", "--n_val=2"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()

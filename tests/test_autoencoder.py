@@ -99,3 +99,24 @@ def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training
     with pytest.raises(ValueError, match=r"--context=12: the longest evaluation prompt is \d+ tokens"):
         main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--n_train=64", "--n_val=8", "--context=12"])
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_a_folder_run_records_its_image_count_and_refuses_a_resume_on_other_data(tmp_path):
+    """As the GAN and AR jobs: config.json's data.n_train counts the folder's images, not the
+    preset's --n_train, and the checkpoint resumes only on the data it was trained on."""
+    data = make_shapes(40, seed=2)
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), data.captions)
+    out = tmp_path / "run"
+    model_dir = main(["--preset", "tiny", f"--out={out}", f"--data={tmp_path / 'data'}", "--n_val=8", "--max_steps=2"])
+    assert json.loads((model_dir / "config.json").read_text())["data"]["n_train"] == 40
+    with pytest.raises(ValueError, match=r"was trained on dataset \w+ \(--data='.*data'\), this run's is dataset"):
+        main(["--preset", "tiny", f"--out={out}", "--n_val=8", "--max_steps=4", "--resume"])
+
+
+def test_captions_all_longer_than_the_context_are_refused_before_training(tmp_path):
+    data = make_shapes(8, seed=2)
+    long = [c + ", " + " ".join(f"word{i}" for i in range(40)) for c in data.captions]
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), long)
+    with pytest.raises(ValueError, match=r"every caption is longer than that"):
+        main(["--preset", "tiny", f"--out={tmp_path / 'run'}", f"--data={tmp_path / 'data'}", "--n_val=2"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()

@@ -1,7 +1,9 @@
 """The GAN job end to end at the tiny preset, resume, the store, DDP, and the metrics
 that grade a generator (evaluator accuracy, memorisation)."""
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from training.evaluate import (frechet_distance, memorisation_rate, near_duplica
                                train_evaluator)
 from training.synthesize import main as synthesize_main
 from training.common import Dist
-from training.train_gan import main, restore_rng
+from training.train_gan import check_captions_fit, main, restore_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +122,45 @@ def test_resume_refuses_a_missing_broken_or_mismatched_checkpoint(tiny_run, tmp_
     (out / "ckpt.pt").write_bytes(saved)
     with pytest.raises(ValueError, match="trained with g_ch=8, this run asks for g_ch=16"):
         main(args + ["--g_ch=16"])
+
+
+def test_resume_refuses_other_data(tiny_run, tmp_path):
+    """The checkpoint's tokenizer was fitted to its data, and the model's `dataset` label names one
+    dataset: a resume on other data is refused, naming both."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_run[0] / "ckpt.pt", out / "ckpt.pt")
+    args = ["--preset", "tiny", f"--out={out}", "--resume", "--store=false", "--n_train=256"]
+    with pytest.raises(ValueError, match=r"ckpt.pt was trained on dataset \w+ \(--data='shapes'\), this run's is "
+                                         r"dataset \w+ \(--data='shapes'\): resume with the same data"):
+        main(args)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["dataset"]  # a checkpoint from before the hash: the procedural data's settings decide
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(ValueError, match="trained with n_train=512, this run asks for n_train=256"):
+        main(args)
+
+
+def test_captions_all_longer_than_the_context_are_refused_before_training(tmp_path):
+    """Training would cut them all, the trained model would refuse every one as a prompt, and the
+    sample grids (captions that fit) would be empty."""
+    data = make_shapes(8, seed=2)
+    long = [c + ", " + " ".join(f"word{i}" for i in range(40)) for c in data.captions]
+    write_imagefolder(tmp_path / "data", list(data.images.permute(0, 2, 3, 1).numpy()), long)
+    with pytest.raises(ValueError, match=r"--context=32: every caption is longer than that \(the longest is \d+ "
+                                         r"tokens with this tokenizer\); use a larger --context"):
+        main(["--preset", "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+              "--store=false"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_captions_some_longer_than_the_context_are_counted_in_one_warning(caplog):
+    tokenizer = Tokenizer.train(["a red circle", "a blue square"] * 10, 300)
+    with caplog.at_level(logging.WARNING, logger="train_gan"):
+        check_captions_fit(tokenizer, ["a red circle", "a blue square " * 20, "a red circle " * 20], 8, True)
+    [record] = caplog.records
+    assert "--context=8: 2 of 3 captions are longer" in record.getMessage()
+    assert "raise --context" in record.getMessage()
 
 
 def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training(tmp_path):

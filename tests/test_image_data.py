@@ -177,3 +177,19 @@ def test_imagefolder_metadata_that_is_not_utf8_fails_naming_the_file(tmp_path):
         load_imagefolder(tmp_path)
     meta.write_text(text, encoding="utf-8-sig")  # a byte-order mark, as some editors write
     assert load_imagefolder(tmp_path).captions == ["a", "b"]
+
+
+def test_imagefolder_skips_captions_that_are_not_text_or_are_empty(tmp_path, caplog):
+    """null, 42 or a list would be trained on as "None", "42", ...; an empty caption is a prompt
+    the service refuses. Bad lines, like a file name that is not text."""
+    bad = [None, 42, ["a list"], "", "   "]
+    write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)] * (len(bad) + 1), ["kept"] + ["x"] * len(bad))
+    meta = tmp_path / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    for row, text in zip(rows[1:], bad):
+        row["text"] = text
+    rows.append({"file_name": 7, "text": "its file name is not text"})
+    meta.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_imagefolder(tmp_path).captions == ["kept"]
+    assert "skipped 6" in caplog.text and "6 bad metadata line" in caplog.text

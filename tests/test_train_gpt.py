@@ -1,6 +1,7 @@
 """The GPT training job on tiny configs: loss falls, resume is exact, DDP runs, the store gets the model."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,27 @@ def test_user_text_must_be_utf8_and_the_split_ignores_how_the_path_is_spelled(tm
     (data / "latin1.txt").write_bytes("Café naïve".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
         load_corpus(str(data))
+
+
+def test_a_utf8_byte_order_mark_is_not_training_text(tmp_path):
+    (tmp_path / "bom.txt").write_text("text from an editor that writes a byte-order mark " * 4, encoding="utf-8-sig")
+    corpus = load_corpus(str(tmp_path / "bom.txt"))
+    assert corpus.train[0].startswith("text from") and not any("\ufeff" in doc for doc in corpus.train + corpus.val)
+
+
+def test_resume_refuses_other_data(tmp_path):
+    """The checkpoint's tokenizer was fitted to its data, and the model's `dataset` label names one
+    dataset: a resume on other data is refused, naming both."""
+    main(TINY + [f"--run_dir={tmp_path}", "--halt_after=5"])
+    other = tmp_path / "other.txt"
+    other.write_text("some other text " * 100)
+    resume = TINY + [f"--run_dir={tmp_path}", "--resume=true", f"--data={other}"]
+    with pytest.raises(ValueError, match=rf"ckpt.pt was trained on dataset \w+ \(--data=''\), this run's is dataset "
+                                         rf"\w+ \(--data='{re.escape(str(other))}'\): resume with the same data, or "
+                                         rf"start a new --run_dir"):
+        main(resume)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del ckpt["dataset"]  # a checkpoint from before the hash: its --data decides
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="trained with data='', this run asks for data="):
+        main(resume)

@@ -2,7 +2,7 @@
 job's cases are in test_gan_train.py), and `--resume` without a checkpoint is an error."""
 import pytest
 
-from training import train_ar_image, train_autoencoder
+from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
 from training.common import run_cli
 
 
@@ -56,3 +56,21 @@ def test_run_cli_keeps_the_traceback_of_a_bug(bug):
     """A library's ValueError, or another type, is not a user's mistake."""
     with pytest.raises((ValueError, KeyError)):
         run_cli(bug)
+
+
+def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(monkeypatch, capsys):
+    """GPT_MODEL / GAN_MODEL naming the user's own model: the service loads that one (and names
+    it at start-up if missing), so training the small default would be wasted minutes."""
+    trained = []
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda name: False)
+    monkeypatch.setattr(train_gpt, "main", lambda argv: trained.append("gpt"))
+    monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
+    monkeypatch.setenv("GPT_MODEL", "support-gpt")
+    monkeypatch.setenv("GAN_MODEL", "")  # empty means the default, gan:latest
+    ensure_defaults.main([])
+    assert trained == ["gan"]
+    assert "gpt: using the configured GPT_MODEL=support-gpt:latest, not training the default" in capsys.readouterr().err
+    monkeypatch.setenv("GPT_MODEL", "gpt")  # the default's name alone is its latest version
+    monkeypatch.delenv("GAN_MODEL")
+    ensure_defaults.main([])
+    assert trained == ["gan", "gpt", "gan"]

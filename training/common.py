@@ -168,6 +168,25 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
     return ckpt
 
 
+def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, keys: tuple[str, ...]) -> None:
+    """A resumed run trains on its checkpoint's data: the checkpoint's tokenizer was fitted to that
+    data, and the saved model's `dataset` label names one dataset. The checkpoint's hash decides
+    (the same files under another spelling of the path are the same data); for a checkpoint
+    without one, the `keys` settings that chose its data."""
+    saved = ckpt.get("config", {})
+    advice = "resume with the same data, or start a new --run_dir"
+    if "dataset" in ckpt:
+        if ckpt["dataset"] != dataset_hash:
+            raise ValueError(f"--resume: {path} was trained on dataset {ckpt['dataset']} "
+                             f"(--data={saved.get('data')!r}), this run's is dataset {dataset_hash} "
+                             f"(--data={config['data']!r}): {advice}")
+        return
+    for key in keys:
+        if key in saved and saved[key] != config[key]:
+            raise ValueError(f"--resume: {path} was trained with {key}={saved[key]!r}, this run asks for "
+                             f"{key}={config[key]!r}: {advice}")
+
+
 def restore(ckpt: dict[str, Any], path: str | Path, **parts: Any) -> tuple[int, Any]:
     """Load each part (a module or optimizer) from ckpt[name]; return (step, history). A
     checkpoint of another job, or with other shapes, is a ValueError naming the file."""

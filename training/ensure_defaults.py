@@ -6,22 +6,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from training.store import store_has
 
-# store name -> (training module, its argv for the default model)
+# store name -> (the service's variable naming the model, training module, its argv for the default)
 DEFAULTS = {
-    "gpt": ("training.train_gpt", ["--preset", "small", "--run_dir=runs/gpt-small"]),
-    "gan": ("training.train_gan", ["--preset", "small", "--run_dir=runs/gan-small"]),
+    "gpt": ("GPT_MODEL", "training.train_gpt", ["--preset", "small", "--run_dir=runs/gpt-small"]),
+    "gan": ("GAN_MODEL", "training.train_gan", ["--preset", "small", "--run_dir=runs/gan-small"]),
 }
+
+
+def configured_tag(env_var: str, name: str) -> str:
+    """The tag the service will load, as it reads it (unset or empty: `name:latest`; a bare name
+    is its latest version)."""
+    tag = os.environ.get(env_var) or f"{name}:latest"
+    return tag if ":" in tag else f"{tag}:latest"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
     args = ap.parse_args(argv)
-    for name, (module, job_argv) in DEFAULTS.items():
+    for name, (env_var, module, job_argv) in DEFAULTS.items():
+        tag = configured_tag(env_var, name)
+        if tag != f"{name}:latest":  # the user's own model: the service names it at start-up if missing
+            print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
+            continue
         if store_has(name) and not args.force:
             print(f"{name}: found {name}:latest in the store, not training", file=sys.stderr)
             continue

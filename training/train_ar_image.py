@@ -34,12 +34,13 @@ from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImage
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
-                             check_outputs, cosine_lr, fraction, load_checkpoint, parse_config,
+                             check_outputs, check_resume_data, cosine_lr, fraction, load_checkpoint, parse_config,
                              restore, run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
-from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
-                                get_tokenizer, load_data, sample_prompts, save_grid)
+from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
+                                check_validation_split, get_tokenizer, load_data, resume_data_keys,
+                                sample_prompts, save_grid)
 from training.train_gpt import make_optimizer
 
 log = logging.getLogger("train_ar_image")
@@ -182,11 +183,15 @@ def train(cfg: ARTrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
     check_validation_split(cfg.n_val, data, cfg.data)
+    digest = data.digest()
+    if ckpt is not None:
+        check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
     tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
     grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
     # The prompts of the periodic evaluations (seed 0) and of finish (seed 1).
     check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
                       [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
+    check_captions_fit(tokenizer, data.captions, cfg.context, d.is_main)
     mcfg = model_config(cfg)
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {mcfg.vocab_size}")
@@ -268,7 +273,7 @@ def train(cfg: ARTrainConfig) -> Path:
                 (run / "history.json").write_text(json.dumps(history, indent=1))
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "step": step, "history": history, "config": asdict(cfg),
-                             "tokenizer": tokenizer.to_str()}, ckpt_path)
+                             "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
             model.train()
     bar.close()
     model_dir = run / "model"
@@ -299,7 +304,9 @@ def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: An
         metrics["unguided"] = evaluate_generator(unguided, evaluator, shapes, data.images,
                                                  per_pair=cfg.final_per_pair, n=4, seed=1)
         metrics["unguided"]["evaluations_per_image"] = unguided.evaluations_per_image()
-    data_info = {"source": cfg.data, "n_train": cfg.n_train, "n_val": cfg.n_val,
+    # n_train counts the images read (make_shapes' count for the procedural data, which
+    # training.evaluate regenerates from it), the last n_val of them kept apart.
+    data_info = {"source": cfg.data, "n_train": len(data), "n_val": cfg.n_val,
                  "seed": cfg.data_seed, "hash": digest,
                  "shapes": asdict(shapes) if shapes is not None else None}
     config = {**model.cfg.to_dict(), "data": data_info, "train": asdict(cfg)}

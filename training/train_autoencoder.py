@@ -29,11 +29,12 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
-from training.common import (Dist, above, at_least, atomic_save, check_outputs, cosine_lr, load_checkpoint,
-                             parse_config, restore, run_cli)
+from training.common import (Dist, above, at_least, atomic_save, check_outputs, check_resume_data, cosine_lr,
+                             load_checkpoint, parse_config, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
-from training.train_gan import (ImageJobConfig, _alias, check_prompts_fit, check_validation_split,
-                                get_tokenizer, load_data, sample_prompts, save_grid)
+from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
+                                check_validation_split, get_tokenizer, load_data, resume_data_keys,
+                                sample_prompts, save_grid)
 
 log = logging.getLogger("train_autoencoder")
 
@@ -141,10 +142,14 @@ def train(cfg: AETrainConfig) -> Path:
     device = pick_device(cfg.device)
     data, shapes = load_data(cfg)
     check_validation_split(cfg.n_val, data, cfg.data)
+    digest = data.digest()
+    if ckpt is not None:
+        check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
     tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device), ckpt)
     # The prompts finish grades (seed 1) and draws its grids from.
     check_prompts_fit(tokenizer, cfg.context, sample_prompts(data, shapes, tokenizer, cfg.context),
                       shapes, [(cfg.final_per_pair, 1)])
+    check_captions_fit(tokenizer, data.captions, cfg.context, True)
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
     torch.manual_seed(cfg.seed)
     model = AutoEncoder(model_config(cfg)).to(device)
@@ -190,7 +195,7 @@ def train(cfg: AETrainConfig) -> Path:
             save_curves(history, run / "curves.png")
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),
-                         "tokenizer": tokenizer.to_str()}, ckpt_path)
+                         "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
     bar.close()
     model_dir = run / "model"
     if step == cfg.max_steps:
@@ -224,7 +229,8 @@ def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, sh
         if evaluator is not None:
             metrics[prior] = evaluate_generator(engine, evaluator, shapes, data.images[:n_train],
                                                 per_pair=cfg.final_per_pair, n=4, seed=1)
-    data_info = {"source": cfg.data, "n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.data_seed,
+    # n_train counts the images read (as in the AR job's config), the last n_val of them kept apart.
+    data_info = {"source": cfg.data, "n_train": len(data), "n_val": cfg.n_val, "seed": cfg.data_seed,
                  "hash": digest, "shapes": asdict(shapes) if shapes is not None else None}
     config = {**model.cfg.to_dict(), "data": data_info, "train": asdict(cfg)}
     model_dir = save_model_dir(run / "model", config, model.state_dict(), tokenizer, metrics)

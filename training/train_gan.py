@@ -36,7 +36,7 @@ from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomic_save,
-                             check_outputs, fraction, load_checkpoint, one_of, parse_config,
+                             check_outputs, check_resume_data, fraction, load_checkpoint, one_of, parse_config,
                              restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
@@ -223,6 +223,28 @@ def check_prompts_fit(tokenizer: Tokenizer, context: int, grid: list[str], shape
                          f"tokenizer ({longest!r}); use a larger --context or --vocab_size")
 
 
+def resume_data_keys(cfg: CaptionedDataConfig) -> tuple[str, ...]:
+    """What chose a run's data, for a checkpoint older than its dataset hash: a folder is named by
+    --data alone, the procedural data also by its settings."""
+    procedural = ("n_train", "data_seed", "holdout", "two_object_prob") if cfg.data == "shapes" else ()
+    return ("data", *procedural)
+
+
+def check_captions_fit(tokenizer: Tokenizer, captions: list[str], context: int, is_main: bool) -> None:
+    """Training cuts a caption to --context tokens, but the served model refuses a longer prompt, the
+    user's own captions included: refuse a run whose captions are all too long (it would learn from
+    cut captions only, with empty sample grids), and warn once, with the count, when some are."""
+    lengths = [len(ids) for ids in tokenizer.encode_batch(captions)]
+    longer = sum(n > context for n in lengths)
+    if longer == len(lengths):
+        raise ValueError(f"--context={context}: every caption is longer than that (the longest is "
+                         f"{max(lengths)} tokens with this tokenizer); use a larger --context")
+    if longer and is_main:
+        log.warning("--context=%d: %d of %d captions are longer and are cut in training, and the "
+                    "trained model refuses them as prompts; raise --context (the longest is %d tokens)",
+                    context, longer, len(lengths), max(lengths))
+
+
 def check_validation_split(n_val: int, data: CaptionedImages, source: str) -> None:
     """A folder's image count is known only once it is read: refuse an --n_val that leaves no
     training images then, before anything is trained (procedural data is checked at parse time)."""
@@ -325,11 +347,15 @@ def train(cfg: GANTrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
     data, shapes = load_data(cfg)
+    digest = data.digest()
+    if ckpt is not None:
+        check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
     tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
     grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
     # The prompts of periodic_eval (seed 0) and finish (seed 1).
     check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
                       [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
+    check_captions_fit(tokenizer, data.captions, cfg.context, d.is_main)
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
     neg_all = encode_prompts(tokenizer, data.negatives, cfg.context) if data.negatives else None
     gcfg = gan_config(cfg)
@@ -439,7 +465,8 @@ def train(cfg: GANTrainConfig) -> Path:
                 atomic_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                              "step": step, "history": history, "rng": gather_rng(d),
-                             "config": asdict(cfg), "tokenizer": tokenizer.to_str()}, ckpt_path)
+                             "config": asdict(cfg), "tokenizer": tokenizer.to_str(), "dataset": digest},
+                            ckpt_path)
             elif d.world_size > 1:
                 gather_rng(d)
     bar.close()

@@ -23,8 +23,8 @@ from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
 from training.common import (Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
-                             check_folder, check_outputs, cosine_lr, fraction, load_checkpoint, one_of, parse_config,
-                             restore, run_cli, setup_distributed, teardown_distributed)
+                             check_folder, check_outputs, check_resume_data, cosine_lr, fraction, load_checkpoint,
+                             one_of, parse_config, restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -75,6 +75,7 @@ class TrainGPTConfig:
 
 
 SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "bias")  # what a resumed run must keep
+DATA_KEYS = ("data", "max_chars")  # what chose the corpus, for a checkpoint older than its hash
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(max_chars=200_000, vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=8,
@@ -174,6 +175,8 @@ def train(cfg: TrainGPTConfig) -> dict:
     ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE) if cfg.resume else None
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
+    if ckpt is not None:
+        check_resume_data(ckpt, ckpt_path, asdict(cfg), corpus.hash, DATA_KEYS)
     tok = get_tokenizer(cfg, corpus.train, ckpt, d)
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):
@@ -241,7 +244,8 @@ def train(cfg: TrainGPTConfig) -> dict:
             bar.write(f"step {step}: train {history['train_loss'][-1]:.4f}, val {val:.4f}")
         if d.is_main and (step % cfg.ckpt_interval == 0 or step == halt_at):
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "history": history, "config": asdict(cfg), "tokenizer": tok.to_str()}, ckpt_path)
+                         "history": history, "config": asdict(cfg), "tokenizer": tok.to_str(),
+                         "dataset": corpus.hash}, ckpt_path)
     bar.close()
     if step >= cfg.max_steps and history["eval_step"][-1:] != [step]:  # resumed at or past max_steps
         history["eval_step"].append(step)

@@ -87,6 +87,11 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
         except (json.JSONDecodeError, KeyError, TypeError):
             skipped["bad metadata line"] += 1
             continue
+        # Also bad: a caption that is not text (null, 42: it would be trained on as "None", "42")
+        # or is blank (a prompt the service refuses), a file name that is not text.
+        if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
+            skipped["bad metadata line"] += 1
+            continue
         path = folder / name
         if not path.is_file():
             skipped["missing"] += 1
@@ -100,7 +105,7 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
                 Image.DecompressionBombWarning):
             skipped["unreadable"] += 1
             continue
-        captions.append(str(text))
+        captions.append(text)
         attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text")})
     if sum(skipped.values()):
         log.warning("%s: skipped %d entries (%s)", folder, sum(skipped.values()),

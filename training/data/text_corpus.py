@@ -82,9 +82,10 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
 
 
 def _read_utf8(path: Path) -> str:
-    """A text file's contents; other encodings are refused, not silently turned into U+FFFD."""
+    """A text file's contents; other encodings are refused, not silently turned into U+FFFD. A
+    UTF-8 byte-order mark, as some editors write, is dropped rather than trained on as U+FEFF."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
                          f"e.g. `iconv -f latin1 -t utf-8`") from None
