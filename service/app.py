@@ -778,7 +778,10 @@ async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:
     try:
         return await task
     except asyncio.CancelledError:
-        if gone.done() and not gone.cancelled():  # the client left (else this handler was cancelled)
+        # The client left only if `gone` cancelled the work and nobody cancelled this handler:
+        # BentoML's first-byte timeout (CONDGEN_TIMEOUT) cancels it, answers 504, and the server
+        # then reports a disconnect, which was counted as a client that left (499).
+        if gone.done() and not gone.cancelled() and not asyncio.current_task().cancelling():
             return None
         raise
     finally:

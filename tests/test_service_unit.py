@@ -442,3 +442,40 @@ def test_name_latest_names_only_the_latest_version():
     latest = ServedModel("text", "gpt:v2", {}, 0.0, {})
     assert pinned.answers_to("gpt:v1") and pinned.answers_to("gpt") and pinned.answers_to(None)
     assert not pinned.answers_to("gpt:latest") and latest.answers_to("gpt:latest")
+
+
+def test_a_handler_cancelled_by_the_timeout_is_not_a_client_that_left():
+    """BentoML's first-byte timeout cancels the handler and answers 504; the server then reports a
+    disconnect. That was taken for the client leaving: the handler swallowed its cancellation
+    and counted a 499."""
+    from starlette.requests import Request
+
+    from service.app import _until_disconnected
+
+    async def scenario() -> str:
+        disconnect = asyncio.Event()
+
+        async def receive() -> dict:
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        async def work() -> str:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                for _ in range(5):  # cleaning up (cancelling a generation) takes a few turns
+                    await asyncio.sleep(0)
+                raise
+            return "done"
+
+        request = Request({"type": "http", "method": "POST", "path": "/complete", "headers": []}, receive)
+        handler = asyncio.ensure_future(_until_disconnected(work(), request))
+        await asyncio.sleep(0.01)
+        handler.cancel()  # the timeout
+        disconnect.set()  # its 504 is sent: the server's next message is the disconnect
+        try:
+            return "returned " + repr(await handler)
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(scenario()) == "cancelled"
