@@ -61,14 +61,19 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the service answers 429/503."""
 
 
-def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int) -> None:
+def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int,
+                  running: int) -> None:
     """Raise InvalidParameter for a request this model or scheduler cannot serve, QueueFull
-    when `waiting` requests already fill the queue."""
+    when the queue is full: `waiting` requests not yet admitted, beyond what the free slots
+    (`running` sequences hold the others) take at the next step, reach `max_waiting`. Every
+    request queues until the next step, so counting them all refused bursts that free slots
+    would have taken at once, and with `max_waiting` 0 refused everything."""
     requests.validate(req)
     if req.n > cfg.max_running:
         raise InvalidParameter("n", f"at most {cfg.max_running} choices on this server")
-    if waiting >= cfg.max_waiting:
-        raise QueueFull(f"{waiting} requests are waiting")
+    free = max(0, cfg.max_running - running)
+    if waiting >= cfg.max_waiting + free:
+        raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
 
 
 @dataclass
@@ -135,7 +140,7 @@ class ContinuousEngine:
 
     def check(self, req: CompletionRequest, waiting: int = 0) -> None:
         """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
-        check_request(self.engine, self.cfg, req, len(self.waiting) + waiting)
+        check_request(self.engine, self.cfg, req, len(self.waiting) + waiting, self.num_running)
 
     def add(self, req: CompletionRequest, gid: int | None = None) -> int:
         """Check and queue a request; returns its id (events carry it as `request`)."""

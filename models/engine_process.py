@@ -102,7 +102,8 @@ class EngineProcess(EventStreams):
         EngineFailed when the engine is gone: before any work, so the service can answer 4xx/503."""
         if self._failure is not None:
             raise EngineFailed(self._failure)
-        check_request(self.requests, self.cfg, req, waiting=self.stats()[1])
+        running, waiting = self.stats()
+        check_request(self.requests, self.cfg, req, waiting, running)
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
         self._sent += 1

@@ -175,8 +175,21 @@ def test_a_bad_request_does_not_disturb_the_others(engine):
 
 def test_queue_limit_raises_queue_full(engine):
     cont = ContinuousEngine(engine, SchedulerConfig(max_running=1, max_waiting=2))
+    for i in range(3):  # one for the free slot, two waiting
+        cont.add(CompletionRequest("The", seed=i, max_tokens=3))
+    with pytest.raises(QueueFull):
+        cont.add(CompletionRequest("The", seed=9, max_tokens=3))
+
+
+def test_the_waiting_limit_counts_only_requests_beyond_the_free_slots(engine):
+    """Every request queues until the next step: counting them all, a burst into an idle server
+    was refused, and max_waiting=0 refused everything."""
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=2, max_waiting=0))
     for i in range(2):
         cont.add(CompletionRequest("The", seed=i, max_tokens=3))
+    with pytest.raises(QueueFull):
+        cont.add(CompletionRequest("The", seed=9, max_tokens=3))
+    cont.step()  # both admitted: no slot is free
     with pytest.raises(QueueFull):
         cont.add(CompletionRequest("The", seed=9, max_tokens=3))
 
