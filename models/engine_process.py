@@ -158,6 +158,10 @@ class EngineProcess(EventStreams):
         if self._proc.is_alive():
             self._proc.join(timeout=1)
         self._failure = f"the text engine process exited (code {self._proc.exitcode})"
+        # Nothing runs or waits any more: the gauges fed by on_step must not keep their last values.
+        self._running, self._waiting, self._received = 0, 0, self._sent
+        if self.on_step is not None:
+            self.on_step(0, *self.stats())
         if self._stopping:
             return
         logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))

@@ -138,6 +138,8 @@ def test_the_queue_limit_counts_requests_still_on_their_way(model_dir):
 
 def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(model_dir):
     proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
+    reports: list[tuple[int, int, int]] = []
+    proc.on_step = lambda *report: reports.append(report)
 
     async def main():
         stream = proc.generate(CompletionRequest("The", seed=1, max_tokens=90))
@@ -155,6 +157,8 @@ def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(model_dir):
         assert not proc.alive
         with pytest.raises(EngineFailed):
             proc.check(CompletionRequest("The", seed=1))
+        # The gauges (running, waiting) go to 0: they kept their last values after the death.
+        assert reports[-1] == (0, 0, 0) and proc.stats() == (0, 0)
     finally:
         proc.shutdown()
 
