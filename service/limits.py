@@ -90,7 +90,12 @@ class LimitMiddleware:
             await send_error(send, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
             return
         self.inflight += 1
-        state: dict[str, Any] = {"started": False, "sse": False, "ended": False}
+        state: dict[str, Any] = {"started": False, "sse": False, "ended": False, "released": False}
+
+        def release() -> None:
+            if not state["released"]:
+                state["released"] = True
+                self.inflight -= 1
 
         async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -100,6 +105,11 @@ class LimitMiddleware:
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["ended"] = True
             await send(message)
+            if state["ended"]:
+                # The client has its whole answer and may send its next request at once, while
+                # this one still cleans up (a stream's generators close): counted until the
+                # handler returned, 8 streaming clients against 8 places saw 429s (9 % of requests).
+                release()
 
         task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
         try:
@@ -129,4 +139,4 @@ class LimitMiddleware:
         finally:
             if not task.done():  # this request itself was cancelled (server shutting down)
                 task.cancel()
-            self.inflight -= 1
+            release()

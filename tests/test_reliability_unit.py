@@ -160,6 +160,39 @@ def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
     assert asyncio.run(scenario()) == [504, 504, 504]  # never 429: each slot was given back
 
 
+def test_a_place_is_free_once_the_whole_answer_is_sent():
+    """A client with its whole answer may send the next request at once, while the handler still
+    cleans up (a stream's generators closing): 8 streaming clients against 8 places saw 429s."""
+    cleanup = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
+        await cleanup.wait()
+
+    limit = LimitMiddleware(app, Limits(max_inflight=1, deadline_s=60))
+    scope = {"type": "http", "path": "/complete", "method": "POST", "headers": []}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def scenario():
+        answers: list[list[dict]] = [[], []]
+        first = asyncio.ensure_future(limit(scope, receive, lambda m: _append(answers[0], m)))
+        await asyncio.sleep(0.01)  # answered, still cleaning up
+        second = asyncio.ensure_future(limit(scope, receive, lambda m: _append(answers[1], m)))
+        await asyncio.sleep(0.01)
+        cleanup.set()
+        await asyncio.gather(first, second)
+        return [a[0]["status"] for a in answers], limit.inflight
+
+    assert asyncio.run(scenario()) == ([200, 200], 0)
+
+
+async def _append(messages: list[dict], message: dict) -> None:
+    messages.append(message)
+
+
 @pytest.mark.parametrize("headers,status", [
     ({}, 401),
     ({"Authorization": "Bearer wrong"}, 401),
