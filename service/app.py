@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -508,6 +509,20 @@ class Generation:
             # then the traceback for whoever needs it.
             logger.error("loading the models failed; the service stays not ready: %s", self.load_error,
                          exc_info=True)
+            return
+        self._restart_when_an_engine_dies()
+
+    def _restart_when_an_engine_dies(self) -> None:
+        """An engine process that dies after start-up (killed for memory, say) takes its model
+        with it, and only a fresh worker loads it again: this worker then shuts down gracefully
+        (SIGTERM to itself: requests in flight finish, those of the dead engine with a 503) and
+        BentoML's process manager starts a new one. Left to an orchestrator's liveness probe,
+        a replica with CONDGEN_WORKERS > 1 answered 503 to every other request and probe, which
+        flapped; and a server run without an orchestrator never came back."""
+        while not self._engine_died():
+            time.sleep(0.5)
+        logger.error("an engine process has died: shutting this worker down, a fresh one will load the models")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
