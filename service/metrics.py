@@ -26,8 +26,8 @@ class Metrics:
     time_to_first_token: Any  # Histogram: arrival of the request -> first token of a choice
     inter_token_latency: Any  # Histogram: between consecutive tokens of one choice
     queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch (images: handed to the worker)
-    batch_size: Any  # Histogram{endpoint}: requests per engine call
-    batch_items: Any  # Histogram{endpoint}: choices / images per engine call
+    batch_size: Any  # Histogram{endpoint}: completions: sequences per decode step; images: requests per batch
+    batch_items: Any  # Histogram{endpoint}: images per batch
     requests_running: Any  # Gauge{endpoint}: requests inside an engine call now
     requests_waiting: Any  # Gauge{endpoint}: requests queued for the engine now
     generated_tokens: Any  # Counter{model}
@@ -53,8 +53,9 @@ def get_metrics() -> Metrics:
                                       "Seconds between consecutive tokens of one choice"),
         queue_time=histogram("queue_time_seconds", "Seconds a request waited for an engine batch",
                              ("endpoint",)),
-        batch_size=histogram("batch_size", "Requests per engine call", ("endpoint",), BATCH_BUCKETS),
-        batch_items=histogram("batch_items", "Choices (text) or images per engine call", ("endpoint",),
+        batch_size=histogram("batch_size", "Completions: sequences per decode step; images: requests per batch",
+                             ("endpoint",), BATCH_BUCKETS),
+        batch_items=histogram("batch_items", "Images per batch", ("endpoint",),
                               BATCH_BUCKETS),
         requests_running=gauge("requests_running", "Requests inside an engine call", ("endpoint",)),
         requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint",)),
