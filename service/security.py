@@ -102,6 +102,11 @@ class JSONRoutingErrors:
         await self.app(scope, receive, send_json)
 
 
+# What an OpenAI client tries first; vLLM answers a model without a chat template with an error too.
+CHAT_HINT = ("; the text model is a plain language model with no chat template: send the conversation as "
+             "a prompt to /v1/completions")
+
+
 def _as_json(scope: Scope, start: Message) -> ApiError | None:
     """The JSON error for a plain-text answer that Starlette made itself, else None."""
     headers = dict(start.get("headers") or [])
@@ -112,7 +117,8 @@ def _as_json(scope: Scope, start: Message) -> ApiError | None:
         return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed",
                         headers={"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None)
     if status == 404:
-        return ApiError(404, f"no route {method} {path}", code="not_found")
+        hint = CHAT_HINT if path.rstrip("/") == "/v1/chat/completions" else ""
+        return ApiError(404, f"no route {method} {path}{hint}", code="not_found")
     if status == 400 and method == "OPTIONS":  # CORSMiddleware refusing a pre-flight
         origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
         return ApiError(400, f"CORS pre-flight refused: origin {origin!r} is not in CONDGEN_CORS_ORIGINS, or the "

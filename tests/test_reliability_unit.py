@@ -388,3 +388,16 @@ def test_the_service_refuses_to_start_with_a_bad_setting(name, raw):
     env = {**os.environ, name: raw}
     out = subprocess.run([sys.executable, "-c", "import service.app"], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and f"{name}='{raw}'" in out.stderr.strip().splitlines()[-1]
+
+
+def test_the_chat_route_says_why_there_is_none():
+    """What an OpenAI client tries first: a bare 404 left its user guessing."""
+    app = JSONRoutingErrors(_app({}, Limits()))
+
+    async def scenario():
+        async with _client(app) as c:
+            return await c.post("/v1/chat/completions", json={"model": "gpt", "messages": []})
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert "no chat template" in r.json()["error"]["message"] and "/v1/completions" in r.json()["error"]["message"]
