@@ -292,7 +292,7 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
 
     r = client.get("/picky", headers={"x-request-id": "abc"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "abc"
-    assert r.json()["error"] == {"message": "must be >= 0", "type": "invalid_request_error",
+    assert r.json()["error"] == {"message": "top_k: must be >= 0", "type": "invalid_request_error",
                                  "param": "top_k", "code": None}
 
 
