@@ -677,7 +677,7 @@ class Generation:
         try:
             pngs = await _until_disconnected(job.future, request)
         finally:
-            job.cancelled = True
+            backend.batcher.withdraw(job)
         if pngs is None:
             logger.info("client of an image request (%d images) left before the answer; its job was cancelled",
                         body.n)

@@ -45,7 +45,6 @@ class Job(Generic[T]):
     arrived: float = field(default_factory=time.perf_counter)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
-    cancelled: bool = False  # set by the request handler when its client has gone
 
 
 class MicroBatcher(Generic[T]):
@@ -90,6 +89,17 @@ class MicroBatcher(Generic[T]):
         self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc()
         self._wakeup.set()
 
+    def withdraw(self, job: Job[T]) -> None:
+        """The job's client has gone (or has its answer): a job still queued leaves the queue now,
+        with its cost, so that dead work does not hold places of CONDGEN_MAX_QUEUE while the
+        worker is busy (with a long AR batch, say) and refuse live requests with 429s."""
+        try:
+            self._pending.remove(job)
+        except ValueError:  # taken into a batch already, or never queued
+            return
+        self._queued_cost -= job.cost
+        self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -107,8 +117,6 @@ class MicroBatcher(Generic[T]):
             self._pending.popleft()
             self._queued_cost -= job.cost
             self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
-            if job.cancelled:  # its client left while it waited: drop it for free
-                continue
             batch.append(job)
             cost += job.cost
         return cost

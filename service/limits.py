@@ -6,8 +6,8 @@ lets clients back off and retry elsewhere. So:
 - at most CONDGEN_MAX_INFLIGHT requests are inside the generation routes at a time; the
   next one gets 429 with `Retry-After` at once, before its body is even read;
 - every request has a deadline (CONDGEN_DEADLINE_S, from arrival to its last byte). When it
-  passes, the handler is cancelled, which releases its engine work (the handlers mark
-  their jobs cancelled in `finally`), and the client gets a 504 JSON error, or, when a
+  passes, the handler is cancelled, which releases its engine work (the handlers withdraw
+  their jobs in `finally`), and the client gets a 504 JSON error, or, when a
   stream had already started, one in-band SSE error event before the stream ends;
 - the queues behind them are bounded too: the image batcher refuses work beyond
   CONDGEN_MAX_QUEUE queued images (`service.batching.QueueFull`), the text engine beyond

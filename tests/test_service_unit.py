@@ -196,15 +196,47 @@ def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
         loop = asyncio.get_running_loop()
         batcher = MicroBatcher("test", recording(batches), get_metrics(), max_batch_cost=4)
         jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 2), (1, 1), (2, 2), (3, 9), (4, 1)]]
-        jobs[4].cancelled = True  # its client left while it waited
         for job in jobs:
             batcher.submit(job)
+        batcher.withdraw(jobs[4])  # its client left while it waited
         await asyncio.gather(*(j.future for j in jobs[:4]))
         await batcher.close()
 
     asyncio.run(scenario())
     # A job larger than the budget still runs (alone); the cancelled one never runs.
     assert batches == [[0, 1], [2], [3]]
+
+
+def test_jobs_whose_clients_left_free_their_queue_places_at_once():
+    """They held CONDGEN_MAX_QUEUE places until the busy worker took them, and live requests
+    got 429s meanwhile."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        busy = asyncio.Event()
+
+        async def run(jobs):
+            await busy.wait()
+            for j in jobs:
+                j.future.set_result(None)
+
+        batcher = MicroBatcher("test-withdraw", run, get_metrics(), max_batch_cost=4, max_queue_cost=4)
+        running = Job(0, cost=4, future=loop.create_future())
+        batcher.submit(running)
+        await asyncio.sleep(0.01)  # the worker is busy with it
+        left = [Job(i, cost=2, future=loop.create_future()) for i in (1, 2)]
+        for job in left:
+            batcher.submit(job)
+        for job in left:
+            batcher.withdraw(job)
+        live = Job(3, cost=4, future=loop.create_future())
+        batcher.submit(live)  # raised QueueFull: the queue held the dead jobs' cost
+        waiting = get_metrics().requests_waiting.labels(endpoint="test-withdraw")._value.get()
+        busy.set()
+        await asyncio.gather(running.future, live.future)
+        await batcher.close()
+        return waiting
+
+    assert asyncio.run(scenario()) == 1  # the live job alone
 
 
 def test_an_idle_worker_gets_half_the_queue_and_the_other_half_queues_behind_it():
