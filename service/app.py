@@ -448,6 +448,7 @@ class Generation:
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()
+        self._stopping = False  # set by the shutdown hook: the engines' ends are no deaths
         self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -521,11 +522,14 @@ class Generation:
         flapped; and a server run without an orchestrator never came back."""
         while not self._engine_died():
             time.sleep(0.5)
+        if self._stopping:  # the engines stopped because this worker is stopping: no death
+            return
         logger.error("an engine process has died: shutting this worker down, a fresh one will load the models")
         os.kill(os.getpid(), signal.SIGTERM)
 
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
+        self._stopping = True
         if self.text_stream is not None:
             self.text_stream.shutdown()
         for backend in self.images.values():

@@ -217,6 +217,7 @@ def test_sigterm_lets_in_flight_requests_finish_or_fail_cleanly(guarded_server):
     guarded_server.proc.wait(timeout=60)  # and the server does exit
     log = guarded_server.server.log_tail(20000)
     assert "Traceback" not in log, log[-4000:]
+    assert "an engine process has died" not in log  # its engines stop because it does: no death
 
 
 # ---- a client that leaves a stream stops costing compute --------------------------------------
