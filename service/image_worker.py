@@ -12,6 +12,7 @@ trip per batch, against 32 µs and 54 µs over the bare pipe.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -37,6 +38,13 @@ class WorkerError(RuntimeError):
     an arbitrary exception object may not survive pickling."""
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # a thread without a loop
+        return None
+
+
 class ImageWorker:
     """One image engine in a child process, loaded at start-up, one batch at a time."""
 
@@ -50,6 +58,9 @@ class ImageWorker:
                                  name="condgen-image-worker", daemon=True)
         self._proc.start()
         child_conn.close()
+        # Before multiprocessing's own exit handler, which would wait forever on a child that
+        # ignores SIGTERM and waits on a pipe this process still holds (as EngineProcess does).
+        atexit.register(self.shutdown)
         self._pending: dict[int, asyncio.Future] = {}
         self._sent = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,9 +82,15 @@ class ImageWorker:
     @property
     def alive(self) -> bool:
         """Loaded and still running. A death is seen at once, not only by the next batch, and
-        logged with its exit code however it is noticed (an idle worker has no reader)."""
+        logged with its exit code however it is noticed (an idle worker has no reader). Read
+        from other threads too (the health checks, the engine watchdog): the loop's reader and
+        futures are only ever touched on the loop's own thread."""
         if self.failure is None and not self._proc.is_alive():
-            self._died()
+            if self._loop is None or _running_loop() is self._loop:
+                self._died()
+            else:
+                self._loop.call_soon_threadsafe(self._died)
+                return False
         return self.failure is None
 
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
@@ -109,6 +126,8 @@ class ImageWorker:
             self._died()
 
     def _died(self) -> None:
+        if self.failure is not None:  # seen already (by the reader, or a health check's call)
+            return
         if self._loop is not None:
             self._loop.remove_reader(self._conn.fileno())
         self._proc.join(timeout=1)
@@ -120,8 +139,11 @@ class ImageWorker:
         self._pending.clear()
 
     def shutdown(self) -> None:
-        """Stop the worker once it has finished the batches it holds."""
-        if self._loop is not None and self.failure is None:
+        """Stop the worker once it has finished the batches it holds (once: at exit too)."""
+        if self._conn.closed:
+            return
+        atexit.unregister(self.shutdown)
+        if self._loop is not None and self.failure is None and not self._loop.is_closed():
             self._loop.remove_reader(self._conn.fileno())
         if self._proc.is_alive():
             try:

@@ -99,3 +99,56 @@ def test_a_request_larger_than_max_images_runs_in_several_passes():
     assert [len(p) for p in pngs] == [16, 3]
     per_pass = [Image.open(io.BytesIO(png)).getpixel((0, 0))[0] for p in pngs for png in p]
     assert per_pass == [4] * 16 + [3] * 3
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_death_seen_from_another_thread_wakes_the_batch_on_the_loop(loop):
+    """The health checks and the engine watchdog read `alive` on their own threads: the death
+    they saw was handled there, resolving the loop's futures from the wrong thread, and the
+    batch waiting on the loop slept until something else woke it."""
+    import multiprocessing as mp
+    import threading
+    import time
+
+    class DeadProc:  # the child has just died (killed for memory, say); its EOF not yet read
+        exitcode = -9
+
+        def is_alive(self):
+            return False
+
+        def join(self, timeout=None):
+            pass
+
+    w = ImageWorker.__new__(ImageWorker)
+    w._conn, child_end = mp.Pipe()
+    w._proc, w._pending, w._sent, w._loop, w.failure = DeadProc(), {}, 0, None, None
+
+    async def main():
+        batch = asyncio.ensure_future(w.generate_pngs([], []))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=lambda: w.alive).start()
+        start = time.monotonic()
+        done, _ = await asyncio.wait({batch}, timeout=3)
+        return batch in done and isinstance(batch.exception(), WorkerDied), time.monotonic() - start
+
+    woken, waited = run(loop, main())
+    child_end.close()
+    assert woken and waited < 1, waited
+
+
+def test_a_program_that_forgets_shutdown_still_exits(tmp_path):
+    """multiprocessing's exit handler waited forever on the worker, which ignores SIGTERM and
+    waits on a pipe the exiting program still holds; EngineProcess had an atexit shutdown."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from service.image_worker import ImageWorker\nfrom tests_support import NoiseImageEngine\n"
+            "if __name__ == '__main__':\n"
+            "    w = ImageWorker(NoiseImageEngine, 'unused', 'cpu', 1, 4)\n    w.wait_started()\n")
+    script = tmp_path / "forgets.py"
+    script.write_text(code)
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    done = subprocess.run([sys.executable, str(script)], env=env, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
