@@ -46,13 +46,15 @@ def cors_origins() -> list[str]:
     return [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
 
 
-def _presented_key(scope: Scope) -> str | None:
+def _presented_key(scope: Scope) -> bytes | None:
+    """The key as sent, in bytes: a non-ASCII key arrives as its UTF-8 bytes, which decoding
+    the header as Latin-1 and encoding it again as UTF-8 turned into other bytes (always 401)."""
     headers = dict(scope.get("headers") or [])
-    auth = headers.get(b"authorization", b"").decode("latin-1")
-    if auth[:7].lower() == "bearer ":
+    auth = headers.get(b"authorization", b"")
+    if auth[:7].lower() == b"bearer ":
         return auth[7:].strip()
     key = headers.get(b"x-api-key")
-    return key.decode("latin-1").strip() if key is not None else None
+    return key.strip() if key is not None else None
 
 
 class APIKeyMiddleware:
@@ -65,7 +67,7 @@ class APIKeyMiddleware:
                 and scope.get("method") != "OPTIONS"):
             given = _presented_key(scope)
             # Constant-time comparison: the answer's timing says nothing about the key.
-            if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), self.key):
+            if given is None or not hmac.compare_digest(given, self.key):
                 why = "missing" if given is None else "invalid"
                 count_error(scope["path"], 401)
                 await send_error(send, ApiError(

@@ -401,3 +401,17 @@ def test_the_chat_route_says_why_there_is_none():
     r = asyncio.run(scenario())
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert "no chat template" in r.json()["error"]["message"] and "/v1/completions" in r.json()["error"]["message"]
+
+
+def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
+    """The header was decoded as Latin-1 and encoded again as UTF-8: other bytes, always 401."""
+    app = _app({}, Limits(), key="clé-ünïcode")
+
+    async def scenario():
+        async with _client(app) as c:
+            good = await c.get("/models", headers={"x-api-key": "clé-ünïcode".encode()})
+            bearer = await c.get("/models", headers={"Authorization": b"Bearer " + "clé-ünïcode".encode()})
+            bad = await c.get("/models", headers={"x-api-key": "cle-unicode"})
+            return good.status_code, bearer.status_code, bad.status_code
+
+    assert asyncio.run(scenario()) == (200, 200, 401)
