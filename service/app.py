@@ -647,13 +647,17 @@ class Generation:
                     "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                     "total_tokens": prompt_tokens + tokens}})
             yield SSE_DONE
-        # Headers are gone already: report in-band, as OpenAI does, then end the stream.
+        # Headers are gone already (a 200): report in-band, as OpenAI does, then end the stream;
+        # count the error as the status it would have had.
         except EngineFailed as e:  # the engine process died (its reader has logged it)
-            yield sse_event(_engine_unavailable(e).body())
+            err = _engine_unavailable(e)
+            _count_stream_error(openai, err.status)
+            yield sse_event(err.body())
         except Exception:
             request_id = uuid.uuid4().hex
             logger.exception("stream %s (request %s) failed", head["id"], request_id)
             err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
+            _count_stream_error(openai, err.status)
             yield sse_event(err.body(request_id))
         finally:
             await events.aclose()
@@ -811,6 +815,12 @@ async def _disconnected(request: Request) -> None:
     """Return once the client has gone: with the body read, the server's next message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _count_stream_error(openai: bool, status: int) -> None:
+    """A stream that fails after its 200 went out, counted as the status it would have had."""
+    endpoint = "/v1/completions" if openai else "/complete"
+    get_metrics().request_errors.labels(endpoint=endpoint, status=str(status)).inc()
 
 
 def _a(kind: str) -> str:

@@ -350,10 +350,13 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
                                                    False, False)
         return [chunk async for chunk in gen]
 
+    errors = get_metrics().request_errors.labels(endpoint="/complete", status="503")
+    before = errors._value.get()
     chunks = asyncio.run(stream())
     assert json.loads(chunks[0].removeprefix(b"data: "))["choices"][0]["text"] == "Hello"
     error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
     assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
+    assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
 
 
 def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
