@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngi
                            decode_mask, sample_rows, token_logprob)
 from models.errors import InvalidParameter, is_int
 from models.sampling import RowRandom, SamplingBatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +62,10 @@ class SchedulerConfig:
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its limit; the service answers 429/503."""
+
+
+class EngineStopped(RuntimeError):
+    """The AsyncEngine has shut down: its requests in flight fail, new ones are refused."""
 
 
 def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int,
@@ -399,9 +406,14 @@ class AsyncEngine(EventStreams):
         self._thread.start()
 
     def check(self, req: CompletionRequest) -> None:
+        if self._stopping:
+            raise EngineStopped("the engine has shut down")
         self.engine.check(req, waiting=self._inbox.qsize())
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
+        if self._stopping:  # shut down since check(), after shutdown() failed the outboxes it saw
+            self._send(gid, EngineStopped("the engine has shut down"))
+            return
         self._inbox.put(("add", gid, req))
         self._wake.set()
 
@@ -414,9 +426,12 @@ class AsyncEngine(EventStreams):
         return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
 
     def shutdown(self) -> None:
+        """Stop the scheduler; the requests in flight fail (nothing would feed them any more)."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=5)
+        for gid in list(self._outboxes):
+            self._send(gid, EngineStopped("the engine has shut down"))
 
     def _drain_inbox(self) -> None:
         while not self._inbox.empty():
@@ -433,21 +448,28 @@ class AsyncEngine(EventStreams):
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_work():
-                if self.on_step is not None:  # cancellations can empty the batch without a step
-                    self.on_step(0, *self.stats())
+                self._report(0)  # cancellations can empty the batch without a step
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            in_flight = list(self.engine.groups)  # a failed step drops the final events of those it finished
             try:
                 events = self.engine.step()
             except Exception as e:  # a bug must fail the requests in flight, not hang them
-                for gid in list(self.engine.groups):
+                for gid in in_flight:
                     self._send(gid, e)
                     self.engine.cancel(gid)
                 continue
             self._send_events(events)
-            if self.on_step is not None:
-                self.on_step(self.engine.last_batch_size, *self.stats())
+            self._report(self.engine.last_batch_size)
+
+    def _report(self, batch_size: int) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(batch_size, *self.stats())
+        except Exception:  # a failing metrics callback must not stop the scheduler, hanging every request
+            logger.exception("the on_step callback of the continuous-batching engine failed")
 
 
 def _deliver(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:

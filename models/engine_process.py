@@ -94,6 +94,7 @@ class EngineProcess(EventStreams):
         try:
             return self._conn.recv()
         except (EOFError, OSError):
+            self._proc.join(timeout=5)  # its pipe closes before it is reaped: no exit code until then
             return "failed", f"it exited with code {self._proc.exitcode}"
 
     # --- the server's side ------------------------------------------------------------------
@@ -227,12 +228,13 @@ def _serve(conn: Connection, engine: ContinuousEngine) -> None:
             except (InvalidParameter, QueueFull) as e:  # raced past the server's check
                 conn.send(("error", (gid, e)))
         events, batch_size = [], 0  # no step (cancellations only): still a report, for the gauges
+        in_flight = list(engine.groups)  # a failed step drops the final events of those it finished
         try:
             if engine.has_work():
                 events, batch_size = engine.step(), engine.last_batch_size
         except Exception as e:  # a bug must fail the requests in flight, not the engine
             logger.exception("a step of the text engine failed")
-            for gid in list(engine.groups):
+            for gid in in_flight:
                 conn.send(("error", (gid, RuntimeError(f"the text engine failed: {type(e).__name__}: {e}"))))
                 engine.cancel(gid)
         conn.send(("step", StepReport(events, batch_size, engine.num_running, engine.num_waiting,

@@ -1,11 +1,12 @@
 """Continuous batching: same tokens as the plain engine, whatever joins or leaves; limits; cancel."""
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
 
-from models.continuous import AsyncEngine, ContinuousEngine, QueueFull, SchedulerConfig
+from models.continuous import AsyncEngine, ContinuousEngine, EngineStopped, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
@@ -209,5 +210,79 @@ def test_async_engine_streams_and_cancels_on_early_exit(engine):
         with pytest.raises(InvalidParameter):
             await aeng.generate(CompletionRequest("The", seed=1, max_tokens=0)).__anext__()
         aeng.shutdown()
+
+    asyncio.run(main())
+
+
+def fail_the_first_forward(cont: ContinuousEngine) -> None:
+    """Make the first decode forward pass raise (a CUDA out-of-memory error, say): after
+    `_sample`, which has finished a request and taken it out of `cont.groups`."""
+    forward, calls = cont._forward, []
+
+    def failing() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        forward()
+    cont._forward = failing
+
+
+async def outcome(aeng: AsyncEngine, req: CompletionRequest) -> str | BaseException:
+    """The finish reason of a one-choice request, or the error it failed with."""
+    async def drain() -> str:
+        return [ev.finish_reason async for ev in aeng.generate(req)][-1]
+    try:
+        return await asyncio.wait_for(drain(), timeout=10)  # a hang fails here
+    except Exception as e:
+        return e
+
+
+def test_a_failed_step_fails_the_request_it_had_finished(engine):
+    """The step's events are lost with it, the finished request's last one too: it must get the
+    error as the others do (it was no longer in `groups`, and waited forever)."""
+    async def main():
+        cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
+        fail_the_first_forward(cont)
+        aeng = AsyncEngine(cont)
+        try:
+            return await asyncio.gather(outcome(aeng, CompletionRequest("The", seed=1, max_tokens=1)),
+                                        outcome(aeng, CompletionRequest("The", seed=2, max_tokens=20)))
+        finally:
+            aeng.shutdown()
+
+    for result in asyncio.run(main()):
+        assert isinstance(result, RuntimeError) and "out of memory" in str(result)
+
+
+def test_a_failing_on_step_callback_does_not_stop_the_scheduler(engine):
+    async def main():
+        aeng = AsyncEngine(ContinuousEngine(engine, SchedulerConfig(max_running=4)))
+        aeng.on_step = lambda *report: 1 / 0  # a metrics callback with a bug
+        try:
+            return await outcome(aeng, CompletionRequest("The", seed=1, max_tokens=3)), aeng._thread.is_alive()
+        finally:
+            aeng.shutdown()
+
+    assert asyncio.run(main()) == ("length", True)
+
+
+def test_shutdown_fails_the_requests_in_flight_and_refuses_new_ones(engine):
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
+    step = cont.step
+    cont.step = lambda: (time.sleep(0.01), step())[1]  # 90 tokens take about a second
+
+    async def main():
+        aeng = AsyncEngine(cont)
+        stream = aeng.generate(CompletionRequest("The", seed=1, max_tokens=90))
+        await stream.__anext__()
+        aeng.shutdown()
+
+        async def drain():
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineStopped):
+            await asyncio.wait_for(drain(), timeout=10)
+        with pytest.raises(EngineStopped):
+            await aeng.generate(CompletionRequest("The", seed=2, max_tokens=3)).__anext__()
 
     asyncio.run(main())

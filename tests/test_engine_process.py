@@ -4,21 +4,24 @@ EngineFailed instead of hanging its requests."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 
 import pytest
 import torch
 
 from models.artifacts import save_model_dir
-from models.continuous import QueueFull, SchedulerConfig
+from models.continuous import ContinuousEngine, QueueFull, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine, TextRequests
-from models.engine_process import EngineFailed, EngineProcess, EngineSpec
+from models.engine_process import EngineFailed, EngineProcess, EngineSpec, _serve
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
+from test_continuous import fail_the_first_forward
 from tests_support import wait_until_idle
 
 TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
@@ -176,3 +179,43 @@ def test_errors_and_requests_survive_the_pipe(model_dir):
     assert (e.param, e.message, str(e)) == ("top_p", "must be in (0, 1]", "top_p: must be in (0, 1]")
     checker = TextRequests.load(model_dir)
     assert checker.block_size == 96 and checker.prompt_tokens(CompletionRequest("The quick", seed=0)) >= 1
+
+
+def test_a_failed_step_fails_the_request_it_had_finished(model_dir):
+    """The child's side: a step that fails after finishing a request loses its last events; the
+    request must get an error as the others do (it was no longer in `groups`: no message at all,
+    and the server's generate() waited until the service's deadline)."""
+    cont = ContinuousEngine(TextEngine.load(model_dir, device="cpu"), SchedulerConfig(max_running=4))
+    fail_the_first_forward(cont)
+    server, child = mp.Pipe()
+    serving = threading.Thread(target=_serve, args=(child, cont), daemon=True)
+    serving.start()
+    server.send(("add", 0, CompletionRequest("The", seed=1, max_tokens=1)))  # finishes in the failing step
+    server.send(("add", 1, CompletionRequest("The", seed=2, max_tokens=20)))
+    errors, events = {}, []
+    while server.poll(5) and len(errors) < 2:
+        kind, payload = server.recv()
+        if kind == "error":
+            errors[payload[0]] = payload[1]
+        else:
+            events += payload.events
+    server.send(("stop", None, None))
+    serving.join(timeout=5)
+    assert sorted(errors) == [0, 1] and all("out of memory" in str(e) for e in errors.values())
+    assert events == []  # the failed step's events (incomplete) are not delivered: the error is the answer
+
+
+def test_a_child_that_dies_while_starting_reports_its_exit_code():
+    """Its end of the pipe closes before the OS has reaped it: the exit code was read too early,
+    and the start failed saying "it exited with code None"."""
+    class Reaped:  # a child whose exit code is known once it has been joined
+        exitcode = None
+
+        def join(self, timeout: float | None = None) -> None:
+            self.exitcode = -9
+
+    proc = EngineProcess.__new__(EngineProcess)
+    proc._conn, child = mp.Pipe()
+    child.close()
+    proc._proc = Reaped()
+    assert proc._recv_start() == ("failed", "it exited with code -9")
