@@ -107,6 +107,9 @@ class EngineProcess(EventStreams):
         check_request(self.requests, self.cfg, req, waiting, running)
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
+        if self._failure is not None:  # died since check(): the reader's sweep may have missed this request
+            self._send(gid, EngineFailed(self._failure))
+            return
         self._sent += 1
         self._post(("add", gid, req))
 

@@ -219,3 +219,23 @@ def test_a_child_that_dies_while_starting_reports_its_exit_code():
     child.close()
     proc._proc = Reaped()
     assert proc._recv_start() == ("failed", "it exited with code -9")
+
+
+def test_a_request_that_passed_its_check_as_the_engine_died_fails_instead_of_waiting(model_dir):
+    """Checked just before the death, registered just after the reader failed the requests it
+    saw: it waited for events that would never come (until the service's deadline)."""
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
+
+    async def main():
+        proc.check = lambda req: None  # the check passed: the engine was still alive then
+        os.kill(proc._proc.pid, signal.SIGKILL)
+        while proc.alive:
+            await asyncio.sleep(0.01)
+        stream = proc.generate(CompletionRequest("The", seed=1, max_tokens=5))
+        with pytest.raises(EngineFailed):
+            await asyncio.wait_for(stream.__anext__(), timeout=10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        proc.shutdown()
