@@ -20,3 +20,45 @@ def test_locust_smoke_run_passes_its_thresholds(server, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "smoke_stats.csv").is_file() and (tmp_path / "smoke.html").is_file()
     assert "ALL" in proc.stdout
+
+
+def test_a_stream_is_timed_to_its_last_byte(tmp_path):
+    """Locust times a response to its headers, which a stream sends with its first event: the
+    stream latency it reported was about the time to first token."""
+    import csv
+    import http.server
+    import json
+    import threading
+    import time
+
+    class SlowStream(http.server.BaseHTTPRequestHandler):  # two events, 0.25 s apart
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for part in (f'data: {{"seed": {body["seed"]}}}\n\n', "data: [DONE]\n\n"):
+                time.sleep(0.25)
+                data = part.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowStream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "locust"), "-f", "load_tests/locustfile.py", "StreamingUser",
+                        "--headless", "-u", "1", "-r", "1", "-t", "3s", "--only-summary",
+                        "--host", f"http://127.0.0.1:{server.server_address[1]}", "--csv", str(tmp_path / "loc")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    row = next(r for r in csv.DictReader(open(tmp_path / "loc_stats.csv")) if r["Name"] == "/complete stream")
+    assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0, row
+    assert float(row["Median Response Time"]) >= 450, row  # the whole stream: 500 ms
