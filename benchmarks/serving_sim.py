@@ -6,7 +6,9 @@ output lengths, served three ways, side by side in one run:
                  finished request leaves the batch and gets its answer at once (our engine)
   static padded  the same batches as Hugging Face `generate` runs them: every row decodes
                  until the batch's longest request is done, and every answer comes then
-  continuous     ContinuousEngine: requests join and leave between decode steps
+  continuous     ContinuousEngine: requests join and leave between decode steps (eager, as
+                 the static policies, unless --cuda_graphs 1: on a GPU, graphs alone make the
+                 step 2-4x faster, which is not what this comparison is about)
 
 Prints aggregate tokens/s, p50/p95 latency and p50/p95 time to first token, then the
 closed-loop ratio of aggregate tokens/s at --streams concurrent streams to one stream (median
@@ -86,8 +88,9 @@ def serve_batches(engine: TextEngine, trace: list[Trace], max_batch: int, padded
                 tr.done = end
 
 
-def serve_continuous(engine: TextEngine, trace: list[Trace], max_running: int) -> None:
-    cont = ContinuousEngine(engine, SchedulerConfig(max_running=max_running, max_waiting=len(trace) + 1))
+def serve_continuous(engine: TextEngine, trace: list[Trace], max_running: int, cuda_graphs: bool = False) -> None:
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=max_running, max_waiting=len(trace) + 1,
+                                                    cuda_graphs=cuda_graphs))
     start, pending, by_id = time.perf_counter(), list(trace), {}
     while pending or cont.has_work():
         now = time.perf_counter() - start
@@ -125,6 +128,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="trace seed")
     ap.add_argument("--repeats", type=int, default=3, help="closed-loop runs per setting, after a warm-up run")
+    ap.add_argument("--cuda_graphs", type=int, default=0, choices=(0, 1),
+                    help="1: the continuous engine replays its decode step as CUDA graphs, as the service does; "
+                         "the static policies run eagerly, so the comparison is then no longer batching alone")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
                                                            "steadier on a machine shared with other work")
     args = ap.parse_args()
@@ -137,13 +143,13 @@ def main() -> None:
     engine = TextEngine(model, tok, device=pick_device(args.device))
     engine.complete([CompletionRequest("the value", seed=0, max_tokens=8)])  # warm-up
     print(f"device={engine.device} threads={torch.get_num_threads()} requests={args.requests} rate={args.rate}/s "
-          f"max_new={args.max_new}")
+          f"max_new={args.max_new} cuda_graphs={args.cuda_graphs}")
     print(f"{'policy':<14} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'ttft50 s':>9} {'ttft95 s':>9}")
     rows = {}
     for name, serve in [("one-at-a-time", lambda t: serve_batches(engine, t, 1)),
                         ("static", lambda t: serve_batches(engine, t, args.max_batch)),
                         ("static padded", lambda t: serve_batches(engine, t, args.max_batch, padded=True)),
-                        ("continuous", lambda t: serve_continuous(engine, t, args.max_batch))]:
+                        ("continuous", lambda t: serve_continuous(engine, t, args.max_batch, bool(args.cuda_graphs)))]:
         trace = make_trace(args.requests, args.rate, args.seed, args.max_prompt_words, args.max_new)
         serve(trace)
         rows[name] = report(name, trace)
@@ -159,7 +165,7 @@ def main() -> None:
         for _ in range(1 + args.repeats):
             trace = [Trace(0.0, CompletionRequest("the value of the object", seed=i, max_tokens=args.max_new,
                                                   sampling=SamplingParams(temperature=1.0))) for i in range(streams)]
-            serve_continuous(engine, trace, streams)
+            serve_continuous(engine, trace, streams, bool(args.cuda_graphs))
             runs.append(sum(tr.tokens for tr in trace) / max(tr.done for tr in trace))
         closed[streams] = statistics.median(runs[1:])
     print(f"closed loop: 1 stream {closed[1]:.1f} tokens/s, {args.streams} streams {closed[args.streams]:.1f} "
