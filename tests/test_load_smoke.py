@@ -3,6 +3,7 @@
 (a busy 2-core CI machine), exit code 0 wanted: every response checked, none failed."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,21 @@ def test_a_stream_is_timed_to_its_last_byte(tmp_path):
     row = next(r for r in csv.DictReader(open(tmp_path / "loc_stats.csv")) if r["Name"] == "/complete stream")
     assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0, row
     assert float(row["Median Response Time"]) >= 450, row  # the whole stream: 500 ms
+
+
+def test_the_soak_counts_pages_shared_between_processes_once():
+    """It summed each process's RSS: pages a worker shares with its engine processes (torch's
+    libraries) counted once per process, which made a growth in percent look smaller."""
+    from load_tests.soak import pss_bytes
+
+    code = ("import os, sys, time\nb = bytearray(64 << 20)\nb[::4096] = b'x' * len(b[::4096])\n"
+            "if os.fork():\n    print('ready', flush=True)\ntime.sleep(60)\n")  # the child shares all 64 MiB
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        total = pss_bytes(proc.pid) / 2**20
+    finally:
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            os.kill(int(child), 9)
+        proc.kill()
+    assert 64 < total < 110, total  # summed RSS: about 2 x (64 + the interpreter)
