@@ -3,15 +3,18 @@
 A fixed set of cache slots (rows of pre-allocated KV buffers, one per running sequence),
 a waiting queue, and a scheduler that runs one step at a time:
 
-  1. drop cancelled requests (their slots are free at once);
-  2. admit waiting requests while slots and the step's token budget allow;
-  3. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget,
+  1. drop cancelled requests (their slots are free at once; between steps);
+  2. move the sequences in the highest slots down into the slots freed below them;
+  3. one forward pass over the live slots computes the next logits of every sequence that
+     sampled a token in the previous step (on CUDA, a replayed CUDA graph: models/decode_graphs.py);
+  4. admit waiting requests while slots and the step's token budget allow;
+  5. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget,
      all of the step's chunks in one forward pass; a prompt is prefilled once and its cache
      copied into the slots of its n choices;
-  4. sample one token for every decoding sequence, release text, retire finished ones;
-  5. move the sequences in the highest slots down into the slots freed below them;
-  6. one forward pass over the live slots computes everyone's next logits (on CUDA, a replayed
-     CUDA graph: models/decode_graphs.py).
+  6. sample one token for every decoding sequence, release text, retire finished ones.
+
+The step ends with the sampling, so its tokens reach their clients before the next forward
+pass, not after it (one decode step sooner: 1-4.5 ms on the CPU).
 
 Each sequence draws from its own generator and only ever reads its own cache row, so its
 tokens do not depend on who else is in the batch. `AsyncEngine` runs the scheduler on a
@@ -182,11 +185,11 @@ class ContinuousEngine:
         self.model.caches = self.caches  # another engine on this model may have swapped in its own
         self.last_batch_size = 0
         budget = self.cfg.max_tokens_per_step - len(self.decoding)
+        self._compact()
+        self._forward()
         self._admit()
         budget = self._prefill(budget, events)
         self._sample(events)
-        self._compact()
-        self._forward()
         return events
 
     def _admit(self) -> None:

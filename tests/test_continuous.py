@@ -101,10 +101,16 @@ def test_sequences_move_down_into_freed_slots_and_keep_their_tokens(engine):
     ids = [cont.add(r) for r in short] + [cont.add(mover)]  # the mover takes slot 3
     tokens: list[int] = []
     slots = set()
+    forward = cont._forward
+
+    def compact_forward():
+        assert sorted(cont.decoding) == list(range(len(cont.decoding)))  # no free slot inside the batch
+        slots.update(seq.slot for _, seq in cont.decoding.values() if seq.request == ids[-1])
+        forward()
+
+    cont._forward = compact_forward
     while cont.has_work():
         tokens += [ev.token_id for ev in cont.step() if ev.request == ids[-1] and ev.token_id is not None]
-        assert sorted(cont.decoding) == list(range(len(cont.decoding)))  # no free slot inside the batch
-        slots |= {seq.slot for _, seq in cont.decoding.values() if seq.request == ids[-1]}
     assert slots == {3, 0}  # from the highest slot into the first one freed
     assert tokens == alone[gid][0]
 
