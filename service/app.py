@@ -87,6 +87,8 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
 
 
 AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
+
+
 def _check_family(env_var: str, tag: str, family: str) -> None:
     """A store model of another family (GPT_MODEL=gan:latest) stops the start-up, naming it, as a
     missing one does: it used to be listed under the wrong kind and fail later, when loaded."""
@@ -102,7 +104,6 @@ _check_family("GPT_MODEL", GPT_MODEL, "gpt")
 _check_family("GAN_MODEL", GAN_MODEL, "gan")
 if AR_IMAGE_MODEL:
     _check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
-
 # The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), so a
 # Bento built with GPT_MODEL=my-gpt serves my-gpt, the one model of that kind it holds.
 MODEL_ENVS = [{"name": name, "value": tag} for name, tag in

@@ -278,18 +278,17 @@ def train(cfg: ARTrainConfig) -> Path:
     bar.close()
     model_dir = run / "model"
     if d.is_main and step == cfg.max_steps:
-        model_dir = finish(cfg, engine, evaluator, shapes, data, tokenizer, time.time() - t0,
+        model_dir = finish(cfg, engine, evaluator, shapes, data, digest, tokenizer, time.time() - t0,
                            step, history)
     teardown_distributed()
     return model_dir
 
 
-def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: Any, data: Any,
+def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: Any, data: Any, digest: str,
            tokenizer: Any, seconds: float, step: int, history: list[dict[str, Any]]) -> Path:
     """Final evaluation with and without guidance, the model directory, the store entry."""
     run = Path(cfg.run_dir)
     model = engine.model.eval()
-    digest = data.digest()
     metrics: dict[str, Any] = {"steps": step, "train_seconds_this_run": round(seconds, 1),
                                "dataset": digest, "n_train": len(data) - cfg.n_val,
                                "params": model.num_params(), "val_loss": history[-1]["val_loss"],

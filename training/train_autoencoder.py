@@ -199,12 +199,12 @@ def train(cfg: AETrainConfig) -> Path:
     bar.close()
     model_dir = run / "model"
     if step == cfg.max_steps:
-        model_dir = finish(cfg, model.eval(), tokenizer, data, shapes, ids_all, mask_all, n_train,
+        model_dir = finish(cfg, model.eval(), tokenizer, data, digest, shapes, ids_all, mask_all, n_train,
                            history, time.time() - t0)
     return model_dir
 
 
-def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, shapes: Any,
+def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, digest: str, shapes: Any,
            ids_all: torch.Tensor, mask_all: torch.Tensor, n_train: int,
            history: list[dict[str, Any]], seconds: float) -> Path:
     """Fit the latent Gaussian, grade both priors, write the model directory."""
@@ -213,7 +213,6 @@ def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, sh
     model.fit_latent_gaussian(data.images[:n_train])
     save_recon(model, data.images[n_train:n_train + 8], ids_all[n_train:n_train + 8],
                mask_all[n_train:n_train + 8], run / "recon.png")
-    digest = data.digest()
     metrics: dict[str, Any] = {"steps": history[-1]["step"],
                                "train_seconds_this_run": round(seconds, 1), "dataset": digest,
                                "val_mse": history[-1]["val_mse"], "evaluations_per_image": 1,

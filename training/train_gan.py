@@ -472,7 +472,7 @@ def train(cfg: GANTrainConfig) -> Path:
     bar.close()
     model_dir = run / "model"
     if d.is_main:
-        model_dir = finish(cfg, engine, evaluator, shapes, data, G_ema, tokenizer, time.time() - t0,
+        model_dir = finish(cfg, engine, evaluator, shapes, data, digest, G_ema, tokenizer, time.time() - t0,
                            step, history)
     teardown_distributed()
     return model_dir
@@ -528,11 +528,10 @@ def periodic_eval(engine: ImageEngine, evaluator: Any, shapes: ShapesConfig | No
 
 
 def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: ShapesConfig | None,
-           data: CaptionedImages, G_ema: Generator, tokenizer: Tokenizer, seconds: float,
+           data: CaptionedImages, digest: str, G_ema: Generator, tokenizer: Tokenizer, seconds: float,
            step: int, history: list[dict[str, Any]]) -> Path:
     """Final evaluation, the served model directory, and the store entry."""
     run = Path(cfg.run_dir)
-    digest = data.digest()
     metrics: dict[str, Any] = {"steps": step, "train_seconds": round(seconds, 1),
                                "dataset": digest, "n_train": len(data)}
     if evaluator is not None and shapes is not None:
