@@ -463,8 +463,8 @@ class AsyncEngine(EventStreams):
                     self._send(gid, e)
                     self.engine.cancel(gid)
                 continue
+            self._report(self.engine.last_batch_size)  # counted before its clients hear of it
             self._send_events(events)
-            self._report(self.engine.last_batch_size)
 
     def _report(self, batch_size: int) -> None:
         if self.on_step is None:

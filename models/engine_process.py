@@ -174,12 +174,17 @@ class EngineProcess(EventStreams):
 
     def _on_report(self, report: StepReport) -> None:
         self._running, self._waiting, self._received = report.running, report.waiting, report.received
-        self._send_events(report.events)
-        if self.on_admit is not None:
-            for waited in report.admitted_waits:
-                self.on_admit(waited)
-        if self.on_step is not None:
-            self.on_step(report.batch_size, *self.stats())
+        # The step's metrics first, then its events (whatever the callbacks do): a client that
+        # has its last event finds the step counted (the other order let a test's next
+        # callbacks see the previous test's step).
+        try:
+            if self.on_admit is not None:
+                for waited in report.admitted_waits:
+                    self.on_admit(waited)
+            if self.on_step is not None:
+                self.on_step(report.batch_size, *self.stats())
+        finally:
+            self._send_events(report.events)
 
 
 # --- the child's side -----------------------------------------------------------------------

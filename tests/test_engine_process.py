@@ -239,3 +239,17 @@ def test_a_request_that_passed_its_check_as_the_engine_died_fails_instead_of_wai
         asyncio.run(main())
     finally:
         proc.shutdown()
+
+
+def test_a_failing_metrics_callback_does_not_stop_the_events(engine_process):
+    """The step's callbacks run before its events are handed out: one that raises must not keep
+    them from the clients."""
+    def broken(*report):
+        raise RuntimeError("metrics backend down")
+
+    engine_process.on_step = broken
+    try:
+        tokens = asyncio.run(_tokens(engine_process, CompletionRequest("The", seed=3, max_tokens=4)))
+    finally:
+        engine_process.on_step = None
+    assert len(tokens[0]) == 4
