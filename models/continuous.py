@@ -349,6 +349,10 @@ class EventStreams:
     def _cancel(self, gid: int) -> None:
         raise NotImplementedError
 
+    def _gone(self) -> Exception | None:
+        """Why no request can run any more (the engine died, or was shut down), else None."""
+        return None
+
     async def generate(self, req: CompletionRequest) -> AsyncIterator[StreamEvent]:
         """Yield the request's events until all its choices finish; leaving early cancels it.
 
@@ -359,7 +363,10 @@ class EventStreams:
         outbox: asyncio.Queue = asyncio.Queue()
         gid = next(self._ids)
         self._outboxes[gid] = (loop, outbox)
-        self._submit(gid, req)
+        if (gone := self._gone()) is not None:  # since check(): the sweep of the outboxes may have missed it
+            self._send(gid, gone)
+        else:
+            self._submit(gid, req)
         remaining = req.n
         try:
             while remaining:
@@ -409,14 +416,14 @@ class AsyncEngine(EventStreams):
         self._thread.start()
 
     def check(self, req: CompletionRequest) -> None:
-        if self._stopping:
-            raise EngineStopped("the engine has shut down")
+        if (gone := self._gone()) is not None:
+            raise gone
         self.engine.check(req, waiting=self._inbox.qsize())
 
+    def _gone(self) -> Exception | None:
+        return EngineStopped("the engine has shut down") if self._stopping else None
+
     def _submit(self, gid: int, req: CompletionRequest) -> None:
-        if self._stopping:  # shut down since check(), after shutdown() failed the outboxes it saw
-            self._send(gid, EngineStopped("the engine has shut down"))
-            return
         self._inbox.put(("add", gid, req))
         self._wake.set()
 

@@ -101,15 +101,15 @@ class EngineProcess(EventStreams):
     def check(self, req: CompletionRequest) -> None:
         """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit,
         EngineFailed when the engine is gone: before any work, so the service can answer 4xx/503."""
-        if self._failure is not None:
-            raise EngineFailed(self._failure)
+        if (gone := self._gone()) is not None:
+            raise gone
         running, waiting = self.stats()
         check_request(self.requests, self.cfg, req, waiting, running)
 
+    def _gone(self) -> Exception | None:
+        return EngineFailed(self._failure) if self._failure is not None else None
+
     def _submit(self, gid: int, req: CompletionRequest) -> None:
-        if self._failure is not None:  # died since check(): the reader's sweep may have missed this request
-            self._send(gid, EngineFailed(self._failure))
-            return
         self._sent += 1
         self._post(("add", gid, req))
 
