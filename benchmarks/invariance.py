@@ -11,6 +11,9 @@ two runs share).
 With --batch_invariant, the exact mode, which makes every row's arithmetic independent of the
 batch: none should differ, and the logprobs agree exactly.
 
+On CUDA (--device cuda) the engines run in bf16 and the continuous one replays its decode
+step as CUDA graphs, as the service does.
+
 Needs torch only.   python -m benchmarks.invariance --model_dir DIR --requests 320 --max_tokens 100
 (DIR: a model directory, e.g. `bentoml models get gpt:latest -o path`; without it, random
 weights of the small shape.)
@@ -56,14 +59,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_tokens", type=int, default=100, help="tokens per request")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--batch_invariant", action="store_true", help="the exact mode (GPT.set_batch_invariant)")
+    ap.add_argument("--device", default="cpu", help="cpu (float32), cuda (bf16, as the service runs it) or auto")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model_dir:
-        engine = TextEngine.load(args.model_dir, device="cpu")
+        engine = TextEngine.load(args.model_dir, device=args.device)
     else:
         torch.manual_seed(0)
-        engine = TextEngine(GPT(GPTConfig(**SIZES["small"])), Tokenizer.train([PROMPT * 40], 512), device="cpu")
+        engine = TextEngine(GPT(GPTConfig(**SIZES["small"])), Tokenizer.train([PROMPT * 40], 512), device=args.device)
     engine.model.set_batch_invariant(args.batch_invariant)
     reqs = requests(args.requests, args.max_tokens, seed=0)
 
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     def continuous(batch: list[CompletionRequest]) -> list[tuple[list[int], list[float]]]:
         return [(choices[0], []) for choices in run_continuous(cont, batch)]  # tokens only
 
-    result = {"threads": torch.get_num_threads(), "batch_invariant": args.batch_invariant}
+    result = {"device": str(engine.device), "dtype": str(engine.dtype), "threads": torch.get_num_threads(),
+              "batch_invariant": args.batch_invariant}
     for name, run in (("static", static), ("continuous", continuous)):
         alone = [run([r])[0] for r in reqs]
         batched = [out for i in range(0, len(reqs), 8) for out in run(reqs[i:i + 8])]

@@ -25,6 +25,7 @@ def test_batch1_floor_reports_matrix_products_and_forward_pass():
 def test_invariance_benchmark_counts_differing_requests_and_logprob_gap():
     from benchmarks.invariance import main as invariance
     r = invariance(["--requests", "8", "--max_tokens", "12"])
+    assert (r["device"], r["dtype"]) == ("cpu", "torch.float32")  # the default, whatever the machine has
     for path in ("static", "continuous"):
         assert r[path]["requests"] == 8 and 0 <= r[path]["differ"] <= 8
     assert 0 <= r["static"]["max_logprob_diff"] < 1e-4  # rounding, not a different computation
