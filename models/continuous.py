@@ -120,7 +120,14 @@ class ContinuousEngine:
             if self.device.type != "cpu":
                 raise ValueError("batch_invariant is for the CPU: GPU kernels round differently with the batch shape")
             self.model.set_batch_invariant()
-        self.model.setup_caches(self.cfg.max_running, engine.block_size)
+        try:
+            self.model.setup_caches(self.cfg.max_running, engine.block_size)
+        except RuntimeError as e:  # the allocator's own message gives bytes, not the setting behind them
+            c, itemsize = self.model.config, self.model.lm_head.weight.element_size()
+            gib = self.cfg.max_running * engine.block_size * c.n_layer * 2 * c.n_embd * itemsize / 2**30
+            raise ValueError(f"SchedulerConfig.max_running={self.cfg.max_running}: the KV cache for that many "
+                             f"sequences of {engine.block_size} positions needs {gib:,.1f} GiB, which "
+                             f"{self.device} could not allocate") from e
         self.caches = self.model.caches  # its slots; TextEngine.complete on the same model swaps in others
         self.graphs = (DecodeGraphs(self.model, self.cfg.max_running)
                        if self.cfg.cuda_graphs and self.device.type == "cuda" else None)
@@ -384,7 +391,7 @@ class EventStreams:
     def _send(self, gid: int, item) -> None:
         target = self._outboxes.get(gid)
         if target is not None:
-            target[0].call_soon_threadsafe(target[1].put_nowait, item)
+            self._hand_over(target[0], [(target[1], item)])
 
     def _send_events(self, events: list[StreamEvent]) -> None:
         """A step's events, handed to each event loop in one call: waking a loop from another
@@ -395,7 +402,21 @@ class EventStreams:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], ev))
         for loop, items in by_loop.items():
+            self._hand_over(loop, items)
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+        """Put the items into their queues on the loop's own thread. A loop that was closed
+        with requests still open (a thread or `asyncio.run` that ended without finishing them)
+        takes nothing: its requests are dropped and cancelled, and the other loops still get
+        their events (its RuntimeError used to stop the step's deliveries part-way, or end the
+        scheduler's thread)."""
+        try:
             loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the loop is closed
+            for gid, (owner, _) in list(self._outboxes.items()):
+                if owner is loop:
+                    self._outboxes.pop(gid, None)
+                    self._cancel(gid)
 
 
 class AsyncEngine(EventStreams):
@@ -409,6 +430,9 @@ class AsyncEngine(EventStreams):
         super().__init__()
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Requests put into the inbox and taken from it (each written by one thread): the
+        # difference waits there; the inbox's size would count cancellations as waiting too.
+        self._added = self._taken = 0
         self._wake = threading.Event()
         self._stopping = False
         self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
@@ -418,12 +442,13 @@ class AsyncEngine(EventStreams):
     def check(self, req: CompletionRequest) -> None:
         if (gone := self._gone()) is not None:
             raise gone
-        self.engine.check(req, waiting=self._inbox.qsize())
+        self.engine.check(req, waiting=self._added - self._taken)
 
     def _gone(self) -> Exception | None:
         return EngineStopped("the engine has shut down") if self._stopping else None
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
+        self._added += 1
         self._inbox.put(("add", gid, req))
         self._wake.set()
 
@@ -433,7 +458,7 @@ class AsyncEngine(EventStreams):
 
     def stats(self) -> tuple[int, int]:
         """(sequences running, requests waiting)."""
-        return self.engine.num_running, self.engine.num_waiting + self._inbox.qsize()
+        return self.engine.num_running, self.engine.num_waiting + self._added - self._taken
 
     def shutdown(self) -> None:
         """Stop the scheduler; the requests in flight fail (nothing would feed them any more)."""
@@ -449,6 +474,7 @@ class AsyncEngine(EventStreams):
             if op == "cancel":
                 self.engine.cancel(gid)
                 continue
+            self._taken += 1
             try:
                 self.engine.add(req, gid)
             except Exception as e:  # InvalidParameter / QueueFull raced past check()
@@ -482,6 +508,6 @@ class AsyncEngine(EventStreams):
             logger.exception("the on_step callback of the continuous-batching engine failed")
 
 
-def _deliver(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
     for outbox, ev in items:
         outbox.put_nowait(ev)

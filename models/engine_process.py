@@ -161,14 +161,19 @@ class EngineProcess(EventStreams):
                 logger.exception("handling a message of the text engine process failed")
         if self._proc.is_alive():
             self._proc.join(timeout=1)
-        self._failure = f"the text engine process exited (code {self._proc.exitcode})"
+        if self._stopping:
+            self._failure = "the text engine has shut down"
+        else:
+            self._failure = f"the text engine process exited (code {self._proc.exitcode})"
+            logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))
         # Nothing runs or waits any more: the gauges fed by on_step must not keep their last values.
         self._running, self._waiting, self._received = 0, 0, self._sent
-        if self.on_step is not None:
-            self.on_step(0, *self.stats())
-        if self._stopping:
-            return
-        logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))
+        try:
+            if self.on_step is not None:
+                self.on_step(0, *self.stats())
+        except Exception:  # the requests in flight must still hear of it below
+            logger.exception("the on_step callback of the text engine failed")
+        # Those in flight at a shutdown too: nothing would feed them any more (as AsyncEngine).
         for gid in list(self._outboxes):
             self._send(gid, EngineFailed(self._failure))
 

@@ -292,3 +292,43 @@ def test_shutdown_fails_the_requests_in_flight_and_refuses_new_ones(engine):
             await aeng.generate(CompletionRequest("The", seed=2, max_tokens=3)).__anext__()
 
     asyncio.run(main())
+
+
+def test_a_requester_whose_event_loop_closed_does_not_stop_the_others(engine):
+    """A request left open on an event loop that then closed (another thread's loop, a script's
+    `asyncio.run`) cannot take its events: handing them over raised, which ended the scheduler's
+    thread, and every other request hung. It is dropped and cancelled; the others go on."""
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
+    step = cont.step
+    cont.step = lambda: (time.sleep(0.002), step())[1]
+    aeng = AsyncEngine(cont)
+    closed = asyncio.new_event_loop()
+    orphan = aeng.generate(CompletionRequest("The", seed=1, max_tokens=80, sampling=SamplingParams(temperature=1)))
+    closed.run_until_complete(orphan.__anext__())
+    closed.close()  # without finishing the request
+    try:
+        assert asyncio.run(outcome(aeng, CompletionRequest("The", seed=2, max_tokens=5))) == "length"
+        assert aeng._thread.is_alive()
+        assert asyncio.run(wait_until_idle(aeng)) == (0, 0)  # the orphan was cancelled, not left decoding
+    finally:
+        aeng.shutdown()
+
+
+def test_cancellations_on_their_way_are_not_counted_as_waiting_requests(engine):
+    """The inbox holds cancellations too: counting its size as waiting requests refused a
+    request with QueueFull that the limit allowed."""
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=2, max_waiting=0))
+    aeng = AsyncEngine(cont)
+    aeng.shutdown()  # no scheduler thread: the inbox keeps what is put into it
+    aeng._stopping = False
+    aeng._submit(0, CompletionRequest("The", seed=1, max_tokens=3))
+    aeng._cancel(0)
+    assert aeng.stats() == (0, 1)
+    aeng.check(CompletionRequest("The", seed=2, max_tokens=3))  # 1 waiting, 2 free slots: room for it
+
+
+def test_a_kv_cache_too_large_to_allocate_names_the_setting(engine):
+    """The allocator's error gave a byte count only (CONDGEN_TEXT_MAX_RUNNING=100000000 left the
+    server not ready, saying it could not allocate 819200000000 bytes)."""
+    with pytest.raises(ValueError, match=r"max_running=10000000000: the KV cache .* needs [\d,.]+ GiB"):
+        ContinuousEngine(engine, SchedulerConfig(max_running=10**10))

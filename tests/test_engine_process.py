@@ -253,3 +253,31 @@ def test_a_failing_metrics_callback_does_not_stop_the_events(engine_process):
     finally:
         engine_process.on_step = None
     assert len(tokens[0]) == 4
+
+
+@pytest.mark.parametrize("how", ["shutdown", "death with a failing metrics callback"])
+def test_requests_in_flight_fail_when_the_engine_stops(model_dir, how):
+    """At a shutdown nothing fed the requests in flight any more and they hung (AsyncEngine
+    failed them); and a metrics callback that raised after a death ended the reader thread
+    before it failed them."""
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
+
+    async def main():
+        stream = proc.generate(CompletionRequest("The", seed=1, max_tokens=90))
+        await stream.__anext__()
+        if how == "shutdown":
+            proc.shutdown()
+        else:
+            proc.on_step = lambda *report: 1 / 0
+            os.kill(proc._proc.pid, signal.SIGKILL)
+
+        async def drain():
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineFailed, match="shut down" if how == "shutdown" else "exited"):
+            await asyncio.wait_for(drain(), timeout=30)  # fails, does not hang
+
+    try:
+        asyncio.run(main())
+    finally:
+        proc.shutdown()
