@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import bentoml
+import torch
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -108,7 +109,11 @@ if AR_IMAGE_MODEL:
 # Bento built with GPT_MODEL=my-gpt serves my-gpt, the one model of that kind it holds.
 MODEL_ENVS = [{"name": name, "value": tag} for name, tag in
               (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL)) if tag]
-DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
+DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
+if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():
+    # Else every engine failed to load and the server stayed up, never ready, with torch's
+    # "Torch not compiled with CUDA enabled" in its log.
+    raise ValueError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA devices")
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
 TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
@@ -128,7 +133,9 @@ ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
 # 0.54-0.56 ms with it off, single images). Set to 1 when a tracing exporter is configured.
 TRACE_REQUESTS = env_flag("CONDGEN_TRACE_REQUESTS", False)
 WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its own models and batchers
-TORCH_THREADS = env_int("CONDGEN_TORCH_THREADS", 0, 0)  # per engine process; 0 = share the cores out
+# Per engine process; 0 = share the cores out. More threads than cores only slow torch down
+# (500 made a completion 100x slower; 100,000 crashed the engine and exhausted the host's processes).
+TORCH_THREADS = env_int("CONDGEN_TORCH_THREADS", 0, 0, os.cpu_count() or 1)
 MAX_BODY_BYTES = 1 << 20
 # A request holds one of the CONDGEN_MAX_INFLIGHT places from its headers on, so a client that
 # sends headers and then stalls must not keep it until the deadline: 64 such sockets would
@@ -531,12 +538,17 @@ class Generation:
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
         self._stopping = True
-        if self.text_stream is not None:
-            self.text_stream.shutdown()
         for backend in self.images.values():
             await backend.batcher.close()
             if backend.worker is not None:
-                backend.worker.shutdown()
+                backend.worker.detach()  # on the loop: its batches in flight fail
+        # Each engine process gets up to 5 s to finish what it holds and exit: side by side, and
+        # off the event loop (their joins block; one after the other, on the loop, a SIGTERM took
+        # 3.0 s to exit with the tiny models instead of 2.0 s).
+        stops = [backend.worker.shutdown for backend in self.images.values() if backend.worker is not None]
+        if self.text_stream is not None:
+            stops.append(self.text_stream.shutdown)
+        await asyncio.gather(*(asyncio.to_thread(stop) for stop in stops))
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called (on the engine process's reader thread) after every decode step."""
@@ -735,7 +747,8 @@ class Generation:
         try:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:
-            logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
+            if not self._stopping:
+                logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
             for job in jobs:
                 fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))
             return

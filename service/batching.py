@@ -71,6 +71,7 @@ class MicroBatcher(Generic[T]):
         self.split_when_idle = split_when_idle
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._batches: set[asyncio.Task] = set()
+        self._forming: list[Job[T]] = []
 
     def submit(self, job: Job[T]) -> None:
         """Queue a job (from the event loop thread). The consumer starts on first use.
@@ -101,12 +102,23 @@ class MicroBatcher(Generic[T]):
         self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
 
     async def close(self) -> None:
+        """Stop taking jobs: those still queued, or taken into a batch not yet handed over,
+        fail with a 503 (the engine is going away); batches handed over end with their engine.
+        A caller cancelled meanwhile stays cancelled (awaiting the consumer and catching its
+        CancelledError used to swallow the caller's own)."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait({self._task})
+        gone = ApiError(503, f"the server is shutting down ({self.endpoint} not taken); retry on another replica",
+                        type="server_error")
+        for job in self._forming:
+            fail(job, gone)
+        self._forming = []
+        while self._pending:
+            job = self._pending.popleft()
+            self._queued_cost -= job.cost
+            self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+            fail(job, gone)
 
     def _take(self, batch: list[Job[T]], cost: int) -> int:
         """Move pending jobs into `batch` while the budget allows (always at least one)."""
@@ -130,9 +142,15 @@ class MicroBatcher(Generic[T]):
                 # A slot first, then the batch: it takes everything that queued meanwhile.
                 await self._in_flight.acquire()
                 batch: list[Job[T]] = []
+                self._forming = batch  # out of the queue, not yet handed over: close() fails them
                 cost = self._take(batch, 0)
                 if batch and self.max_wait_s > 0:
-                    cost = await self._linger(batch, cost)
+                    try:
+                        cost = await self._linger(batch, cost)
+                    except asyncio.CancelledError:  # close(): the slot is not taken after all
+                        self._in_flight.release()
+                        raise
+                self._forming = []
                 if not batch:
                     self._in_flight.release()
                     continue

@@ -17,12 +17,14 @@ def _raw(name: str) -> str | None:
     return None if raw is None or raw.strip() == "" else raw.strip()
 
 
-def env_int(name: str, default: int, minimum: int) -> int:
+def env_int(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
     raw = _raw(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"[+-]?\d+", raw) or int(raw) < minimum:
-        raise ValueError(f"{name}={raw!r}: must be a whole number >= {minimum}")
+    # ASCII digits only: int() also reads other scripts' digits ("٣" as 3)
+    if not re.fullmatch(r"[+-]?[0-9]+", raw) or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
+        raise ValueError(f"{name}={raw!r}: must be a whole number >= {minimum}"
+                         + (f" and <= {maximum}" if maximum is not None else ""))
     return int(raw)
 
 

@@ -126,25 +126,36 @@ class ImageWorker:
             self._died()
 
     def _died(self) -> None:
-        if self.failure is not None:  # seen already (by the reader, or a health check's call)
+        if self.failure is not None:  # seen already (by the reader, or a health check's call), or detached
             return
-        if self._loop is not None:
-            self._loop.remove_reader(self._conn.fileno())
         self._proc.join(timeout=1)
-        self.failure = f"the image worker exited (code {self._proc.exitcode})"
-        logger.error("%s; failing %d batches in flight", self.failure, len(self._pending))
+        in_flight = len(self._pending)
+        self.detach(f"the image worker exited (code {self._proc.exitcode})")
+        logger.error("%s; failed %d batches in flight", self.failure, in_flight)
+
+    def detach(self, failure: str = "the image worker has shut down") -> None:
+        """Stop reading replies and fail the batches in flight, which nothing would answer
+        any more: on the loop's thread (or once no loop runs), before `shutdown`, which may
+        then run in another thread. Once: a worker found dead keeps its reason."""
+        if self.failure is not None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._conn.fileno())
+        self.failure = failure
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(WorkerDied(self.failure))
+                future.set_exception(WorkerDied(failure))
         self._pending.clear()
 
     def shutdown(self) -> None:
-        """Stop the worker once it has finished the batches it holds (once: at exit too)."""
+        """Stop the worker once it has finished the batch it holds (once: at exit too); the
+        callers of batches in flight fail at once, since their replies would no longer be read.
+        Blocks up to 5 s: the server runs it in a thread, beside the other engines' shutdowns,
+        after `detach` on the loop."""
         if self._conn.closed:
             return
         atexit.unregister(self.shutdown)
-        if self._loop is not None and self.failure is None and not self._loop.is_closed():
-            self._loop.remove_reader(self._conn.fileno())
+        self.detach()  # unless done already (on the loop, or by a death)
         if self._proc.is_alive():
             try:
                 self._conn.send(("stop", 0, None))

@@ -20,7 +20,10 @@ import hmac
 import os
 import re
 
+from collections.abc import Sequence
+
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.limits import LimitMiddleware, Limits, count_error, send_error
@@ -57,10 +60,21 @@ def _presented_key(scope: Scope) -> bytes | None:
     return key.strip() if key is not None else None
 
 
+def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The metrics label of a request: its route's path ("/v1/models/{model}"), or "unmatched".
+    A label taken from the raw path would add a series for every path a client makes up."""
+    for route in routes:
+        if route.matches(scope)[0] != Match.NONE:
+            return route.path
+    return "unmatched"
+
+
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, key: str) -> None:
+    def __init__(self, app: ASGIApp, key: str, routes: Sequence[BaseRoute]) -> None:
+        """routes: the API's routes, which label the 401s in the error counter."""
         self.app = app
         self.key = key.encode()
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope.get("path") not in OPEN_PATHS
@@ -69,7 +83,7 @@ class APIKeyMiddleware:
             # Constant-time comparison: the answer's timing says nothing about the key.
             if given is None or not hmac.compare_digest(given, self.key):
                 why = "missing" if given is None else "invalid"
-                count_error(scope["path"], 401)
+                count_error(route_label(self.routes, scope), 401)
                 await send_error(send, ApiError(
                     401, f"API key {why}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                     type="invalid_request_error", code="invalid_api_key",
@@ -146,5 +160,5 @@ def install(service: object, routes: object, limits: Limits) -> None:
     if origins := cors_origins():
         service.add_asgi_middleware(CORSMiddleware, **cors_options(origins))  # type: ignore[attr-defined]
     if key := os.environ.get("CONDGEN_API_KEY"):
-        service.add_asgi_middleware(APIKeyMiddleware, key=key)  # type: ignore[attr-defined]
+        service.add_asgi_middleware(APIKeyMiddleware, key=key, routes=routes.routes)  # type: ignore[attr-defined]
     service.add_asgi_middleware(LimitMiddleware, limits=limits)  # type: ignore[attr-defined]

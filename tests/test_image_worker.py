@@ -86,6 +86,24 @@ def test_a_dead_worker_fails_the_batch_in_flight_and_the_next(worker):
     asyncio.run(kill_mid_batch())
 
 
+@pytest.mark.parametrize("in_a_thread", [False, True])
+def test_a_batch_in_flight_at_shutdown_fails_instead_of_waiting_forever(worker, in_a_thread):
+    """Shutdown stopped reading replies with a batch in flight, whose caller then waited
+    forever; the server detaches on the loop and stops the process in a thread."""
+    async def shut_down_mid_batch():
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("a", 4, 16)))
+        await asyncio.sleep(0)  # the batch is sent
+        if in_a_thread:
+            worker.detach()
+            await asyncio.to_thread(worker.shutdown)
+        else:
+            worker.shutdown()
+        with pytest.raises(WorkerDied, match="shut down"):
+            await asyncio.wait_for(pending, timeout=10)
+        assert not worker.alive
+    asyncio.run(shut_down_mid_batch())
+
+
 def test_a_request_larger_than_max_images_runs_in_several_passes():
     """CONDGEN_IMAGE_MAX_BATCH bounds a forward pass, also for one request of more images
     (it used to run a request of n = 16 in one pass whatever the setting)."""

@@ -54,11 +54,10 @@ def _app(handler_log: dict, limits: Limits, key: str | None = None) -> Starlette
     async def models(request):
         return JSONResponse({"data": []})
 
-    mw = [Middleware(APIKeyMiddleware, key=key)] if key else []
-    return Starlette(routes=[Route("/complete", complete, methods=["POST"]),
-                             Route("/generate", generate, methods=["POST"]),
-                             Route("/models", models), Route("/metrics", models)],
-                     middleware=[*mw, Middleware(LimitMiddleware, limits=limits)])
+    routes = [Route("/complete", complete, methods=["POST"]), Route("/generate", generate, methods=["POST"]),
+              Route("/models", models), Route("/models/{model}", models), Route("/metrics", models)]
+    mw = [Middleware(APIKeyMiddleware, key=key, routes=routes)] if key else []
+    return Starlette(routes=routes, middleware=[*mw, Middleware(LimitMiddleware, limits=limits)])
 
 
 def _client(app) -> httpx.AsyncClient:
@@ -219,6 +218,26 @@ def test_api_key_header_forms(headers, status):
     assert metrics.status_code == 200  # health and metrics need no key
 
 
+def test_refused_keys_are_counted_by_route_not_by_the_path_a_client_made_up():
+    """A 401 was labelled by the raw path: a scanner without the key added a series to
+    /metrics for every path it tried."""
+    app = _app({}, Limits(), key="k3y")
+
+    async def scenario():
+        async with _client(app) as c:
+            for path in ("/models/gpt", "/models/other", "/scan1", "/scan2", "/x" * 300):
+                assert (await c.get(path)).status_code == 401
+
+    def count(endpoint: str) -> float:
+        return REGISTRY.get_sample_value("condgen_request_errors_total",
+                                         {"endpoint": endpoint, "status": "401"}) or 0
+
+    before = count("/models/{model}"), count("unmatched")
+    asyncio.run(scenario())
+    assert (count("/models/{model}") - before[0], count("unmatched") - before[1]) == (2, 3)
+    assert count("/scan1") == count("/scan2") == 0
+
+
 def test_cors_preflight_passes_the_key_check_and_names_the_origin():
     inner = _app({}, Limits(), key="k3y")
     app = JSONRoutingErrors(CORSMiddleware(inner, **cors_options(["http://ok.example"])))
@@ -356,6 +375,7 @@ def test_model_faults_fail_loading_naming_the_file(fault, kind, bentoml_home, tm
 @pytest.mark.parametrize("read, raw", [
     (lambda: env_int("CONDGEN_X", 64, 1), "abc"), (lambda: env_int("CONDGEN_X", 64, 1), "0.5"),
     (lambda: env_int("CONDGEN_X", 64, 1), "0"), (lambda: env_int("CONDGEN_X", 0, 0), "-1"),
+    (lambda: env_int("CONDGEN_X", 0, 0, 8), "9"), (lambda: env_int("CONDGEN_X", 64, 1), "٣"),  # an Arabic-Indic 3
     (lambda: env_float("CONDGEN_X", 10.0, 0), "-1"), (lambda: env_float("CONDGEN_X", 10.0, 0), "0"),
     (lambda: env_float("CONDGEN_X", 10.0, 0), "nan"), (lambda: env_float("CONDGEN_X", 10.0, 0), "inf"),
     (lambda: env_flag("CONDGEN_X", False), "true"), (lambda: env_choice("CONDGEN_X", "auto", "auto|cpu", "a"), "gpu"),
@@ -371,6 +391,7 @@ def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(
     assert env_int("CONDGEN_X", 64, 1) == 64 and env_flag("CONDGEN_X", True) is True
     monkeypatch.setenv("CONDGEN_X", " 8 ")
     assert env_int("CONDGEN_X", 64, 1) == 8 and env_float("CONDGEN_X", 1.0, 0) == 8.0
+    assert env_int("CONDGEN_X", 0, 0, 8) == 8  # the maximum itself is allowed
     monkeypatch.setenv("CONDGEN_X", "0")
     assert env_float("CONDGEN_X", 10.0, 0, allow_minimum=True) == 0 and env_flag("CONDGEN_X", True) is False
 

@@ -207,6 +207,42 @@ def test_batches_respect_the_cost_budget_and_skip_cancelled_jobs():
     assert batches == [[0, 1], [2], [3]]
 
 
+def test_close_fails_the_queued_jobs_and_keeps_the_callers_cancellation():
+    """close() left queued jobs, and those taken into a lingering batch, waiting forever (and
+    the lingering batch's slot taken); and awaiting the consumer swallowed the caller's own
+    cancellation."""
+    from service.schemas import ApiError
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+
+        async def run(jobs):
+            await release.wait()  # busy with the first batch
+            for j in jobs:
+                j.future.set_result(j.payload)
+
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=8, max_wait_s=30, max_in_flight=2)
+        batcher._expected = 4  # the previous batch had 4: the next one lingers for more
+        jobs = [Job(p, cost=1, future=loop.create_future()) for p in range(3)]
+        batcher.submit(jobs[0])  # lingers, in the consumer
+        await asyncio.sleep(0.01)
+        await batcher.close()
+        # the caller of close() is cancelled while it waits: it must end cancelled
+        batcher.submit(jobs[1])
+        batcher.submit(jobs[2])
+        closing = loop.create_task(batcher.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        await asyncio.wait({closing})
+        await asyncio.sleep(0.01)  # the consumer's own cancellation ends
+        release.set()
+        return [type(j.future.exception()) for j in jobs[:1]], closing.cancelled(), batcher._in_flight._value
+
+    failed, cancelled, free_slots = asyncio.run(scenario())
+    assert failed == [ApiError] and cancelled and free_slots == 2
+
+
 def test_jobs_whose_clients_left_free_their_queue_places_at_once():
     """They held CONDGEN_MAX_QUEUE places until the busy worker took them, and live requests
     got 429s meanwhile."""
@@ -459,14 +495,18 @@ def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fai
 
 # ---- the served models ------------------------------------------------------------------
 
-@pytest.mark.parametrize("env_var, tag, family", [("GPT_MODEL", "gan:latest", "gan"), ("GAN_MODEL", "gpt", "gpt")])
-def test_a_model_of_the_wrong_family_stops_the_start_up(bentoml_home, env_var, tag, family):
-    """As a missing one does: it was listed under the wrong kind by /models and failed when loaded."""
+@pytest.mark.parametrize("env_var, tag, message", [
+    ("GPT_MODEL", "gan:latest", "GPT_MODEL='gan:latest' is a 'gan' model"),
+    ("GAN_MODEL", "gpt", "GAN_MODEL='gpt' is a 'gpt' model"),
+    # not a model, but the same kind of mistake: the engines failed to load and the server stayed not ready
+    ("CONDGEN_DEVICE", "cuda:64", "CONDGEN_DEVICE='cuda:64': this machine has")])
+def test_a_model_of_the_wrong_family_or_a_missing_device_stops_the_start_up(bentoml_home, env_var, tag, message):
+    """A model of the wrong family was listed under the wrong kind by /models and failed when loaded."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), env_var: tag}
     run = subprocess.run([sys.executable, "-c", "import service.app"], cwd=Path(__file__).resolve().parents[1],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert f"{env_var}={tag!r} is a {family!r} model" in run.stderr.splitlines()[-1], run.stderr[-2000:]
+    assert message in run.stderr.splitlines()[-1], run.stderr[-2000:]
 
 
 def test_name_latest_names_only_the_latest_version():
