@@ -133,6 +133,7 @@ class ContinuousEngine:
                        if self.cfg.cuda_graphs and self.device.type == "cuda" else None)
         vocab = self.model.config.vocab_size
         self.seen = torch.zeros(self.cfg.max_running, vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(self.cfg.max_running, vocab, device=self.device)  # of each completion's tokens
         self.pending = torch.zeros(self.cfg.max_running, vocab, device=self.device)  # next-token logits per slot
         self.free = list(range(self.cfg.max_running))  # a heap: lowest slot first keeps the batch compact
         self.waiting: deque[_Group] = deque()
@@ -204,13 +205,15 @@ class ContinuousEngine:
             group = self.waiting.popleft()
             if self.on_admit is not None:
                 self.on_admit(time.perf_counter() - group.queued_at)
-            penalised = group.req.sampling.repetition_penalty != 1  # only they read `seen`
+            sampling = group.req.sampling  # only penalised rows read `seen` and `counts`
             for seq in group.seqs:
                 seq.slot = heapq.heappop(self.free)
                 seq.position = len(group.prompt)
-                if penalised:
+                if sampling.repetition_penalty != 1:
                     self.seen[seq.slot] = False
                     self.seen[seq.slot, torch.tensor(group.prompt, device=self.device)] = True
+                if sampling.presence_penalty or sampling.frequency_penalty:
+                    self.counts[seq.slot] = 0
             self.prefilling.append(group)
 
     def _prefill(self, budget: int, events: list[StreamEvent]) -> int:
@@ -261,11 +264,15 @@ class ContinuousEngine:
         slots = sorted(self.decoding)
         rows = [self.decoding[s] for s in slots]
         index, params, want = self._batch_params(slots, rows)
-        penalised = "repetition_penalty" in params.uses  # only then is `seen` read or updated
+        penalised, counted = "repetition_penalty" in params.uses, "counts" in params.uses  # only then read
         seen = self.seen.index_select(0, index) if penalised else None
-        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for _, s in rows], want)
+        counts = self.counts.index_select(0, index) if counted else None
+        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for _, s in rows], want,
+                                 counts)
         if penalised:
             self.seen.index_copy_(0, index, seen)
+        if counted:
+            self.counts.index_copy_(0, index, counts)
         self.last_batch_size = len(slots)
         eot = self.engine.tokenizer.eot_id
         for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
@@ -294,6 +301,7 @@ class ContinuousEngine:
             group, seq = self.decoding.pop(src)
             self.model.copy_cache_row(src, dst, seq.position - 1)  # its last token is written by the next pass
             self.seen[dst] = self.seen[src]
+            self.counts[dst] = self.counts[src]
             seq.slot = dst
             self.decoding[dst] = (group, seq)
             heapq.heappush(self.free, src)

@@ -293,9 +293,10 @@ class TextEngine(TextRequests):
         params = SamplingBatch.from_params([requests[row.request].sampling for row in rows], self.device)
         want_logprobs = max(row.logprobs if row.logprobs is not None else -1 for row in rows)
         logits, seen = self._prefill(prompts, rows)
+        counts = torch.zeros_like(logits) if "counts" in params.uses else None  # the completions' tokens
         active = rows
         while active:
-            tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs)
+            tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts)
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 row.tokens.append(tok)
@@ -313,6 +314,7 @@ class TextEngine(TextRequests):
                 idx = torch.tensor(keep, device=self.device)
                 self.model.select_cache_rows(idx)
                 params, seen, tokens = params.select(idx), seen.index_select(0, idx), tokens.index_select(0, idx)
+                counts = counts.index_select(0, idx) if counts is not None else None
                 active = [active[j] for j in keep]
             logits = self._decode_step(tokens, [row.position - 1 for row in active])
 
@@ -384,13 +386,16 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
 
 @torch.inference_mode()
 def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, randoms: list[RowRandom],
-                want_logprobs: int) -> tuple[Tensor, tuple[list, list, list]]:
-    """Sample one token per row and mark it seen (when some row has a repetition penalty: only
-    those rows read `seen`); with want_logprobs >= 0 also return, per row, the chosen token's
-    logprob and the top-`want_logprobs` alternatives (as Python lists)."""
-    tokens = sample(logits, params, randoms, seen)
+                want_logprobs: int, counts: Tensor | None = None) -> tuple[Tensor, tuple[list, list, list]]:
+    """Sample one token per row, mark it seen and count it (when some row has a penalty that
+    reads `seen` or `counts`); with want_logprobs >= 0 also return, per row, the chosen token's
+    logprob (of the model's distribution, before penalties and sampling parameters) and the
+    top-`want_logprobs` alternatives (as Python lists)."""
+    tokens = sample(logits, params, randoms, seen, counts)
     if seen is not None and "repetition_penalty" in params.uses:
         seen.scatter_(1, tokens.unsqueeze(1), True)
+    if counts is not None and "counts" in params.uses:
+        counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(counts[:, :1]))
     if want_logprobs < 0:
         return tokens, ([], [], [])
     logprobs = logits.log_softmax(dim=-1)
@@ -431,9 +436,11 @@ def reference_generate(model: GPT, prompts: list[list[int]], max_tokens: int, pa
     batch = SamplingBatch.from_params([params] * len(prompts), device)
     seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
     seen.scatter_(1, idx, True)
+    counts = torch.zeros(len(prompts), model.config.vocab_size, device=device)
     for _ in range(max_tokens):
         logits, _ = model(idx[:, -model.config.block_size:])
-        nxt = sample(logits[:, -1].float(), batch, randoms, seen)  # (B,)
+        nxt = sample(logits[:, -1].float(), batch, randoms, seen, counts)  # (B,)
         seen.scatter_(1, nxt.unsqueeze(1), True)
+        counts[torch.arange(len(prompts)), nxt] += 1
         idx = torch.cat([idx, nxt.unsqueeze(1)], dim=1)
     return idx[:, len(prompts[0]):].tolist()

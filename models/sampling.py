@@ -1,10 +1,11 @@
-"""The sampler: logits -> repetition penalty -> temperature -> top-k / top-p / min-p -> softmax
--> inverse-CDF draw with one uniform from the request's own generator.
+"""The sampler: logits -> repetition penalty -> presence / frequency penalties -> temperature
+-> top-k / top-p / min-p -> softmax -> inverse-CDF draw with one uniform from the request's
+own generator.
 
 Everything is batched over rows, each row with its own parameters, so one decode step
 serves many requests; a row's draw depends only on its logits and its own generator.
-The repetition penalty acts on the raw logits first (the order of Hugging Face and vLLM),
-so that it also applies to greedy decoding.
+The penalties act on the raw logits first (the order of Hugging Face and vLLM), so that
+they also apply to greedy decoding.
 """
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (prompt and completion)
+    # OpenAI's: subtracted from the logit of every token the completion already holds, once
+    # (presence) or once per occurrence (frequency); negative values encourage repeats.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):  # library callers
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):  # library callers
             value = getattr(self, name)
             if not (is_int(value) if name == "top_k" else is_number(value)):
                 raise InvalidParameter(name, f"must be {'an integer' if name == 'top_k' else 'a number'}, got {value!r}")
@@ -46,6 +52,10 @@ class SamplingParams:
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
             ("repetition_penalty", math.isfinite(self.repetition_penalty)
              and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10, f"must be in [{MIN_REPETITION_PENALTY}, 10]"),
+            ("presence_penalty", math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "must be in [-2, 2]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -63,7 +73,10 @@ class SamplingBatch:
     top_p: Tensor  # (B, 1)
     min_p: Tensor  # (B, 1)
     repetition_penalty: Tensor  # (B, 1)
-    uses: frozenset[str] = frozenset()  # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty"
+    presence_penalty: Tensor  # (B, 1)
+    frequency_penalty: Tensor  # (B, 1)
+    # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty", "counts" (presence or frequency)
+    uses: frozenset[str] = frozenset()
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
@@ -74,14 +87,18 @@ class SamplingBatch:
                 if any(getattr(p, name) != getattr(off, name) for p in params)}
         if any(p.temperature == 0 for p in params):
             uses.add("greedy")
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            uses.add("counts")
         return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
-                   col("min_p", torch.float32), col("repetition_penalty", torch.float32), frozenset(uses))
+                   col("min_p", torch.float32), col("repetition_penalty", torch.float32),
+                   col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32), frozenset(uses))
 
     def select(self, rows: Tensor) -> "SamplingBatch":
         """Keep only `rows` (when finished sequences leave the batch). `uses` stays as it was:
         a step that no remaining row needs is a no-op for them."""
         return SamplingBatch(*(t.index_select(0, rows) for t in
-                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)),
+                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                                self.presence_penalty, self.frequency_penalty)),
                              self.uses)
 
 
@@ -92,6 +109,13 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     """
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_count_penalties(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """OpenAI's presence and frequency penalties: logit - frequency * count - presence * (count > 0),
+    where count is how often the row's completion holds the token (its prompt does not count, as
+    in vLLM). logits and counts (B, V) float, presence and frequency (B, 1)."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
@@ -156,10 +180,14 @@ def draw_uniforms(rows: list[RowRandom]) -> Tensor:
 
 
 def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
-           seen: Tensor | None = None) -> Tensor:
-    """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device."""
+           seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+    """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device.
+    seen (B, V) bool: tokens of the prompt and completion; counts (B, V) float: how often the
+    completion holds each token (read only when some row's penalty needs them)."""
     if seen is not None and "repetition_penalty" in params.uses:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and "counts" in params.uses:
+        logits = apply_count_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     tempered = logits / params.temperature.clamp(min=1e-6)
     filtered = filter_logits(tempered, params)
     probs = filtered.softmax(dim=-1)

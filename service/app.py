@@ -589,7 +589,9 @@ class Generation:
         req = CompletionRequest(
             prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
             sampling=SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty),
+                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                    presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty),
             stop=list(body.stop), n=body.n, logprobs=body.logprobs,
             echo=False,  # the service prepends the prompt itself, identically for streams
         )

@@ -93,6 +93,8 @@ class CompletionBody(_Body, _NullIsDefault):
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens the completion holds")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per occurrence in the completion")
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
@@ -125,8 +127,6 @@ class OpenAICompletionBody(CompletionBody):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted for compatibility, but only at their neutral values (we do not implement them).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
@@ -137,9 +137,6 @@ class OpenAICompletionBody(CompletionBody):
         return v if isinstance(v, str) else v[0]
 
     def unsupported(self) -> ApiError | None:
-        if self.presence_penalty or self.frequency_penalty:
-            which = "presence_penalty" if self.presence_penalty else "frequency_penalty"
-            return ApiError(400, f"{which} is not supported (use repetition_penalty)", which)
         if self.best_of is not None and self.best_of != self.n:
             return ApiError(400, "best_of is not supported", "best_of")
         if self.logit_bias and any(self.logit_bias.values()):  # a bias of 0 changes nothing

@@ -27,8 +27,11 @@ def engine(tok) -> TextEngine:
     return TextEngine(model, tok, device="cpu")
 
 
-def test_engine_equals_full_recompute_reference(engine, tok):
-    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2)
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2),
+    SamplingParams(temperature=0.9, presence_penalty=1.5, frequency_penalty=0.5),  # counts of the completion
+    SamplingParams(temperature=0, frequency_penalty=2.0)])
+def test_engine_equals_full_recompute_reference(engine, tok, params):
     got = engine.complete([CompletionRequest("The quick", seed=3, max_tokens=25, sampling=params)])[0]
     want = reference_generate(engine.model, [tok.encode("The quick")], 25, params, [3])[0]
     # the engine stops at end-of-text; the reference runs on: compare what the engine produced

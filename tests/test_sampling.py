@@ -1,4 +1,4 @@
-"""Sampler math: filters, greedy, the inverse-CDF draw, the repetition penalty, validation."""
+"""Sampler math: filters, greedy, the inverse-CDF draw, the penalties, validation."""
 import math
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 from models.errors import InvalidParameter
 from models.sampling import (MAX_SEED, MIN_REPETITION_PENALTY, RowRandom, SamplingBatch, SamplingParams,
-                             apply_repetition_penalty, draw_uniforms, filter_logits, inverse_cdf_sample, sample)
+                             apply_count_penalties, apply_repetition_penalty, draw_uniforms, filter_logits,
+                             inverse_cdf_sample, sample)
 
 
 def batch(**kw) -> SamplingBatch:
@@ -88,6 +89,22 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     assert out.tolist() == [[1.0, -2.0, 3.0]]
 
 
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    """logit - frequency * count - presence * (count > 0), per row with its own values."""
+    logits = torch.tensor([[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]])
+    counts = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.0, 0.0]])
+    out = apply_count_penalties(logits, counts, torch.tensor([[0.5], [-1.0]]), torch.tensor([[0.25], [0.0]]))
+    assert out.tolist() == [[2.0, 1.25, 0.75], [2.0, 1.0, 1.0]]
+
+
+def test_greedy_decoding_follows_the_count_penalties_too():
+    params = SamplingBatch.from_params([SamplingParams(temperature=0, presence_penalty=2.0)])
+    assert params.uses == {"greedy", "counts"}
+    logits, counts = torch.tensor([[3.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    assert sample(logits, params, [RowRandom(0)]).item() == 0  # without the counts: no penalty
+    assert sample(logits, params, [RowRandom(0)], counts=counts).item() == 1  # 3 - 2 < 2
+
+
 def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing():
     """A penalty below 1 multiplies seen positive logits; at the smallest allowed one, even large
     logits stay finite, so the draw is a real one (it used to be NaN: the last token, always)."""
@@ -102,7 +119,9 @@ def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
                                          ("temperature", float("nan")), ("top_k", -1), ("top_k", 2**63),
                                          ("min_p", 1.0),
-                                         ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45)])
+                                         ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45),
+                                         ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
+                                         ("frequency_penalty", float("inf"))])
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         SamplingParams(**{field: value}).validate()

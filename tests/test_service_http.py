@@ -303,7 +303,8 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "  "}, 400, "prompt"),
     ("/generate", {"prompt": "many words " * 500}, 400, "prompt"),  # too long in tokens
     ("/v1/completions", {"prompt": "a"}, 400, "model"),
-    ("/v1/completions", {"model": "gpt", "prompt": "a", "frequency_penalty": 1}, 400, "frequency_penalty"),
+    ("/v1/completions", {"model": "gpt", "prompt": "a", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/complete", {"prompt": "a", "presence_penalty": -3}, 400, "presence_penalty"),
     ("/v1/images/generations", {"prompt": "a", "response_format": "url"}, 400, "response_format"),
     ("/v1/images/generations", {"prompt": "a", "size": "1024x1024"}, 400, "size"),
 ]

@@ -81,7 +81,11 @@ def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
     assert body.prompt == "only one" and body.unsupported() is None
     assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": ["a", "b"]}) == "prompt"
     assert OpenAICompletionBody.model_validate(
-        {"model": "gpt", "prompt": "a", "presence_penalty": 0.5}).unsupported().param == "presence_penalty"
+        {"model": "gpt", "prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1}).unsupported() is None
+    assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": "a", "frequency_penalty": 2.5}) == \
+        "frequency_penalty"
+    assert OpenAICompletionBody.model_validate(
+        {"model": "gpt", "prompt": "a", "best_of": 3}).unsupported().param == "best_of"
     neutral_bias = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": 0.0}}  # changes nothing: fine
     assert OpenAICompletionBody.model_validate(neutral_bias).unsupported() is None
     biased = {**neutral_bias, "logit_bias": {"50": 0, "7": -100}}
