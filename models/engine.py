@@ -216,6 +216,10 @@ class TextRequests:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
         req.sampling.validate()
+        vocab = self.tokenizer.vocab_size
+        if any(token >= vocab for token, _ in req.sampling.logit_bias):
+            raise InvalidParameter("logit_bias", f"token ids must be below the vocabulary's {vocab}, got "
+                                                 f"{max(token for token, _ in req.sampling.logit_bias)}")
         self.prompt_ids(req)
 
     def prompt_ids(self, req: CompletionRequest) -> list[int]:

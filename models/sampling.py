@@ -1,11 +1,11 @@
-"""The sampler: logits -> repetition penalty -> presence / frequency penalties -> temperature
--> top-k / top-p / min-p -> softmax -> inverse-CDF draw with one uniform from the request's
-own generator.
+"""The sampler: logits -> logit bias -> repetition penalty -> presence / frequency penalties
+-> temperature -> top-k / top-p / min-p -> softmax -> inverse-CDF draw with one uniform from
+the request's own generator.
 
 Everything is batched over rows, each row with its own parameters, so one decode step
 serves many requests; a row's draw depends only on its logits and its own generator.
-The penalties act on the raw logits first (the order of Hugging Face and vLLM), so that
-they also apply to greedy decoding.
+The bias and the penalties act on the raw logits first (the order of Hugging Face and
+vLLM), so that they also apply to greedy decoding.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would not fit the 
 # A penalty divides positive logits: below this, float32 logits overflow to inf (and a penalty
 # under 1.4e-45 rounds to 0), softmax turns them into NaN, and the draw is garbage.
 MIN_REPETITION_PENALTY = 0.01
+MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias: each costs work at every step
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class SamplingParams:
     # (presence) or once per occurrence (frequency); negative values encourage repeats.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # (token id, bias in [-100, 100]) pairs added to those logits: -100 all but bans a token,
+    # 100 all but forces it (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -60,6 +64,17 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise InvalidParameter(name, f"{why}, got {getattr(self, name)!r}")
+        if not (isinstance(self.logit_bias, tuple)
+                and all(isinstance(e, tuple) and len(e) == 2 for e in self.logit_bias)):
+            raise InvalidParameter("logit_bias", f"must be a tuple of (token id, bias) pairs, got {self.logit_bias!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidParameter("logit_bias", f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not (is_int(token) and token >= 0 and is_number(bias) and math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidParameter("logit_bias", f"needs token ids >= 0 and biases in [-100, 100], "
+                                                     f"got {token!r}: {bias!r}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise InvalidParameter("logit_bias", "names a token more than once")
 
 
 @dataclass
@@ -75,7 +90,9 @@ class SamplingBatch:
     repetition_penalty: Tensor  # (B, 1)
     presence_penalty: Tensor  # (B, 1)
     frequency_penalty: Tensor  # (B, 1)
-    # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty", "counts" (presence or frequency)
+    logit_bias: tuple[Tensor, Tensor, Tensor]  # (row, token, bias) of every row's entries, (K,) each
+    # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty", "counts" (presence or frequency),
+    # "logit_bias"
     uses: frozenset[str] = frozenset()
 
     @classmethod
@@ -89,17 +106,32 @@ class SamplingBatch:
             uses.add("greedy")
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             uses.add("counts")
+        if any(p.logit_bias for p in params):
+            uses.add("logit_bias")
         return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
                    col("min_p", torch.float32), col("repetition_penalty", torch.float32),
-                   col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32), frozenset(uses))
+                   col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32),
+                   _bias_entries([p.logit_bias for p in params], device), frozenset(uses))
 
     def select(self, rows: Tensor) -> "SamplingBatch":
         """Keep only `rows` (when finished sequences leave the batch). `uses` stays as it was:
         a step that no remaining row needs is a no-op for them."""
+        row, token, bias = self.logit_bias
+        new_row = torch.full((self.temperature.size(0),), -1, dtype=torch.long, device=rows.device)
+        new_row[rows] = torch.arange(rows.numel(), device=rows.device)  # old row -> new row, -1 if gone
+        kept = new_row[row] >= 0
         return SamplingBatch(*(t.index_select(0, rows) for t in
                                (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                                 self.presence_penalty, self.frequency_penalty)),
-                             self.uses)
+                             (new_row[row][kept], token[kept], bias[kept]), self.uses)
+
+
+def _bias_entries(biases: list[tuple[tuple[int, float], ...]], device: torch.device | str) -> tuple[Tensor, ...]:
+    """Every row's logit_bias as three (K,) tensors: row, token, bias."""
+    entries = [(r, token, bias) for r, pairs in enumerate(biases) for token, bias in pairs]
+    row, token, bias = zip(*entries) if entries else ((), (), ())
+    return (torch.tensor(row, dtype=torch.long, device=device), torch.tensor(token, dtype=torch.long, device=device),
+            torch.tensor(bias, dtype=torch.float32, device=device))
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -184,6 +216,8 @@ def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device.
     seen (B, V) bool: tokens of the prompt and completion; counts (B, V) float: how often the
     completion holds each token (read only when some row's penalty needs them)."""
+    if "logit_bias" in params.uses:
+        logits = logits.index_put(params.logit_bias[:2], params.logit_bias[2], accumulate=True)
     if seen is not None and "repetition_penalty" in params.uses:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None and "counts" in params.uses:

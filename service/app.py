@@ -44,7 +44,6 @@ from models.engine import CompletionRequest, StreamEvent, TextRequests, TokenLog
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
-from models.sampling import SamplingParams
 from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
@@ -588,10 +587,7 @@ class Generation:
         seed = _pick_seed(body.seed)
         req = CompletionRequest(
             prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
-            sampling=SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                    min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                                    presence_penalty=body.presence_penalty,
-                                    frequency_penalty=body.frequency_penalty),
+            sampling=body.sampling_params(),
             stop=list(body.stop), n=body.n, logprobs=body.logprobs,
             echo=False,  # the service prepends the prompt itself, identically for streams
         )

@@ -8,12 +8,13 @@ The engines check the rest (prompt length in tokens, model-specific ranges) and 
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from models.ar_image import MAX_GUIDANCE
-from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY
+from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 16  # choices per completion request, images per image request
 MAX_STOP = 4
@@ -95,12 +96,30 @@ class CompletionBody(_Body, _NullIsDefault):
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens the completion holds")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per occurrence in the completion")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) -> bias in "
+                                                                  "[-100, 100], added to its logit")
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
     logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
     echo: bool = False
     stream: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not re.fullmatch(r"[0-9]{1,9}", key):
+                raise ValueError(f"keys are token ids (strings of digits), got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are in [-100, 100], got {bias} for {key}")
+        return v
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -128,7 +147,6 @@ class OpenAICompletionBody(CompletionBody):
     user: str | None = None
     # Accepted for compatibility, but only at their neutral values (we do not implement them).
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -139,8 +157,6 @@ class OpenAICompletionBody(CompletionBody):
     def unsupported(self) -> ApiError | None:
         if self.best_of is not None and self.best_of != self.n:
             return ApiError(400, "best_of is not supported", "best_of")
-        if self.logit_bias and any(self.logit_bias.values()):  # a bias of 0 changes nothing
-            return ApiError(400, "logit_bias is not supported", "logit_bias")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer

@@ -29,7 +29,8 @@ def requests() -> list[CompletionRequest]:
                               sampling=SamplingParams(temperature=0.7 + 0.05 * i, top_k=5 * i, top_p=0.95,
                                                       repetition_penalty=1.5 if i % 3 == 1 else 1.0,
                                                       presence_penalty=1.0 if i % 4 == 2 else 0.0,
-                                                      frequency_penalty=-0.5 if i == 5 else 0.0),
+                                                      frequency_penalty=-0.5 if i == 5 else 0.0,
+                                                      logit_bias=((7, 4.0), (9, -100.0)) if i in (3, 6) else ()),
                               stop=["x"] if i % 4 == 3 else [], n=1 + i % 2, logprobs=1 if i == 2 else None)
             for i in range(8)]
 

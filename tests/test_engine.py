@@ -30,7 +30,8 @@ def engine(tok) -> TextEngine:
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2),
     SamplingParams(temperature=0.9, presence_penalty=1.5, frequency_penalty=0.5),  # counts of the completion
-    SamplingParams(temperature=0, frequency_penalty=2.0)])
+    SamplingParams(temperature=0, frequency_penalty=2.0),
+    SamplingParams(temperature=0.8, logit_bias=((5, -100.0), (17, 3.0), (30, 1.5)))])
 def test_engine_equals_full_recompute_reference(engine, tok, params):
     got = engine.complete([CompletionRequest("The quick", seed=3, max_tokens=25, sampling=params)])[0]
     want = reference_generate(engine.model, [tok.encode("The quick")], 25, params, [3])[0]
@@ -224,3 +225,10 @@ def test_stop_scanner_matches_decoding_the_whole_completion():
         hits = [full.find(s) for s in stop if s in full]
         assert stopped == bool(hits)
         assert released == (full[:min(hits)] if hits else full), (ids, stop)
+
+
+def test_logit_bias_token_ids_must_be_in_the_vocabulary(engine, tok):
+    req = CompletionRequest("The", seed=1, max_tokens=3, sampling=SamplingParams(logit_bias=((tok.vocab_size, 1.0),)))
+    with pytest.raises(InvalidParameter, match="logit_bias: token ids must be below") as e:
+        engine.complete([req])
+    assert e.value.param == "logit_bias"

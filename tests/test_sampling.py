@@ -105,6 +105,19 @@ def test_greedy_decoding_follows_the_count_penalties_too():
     assert sample(logits, params, [RowRandom(0)], counts=counts).item() == 1  # 3 - 2 < 2
 
 
+def test_logit_bias_bans_and_forces_tokens_per_row_and_follows_rows_that_stay():
+    params = SamplingBatch.from_params([SamplingParams(temperature=0, logit_bias=((0, -100.0),)),
+                                        SamplingParams(),
+                                        SamplingParams(temperature=0, logit_bias=((3, 100.0), (1, 0.5)))])
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]] * 3)
+    randoms = [RowRandom(i) for i in range(3)]
+    tokens = sample(logits, params, randoms)
+    assert tokens[0].item() == 1 and tokens[2].item() == 3  # 0 banned; 3 forced
+    kept = params.select(torch.tensor([2]))  # rows 0 and 1 finished: row 2 is now row 0
+    assert kept.logit_bias[0].tolist() == [0, 0] and kept.logit_bias[1].tolist() == [3, 1]
+    assert sample(logits[:1], kept, randoms[2:]).item() == 3
+
+
 def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing():
     """A penalty below 1 multiplies seen positive logits; at the smallest allowed one, even large
     logits stay finite, so the draw is a real one (it used to be NaN: the last token, always)."""
@@ -121,7 +134,10 @@ def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing
                                          ("min_p", 1.0),
                                          ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
-                                         ("frequency_penalty", float("inf"))])
+                                         ("frequency_penalty", float("inf")),
+                                         ("logit_bias", ((5, 101.0),)), ("logit_bias", ((-1, 1.0),)),
+                                         ("logit_bias", ((5, 1.0), (5, 2.0))), ("logit_bias", {5: 1.0}),
+                                         ("logit_bias", tuple((i, 1.0) for i in range(301)))])
 def test_bad_parameters_name_the_field(field, value):
     with pytest.raises(InvalidParameter) as e:
         SamplingParams(**{field: value}).validate()

@@ -63,6 +63,14 @@ def test_presence_and_frequency_penalties_are_honoured(oai, server):
     assert r.choices[0].text == plain["choices"][0]["text"]
 
 
+def test_logit_bias_forces_a_token(oai):
+    r = oai.completions.create(model="gpt", prompt="Hello", max_tokens=5, seed=3, logprobs=0, logit_bias={"65": 100})
+    assert len(set(r.choices[0].logprobs.tokens)) == 1  # the same token, five times
+    with pytest.raises(openai.BadRequestError) as e:  # past the tokenizer's vocabulary
+        oai.completions.create(model="gpt", prompt="Hello", max_tokens=5, logit_bias={"999999": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,

@@ -86,10 +86,10 @@ def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
         "frequency_penalty"
     assert OpenAICompletionBody.model_validate(
         {"model": "gpt", "prompt": "a", "best_of": 3}).unsupported().param == "best_of"
-    neutral_bias = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": 0.0}}  # changes nothing: fine
-    assert OpenAICompletionBody.model_validate(neutral_bias).unsupported() is None
-    biased = {**neutral_bias, "logit_bias": {"50": 0, "7": -100}}
-    assert OpenAICompletionBody.model_validate(biased).unsupported().param == "logit_bias"
+    biased = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": -100}}
+    assert OpenAICompletionBody.model_validate(biased).sampling_params().logit_bias == ((50, 0), (7, -100))
+    for bad in ({"x": 1}, {"-7": 1}, {"7": 100.5}, {"7": "1"}):
+        assert _error_param(OpenAICompletionBody, {**biased, "logit_bias": bad}) == "logit_bias", bad
 
 
 def test_openai_stream_options_need_a_stream():
