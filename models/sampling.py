@@ -97,8 +97,8 @@ class SamplingBatch:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> "SamplingBatch":
-        def col(name: str, dtype: torch.dtype) -> Tensor:
-            return torch.tensor([[getattr(p, name)] for p in params], dtype=dtype, device=device)
+        """Two host-to-device copies (the float columns as one tensor, top-k), three more when
+        some row has a logit bias: the continuous engine builds this whenever its rows change."""
         off = SamplingParams()
         uses = {name for name in ("top_k", "top_p", "min_p", "repetition_penalty")
                 if any(getattr(p, name) != getattr(off, name) for p in params)}
@@ -108,28 +108,38 @@ class SamplingBatch:
             uses.add("counts")
         if any(p.logit_bias for p in params):
             uses.add("logit_bias")
-        return cls(col("temperature", torch.float32), col("top_k", torch.long), col("top_p", torch.float32),
-                   col("min_p", torch.float32), col("repetition_penalty", torch.float32),
-                   col("presence_penalty", torch.float32), col("frequency_penalty", torch.float32),
+        floats = torch.tensor([[getattr(p, name) for name in _FLOAT_COLUMNS] for p in params], device=device)
+        temperature, top_p, min_p, repetition, presence, frequency = floats.split(1, dim=1)  # (B, 1) views
+        top_k = torch.tensor([[p.top_k] for p in params], dtype=torch.long, device=device)
+        return cls(temperature, top_k, top_p, min_p, repetition, presence, frequency,
                    _bias_entries([p.logit_bias for p in params], device), frozenset(uses))
 
     def select(self, rows: Tensor) -> "SamplingBatch":
         """Keep only `rows` (when finished sequences leave the batch). `uses` stays as it was:
         a step that no remaining row needs is a no-op for them."""
         row, token, bias = self.logit_bias
-        new_row = torch.full((self.temperature.size(0),), -1, dtype=torch.long, device=rows.device)
-        new_row[rows] = torch.arange(rows.numel(), device=rows.device)  # old row -> new row, -1 if gone
-        kept = new_row[row] >= 0
+        if row.numel():  # renumber the entries of the rows that stay
+            new_row = torch.full((self.temperature.size(0),), -1, dtype=torch.long, device=rows.device)
+            new_row[rows] = torch.arange(rows.numel(), device=rows.device)  # old row -> new row, -1 if gone
+            kept = new_row[row] >= 0
+            row, token, bias = new_row[row][kept], token[kept], bias[kept]
         return SamplingBatch(*(t.index_select(0, rows) for t in
                                (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
                                 self.presence_penalty, self.frequency_penalty)),
-                             (new_row[row][kept], token[kept], bias[kept]), self.uses)
+                             (row, token, bias), self.uses)
+
+
+_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _bias_entries(biases: list[tuple[tuple[int, float], ...]], device: torch.device | str) -> tuple[Tensor, ...]:
-    """Every row's logit_bias as three (K,) tensors: row, token, bias."""
+    """Every row's logit_bias as three (K,) tensors: row, token, bias (empty, and no copy, when
+    no row has one)."""
     entries = [(r, token, bias) for r, pairs in enumerate(biases) for token, bias in pairs]
-    row, token, bias = zip(*entries) if entries else ((), (), ())
+    if not entries:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty, empty.float()
+    row, token, bias = zip(*entries)
     return (torch.tensor(row, dtype=torch.long, device=device), torch.tensor(token, dtype=torch.long, device=device),
             torch.tensor(bias, dtype=torch.float32, device=device))
 
