@@ -110,9 +110,9 @@ class CompletionBody(_Body, _NullIsDefault):
     def _token_ids_and_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
             if not re.fullmatch(r"[0-9]{1,9}", key):
-                raise ValueError(f"keys are token ids (strings of digits), got {key[:20]!r}")
+                raise ValueError(f"keys are token ids (strings of 1 to 9 digits), got {key[:20]!r}")
             if not -100 <= bias <= 100:
-                raise ValueError(f"biases are in [-100, 100], got {bias} for {key}")
+                raise ValueError(f"biases are in [-100, 100], got {bias:g} for {key}")
         return v
 
     def sampling_params(self) -> SamplingParams:
