@@ -216,10 +216,9 @@ class TextRequests:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
         req.sampling.validate()
-        vocab = self.tokenizer.vocab_size
-        if any(token >= vocab for token, _ in req.sampling.logit_bias):
-            raise InvalidParameter("logit_bias", f"token ids must be below the vocabulary's {vocab}, got "
-                                                 f"{max(token for token, _ in req.sampling.logit_bias)}")
+        if req.sampling.logit_bias and (top := max(t for t, _ in req.sampling.logit_bias)) >= self.tokenizer.vocab_size:
+            raise InvalidParameter("logit_bias", f"token ids must be below the vocabulary's "
+                                                 f"{self.tokenizer.vocab_size}, got {top}")
         self.prompt_ids(req)
 
     def prompt_ids(self, req: CompletionRequest) -> list[int]:
