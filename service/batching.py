@@ -109,8 +109,8 @@ class MicroBatcher(Generic[T]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task})
-        gone = ApiError(503, f"the server is shutting down ({self.endpoint} not taken); retry on another replica",
-                        type="server_error")
+        gone = ApiError(503, f"the server is shutting down before this {self.endpoint} request ran; retry on "
+                             "another replica", type="server_error")
         for job in self._forming:
             fail(job, gone)
         self._forming = []

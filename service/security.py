@@ -19,7 +19,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-
 from collections.abc import Sequence
 
 from starlette.middleware.cors import CORSMiddleware
