@@ -216,7 +216,9 @@ def train(cfg: TrainGPTConfig) -> dict:
             group["lr"] = lr
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world_size + d.rank)
         torch.manual_seed(cfg.seed + step * d.world_size + d.rank)  # dropout
-        total = 0.0
+        # The step's loss stays on the device until the step ends: reading it after each micro-batch
+        # (`.item()`) made the CPU wait for the GPU before it could queue the next one.
+        total = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
             x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, g)
             sync = micro == cfg.grad_accum - 1 or d.world_size == 1
@@ -224,14 +226,14 @@ def train(cfg: TrainGPTConfig) -> dict:
             with ctx, autocast_for(d.device):
                 _, loss = train_model(x.to(d.device), y.to(d.device))
                 (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            total += loss.detach() / cfg.grad_accum
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         history["step"].append(step)
-        history["train_loss"].append(all_reduce_mean(total, d))
+        history["train_loss"].append(all_reduce_mean(total.item(), d))
         if not math.isfinite(history["train_loss"][-1]):  # never checkpoint, let alone store, a diverged model
             raise FloatingPointError(f"step {step}: the training loss is {history['train_loss'][-1]}; the run "
                                      f"diverged (a lower --lr may help); {ckpt_path} holds the last good state")
