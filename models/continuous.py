@@ -192,11 +192,10 @@ class ContinuousEngine:
         events: list[StreamEvent] = []
         self.model.caches = self.caches  # another engine on this model may have swapped in its own
         self.last_batch_size = 0
-        budget = self.cfg.max_tokens_per_step - len(self.decoding)
         self._compact()
         self._forward()
         self._admit()
-        budget = self._prefill(budget, events)
+        self._prefill(self.cfg.max_tokens_per_step - len(self.decoding), events)  # the step's tokens left
         self._sample(events)
         return events
 
@@ -216,7 +215,7 @@ class ContinuousEngine:
                     self.counts[seq.slot] = 0
             self.prefilling.append(group)
 
-    def _prefill(self, budget: int, events: list[StreamEvent]) -> int:
+    def _prefill(self, budget: int, events: list[StreamEvent]) -> None:
         """Prefill the next chunk of each prompt, in admission order and within the budget,
         all in one forward pass (right-padded); a finished prompt's cache is copied into the
         slots of its n choices."""
@@ -229,7 +228,7 @@ class ContinuousEngine:
             chunks.append((group, start, end))
             budget -= end - start
         if not chunks:
-            return budget
+            return
         T = max(end - start for _, start, end in chunks)
         last_slot = self.engine.block_size - 1
         idx = torch.zeros(len(chunks), T, dtype=torch.long)
@@ -256,7 +255,6 @@ class ContinuousEngine:
                 self.decoding[seq.slot] = (group, seq)
                 if group.req.echo:
                     events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))
-        return budget
 
     def _sample(self, events: list[StreamEvent]) -> None:
         if not self.decoding:

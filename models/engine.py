@@ -242,12 +242,11 @@ class TextEngine(TextRequests):
     """A GPT plus its tokenizer, serving batches of completion requests."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "auto",
-                 dtype: torch.dtype | None = None, tag: str = ""):
+                 dtype: torch.dtype | None = None):
         super().__init__(tokenizer, model.config.block_size)
         self.device = pick_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
-        self.tag = tag
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":
@@ -358,13 +357,11 @@ class TextEngine(TextRequests):
 def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None:
     """The attention mask of a one-token decode step over the first kv_len cached slots: None
     when every row sits at one position (a single request, say: nothing to mask); otherwise
-    (A, 1, 1, kv_len), True at or before each row's position `pos` (A, 1), and at slot 0 for
-    dummy rows placed past kv_len (no empty softmax)."""
+    (A, 1, 1, kv_len), True at or before each row's position `pos` (A, 1) (a dummy row placed
+    past kv_len sees every slot)."""
     if min(positions) == max(positions):
         return None
-    mask = (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
-    mask[:, :, :, 0] = True
-    return mask
+    return (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
 
 
 def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int,

@@ -45,7 +45,7 @@ from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service.image_worker import ImageWorker, WorkerDied
-from service.batching import Job, MicroBatcher, fail
+from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import env_choice, env_flag, env_float, env_int
 from service.limits import Limits
@@ -394,13 +394,11 @@ class _ChoiceState:
 class _TextResult:
     """One completion request's choices, accumulated from its events."""
     choices: list[_ChoiceState]
-    open: int  # choices not finished yet
     tokens: int = 0
-    last_token: dict[int, float] = field(default_factory=dict)  # choice -> time of its latest token
 
     @classmethod
     def empty(cls, n: int) -> "_TextResult":
-        return cls([_ChoiceState() for _ in range(n)], open=n)
+        return cls([_ChoiceState() for _ in range(n)])
 
     def add(self, ev: StreamEvent) -> None:
         c = self.choices[ev.choice]
@@ -409,7 +407,6 @@ class _TextResult:
         self.tokens += ev.num_tokens
         if ev.finish_reason is not None:
             c.finish_reason = ev.finish_reason
-            self.open -= 1
 
 
 def _logprobs_json(items: list[TokenLogprob], prefix: int) -> dict[str, Any]:
@@ -771,8 +768,7 @@ async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
     try:
         return await events.__anext__()
     except QueueFull as e:
-        raise ApiError(429, f"the server is at capacity ({e}); retry later", type="server_error",
-                       code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise Overloaded(str(e), RETRY_AFTER_S) from None
     except EngineFailed as e:
         raise _engine_unavailable(e) from None
 

@@ -1,7 +1,7 @@
 """An async micro-batcher: requests that queue while the engine is busy run together next.
 
-One consumer task per engine takes everything waiting (up to a cost budget: choices or
-images, so requests with different `n` share a forward pass), may linger a few
+One consumer task per image engine takes everything waiting (up to a cost budget in images,
+so requests with different `n` share a forward pass), may linger a few
 milliseconds for requests sent at the same moment (see `_linger`), and hands the batch to `run`.
 While `run` works (in a thread or another process, so the event loop keeps serving), new
 requests queue and form the next batch; with `max_in_flight` 2 that batch is handed over at
@@ -9,8 +9,11 @@ once and waits in the worker's queue, so a worker process goes from one batch to
 without waiting for the event loop to answer the first batch's clients; and a queue that
 finds the worker idle may go in as two halves, so the clients keep arriving in two groups
 that alternate instead of all waiting on one batch (`split_when_idle`). The rest is the
-same policy as BentoML's adaptive batching, kept here because the text path streams
-events per request, which BentoML's batchable APIs (list in, list out) cannot express.
+same policy as BentoML's adaptive batching, which does not reach these routes: they are a
+Starlette app mounted into the service (OpenAI-shaped routes and errors, see service/app.py),
+and BentoML batches only its own `@bentoml.api` methods. BentoML's batching also lacks the
+bounded queue that answers 429 at once and the withdrawal of jobs whose client has left.
+(Completions do not come here: they go through continuous batching, models/continuous.py.)
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-class QueueFull(ApiError):
-    """The batcher's queue is at its cost limit: a 429 with Retry-After, nothing queued."""
+class Overloaded(ApiError):
+    """The server is at capacity (a batcher's queue at its cost limit, the text engine's
+    waiting queue full): a 429 with Retry-After, nothing queued."""
 
     def __init__(self, what: str, retry_after_s: int):
         super().__init__(429, f"the server is at capacity ({what}); retry later", type="server_error",
@@ -39,12 +43,11 @@ class QueueFull(ApiError):
 
 @dataclass(eq=False)
 class Job(Generic[T]):
-    """One HTTP request's work. `run` reports through `future` (images) or `events` (text)."""
+    """One HTTP request's work; `run` reports through `future`."""
     payload: T
-    cost: int  # choices or images this job adds to a batch
+    cost: int  # images this job adds to a batch
     arrived: float = field(default_factory=time.perf_counter)
     future: asyncio.Future | None = None
-    events: asyncio.Queue | None = None
 
 
 class MicroBatcher(Generic[T]):
@@ -76,11 +79,11 @@ class MicroBatcher(Generic[T]):
     def submit(self, job: Job[T]) -> None:
         """Queue a job (from the event loop thread). The consumer starts on first use.
 
-        Raises QueueFull (nothing queued) when the job would take the queue past max_queue_cost;
+        Raises Overloaded (nothing queued) when the job would take the queue past max_queue_cost;
         a job alone is always admitted into an empty queue, whatever its cost."""
         if (self.max_queue_cost is not None and self._pending
                 and self._queued_cost + job.cost > self.max_queue_cost):
-            raise QueueFull(f"{self._queued_cost} {self.endpoint} queued, limit {self.max_queue_cost}",
+            raise Overloaded(f"{self._queued_cost} {self.endpoint} queued, limit {self.max_queue_cost}",
                             self.retry_after_s)
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
@@ -226,5 +229,3 @@ class MicroBatcher(Generic[T]):
 def fail(job: Job[Any], exc: BaseException) -> None:
     if job.future is not None and not job.future.done():
         job.future.set_exception(exc)
-    if job.events is not None:
-        job.events.put_nowait(exc)

@@ -10,7 +10,7 @@ lets clients back off and retry elsewhere. So:
   their jobs in `finally`), and the client gets a 504 JSON error, or, when a
   stream had already started, one in-band SSE error event before the stream ends;
 - the queues behind them are bounded too: the image batcher refuses work beyond
-  CONDGEN_MAX_QUEUE queued images (`service.batching.QueueFull`), the text engine beyond
+  CONDGEN_MAX_QUEUE queued images (`service.batching.Overloaded`), the text engine beyond
   CONDGEN_TEXT_MAX_WAITING queued requests; both answer 429 with `Retry-After`.
 
 Health, metrics and the model list are never limited.

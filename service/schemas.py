@@ -14,10 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from models.ar_image import MAX_GUIDANCE
+from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP  # MAX_N: images per image request too
 from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY, SamplingParams
 
-MAX_N = 16  # choices per completion request, images per image request
-MAX_STOP = 4
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -101,7 +100,7 @@ class CompletionBody(_Body, _NullIsDefault):
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
-    logprobs: int | None = Field(None, ge=0, le=5, description="top alternatives per token")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
     echo: bool = False
     stream: bool = False
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from models.artifacts import ArtifactError
-from service.batching import Job, MicroBatcher, QueueFull
+from service.batching import Job, MicroBatcher, Overloaded
 from service.limits import LimitMiddleware, Limits
 from service.metrics import get_metrics
 from service.openapi import build_openapi
@@ -305,7 +305,7 @@ def test_image_queue_is_bounded_by_cost():
         b = MicroBatcher("images", run, get_metrics(), max_batch_cost=64, max_queue_cost=5, retry_after_s=7)
         b.submit(Job("a", cost=4))
         b.submit(Job("b", cost=1))
-        with pytest.raises(QueueFull) as e:
+        with pytest.raises(Overloaded) as e:
             b.submit(Job("c", cost=1))
         big = MicroBatcher("images", run, get_metrics(), max_queue_cost=2)
         big.submit(Job("alone", cost=16))  # a job alone is always admitted

@@ -269,7 +269,7 @@ def test_jobs_whose_clients_left_free_their_queue_places_at_once():
         for job in left:
             batcher.withdraw(job)
         live = Job(3, cost=4, future=loop.create_future())
-        batcher.submit(live)  # raised QueueFull: the queue held the dead jobs' cost
+        batcher.submit(live)  # raised Overloaded: the queue held the dead jobs' cost
         waiting = get_metrics().requests_waiting.labels(endpoint="test-withdraw")._value.get()
         busy.set()
         await asyncio.gather(running.future, live.future)
