@@ -72,18 +72,19 @@ class EngineStopped(RuntimeError):
 
 
 def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int,
-                  running: int) -> None:
-    """Raise InvalidParameter for a request this model or scheduler cannot serve, QueueFull
-    when the queue is full: `waiting` requests not yet admitted, beyond what the free slots
+                  running: int) -> list[int]:
+    """Return the prompt's ids; raise InvalidParameter for a request this model or scheduler
+    cannot serve, QueueFull when the queue is full: `waiting` requests not yet admitted, beyond what the free slots
     (`running` sequences hold the others) take at the next step, reach `max_waiting`. Every
     request queues until the next step, so counting them all refused bursts that free slots
     would have taken at once, and with `max_waiting` 0 refused everything."""
-    requests.validate(req)
+    prompt = requests.validate(req)
     if req.n > cfg.max_running:
         raise InvalidParameter("n", f"at most {cfg.max_running} choices on this server")
     free = max(0, cfg.max_running - running)
     if waiting >= cfg.max_waiting + free:
         raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
+    return prompt
 
 
 @dataclass
@@ -156,17 +157,17 @@ class ContinuousEngine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 
-    def check(self, req: CompletionRequest, waiting: int = 0) -> None:
-        """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
-        check_request(self.engine, self.cfg, req, len(self.waiting) + waiting, self.num_running)
+    def check(self, req: CompletionRequest, waiting: int = 0) -> list[int]:
+        """The prompt's ids; InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
+        return check_request(self.engine, self.cfg, req, len(self.waiting) + waiting, self.num_running)
 
     def add(self, req: CompletionRequest, gid: int | None = None) -> int:
         """Check and queue a request; returns its id (events carry it as `request`)."""
-        self.check(req)
+        prompt = self.check(req)
         gid = next(self._ids) if gid is None else gid
         seqs = [_Seq(gid, c, RowRandom(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
                 for c in range(req.n)]
-        group = _Group(gid, req, self.engine.prompt_ids(req), seqs)
+        group = _Group(gid, req, prompt, seqs)
         self.groups[gid] = group
         self.waiting.append(group)
         return gid

@@ -199,8 +199,9 @@ class TextRequests:
             raise ArtifactError(f"{Path(model_dir) / CONFIG}: block_size must be an integer >= 2, got {block_size!r}")
         return cls(load_tokenizer(model_dir, config), block_size)
 
-    def validate(self, req: CompletionRequest) -> None:
-        """Raise InvalidParameter, naming the field, for anything this model cannot serve."""
+    def validate(self, req: CompletionRequest) -> list[int]:
+        """Raise InvalidParameter, naming the field, for anything this model cannot serve; return
+        the prompt's ids (checking needs them, and a long prompt is not cheap to tokenize again)."""
         check_types(req)
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
@@ -219,7 +220,7 @@ class TextRequests:
         if req.sampling.logit_bias and (top := max(t for t, _ in req.sampling.logit_bias)) >= self.tokenizer.vocab_size:
             raise InvalidParameter("logit_bias", f"token ids must be below the vocabulary's "
                                                  f"{self.tokenizer.vocab_size}, got {top}")
-        self.prompt_ids(req)
+        return self.prompt_ids(req)
 
     def prompt_ids(self, req: CompletionRequest) -> list[int]:
         """The prompt as the model sees it; InvalidParameter when it does not fit the context."""
@@ -260,7 +261,8 @@ class TextEngine(TextRequests):
         tokens: dict[tuple[int, int], list[int]] = {k: [] for k in texts}
         logprobs: dict[tuple[int, int], list[TokenLogprob]] = {k: [] for k in texts}
         finish: dict[tuple[int, int], str] = {}
-        for ev in self.stream(requests):
+        prompts = [self.validate(req) for req in requests]
+        for ev in self._stream(requests, prompts):
             key = (ev.request, ev.choice)
             texts[key].append(ev.text)
             logprobs[key].extend(ev.logprobs)
@@ -272,7 +274,7 @@ class TextEngine(TextRequests):
         for r, req in enumerate(requests):
             choices = [Choice(c, "".join(texts[r, c]), finish[r, c], tokens[r, c],
                               logprobs[r, c] if req.logprobs is not None else None) for c in range(req.n)]
-            out.append(Completion(choices, self.prompt_tokens(req), sum(len(tokens[r, c]) for c in range(req.n))))
+            out.append(Completion(choices, len(prompts[r]), sum(len(tokens[r, c]) for c in range(req.n))))
         return out
 
     def stream(self, requests: list[CompletionRequest]) -> Iterator[StreamEvent]:
@@ -281,9 +283,10 @@ class TextEngine(TextRequests):
         The model holds one set of KV caches: callers run one batch at a time (the service's
         batcher does). Abandoning the iterator simply stops the work.
         """
-        for req in requests:
-            self.validate(req)
-        prompts = [self.prompt_ids(req) for req in requests]
+        return self._stream(requests, [self.validate(req) for req in requests])
+
+    def _stream(self, requests: list[CompletionRequest], prompts: list[list[int]]) -> Iterator[StreamEvent]:
+        """`stream`, for requests already validated into their prompts' ids."""
         rows = [
             _Row(r, c, req.max_tokens, req.logprobs, RowRandom(req.seed + c),
                  StopScanner(self.tokenizer, req.stop), position=len(prompts[r]))
