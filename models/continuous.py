@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from models.decode_graphs import DecodeGraphs
-from models.engine import (CompletionRequest, StopScanner, StreamEvent, TextEngine, TextRequests, advance_text,
-                           decode_mask, sample_rows, token_logprob)
+from models.engine import (CompletionRequest, Sequence, StreamEvent, TextEngine, TextRequests, decode_mask,
+                           sample_rows)
 from models.errors import InvalidParameter, is_int
-from models.sampling import RowRandom, SamplingBatch
+from models.sampling import SamplingBatch
 
 logger = logging.getLogger(__name__)
 
@@ -88,23 +88,12 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
 
 
 @dataclass
-class _Seq:
-    request: int
-    choice: int
-    random: RowRandom  # its seeded uniforms
-    scanner: StopScanner
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    position: int = 0  # where the next token goes
-
-
-@dataclass
 class _Group:
     """One request: its prompt and its n sequences, admitted together."""
     id: int
     req: CompletionRequest
     prompt: list[int]
-    seqs: list[_Seq]
+    seqs: list[Sequence]
     prefilled: int = 0  # prompt tokens already in the cache
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -139,12 +128,12 @@ class ContinuousEngine:
         self.free = list(range(self.cfg.max_running))  # a heap: lowest slot first keeps the batch compact
         self.waiting: deque[_Group] = deque()
         self.prefilling: list[_Group] = []
-        self.decoding: dict[int, tuple[_Group, _Seq]] = {}  # slot -> sequence
+        self.decoding: dict[int, tuple[_Group, Sequence]] = {}  # slot -> sequence
         self.groups: dict[int, _Group] = {}
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
         self.on_admit = None  # optional callback(seconds the request waited), for metrics
-        self._batch_cache: tuple[list[tuple[_Seq, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
+        self._batch_cache: tuple[list[tuple[Sequence, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
     @property
     def num_running(self) -> int:
@@ -165,8 +154,7 @@ class ContinuousEngine:
         """Check and queue a request; returns its id (events carry it as `request`)."""
         prompt = self.check(req)
         gid = next(self._ids) if gid is None else gid
-        seqs = [_Seq(gid, c, RowRandom(req.seed + c), StopScanner(self.engine.tokenizer, req.stop))
-                for c in range(req.n)]
+        seqs = [Sequence.start(gid, req, c, self.engine.tokenizer, len(prompt)) for c in range(req.n)]
         group = _Group(gid, req, prompt, seqs)
         self.groups[gid] = group
         self.waiting.append(group)
@@ -208,7 +196,6 @@ class ContinuousEngine:
             sampling = group.req.sampling  # only penalised rows read `seen` and `counts`
             for seq in group.seqs:
                 seq.slot = heapq.heappop(self.free)
-                seq.position = len(group.prompt)
                 if sampling.repetition_penalty != 1:
                     self.seen[seq.slot] = False
                     self.seen[seq.slot, torch.tensor(group.prompt, device=self.device)] = True
@@ -273,15 +260,9 @@ class ContinuousEngine:
         if counted:
             self.counts.index_copy_(0, index, counts)
         self.last_batch_size = len(slots)
-        eot = self.engine.tokenizer.eot_id
         for j, ((group, seq), tok) in enumerate(zip(rows, tokens.tolist())):
-            seq.tokens.append(tok)
-            seq.position += 1
-            entry = (token_logprob(self.engine.tokenizer, tok, lp, j, group.req.logprobs, seq.scanner)
-                     if group.req.logprobs is not None else None)
-            text, lps, reason = advance_text(seq.scanner, tok, eot, len(seq.tokens), group.req.max_tokens, entry)
-            events.append(StreamEvent(group.id, seq.choice, text, 1, lps, reason, tok))
-            if reason is not None:  # finished: the slot is free for the next admission
+            events.append(event := seq.accept(tok, lp, j, self.engine.tokenizer))
+            if event.finish_reason is not None:  # finished: the slot is free for the next admission
                 del self.decoding[seq.slot]
                 heapq.heappush(self.free, seq.slot)
                 seq.slot = -1
@@ -305,7 +286,7 @@ class ContinuousEngine:
             self.decoding[dst] = (group, seq)
             heapq.heappush(self.free, src)
 
-    def _batch_params(self, slots: list[int], rows: list[tuple[_Group, _Seq]]) -> tuple[torch.Tensor, SamplingBatch, int]:
+    def _batch_params(self, slots: list[int], rows: list[tuple[_Group, Sequence]]) -> tuple[torch.Tensor, SamplingBatch, int]:
         """The decoding rows' slot index, sampling parameters and widest logprobs request, built
         again only when the rows change (a join, a leave, or a sequence moved to another slot by
         `_compact`): building them is a handful of host-to-device copies, which a

@@ -149,16 +149,35 @@ class StopScanner:
         return out
 
 
-@dataclass
-class _Row:
-    request: int
+@dataclass(eq=False)
+class Sequence:
+    """One choice of a request while it decodes, in either engine: its seeded uniforms, its
+    stop-string scanner, its tokens so far."""
+    request: int  # the request's index in a static batch, its id in the continuous engine
     choice: int
     max_tokens: int
     logprobs: int | None
     random: RowRandom  # its seeded uniforms
     scanner: StopScanner
-    position: int  # where this row's next token goes
+    position: int  # where its next token goes
     tokens: list[int] = field(default_factory=list)
+    slot: int = -1  # its cache row in the continuous engine (-1: none)
+
+    @classmethod
+    def start(cls, request: int, req: "CompletionRequest", choice: int, tokenizer: Tokenizer,
+              prompt_len: int) -> "Sequence":
+        return cls(request, choice, req.max_tokens, req.logprobs, RowRandom(req.seed + choice),
+                   StopScanner(tokenizer, req.stop), position=prompt_len)
+
+    def accept(self, tok: int, lp: tuple[list, list, list], row: int, tokenizer: Tokenizer) -> StreamEvent:
+        """Take the token sampled for it (row `row` of the step's logprobs `lp`); the event
+        carrying the text this releases."""
+        self.tokens.append(tok)
+        self.position += 1
+        entry = (token_logprob(tokenizer, tok, lp, row, self.logprobs, self.scanner)
+                 if self.logprobs is not None else None)
+        text, lps, reason = advance_text(self.scanner, tok, tokenizer.eot_id, len(self.tokens), self.max_tokens, entry)
+        return StreamEvent(self.request, self.choice, text, 1, lps, reason, tok)
 
 
 def check_types(req: CompletionRequest) -> None:
@@ -287,11 +306,8 @@ class TextEngine(TextRequests):
 
     def _stream(self, requests: list[CompletionRequest], prompts: list[list[int]]) -> Iterator[StreamEvent]:
         """`stream`, for requests already validated into their prompts' ids."""
-        rows = [
-            _Row(r, c, req.max_tokens, req.logprobs, RowRandom(req.seed + c),
-                 StopScanner(self.tokenizer, req.stop), position=len(prompts[r]))
-            for r, req in enumerate(requests) for c in range(req.n)
-        ]
+        rows = [Sequence.start(r, req, c, self.tokenizer, len(prompts[r]))
+                for r, req in enumerate(requests) for c in range(req.n)]
         for row in rows:
             if requests[row.request].echo:
                 yield StreamEvent(row.request, row.choice, requests[row.request].prompt, 0, [], None)
@@ -304,14 +320,9 @@ class TextEngine(TextRequests):
             tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts)
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
-                row.tokens.append(tok)
-                row.position += 1
-                entry = (token_logprob(self.tokenizer, tok, lp, j, row.logprobs, row.scanner)
-                         if row.logprobs is not None else None)
-                text, lps, reason = advance_text(row.scanner, tok, self.tokenizer.eot_id, len(row.tokens),
-                                                 row.max_tokens, entry)
-                yield StreamEvent(row.request, row.choice, text, 1, lps, reason, tok)
-                if reason is None:
+                event = row.accept(tok, lp, j, self.tokenizer)
+                yield event
+                if event.finish_reason is None:
                     keep.append(j)
             if not keep:
                 break
@@ -324,7 +335,7 @@ class TextEngine(TextRequests):
             logits = self._decode_step(tokens, [row.position - 1 for row in active])
 
     @torch.inference_mode()
-    def _prefill(self, prompts: list[list[int]], rows: list[_Row]) -> tuple[Tensor, Tensor]:
+    def _prefill(self, prompts: list[list[int]], rows: list[Sequence]) -> tuple[Tensor, Tensor]:
         """Run each distinct prompt once (right-padded) into its first row's cache, then copy
         that cache into the request's other rows."""
         lens = [len(p) for p in prompts]
