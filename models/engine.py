@@ -80,6 +80,31 @@ class Completion:
     completion_tokens: int
 
 
+class CompletionBuilder:
+    """A request's choices put together from its events: what `TextEngine.complete` returns,
+    and what the service answers a request that does not stream."""
+
+    def __init__(self, req: CompletionRequest):
+        self.req = req
+        self.texts: list[list[str]] = [[] for _ in range(req.n)]
+        self.token_ids: list[list[int]] = [[] for _ in range(req.n)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
+        self.finish: list[str] = [""] * req.n
+
+    def add(self, ev: StreamEvent) -> None:
+        self.texts[ev.choice].append(ev.text)
+        self.logprobs[ev.choice].extend(ev.logprobs)
+        if ev.token_id is not None:
+            self.token_ids[ev.choice].append(ev.token_id)
+        if ev.finish_reason:
+            self.finish[ev.choice] = ev.finish_reason
+
+    def build(self, prompt_tokens: int) -> Completion:
+        choices = [Choice(c, "".join(self.texts[c]), self.finish[c], self.token_ids[c],
+                          self.logprobs[c] if self.req.logprobs is not None else None) for c in range(self.req.n)]
+        return Completion(choices, prompt_tokens, sum(map(len, self.token_ids)))
+
+
 class StopScanner:
     """Turns a row's tokens into text released only once it can no longer be part of a stop
     string, and stops at the first stop string, which is not returned.
@@ -276,25 +301,11 @@ class TextEngine(TextRequests):
     # --- generation ---------------------------------------------------------------------
     def complete(self, requests: list[CompletionRequest]) -> list[Completion]:
         """Run the requests to the end; the same path as streaming, collected."""
-        texts = {(r, c): [] for r, req in enumerate(requests) for c in range(req.n)}
-        tokens: dict[tuple[int, int], list[int]] = {k: [] for k in texts}
-        logprobs: dict[tuple[int, int], list[TokenLogprob]] = {k: [] for k in texts}
-        finish: dict[tuple[int, int], str] = {}
         prompts = [self.validate(req) for req in requests]
+        builders = [CompletionBuilder(req) for req in requests]
         for ev in self._stream(requests, prompts):
-            key = (ev.request, ev.choice)
-            texts[key].append(ev.text)
-            logprobs[key].extend(ev.logprobs)
-            if ev.token_id is not None:
-                tokens[key].append(ev.token_id)
-            if ev.finish_reason:
-                finish[key] = ev.finish_reason
-        out = []
-        for r, req in enumerate(requests):
-            choices = [Choice(c, "".join(texts[r, c]), finish[r, c], tokens[r, c],
-                              logprobs[r, c] if req.logprobs is not None else None) for c in range(req.n)]
-            out.append(Completion(choices, len(prompts[r]), sum(len(tokens[r, c]) for c in range(req.n))))
-        return out
+            builders[ev.request].add(ev)
+        return [b.build(len(p)) for b, p in zip(builders, prompts)]
 
     def stream(self, requests: list[CompletionRequest]) -> Iterator[StreamEvent]:
         """Run the requests as one batch, yielding text as it is released.

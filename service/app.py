@@ -40,7 +40,7 @@ from starlette.routing import Route
 from models.ar_image import ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
-from models.engine import CompletionRequest, StreamEvent, TextRequests, TokenLogprob
+from models.engine import Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests, TokenLogprob
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
@@ -383,32 +383,6 @@ class ImageBackend:
         return self.requests is not None and not self.worker.alive
 
 
-@dataclass
-class _ChoiceState:
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class _TextResult:
-    """One completion request's choices, accumulated from its events."""
-    choices: list[_ChoiceState]
-    tokens: int = 0
-
-    @classmethod
-    def empty(cls, n: int) -> "_TextResult":
-        return cls([_ChoiceState() for _ in range(n)])
-
-    def add(self, ev: StreamEvent) -> None:
-        c = self.choices[ev.choice]
-        c.text += ev.text
-        c.logprobs.extend(ev.logprobs)
-        self.tokens += ev.num_tokens
-        if ev.finish_reason is not None:
-            c.finish_reason = ev.finish_reason
-
-
 def _logprobs_json(items: list[TokenLogprob], prefix: int) -> dict[str, Any]:
     """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text,
     after an echoed prompt of `prefix` characters."""
@@ -603,16 +577,16 @@ class Generation:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
             return SSEResponse(self._stream(events, body, head, prompt_tokens, openai, include_usage))
-        if (result := await _until_disconnected(_collect(events, body.n), request)) is None:
+        if (result := await _until_disconnected(_collect(events, req, prompt_tokens), request)) is None:
             return _client_left(head["id"])
         prefix = body.prompt if body.echo else ""
         choices = [{
-            "index": i, "text": prefix + c.text,
+            "index": c.index, "text": prefix + c.text,
             "finish_reason": _finish_reason(c.finish_reason, openai),
-            "logprobs": _logprobs_json(c.logprobs, len(prefix)) if body.logprobs is not None else None,
-        } for i, c in enumerate(result.choices)]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.tokens,
-                 "total_tokens": prompt_tokens + result.tokens}
+            "logprobs": _logprobs_json(c.logprobs, len(prefix)) if c.logprobs is not None else None,
+        } for c in result.choices]
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
+                 "total_tokens": prompt_tokens + result.completion_tokens}
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
@@ -787,15 +761,15 @@ async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncI
         await rest.aclose()
 
 
-async def _collect(events: AsyncIterator[StreamEvent], n: int) -> _TextResult:
+async def _collect(events: AsyncIterator[StreamEvent], req: CompletionRequest, prompt_tokens: int) -> Completion:
     """A request's choices; an engine that dies half-way is a 503, as one dead before it began."""
-    result = _TextResult.empty(n)
+    builder = CompletionBuilder(req)
     try:
         async for ev in events:
-            result.add(ev)
+            builder.add(ev)
     except EngineFailed as e:
         raise _engine_unavailable(e) from None
-    return result
+    return builder.build(prompt_tokens)
 
 
 async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:
