@@ -286,7 +286,8 @@ class ContinuousEngine:
             self.decoding[dst] = (group, seq)
             heapq.heappush(self.free, src)
 
-    def _batch_params(self, slots: list[int], rows: list[tuple[_Group, Sequence]]) -> tuple[torch.Tensor, SamplingBatch, int]:
+    def _batch_params(self, slots: list[int],
+                      rows: list[tuple[_Group, Sequence]]) -> tuple[torch.Tensor, SamplingBatch, int]:
         """The decoding rows' slot index, sampling parameters and widest logprobs request, built
         again only when the rows change (a join, a leave, or a sequence moved to another slot by
         `_compact`): building them is a handful of host-to-device copies, which a

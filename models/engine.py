@@ -189,8 +189,8 @@ class Sequence:
     slot: int = -1  # its cache row in the continuous engine (-1: none)
 
     @classmethod
-    def start(cls, request: int, req: "CompletionRequest", choice: int, tokenizer: Tokenizer,
-              prompt_len: int) -> "Sequence":
+    def start(cls, request: int, req: CompletionRequest, choice: int, tokenizer: Tokenizer,
+              prompt_len: int) -> Sequence:
         return cls(request, choice, req.max_tokens, req.logprobs, RowRandom(req.seed + choice),
                    StopScanner(tokenizer, req.stop), position=prompt_len)
 
