@@ -37,7 +37,7 @@ import torch
 
 from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, Sequence, StreamEvent, TextEngine, TextRequests, decode_mask,
-                           sample_rows)
+                           eos_bans, sample_rows)
 from models.errors import InvalidParameter, is_int
 from models.sampling import SamplingBatch
 
@@ -253,8 +253,9 @@ class ContinuousEngine:
         penalised, counted = "repetition_penalty" in params.uses, "counts" in params.uses  # only then read
         seen = self.seen.index_select(0, index) if penalised else None
         counts = self.counts.index_select(0, index) if counted else None
-        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for _, s in rows], want,
-                                 counts)
+        seqs = [seq for _, seq in rows]
+        tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for s in seqs], want,
+                                 counts, eos_bans(seqs, self.engine.tokenizer.eot_id, self.device))
         if penalised:
             self.seen.index_copy_(0, index, seen)
         if counted:

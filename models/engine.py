@@ -38,6 +38,8 @@ class CompletionRequest:
     logprobs: int | None = None  # top alternatives per token (0..5); None = no logprobs
     echo: bool = False  # prepend the prompt to each choice's text
     truncate: bool = False  # keep the end of a prompt too long for the context, instead of failing
+    min_tokens: int = 0  # end-of-text is not drawn before this many tokens (stop strings still end a choice)
+    ignore_eos: bool = False  # end-of-text is never drawn: a choice runs to max_tokens or a stop string
 
 
 @dataclass
@@ -185,6 +187,7 @@ class Sequence:
     random: RowRandom  # its seeded uniforms
     scanner: StopScanner
     position: int  # where its next token goes
+    min_tokens: int = 0  # tokens to generate before end-of-text may be drawn
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # its cache row in the continuous engine (-1: none)
 
@@ -192,7 +195,8 @@ class Sequence:
     def start(cls, request: int, req: CompletionRequest, choice: int, tokenizer: Tokenizer,
               prompt_len: int) -> Sequence:
         return cls(request, choice, req.max_tokens, req.logprobs, RowRandom(req.seed + choice),
-                   StopScanner(tokenizer, req.stop), position=prompt_len)
+                   StopScanner(tokenizer, req.stop), position=prompt_len,
+                   min_tokens=req.max_tokens if req.ignore_eos else req.min_tokens)
 
     def accept(self, tok: int, lp: tuple[list, list, list], row: int, tokenizer: Tokenizer) -> StreamEvent:
         """Take the token sampled for it (row `row` of the step's logprobs `lp`); the event
@@ -211,9 +215,12 @@ def check_types(req: CompletionRequest) -> None:
     def wrong(name: str, what: str) -> InvalidParameter:
         return InvalidParameter(name, f"must be {what}, got {getattr(req, name)!r}")
 
-    for name in ("max_tokens", "n", "seed"):
+    for name in ("max_tokens", "n", "seed", "min_tokens"):
         if not is_int(getattr(req, name)):
             raise wrong(name, "an integer")
+    for name in ("echo", "truncate", "ignore_eos"):
+        if not isinstance(getattr(req, name), bool):
+            raise wrong(name, "a boolean")
     if req.logprobs is not None and not is_int(req.logprobs):
         raise wrong("logprobs", "an integer or None")
     if not isinstance(req.prompt, str):
@@ -251,6 +258,8 @@ class TextRequests:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
         if not 1 <= req.max_tokens < self.block_size:
             raise InvalidParameter("max_tokens", f"must be in [1, {self.block_size - 1}], got {req.max_tokens}")
+        if not 0 <= req.min_tokens <= req.max_tokens:
+            raise InvalidParameter("min_tokens", f"must be in [0, max_tokens={req.max_tokens}], got {req.min_tokens}")
         if not 1 <= req.n <= MAX_N:
             raise InvalidParameter("n", f"must be in [1, {MAX_N}], got {req.n}")
         if not 0 <= req.seed <= MAX_SEED - (req.n - 1):
@@ -328,7 +337,8 @@ class TextEngine(TextRequests):
         counts = torch.zeros_like(logits) if "counts" in params.uses else None  # the completions' tokens
         active = rows
         while active:
-            tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts)
+            tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts,
+                                     eos_bans(active, self.tokenizer.eot_id, self.device))
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 event = row.accept(tok, lp, j, self.tokenizer)
@@ -389,6 +399,15 @@ def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None
     return (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
 
 
+def eos_bans(rows: list[Sequence], eot_id: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The (rows, tokens) the sampler must not draw this step: end-of-text in the rows that
+    have not yet generated their min_tokens (None when there are none, the usual case)."""
+    banned = [j for j, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
+    if not banned:
+        return None
+    return torch.tensor(banned, device=device), torch.full((len(banned),), eot_id, device=device)
+
+
 def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int,
                  entry: TokenLogprob | None = None) -> tuple[str, list[TokenLogprob], str | None]:
     """Feed one sampled token (and its logprob entry, when asked) to a row's text; return (text
@@ -411,12 +430,13 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
 
 @torch.inference_mode()
 def sample_rows(logits: Tensor, params: SamplingBatch, seen: Tensor | None, randoms: list[RowRandom],
-                want_logprobs: int, counts: Tensor | None = None) -> tuple[Tensor, tuple[list, list, list]]:
-    """Sample one token per row, mark it seen and count it (when some row has a penalty that
-    reads `seen` or `counts`); with want_logprobs >= 0 also return, per row, the chosen token's
-    logprob (of the model's distribution, before penalties and sampling parameters) and the
-    top-`want_logprobs` alternatives (as Python lists)."""
-    tokens = sample(logits, params, randoms, seen, counts)
+                want_logprobs: int, counts: Tensor | None = None,
+                banned: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[list, list, list]]:
+    """Sample one token per row (never a `banned` (row, token)), mark it seen and count it (when
+    some row has a penalty that reads `seen` or `counts`); with want_logprobs >= 0 also return, per
+    row, the chosen token's logprob (of the model's distribution, before bans, penalties and
+    sampling parameters) and the top-`want_logprobs` alternatives (as Python lists)."""
+    tokens = sample(logits, params, randoms, seen, counts, banned)
     if seen is not None and "repetition_penalty" in params.uses:
         seen.scatter_(1, tokens.unsqueeze(1), True)
     if counts is not None and "counts" in params.uses:

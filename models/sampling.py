@@ -1,11 +1,11 @@
-"""The sampler: logits -> logit bias -> repetition penalty -> presence / frequency penalties
+"""The sampler: logits -> bans -> logit bias -> repetition penalty -> presence / frequency penalties
 -> temperature -> top-k / top-p / min-p -> softmax -> inverse-CDF draw with one uniform from
 the request's own generator.
 
 Everything is batched over rows, each row with its own parameters, so one decode step
 serves many requests; a row's draw depends only on its logits and its own generator.
-The bias and the penalties act on the raw logits first (the order of Hugging Face and
-vLLM), so that they also apply to greedy decoding.
+The bans, the bias and the penalties act on the raw logits first (the order of Hugging Face
+and vLLM), so that they also apply to greedy decoding.
 """
 from __future__ import annotations
 
@@ -222,10 +222,14 @@ def draw_uniforms(rows: list[RowRandom]) -> Tensor:
 
 
 def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
-           seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+           seen: Tensor | None = None, counts: Tensor | None = None,
+           banned: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device.
     seen (B, V) bool: tokens of the prompt and completion; counts (B, V) float: how often the
-    completion holds each token (read only when some row's penalty needs them)."""
+    completion holds each token (read only when some row's penalty needs them); banned: (rows,
+    tokens), (K,) long each, never drawn this step (end-of-text before a row's min_tokens)."""
+    if banned is not None:
+        logits = logits.index_put(banned, logits.new_tensor(float("-inf")))
     if "logit_bias" in params.uses:
         logits = logits.index_put(params.logit_bias[:2], params.logit_bias[2], accumulate=True)
     if seen is not None and "repetition_penalty" in params.uses:

@@ -560,6 +560,7 @@ class Generation:
             prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
             stop=list(body.stop), n=body.n, logprobs=body.logprobs,
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
         )
         # As the model sees it (an empty prompt is one end-of-text token); the scheduler checks the rest.

@@ -98,6 +98,10 @@ class CompletionBody(_Body, _NullIsDefault):
     logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) -> bias in "
                                                                   "[-100, 100], added to its logit")
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="end-of-text is not drawn before this many "
+                                                                      "tokens (vLLM's); at most max_tokens")
+    ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "
+                                                "stop string (vLLM's; for load tests)")
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")

@@ -65,6 +65,22 @@ def test_continuous_equals_the_plain_batched_engine(engine):
             assert reasons[gid, c.index] == c.finish_reason
 
 
+def test_min_tokens_and_ignore_eos_as_in_the_plain_engine_whatever_joins_or_leaves(engine):
+    eos = engine.tokenizer.eot_id
+    reqs = [CompletionRequest("The quick " * (1 + i % 2), seed=50 + i, max_tokens=6 + 3 * i, n=1 + i % 2,
+                              sampling=SamplingParams(temperature=0.9, logit_bias=((eos, 6.0),)),
+                              min_tokens=[0, 3, 5, 0, 8][i], ignore_eos=i == 3) for i in range(5)]
+    want = engine.complete(reqs)
+    assert {c.finish_reason for w in want for c in w.choices} == {"eos", "length"}
+    assert all(len(c.token_ids) > r.min_tokens for r, w in zip(reqs, want) for c in w.choices
+               if c.finish_reason == "eos")
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4, max_tokens_per_step=64, prefill_chunk=8))
+    tokens, reasons, ids = run(cont, {0: reqs[:2], 3: reqs[2:4], 5: reqs[4:]})
+    for gid, comp in zip(ids, want):
+        for c in comp.choices:
+            assert (tokens[gid][c.index], reasons[gid, c.index]) == (c.token_ids, c.finish_reason)
+
+
 def test_the_plain_engine_on_the_same_model_does_not_disturb_running_sequences(engine):
     reqs = requests()[:4]
     want = engine.complete(reqs)

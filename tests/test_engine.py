@@ -179,6 +179,8 @@ def test_finish_reason_length(engine):
     (dict(max_tokens=5.0), "max_tokens"), (dict(n=True), "n"), (dict(seed=1.5), "seed"), (dict(logprobs=2.5), "logprobs"),
     (dict(stop="abc"), "stop"), (dict(stop=[1]), "stop"), (dict(prompt=None), "prompt"), (dict(sampling=None), "sampling"),
     (dict(sampling=SamplingParams(top_k=2.5)), "top_k"), (dict(sampling=SamplingParams(temperature="1")), "temperature"),
+    (dict(min_tokens=17), "min_tokens"), (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=2.0), "min_tokens"),
+    (dict(ignore_eos=1), "ignore_eos"), (dict(echo="yes"), "echo"),
 ])
 def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
     req = CompletionRequest(**{"prompt": "The", "seed": 0, **kw})
@@ -232,3 +234,23 @@ def test_logit_bias_token_ids_must_be_in_the_vocabulary(engine, tok):
     with pytest.raises(InvalidParameter, match="logit_bias: token ids must be below") as e:
         engine.complete([req])
     assert e.value.param == "logit_bias"
+
+
+def test_min_tokens_and_ignore_eos_hold_end_of_text_back(engine, tok):
+    """End-of-text, all but forced by a bias, comes right after the min_tokens; never with
+    ignore_eos. Alone and in a batch whose other rows finish and leave around them."""
+    forced_eos = SamplingParams(logit_bias=((tok.eot_id, 100.0),))
+
+    def req(seed: int, **kw) -> CompletionRequest:
+        return CompletionRequest("The", seed=seed, max_tokens=10, sampling=forced_eos, **kw)
+
+    cases = [(dict(), (1, "eos")), (dict(min_tokens=4), (5, "eos")), (dict(ignore_eos=True), (10, "length")),
+             (dict(min_tokens=10), (10, "length")), (dict(min_tokens=6, n=2), (7, "eos"))]
+    reqs = [req(i, **kw) for i, (kw, _) in enumerate(cases)]
+    short = CompletionRequest("The quick", seed=9, max_tokens=2)  # leaves the batch after two steps
+    batch = engine.complete([reqs[2], short, *reqs])
+    for r, (kw, want) in zip(reqs, cases):
+        alone = engine.complete([r])[0]
+        assert {(len(c.token_ids), c.finish_reason) for c in alone.choices} == {want}, kw
+        assert [c.token_ids for c in alone.choices] == [c.token_ids for c in batch[2 + reqs.index(r)].choices]
+    assert tok.eot_id not in batch[0].choices[0].token_ids

@@ -71,6 +71,26 @@ def test_logit_bias_forces_a_token(oai):
     assert e.value.body["param"] == "logit_bias"
 
 
+def test_min_tokens_and_ignore_eos_as_in_vllm(oai, server):
+    """End-of-text (token 0 of these tokenizers, all but forced here by a bias) waits for
+    min_tokens, and never comes with ignore_eos, on /complete and /v1 alike."""
+    forced = {"prompt": "Hello", "max_tokens": 6, "seed": 1, "logit_bias": {"0": 100}}
+
+    def ask(**kw) -> tuple[int, str]:
+        r = httpx.post(f"{server.url}/complete", json={**forced, **kw}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]
+
+    assert ask() == (1, "eos")
+    assert ask(min_tokens=3) == (4, "eos")
+    assert ask(ignore_eos=True) == (6, "length")
+    r = oai.completions.create(model="gpt", **forced, extra_body={"ignore_eos": True})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (6, "length")
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt", **forced, extra_body={"min_tokens": 7})
+    assert e.value.body["param"] == "min_tokens" and "max_tokens=6" in e.value.body["message"]
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,
