@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +55,12 @@ def overloaded(what: str, retry_after_s: int) -> ApiError:
                     headers={"Retry-After": str(retry_after_s)})
 
 
-async def send_error(send: Send, err: ApiError) -> None:
+async def send_error(send: Send, err: ApiError, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """A complete JSON error response in the service's one error shape."""
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    headers += extra_headers
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

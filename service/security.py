@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import uuid
 from collections.abc import Sequence
 
 from starlette.middleware.cors import CORSMiddleware
@@ -93,7 +94,7 @@ class APIKeyMiddleware:
 
 class JSONRoutingErrors:
     """Starlette's plain-text 404 / 405 and refused CORS pre-flight (400), answered in the JSON
-    error shape instead."""
+    error shape instead, with the headers the answer had."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -110,7 +111,14 @@ class JSONRoutingErrors:
                 return
             if message["type"] == "http.response.start" and (err := _as_json(scope, message)) is not None:
                 replaced = True
-                await send_error(send, err)
+                # The inner middlewares' headers stay (CORS, X-Request-ID, Starlette's Allow):
+                # without CORS's, a browser sees an opaque failure instead of the message.
+                kept = [(k, v) for k, v in message.get("headers") or []
+                        if k.lower() not in (b"content-type", b"content-length")]
+                # and an id, as every routed answer has one (the client's own, when it sent one)
+                asked = dict(scope.get("headers") or []).get(b"x-request-id")
+                kept.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
+                await send_error(send, err, kept)
                 return
             await send(message)
 
@@ -128,9 +136,8 @@ def _as_json(scope: Scope, start: Message) -> ApiError | None:
     if not headers.get(b"content-type", b"").startswith(b"text/plain"):
         return None
     method, path, status = scope["method"], scope["path"], start["status"]
-    if status == 405:
-        return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed",
-                        headers={"Allow": headers[b"allow"].decode("latin-1")} if b"allow" in headers else None)
+    if status == 405:  # Starlette's Allow header is kept
+        return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
     if status == 404:
         hint = CHAT_HINT if path.rstrip("/") == "/v1/chat/completions" else ""
         return ApiError(404, f"no route {method} {path}{hint}", code="not_found")

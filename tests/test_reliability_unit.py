@@ -424,6 +424,27 @@ def test_the_chat_route_says_why_there_is_none():
     assert "no chat template" in r.json()["error"]["message"] and "/v1/completions" in r.json()["error"]["message"]
 
 
+def test_routing_errors_keep_the_cors_headers_and_carry_a_request_id():
+    """The JSON 404 / 405 were built from scratch, dropping CORS's headers (a browser app saw an
+    opaque failure instead of the chat hint) and carrying no X-Request-ID."""
+    app = JSONRoutingErrors(CORSMiddleware(_app({}, Limits()), **cors_options(["http://a.example"])))
+    origin = {"origin": "http://a.example"}
+
+    async def scenario():
+        async with _client(app) as c:
+            return (await c.post("/v1/chat/completions", json={}, headers=origin),
+                    await c.get("/complete", headers={**origin, "x-request-id": "mine"}))
+
+    missing, wrong_method = asyncio.run(scenario())
+    assert missing.status_code == 404 and "no chat template" in missing.json()["error"]["message"]
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    for r in (missing, wrong_method):
+        assert r.headers["access-control-allow-origin"] == "http://a.example" and r.headers["x-request-id"]
+        assert r.headers["content-type"] == "application/json" and len(r.headers.get_list("content-type")) == 1
+    assert wrong_method.headers["x-request-id"] == "mine" and "POST" in wrong_method.headers["allow"]
+    assert int(missing.headers["content-length"]) == len(missing.content)
+
+
 def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     """The header was decoded as Latin-1 and encoded again as UTF-8: other bytes, always 401."""
     app = _app({}, Limits(), key="clé-ünïcode")
