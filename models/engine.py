@@ -283,7 +283,8 @@ class TextRequests:
             if not req.truncate:
                 name = "prompt" if len(ids) >= self.block_size else "max_tokens"
                 raise InvalidParameter(name, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
-                                             f"the model's context of {self.block_size} tokens")
+                                             f"the model's maximum context length of {self.block_size} tokens",
+                                       code="context_length_exceeded")
             ids = ids[-room:]
         return ids
 

@@ -3,15 +3,18 @@ type checks that parameters and configs share."""
 
 
 class InvalidParameter(ValueError):
-    """A request parameter is out of range; `param` names it so the API can say which."""
+    """A request parameter is out of range; `param` names it so the API can say which, and
+    `code`, where clients look for one, says what kind of mistake it is (OpenAI's
+    "context_length_exceeded", which LangChain and LiteLLM read to trim a prompt and retry)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str | None = None):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+        self.code = code
 
-    def __reduce__(self):  # pickled as (param, message): it crosses to and from the engine process
-        return type(self), (self.param, self.message)
+    def __reduce__(self):  # pickled by its fields: it crosses to and from the engine process
+        return type(self), (self.param, self.message, self.code)
 
 
 def is_int(value: object) -> bool:

@@ -174,7 +174,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except InvalidParameter as e:
             # "prompt: must be ...": the message names the field, as a schema error's does
-            response = JSONResponse(ApiError(400, str(e), e.param).body(), status_code=400)
+            response = JSONResponse(ApiError(400, str(e), e.param, code=e.code).body(), status_code=400)
         except ValidationError as e:
             response = JSONResponse(from_validation_error(e).body(), status_code=400)
         except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing broken
@@ -199,6 +199,10 @@ async def _parse(request: Request, model: type[B]) -> B:
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
                             "'content-type: application/json'", code="unsupported_media_type")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":  # its bytes would be refused as "not valid JSON", which misleads
+        raise ApiError(415, f"content-encoding {encoding!r} is not supported: send the body uncompressed",
+                       code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")

@@ -158,8 +158,11 @@ class OpenAICompletionBody(CompletionBody):
         return v if isinstance(v, str) else v[0]
 
     def unsupported(self) -> ApiError | None:
-        if self.best_of is not None and self.best_of != self.n:
-            return ApiError(400, "best_of is not supported", "best_of")
+        if self.best_of is not None and self.best_of < self.n:  # OpenAI refuses it too
+            return ApiError(400, f"best_of must be at least n ({self.n}), got {self.best_of}", "best_of")
+        if self.best_of is not None and self.best_of > self.n:
+            return ApiError(400, "best_of above n is not supported (it would rank extra candidates on the "
+                                 "server): ask for n choices and rank them yourself", "best_of")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer

@@ -1,5 +1,6 @@
 """The batched engine: equals the plain path, batch invariance, stop strings, streaming, params."""
 import dataclasses
+import pickle
 import random
 
 import pytest
@@ -189,6 +190,15 @@ def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
     assert e.value.param == param
     with pytest.raises(InvalidParameter):
         list(engine.stream([req]))
+
+
+def test_a_prompt_past_the_context_says_so_in_openais_code(engine):
+    """LangChain and LiteLLM look for code context_length_exceeded to trim a prompt and retry."""
+    for req in (CompletionRequest("fox " * 500, seed=0), CompletionRequest("fox " * 20, seed=0, max_tokens=90)):
+        with pytest.raises(InvalidParameter, match="maximum context length of 96 tokens") as e:
+            engine.validate(req)
+        assert e.value.code == "context_length_exceeded"
+        assert pickle.loads(pickle.dumps(e.value)).code == "context_length_exceeded"  # from the engine process
 
 
 def test_truncation_keeps_the_end_of_a_long_prompt(engine):

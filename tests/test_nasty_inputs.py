@@ -2,6 +2,7 @@
 and the JSON error shape (never a 5xx, never a hang), and the server stays ready after."""
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -126,6 +127,17 @@ def test_wrong_types_are_refused_not_converted(client, route, field, value):
                                    "application/xml"])
 def test_wrong_content_type(client, route, ctype):
     _assert_json_4xx(_post_raw(client, route, json.dumps(_valid(route)).encode(), ctype), 415)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_compressed_body_is_refused_naming_the_encoding(client, route):
+    """It was read as bytes that are not JSON: a 400 that sent its sender looking at the JSON."""
+    r = client.post(route, content=gzip.compress(json.dumps(_valid(route)).encode()),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"})
+    err = _assert_json_4xx(r, 415)
+    assert "content-encoding 'gzip'" in err["message"]
+    plain = client.post(route, json=_valid(route), headers={"content-encoding": "identity"})
+    assert plain.status_code == 200, plain.text
 
 
 @pytest.mark.parametrize("route", ROUTES)

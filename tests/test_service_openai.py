@@ -91,6 +91,12 @@ def test_min_tokens_and_ignore_eos_as_in_vllm(oai, server):
     assert e.value.body["param"] == "min_tokens" and "max_tokens=6" in e.value.body["message"]
 
 
+def test_a_prompt_past_the_context_is_context_length_exceeded(oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt", prompt="Hello " * 200, max_tokens=4)
+    assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,
