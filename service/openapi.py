@@ -3,7 +3,10 @@
 BentoML's /docs.json describes BentoML-style APIs; the routes here are a mounted Starlette
 app, so their contract is written out from the same models that validate requests (one
 source of truth). Served at GET /openapi.json; schemathesis fuzzes against it
-(tests/test_schemathesis.py, load_tests/fuzz.py).
+(tests/test_schemathesis.py, load_tests/fuzz.py). GET / and GET /docs show it in Swagger UI,
+from the copy BentoML ships: BentoML's own index page describes only its health routes (the
+routes here are invisible to it) and loads Google Tag Manager, an outside call a self-hosted
+service should not make from its users' browsers.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 
 from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody
 
@@ -31,7 +34,8 @@ ERRORS = {
     "401": "API key missing or wrong (when CONDGEN_API_KEY is set)",
     "404": "the requested model is not served here",
     "413": "body larger than 1 MiB",
-    "415": "the body is not declared as JSON",
+    "408": "the body did not arrive in time (CONDGEN_BODY_TIMEOUT_S)",
+    "415": "the body is not declared as JSON, or is compressed",
     "429": "at capacity: retry after the `Retry-After` seconds",
     "503": "not ready (models loading, or loading failed)",
     "504": "the request passed its deadline",
@@ -56,10 +60,14 @@ def _post(summary: str, body: str, ok: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
-def _get(summary: str) -> dict[str, Any]:
-    return {"get": {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
+def _get(summary: str, errors: tuple[str, ...] = ("401", "503")) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
         "200": {"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}},
-        **{k: v for k, v in _errors().items() if k in ("401", "503")}}}}
+        **{k: v for k, v in _errors().items() if k in errors}}}
+    if "{model}" in summary:
+        op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                             "description": "name (gpt), name:latest or the full tag"}]
+    return {"get": op}
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,6 +90,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),
             "/models": _get("list models"),
             "/v1/models": _get("openai list models"),
+            "/v1/models/{model}": _get("openai retrieve {model}", ("400", "401", "404", "503")),
         },
         "components": {"schemas": schemas},
     }
@@ -89,3 +98,26 @@ def build_openapi() -> dict[str, Any]:
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
     return JSONResponse(build_openapi())
+
+
+# Swagger UI's files as BentoML serves them (/static_content), pointed at this document.
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>condgen API</title>
+  <link rel="stylesheet" href="/static_content/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/static_content/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
+  </script>
+</body>
+</html>
+"""
+
+
+async def docs_endpoint(request: Request) -> HTMLResponse:
+    return HTMLResponse(DOCS_PAGE)

@@ -158,10 +158,13 @@ def cors_options(origins: list[str]) -> dict:
 
 
 def install(service: object, routes: object, limits: Limits) -> None:
-    """Add /openapi.json to the mounted routes and the middlewares to the BentoML service."""
-    from service.openapi import openapi_endpoint
+    """Add /openapi.json and its docs page to the mounted routes, and the middlewares to the
+    BentoML service."""
+    from service.openapi import docs_endpoint, openapi_endpoint
 
     routes.add_route("/openapi.json", openapi_endpoint, methods=["GET"])  # type: ignore[attr-defined]
+    for path in ("/", "/docs"):  # "/" here comes before BentoML's own index page
+        routes.add_route(path, docs_endpoint, methods=["GET"])  # type: ignore[attr-defined]
     service.add_asgi_middleware(JSONRoutingErrors)  # type: ignore[attr-defined]
     if origins := cors_origins():
         service.add_asgi_middleware(CORSMiddleware, **cors_options(origins))  # type: ignore[attr-defined]

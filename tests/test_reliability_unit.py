@@ -320,7 +320,9 @@ def test_image_queue_is_bounded_by_cost():
 def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
     doc = build_openapi()
     assert set(doc["paths"]) == {"/complete", "/generate", "/models", "/v1/completions",
-                                 "/v1/images/generations", "/v1/models"}
+                                 "/v1/images/generations", "/v1/models", "/v1/models/{model}"}
+    assert doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
+    assert "408" in doc["paths"]["/complete"]["post"]["responses"]
     body = doc["components"]["schemas"]["CompletionBody"]
     assert body["additionalProperties"] is False and body["properties"]["n"]["maximum"] == 16
     assert "429" in doc["paths"]["/generate"]["post"]["responses"]

@@ -89,6 +89,18 @@ def test_ready_and_live(client):
     assert client.get("/livez").status_code == 200
 
 
+def test_the_root_page_documents_this_api_without_outside_calls(client):
+    """BentoML's index page listed only its health routes and loaded Google Tag Manager."""
+    for path in ("/", "/docs"):
+        page = client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "/openapi.json" in page.text and "googletagmanager" not in page.text
+        assert "https://" not in page.text and "http://" not in page.text
+        for asset in ("/static_content/swagger-ui-bundle.js", "/static_content/swagger-ui.css"):
+            assert asset in page.text and client.get(asset).status_code == 200
+    assert "/v1/models/{model}" in client.get("/openapi.json").json()["paths"]
+
+
 def test_models_describe_every_store_entry(models):
     assert set(models) == {"gpt", "gan", "ar_image"}
     for name, kind in (("gpt", "text"), ("gan", "image"), ("ar_image", "image")):
