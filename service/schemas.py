@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from models.ar_image import MAX_GUIDANCE
 from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP  # MAX_N: images per image request too
@@ -19,7 +20,10 @@ from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY, Samplin
 
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# -1 means "pick one", as in AUTOMATIC1111 and ComfyUI (the same as leaving it out).
+Seed = Annotated[int, Field(ge=-1, le=MAX_SEED), AfterValidator(lambda v: None if v == -1 else v)]
+# -1 turns top-k off, as in vLLM (the same as 0).
+TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), AfterValidator(lambda v: max(v, 0))]
 # A store name, optionally with `:version` (BentoML's tag alphabet). Anything else, such as
 # a path ("../x", "a/b"), spaces or control characters, is refused before any lookup.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,64})?$"
@@ -89,7 +93,7 @@ class CompletionBody(_Body, _NullIsDefault):
     prompt: str
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
-    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="0 turns it off")
+    top_k: TopK = Field(0, description="0 (or -1) turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
@@ -103,7 +107,7 @@ class CompletionBody(_Body, _NullIsDefault):
     ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "
                                                 "stop string (vLLM's; for load tests)")
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: Seed | None = Field(None, description="picked by the server when absent; always reported")
+    seed: Seed | None = Field(None, description="picked by the server when absent or -1; always reported")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
     echo: bool = False
     stream: bool = False
@@ -179,12 +183,12 @@ class ImageBody(_Body, _NullIsDefault):
     model: ModelName | None = Field(None, description="model name or tag; default: the served image model")
     prompt: str
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent")
+    seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent or -1")
     truncation: float = Field(1.0, gt=0, le=1, description="latent truncation psi: smaller is tamer")
     response_format: Literal["b64_json", "png"] = "b64_json"
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description=AR_ONLY)
+    top_k: TopK | None = Field(None, description=AR_ONLY)
 
 
 class OpenAIImageBody(_Body, _NullIsDefault):
@@ -207,4 +211,4 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     truncation: float = Field(1.0, gt=0, le=1)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description=AR_ONLY)
+    top_k: TopK | None = Field(None, description=AR_ONLY)

@@ -87,8 +87,8 @@ BAD_NUMBERS = [
     ("top_p", "NaN"), ("truncation", "NaN"), ("truncation", "Infinity"),
     ("n", "-1"), ("n", "0"), ("n", "1000000000000000000000000000000"), ("n", "1.5"), ("n", '"four"'),
     ("max_tokens", "-5"), ("max_tokens", "0"), ("max_tokens", "9223372036854775808"), ("max_tokens", "1e30"),
-    ("seed", "-1"), ("seed", "18446744073709551616"), ("seed", '"seven"'), ("seed", "4294967296"),
-    ("top_k", "9223372036854775808"), ("top_k", "-1"),  # 2**63 once failed a whole decode step (500)
+    ("seed", "-2"), ("seed", "18446744073709551616"), ("seed", '"seven"'), ("seed", "4294967296"),
+    ("top_k", "9223372036854775808"), ("top_k", "-2"),  # 2**63 once failed a whole decode step (500)
     # strict types, as OpenAI's: no string, boolean or float passes for an integer
     ("max_tokens", "true"), ("max_tokens", '"4"'), ("n", '"2"'), ("n", "2.0"), ("seed", '"1"'), ("seed", "true"),
     ("temperature", "true"), ("temperature", '"0.5"'),

@@ -147,6 +147,12 @@ def test_complete_seed_reproduces_and_is_reported_when_picked(client):
     assert shifted["choices"][0]["text"] == first["choices"][1]["text"]
 
 
+def test_minus_one_picks_a_seed_and_turns_top_k_off(client):
+    for path, body in (("/complete", {"prompt": "Hi", "max_tokens": 2, "top_k": -1}), ("/generate", {"prompt": "a"})):
+        r = client.post(path, json={**body, "seed": -1})
+        assert r.status_code == 200 and 0 <= r.json()["seed"] < 2**32, r.text
+
+
 def test_complete_greedy_is_deterministic(client):
     req = {"prompt": "import", "max_tokens": 6, "temperature": 0}
     a, b = (client.post("/complete", json={**req, "seed": s}).json() for s in (1, 2))

@@ -36,11 +36,11 @@ def _error_param(model, data) -> str:
     ({"prompt": "a", "temperature": -0.1}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "min_p": 1}, "min_p"),
-    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "top_k": -2}, "top_k"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "a", "repetition_penalty": 1e-45}, "repetition_penalty"),  # would overflow the logits
     ({"prompt": "a", "n": 17}, "n"),
-    ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "seed": -2}, "seed"),
     ({"prompt": "a", "logprobs": 6}, "logprobs"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
     ({"prompt": "a", "stop": [""]}, "stop"),
@@ -49,6 +49,14 @@ def _error_param(model, data) -> str:
 ])
 def test_completion_body_names_the_field(data, param):
     assert _error_param(CompletionBody, data) == param
+
+
+def test_minus_one_means_off_for_top_k_and_pick_one_for_a_seed():
+    """vLLM's top_k -1, and AUTOMATIC1111's seed -1: both were 400s."""
+    body = CompletionBody.model_validate({"prompt": "a", "top_k": -1, "seed": -1})
+    assert body.sampling_params().top_k == 0 and body.seed is None
+    for image_body in (ImageBody, OpenAIImageBody):
+        assert image_body.model_validate({"prompt": "a", "seed": -1, "top_k": -1}).seed is None
 
 
 def test_completion_body_rejects_nan():
