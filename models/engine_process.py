@@ -121,6 +121,10 @@ class EngineProcess(EventStreams):
     def alive(self) -> bool:
         return self._failure is None
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
     def stats(self) -> tuple[int, int]:
         """(sequences running, requests waiting), as of the latest step."""
         return self._running, self._waiting + self._sent - self._received

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -431,6 +430,7 @@ class Generation:
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._stopping = False  # set by the shutdown hook: the engines' ends are no deaths
+        self._threads = 1  # torch threads of each engine process, set when loading
         self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -456,7 +456,7 @@ class Generation:
             # Python (HTTP, JSON) would stall their work on the GIL. All start at once; this
             # process reads only tokenizers and configs, to check requests before they queue.
             checkers, starting = {}, []
-            threads = engine_threads(1 + len(self.images))  # the text engine and each image model's
+            self._threads = engine_threads(1 + len(self.images))  # the text engine and each image model's
             for tag, backend in self.images.items():
                 checker = backend.checker_class.load(backend.stored.path)
                 backend.served.details["image_size"] = checker.image_size
@@ -466,14 +466,9 @@ class Generation:
                     backend.served.details["guidance_scale"] = checker.guidance_scale
                     backend.served.details["evaluations_per_image"] = checker.evaluations_per_image()
                 checkers[tag] = checker
-                backend.worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, threads,
-                                             IMAGE_MAX_BATCH)
+                backend.worker = self._image_worker(backend)
                 starting.append(backend.worker)
-            self.text_stream = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, threads, SchedulerConfig(
-                max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
-                cuda_graphs=CUDA_GRAPHS, batch_invariant=BATCH_INVARIANT)))
-            self.text_stream.on_step = self._on_text_step
-            self.text_stream.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
+            self.text_stream = self._text_engine()
             text = self.text_stream.requests
             for worker in starting:
                 worker.wait_started()  # raises the worker's error: an ArtifactError names the bad file
@@ -493,21 +488,84 @@ class Generation:
             logger.error("loading the models failed; the service stays not ready: %s", self.load_error,
                          exc_info=True)
             return
-        self._restart_when_an_engine_dies()
+        self._restart_dead_engines()
 
-    def _restart_when_an_engine_dies(self) -> None:
+    def _text_engine(self) -> EngineProcess:
+        """The text model's engine process, started, loaded and warmed up (blocks meanwhile)."""
+        engine = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, self._threads, SchedulerConfig(
+            max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
+            cuda_graphs=CUDA_GRAPHS, batch_invariant=BATCH_INVARIANT)))
+        engine.on_step = self._on_text_step
+        engine.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
+        logger.info("the text engine of %s runs in process %d", self.text_model.tag, engine.pid)
+        return engine
+
+    def _image_worker(self, backend: ImageBackend) -> ImageWorker:
+        """An image model's worker process, starting (`wait_started` waits for it)."""
+        worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, self._threads, IMAGE_MAX_BATCH)
+        logger.info("the image engine of %s runs in process %d", backend.served.tag, worker.pid)
+        return worker
+
+    def _restart_dead_engines(self) -> None:
         """An engine process that dies after start-up (killed for memory, say) takes its model
-        with it, and only a fresh worker loads it again: this worker then shuts down gracefully
-        (SIGTERM to itself: requests in flight finish, those of the dead engine with a 503) and
-        BentoML's process manager starts a new one. Left to an orchestrator's liveness probe,
-        a replica with CONDGEN_WORKERS > 1 answered 503 to every other request and probe, which
-        flapped; and a server run without an orchestrator never came back."""
-        while not self._engine_died():
+        with it: it is started again here, in this worker, while the other models go on
+        serving and the dead one's routes answer 503 at once (its requests in flight fail with
+        a 503, or an error event in a stream). Shutting the whole worker down for BentoML to
+        start a new one, as before, left a one-worker server answering nothing for the 10-15 s
+        a new worker takes to load every model (connections queued unanswered, whatever model
+        they wanted). A start that fails is tried again after 5, 10, ... up to 60 s; /livez
+        answers 503 while an engine is down, so an orchestrator replaces a replica that does
+        not recover."""
+        backoff = 0.0
+        while True:
             time.sleep(0.5)
-        if self._stopping:  # the engines stopped because this worker is stopping: no death
+            if self._stopping:  # the engines stop because this worker does: no deaths
+                return
+            if not self._engine_died():
+                continue
+            try:
+                if self.text_stream is not None and not self.text_stream.alive:
+                    self._revive_text_engine()
+                for backend in self.images.values():
+                    if backend.failed and not self._stopping:
+                        self._revive_image_worker(backend)
+                backoff = 0.0
+            except Exception as e:
+                backoff = min(60.0, max(5.0, 2 * backoff))
+                logger.error("starting a dead engine again failed (%s: %s); next try in %.0f s",
+                             type(e).__name__, e, backoff)
+                time.sleep(backoff)
+
+    def _revive_text_engine(self) -> None:
+        logger.error("the text engine has died: starting it again (the other models keep serving)")
+        self.text_stream.shutdown()  # its pipe: the process is gone
+        started = time.perf_counter()
+        fresh = self._text_engine()
+        if self._stopping:  # the worker began stopping meanwhile: its shutdown did not see this one
+            fresh.shutdown()
             return
-        logger.error("an engine process has died: shutting this worker down, a fresh one will load the models")
-        os.kill(os.getpid(), signal.SIGTERM)
+        self.text_stream = fresh
+        logger.info("the text engine is back after %.1f s", time.perf_counter() - started)
+
+    def _revive_image_worker(self, backend: ImageBackend) -> None:
+        dead, tag = backend.worker, backend.served.tag
+        logger.error("the image engine of %s has died: starting it again (the other models keep serving)", tag)
+        deadline = time.monotonic() + 5
+        while dead.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the event loop records the death first (and fails its batches in flight)
+        dead.shutdown()
+        started = time.perf_counter()
+        fresh = self._image_worker(backend)
+        try:
+            fresh.wait_started()
+        except Exception:
+            fresh.shutdown()
+            raise
+        if self._stopping:
+            fresh.shutdown()
+            return
+        backend.worker = fresh
+        logger.info("the image engine of %s is back after %.1f s", tag, time.perf_counter() - started)
 
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:

@@ -80,6 +80,10 @@ class ImageWorker:
             raise WorkerError(detail)
 
     @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
     def alive(self) -> bool:
         """Loaded and still running. A death is seen at once, not only by the next batch, and
         logged with its exit code however it is noticed (an idle worker has no reader). Read

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import signal
 import time
@@ -65,44 +66,69 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
 
 # ---- an engine process that dies after start-up -----------------------------------------------
 
-def test_dead_engine_processes_restart_their_worker(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The text engine and the image worker run in child processes of the server worker. Killed
-    (out of memory, say), their routes answer 503 with a reason, never 500 or a hang, and the
-    worker shuts down so that BentoML starts a fresh one, which loads the models again: the
-    service comes back by itself."""
+def _engine_pids(log: str, which: str) -> list[int]:
+    """The processes the server said its engines run in ("the text engine of gpt:... runs in process N")."""
+    return [int(pid) for pid in re.findall(rf"the {which} engine of \S+ runs in process (\d+)", log)]
+
+
+def test_a_dead_engine_process_is_started_again_while_the_other_models_serve(
+        bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The text engine and the image worker run in child processes of the server worker. One
+    killed (out of memory, say): its routes answer 503 with a reason, never 500 or a hang, the
+    other models go on serving, and the worker starts it again by itself. It used to shut the
+    whole worker down for BentoML to start another, which left a one-worker server answering
+    nothing, whatever model a request wanted, until the new worker had loaded every model."""
     root = tmp_path_factory.mktemp("dead_engines")
     proc, srv = launch_server(bentoml_home, root / "serve.log", {})
+    complete = ("/complete", {"prompt": "Hi", "max_tokens": 3})
+    generate = ("/generate", {"prompt": "a red circle"})
 
-    def engines() -> list[psutil.Process]:
-        return [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "multiprocessing.spawn" in " ".join(p.cmdline())]
+    def post(route: tuple[str, dict]) -> httpx.Response:
+        return httpx.post(srv.url + route[0], json=route[1], timeout=60)
+
+    def until_back(route: tuple[str, dict]) -> list[int]:
+        answers: list[int] = []
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and answers[-1:] != [200]:
+            r = post(route)
+            answers.append(r.status_code)
+            # the dead engine's 503 until the fresh one is loaded
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 503:
+                assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
+                time.sleep(0.25)
+        return answers
 
     try:
         wait_ready(proc, srv)
-        assert httpx.post(f"{srv.url}/complete", json={"prompt": "Hi", "max_tokens": 3}, timeout=30).status_code == 200
-        killed = engines()
-        assert len(killed) >= 2, [p.cmdline() for p in psutil.Process(proc.pid).children(recursive=True)]
-        for p in killed:
-            os.kill(p.pid, signal.SIGKILL)
-        answers: list[int] = []
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.post(f"{srv.url}/generate", json={"prompt": "a red circle"}, timeout=60)
-            except httpx.TransportError:  # a connection of the worker going down
-                continue
-            answers.append(r.status_code)
-            if r.status_code == 200:
-                break
-            # the dead engine's, or the fresh worker's "not ready" while it loads
-            assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
-            time.sleep(0.5)
-        assert answers[-1:] == [200], answers  # back by itself
-        assert httpx.post(f"{srv.url}/complete", json={"prompt": "Hi", "max_tokens": 3}, timeout=30).status_code == 200
-        assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200
-        assert not {p.pid for p in killed} & {p.pid for p in engines()}  # fresh engines
+        assert post(complete).status_code == 200
         log = srv.log.read_text(errors="replace")
-        assert "the image worker exited (code -9)" in log  # logged, as the text engine's
-        assert "an engine process has died: shutting this worker down" in log
+        text, images = _engine_pids(log, "text"), _engine_pids(log, "image")
+        assert len(text) == 1 and len(images) >= 1, log[-3000:]
+        worker = psutil.Process(text[0]).ppid()
+
+        os.kill(text[0], signal.SIGKILL)
+        assert post(generate).status_code == 200  # the image model serves on
+        assert until_back(complete)[-1] == 200, srv.log_tail()
+        for pid in images:
+            os.kill(pid, signal.SIGKILL)
+        assert post(complete).status_code == 200  # and the text model while the image engine is down
+        assert until_back(generate)[-1] == 200, srv.log_tail()
+
+        log = srv.log.read_text(errors="replace")
+        assert "the text engine has died: starting it again" in log and "the text engine is back after" in log
+        assert "the image worker exited (code -9)" in log and "is back after" in log
+        fresh_text, fresh_images = _engine_pids(log, "text")[1:], _engine_pids(log, "image")[len(images):]
+        assert len(fresh_text) == 1 and len(fresh_images) == len(images)
+        assert all(psutil.Process(pid).ppid() == worker for pid in fresh_text + fresh_images)  # the same worker
+        deadline = time.monotonic() + WAIT_S  # every image model back (the default one answered above)
+        while httpx.get(f"{srv.url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.25)
+        assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200
+        assert srv.log.read_text(errors="replace").count("is back after") == 1 + len(images)
+        _stop(proc)  # a graceful stop ends the engines: none of that is a death to recover from
+        stopping = srv.log.read_text(errors="replace").split("Running cleanup hook")[-1]
+        assert "has died" not in stopping and "runs in process" not in stopping, stopping
     finally:
         _stop(proc)
