@@ -37,7 +37,7 @@ import torch
 
 from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, Sequence, StreamEvent, TextEngine, TextRequests, decode_mask,
-                           eos_bans, sample_rows)
+                           eos_bans, prompt_events, sample_rows)
 from models.errors import InvalidParameter, is_int
 from models.sampling import SamplingBatch
 
@@ -162,15 +162,20 @@ class ContinuousEngine:
 
     def cancel(self, gid: int) -> None:
         """Forget a request; its slots are free before the next forward pass."""
-        group = self.groups.pop(gid, None)
+        group = self.groups.get(gid)
         if group is None:
             return
         if group in self.waiting:
             self.waiting.remove(group)
         if group in self.prefilling:
             self.prefilling.remove(group)
+        self._release(group)
+
+    def _release(self, group: _Group) -> None:
+        """Forget a request that is neither waiting nor prefilling any more, freeing its slots."""
+        self.groups.pop(group.id, None)
         for seq in group.seqs:
-            if seq.slot >= 0:  # prefilling or decoding
+            if seq.slot >= 0:  # prefilled or decoding
                 self.decoding.pop(seq.slot, None)
                 heapq.heappush(self.free, seq.slot)
                 seq.slot = -1
@@ -235,14 +240,16 @@ class ContinuousEngine:
             if end < len(group.prompt):
                 continue
             self.prefilling.remove(group)
+            events += prompt_events(group.id, group.req, group.prompt, self.model, self.engine.tokenizer)
+            if group.req.max_tokens == 0:  # nothing to generate: done
+                self._release(group)
+                continue
             slot = group.seqs[0].slot
             for seq in group.seqs:
                 if seq.slot != slot:
                     self.model.copy_cache_row(slot, seq.slot, end)
                 self.pending[seq.slot] = logits[i].float()
                 self.decoding[seq.slot] = (group, seq)
-                if group.req.echo:
-                    events.append(StreamEvent(group.id, seq.choice, group.req.prompt, 0, [], None))
 
     def _sample(self, events: list[StreamEvent]) -> None:
         if not self.decoding:

@@ -386,11 +386,15 @@ class ImageBackend:
         return self.requests is not None and not self.worker.alive
 
 
-def _logprobs_json(items: list[TokenLogprob], prefix: int) -> dict[str, Any]:
+def _logprobs_json(items: list[TokenLogprob], prefix: int, prompt: list[TokenLogprob] | None = None
+                   ) -> dict[str, Any]:
     """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text,
-    after an echoed prompt of `prefix` characters."""
+    after an echoed prompt of `prefix` characters, whose own tokens come first when scored
+    (the first with null logprobs, as OpenAI's)."""
+    offsets = [lp.offset for lp in prompt or []] + [prefix + lp.offset for lp in items]
+    items = (prompt or []) + items
     return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [lp.top for lp in items], "text_offset": [prefix + lp.offset for lp in items]}
+            "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
 
 
 def _pick_seed(seed: int | None) -> int:
@@ -617,6 +621,9 @@ class Generation:
         if len(body.prompt) > engine.max_prompt_chars:
             raise ApiError(400, f"prompt has {len(body.prompt)} characters; the limit is "
                                 f"{engine.max_prompt_chars}", "prompt", code="prompt_too_long")
+        if body.max_tokens == 0 and not body.echo:  # OpenAI's rule: 0 returns the prompt, scored
+            raise ApiError(400, "max_tokens: 0 is only allowed with echo (the prompt back, with logprobs scored)",
+                           "max_tokens")
         seed = _pick_seed(body.seed)
         req = CompletionRequest(
             prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
@@ -624,6 +631,7 @@ class Generation:
             stop=list(body.stop), n=body.n, logprobs=body.logprobs,
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
+            prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
         )
         # As the model sees it (an empty prompt is one end-of-text token); the scheduler checks the rest.
         prompt_tokens = engine.prompt_tokens(req)
@@ -646,7 +654,7 @@ class Generation:
         choices = [{
             "index": c.index, "text": prefix + c.text,
             "finish_reason": _finish_reason(c.finish_reason, openai),
-            "logprobs": _logprobs_json(c.logprobs, len(prefix)) if c.logprobs is not None else None,
+            "logprobs": _logprobs_json(c.logprobs, len(prefix), c.prompt_logprobs) if c.logprobs is not None else None,
         } for c in result.choices]
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
                  "total_tokens": prompt_tokens + result.completion_tokens}
@@ -679,10 +687,14 @@ class Generation:
         prefix = len(body.prompt) if body.echo else 0
         tokens = 0
         try:
-            if body.echo:
+            if body.echo and body.logprobs is None:
                 yield b"".join(chunk(i, body.prompt, None, None) for i in range(body.n))
             async for ev in events:
                 tokens += ev.num_tokens
+                if ev.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk, scored
+                    yield chunk(ev.choice, body.prompt + ev.text, ev.finish_reason,
+                                _logprobs_json(ev.logprobs, prefix, ev.prompt_logprobs))
+                    continue
                 if not ev.text and ev.finish_reason is None and not ev.logprobs:
                     continue
                 lp = _logprobs_json(ev.logprobs, prefix) if body.logprobs is not None else None

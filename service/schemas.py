@@ -91,7 +91,8 @@ class CompletionBody(_Body, _NullIsDefault):
     """POST /complete."""
     model: ModelName | None = Field(None, description="model name or tag; default: the served text model")
     prompt: str
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: the prompt back (scored "
+                                                                     "with logprobs), nothing generated")
     temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
     top_k: TopK = Field(0, description="0 (or -1) turns it off")
     top_p: float = Field(1.0, gt=0, le=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.continuous import AsyncEngine, ContinuousEngine, EngineStopped, QueueFull, SchedulerConfig
-from models.engine import CompletionRequest, TextEngine
+from models.engine import CompletionBuilder, CompletionRequest, TextEngine
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
@@ -79,6 +79,25 @@ def test_min_tokens_and_ignore_eos_as_in_the_plain_engine_whatever_joins_or_leav
     for gid, comp in zip(ids, want):
         for c in comp.choices:
             assert (tokens[gid][c.index], reasons[gid, c.index]) == (c.token_ids, c.finish_reason)
+
+
+def test_prompt_logprobs_and_max_tokens_zero_as_in_the_plain_engine(engine):
+    reqs = [CompletionRequest("The quick brown fox " * (1 + i), seed=i, max_tokens=[0, 6, 0, 9][i], n=1 + i % 2,
+                              logprobs=[1, 2, None, 0][i], prompt_logprobs=i != 1, echo=i == 2) for i in range(4)]
+    want = engine.complete(reqs)
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=3, max_tokens_per_step=16, prefill_chunk=8))
+    ids = [cont.add(r) for r in reqs]
+    builders = {gid: CompletionBuilder(r) for gid, r in zip(ids, reqs)}
+    while cont.has_work():
+        for ev in cont.step():
+            builders[ev.request].add(ev)
+    assert not cont.groups and sorted(cont.free) == [0, 1, 2]  # the scored-only requests left their slots
+    for gid, w in zip(ids, want):
+        got = builders[gid].build(w.prompt_tokens)
+        for a, b in zip(got.choices, w.choices):
+            assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+            assert [(e.token, e.logprob, e.top) for e in a.prompt_logprobs or []] == \
+                   [(e.token, e.logprob, e.top) for e in b.prompt_logprobs or []]
 
 
 def test_the_plain_engine_on_the_same_model_does_not_disturb_running_sequences(engine):
@@ -233,7 +252,7 @@ def test_async_engine_streams_and_cancels_on_early_exit(engine):
         await stream.aclose()  # the client went away
         assert await wait_until_idle(aeng) == (0, 0)
         with pytest.raises(InvalidParameter):
-            await aeng.generate(CompletionRequest("The", seed=1, max_tokens=0)).__anext__()
+            await aeng.generate(CompletionRequest("The", seed=1, max_tokens=-1)).__anext__()
         aeng.shutdown()
 
     asyncio.run(main())

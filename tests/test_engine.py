@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from models.engine import CompletionRequest, StopScanner, TextEngine, advance_text, reference_generate, token_logprob
+from models.engine import (CompletionRequest, StopScanner, TextEngine, advance_text, reference_generate,
+                           score_prompt, token_logprob)
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
@@ -170,7 +171,7 @@ def test_finish_reason_length(engine):
 
 
 @pytest.mark.parametrize("kw,param", [
-    (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"), (dict(n=99), "n"), (dict(seed=-1), "seed"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(n=0), "n"), (dict(n=99), "n"), (dict(seed=-1), "seed"),
     (dict(seed=2**32), "seed"), (dict(seed=2**32 - 2, n=3), "seed"),  # choice i uses seed + i: 32 bits
     (dict(sampling=SamplingParams(top_k=2**63)), "top_k"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"), (dict(logprobs=9), "logprobs"),
@@ -181,7 +182,7 @@ def test_finish_reason_length(engine):
     (dict(stop="abc"), "stop"), (dict(stop=[1]), "stop"), (dict(prompt=None), "prompt"), (dict(sampling=None), "sampling"),
     (dict(sampling=SamplingParams(top_k=2.5)), "top_k"), (dict(sampling=SamplingParams(temperature="1")), "temperature"),
     (dict(min_tokens=17), "min_tokens"), (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=2.0), "min_tokens"),
-    (dict(ignore_eos=1), "ignore_eos"), (dict(echo="yes"), "echo"),
+    (dict(ignore_eos=1), "ignore_eos"), (dict(echo="yes"), "echo"), (dict(prompt_logprobs=None), "prompt_logprobs"),
 ])
 def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
     req = CompletionRequest(**{"prompt": "The", "seed": 0, **kw})
@@ -264,3 +265,44 @@ def test_min_tokens_and_ignore_eos_hold_end_of_text_back(engine, tok):
         assert {(len(c.token_ids), c.finish_reason) for c in alone.choices} == {want}, kw
         assert [c.token_ids for c in alone.choices] == [c.token_ids for c in batch[2 + reqs.index(r)].choices]
     assert tok.eot_id not in batch[0].choices[0].token_ids
+
+
+def test_prompt_logprobs_score_a_text_as_decoding_it_did(engine, tok):
+    """Scoring prompt + completion gives the completion's tokens the logprobs (and alternatives)
+    the KV-cache decode reported for them: one full forward pass against the cached steps."""
+    made = engine.complete([CompletionRequest("The quick brown", seed=3, max_tokens=12, logprobs=3,
+                                              sampling=SamplingParams(temperature=0.8), ignore_eos=True)])[0].choices[0]
+    prompt = tok.encode("The quick brown")
+    entries = score_prompt(engine.model, tok, prompt + made.token_ids, 3)  # the ids (re-encoding the text may differ)
+    assert len(entries) == len(prompt) + 12
+    assert entries[0].logprob is None and entries[0].top is None and entries[0].offset == 0
+    for got, want in zip(entries[len(prompt):], made.logprobs):
+        assert got.token == want.token and got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert got.top.keys() == want.top.keys()
+        assert got.offset == want.offset + len("The quick brown")
+
+
+def test_max_tokens_zero_scores_a_prompt(engine, tok):
+    text = "The lazy dog jumps over the quick brown fox."
+    scored = engine.complete([CompletionRequest(text, seed=0, max_tokens=0, logprobs=2, prompt_logprobs=True)])[0]
+    c = scored.choices[0]
+    assert (c.text, c.token_ids, c.finish_reason, scored.completion_tokens) == ("", [], "length", 0)
+    assert len(c.prompt_logprobs) == scored.prompt_tokens == len(tok.encode(text))
+    assert "".join(e.token for e in c.prompt_logprobs) == text  # plain ASCII: token names are their texts
+    assert all(text[e.offset:].startswith(e.token) for e in c.prompt_logprobs)
+    assert all(e.logprob <= 0 and len(e.top) == 2 for e in c.prompt_logprobs[1:])
+
+
+def test_echo_prompt_logprobs_and_max_tokens_zero_in_a_batch(engine):
+    reqs = [CompletionRequest("The lazy dog", seed=1, max_tokens=0, echo=True, n=2, logprobs=1, prompt_logprobs=True),
+            CompletionRequest("Return the", seed=2, max_tokens=5),
+            CompletionRequest("This module", seed=3, max_tokens=4, logprobs=0, prompt_logprobs=True),
+            CompletionRequest("fox", seed=4, max_tokens=0)]
+    got = engine.complete(reqs)
+    assert [c.text for c in got[0].choices] == ["The lazy dog"] * 2 and got[0].completion_tokens == 0
+    assert got[0].choices[0].prompt_logprobs == got[0].choices[1].prompt_logprobs
+    assert len(got[0].choices[0].prompt_logprobs) == got[0].prompt_tokens
+    assert got[1].choices[0].token_ids == engine.complete([reqs[1]])[0].choices[0].token_ids  # undisturbed
+    assert len(got[2].choices[0].token_ids) >= 1 and len(got[2].choices[0].prompt_logprobs) == got[2].prompt_tokens
+    assert got[2].choices[0].prompt_logprobs[1].top == {}  # logprobs=0: no alternatives
+    assert (got[3].choices[0].text, got[3].choices[0].finish_reason, got[3].choices[0].prompt_logprobs) == ("", "length", None)

@@ -76,7 +76,7 @@ def test_bad_requests_fail_in_the_server_before_any_work(engine_process):
         return await engine_process.generate(req).__anext__()
 
     with pytest.raises(InvalidParameter) as e:
-        asyncio.run(first(CompletionRequest("The", seed=1, max_tokens=0)))
+        asyncio.run(first(CompletionRequest("The", seed=1, max_tokens=-1)))
     assert e.value.param == "max_tokens"
     with pytest.raises(InvalidParameter) as e:
         asyncio.run(first(CompletionRequest("The", seed=1, n=5)))  # more choices than slots

@@ -165,12 +165,14 @@ def test_complete_echo_logprobs_and_length(client):
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["text"].startswith("def f")
-    lp = choice["logprobs"]
+    lp, usage = choice["logprobs"], r.json()["usage"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
-    assert 1 <= len(lp["tokens"]) <= 4
-    assert all(v <= 0 for v in lp["token_logprobs"])
-    assert all(len(top) <= 2 for top in lp["top_logprobs"])
-    assert lp["text_offset"][0] == len("def f")
+    p = usage["prompt_tokens"]  # the prompt's tokens first (echo scores them), then the generated ones
+    assert len(lp["tokens"]) == p + usage["completion_tokens"] and 1 <= usage["completion_tokens"] <= 4
+    assert "".join(lp["tokens"][:p]) == "def f" and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][p] == len("def f")
 
 
 def test_complete_stop_string_ends_the_text(client):

@@ -97,6 +97,31 @@ def test_a_prompt_past_the_context_is_context_length_exceeded(oai):
     assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_openai_does(oai):
+    """What lm-evaluation-harness and other scorers send (echo, logprobs, max_tokens 0): the
+    prompt's own tokens and logprobs, the first null. Only the generated tokens came back,
+    so a scorer's slices were silently empty."""
+    r = oai.completions.create(model="gpt", prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert (c.text, c.finish_reason, r.usage.completion_tokens) == ("Hello world", "length", 0)
+    assert len(lp.tokens) == r.usage.prompt_tokens and "".join(lp.tokens) == "Hello world"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+
+    kw = dict(model="gpt", prompt="Hello world", max_tokens=4, echo=True, logprobs=1, seed=1)
+    full = oai.completions.create(**kw)
+    lp2, n = full.choices[0].logprobs, len(lp.tokens)
+    assert lp2.tokens[:n] == lp.tokens and lp2.token_logprobs[:n] == lp.token_logprobs
+    assert len(lp2.tokens) == n + full.usage.completion_tokens and lp2.text_offset[n] == len("Hello world")
+    chunks = [ch.choices[0] for ch in oai.completions.create(**kw, stream=True) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == full.choices[0].text
+    assert [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens] == lp2.tokens
+    assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp2.text_offset
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt", prompt="Hello world", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo" in e.value.message
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,

@@ -32,7 +32,7 @@ def _error_param(model, data) -> str:
 
 @pytest.mark.parametrize("data, param", [
     ({}, "prompt"),
-    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "a", "temperature": -0.1}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "min_p": 1}, "min_p"),
