@@ -37,7 +37,7 @@ import torch
 
 from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, Sequence, StreamEvent, TextEngine, TextRequests, decode_mask,
-                           eos_bans, prompt_events, sample_rows)
+                           eos_bans, prompt_entries, prompt_events, sample_rows, score_logits)
 from models.errors import InvalidParameter, is_int
 from models.sampling import SamplingBatch
 
@@ -96,6 +96,8 @@ class _Group:
     seqs: list[Sequence]
     prefilled: int = 0  # prompt tokens already in the cache
     queued_at: float = field(default_factory=time.perf_counter)
+    # With prompt_logprobs: `score_logits` of the prompt's positions prefilled so far
+    scores: tuple[list, list, list] = field(default_factory=lambda: ([], [], []))
 
 
 class ContinuousEngine:
@@ -234,13 +236,18 @@ class ContinuousEngine:
         mask = (torch.arange(kv_len, device=self.device) <= pos.unsqueeze(-1)).unsqueeze(1)  # (G, 1, T, kv)
         rows = torch.tensor([group.seqs[0].slot for group, _, _ in chunks], device=self.device)
         ends = torch.tensor([end - start - 1 for _, start, end in chunks], device=self.device)
-        logits = self.model.forward_cached(idx, pos, mask, rows=rows, logits_at=ends)  # (G, V)
+        hidden = self.model.hidden_cached(idx, pos, mask, rows=rows, prompt_pass=True)  # (G, T, C)
+        logits = self.model.logits(hidden[torch.arange(len(chunks), device=self.device), ends])  # (G, V)
         for i, (group, start, end) in enumerate(chunks):
             group.prefilled = end
+            if group.req.prompt_logprobs:
+                self._score_chunk(group, hidden[i], start, end)
             if end < len(group.prompt):
                 continue
             self.prefilling.remove(group)
-            events += prompt_events(group.id, group.req, group.prompt, self.model, self.engine.tokenizer)
+            scored = (prompt_entries(self.engine.tokenizer, group.prompt, group.scores, group.req.logprobs or 0)
+                      if group.req.prompt_logprobs else None)
+            events += prompt_events(group.id, group.req, scored)
             if group.req.max_tokens == 0:  # nothing to generate: done
                 self._release(group)
                 continue
@@ -250,6 +257,18 @@ class ContinuousEngine:
                     self.model.copy_cache_row(slot, seq.slot, end)
                 self.pending[seq.slot] = logits[i].float()
                 self.decoding[seq.slot] = (group, seq)
+
+    def _score_chunk(self, group: _Group, hidden: torch.Tensor, start: int, end: int) -> None:
+        """Score the prompt tokens that this chunk's positions predict (position j, the token at
+        j + 1), from the prefill pass's own hidden states: the vocabulary's logits for the
+        chunk's positions only, never the whole prompt's at once."""
+        n = min(end, len(group.prompt) - 1) - start  # the last prompt position predicts no prompt token
+        if n <= 0:
+            return
+        targets = torch.tensor(group.prompt[start + 1:start + 1 + n], dtype=torch.long, device=self.device)
+        for scores, chunk in zip(group.scores, score_logits(self.model.logits(hidden[:n]), targets,
+                                                            group.req.logprobs or 0)):
+            scores.extend(chunk)
 
     def _sample(self, events: list[StreamEvent]) -> None:
         if not self.decoding:

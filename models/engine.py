@@ -341,7 +341,9 @@ class TextEngine(TextRequests):
         """`stream`, for requests already validated into their prompts' ids: first each choice's
         echo and prompt logprobs, then the tokens of the requests that generate any."""
         for r, req in enumerate(requests):
-            yield from prompt_events(r, req, prompts[r], self.model, self.tokenizer)
+            k = req.logprobs or 0
+            yield from prompt_events(r, req, score_prompt(self.model, self.tokenizer, prompts[r], k)
+                                     if req.prompt_logprobs else None)
         live = [r for r, req in enumerate(requests) if req.max_tokens > 0]
         for ev in self._decode([requests[r] for r in live], [prompts[r] for r in live]):
             ev.request = live[ev.request]
@@ -411,36 +413,49 @@ class TextEngine(TextRequests):
         return self.model.forward_cached(tokens.unsqueeze(1), pos, mask)[:, -1].float()  # (A, V)
 
 
-def prompt_events(request: int, req: CompletionRequest, prompt: list[int], model: GPT,
-                  tokenizer: Tokenizer) -> list[StreamEvent]:
+def prompt_events(request: int, req: CompletionRequest, prompt_logprobs: list[TokenLogprob] | None
+                  ) -> list[StreamEvent]:
     """Each choice's event before its tokens, when it has one: the echoed prompt, the prompt's
-    logprobs, and for max_tokens 0 the end (finish_reason "length")."""
+    logprobs (scored by the caller), and for max_tokens 0 the end (finish_reason "length")."""
     if not (req.echo or req.prompt_logprobs or req.max_tokens == 0):
         return []
-    scored = score_prompt(model, tokenizer, prompt, req.logprobs or 0) if req.prompt_logprobs else None
     return [StreamEvent(request, c, req.prompt if req.echo else "", 0, [], "length" if req.max_tokens == 0 else None,
-                        prompt_logprobs=scored) for c in range(req.n)]
+                        prompt_logprobs=prompt_logprobs) for c in range(req.n)]
+
+
+def score_logits(logits: Tensor, targets: Tensor, k: int) -> tuple[list, list, list]:
+    """Per row of logits (n, V): the logprob of the next token `targets` (n,) and the k most
+    likely tokens' (values, ids), as Python lists (the layout `token_logprob` reads). A chunk
+    of a prompt at a time: logsumexp, not a float32 log-softmax of the whole prompt's logits."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+    chosen = logits.gather(1, targets.unsqueeze(1)) - lse
+    vals, ids = top_logprobs(logits, k)
+    return chosen.squeeze(1).tolist(), (vals - lse).tolist(), ids.tolist()
+
+
+def prompt_entries(tokenizer: Tokenizer, prompt: list[int], scores: tuple[list, list, list],
+                   k: int) -> list[TokenLogprob]:
+    """The prompt's logprob entries (OpenAI's echo with logprobs), from `score_logits` of its
+    positions 0..len-2 (each scoring the next token): the first token has none, and the offsets
+    count characters as a choice's do."""
+    scanner = StopScanner(tokenizer, [])
+    entries = [TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0)]
+    scanner.push(prompt[0])
+    for i, tok in enumerate(prompt[1:]):
+        entries.append(token_logprob(tokenizer, tok, scores, i, k, scanner))
+        scanner.push(tok)
+    return entries
 
 
 @torch.inference_mode()
 def score_prompt(model: GPT, tokenizer: Tokenizer, prompt: list[int], k: int) -> list[TokenLogprob]:
-    """The logprob of each prompt token given the tokens before it, with the k most likely
-    alternatives (OpenAI's echo with logprobs; the first token has none). One forward pass over
-    the whole prompt, apart from the KV cache: scoring is rare, and a prefill computes the
-    vocabulary's logits at the last position only."""
+    """`prompt_entries` from one forward pass over the whole prompt, apart from any KV cache
+    (the static engine's way; the continuous engine scores each prefill chunk as it goes)."""
     device = model.lm_head.weight.device
     logits, _ = model(torch.tensor([prompt], device=device))
-    logprobs = logits[0, :-1].float().log_softmax(dim=-1)  # row i predicts prompt[i + 1]
-    chosen = logprobs.gather(1, torch.tensor(prompt[1:], device=device).unsqueeze(1)).squeeze(1)
-    vals, ids = top_logprobs(logprobs, k)
-    lp = (chosen.tolist(), vals.tolist(), ids.tolist())
-    scanner = StopScanner(tokenizer, [])  # for the offsets, which count characters as a choice's do
-    entries = [TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0)]
-    scanner.push(prompt[0])
-    for i, tok in enumerate(prompt[1:]):
-        entries.append(token_logprob(tokenizer, tok, lp, i, k, scanner))
-        scanner.push(tok)
-    return entries
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=device)
+    return prompt_entries(tokenizer, prompt, score_logits(logits[0, :-1], targets, k), k)
 
 
 def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None:

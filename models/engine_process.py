@@ -79,16 +79,23 @@ class EngineProcess(EventStreams):
         self._proc.start()
         child_conn.close()
         if not self._conn.poll(start_timeout_s):
-            self._proc.kill()
+            self._abandon()
             raise EngineFailed(f"the text engine process did not start within {start_timeout_s:.0f} s")
         status, detail = self._recv_start()
         if status != "ready":
-            self._proc.join(timeout=5)
+            self._abandon()
             raise EngineFailed(f"the text engine process failed to start: {detail}")
         self._reader = threading.Thread(target=self._read, name="text-engine-reader", daemon=True)
         self._reader.start()
         # Before multiprocessing's own exit handler, which would wait on a child that ignores SIGTERM.
         atexit.register(self.shutdown)
+
+    def _abandon(self) -> None:
+        """A start that failed leaves no process or pipe behind (the server tries again later)."""
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join(timeout=5)
+        self._conn.close()
 
     def _recv_start(self) -> tuple[str, str]:
         try:

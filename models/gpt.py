@@ -240,7 +240,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        logits = self.logits(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -296,7 +296,17 @@ class GPT(nn.Module):
         mask lets a query see only slots at or before its position, so the stale slots past
         a short prompt (right padding) are never read before being overwritten.
         """
-        if self.batch_invariant and logits_at is not None and idx.size(1) == 1:
+        x = self.hidden_cached(idx, pos, mask, rows, prompt_pass=logits_at is not None)
+        if logits_at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), logits_at]  # (B, C)
+        return self.logits(x)  # (B, T, V) or (B, V)
+
+    def hidden_cached(self, idx: Tensor, pos: Tensor, mask: Tensor | None, rows: slice | Tensor = slice(None),
+                      prompt_pass: bool = False) -> Tensor:
+        """`forward_cached` up to the last block: hidden states (B, T, C), for callers that
+        project only some positions to the vocabulary (`logits`). prompt_pass: a prompt's
+        pass rather than a decode step (they differ only in the batch-invariant mode)."""
+        if self.batch_invariant and prompt_pass and idx.size(1) == 1:
             # A one-token prompt pass would take the decode step's arithmetic (one query per
             # row, see invariant_attention); the token twice, at the same position (the same
             # keys written twice to the same slot), makes it a prompt pass like any other.
@@ -306,9 +316,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block, cache in zip(self.transformer.h, self.caches):
             x = block(x, cache, pos, mask, rows, kv_len)
-        if logits_at is not None:
-            x = x[torch.arange(x.size(0), device=x.device), logits_at]  # (B, C)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V) or (B, V)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Next-token logits (..., V) of hidden states (..., C)."""
+        return self.lm_head(self.transformer.ln_f(x))
 
 
 # Hugging Face GPT-2 stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in).

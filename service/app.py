@@ -198,8 +198,8 @@ async def _parse(request: Request, model: type[B]) -> B:
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
                             "'content-type: application/json'", code="unsupported_media_type")
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":  # its bytes would be refused as "not valid JSON", which misleads
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # its bytes would be refused as "not valid JSON", which misleads
         raise ApiError(415, f"content-encoding {encoding!r} is not supported: send the body uncompressed",
                        code="unsupported_media_type")
     length = request.headers.get("content-length")
@@ -435,6 +435,7 @@ class Generation:
         self._ready = threading.Event()
         self._stopping = False  # set by the shutdown hook: the engines' ends are no deaths
         self._threads = 1  # torch threads of each engine process, set when loading
+        self._failed_starts: set[str] = set()  # engines that died and failed to start again
         self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -444,10 +445,11 @@ class Generation:
         return self._ready.is_set() and not self._engine_died()
 
     def __is_alive__(self) -> bool:
-        """False once an engine process has died after start-up (/livez): only a restart brings
-        it back, so a liveness probe lets the orchestrator do it. A model that fails to load
-        keeps the service alive but not ready, with the reason in its log and answers."""
-        return not self._engine_died()
+        """False while an engine that died cannot be started again (/livez; see
+        `_restart_dead_engines`): a liveness probe then lets the orchestrator replace the
+        replica. A model that fails to load at start-up keeps the service alive but not ready,
+        with the reason in its log and answers."""
+        return not self._failed_starts
 
     def _engine_died(self) -> bool:
         return ((self.text_stream is not None and not self.text_stream.alive)
@@ -517,47 +519,60 @@ class Generation:
         a 503, or an error event in a stream). Shutting the whole worker down for BentoML to
         start a new one, as before, left a one-worker server answering nothing for the 10-15 s
         a new worker takes to load every model (connections queued unanswered, whatever model
-        they wanted). A start that fails is tried again after 5, 10, ... up to 60 s; /livez
-        answers 503 while an engine is down, so an orchestrator replaces a replica that does
-        not recover."""
-        backoff = 0.0
+        they wanted). Each engine's start that fails is tried again after 5, 10, ... up to
+        60 s, and /livez answers 503 from its first failure until it is back, so that an
+        orchestrator replaces a replica that does not recover (not while a start is under way:
+        a large model's load may outlast a liveness probe's patience)."""
+        backoff: dict[str, float] = {}  # engine -> seconds to wait after its latest failed start
+        retry_at: dict[str, float] = {}
         while True:
             time.sleep(0.5)
             if self._stopping:  # the engines stop because this worker does: no deaths
                 return
-            if not self._engine_died():
-                continue
             try:
-                if self.text_stream is not None and not self.text_stream.alive:
-                    self._revive_text_engine()
-                for backend in self.images.values():
-                    if backend.failed and not self._stopping:
-                        self._revive_image_worker(backend)
-                backoff = 0.0
-            except Exception as e:
-                backoff = min(60.0, max(5.0, 2 * backoff))
-                logger.error("starting a dead engine again failed (%s: %s); next try in %.0f s",
-                             type(e).__name__, e, backoff)
-                time.sleep(backoff)
+                dead = self._dead_engines()
+            except Exception:  # (a loop closing under a health check, say): the watch goes on
+                logger.exception("checking the engine processes failed")
+                continue
+            for name, revive in dead:
+                if time.monotonic() < retry_at.get(name, 0.0) or self._stopping:
+                    continue
+                try:
+                    revive()
+                    backoff.pop(name, None)
+                    self._failed_starts.discard(name)
+                except Exception as e:  # its own back-off: one engine failing does not hold the others
+                    backoff[name] = min(60.0, max(5.0, 2 * backoff.get(name, 0.0)))
+                    retry_at[name] = time.monotonic() + backoff[name]
+                    self._failed_starts.add(name)
+                    logger.error("starting the %s engine again failed (%s: %s); next try in %.0f s",
+                                 name, type(e).__name__, e, backoff[name])
+
+    def _dead_engines(self) -> list[tuple[str, Callable[[], None]]]:
+        """(name, how to start it again) of each engine process that has died."""
+        dead = [] if self.text_stream is None or self.text_stream.alive else [("text", self._revive_text_engine)]
+        return dead + [(tag, functools.partial(self._revive_image_worker, backend))
+                       for tag, backend in self.images.items() if backend.failed]
 
     def _revive_text_engine(self) -> None:
         logger.error("the text engine has died: starting it again (the other models keep serving)")
         self.text_stream.shutdown()  # its pipe: the process is gone
         started = time.perf_counter()
         fresh = self._text_engine()
-        if self._stopping:  # the worker began stopping meanwhile: its shutdown did not see this one
+        self.text_stream = fresh
+        if self._stopping:  # the worker began stopping meanwhile, maybe before it saw this one
             fresh.shutdown()
             return
-        self.text_stream = fresh
         logger.info("the text engine is back after %.1f s", time.perf_counter() - started)
 
     def _revive_image_worker(self, backend: ImageBackend) -> None:
         dead, tag = backend.worker, backend.served.tag
         logger.error("the image engine of %s has died: starting it again (the other models keep serving)", tag)
-        deadline = time.monotonic() + 5
-        while dead.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the event loop records the death first (and fails its batches in flight)
-        dead.shutdown()
+        while dead.failure is None:  # the event loop records the death first (and fails its batches in flight)
+            if self._stopping:
+                return
+            time.sleep(0.05)
+        dead.shutdown()  # off the loop, now that it is detached
         started = time.perf_counter()
         fresh = self._image_worker(backend)
         try:
@@ -565,10 +580,10 @@ class Generation:
         except Exception:
             fresh.shutdown()
             raise
+        backend.worker = fresh
         if self._stopping:
             fresh.shutdown()
             return
-        backend.worker = fresh
         logger.info("the image engine of %s is back after %.1f s", tag, time.perf_counter() - started)
 
     @bentoml.on_shutdown

@@ -60,14 +60,16 @@ def _post(summary: str, body: str, ok: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
-def _get(summary: str, errors: tuple[str, ...] = ("401", "503")) -> dict[str, Any]:
+def _get(summary: str, errors: tuple[str, ...] = ("401", "503"), parameters: list[dict[str, Any]] | None = None
+         ) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
         "200": {"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}},
         **{k: v for k, v in _errors().items() if k in errors}}}
-    if "{model}" in summary:
-        op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
-                             "description": "name (gpt), name:latest or the full tag"}]
-    return {"get": op}
+    return {"get": {**op, "parameters": parameters} if parameters else op}
+
+
+MODEL_PARAMETER = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "name (gpt), name:latest or the full tag"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,7 +92,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),
             "/models": _get("list models"),
             "/v1/models": _get("openai list models"),
-            "/v1/models/{model}": _get("openai retrieve {model}", ("400", "401", "404", "503")),
+            "/v1/models/{model}": _get("openai retrieve model", ("400", "401", "404", "503"), [MODEL_PARAMETER]),
         },
         "components": {"schemas": schemas},
     }

@@ -111,13 +111,14 @@ class JSONRoutingErrors:
                 return
             if message["type"] == "http.response.start" and (err := _as_json(scope, message)) is not None:
                 replaced = True
-                # The inner middlewares' headers stay (CORS, X-Request-ID, Starlette's Allow):
-                # without CORS's, a browser sees an opaque failure instead of the message.
+                # The headers the answer had stay (CORS's, Starlette's Allow): without CORS's, a
+                # browser sees an opaque failure instead of the message.
                 kept = [(k, v) for k, v in message.get("headers") or []
                         if k.lower() not in (b"content-type", b"content-length")]
-                # and an id, as every routed answer has one (the client's own, when it sent one)
-                asked = dict(scope.get("headers") or []).get(b"x-request-id")
-                kept.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
+                if not any(k.lower() == b"x-request-id" for k, _ in kept):
+                    # an id, as the routes' answers carry (the client's own, when it sent one)
+                    asked = dict(scope.get("headers") or []).get(b"x-request-id")
+                    kept.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
                 await send_error(send, err, kept)
                 return
             await send(message)

@@ -96,8 +96,11 @@ def test_prompt_logprobs_and_max_tokens_zero_as_in_the_plain_engine(engine):
         got = builders[gid].build(w.prompt_tokens)
         for a, b in zip(got.choices, w.choices):
             assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
-            assert [(e.token, e.logprob, e.top) for e in a.prompt_logprobs or []] == \
-                   [(e.token, e.logprob, e.top) for e in b.prompt_logprobs or []]
+            # scored from the chunked, cached prefill here, from one full pass there: float32 rounding apart
+            assert [(e.token, e.offset, list(e.top or [])) for e in a.prompt_logprobs or []] == \
+                   [(e.token, e.offset, list(e.top or [])) for e in b.prompt_logprobs or []]
+            assert [e.logprob for e in a.prompt_logprobs or []] == \
+                   pytest.approx([e.logprob for e in b.prompt_logprobs or []], abs=1e-5)
 
 
 def test_the_plain_engine_on_the_same_model_does_not_disturb_running_sequences(engine):

@@ -569,3 +569,37 @@ def test_a_handler_cancelled_by_the_timeout_is_not_a_client_that_left():
             return "cancelled"
 
     assert asyncio.run(scenario()) == "cancelled"
+
+
+def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_liveness(monkeypatch):
+    """The watchdog starts a dead engine again in its worker; a start that fails is retried
+    after 5 s, then 10 s, ..., and only then does /livez fail (not while a start is under way)."""
+    import types
+
+    import service.app as app
+
+    clock = [0.0]
+    gen = types.SimpleNamespace(_stopping=False, images={}, _failed_starts=set(),
+                                text_stream=types.SimpleNamespace(alive=False))
+    tries: list[float] = []
+    alive_at: list[tuple[float, bool]] = []
+
+    def revive() -> None:
+        tries.append(clock[0])
+        if len(tries) < 3:
+            raise RuntimeError("CUDA out of memory")
+        gen.text_stream = types.SimpleNamespace(alive=True)
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        alive_at.append((clock[0], app.Generation.inner.__is_alive__(gen)))
+        gen._stopping = clock[0] > 30
+
+    monkeypatch.setattr(app, "time", types.SimpleNamespace(sleep=sleep, monotonic=lambda: clock[0],
+                                                           perf_counter=lambda: clock[0]))
+    gen._revive_text_engine = revive
+    gen._dead_engines = types.MethodType(app.Generation.inner._dead_engines, gen)
+    app.Generation.inner._restart_dead_engines(gen)
+    assert [t - tries[0] for t in tries] == [0.0, 5.0, 15.0]
+    assert all(ok for t, ok in alive_at if t <= tries[0]) and all(ok for t, ok in alive_at if t > tries[2])
+    assert not any(ok for t, ok in alive_at if tries[0] < t <= tries[2])
