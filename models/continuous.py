@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from models.decode_graphs import DecodeGraphs
-from models.engine import (CompletionRequest, Sequence, StreamEvent, TextEngine, TextRequests, decode_mask,
-                           eos_bans, prompt_entries, prompt_events, sample_rows, score_logits)
+from models.engine import (CompletionRequest, EosBans, Sequence, StreamEvent, TextEngine, TextRequests,
+                           decode_mask, prompt_entries, prompt_events, sample_rows, score_logits)
 from models.errors import InvalidParameter, is_int
 from models.sampling import SamplingBatch
 
@@ -135,6 +135,7 @@ class ContinuousEngine:
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
         self.on_admit = None  # optional callback(seconds the request waited), for metrics
+        self.eos_bans = EosBans(engine.tokenizer.eot_id, self.device)
         self._batch_cache: tuple[list[tuple[Sequence, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
     @property
@@ -281,7 +282,7 @@ class ContinuousEngine:
         counts = self.counts.index_select(0, index) if counted else None
         seqs = [seq for _, seq in rows]
         tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for s in seqs], want,
-                                 counts, eos_bans(seqs, self.engine.tokenizer.eot_id, self.device))
+                                 counts, self.eos_bans(seqs))
         if penalised:
             self.seen.index_copy_(0, index, seen)
         if counted:
@@ -363,7 +364,8 @@ class EventStreams:
         self._outboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
 
-    def check(self, req: CompletionRequest) -> None:
+    def check(self, req: CompletionRequest) -> list[int]:
+        """The prompt's ids; raises for a request that cannot run now (see `generate`)."""
         raise NotImplementedError
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
@@ -376,12 +378,14 @@ class EventStreams:
         """Why no request can run any more (the engine died, or was shut down), else None."""
         return None
 
-    async def generate(self, req: CompletionRequest) -> AsyncIterator[StreamEvent]:
+    async def generate(self, req: CompletionRequest, checked: bool = False) -> AsyncIterator[StreamEvent]:
         """Yield the request's events until all its choices finish; leaving early cancels it.
 
-        A bad request (InvalidParameter) or a full queue (QueueFull) raises before any event.
+        A bad request (InvalidParameter) or a full queue (QueueFull) raises before any event;
+        `checked`: the caller has just called `check` (which tokenizes the prompt) itself.
         """
-        self.check(req)
+        if not checked:
+            self.check(req)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
         gid = next(self._ids)
@@ -455,10 +459,10 @@ class AsyncEngine(EventStreams):
         self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
         self._thread.start()
 
-    def check(self, req: CompletionRequest) -> None:
+    def check(self, req: CompletionRequest) -> list[int]:
         if (gone := self._gone()) is not None:
             raise gone
-        self.engine.check(req, waiting=self._added - self._taken)
+        return self.engine.check(req, waiting=self._added - self._taken)
 
     def _gone(self) -> Exception | None:
         return EngineStopped("the engine has shut down") if self._stopping else None

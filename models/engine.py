@@ -300,10 +300,6 @@ class TextRequests:
             ids = ids[-room:]
         return ids
 
-    def prompt_tokens(self, req: CompletionRequest) -> int:
-        """Prompt length in tokens as the model sees it (after truncation; an empty prompt is one token)."""
-        return len(self.prompt_ids(req))
-
 
 class TextEngine(TextRequests):
     """A GPT plus its tokenizer, serving batches of completion requests."""
@@ -359,10 +355,11 @@ class TextEngine(TextRequests):
         want_logprobs = max(row.logprobs if row.logprobs is not None else -1 for row in rows)
         logits, seen = self._prefill(prompts, rows)
         counts = torch.zeros_like(logits) if "counts" in params.uses else None  # the completions' tokens
+        bans = EosBans(self.tokenizer.eot_id, self.device)
         active = rows
         while active:
             tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts,
-                                     eos_bans(active, self.tokenizer.eot_id, self.device))
+                                     bans(active))
             keep: list[int] = []
             for j, (row, tok) in enumerate(zip(active, tokens.tolist())):
                 event = row.accept(tok, lp, j, self.tokenizer)
@@ -468,13 +465,22 @@ def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None
     return (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
 
 
-def eos_bans(rows: list[Sequence], eot_id: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
-    """The (rows, tokens) the sampler must not draw this step: end-of-text in the rows that
-    have not yet generated their min_tokens (None when there are none, the usual case)."""
-    banned = [j for j, row in enumerate(rows) if len(row.tokens) < row.min_tokens]
-    if not banned:
-        return None
-    return torch.tensor(banned, device=device), torch.full((len(banned),), eot_id, device=device)
+class EosBans:
+    """The (rows, tokens) the sampler must not draw at a step: end-of-text in the rows that have
+    not yet generated their min_tokens (None when there are none, the usual case). Built again
+    only when that set of rows changes: on a GPU each build is two host-to-device copies, which
+    a load test's ignore_eos would otherwise pay at every step."""
+
+    def __init__(self, eot_id: int, device: torch.device):
+        self.eot_id, self.device = eot_id, device
+        self._last: tuple[tuple[int, ...], tuple[Tensor, Tensor] | None] = ((), None)
+
+    def __call__(self, rows: list[Sequence]) -> tuple[Tensor, Tensor] | None:
+        banned = tuple(j for j, row in enumerate(rows) if len(row.tokens) < row.min_tokens)
+        if banned != self._last[0]:
+            self._last = (banned, (torch.tensor(banned, device=self.device),
+                                   torch.full((len(banned),), self.eot_id, device=self.device)) if banned else None)
+        return self._last[1]
 
 
 def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int,

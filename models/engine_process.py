@@ -105,13 +105,14 @@ class EngineProcess(EventStreams):
             return "failed", f"it exited with code {self._proc.exitcode}"
 
     # --- the server's side ------------------------------------------------------------------
-    def check(self, req: CompletionRequest) -> None:
-        """Raise InvalidParameter for a bad request, QueueFull when the queue is at its limit,
-        EngineFailed when the engine is gone: before any work, so the service can answer 4xx/503."""
+    def check(self, req: CompletionRequest) -> list[int]:
+        """The prompt's ids; InvalidParameter for a bad request, QueueFull when the queue is at its
+        limit, EngineFailed when the engine is gone: before any work, so the service can answer
+        4xx/503."""
         if (gone := self._gone()) is not None:
             raise gone
         running, waiting = self.stats()
-        check_request(self.requests, self.cfg, req, waiting, running)
+        return check_request(self.requests, self.cfg, req, waiting, running)
 
     def _gone(self) -> Exception | None:
         return EngineFailed(self._failure) if self._failure is not None else None

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from models.engine import (CompletionRequest, StopScanner, TextEngine, advance_text, reference_generate,
+from models.engine import (CompletionRequest, EosBans, StopScanner, TextEngine, advance_text, reference_generate,
                            score_prompt, token_logprob)
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
@@ -306,3 +306,16 @@ def test_echo_prompt_logprobs_and_max_tokens_zero_in_a_batch(engine):
     assert len(got[2].choices[0].token_ids) >= 1 and len(got[2].choices[0].prompt_logprobs) == got[2].prompt_tokens
     assert got[2].choices[0].prompt_logprobs[1].top == {}  # logprobs=0: no alternatives
     assert (got[3].choices[0].text, got[3].choices[0].finish_reason, got[3].choices[0].prompt_logprobs) == ("", "length", None)
+
+
+def test_eos_bans_are_built_again_only_when_the_banned_rows_change(tok):
+    import types
+
+    bans = EosBans(tok.eot_id, torch.device("cpu"))
+    rows = [types.SimpleNamespace(tokens=[], min_tokens=2), types.SimpleNamespace(tokens=[], min_tokens=0)]
+    first = bans(rows)
+    assert first[0].tolist() == [0] and first[1].tolist() == [tok.eot_id]
+    rows[0].tokens.append(5)
+    assert bans(rows) is first  # the same rows: no new tensors (host-to-device copies on a GPU)
+    rows[0].tokens.append(6)
+    assert bans(rows) is None and bans(rows[::-1]) is None
