@@ -44,6 +44,9 @@ class CompletionRequest:
     # in each choice's first event: what scoring a text needs (OpenAI's echo with logprobs);
     # with max_tokens 0 nothing is generated.
     prompt_logprobs: bool = False
+    # The model's input as token ids (OpenAI's token-array prompts) instead of `prompt`
+    # tokenized; `prompt` stays the text that echo returns.
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -237,6 +240,8 @@ def check_types(req: CompletionRequest) -> None:
         raise wrong("logprobs", "an integer or None")
     if not isinstance(req.prompt, str):
         raise wrong("prompt", "a string")
+    if req.prompt_ids is not None and not (isinstance(req.prompt_ids, list) and all(map(is_int, req.prompt_ids))):
+        raise InvalidParameter("prompt", f"token ids must be a list of integers, got {req.prompt_ids!r:.80}")
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise wrong("stop", "a list of strings")
     if not isinstance(req.sampling, SamplingParams):
@@ -281,6 +286,10 @@ class TextRequests:
             raise InvalidParameter("stop", f"at most {MAX_STOP} non-empty strings")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
+        vocab = self.tokenizer.vocab_size
+        if req.prompt_ids is not None and (bad := [t for t in req.prompt_ids if not 0 <= t < vocab]):
+            raise InvalidParameter("prompt", f"token ids must be in [0, {vocab}) (the tokenizer's vocabulary), "
+                                             f"got {bad[0]}")
         req.sampling.validate()
         if req.sampling.logit_bias and (top := max(t for t, _ in req.sampling.logit_bias)) >= self.tokenizer.vocab_size:
             raise InvalidParameter("logit_bias", f"token ids must be below the vocabulary's "
@@ -289,7 +298,8 @@ class TextRequests:
 
     def prompt_ids(self, req: CompletionRequest) -> list[int]:
         """The prompt as the model sees it; InvalidParameter when it does not fit the context."""
-        ids = self.tokenizer.encode(req.prompt) or [self.tokenizer.eot_id]  # empty prompt: start of a document
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else self.tokenizer.encode(req.prompt)
+        ids = ids or [self.tokenizer.eot_id]  # empty prompt: start of a document
         room = self.block_size - req.max_tokens
         if len(ids) > room:
             if not req.truncate:

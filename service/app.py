@@ -15,6 +15,7 @@ raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -397,9 +398,9 @@ def _logprobs_json(items: list[TokenLogprob], prefix: int, prompt: list[TokenLog
             "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
 
 
-def _pick_seed(seed: int | None) -> int:
-    # Leave room for seed + i (i < n) to stay inside the documented range.
-    return seed if seed is not None else secrets.randbelow(MAX_SEED + 1 - MAX_N)
+def _pick_seed(seed: int | None, count: int = MAX_N) -> int:
+    # Leave room for seed + i (i < count: the request's choices or images) to stay inside the range.
+    return seed if seed is not None else secrets.randbelow(MAX_SEED + 2 - count)
 
 
 @bentoml.asgi_app(routes, path="/")
@@ -633,48 +634,58 @@ class Generation:
     async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
         engine: TextRequests = self._ready_or_503(self.text)
         served = self._check_model(body.model, "text")
-        if len(body.prompt) > engine.max_prompt_chars:
-            raise ApiError(400, f"prompt has {len(body.prompt)} characters; the limit is "
-                                f"{engine.max_prompt_chars}", "prompt", code="prompt_too_long")
+        prompts = body.prompts()
+        for p in prompts:
+            if isinstance(p, str) and len(p) > engine.max_prompt_chars:
+                raise ApiError(400, f"prompt has {len(p)} characters; the limit is {engine.max_prompt_chars}",
+                               "prompt", code="prompt_too_long")
         if body.max_tokens == 0 and not body.echo:  # OpenAI's rule: 0 returns the prompt, scored
             raise ApiError(400, "max_tokens: 0 is only allowed with echo (the prompt back, with logprobs scored)",
                            "max_tokens")
-        seed = _pick_seed(body.seed)
-        req = CompletionRequest(
-            prompt=body.prompt, seed=seed, max_tokens=body.max_tokens,
+        n, choices = body.n, len(prompts) * body.n  # choice j: prompt j // n, its choice j % n, seed + j
+        if body.seed is not None and body.seed + choices - 1 > MAX_SEED:
+            raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} choices (choice j "
+                                f"uses seed + j, at most {MAX_SEED}), got {body.seed}", "seed")
+        seed = _pick_seed(body.seed, choices)
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]  # what echo returns
+        reqs = [CompletionRequest(
+            prompt=text, prompt_ids=None if isinstance(p, str) else p, seed=seed + i * n, max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
-            stop=list(body.stop), n=body.n, logprobs=body.logprobs,
+            stop=list(body.stop), n=n, logprobs=body.logprobs,
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
-        )
-        # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms); its
-        # length as the model sees it (an empty prompt is one end-of-text token) is the usage.
-        prompt_tokens = len(_checked(self.text_stream, req))
+        ) for i, (p, text) in enumerate(zip(prompts, texts))]
+        # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms); their
+        # lengths as the model sees them (an empty prompt is one end-of-text token) are the usage.
+        prompt_tokens = sum(len(_checked(self.text_stream, req)) for req in reqs)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
-        events = self.text_stream.generate(req, checked=True)
+        streams = [self.text_stream.generate(req, checked=True) for req in reqs]
+        events = streams[0] if len(streams) == 1 else _merged(streams, n)
         arrived = time.perf_counter()
         # The first event comes once the request is admitted: a client that leaves while it
         # queues takes it out of the queue, streaming or not.
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left(head["id"])
         events = self._measured(_chain(first, events), arrived)
+        echoed = [texts[j // n] if body.echo else "" for j in range(choices)]  # each choice's prefix
         if body.stream:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
-            return SSEResponse(self._stream(events, body, head, prompt_tokens, openai, include_usage))
-        if (result := await _until_disconnected(_collect(events, req, prompt_tokens), request)) is None:
+            return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage))
+        all_choices = dataclasses.replace(reqs[0], n=choices)  # what the builder reads: choices, logprobs
+        if (result := await _until_disconnected(_collect(events, all_choices, prompt_tokens), request)) is None:
             return _client_left(head["id"])
-        prefix = body.prompt if body.echo else ""
-        choices = [{
-            "index": c.index, "text": prefix + c.text,
+        answer = [{
+            "index": c.index, "text": echoed[c.index] + c.text,
             "finish_reason": _finish_reason(c.finish_reason, openai),
-            "logprobs": _logprobs_json(c.logprobs, len(prefix), c.prompt_logprobs) if c.logprobs is not None else None,
+            "logprobs": (_logprobs_json(c.logprobs, len(echoed[c.index]), c.prompt_logprobs)
+                         if c.logprobs is not None else None),
         } for c in result.choices]
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
                  "total_tokens": prompt_tokens + result.completion_tokens}
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return JSONResponse({**head, "choices": answer, "usage": usage})
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
         """Pass events through, measuring time to first token and inter-token latency."""
@@ -692,7 +703,8 @@ class Generation:
             await events.aclose()  # leaving early cancels the request in the engine
 
     async def _stream(self, events: AsyncIterator[StreamEvent], body: CompletionBody, head: dict[str, Any],
-                      prompt_tokens: int, openai: bool, include_usage: bool) -> AsyncIterator[bytes]:
+                      echoed: list[str], prompt_tokens: int, openai: bool, include_usage: bool
+                      ) -> AsyncIterator[bytes]:
         """SSE in the OpenAI layout: a chunk per event that released text, finished a choice or
         carries logprobs. Closing this generator (client gone) cancels the generation."""
 
@@ -700,20 +712,20 @@ class Generation:
             return sse_event({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                                    "finish_reason": _finish_reason(finish, openai)}]})
 
-        prefix = len(body.prompt) if body.echo else 0
         tokens = 0
         try:
             if body.echo and body.logprobs is None:
-                yield b"".join(chunk(i, body.prompt, None, None) for i in range(body.n))
+                yield b"".join(chunk(j, text, None, None) for j, text in enumerate(echoed))
             async for ev in events:
                 tokens += ev.num_tokens
+                prefix = echoed[ev.choice]
                 if ev.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk, scored
-                    yield chunk(ev.choice, body.prompt + ev.text, ev.finish_reason,
-                                _logprobs_json(ev.logprobs, prefix, ev.prompt_logprobs))
+                    yield chunk(ev.choice, prefix + ev.text, ev.finish_reason,
+                                _logprobs_json(ev.logprobs, len(prefix), ev.prompt_logprobs))
                     continue
                 if not ev.text and ev.finish_reason is None and not ev.logprobs:
                     continue
-                lp = _logprobs_json(ev.logprobs, prefix) if body.logprobs is not None else None
+                lp = _logprobs_json(ev.logprobs, len(prefix)) if body.logprobs is not None else None
                 yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": {
@@ -722,8 +734,9 @@ class Generation:
             yield SSE_DONE
         # Headers are gone already (a 200): report in-band, as OpenAI does, then end the stream;
         # count the error as the status it would have had.
-        except EngineFailed as e:  # the engine process died (its reader has logged it)
-            err = _engine_unavailable(e)
+        except (EngineFailed, QueueFull) as e:  # the engine process died (its reader has logged it), or
+            # refused one of several prompts (its own check, raced past the server's)
+            err = _engine_unavailable(e) if isinstance(e, EngineFailed) else Overloaded(str(e), RETRY_AFTER_S)
             _count_stream_error(openai, err.status)
             yield sse_event(err.body())
         except Exception:
@@ -853,6 +866,36 @@ def _client_left(completion_id: str) -> Response:
     return Response(status_code=499)
 
 
+async def _merged(streams: list[AsyncIterator[StreamEvent]], n: int) -> AsyncIterator[StreamEvent]:
+    """The events of one request's prompts (stream i: prompt i's n choices) as they come, each
+    choice numbered as OpenAI numbers them: prompt i's choice c is choice i * n + c. An error in
+    any stream ends the whole; closing this closes them all (cancelling their generation)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[StreamEvent]) -> None:
+        try:
+            async for ev in stream:
+                queue.put_nowait(dataclasses.replace(ev, choice=i * n + ev.choice))
+            queue.put_nowait(done)
+        except Exception as e:
+            queue.put_nowait(e)
+
+    pumps = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        for _ in streams:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
 async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
     try:
         yield first
@@ -870,6 +913,8 @@ async def _collect(events: AsyncIterator[StreamEvent], req: CompletionRequest, p
             builder.add(ev)
     except EngineFailed as e:
         raise _engine_unavailable(e) from None
+    except QueueFull as e:  # one of several prompts refused by the engine process's own check
+        raise Overloaded(str(e), RETRY_AFTER_S) from None
     return builder.build(prompt_tokens)
 
 

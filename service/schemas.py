@@ -123,6 +123,9 @@ class CompletionBody(_Body, _NullIsDefault):
                 raise ValueError(f"biases are in [-100, 100], got {bias:g} for {key}")
         return v
 
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt]
+
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
@@ -147,20 +150,29 @@ class StreamOptions(_Body, _NullIsDefault):
     include_obfuscation: bool = True
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKENS_LIMIT)]
+
+
 class OpenAICompletionBody(CompletionBody):
     """POST /v1/completions: the OpenAI legacy completions request (the fields we honour)."""
     model: ModelName
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]  # type: ignore[assignment]
+    # OpenAI's four forms: a string, several, a token array, several (LangChain's OpenAI LLM
+    # sends its prompts in batches; scorers send token ids)
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]  # type: ignore[assignment]
+             | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted for compatibility, but only at their neutral values (we do not implement them).
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        return v if isinstance(v, str) else v[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: its text, or its token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        return [p] if isinstance(p[0], int) else list(p)
 
     def unsupported(self) -> ApiError | None:
         if self.best_of is not None and self.best_of < self.n:  # OpenAI refuses it too

@@ -319,3 +319,14 @@ def test_eos_bans_are_built_again_only_when_the_banned_rows_change(tok):
     assert bans(rows) is first  # the same rows: no new tensors (host-to-device copies on a GPU)
     rows[0].tokens.append(6)
     assert bans(rows) is None and bans(rows[::-1]) is None
+
+
+def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
+    text = CompletionRequest("The quick brown", seed=5, max_tokens=8)
+    ids = CompletionRequest("", seed=5, max_tokens=8, prompt_ids=tok.encode("The quick brown"))
+    got = engine.complete([text, ids])
+    assert got[0].choices[0].token_ids == got[1].choices[0].token_ids and got[0].prompt_tokens == got[1].prompt_tokens
+    for bad in ([tok.vocab_size], [-1], [1.0], "12"):
+        with pytest.raises(InvalidParameter) as e:
+            engine.validate(CompletionRequest("", seed=0, prompt_ids=bad))
+        assert e.value.param == "prompt"

@@ -9,6 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
+from models.tokenizer import Tokenizer
 from service.encode import png_parameters
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,41 @@ def test_echo_with_logprobs_scores_the_prompt_as_openai_does(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="gpt", prompt="Hello world", max_tokens=0)
     assert e.value.body["param"] == "max_tokens" and "echo" in e.value.message
+
+
+def test_several_prompts_and_token_arrays_as_openai_takes_them(oai, bentoml_home):
+    """OpenAI's prompt forms: several strings (LangChain's OpenAI LLM batches its prompts so),
+    a token array, several. Choice j is prompt j // n's choice j % n, with seed + j; they were
+    400s past one string."""
+    one = [oai.completions.create(model="gpt", prompt=p, max_tokens=5, seed=20 + i, logprobs=0)
+           for i, p in enumerate(["The quick", "A lazy", "Return"])]
+    batch = oai.completions.create(model="gpt", prompt=["The quick", "A lazy", "Return"], max_tokens=5, seed=20,
+                                   logprobs=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [r.choices[0].text for r in one]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in one)
+    assert batch.usage.completion_tokens == sum(r.usage.completion_tokens for r in one)
+    two = oai.completions.create(model="gpt", prompt=["The quick", "A lazy"], max_tokens=5, seed=20, n=2)
+    assert [two.choices[j].text for j in (0, 2)] == [one[0].choices[0].text, one[2].choices[0].text]  # seed + j
+    chunks = [ch.choices[0] for ch in oai.completions.create(model="gpt", prompt=["The quick", "A lazy", "Return"],
+                                                              max_tokens=5, seed=20, stream=True) if ch.choices]
+    assert ["".join(ch.text for ch in chunks if ch.index == j) for j in range(3)] == [c.text for c in batch.choices]
+
+    gpt = bentoml_home / "models" / "gpt"
+    tok = Tokenizer.load(gpt / (gpt / "latest").read_text().strip() / "tokenizer.json")
+    ids = tok.encode("The quick")
+    as_ids = oai.completions.create(model="gpt", prompt=[ids, tok.encode("Return")], max_tokens=5, seed=20,
+                                    logprobs=0, echo=True)
+    assert as_ids.choices[0].text == "The quick" + one[0].choices[0].text  # echo: the ids' text
+    assert as_ids.usage.prompt_tokens == len(ids) + len(tok.encode("Return"))
+    assert oai.completions.create(model="gpt", prompt=ids, max_tokens=5, seed=20).choices[0].text == \
+        one[0].choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:  # past the tokenizer's vocabulary
+        oai.completions.create(model="gpt", prompt=[5, 10**6], max_tokens=3)
+    assert e.value.body["param"] == "prompt" and "token ids" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # seed + j past 32 bits for the last choice
+        oai.completions.create(model="gpt", prompt=["a", "b"], max_tokens=3, seed=2**32 - 1)
+    assert e.value.body["param"] == "seed"
 
 
 def test_completions_stream(oai):

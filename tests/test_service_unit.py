@@ -84,10 +84,13 @@ def test_null_means_the_default_on_every_route_but_not_for_a_required_field(body
     assert err.param == "prompt" and "valid string" in err.message
 
 
-def test_openai_body_takes_one_prompt_and_refuses_unimplemented_knobs():
+def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs():
     body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": ["only one"]})
-    assert body.prompt == "only one" and body.unsupported() is None
-    assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": ["a", "b"]}) == "prompt"
+    assert body.prompts() == ["only one"] and body.unsupported() is None
+    for prompt, prompts in [(["a", "b"], ["a", "b"]), ([5, 7], [[5, 7]]), ([[5], [7, 8]], [[5], [7, 8]])]:
+        assert OpenAICompletionBody.model_validate({"model": "gpt", "prompt": prompt}).prompts() == prompts
+    for bad in ([], [[]], ["a", 1], [-1], [True], [1.5], ["a"] * 17):
+        assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": bad}) == "prompt", bad
     assert OpenAICompletionBody.model_validate(
         {"model": "gpt", "prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1}).unsupported() is None
     assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": "a", "frequency_penalty": 2.5}) == \
@@ -397,7 +400,7 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
 
     async def stream() -> list[bytes]:
         body = CompletionBody.model_validate({"prompt": "Hi", "stream": True})
-        gen = service_app.Generation.inner._stream(None, dies_after_one_token(), body, {"id": "cmpl-1"}, 1,
+        gen = service_app.Generation.inner._stream(None, dies_after_one_token(), body, {"id": "cmpl-1"}, [""], 1,
                                                    False, False)
         return [chunk async for chunk in gen]
 
@@ -603,3 +606,32 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
     assert [t - tries[0] for t in tries] == [0.0, 5.0, 15.0]
     assert all(ok for t, ok in alive_at if t <= tries[0]) and all(ok for t, ok in alive_at if t > tries[2])
     assert not any(ok for t, ok in alive_at if tries[0] < t <= tries[2])
+
+
+def test_several_prompts_merge_their_events_and_close_together():
+    """One request with several prompts: choices numbered prompt * n + choice, in arrival order;
+    closing the merged stream (the client left) closes every prompt's stream (cancelling it)."""
+    import service.app as service_app
+    from models.engine import StreamEvent
+
+    closed: list[int] = []
+
+    async def prompt_stream(i: int, events: int):
+        try:
+            for k in range(events):
+                await asyncio.sleep(0.001 * (i + 1))
+                yield StreamEvent(i, k % 2, f"{i}{k}", 1, [], None)
+        finally:
+            closed.append(i)
+
+    async def scenario():
+        merged = service_app._merged([prompt_stream(0, 4), prompt_stream(1, 4)], n=2)
+        got = [(ev.choice, ev.text) async for ev in merged]
+        early = service_app._merged([prompt_stream(0, 100), prompt_stream(1, 100)], n=2)
+        await early.__anext__()
+        await early.aclose()
+        return got
+
+    got = asyncio.run(scenario())
+    assert sorted(got) == [(0, "00"), (0, "02"), (1, "01"), (1, "03"), (2, "10"), (2, "12"), (3, "11"), (3, "13")]
+    assert sorted(closed) == [0, 0, 1, 1]  # both runs: every stream closed
