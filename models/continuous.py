@@ -364,8 +364,9 @@ class EventStreams:
         self._outboxes: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
 
-    def check(self, req: CompletionRequest) -> list[int]:
-        """The prompt's ids; raises for a request that cannot run now (see `generate`)."""
+    def check(self, req: CompletionRequest, ahead: int = 0) -> list[int]:
+        """The prompt's ids; raises for a request that cannot run now (see `generate`), counting
+        `ahead` requests about to queue before it."""
         raise NotImplementedError
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
@@ -459,10 +460,10 @@ class AsyncEngine(EventStreams):
         self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
         self._thread.start()
 
-    def check(self, req: CompletionRequest) -> list[int]:
+    def check(self, req: CompletionRequest, ahead: int = 0) -> list[int]:
         if (gone := self._gone()) is not None:
             raise gone
-        return self.engine.check(req, waiting=self._added - self._taken)
+        return self.engine.check(req, waiting=self._added - self._taken + ahead)
 
     def _gone(self) -> Exception | None:
         return EngineStopped("the engine has shut down") if self._stopping else None

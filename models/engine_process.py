@@ -105,14 +105,14 @@ class EngineProcess(EventStreams):
             return "failed", f"it exited with code {self._proc.exitcode}"
 
     # --- the server's side ------------------------------------------------------------------
-    def check(self, req: CompletionRequest) -> list[int]:
+    def check(self, req: CompletionRequest, ahead: int = 0) -> list[int]:
         """The prompt's ids; InvalidParameter for a bad request, QueueFull when the queue is at its
-        limit, EngineFailed when the engine is gone: before any work, so the service can answer
-        4xx/503."""
+        limit (counting `ahead` requests about to queue before this one), EngineFailed when the
+        engine is gone: before any work, so the service can answer 4xx/503."""
         if (gone := self._gone()) is not None:
             raise gone
         running, waiting = self.stats()
-        return check_request(self.requests, self.cfg, req, waiting, running)
+        return check_request(self.requests, self.cfg, req, waiting + ahead, running)
 
     def _gone(self) -> Exception | None:
         return EngineFailed(self._failure) if self._failure is not None else None

@@ -543,6 +543,8 @@ class Generation:
                     backoff.pop(name, None)
                     self._failed_starts.discard(name)
                 except Exception as e:  # its own back-off: one engine failing does not hold the others
+                    if self._stopping:  # ended by the worker's own stop, not a failure
+                        return
                     backoff[name] = min(60.0, max(5.0, 2 * backoff.get(name, 0.0)))
                     retry_at[name] = time.monotonic() + backoff[name]
                     self._failed_starts.add(name)
@@ -642,23 +644,30 @@ class Generation:
         if body.max_tokens == 0 and not body.echo:  # OpenAI's rule: 0 returns the prompt, scored
             raise ApiError(400, "max_tokens: 0 is only allowed with echo (the prompt back, with logprobs scored)",
                            "max_tokens")
+        cfg = self.text_stream.cfg
+        if len(prompts) > cfg.max_running + cfg.max_waiting:  # each prompt queues as one request
+            raise ApiError(400, f"at most {cfg.max_running + cfg.max_waiting} prompts in one request on this server "
+                                f"(CONDGEN_TEXT_MAX_RUNNING + CONDGEN_TEXT_MAX_WAITING), got {len(prompts)}", "prompt")
         n, choices = body.n, len(prompts) * body.n  # choice j: prompt j // n, its choice j % n, seed + j
         if body.seed is not None and body.seed + choices - 1 > MAX_SEED:
             raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} choices (choice j "
                                 f"uses seed + j, at most {MAX_SEED}), got {body.seed}", "seed")
         seed = _pick_seed(body.seed, choices)
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]  # what echo returns
         reqs = [CompletionRequest(
-            prompt=text, prompt_ids=None if isinstance(p, str) else p, seed=seed + i * n, max_tokens=body.max_tokens,
+            prompt=p if isinstance(p, str) else "", prompt_ids=None if isinstance(p, str) else p, seed=seed + i * n,
+            max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
             stop=list(body.stop), n=n, logprobs=body.logprobs,
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
-        ) for i, (p, text) in enumerate(zip(prompts, texts))]
-        # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms); their
-        # lengths as the model sees them (an empty prompt is one end-of-text token) are the usage.
-        prompt_tokens = sum(len(_checked(self.text_stream, req)) for req in reqs)
+        ) for i, p in enumerate(prompts)]
+        # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
+        # request's prompts counted together against the queue; their lengths as the model sees
+        # them (an empty prompt is one end-of-text token) are the usage.
+        prompt_tokens = sum(len(_checked(self.text_stream, req, ahead=i)) for i, req in enumerate(reqs))
+        # what echo returns (token ids decoded once they are known to be the vocabulary's)
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
         streams = [self.text_stream.generate(req, checked=True) for req in reqs]
@@ -821,7 +830,7 @@ class Generation:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:
             if not self._stopping:
-                logger.error("the worker process of %s has died; /readyz and /livez now answer 503", tag)
+                logger.error("the worker process of %s has died; /readyz answers 503 until it is started again", tag)
             for job in jobs:
                 fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))
             return
@@ -841,10 +850,11 @@ def _engine_unavailable(e: EngineFailed) -> ApiError:
     return ApiError(503, f"the text engine is not available: {e}", type="server_error")
 
 
-def _checked(engine: EngineProcess, req: CompletionRequest) -> list[int]:
-    """The prompt's ids; a full queue is a 429, a dead engine a 503, before any work."""
+def _checked(engine: EngineProcess, req: CompletionRequest, ahead: int = 0) -> list[int]:
+    """The prompt's ids; a full queue is a 429, a dead engine a 503, before any work. `ahead`:
+    requests of the same caller that will queue before this one (its other prompts)."""
     try:
-        return engine.check(req)
+        return engine.check(req, ahead)
     except QueueFull as e:
         raise Overloaded(str(e), RETRY_AFTER_S) from None
     except EngineFailed as e:

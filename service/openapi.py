@@ -72,12 +72,25 @@ MODEL_PARAMETER = {"name": "model", "in": "path", "required": True, "schema": {"
                    "description": "name (gpt), name:latest or the full tag"}
 
 
+def _null_means_default(schema: dict[str, Any]) -> None:
+    """Let every optional property be null, as the routes take it (`_NullIsDefault`: null means
+    the default, and OpenAI's client sends such nulls); pydantic's schema says what a value
+    must be once given."""
+    for name, prop in schema["properties"].items():
+        if name in schema.get("required", ()) or {"type": "null"} in prop.get("anyOf", ()):
+            continue
+        docs = {k: prop.pop(k) for k in ("default", "description", "title") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **docs}
+
+
 @functools.lru_cache(maxsize=1)
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody)],
         ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
+    for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions"):
+        _null_means_default(schemas[name])
     obj = {"application/json": {"schema": {"type": "object"}}}
     return {
         "openapi": "3.1.0",

@@ -167,6 +167,24 @@ class OpenAICompletionBody(CompletionBody):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_of_four_forms(cls, v: Any) -> Any:
+        """One clear message for the usual mistakes, before the union's error for each form."""
+        forms = "a string, a list of strings, a token array or a list of token arrays"
+        if not isinstance(v, (str, list)) or v == [] or (isinstance(v, list) and (
+                len({type(x) for x in v}) > 1 or not isinstance(v[0], (str, int, list)))):
+            raise ValueError(f"must be {forms} (each non-empty, one kind)")
+        if isinstance(v, str):
+            return v
+        if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
+        for ids in [v] if isinstance(v[0], int) else v if isinstance(v[0], list) else []:
+            if not (isinstance(ids, list) and 1 <= len(ids) <= MAX_TOKENS_LIMIT
+                    and all(type(t) is int and t >= 0 for t in ids)):
+                raise ValueError(f"a token array holds 1 to {MAX_TOKENS_LIMIT} integers >= 0")
+        return v
+
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: its text, or its token ids."""
         p = self.prompt

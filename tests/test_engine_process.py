@@ -189,6 +189,15 @@ def test_a_request_checked_by_its_caller_is_not_tokenized_again(engine_process, 
     assert asyncio.run(run()) >= 1 and prompt == encode("The quick brown") and len(calls) == 1
 
 
+def test_a_callers_requests_about_to_queue_count_against_the_queue(engine_process):
+    """Several prompts of one request are checked one after the other before any is queued:
+    each counts those ahead of it (4 slots + 8 waiting here)."""
+    req = CompletionRequest("The", seed=1, max_tokens=2)
+    assert engine_process.check(req, ahead=11)
+    with pytest.raises(QueueFull):
+        engine_process.check(req, ahead=12)
+
+
 def test_errors_and_requests_survive_the_pipe(model_dir):
     e = pickle.loads(pickle.dumps(InvalidParameter("top_p", "must be in (0, 1]")))
     assert (e.param, e.message, str(e)) == ("top_p", "must be in (0, 1]", "top_p: must be in (0, 1]")

@@ -323,8 +323,12 @@ def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
                                  "/v1/images/generations", "/v1/models", "/v1/models/{model}"}
     assert doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     assert "408" in doc["paths"]["/complete"]["post"]["responses"]
+    for name in ("CompletionBody", "OpenAICompletionBody", "ImageBody", "OpenAIImageBody", "StreamOptions"):
+        schema = doc["components"]["schemas"][name]  # null means the default, as the routes take it
+        for field, prop in schema["properties"].items():
+            assert (field in schema.get("required", [])) != ({"type": "null"} in prop.get("anyOf", [])), (name, field)
     body = doc["components"]["schemas"]["CompletionBody"]
-    assert body["additionalProperties"] is False and body["properties"]["n"]["maximum"] == 16
+    assert body["additionalProperties"] is False and body["properties"]["n"]["anyOf"][0]["maximum"] == 16
     assert "429" in doc["paths"]["/generate"]["post"]["responses"]
     json.dumps(doc)  # serialisable as served
 

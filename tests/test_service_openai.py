@@ -150,9 +150,10 @@ def test_several_prompts_and_token_arrays_as_openai_takes_them(oai, bentoml_home
     assert as_ids.usage.prompt_tokens == len(ids) + len(tok.encode("Return"))
     assert oai.completions.create(model="gpt", prompt=ids, max_tokens=5, seed=20).choices[0].text == \
         one[0].choices[0].text
-    with pytest.raises(openai.BadRequestError) as e:  # past the tokenizer's vocabulary
-        oai.completions.create(model="gpt", prompt=[5, 10**6], max_tokens=3)
-    assert e.value.body["param"] == "prompt" and "token ids" in e.value.message
+    for ids in ([5, 10**6], [[5], [2**40]]):  # past the tokenizer's vocabulary (2**40 was a 500: decoded first)
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model="gpt", prompt=ids, max_tokens=3, echo=True)
+        assert e.value.body["param"] == "prompt" and "token ids" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:  # seed + j past 32 bits for the last choice
         oai.completions.create(model="gpt", prompt=["a", "b"], max_tokens=3, seed=2**32 - 1)
     assert e.value.body["param"] == "seed"

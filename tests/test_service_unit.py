@@ -87,7 +87,8 @@ def test_null_means_the_default_on_every_route_but_not_for_a_required_field(body
 def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs():
     body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": ["only one"]})
     assert body.prompts() == ["only one"] and body.unsupported() is None
-    for prompt, prompts in [(["a", "b"], ["a", "b"]), ([5, 7], [[5, 7]]), ([[5], [7, 8]], [[5], [7, 8]])]:
+    for prompt, prompts in [("", [""]), ([""], [""]), (["a", "b"], ["a", "b"]), ([5, 7], [[5, 7]]),
+                            ([[5], [7, 8]], [[5], [7, 8]])]:
         assert OpenAICompletionBody.model_validate({"model": "gpt", "prompt": prompt}).prompts() == prompts
     for bad in ([], [[]], ["a", 1], [-1], [True], [1.5], ["a"] * 17):
         assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": bad}) == "prompt", bad
