@@ -291,7 +291,17 @@ async def openai_model(svc: "Generation", request: Request) -> Response:
     raise ApiError(404, f"model {requested[:100]!r} is not served here", "model", code="model_not_found")
 
 
+@_route
+async def health(svc: "Generation", request: Request) -> Response:
+    """GET /health, as vLLM and text-generation-inference answer it: 200 once every model is
+    loaded and its engine alive, else 503 (the same as /readyz; their users' probes point here)."""
+    if not svc.__is_ready__():
+        raise ApiError(503, "not ready: models loading, or an engine process is down", type="server_error")
+    return Response(status_code=200)
+
+
 routes = Starlette(routes=[
+    Route("/health", health, methods=["GET"]),
     Route("/complete", complete, methods=["POST"]),
     Route("/generate", generate, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),

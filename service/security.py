@@ -2,7 +2,7 @@
 
 - CONDGEN_API_KEY: when set, every request needs `Authorization: Bearer <key>` (what the
   OpenAI client sends) or `x-api-key: <key>`; without it the answer is 401 in the usual
-  JSON error shape. Health (/livez, /readyz, /healthz) and /metrics stay open, so that
+  JSON error shape. Health (/livez, /readyz, /healthz, /health) and /metrics stay open, so that
   orchestrators and Prometheus need no secret, and so do CORS pre-flight requests
   (browsers send those without credentials).
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.limits import LimitMiddleware, Limits, count_error, send_error
 from service.schemas import ApiError
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics"})
 # BentoML's tag: a lowercase name, then an optional version.
 TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]{1,64})?$")
 

@@ -58,7 +58,7 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
         time.sleep(0.25)
     assert str(bad) in line, line  # one line, with the file's full path
     r = httpx.get(f"{srv.url}/readyz", timeout=10)
-    assert r.status_code == 503
+    assert r.status_code == 503 and httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
     assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
     r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi"}, timeout=30)
     assert r.status_code == 503 and str(bad.name) in r.json()["error"]["message"]

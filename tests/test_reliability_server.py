@@ -41,7 +41,7 @@ def test_every_route_but_health_and_metrics_needs_the_key(guarded_server, header
     for path in GET_ROUTES:
         r = httpx.get(url + path, headers=headers, timeout=30)
         assert r.status_code == 401, (path, r.status_code)
-    for path in ["/livez", "/readyz", "/metrics"]:
+    for path in ["/livez", "/readyz", "/health", "/metrics"]:
         assert httpx.get(url + path, headers=headers, timeout=30).status_code == 200, path
 
 

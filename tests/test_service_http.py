@@ -87,6 +87,7 @@ def models(client: httpx.Client) -> dict[str, dict]:
 def test_ready_and_live(client):
     assert client.get("/readyz").status_code == 200
     assert client.get("/livez").status_code == 200
+    assert client.get("/health").status_code == 200  # vLLM's and TGI's probe path
 
 
 def test_the_root_page_documents_this_api_without_outside_calls(client):
