@@ -45,7 +45,7 @@ class CompletionRequest:
     # with max_tokens 0 nothing is generated.
     prompt_logprobs: bool = False
     # The model's input as token ids (OpenAI's token-array prompts) instead of `prompt`
-    # tokenized; `prompt` stays the text that echo returns.
+    # tokenized; `prompt` is then only the text that echo returns (the caller's to fill in).
     prompt_ids: list[int] | None = None
 
 
@@ -94,16 +94,17 @@ class Completion:
 
 
 class CompletionBuilder:
-    """A request's choices put together from its events: what `TextEngine.complete` returns,
-    and what the service answers a request that does not stream."""
+    """A request's n choices put together from its events (with `logprobs`, if it asked for
+    them): what `TextEngine.complete` returns, and what the service answers a request that does
+    not stream (whose several prompts' choices are numbered as one request's)."""
 
-    def __init__(self, req: CompletionRequest):
-        self.req = req
-        self.texts: list[list[str]] = [[] for _ in range(req.n)]
-        self.token_ids: list[list[int]] = [[] for _ in range(req.n)]
-        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
-        self.finish: list[str] = [""] * req.n
-        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * req.n
+    def __init__(self, n: int, logprobs: int | None):
+        self.n, self.with_logprobs = n, logprobs is not None
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.finish: list[str] = [""] * n
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * n
 
     def add(self, ev: StreamEvent) -> None:
         if ev.prompt_logprobs is not None:
@@ -117,8 +118,8 @@ class CompletionBuilder:
 
     def build(self, prompt_tokens: int) -> Completion:
         choices = [Choice(c, "".join(self.texts[c]), self.finish[c], self.token_ids[c],
-                          self.logprobs[c] if self.req.logprobs is not None else None, self.prompt_logprobs[c])
-                   for c in range(self.req.n)]
+                          self.logprobs[c] if self.with_logprobs else None, self.prompt_logprobs[c])
+                   for c in range(self.n)]
         return Completion(choices, prompt_tokens, sum(map(len, self.token_ids)))
 
 
@@ -330,7 +331,7 @@ class TextEngine(TextRequests):
     def complete(self, requests: list[CompletionRequest]) -> list[Completion]:
         """Run the requests to the end; the same path as streaming, collected."""
         prompts = [self.validate(req) for req in requests]
-        builders = [CompletionBuilder(req) for req in requests]
+        builders = [CompletionBuilder(req.n, req.logprobs) for req in requests]
         for ev in self._stream(requests, prompts):
             builders[ev.request].add(ev)
         return [b.build(len(p)) for b, p in zip(builders, prompts)]

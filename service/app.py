@@ -647,10 +647,11 @@ class Generation:
         engine: TextRequests = self._ready_or_503(self.text)
         served = self._check_model(body.model, "text")
         prompts = body.prompts()
-        for p in prompts:
-            if isinstance(p, str) and len(p) > engine.max_prompt_chars:
-                raise ApiError(400, f"prompt has {len(p)} characters; the limit is {engine.max_prompt_chars}",
-                               "prompt", code="prompt_too_long")
+        # The limit bounds the time tokenizing takes on the event loop: one request's prompts count together.
+        if (chars := sum(len(p) for p in prompts if isinstance(p, str))) > engine.max_prompt_chars:
+            which = "prompt has" if len(prompts) == 1 else f"the {len(prompts)} prompts have"
+            raise ApiError(400, f"{which} {chars} characters; the limit is {engine.max_prompt_chars}",
+                           "prompt", code="prompt_too_long")
         if body.max_tokens == 0 and not body.echo:  # OpenAI's rule: 0 returns the prompt, scored
             raise ApiError(400, "max_tokens: 0 is only allowed with echo (the prompt back, with logprobs scored)",
                            "max_tokens")
@@ -677,7 +678,7 @@ class Generation:
         # them (an empty prompt is one end-of-text token) are the usage.
         prompt_tokens = sum(len(_checked(self.text_stream, req, ahead=i)) for i, req in enumerate(reqs))
         # what echo returns (token ids decoded once they are known to be the vocabulary's)
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
         streams = [self.text_stream.generate(req, checked=True) for req in reqs]
@@ -693,8 +694,8 @@ class Generation:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
             return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage))
-        all_choices = dataclasses.replace(reqs[0], n=choices)  # what the builder reads: choices, logprobs
-        if (result := await _until_disconnected(_collect(events, all_choices, prompt_tokens), request)) is None:
+        builder = CompletionBuilder(choices, body.logprobs)
+        if (result := await _until_disconnected(_collect(events, builder, prompt_tokens), request)) is None:
             return _client_left(head["id"])
         answer = [{
             "index": c.index, "text": echoed[c.index] + c.text,
@@ -925,9 +926,9 @@ async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncI
         await rest.aclose()
 
 
-async def _collect(events: AsyncIterator[StreamEvent], req: CompletionRequest, prompt_tokens: int) -> Completion:
+async def _collect(events: AsyncIterator[StreamEvent], builder: CompletionBuilder, prompt_tokens: int
+                   ) -> Completion:
     """A request's choices; an engine that dies half-way is a 503, as one dead before it began."""
-    builder = CompletionBuilder(req)
     try:
         async for ev in events:
             builder.add(ev)

@@ -170,7 +170,8 @@ class OpenAICompletionBody(CompletionBody):
     @field_validator("prompt", mode="before")
     @classmethod
     def _one_of_four_forms(cls, v: Any) -> Any:
-        """One clear message for the usual mistakes, before the union's error for each form."""
+        """One clear message for the usual mistakes, instead of the union's error for each form
+        (the union's own limits stay, for the schema /openapi.json shows)."""
         forms = "a string, a list of strings, a token array or a list of token arrays"
         if not isinstance(v, (str, list)) or v == [] or (isinstance(v, list) and (
                 len({type(x) for x in v}) > 1 or not isinstance(v[0], (str, int, list)))):
@@ -179,7 +180,8 @@ class OpenAICompletionBody(CompletionBody):
             return v
         if not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
-        for ids in [v] if isinstance(v[0], int) else v if isinstance(v[0], list) else []:
+        arrays = [v] if isinstance(v[0], int) else v if isinstance(v[0], list) else []  # token arrays
+        for ids in arrays:
             if not (isinstance(ids, list) and 1 <= len(ids) <= MAX_TOKENS_LIMIT
                     and all(type(t) is int and t >= 0 for t in ids)):
                 raise ValueError(f"a token array holds 1 to {MAX_TOKENS_LIMIT} integers >= 0")

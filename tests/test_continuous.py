@@ -87,7 +87,7 @@ def test_prompt_logprobs_and_max_tokens_zero_as_in_the_plain_engine(engine):
     want = engine.complete(reqs)
     cont = ContinuousEngine(engine, SchedulerConfig(max_running=3, max_tokens_per_step=16, prefill_chunk=8))
     ids = [cont.add(r) for r in reqs]
-    builders = {gid: CompletionBuilder(r) for gid, r in zip(ids, reqs)}
+    builders = {gid: CompletionBuilder(r.n, r.logprobs) for gid, r in zip(ids, reqs)}
     while cont.has_work():
         for ev in cont.step():
             builders[ev.request].add(ev)

@@ -154,6 +154,9 @@ def test_several_prompts_and_token_arrays_as_openai_takes_them(oai, bentoml_home
         with pytest.raises(openai.BadRequestError) as e:
             oai.completions.create(model="gpt", prompt=ids, max_tokens=3, echo=True)
         assert e.value.body["param"] == "prompt" and "token ids" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # the characters of all prompts count: tokenizing is on the loop
+        oai.completions.create(model="gpt", prompt=["x " * 30_000, "x " * 30_000], max_tokens=3)
+    assert e.value.code == "prompt_too_long" and "the 2 prompts have 120000 characters" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:  # seed + j past 32 bits for the last choice
         oai.completions.create(model="gpt", prompt=["a", "b"], max_tokens=3, seed=2**32 - 1)
     assert e.value.body["param"] == "seed"

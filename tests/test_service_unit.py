@@ -386,7 +386,7 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
 def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     """The engine process dies after a request's first event: the plain answer is a 503 (as
     for a request that arrives after it died), a stream ends with that error in-band."""
-    from models.engine import CompletionRequest, StreamEvent
+    from models.engine import CompletionBuilder, StreamEvent
     from models.engine_process import EngineFailed
     from service import app as service_app
     from service.schemas import ApiError
@@ -396,7 +396,7 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         raise EngineFailed("the text engine process exited (code -9)")
 
     with pytest.raises(ApiError) as info:
-        asyncio.run(service_app._collect(dies_after_one_token(), CompletionRequest("Hi", seed=1), 1))
+        asyncio.run(service_app._collect(dies_after_one_token(), CompletionBuilder(1, None), 1))
     assert info.value.status == 503 and "exited (code -9)" in info.value.message
 
     async def stream() -> list[bytes]:
