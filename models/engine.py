@@ -57,8 +57,8 @@ class TokenLogprob:
     logprob: float | None
     top: dict[str, float] | None
     # Where the token's text starts in the choice's generated text (an echoed prompt not
-    # counted), in characters; the tokens of one character share its offset (names of bytes
-    # do not add up to the text).
+    # counted; a prompt's own entries: in the prompt), in characters; the tokens of one
+    # character share its offset (names of bytes do not add up to the text).
     offset: int = 0
 
 
