@@ -677,8 +677,8 @@ class Generation:
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
         prompt_tokens = sum(len(_checked(self.text_stream, req, ahead=i)) for i, req in enumerate(reqs))
-        # what echo returns (token ids decoded once they are known to be the vocabulary's)
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        # what echo puts before each prompt's choices (token ids decoded once known to be the vocabulary's)
+        echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
         streams = [self.text_stream.generate(req, checked=True) for req in reqs]
@@ -689,7 +689,7 @@ class Generation:
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left(head["id"])
         events = self._measured(_chain(first, events), arrived)
-        echoed = [texts[j // n] if body.echo else "" for j in range(choices)]  # each choice's prefix
+        echoed = [echo_texts[j // n] for j in range(choices)]  # each choice's prefix
         if body.stream:
             include_usage = (not openai) or bool(getattr(body, "stream_options", None)
                                                  and body.stream_options.include_usage)
