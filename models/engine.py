@@ -25,6 +25,7 @@ from models.tokenizer import StreamDecoder, Tokenizer
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 5
+MAX_STOP_TOKENS = 16
 
 
 @dataclass
@@ -34,11 +35,13 @@ class CompletionRequest:
     max_tokens: int = 16
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end a choice as a stop string does
+    include_stop_str_in_output: bool = False  # keep the stop string (or stop token's text) in the text
     n: int = 1  # choice i draws from a generator seeded with seed + i
     logprobs: int | None = None  # top alternatives per token (0..5); None = no logprobs
     echo: bool = False  # prepend the prompt to each choice's text
     truncate: bool = False  # keep the end of a prompt too long for the context, instead of failing
-    min_tokens: int = 0  # end-of-text is not drawn before this many tokens (stop strings still end a choice)
+    min_tokens: int = 0  # end-of-text and stop tokens are not drawn before this many (stop strings still end a choice)
     ignore_eos: bool = False  # end-of-text is never drawn: a choice runs to max_tokens or a stop string
     # Also the logprob of each prompt token given those before it (with `logprobs` alternatives),
     # in each choice's first event: what scoring a text needs (OpenAI's echo with logprobs);
@@ -125,7 +128,8 @@ class CompletionBuilder:
 
 class StopScanner:
     """Turns a row's tokens into text released only once it can no longer be part of a stop
-    string, and stops at the first stop string, which is not returned.
+    string, and stops at the first stop string, which is not returned (unless `include_stop`).
+    It also holds the row's stop tokens (`stop_ids`), which `advance_text` ends the row at.
 
     Only the text not yet released is searched, so stop strings spanning token boundaries
     are found at a cost that does not grow with the completion, and a UTF-8 character split
@@ -134,9 +138,11 @@ class StopScanner:
     of the text it releases, as OpenAI's do.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: frozenset[int] = frozenset(),
+                 include_stop: bool = False):
         self.decoder = StreamDecoder(tokenizer)
         self.stop = [s for s in stop if s]
+        self.stop_ids, self.include_stop = stop_ids, include_stop
         self.held = ""  # decoded text not yet released: the start of a stop string, maybe
         self.decoded = self.released = 0  # characters so far
         self.held_logprobs: list[tuple[int, TokenLogprob]] = []  # (where its token's text ends, entry)
@@ -144,21 +150,26 @@ class StopScanner:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text to release now, whether a stop string was hit)."""
         self._decoded(self.decoder.step(token_id))
-        if (stop := self._first_stop()) is not None:
-            return self._release(stop), True
+        if (end := self._stop_end()) is not None:
+            return self._release(end), True
         return self._release(len(self.held) - self._stop_prefix_len(self.held)), False
 
     def flush(self) -> tuple[str, bool]:
         """The row has ended: release the rest (an unfinished character decodes as U+FFFD, which
         a stop string may hold too); return (text, whether a stop string was hit)."""
         self._decoded(self.decoder.flush())
-        if (stop := self._first_stop()) is not None:
-            return self._release(stop), True
+        if (end := self._stop_end()) is not None:
+            return self._release(end), True
         return self._release(len(self.held)), False
 
-    def _first_stop(self) -> int | None:
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+    def _stop_end(self) -> int | None:
+        """Where the released text ends at the first stop string held: its start, or its end
+        with include_stop (of the stops found at one place, the first listed); None if none."""
+        hits = [(i, len(s)) for i, s in ((self.held.find(s), s) for s in self.stop) if i >= 0]
+        if not hits:
+            return None
+        start, length = min(hits, key=lambda hit: hit[0])
+        return start + length if self.include_stop else start
 
     def hold(self, entry: TokenLogprob) -> None:
         """Keep the latest token's logprob entry until its text is released; a token that ends
@@ -203,7 +214,8 @@ class Sequence:
     random: RowRandom  # its seeded uniforms
     scanner: StopScanner
     position: int  # where its next token goes
-    min_tokens: int = 0  # tokens to generate before end-of-text may be drawn
+    min_tokens: int = 0  # tokens to generate before end-of-text or a stop token may be drawn
+    ignore_eos: bool = False  # end-of-text is never drawn
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # its cache row in the continuous engine (-1: none)
 
@@ -211,8 +223,8 @@ class Sequence:
     def start(cls, request: int, req: CompletionRequest, choice: int, tokenizer: Tokenizer,
               prompt_len: int) -> Sequence:
         return cls(request, choice, req.max_tokens, req.logprobs, RowRandom(req.seed + choice),
-                   StopScanner(tokenizer, req.stop), position=prompt_len,
-                   min_tokens=req.max_tokens if req.ignore_eos else req.min_tokens)
+                   StopScanner(tokenizer, req.stop, frozenset(req.stop_token_ids), req.include_stop_str_in_output),
+                   position=prompt_len, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
 
     def accept(self, tok: int, lp: tuple[list, list, list], row: int, tokenizer: Tokenizer) -> StreamEvent:
         """Take the token sampled for it (row `row` of the step's logprobs `lp`); the event
@@ -234,7 +246,7 @@ def check_types(req: CompletionRequest) -> None:
     for name in ("max_tokens", "n", "seed", "min_tokens"):
         if not is_int(getattr(req, name)):
             raise wrong(name, "an integer")
-    for name in ("echo", "truncate", "ignore_eos", "prompt_logprobs"):
+    for name in ("echo", "truncate", "ignore_eos", "prompt_logprobs", "include_stop_str_in_output"):
         if not isinstance(getattr(req, name), bool):
             raise wrong(name, "a boolean")
     if req.logprobs is not None and not is_int(req.logprobs):
@@ -245,6 +257,8 @@ def check_types(req: CompletionRequest) -> None:
         raise InvalidParameter("prompt", f"token ids must be a list of integers, got {req.prompt_ids!r:.80}")
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise wrong("stop", "a list of strings")
+    if not isinstance(req.stop_token_ids, list) or not all(map(is_int, req.stop_token_ids)):
+        raise wrong("stop_token_ids", "a list of integers")
     if not isinstance(req.sampling, SamplingParams):
         raise wrong("sampling", "SamplingParams")
 
@@ -288,6 +302,9 @@ class TextRequests:
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {req.logprobs}")
         vocab = self.tokenizer.vocab_size
+        if len(req.stop_token_ids) > MAX_STOP_TOKENS or not all(0 <= t < vocab for t in req.stop_token_ids):
+            raise InvalidParameter("stop_token_ids", f"at most {MAX_STOP_TOKENS} token ids in [0, {vocab}) (the "
+                                                     f"tokenizer's vocabulary), got {req.stop_token_ids[:20]}")
         if req.prompt_ids is not None and (bad := [t for t in req.prompt_ids if not 0 <= t < vocab]):
             raise InvalidParameter("prompt", f"token ids must be in [0, {vocab}) (the tokenizer's vocabulary), "
                                              f"got {bad[0]}")
@@ -477,20 +494,23 @@ def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None
 
 
 class EosBans:
-    """The (rows, tokens) the sampler must not draw at a step: end-of-text in the rows that have
-    not yet generated their min_tokens (None when there are none, the usual case). Built again
-    only when that set of rows changes: on a GPU each build is two host-to-device copies, which
-    a load test's ignore_eos would otherwise pay at every step."""
+    """The (rows, tokens) the sampler must not draw at a step: end-of-text and the row's stop
+    tokens in the rows that have not yet generated their min_tokens, end-of-text in those with
+    ignore_eos (None when there are none, the usual case). Built again only when that set
+    changes: on a GPU each build is two host-to-device copies, which a load test's ignore_eos
+    would otherwise pay at every step."""
 
     def __init__(self, eot_id: int, device: torch.device):
         self.eot_id, self.device = eot_id, device
-        self._last: tuple[tuple[int, ...], tuple[Tensor, Tensor] | None] = ((), None)
+        self._last: tuple[tuple, tuple[Tensor, Tensor] | None] = ((), None)
 
     def __call__(self, rows: list[Sequence]) -> tuple[Tensor, Tensor] | None:
-        banned = tuple(j for j, row in enumerate(rows) if len(row.tokens) < row.min_tokens)
+        banned = tuple((j, row.scanner.stop_ids if early else frozenset()) for j, row in enumerate(rows)
+                       if (early := len(row.tokens) < row.min_tokens) or row.ignore_eos)
         if banned != self._last[0]:
-            self._last = (banned, (torch.tensor(banned, device=self.device),
-                                   torch.full((len(banned),), self.eot_id, device=self.device)) if banned else None)
+            pairs = [(j, t) for j, stop_ids in banned for t in {self.eot_id, *stop_ids}]
+            self._last = (banned, tuple(torch.tensor(column, device=self.device) for column in zip(*pairs))
+                          if pairs else None)
         return self._last[1]
 
 
@@ -499,10 +519,14 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
     """Feed one sampled token (and its logprob entry, when asked) to a row's text; return (text
     released now, the logprob entries released with it, finish reason or None). The row's last
     call releases every entry left, so the entries of a stream's events add up to the whole
-    answer's (those of a stop string's tokens and of end-of-text included)."""
-    if tok == eot_id:
-        text, stopped = scanner.flush()
-        reason = "stop" if stopped else "eos"
+    answer's (those of a stop string's tokens and of end-of-text included). A stop token ends
+    the row as a stop string does, its text kept only with include_stop."""
+    if tok == eot_id or tok in scanner.stop_ids:
+        text, stopped = scanner.push(tok) if tok != eot_id and scanner.include_stop else ("", False)
+        if not stopped:
+            rest, stopped = scanner.flush()
+            text += rest
+        reason = "stop" if stopped or tok != eot_id else "eos"
     else:
         text, stopped = scanner.push(tok)
         reason = "stop" if stopped else "length" if generated >= max_tokens else None

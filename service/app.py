@@ -668,7 +668,8 @@ class Generation:
             prompt=p if isinstance(p, str) else "", prompt_ids=None if isinstance(p, str) else p, seed=seed + i * n,
             max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
-            stop=list(body.stop), n=n, logprobs=body.logprobs,
+            stop=list(body.stop), stop_token_ids=list(body.stop_token_ids or []),
+            include_stop_str_in_output=body.include_stop_str_in_output, n=n, logprobs=body.logprobs,
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt

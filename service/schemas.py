@@ -15,7 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
                       model_validator)
 
 from models.ar_image import MAX_GUIDANCE
-from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP  # MAX_N: images per image request too
+from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_TOKENS  # MAX_N: images per image request too
 from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
@@ -103,6 +103,10 @@ class CompletionBody(_Body, _NullIsDefault):
     logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) -> bias in "
                                                                   "[-100, 100], added to its logit")
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=MAX_STOP_TOKENS, description="token ids that end a choice as a stop string does (vLLM's)")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string or stop token in the text "
+                                                                "(vLLM's)")
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="end-of-text is not drawn before this many "
                                                                       "tokens (vLLM's); at most max_tokens")
     ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "

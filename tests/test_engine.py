@@ -183,6 +183,8 @@ def test_finish_reason_length(engine):
     (dict(sampling=SamplingParams(top_k=2.5)), "top_k"), (dict(sampling=SamplingParams(temperature="1")), "temperature"),
     (dict(min_tokens=17), "min_tokens"), (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=2.0), "min_tokens"),
     (dict(ignore_eos=1), "ignore_eos"), (dict(echo="yes"), "echo"), (dict(prompt_logprobs=None), "prompt_logprobs"),
+    (dict(stop_token_ids=[448]), "stop_token_ids"), (dict(stop_token_ids=[1] * 17), "stop_token_ids"),
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(include_stop_str_in_output=1), "include_stop_str_in_output"),
 ])
 def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
     req = CompletionRequest(**{"prompt": "The", "seed": 0, **kw})
@@ -305,14 +307,17 @@ def test_echo_prompt_logprobs_and_max_tokens_zero_in_a_batch(engine):
     assert got[1].choices[0].token_ids == engine.complete([reqs[1]])[0].choices[0].token_ids  # undisturbed
     assert len(got[2].choices[0].token_ids) >= 1 and len(got[2].choices[0].prompt_logprobs) == got[2].prompt_tokens
     assert got[2].choices[0].prompt_logprobs[1].top == {}  # logprobs=0: no alternatives
-    assert (got[3].choices[0].text, got[3].choices[0].finish_reason, got[3].choices[0].prompt_logprobs) == ("", "length", None)
+    last = got[3].choices[0]
+    assert (last.text, last.finish_reason, last.prompt_logprobs) == ("", "length", None)
 
 
 def test_eos_bans_are_built_again_only_when_the_banned_rows_change(tok):
     import types
 
     bans = EosBans(tok.eot_id, torch.device("cpu"))
-    rows = [types.SimpleNamespace(tokens=[], min_tokens=2), types.SimpleNamespace(tokens=[], min_tokens=0)]
+    scanner = types.SimpleNamespace(stop_ids=frozenset())
+    rows = [types.SimpleNamespace(tokens=[], min_tokens=2, ignore_eos=False, scanner=scanner),
+            types.SimpleNamespace(tokens=[], min_tokens=0, ignore_eos=False, scanner=scanner)]
     first = bans(rows)
     assert first[0].tolist() == [0] and first[1].tolist() == [tok.eot_id]
     rows[0].tokens.append(5)
@@ -330,3 +335,26 @@ def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
         with pytest.raises(InvalidParameter) as e:
             engine.validate(CompletionRequest("", seed=0, prompt_ids=bad))
         assert e.value.param == "prompt"
+
+
+def test_stop_token_ids_end_a_choice_and_include_stop_str_in_output_keeps_the_stop(engine, tok):
+    """vLLM's: a stop token ends a choice as a stop string does (finish "stop"; the token counts,
+    its text is dropped unless include_stop_str_in_output); min_tokens holds it back too."""
+    free = engine.complete([CompletionRequest("The quick", seed=7, max_tokens=12, ignore_eos=True)])[0].choices[0]
+    ids, at = free.token_ids, 4
+    first = ids.index(ids[at])  # the stop token's first appearance ends the choice
+    req = CompletionRequest("The quick", seed=7, max_tokens=12, ignore_eos=True, stop_token_ids=[ids[at]])
+    stopped, kept, later = engine.complete([req, dataclasses.replace(req, include_stop_str_in_output=True),
+                                            dataclasses.replace(req, min_tokens=first + 2)])
+    c = stopped.choices[0]
+    assert (c.token_ids, c.finish_reason) == (ids[:first + 1], "stop")
+    assert c.text == tok.decode(ids[:first]) and kept.choices[0].text == tok.decode(ids[:first + 1])
+    assert ids[at] not in later.choices[0].token_ids[:first + 2]  # not drawn before min_tokens
+
+    text = free.text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    plain, with_stop = engine.complete([CompletionRequest("The quick", seed=7, max_tokens=12, ignore_eos=True,
+                                                          stop=[stop], include_stop_str_in_output=flag)
+                                        for flag in (False, True)])
+    cut = text.index(stop)
+    assert (plain.choices[0].text, with_stop.choices[0].text) == (text[:cut], text[:cut + len(stop)])

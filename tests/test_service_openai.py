@@ -162,6 +162,30 @@ def test_several_prompts_and_token_arrays_as_openai_takes_them(oai, bentoml_home
     assert e.value.body["param"] == "seed"
 
 
+def test_stop_token_ids_and_include_stop_str_in_output_as_in_vllm(oai, bentoml_home):
+    free = oai.completions.create(model="gpt", prompt="Hello", max_tokens=8, seed=2, logprobs=0,
+                                  extra_body={"ignore_eos": True})
+    tokens = free.choices[0].logprobs.tokens
+    stop = free.choices[0].text[2:4]
+    cut = free.choices[0].text.index(stop)
+    both = [oai.completions.create(model="gpt", prompt="Hello", max_tokens=8, seed=2, stop=[stop],
+                                   extra_body={"ignore_eos": True, "include_stop_str_in_output": flag})
+            for flag in (False, True)]
+    assert [r.choices[0].text for r in both] == [free.choices[0].text[:cut], free.choices[0].text[:cut + len(stop)]]
+    assert all(r.choices[0].finish_reason == "stop" for r in both) and len(tokens) == 8
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="gpt", prompt="Hello", max_tokens=3, extra_body={"stop_token_ids": [10**6]})
+    assert e.value.body["param"] == "stop_token_ids"
+    gpt = bentoml_home / "models" / "gpt"
+    tok = Tokenizer.load(gpt / (gpt / "latest").read_text().strip() / "tokenizer.json")
+    stop_id = {tok.token_name(i): i for i in range(tok.vocab_size)}[tokens[3]]
+    first = tokens.index(tokens[3])  # its first appearance ends the choice; the token counts, its text does not
+    r = oai.completions.create(model="gpt", prompt="Hello", max_tokens=8, seed=2,
+                               extra_body={"ignore_eos": True, "stop_token_ids": [stop_id]})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (first + 1, "stop")
+    assert r.choices[0].text == free.choices[0].text[:free.choices[0].logprobs.text_offset[first]]
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,

@@ -100,7 +100,8 @@ def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs(
         {"model": "gpt", "prompt": "a", "best_of": 3}).unsupported().param == "best_of"
     fewer = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 1}).unsupported()
     assert fewer.param == "best_of" and "at least n (2)" in fewer.message  # said "not supported"
-    assert OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 2}).unsupported() is None
+    same = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 2})
+    assert same.unsupported() is None
     biased = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": -100}}
     assert OpenAICompletionBody.model_validate(biased).sampling_params().logit_bias == ((50, 0), (7, -100))
     for bad in ({"x": 1}, {"-7": 1}, {"7": 100.5}, {"7": "1"}):
