@@ -643,10 +643,11 @@ class Generation:
 
     # ---- text ---------------------------------------------------------------------------
 
-    async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
-        engine: TextRequests = self._ready_or_503(self.text)
-        served = self._check_model(body.model, "text")
-        prompts = body.prompts()
+    def _completion_requests(self, body: CompletionBody, prompts: list[str | list[int]], engine: TextRequests
+                             ) -> tuple[list[CompletionRequest], int]:
+        """One engine request per prompt, and the seed: choice j (prompt j // n's choice j % n)
+        uses seed + j. The checks that need the whole request (its prompts together) are here;
+        the engine checks each prompt."""
         # The limit bounds the time tokenizing takes on the event loop: one request's prompts count together.
         if (chars := sum(len(p) for p in prompts if isinstance(p, str))) > engine.max_prompt_chars:
             which = "prompt has" if len(prompts) == 1 else f"the {len(prompts)} prompts have"
@@ -659,12 +660,12 @@ class Generation:
         if len(prompts) > cfg.max_running + cfg.max_waiting:  # each prompt queues as one request
             raise ApiError(400, f"at most {cfg.max_running + cfg.max_waiting} prompts in one request on this server "
                                 f"(CONDGEN_TEXT_MAX_RUNNING + CONDGEN_TEXT_MAX_WAITING), got {len(prompts)}", "prompt")
-        n, choices = body.n, len(prompts) * body.n  # choice j: prompt j // n, its choice j % n, seed + j
+        n, choices = body.n, len(prompts) * body.n
         if body.seed is not None and body.seed + choices - 1 > MAX_SEED:
             raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} choices (choice j "
                                 f"uses seed + j, at most {MAX_SEED}), got {body.seed}", "seed")
         seed = _pick_seed(body.seed, choices)
-        reqs = [CompletionRequest(
+        return [CompletionRequest(
             prompt=p if isinstance(p, str) else "", prompt_ids=None if isinstance(p, str) else p, seed=seed + i * n,
             max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
@@ -673,7 +674,14 @@ class Generation:
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
-        ) for i, p in enumerate(prompts)]
+        ) for i, p in enumerate(prompts)], seed
+
+    async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
+        engine: TextRequests = self._ready_or_503(self.text)
+        served = self._check_model(body.model, "text")
+        prompts = body.prompts()
+        reqs, seed = self._completion_requests(body, prompts, engine)
+        n, choices = body.n, len(reqs) * body.n  # choice j: prompt j // n, its choice j % n, seed + j
         # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
