@@ -700,9 +700,11 @@ class Generation:
         events = self._measured(_chain(first, events), arrived)
         echoed = [echo_texts[j // n] for j in range(choices)]  # each choice's prefix
         if body.stream:
-            include_usage = (not openai) or bool(getattr(body, "stream_options", None)
-                                                 and body.stream_options.include_usage)
-            return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage))
+            options = getattr(body, "stream_options", None)
+            include_usage = (not openai) or bool(options and options.include_usage)
+            every_chunk = bool(options and options.include_usage and options.continuous_usage_stats)
+            return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage,
+                                            every_chunk))
         builder = CompletionBuilder(choices, body.logprobs)
         if (result := await _until_disconnected(_collect(events, builder, prompt_tokens), request)) is None:
             return _client_left(head["id"])
@@ -732,14 +734,18 @@ class Generation:
             await events.aclose()  # leaving early cancels the request in the engine
 
     async def _stream(self, events: AsyncIterator[StreamEvent], body: CompletionBody, head: dict[str, Any],
-                      echoed: list[str], prompt_tokens: int, openai: bool, include_usage: bool
-                      ) -> AsyncIterator[bytes]:
+                      echoed: list[str], prompt_tokens: int, openai: bool, include_usage: bool,
+                      usage_in_every_chunk: bool = False) -> AsyncIterator[bytes]:
         """SSE in the OpenAI layout: a chunk per event that released text, finished a choice or
-        carries logprobs. Closing this generator (client gone) cancels the generation."""
+        carries logprobs (each with the usage so far, with vLLM's continuous_usage_stats).
+        Closing this generator (client gone) cancels the generation."""
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
 
         def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> bytes:
-            return sse_event({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                                   "finish_reason": _finish_reason(finish, openai)}]})
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(finish, openai)}
+            return sse_event({**head, "choices": [choice], **({"usage": usage()} if usage_in_every_chunk else {})})
 
         tokens = 0
         try:
@@ -757,9 +763,7 @@ class Generation:
                 lp = _logprobs_json(ev.logprobs, len(prefix)) if body.logprobs is not None else None
                 yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
             if include_usage:
-                yield sse_event({**head, "choices": [], "usage": {
-                    "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
-                    "total_tokens": prompt_tokens + tokens}})
+                yield sse_event({**head, "choices": [], "usage": usage()})
             yield SSE_DONE
         # Headers are gone already (a 200): report in-band, as OpenAI does, then end the stream;
         # count the error as the status it would have had.

@@ -149,6 +149,7 @@ class CompletionBody(_Body, _NullIsDefault):
 
 class StreamOptions(_Body, _NullIsDefault):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, the usage so far in every chunk
     # OpenAI pads stream events with random characters against length side channels unless
     # this is false; this service does not pad, so either value gets no `obfuscation` field.
     include_obfuscation: bool = True

@@ -186,6 +186,19 @@ def test_stop_token_ids_and_include_stop_str_in_output_as_in_vllm(oai, bentoml_h
     assert r.choices[0].text == free.choices[0].text[:free.choices[0].logprobs.text_offset[first]]
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(oai):
+    """vLLM's stream option: the usage counts, as they grow, in every chunk."""
+    chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=6, seed=4, stream=True,
+                                         extra_body={"ignore_eos": True},
+                                         stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and counts == sorted(counts) and counts[-1] == 6
+    assert chunks[-1].choices == [] and chunks[0].usage.prompt_tokens == chunks[-1].usage.prompt_tokens >= 1
+    plain = list(oai.completions.create(model="gpt", prompt="The", max_tokens=6, seed=4, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage is not None
+
+
 def test_completions_stream(oai):
     plain = oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4)
     chunks = list(oai.completions.create(model="gpt", prompt="The", max_tokens=8, seed=4, stream=True,
