@@ -171,6 +171,7 @@ class OpenAICompletionBody(CompletionBody):
     # Accepted for compatibility, but only at their neutral values (we do not implement them).
     best_of: int | None = None
     suffix: str | None = None
+    skip_special_tokens: bool = True  # vLLM's default: end-of-text's text is never in a completion here
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -207,6 +208,9 @@ class OpenAICompletionBody(CompletionBody):
                                  "server): ask for n choices and rank them yourself", "best_of")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
+        if not self.skip_special_tokens:
+            return ApiError(400, "skip_special_tokens false is not supported: end-of-text ends a completion, "
+                                 "and its text is never part of it", "skip_special_tokens")
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
             return ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         return None
