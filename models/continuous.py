@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.decode_graphs import DecodeGraphs
-from models.engine import (CompletionRequest, EosBans, Sequence, StreamEvent, TextEngine, TextRequests,
+from models.engine import (CompletionRequest, EndBans, Sequence, StreamEvent, TextEngine, TextRequests,
                            decode_mask, prompt_entries, prompt_events, sample_rows, score_logits)
 from models.errors import InvalidParameter, is_int
 from models.sampling import SamplingBatch
@@ -135,7 +135,7 @@ class ContinuousEngine:
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
         self.on_admit = None  # optional callback(seconds the request waited), for metrics
-        self.eos_bans = EosBans(engine.tokenizer.eot_id, self.device)
+        self.end_bans = EndBans(engine.tokenizer.eot_id, self.device)
         self._batch_cache: tuple[list[tuple[Sequence, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
     @property
@@ -282,7 +282,7 @@ class ContinuousEngine:
         counts = self.counts.index_select(0, index) if counted else None
         seqs = [seq for _, seq in rows]
         tokens, lp = sample_rows(self.pending.index_select(0, index), params, seen, [s.random for s in seqs], want,
-                                 counts, self.eos_bans(seqs))
+                                 counts, self.end_bans(seqs))
         if penalised:
             self.seen.index_copy_(0, index, seen)
         if counted:

@@ -383,7 +383,7 @@ class TextEngine(TextRequests):
         want_logprobs = max(row.logprobs if row.logprobs is not None else -1 for row in rows)
         logits, seen = self._prefill(prompts, rows)
         counts = torch.zeros_like(logits) if "counts" in params.uses else None  # the completions' tokens
-        bans = EosBans(self.tokenizer.eot_id, self.device)
+        bans = EndBans(self.tokenizer.eot_id, self.device)
         active = rows
         while active:
             tokens, lp = sample_rows(logits, params, seen, [row.random for row in active], want_logprobs, counts,
@@ -493,7 +493,7 @@ def decode_mask(positions: list[int], pos: Tensor, kv_len: int) -> Tensor | None
     return (torch.arange(kv_len, device=pos.device) <= pos).unsqueeze(1).unsqueeze(1)
 
 
-class EosBans:
+class EndBans:
     """The (rows, tokens) the sampler must not draw at a step: end-of-text and the row's stop
     tokens in the rows that have not yet generated their min_tokens, end-of-text in those with
     ignore_eos (None when there are none, the usual case). Built again only when that set

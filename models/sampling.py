@@ -227,7 +227,7 @@ def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
     """Choose one token per row. logits (B, V) float32; returns (B,) long on logits' device.
     seen (B, V) bool: tokens of the prompt and completion; counts (B, V) float: how often the
     completion holds each token (read only when some row's penalty needs them); banned: (rows,
-    tokens), (K,) long each, never drawn this step (end-of-text before a row's min_tokens)."""
+    tokens), (K,) long each, never drawn this step (end-of-text, stop tokens, before a row's min_tokens)."""
     if banned is not None:
         logits = logits.index_put(banned, logits.new_tensor(float("-inf")))
     if "logit_bias" in params.uses:

@@ -107,8 +107,9 @@ class CompletionBody(_Body, _NullIsDefault):
         None, max_length=MAX_STOP_TOKENS, description="token ids that end a choice as a stop string does (vLLM's)")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string or stop token in the text "
                                                                 "(vLLM's)")
-    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="end-of-text is not drawn before this many "
-                                                                      "tokens (vLLM's); at most max_tokens")
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="neither end-of-text nor a stop token is "
+                                                                      "drawn before this many tokens (vLLM's); at most "
+                                                                      "max_tokens")
     ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "
                                                 "stop string (vLLM's; for load tests)")
     n: int = Field(1, ge=1, le=MAX_N)

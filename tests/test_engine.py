@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from models.engine import (CompletionRequest, EosBans, StopScanner, TextEngine, advance_text, reference_generate,
+from models.engine import (CompletionRequest, EndBans, StopScanner, TextEngine, advance_text, reference_generate,
                            score_prompt, token_logprob)
 from models.errors import InvalidParameter
 from models.gpt import GPT, GPTConfig
@@ -311,10 +311,10 @@ def test_echo_prompt_logprobs_and_max_tokens_zero_in_a_batch(engine):
     assert (last.text, last.finish_reason, last.prompt_logprobs) == ("", "length", None)
 
 
-def test_eos_bans_are_built_again_only_when_the_banned_rows_change(tok):
+def test_end_bans_are_built_again_only_when_the_banned_rows_change(tok):
     import types
 
-    bans = EosBans(tok.eot_id, torch.device("cpu"))
+    bans = EndBans(tok.eot_id, torch.device("cpu"))
     scanner = types.SimpleNamespace(stop_ids=frozenset())
     rows = [types.SimpleNamespace(tokens=[], min_tokens=2, ignore_eos=False, scanner=scanner),
             types.SimpleNamespace(tokens=[], min_tokens=0, ignore_eos=False, scanner=scanner)]
