@@ -14,7 +14,9 @@ generated one token at a time by a decoder-only Transformer that reads the promp
   inverse-CDF with each image's own generator), a KV cache (models.gpt.KVCache), and
   classifier-free guidance: the model is trained with the caption dropped (replaced by the
   empty caption) in a fraction of steps, and at sampling the conditional and unconditional
-  logits are mixed, uncond + s·(cond − uncond).
+  logits are mixed, uncond + s·(cond − uncond). A request's negative prompt takes the empty
+  caption's place in the unconditional branch (as in AUTOMATIC1111), so guidance steers away
+  from it.
 """
 from __future__ import annotations
 
@@ -291,8 +293,8 @@ def guide(cond: Tensor, uncond: Tensor, scale: Tensor) -> Tensor:
 @torch.inference_mode()
 def sample_tokens(model: ARImageModel, ctx: TextContext, null: TextContext, params: SamplingBatch,
                   randoms: list[RowRandom], scale: Tensor) -> Tensor:
-    """Raster-scan decoding with the KV cache. ctx: the B rows' prompts; null: the empty
-    prompt for the same rows (read only when some row's scale is not 1); scale (B, 1)
+    """Raster-scan decoding with the KV cache. ctx: the B rows' prompts; null: their
+    unconditional prompts, empty or negative (read only when some row's scale is not 1); scale (B, 1)
     → tokens (B, L). One uniform per row per step from that row's generator."""
     B, L = len(randoms), model.cfg.seq_len
     guided = bool((scale != 1).any())
@@ -416,8 +418,10 @@ class ARImageEngine(ARImageRequests):
         ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests], self.cfg.context,
                                    self.device)                               # (R, T)
         ctx = self.model.text_context(ids, mask).repeat(rep)
-        null_ids, null_mask = encode_prompts(self.tokenizer, [""], self.cfg.context, self.device)
-        null = self.model.text_context(null_ids, null_mask).repeat(torch.zeros_like(rep))
+        # The unconditional rows: each request's negative prompt, the empty caption when none.
+        null_ids, null_mask = encode_prompts(self.tokenizer, [r.negative_prompt for r in requests],
+                                             self.cfg.context, self.device)
+        null = self.model.text_context(null_ids, null_mask).repeat(rep)
         tokens = sample_tokens(self.model, ctx, null, params, randoms, scale)  # (N, L)
         images = decode_tokens(tokens, self.model.codebook, self.cfg.patch)   # (N, 3, S, S)
         return per_request(images.permute(0, 2, 3, 1).cpu().numpy(), requests)

@@ -37,9 +37,14 @@ class ImageRequest:
     guidance_scale: float | None = None
     temperature: float | None = None
     top_k: int | None = None
+    # What guidance steers away from: the unconditional branch's prompt (empty: none), as
+    # AUTOMATIC1111's negative prompt replaces Stable Diffusion's empty one.
+    negative_prompt: str = ""
 
     def sampler_fields(self) -> list[str]:
-        return [f for f in ("guidance_scale", "temperature", "top_k") if getattr(self, f) is not None]
+        """The settings this request gives that only a model with a sampler uses."""
+        fields = [f for f in ("guidance_scale", "temperature", "top_k") if getattr(self, f) is not None]
+        return fields + ["negative_prompt"] * bool(self.negative_prompt)
 
 
 def latents(requests: list[ImageRequest], z_dim: int) -> torch.Tensor:
@@ -89,18 +94,26 @@ def max_prompt_chars(tokenizer: Tokenizer, context: int) -> int:
     return context * tokenizer.max_token_bytes
 
 
+def check_prompt_length(name: str, text: str, tokenizer: Tokenizer, context: int) -> None:
+    """At most `context` tokens; a text too long to be that is refused before it is tokenized."""
+    if len(text) > (limit := max_prompt_chars(tokenizer, context)):  # tokenizing 1 MB took 0.5 s
+        raise InvalidParameter(name, f"has {len(text)} characters; the limit is {context} tokens, "
+                                     f"at most {limit} characters")
+    n_tokens = len(tokenizer.encode(text))
+    if n_tokens > context:
+        raise InvalidParameter(name, f"is {n_tokens} tokens long, the limit is {context}")
+
+
 def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, sampler: bool = False) -> None:
     """The ImageRequest fields every image engine checks the same way. An engine without a
     sampler (`sampler=False`: one pass from a latent) refuses the sampler fields rather than
     ignore them."""
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidParameter("prompt", "must be a non-empty string")
-    if len(req.prompt) > (limit := max_prompt_chars(tokenizer, context)):  # tokenizing 1 MB took 0.5 s
-        raise InvalidParameter("prompt", f"has {len(req.prompt)} characters; the limit is {context} tokens, "
-                                         f"at most {limit} characters")
-    n_tokens = len(tokenizer.encode(req.prompt))
-    if n_tokens > context:
-        raise InvalidParameter("prompt", f"is {n_tokens} tokens long, the limit is {context}")
+    if not isinstance(req.negative_prompt, str):
+        raise InvalidParameter("negative_prompt", "must be a string (empty: none)")
+    for name in ("prompt", "negative_prompt"):
+        check_prompt_length(name, getattr(req, name), tokenizer, context)
     if not is_int(req.n) or not 1 <= req.n <= MAX_IMAGES:
         raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")
     if not is_int(req.seed) or not 0 <= req.seed <= MAX_SEED - (req.n - 1):

@@ -46,6 +46,7 @@ from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, Overloaded, fail
+from service import sdapi
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import env_choice, env_flag, env_float, env_int
 from service.limits import Limits
@@ -58,6 +59,7 @@ from service.schemas import (
     ImageBody,
     OpenAICompletionBody,
     OpenAIImageBody,
+    Txt2ImgBody,
     from_validation_error,
 )
 from service.security import install as install_security
@@ -272,6 +274,34 @@ async def openai_images(svc: "Generation", request: Request) -> Response:
 
 
 @_route
+async def txt2img(svc: "Generation", request: Request) -> Response:
+    return await svc.txt2img(await _parse(request, Txt2ImgBody), request)
+
+
+@_route
+async def sd_models(svc: "Generation", request: Request) -> Response:
+    """AUTOMATIC1111's model list: the image models."""
+    return JSONResponse([sdapi.sd_model(m.tag) for m in svc.served_models if m.kind == "image"])
+
+
+@_route
+async def sd_scripts(svc: "Generation", request: Request) -> Response:
+    """AUTOMATIC1111's script list: none here (its clients look for extensions at start)."""
+    return JSONResponse({"txt2img": [], "img2img": []})
+
+
+@_route
+async def sd_options(svc: "Generation", request: Request) -> Response:
+    """AUTOMATIC1111's settings, of which the model is the one that exists here: GET says which
+    answers by default; POST is refused (a global switch would change every client's model)."""
+    if request.method == "POST":
+        raise ApiError(400, "the model is not a global setting here (every model is served at once): choose it "
+                            "per request with override_settings.sd_model_checkpoint", "sd_model_checkpoint")
+    default = next((m.tag for m in svc.served_models if m.kind == "image"), None)
+    return JSONResponse({"sd_model_checkpoint": default})
+
+
+@_route
 async def list_models(svc: "Generation", request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [m.describe() for m in svc.served_models]})
 
@@ -309,6 +339,10 @@ routes = Starlette(routes=[
     Route("/v1/images/generations", openai_images, methods=["POST"]),
     Route("/v1/models", openai_models, methods=["GET"]),
     Route("/v1/models/{model}", openai_model, methods=["GET"]),
+    Route("/sdapi/v1/txt2img", txt2img, methods=["POST"]),
+    Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
+    Route("/sdapi/v1/options", sd_options, methods=["GET", "POST"]),
+    Route("/sdapi/v1/scripts", sd_scripts, methods=["GET"]),
 ])
 
 
@@ -376,6 +410,13 @@ def image_parameters(req: ImageRequest, i: int, tag: str) -> dict[str, Any]:
     model and every sampler setting it used."""
     extra = {f: getattr(req, f) for f in req.sampler_fields()}
     return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation, **extra}
+
+
+@dataclass
+class ImageJob(Job[ImageRequest]):
+    """An image request's work, and what its PNGs say about themselves (`parameters` chunk):
+    JSON that /generate takes back, or AUTOMATIC1111's infotext on its route."""
+    describe: Callable[[ImageRequest, int, str], dict[str, Any] | str] = image_parameters
 
 
 @dataclass
@@ -791,15 +832,13 @@ class Generation:
                            type="server_error")
         return backend
 
-    async def _images(self, backend: ImageBackend, body: ImageBody | OpenAIImageBody,
-                      request: Request) -> tuple[int, list[bytes]] | None:
-        """The seed and the PNGs; None when the client left first (its job, if still queued, is
+    async def _images(self, backend: ImageBackend, req: ImageRequest, request: Request,
+                      describe: Callable[[ImageRequest, int, str], dict[str, Any] | str] = image_parameters
+                      ) -> list[bytes] | None:
+        """The request's PNGs; None when the client left first (its job, if still queued, is
         dropped by the batcher without running)."""
-        seed = _pick_seed(body.seed)
-        req = ImageRequest(prompt=body.prompt, seed=seed, n=body.n, truncation=body.truncation,
-                           guidance_scale=body.guidance_scale, temperature=body.temperature, top_k=body.top_k)
         backend.requests.validate(req)
-        job: Job[ImageRequest] = Job(req, cost=body.n, future=asyncio.get_running_loop().create_future())
+        job = ImageJob(req, cost=req.n, future=asyncio.get_running_loop().create_future(), describe=describe)
         backend.batcher.submit(job)
         try:
             pngs = await _until_disconnected(job.future, request)
@@ -807,19 +846,24 @@ class Generation:
             backend.batcher.withdraw(job)
         if pngs is None:
             logger.info("client of an image request (%d images) left before the answer; its job was cancelled",
-                        body.n)
-            return None
-        return seed, pngs
+                        req.n)
+        return pngs
+
+    @staticmethod
+    def _image_request(body: ImageBody | OpenAIImageBody) -> ImageRequest:
+        return ImageRequest(prompt=body.prompt, seed=_pick_seed(body.seed), n=body.n, truncation=body.truncation,
+                            guidance_scale=body.guidance_scale, temperature=body.temperature, top_k=body.top_k,
+                            negative_prompt=getattr(body, "negative_prompt", ""))
 
     async def generate(self, body: ImageBody, request: Request) -> Response:
         if body.response_format == "png" and body.n != 1:
             raise ApiError(400, "response_format 'png' returns a single image: use n = 1, or b64_json",
                            "response_format")
         backend = self._image_backend(body.model)
-        if (images := await self._images(backend, body, request)) is None:
+        req = self._image_request(body)
+        if (pngs := await self._images(backend, req, request)) is None:
             return Response(status_code=499)
-        seed, pngs = images
-        tag = backend.served.tag
+        seed, tag = req.seed, backend.served.tag
         if body.response_format == "png":
             return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(seed), "X-Model": tag})
         return JSONResponse({"created": int(time.time()), "model": tag, "seed": seed,
@@ -837,19 +881,51 @@ class Generation:
         if body.size not in (None, "auto", size):
             raise ApiError(400, f"size {body.size!r} is not available; this model makes {size} "
                                 "(send that, 'auto' or no size)", "size")
-        if (images := await self._images(backend, body, request)) is None:
+        req = self._image_request(body)
+        if (pngs := await self._images(backend, req, request)) is None:
             return Response(status_code=499)
-        seed, pngs = images
-        return JSONResponse({"created": int(time.time()), "model": backend.served.tag, "seed": seed,
-                             "data": [{"b64_json": b64(p), "revised_prompt": None, "seed": seed + i}
+        return JSONResponse({"created": int(time.time()), "model": backend.served.tag, "seed": req.seed,
+                             "data": [{"b64_json": b64(p), "revised_prompt": None, "seed": req.seed + i}
                                       for i, p in enumerate(pngs)]})
 
-    async def _run_images(self, backend: ImageBackend, jobs: list[Job[ImageRequest]]) -> None:
+    async def txt2img(self, body: Txt2ImgBody, request: Request) -> Response:
+        """AUTOMATIC1111's POST /sdapi/v1/txt2img (see service/sdapi.py)."""
+        if (err := body.unsupported()) is not None:
+            raise err
+        try:
+            backend = self._image_backend(body.override_settings.get("sd_model_checkpoint"))
+        except ApiError as e:  # the model is named in override_settings here
+            if e.param == "model":
+                e.param = "override_settings"
+            raise
+        size = backend.requests.image_size
+        for name in ("width", "height"):
+            if getattr(body, name) not in (None, size):
+                raise ApiError(400, f"{name} {getattr(body, name)} is not available: {backend.served.name} makes "
+                                    f"{size}x{size} images (send width and height {size}, or leave them out)", name)
+        guides = isinstance(backend.requests, ARImageRequests)  # a GAN has no guidance: cfg_scale has no effect
+        if body.negative_prompt and not guides:
+            raise ApiError(400, f"negative_prompt needs a model with guidance (ar_image); {backend.served.name} "
+                                "draws an image in one pass", "negative_prompt")
+        guidance = (backend.requests.guidance_scale if body.cfg_scale is None else body.cfg_scale) if guides else None
+        req = ImageRequest(prompt=body.prompt, seed=_pick_seed(body.seed), n=body.n, guidance_scale=guidance,
+                           negative_prompt=body.negative_prompt)
+        tag = backend.served.tag
+        describe = functools.partial(sdapi.infotext, size=size)
+        if (pngs := await self._images(backend, req, request, describe)) is None:
+            return Response(status_code=499)
+        return JSONResponse({
+            "images": [b64(p) for p in pngs] if body.send_images else [],
+            "parameters": {**body.model_dump(), "seed": req.seed if body.seed is not None else -1},
+            "info": json.dumps(sdapi.info(req, tag, size, body.batch_size)),
+        })
+
+    async def _run_images(self, backend: ImageBackend, jobs: list[ImageJob]) -> None:
         """One forward pass (or decode loop) for the whole batch, then PNG encoding, both in the
         model's worker process."""
         self._ready_or_503(backend.requests)
         tag = backend.served.tag
-        params = [[image_parameters(job.payload, i, tag) for i in range(job.payload.n)] for job in jobs]
+        params = [[job.describe(job.payload, i, tag) for i in range(job.payload.n)] for job in jobs]
         try:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:

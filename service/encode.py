@@ -1,7 +1,8 @@
 """Turning engine output into bytes: PNG files that remember how they were made, and SSE.
 
 A PNG carries its generation parameters as JSON in a tEXt chunk named `parameters`
-(the key image tools already look for), so a saved file is enough to reproduce it.
+(the key image tools already look for), so a saved file is enough to reproduce it; images
+made through AUTOMATIC1111's route carry its text layout there instead, which its tools read.
 Server-Sent Events: one `data: <json>` line plus a blank line per event, `data: [DONE]` last.
 """
 from __future__ import annotations
@@ -21,12 +22,14 @@ from starlette.types import Receive, Scope, Send
 PNG_PARAMETERS_KEY = "parameters"
 
 
-def encode_png(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes with `parameters` as JSON in a tEXt chunk."""
+def encode_png(image: np.ndarray, parameters: dict[str, Any] | str) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes with `parameters` in a tEXt chunk: a dict as JSON, a
+    string (AUTOMATIC1111's text layout) as it is."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
     info = PngInfo()
-    info.add_text(PNG_PARAMETERS_KEY, json.dumps(parameters, sort_keys=True))
+    text = parameters if isinstance(parameters, str) else json.dumps(parameters, sort_keys=True)
+    info.add_text(PNG_PARAMETERS_KEY, text)
     buf = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

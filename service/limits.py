@@ -32,7 +32,8 @@ from service.schemas import ApiError
 logger = logging.getLogger("condgen.service")
 
 # The routes that cost compute; everything else passes untouched.
-GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations"})
+GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations",
+                              "/sdapi/v1/txt2img"})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
-from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody
+from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody
 
 REF = "#/components/schemas/{model}"
 
@@ -86,10 +86,11 @@ def _null_means_default(schema: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=1)
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody)],
+        [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody)],
         ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
-    for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions"):
+    for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions",
+                 "Txt2ImgBody"):
         _null_means_default(schemas[name])
     obj = {"application/json": {"schema": {"type": "object"}}}
     return {
@@ -106,6 +107,11 @@ def build_openapi() -> dict[str, Any]:
             "/models": _get("list models"),
             "/v1/models": _get("openai list models"),
             "/v1/models/{model}": _get("openai retrieve model", ("400", "401", "404", "503"), [MODEL_PARAMETER]),
+            "/sdapi/v1/txt2img": _post("automatic1111 txt2img: images from a prompt (base64 PNGs, info)",
+                                       "Txt2ImgBody", obj),
+            "/sdapi/v1/sd-models": _get("automatic1111 sd models"),
+            "/sdapi/v1/options": _get("automatic1111 options"),
+            "/sdapi/v1/scripts": _get("automatic1111 scripts"),
         },
         "components": {"schemas": schemas},
     }

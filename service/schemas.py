@@ -8,6 +8,7 @@ The engines check the rest (prompt length in tokens, model-specific ranges) and 
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -232,6 +233,7 @@ class ImageBody(_Body, _NullIsDefault):
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
     top_k: TopK | None = Field(None, description=AR_ONLY)
+    negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
 
 class OpenAIImageBody(_Body, _NullIsDefault):
@@ -255,3 +257,81 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
     top_k: TopK | None = Field(None, description=AR_ONLY)
+
+
+# AUTOMATIC1111's settings of a diffusion process (steps, sampler, noise schedule, saving):
+# these models draw an image in one pass or one token at a time, so nothing here has them.
+# A1111 itself ignores fields it does not know; these are taken and have no effect.
+A1111_NO_EFFECT = (
+    "steps", "sampler_name", "sampler_index", "scheduler", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise",
+    "s_min_uncond", "denoising_strength", "subseed", "do_not_save_samples", "do_not_save_grid",
+    "override_settings_restore_afterwards", "disable_extra_networks", "comments", "force_task_id",
+    "refiner_switch_at", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
+)
+# A1111's options that would change the image in ways these models cannot: taken only at
+# the value that leaves them off, otherwise refused (400) rather than ignored.
+A1111_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "styles": ([],), "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "restore_faces": (False,), "tiling": (False,), "enable_hr": (False,), "save_images": (False,),
+    "script_name": ("",), "script_args": ([],), "alwayson_scripts": ({},), "refiner_checkpoint": ("",),
+    "infotext": ("",),
+}
+
+
+def _list_a1111_fields(schema: dict[str, Any]) -> None:
+    """The schema names A1111's other fields, as `Txt2ImgBody.unsupported` takes them, instead
+    of allowing any extra property."""
+    for name in A1111_NO_EFFECT:
+        schema["properties"][name] = {"description": "AUTOMATIC1111's; no effect here (no diffusion process)"}
+    for name, values in A1111_OFF_VALUES.items():
+        schema["properties"][name] = {"enum": list(values), "description": "AUTOMATIC1111's; only this value"}
+    schema["additionalProperties"] = False
+
+
+class Txt2ImgBody(_Body, _NullIsDefault):
+    """POST /sdapi/v1/txt2img: AUTOMATIC1111's web UI request. Honoured: prompt,
+    negative_prompt, seed, batch_size × n_iter images, width and height (the model's size),
+    cfg_scale (an AR model's guidance), send_images and the model in
+    override_settings.sd_model_checkpoint. The rest of A1111's fields: see A1111_NO_EFFECT
+    and A1111_OFF_VALUES; a field A1111 does not have is refused, as everywhere here."""
+    model_config = ConfigDict(extra="allow", json_schema_extra=_list_a1111_fields)  # checked by `unsupported`
+    prompt: str
+    negative_prompt: str = Field("", description="what guidance steers away from; autoregressive image models only")
+    seed: Seed | None = Field(None, description="image i uses seed + i; -1 (the default) = picked")
+    batch_size: int = Field(1, ge=1, le=MAX_N, description="images per batch; batch_size × n_iter at most 16")
+    n_iter: int = Field(1, ge=1, le=MAX_N, description="batches; batch_size × n_iter at most 16")
+    width: int | None = Field(None, description="the model's image size (or leave it out)")
+    height: int | None = Field(None, description="the model's image size (or leave it out)")
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE,
+                                    description="autoregressive models' guidance scale; a GAN has none and ignores it")
+    send_images: bool = True
+    override_settings: dict[str, Any] = Field({}, description="only sd_model_checkpoint: the model's name or tag")
+
+    @property
+    def n(self) -> int:
+        return self.batch_size * self.n_iter
+
+    def unsupported(self) -> ApiError | None:
+        """A field A1111 does not have, an option left on that these models cannot honour, or
+        too many images; None when the request can run."""
+        for name, value in (self.model_extra or {}).items():
+            if name in A1111_OFF_VALUES:
+                if value is not None and value not in A1111_OFF_VALUES[name]:
+                    return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported by these models; "
+                                         f"leave it out or send {json.dumps(A1111_OFF_VALUES[name][0])}", name)
+            elif name not in A1111_NO_EFFECT:
+                return ApiError(400, f"{name}: extra inputs are not permitted (not an AUTOMATIC1111 "
+                                     "txt2img field)", name)
+        for key, value in self.override_settings.items():
+            if key != "sd_model_checkpoint":
+                return ApiError(400, f"override_settings.{key} is not supported: only sd_model_checkpoint "
+                                     "(the model) can be set here", "override_settings")
+            if not isinstance(value, str) or not re.fullmatch(MODEL_NAME_PATTERN, value):
+                return ApiError(400, "override_settings.sd_model_checkpoint must be a model name or tag "
+                                     "(see GET /sdapi/v1/sd-models)", "override_settings")
+        if self.n > MAX_N:
+            return ApiError(400, f"batch_size × n_iter is {self.n}; at most {MAX_N} images per request",
+                            "batch_size")
+        return None

@@ -149,6 +149,28 @@ def test_seeds_and_batch_independence(model, tokenizer):
     assert not all(np.array_equal(x, y) for x, y in zip(alone, other))
 
 
+def test_negative_prompt_is_the_unconditional_branch(model, tokenizer):
+    """A negative prompt takes the empty caption's place in guidance (as in AUTOMATIC1111):
+    the engine's images equal the plain path given that prompt as its unconditional context,
+    whatever shares the batch; at scale 1 it has no effect."""
+    engine = ARImageEngine(model, tokenizer, device="cpu")
+    req = ImageRequest("a red circle", seed=4, guidance_scale=2.5, negative_prompt="a blue square")
+    alone = engine.generate([req])[0][0]
+    ids, mask = encode_prompts(tokenizer, ["a red circle"], model.cfg.context)
+    neg_ids, neg_mask = encode_prompts(tokenizer, ["a blue square"], model.cfg.context)
+    params = SamplingBatch.from_params([engine.settings(req)[0]])
+    tokens = reference_sample_tokens(model, ids, mask, neg_ids, neg_mask, params, [RowRandom(4)],
+                                     torch.full((1, 1), 2.5))
+    assert np.array_equal(alone, decode_tokens(tokens, model.codebook, model.cfg.patch)[0].permute(1, 2, 0).numpy())
+    mixed = engine.generate([ImageRequest("a blue square", seed=1, guidance_scale=2.5), req])
+    assert np.array_equal(mixed[1][0], alone)
+    plain = engine.generate([ImageRequest("a red circle", seed=4, guidance_scale=2.5)])[0][0]
+    assert not np.array_equal(plain, alone)
+    unguided = [engine.generate([ImageRequest("a red circle", seed=4, guidance_scale=1.0, negative_prompt=neg)])[0][0]
+                for neg in ("", "a blue square")]
+    assert np.array_equal(*unguided)
+
+
 def test_request_sampler_fields(model, tokenizer):
     """temperature 0 is greedy: the seed no longer matters; top_k=1 is greedy too."""
     engine = ARImageEngine(model, tokenizer, device="cpu")
@@ -168,7 +190,9 @@ def test_validation(model, tokenizer):
            (ImageRequest("x", seed=0, guidance_scale=float("nan")), "guidance_scale"),
            (ImageRequest("x", seed=0, temperature=-0.5), "temperature"),
            (ImageRequest("x", seed=0, top_k=-1), "top_k"),
-           (ImageRequest("a " * 40, seed=0), "prompt")]
+           (ImageRequest("a " * 40, seed=0), "prompt"),
+           (ImageRequest("x", seed=0, negative_prompt="a " * 40), "negative_prompt"),
+           (ImageRequest("x", seed=0, negative_prompt=None), "negative_prompt")]
     for req, param in bad:
         with pytest.raises(InvalidParameter) as e:
             engine.validate(req)

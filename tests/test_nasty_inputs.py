@@ -12,7 +12,7 @@ import pytest
 
 from tests_support import metric_value
 
-ROUTES = ["/complete", "/generate", "/v1/completions", "/v1/images/generations"]
+ROUTES = ["/complete", "/generate", "/v1/completions", "/v1/images/generations", "/sdapi/v1/txt2img"]
 MB = 1 << 20
 
 
@@ -109,7 +109,8 @@ def test_bad_numbers(client, route, field, value):
 def test_seed_plus_n_must_stay_32_bit(client, route):
     """Choice / image i uses seed + i, and seeds are 32-bit: the last one must fit, or the
     answer would report a seed that cannot be sent back (and that draws seed 0's numbers)."""
-    body = {**_valid(route), "seed": 2**32 - 2, "n": 3}
+    count = "batch_size" if route.startswith("/sdapi") else "n"  # AUTOMATIC1111's name for it
+    body = {**_valid(route), "seed": 2**32 - 2, count: 3}
     err = _assert_json_4xx(client.post(route, json=body), 400)
     assert err["param"] == "seed" and str(2**32 - 3) in err["message"]
 

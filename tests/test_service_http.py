@@ -317,6 +317,8 @@ BAD_REQUESTS = [
     ("/generate", {"prompt": "a", "model": "no-such-model"}, 404, "model"),
     ("/generate", {"prompt": "a", "guidance_scale": 2}, 400, "guidance_scale"),  # the GAN has no sampler
     ("/generate", {"prompt": "a", "model": "gan", "top_k": 3}, 400, "top_k"),
+    ("/generate", {"prompt": "a", "negative_prompt": "b"}, 400, "negative_prompt"),  # nor guidance
+    ("/generate", {"prompt": "a", "model": "ar_image", "negative_prompt": "a " * 40}, 400, "negative_prompt"),
     ("/generate", {"prompt": "a", "model": "ar_image", "guidance_scale": -1}, 400, "guidance_scale"),
     ("/generate", {"prompt": "a", "model": "ar_image", "guidance_scale": 21}, 400, "guidance_scale"),
     ("/generate", {"prompt": "a", "model": "ar_image", "temperature": -0.1}, 400, "temperature"),

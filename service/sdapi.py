@@ -1,0 +1,58 @@
+"""AUTOMATIC1111's web UI API on the image models: what its scripts, bots and its `webuiapi`
+client call (POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, GET /sdapi/v1/options).
+
+txt2img answers as A1111 does: `images` (base64 PNGs), `parameters` (the request) and `info`
+(a JSON string: prompts, seeds, the infotext of each image). Each PNG carries its infotext,
+A1111's text layout, in its `parameters` chunk, where A1111's PNG Info tab and image sites
+read it. The request's fields: `service.schemas.Txt2ImgBody`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from models.image_engine import ImageRequest
+
+VERSION = "condgen"  # A1111 writes its own version here; tools show it as the generator
+
+
+def _quote(value: Any) -> str:
+    """A1111's quoting of an infotext value: JSON when it holds a separator."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def infotext(req: ImageRequest, i: int, tag: str, size: int) -> str:
+    """Image i's A1111 infotext: the prompt, the negative prompt, then `Key: value, ...`.
+    A request's `guidance_scale` is set (to the value used) only for a model that guides."""
+    name, version = tag.split(":", 1)
+    lines = [req.prompt] + ([f"Negative prompt: {req.negative_prompt}"] if req.negative_prompt else [])
+    fields = {"CFG scale": f"{req.guidance_scale:g}" if req.guidance_scale is not None else None,
+              "Seed": req.seed + i, "Size": f"{size}x{size}", "Model hash": version, "Model": name,
+              "Version": VERSION}
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+def info(req: ImageRequest, tag: str, size: int, batch_size: int) -> dict[str, Any]:
+    """txt2img's `info` (sent as a JSON string, as A1111 does). Steps and sampler are null:
+    these models have none."""
+    name, version = tag.split(":", 1)
+    return {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * req.n,
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * req.n,
+        "seed": req.seed, "all_seeds": [req.seed + i for i in range(req.n)], "subseed_strength": 0,
+        "width": size, "height": size, "cfg_scale": req.guidance_scale, "steps": None, "sampler_name": None,
+        "batch_size": batch_size, "styles": [], "sd_model_name": name, "sd_model_hash": version,
+        "index_of_first_image": 0, "infotexts": [infotext(req, i, tag, size) for i in range(req.n)],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": VERSION,
+    }
+
+
+def sd_model(tag: str) -> dict[str, Any]:
+    """An image model as /sdapi/v1/sd-models lists it; `title` (the full tag) or `model_name`
+    goes into override_settings.sd_model_checkpoint."""
+    name, version = tag.split(":", 1)
+    return {"title": tag, "model_name": name, "hash": version[:10], "sha256": None,
+            "filename": f"{name}/{version}", "config": None}

@@ -1,0 +1,110 @@
+"""AUTOMATIC1111's API (/sdapi/v1) on the real server, through A1111's own Python client
+(`webuiapi`, unchanged) and raw HTTP: the same images as /generate for the same seed and
+settings, A1111's response and infotext layout, and a 400 naming the field for what these
+models cannot do."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def api(server) -> webuiapi.WebUIApi:
+    return webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1")
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def _generate(client, **body) -> list[np.ndarray]:
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return [_pixels(Image.open(io.BytesIO(base64.b64decode(im["b64_json"])))) for im in r.json()["images"]]
+
+
+def test_models_and_options_as_a1111_lists_them(api, client):
+    names = api.util_get_model_names()
+    served = {m["name"]: m["id"] for m in client.get("/models").json()["data"]}
+    assert names == sorted([served["gan"], served["ar_image"]])  # image models only, by full tag
+    assert api.util_get_current_model() == served["gan"]  # the default image model
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "ar_image"})
+    assert r.status_code == 400 and "override_settings" in r.json()["error"]["message"]
+
+
+def test_txt2img_with_the_a1111_client_matches_generate(api, client):
+    # webuiapi sends every A1111 field (steps, sampler, hires-fix settings at off, ...).
+    r = api.txt2img(prompt="a red circle", seed=7, width=32, height=32, batch_size=2, n_iter=2, steps=30)
+    assert len(r.images) == 4 and all(im.size == (32, 32) for im in r.images)
+    assert r.info["all_seeds"] == [7, 8, 9, 10] and r.info["seed"] == 7
+    assert r.info["sd_model_name"] == "gan" and r.info["steps"] is None and r.info["cfg_scale"] is None
+    assert r.parameters["prompt"] == "a red circle" and r.parameters["steps"] == 30
+    expected = _generate(client, prompt="a red circle", seed=7, n=4)
+    assert all(np.array_equal(_pixels(a), b) for a, b in zip(r.images, expected))
+    # Each PNG carries A1111's infotext, the text its PNG Info tab parses.
+    text = r.images[1].info["parameters"]
+    assert text.startswith("a red circle\n") and "Seed: 8, Size: 32x32" in text and "Model: gan" in text
+    assert text == r.info["infotexts"][1]
+
+
+def test_ar_model_cfg_scale_and_negative_prompt(api, client):
+    common = dict(prompt="a red circle", seed=3, width=32, height=32)
+    r = api.txt2img(**common, cfg_scale=2.0, negative_prompt="blue, large",
+                    override_settings={"sd_model_checkpoint": "ar_image"})
+    assert r.info["cfg_scale"] == 2.0 and r.info["sd_model_name"] == "ar_image"
+    lines = r.images[0].info["parameters"].split("\n")
+    assert lines[1] == "Negative prompt: blue, large" and lines[2].startswith("CFG scale: 2, Seed: 3")
+    same = _generate(client, model="ar_image", prompt="a red circle", seed=3, guidance_scale=2.0,
+                     negative_prompt="blue, large")
+    assert np.array_equal(_pixels(r.image), same[0])
+    # The negative prompt is the unconditional branch: it changes the image under guidance...
+    plain = _generate(client, model="ar_image", prompt="a red circle", seed=3, guidance_scale=2.0)
+    assert not np.array_equal(plain[0], same[0])
+    # ...and nothing without it (scale 1 is the conditional logits alone).
+    unguided = [_generate(client, model="ar_image", prompt="a red circle", seed=3, guidance_scale=1.0,
+                          negative_prompt=neg)[0] for neg in ("", "blue, large")]
+    assert np.array_equal(*unguided)
+    # No cfg_scale: the model's own guidance, reported as the value used.
+    default = client.get("/models").json()["data"]
+    scale = next(m for m in default if m["name"] == "ar_image")["guidance_scale"]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 3, "send_images": False,
+                                                "override_settings": {"sd_model_checkpoint": "ar_image"}})
+    assert r.status_code == 200 and r.json()["images"] == []
+    assert json.loads(r.json()["info"])["cfg_scale"] == scale
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"width": 512, "height": 512}, "width"),  # A1111's default size: the model makes 32x32
+    ({"height": 64}, "height"),
+    ({"negative_prompt": "blue"}, "negative_prompt"),  # the GAN has no guidance
+    ({"styles": ["cinematic"]}, "styles"),
+    ({"enable_hr": True}, "enable_hr"),
+    ({"restore_faces": True}, "restore_faces"),
+    ({"subseed_strength": 0.5}, "subseed_strength"),
+    ({"save_images": True}, "save_images"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts"),
+    ({"stepz": 20}, "stepz"),  # not an A1111 field: a typo is refused, as everywhere here
+    ({"batch_size": 8, "n_iter": 3}, "batch_size"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
+    ({"override_settings": {"sd_model_checkpoint": "gpt"}}, "override_settings"),  # a text model
+    ({"cfg_scale": 25}, "cfg_scale"),
+    ({"seed": -2}, "seed"),
+])
+def test_what_these_models_cannot_do_is_a_400_naming_it(client, body, param):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_unknown_model_is_a_404(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "override_settings": {"sd_model_checkpoint": "sdxl"}})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
