@@ -296,7 +296,7 @@ async def sd_options(svc: "Generation", request: Request) -> Response:
     answers by default; POST is refused (a global switch would change every client's model)."""
     if request.method == "POST":
         raise ApiError(400, "the model is not a global setting here (every model is served at once): choose it "
-                            "per request with override_settings.sd_model_checkpoint", "sd_model_checkpoint")
+                            "per request with override_settings.sd_model_checkpoint")
     default = next((m.tag for m in svc.served_models if m.kind == "image"), None)
     return JSONResponse({"sd_model_checkpoint": default})
 
@@ -892,8 +892,11 @@ class Generation:
         """AUTOMATIC1111's POST /sdapi/v1/txt2img (see service/sdapi.py)."""
         if (err := body.unsupported()) is not None:
             raise err
+        checkpoint = body.override_settings.get("sd_model_checkpoint")
+        if checkpoint is not None:
+            checkpoint = sdapi.checkpoint_tag(checkpoint, [m.tag for m in self.served_models if m.kind == "image"])
         try:
-            backend = self._image_backend(body.override_settings.get("sd_model_checkpoint"))
+            backend = self._image_backend(checkpoint)
         except ApiError as e:  # the model is named in override_settings here
             if e.param == "model":
                 e.param = "override_settings"
@@ -916,7 +919,9 @@ class Generation:
             return Response(status_code=499)
         return JSONResponse({
             "images": [b64(p) for p in pngs] if body.send_images else [],
-            "parameters": {**body.model_dump(), "seed": req.seed if body.seed is not None else -1},
+            # the request, with the defaults it ran with (as A1111 echoes it)
+            "parameters": {**body.model_dump(), "seed": req.seed if body.seed is not None else -1,
+                           "width": size, "height": size, "cfg_scale": guidance if guides else body.cfg_scale},
             "info": json.dumps(sdapi.info(req, tag, size, body.batch_size)),
         })
 

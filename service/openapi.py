@@ -60,13 +60,18 @@ def _post(summary: str, body: str, ok: dict[str, Any]) -> dict[str, Any]:
     }}
 
 
-def _get(summary: str, errors: tuple[str, ...] = ("401", "503"), parameters: list[dict[str, Any]] | None = None
-         ) -> dict[str, Any]:
+def _get(summary: str, errors: tuple[str, ...] = ("401", "503"), parameters: list[dict[str, Any]] | None = None,
+         shape: str = "object") -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
-        "200": {"description": "success", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "200": {"description": "success", "content": {"application/json": {"schema": {"type": shape}}}},
         **{k: v for k, v in _errors().items() if k in errors}}}
     return {"get": {**op, "parameters": parameters} if parameters else op}
 
+
+TXT2IMG_RESPONSE = {"type": "object", "required": ["images", "parameters", "info"], "properties": {
+    "images": {"type": "array", "items": {"type": "string", "description": "a base64 PNG"}},
+    "parameters": {"type": "object", "description": "the request, with the defaults it ran with"},
+    "info": {"type": "string", "description": "JSON: prompts, seeds, infotexts"}}}
 
 MODEL_PARAMETER = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
                    "description": "name (gpt), name:latest or the full tag"}
@@ -108,9 +113,12 @@ def build_openapi() -> dict[str, Any]:
             "/v1/models": _get("openai list models"),
             "/v1/models/{model}": _get("openai retrieve model", ("400", "401", "404", "503"), [MODEL_PARAMETER]),
             "/sdapi/v1/txt2img": _post("automatic1111 txt2img: images from a prompt (base64 PNGs, info)",
-                                       "Txt2ImgBody", obj),
-            "/sdapi/v1/sd-models": _get("automatic1111 sd models"),
-            "/sdapi/v1/options": _get("automatic1111 options"),
+                                       "Txt2ImgBody", {"application/json": {"schema": TXT2IMG_RESPONSE}}),
+            "/sdapi/v1/sd-models": _get("automatic1111 sd models", shape="array"),
+            "/sdapi/v1/options": {**_get("automatic1111 options"), "post": {
+                "summary": "automatic1111 set options: always 400 (choose the model per request, in "
+                           "override_settings.sd_model_checkpoint)", "operationId": "automatic1111_set_options",
+                "responses": {k: v for k, v in _errors().items() if k in ("400", "401")}}},
             "/sdapi/v1/scripts": _get("automatic1111 scripts"),
         },
         "components": {"schemas": schemas},

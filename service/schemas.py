@@ -9,6 +9,7 @@ The engines check the rest (prompt length in tokens, model-specific ranges) and 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -280,6 +281,15 @@ A1111_OFF_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _finite(value: Any) -> bool:
+    """No NaN or infinity anywhere inside (Python's JSON parser takes them; JSON has none)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return all(_finite(v) for v in value) if isinstance(value, list) else True
+
+
 def _list_a1111_fields(schema: dict[str, Any]) -> None:
     """The schema names A1111's other fields, as `Txt2ImgBody.unsupported` takes them, instead
     of allowing any extra property."""
@@ -297,7 +307,7 @@ class Txt2ImgBody(_Body, _NullIsDefault):
     override_settings.sd_model_checkpoint. The rest of A1111's fields: see A1111_NO_EFFECT
     and A1111_OFF_VALUES; a field A1111 does not have is refused, as everywhere here."""
     model_config = ConfigDict(extra="allow", json_schema_extra=_list_a1111_fields)  # checked by `unsupported`
-    prompt: str
+    prompt: str = Field(min_length=1)
     negative_prompt: str = Field("", description="what guidance steers away from; autoregressive image models only")
     seed: Seed | None = Field(None, description="image i uses seed + i; -1 (the default) = picked")
     batch_size: int = Field(1, ge=1, le=MAX_N, description="images per batch; batch_size × n_iter at most 16")
@@ -317,6 +327,8 @@ class Txt2ImgBody(_Body, _NullIsDefault):
         """A field A1111 does not have, an option left on that these models cannot honour, or
         too many images; None when the request can run."""
         for name, value in (self.model_extra or {}).items():
+            if not _finite(value):  # the typed fields refuse NaN and infinities; these are free-form
+                return ApiError(400, f"{name}: NaN and infinite numbers are not valid JSON values", name)
             if name in A1111_OFF_VALUES:
                 if value is not None and value not in A1111_OFF_VALUES[name]:
                     return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported by these models; "

@@ -51,8 +51,15 @@ def info(req: ImageRequest, tag: str, size: int, batch_size: int) -> dict[str, A
 
 
 def sd_model(tag: str) -> dict[str, Any]:
-    """An image model as /sdapi/v1/sd-models lists it; `title` (the full tag) or `model_name`
-    goes into override_settings.sd_model_checkpoint."""
+    """An image model as /sdapi/v1/sd-models lists it; its `title` (the full tag), `model_name`
+    or `hash` (the store version, as infotexts name it) goes into
+    override_settings.sd_model_checkpoint."""
     name, version = tag.split(":", 1)
-    return {"title": tag, "model_name": name, "hash": version[:10], "sha256": None,
+    return {"title": tag, "model_name": name, "hash": version, "sha256": None,
             "filename": f"{name}/{version}", "config": None}
+
+
+def checkpoint_tag(requested: str, tags: list[str]) -> str:
+    """The tag that an sd_model_checkpoint naming a model by its hash (version) means; any
+    other name as it is."""
+    return next((tag for tag in tags if tag.split(":", 1)[1] == requested), requested)

@@ -131,6 +131,10 @@ CHAT_HINT = ("; the text model is a plain language model with no chat template: 
              "a prompt to /v1/completions")
 
 
+# AUTOMATIC1111's other generation route: these models take no input image.
+IMG2IMG_HINT = "; the image models here draw from a prompt only (no input image): use /sdapi/v1/txt2img"
+
+
 def _as_json(scope: Scope, start: Message) -> ApiError | None:
     """The JSON error for a plain-text answer that Starlette made itself, else None."""
     headers = dict(start.get("headers") or [])
@@ -140,7 +144,7 @@ def _as_json(scope: Scope, start: Message) -> ApiError | None:
     if status == 405:  # Starlette's Allow header is kept
         return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
     if status == 404:
-        hint = CHAT_HINT if path.rstrip("/") == "/v1/chat/completions" else ""
+        hint = {"/v1/chat/completions": CHAT_HINT, "/sdapi/v1/img2img": IMG2IMG_HINT}.get(path.rstrip("/"), "")
         return ApiError(404, f"no route {method} {path}{hint}", code="not_found")
     if status == 400 and method == "OPTIONS":  # CORSMiddleware refusing a pre-flight
         origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")

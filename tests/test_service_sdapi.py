@@ -80,6 +80,18 @@ def test_ar_model_cfg_scale_and_negative_prompt(api, client):
                                                 "override_settings": {"sd_model_checkpoint": "ar_image"}})
     assert r.status_code == 200 and r.json()["images"] == []
     assert json.loads(r.json()["info"])["cfg_scale"] == scale
+    # parameters: the request with the defaults it ran with
+    assert {k: r.json()["parameters"][k] for k in ("width", "height", "cfg_scale")} == \
+        {"width": 32, "height": 32, "cfg_scale": scale}
+
+
+def test_a_model_named_by_its_hash(api, client):
+    """sd-models' hash (the store version) is what infotexts name, and picks the model too."""
+    listed = {m["model_name"]: m for m in api.get_sd_models()}
+    r = api.txt2img(prompt="a blue square", seed=1, width=32, height=32, cfg_scale=3.0,
+                    override_settings={"sd_model_checkpoint": listed["ar_image"]["hash"]})
+    assert r.info["sd_model_name"] == "ar_image" and r.info["sd_model_hash"] == listed["ar_image"]["hash"]
+    assert f"Model hash: {listed['ar_image']['hash']}, Model: ar_image" in r.info["infotexts"][0]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -103,6 +115,20 @@ def test_what_these_models_cannot_do_is_a_400_naming_it(client, body, param):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+@pytest.mark.parametrize("raw, param", [(b'{"prompt": "x", "steps": NaN}', "steps"),
+                                        (b'{"prompt": "x", "comments": {"a": [Infinity]}}', "comments")])
+def test_nan_in_a_field_without_effect_is_a_400(client, raw, param):
+    """Python's JSON parser takes NaN; the typed fields refuse it, and so do the free-form ones
+    (the answer echoes them, and JSON has no NaN)."""
+    r = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_img2img_is_a_404_that_says_why(client):
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": []})
+    assert r.status_code == 404 and "txt2img" in r.json()["error"]["message"]
 
 
 def test_unknown_model_is_a_404(client):
