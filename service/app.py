@@ -46,7 +46,7 @@ from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service.image_worker import ImageWorker, WorkerDied
 from service.batching import Job, MicroBatcher, Overloaded, fail
-from service import sdapi
+from service import sdapi, tgi
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import env_choice, env_flag, env_float, env_int
 from service.limits import Limits
@@ -59,6 +59,7 @@ from service.schemas import (
     ImageBody,
     OpenAICompletionBody,
     OpenAIImageBody,
+    TGIBody,
     Txt2ImgBody,
     from_validation_error,
 )
@@ -197,6 +198,11 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
 
 
 async def _parse(request: Request, model: type[B]) -> B:
+    return model.model_validate(await _read_json(request))
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; a 4xx naming what is wrong with it otherwise."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
@@ -228,7 +234,7 @@ async def _parse(request: Request, model: type[B]) -> B:
             field = name if _is_unicode(name) else None
             raise ApiError(400, f"{field or 'a field name'}: contains a lone surrogate escape (\\ud800-\\udfff), "
                                 "which is not valid Unicode", param=field)
-    return model.model_validate(data)
+    return data
 
 
 def _is_unicode(value: Any) -> bool:
@@ -265,7 +271,30 @@ async def openai_completions(svc: "Generation", request: Request) -> Response:
 
 @_route
 async def generate(svc: "Generation", request: Request) -> Response:
-    return await svc.generate(await _parse(request, ImageBody), request)
+    """Images; a body with `inputs` is text-generation-inference's text request (its /generate)."""
+    data = await _read_json(request)
+    if "inputs" in data and "prompt" not in data:
+        return await svc.tgi_generate(_tgi_body(data), request, stream=False)
+    return await svc.generate(ImageBody.model_validate(data), request)
+
+
+def _tgi_body(data: dict[str, Any]) -> TGIBody:
+    try:
+        return TGIBody.model_validate(data)
+    except ValidationError as e:  # "parameters.top_p", not just "parameters"
+        raise from_validation_error(e, depth=2) from None
+
+
+@_route
+async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
+    return await svc.tgi_generate(_tgi_body(await _read_json(request)), request, stream=True)
+
+
+@_route
+async def tgi_compat(svc: "Generation", request: Request) -> Response:
+    """POST /, TGI's compat route: `stream` chooses; a plain answer comes as a list of one."""
+    body = _tgi_body(await _read_json(request))
+    return await svc.tgi_generate(body, request, stream=body.stream, as_list=True)
 
 
 @_route
@@ -334,6 +363,8 @@ routes = Starlette(routes=[
     Route("/health", health, methods=["GET"]),
     Route("/complete", complete, methods=["POST"]),
     Route("/generate", generate, methods=["POST"]),
+    Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
+    Route("/", tgi_compat, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/v1/completions", openai_completions, methods=["POST"]),
     Route("/v1/images/generations", openai_images, methods=["POST"]),
@@ -811,13 +842,84 @@ class Generation:
         except (EngineFailed, QueueFull) as e:  # the engine process died (its reader has logged it), or
             # refused one of several prompts (its own check, raced past the server's)
             err = _engine_unavailable(e) if isinstance(e, EngineFailed) else Overloaded(str(e), RETRY_AFTER_S)
-            _count_stream_error(openai, err.status)
+            _count_stream_error("/v1/completions" if openai else "/complete", err.status)
             yield sse_event(err.body())
         except Exception:
             request_id = uuid.uuid4().hex
             logger.exception("stream %s (request %s) failed", head["id"], request_id)
             err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
-            _count_stream_error(openai, err.status)
+            _count_stream_error("/v1/completions" if openai else "/complete", err.status)
+            yield sse_event(err.body(request_id))
+        finally:
+            await events.aclose()
+
+    async def tgi_generate(self, body: TGIBody, request: Request, stream: bool, as_list: bool = False) -> Response:
+        """text-generation-inference's /generate, /generate_stream and / (see service/tgi.py)."""
+        p = body.parameters
+        if (err := p.unsupported()) is not None:
+            raise err
+        engine: TextRequests = self._ready_or_503(self.text)
+        self._check_model(None, "text")
+        if len(body.inputs) > engine.max_prompt_chars:  # before the tokenizer spends the loop's time on it
+            raise ApiError(400, f"inputs: {len(body.inputs)} characters, the limit is {engine.max_prompt_chars}",
+                           "inputs")
+        ids = engine.tokenizer.encode(body.inputs)
+        if p.truncate is not None:
+            ids = ids[-p.truncate:]
+        seed = _pick_seed(p.seed, 1)
+        req = tgi.completion_request(body.inputs, ids, p, seed, engine.block_size)
+        try:
+            ids = _checked(self.text_stream, req)
+        except InvalidParameter as e:  # named as TGI names the field
+            name = tgi.PARAM.get(e.param, e.param)
+            raise ApiError(400, f"{name}: {e.message.replace('max_tokens', 'max_new_tokens')}", name,
+                           code=e.code) from None
+        answer = tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
+                               seed if tgi.samples(p) else None)  # TGI reports no seed for greedy decoding
+        events = self.text_stream.generate(req, checked=True)
+        arrived = time.perf_counter()
+        if (first := await _until_disconnected(_first_event(events), request)) is None:
+            return _client_left("a text-generation-inference request")
+        events = self._measured(_chain(first, events), arrived)
+        if stream:
+            return SSEResponse(self._tgi_stream(events, answer, request.url.path))
+
+        async def collect() -> tgi.Generated:
+            try:
+                async for ev in events:
+                    answer.add(ev)
+            except EngineFailed as e:
+                raise _engine_unavailable(e) from None
+            return answer
+
+        if await _until_disconnected(collect(), request) is None:
+            return _client_left("a text-generation-inference request")
+        return JSONResponse([answer.response()] if as_list else answer.response())
+
+    async def _tgi_stream(self, events: AsyncIterator[StreamEvent], answer: tgi.Generated,
+                          endpoint: str) -> AsyncIterator[bytes]:
+        """TGI's stream: an event per token, the last one (held back until the end is known)
+        with the whole text and the details; no [DONE]. Errors after the 200 are events."""
+        held: tuple[dict[str, Any], list[dict[str, Any]] | None] | None = None
+        index = 0
+        try:
+            async for ev in events:
+                for token, top in answer.add(ev):
+                    if held is not None:
+                        index += 1
+                        yield sse_event(answer.stream_event(index, *held, last=False))
+                    held = (token, top)
+            if held is not None:
+                yield sse_event(answer.stream_event(index + 1, *held, last=True))
+        except EngineFailed as e:
+            err = _engine_unavailable(e)
+            _count_stream_error(endpoint, err.status)
+            yield sse_event(err.body())
+        except Exception:
+            request_id = uuid.uuid4().hex
+            logger.exception("a text-generation-inference stream (request %s) failed", request_id)
+            err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
+            _count_stream_error(endpoint, err.status)
             yield sse_event(err.body(request_id))
         finally:
             await events.aclose()
@@ -1060,9 +1162,8 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _count_stream_error(openai: bool, status: int) -> None:
+def _count_stream_error(endpoint: str, status: int) -> None:
     """A stream that fails after its 200 went out, counted as the status it would have had."""
-    endpoint = "/v1/completions" if openai else "/complete"
     get_metrics().request_errors.labels(endpoint=endpoint, status=str(status)).inc()
 
 

@@ -33,7 +33,7 @@ logger = logging.getLogger("condgen.service")
 
 # The routes that cost compute; everything else passes untouched.
 GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations",
-                              "/sdapi/v1/txt2img"})
+                              "/sdapi/v1/txt2img", "/generate_stream", "/"})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
-from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody
+from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, TGIBody,
+                             Txt2ImgBody)
 
 REF = "#/components/schemas/{model}"
 
@@ -51,11 +52,13 @@ def _errors() -> dict[str, Any]:
     return out
 
 
-def _post(summary: str, body: str, ok: dict[str, Any]) -> dict[str, Any]:
+def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any]) -> dict[str, Any]:
+    """A POST route; a tuple of bodies: any one of them (told apart by their required fields)."""
+    schema = ({"oneOf": [{"$ref": REF.format(model=b)} for b in body]} if isinstance(body, tuple)
+              else {"$ref": REF.format(model=body)})
     return {"post": {
         "summary": summary, "operationId": summary.split(":")[0].replace(" ", "_").lower(),
-        "requestBody": {"required": True,
-                        "content": {"application/json": {"schema": {"$ref": REF.format(model=body)}}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
         "responses": {"200": {"description": "success", "content": ok}, **_errors()},
     }}
 
@@ -91,11 +94,12 @@ def _null_means_default(schema: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=1)
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody)],
+        [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
+                                     TGIBody)],
         ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
     for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions",
-                 "Txt2ImgBody"):
+                 "Txt2ImgBody", "TGIBody", "TGIParameters"):
         _null_means_default(schemas[name])
     obj = {"application/json": {"schema": {"type": "object"}}}
     return {
@@ -104,8 +108,13 @@ def build_openapi() -> dict[str, Any]:
         "paths": {
             "/complete": _post("complete: text completion (JSON, or SSE with stream=true)", "CompletionBody",
                                {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
-            "/generate": _post("generate: images from a prompt (JSON with base64 PNGs, or one PNG)", "ImageBody",
+            "/generate": _post("generate: images from a prompt (JSON with base64 PNGs, or one PNG); with `inputs`, "
+                               "text-generation-inference's text generation", ("ImageBody", "TGIBody"),
                                {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}),
+            "/generate_stream": _post("tgi generate stream: text-generation-inference's token stream (SSE)",
+                                      "TGIBody", {"text/event-stream": {"schema": {"type": "string"}}}),
+            "/": _post("tgi compat: text-generation-inference's route (`stream` chooses; a list of one answer)",
+                       "TGIBody", {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
             "/v1/completions": _post("openai completions", "OpenAICompletionBody",
                                      {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
             "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),

@@ -55,8 +55,9 @@ class ApiError(Exception):
         return {"error": error}
 
 
-def from_validation_error(exc: ValidationError) -> ApiError:
-    """Name the offending top-level field in `param`; list every problem in the message."""
+def from_validation_error(exc: ValidationError, depth: int = 1) -> ApiError:
+    """Name the offending field in `param` (its top-level name, or `depth` levels of its path:
+    "parameters.top_p"); list every problem in the message."""
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
 
     def path(err: dict[str, Any]) -> list[str]:
@@ -65,7 +66,7 @@ def from_validation_error(exc: ValidationError) -> ApiError:
 
     problems = dict.fromkeys(f"{'.'.join(path(e)) or 'body'}: {e['msg']}" for e in errors)
     first = path(errors[0]) if errors else []
-    return ApiError(400, "; ".join(problems), param=first[0] if first else None)
+    return ApiError(400, "; ".join(problems), param=".".join(str(p) for p in first[:depth]) or None)
 
 
 class _Body(BaseModel):
@@ -347,3 +348,48 @@ class Txt2ImgBody(_Body, _NullIsDefault):
             return ApiError(400, f"batch_size × n_iter is {self.n}; at most {MAX_N} images per request",
                             "batch_size")
         return None
+
+
+class TGIParameters(_Body, _NullIsDefault):
+    """text-generation-inference's `parameters` (see service/tgi.py for how they map)."""
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT,
+                                       description="default: 100, or what the context leaves after the input")
+    do_sample: bool = Field(False, description="sample; greedy otherwise, unless a sampling parameter is set")
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_k: int | None = Field(None, gt=0, le=MAX_TOP_K)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted per occurrence in the "
+                                                                           "generated text")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="32-bit here (TGI takes 64-bit seeds)")
+    stop: list[StopString] = Field([], max_length=MAX_STOP, description="stop sequences (kept in the text, as "
+                                                                        "TGI does)")
+    details: bool = Field(False, description="also finish reason, seed, every token with its logprob")
+    decoder_input_details: bool = Field(False, description="with details: the input's tokens too (prefill)")
+    return_full_text: bool = Field(False, description="the input before the generated text")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the likeliest alternatives per token")
+    truncate: int | None = Field(None, ge=1, description="keep only the input's last tokens")
+    # TGI's, taken only at the values that leave them off (refused otherwise, naming them)
+    best_of: int | None = Field(None, description="only 1: ranking candidates is not implemented")
+    typical_p: float | None = Field(None, description="not implemented: leave it out")
+    watermark: bool = Field(False, description="only false: watermarking is not implemented")
+    grammar: Any = Field(None, description="not implemented: leave it out")
+    adapter_id: str | None = Field(None, description="not implemented: the model has no adapters")
+
+    def unsupported(self) -> ApiError | None:
+        if self.best_of not in (None, 1):
+            return ApiError(400, "parameters.best_of above 1 is not supported: ask for several completions (each "
+                                 "with its own seed) and rank them yourself", "parameters.best_of")
+        for name, off in (("typical_p", None), ("watermark", False), ("grammar", None), ("adapter_id", None)):
+            if getattr(self, name) != off:
+                return ApiError(400, f"parameters.{name} is not supported by this server; leave it out",
+                                f"parameters.{name}")
+        return None
+
+
+class TGIBody(_Body, _NullIsDefault):
+    """text-generation-inference's request: POST /generate (with `inputs`; `prompt` there asks
+    for images), /generate_stream, and / (its compat route, where `stream` chooses)."""
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = Field(False, description="POST / only: stream the tokens (Server-Sent Events)")

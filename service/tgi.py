@@ -1,0 +1,141 @@
+"""text-generation-inference's API on the text model: POST /generate_stream, POST / (TGI's
+compat route, `stream` chooses) and POST /generate with TGI's body (`inputs`; a body with
+`prompt` there asks for images). What huggingface_hub's `InferenceClient.text_generation`,
+LangChain's `HuggingFaceEndpoint` and TGI's own client send.
+
+TGI's conventions, kept: greedy unless `do_sample` or a sampling parameter is set; a stop
+sequence stays in the generated text; finish reasons `length`, `eos_token`, `stop_sequence`;
+each token comes with its id, text and logprob; a stream's last event carries the whole text
+and the details. The request's fields: `service.schemas.TGIBody`.
+"""
+from __future__ import annotations
+
+import functools
+from collections import deque
+from typing import Any
+
+from models.engine import CompletionRequest, StreamEvent, TokenLogprob
+from models.sampling import SamplingParams
+from models.tokenizer import Tokenizer
+from service.schemas import TGIParameters
+
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's, when the context leaves that much
+FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
+# The engine's field names, as a TGI request calls them (for the `param` of a 400).
+PARAM = {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens",
+         "seed": "parameters.seed", "stop": "parameters.stop", "top_k": "parameters.top_k",
+         "top_p": "parameters.top_p", "temperature": "parameters.temperature",
+         "repetition_penalty": "parameters.repetition_penalty", "frequency_penalty": "parameters.frequency_penalty"}
+
+
+def samples(p: TGIParameters) -> bool:
+    """TGI samples when asked to, or when any sampling parameter is set; else it is greedy."""
+    return p.do_sample or (p.temperature is not None and p.temperature != 1) or p.top_k is not None \
+        or (p.top_p is not None and p.top_p < 1)
+
+
+def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int, context: int) -> CompletionRequest:
+    """The engine's request for a TGI request whose input is `ids` (already tokenized, and cut
+    to `truncate`). Without max_new_tokens: 100, or what the context leaves."""
+    max_new = p.max_new_tokens or max(1, min(DEFAULT_MAX_NEW_TOKENS, context - len(ids)))
+    sampling = SamplingParams(temperature=(p.temperature or 1.0) if samples(p) else 0.0, top_k=p.top_k or 0,
+                              top_p=p.top_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
+                              frequency_penalty=p.frequency_penalty or 0.0)
+    return CompletionRequest(prompt=inputs, prompt_ids=ids, seed=seed, max_tokens=max_new, sampling=sampling,
+                             stop=list(p.stop), include_stop_str_in_output=True, logprobs=p.top_n_tokens or 0,
+                             prompt_logprobs=p.details and p.decoder_input_details)
+
+
+class TokenSplitter:
+    """Pairs a choice's tokens with their logprob entries as the engine releases them (an
+    entry waits with its text while that text may begin a stop sequence) and gives each
+    token its share of the released text: from where the text given out so far ends to
+    where the next token's text starts, so that the tokens' texts add up to the text."""
+
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()  # token ids whose entries are not out yet
+        self.text = ""  # released so far
+        self.given = 0  # characters of it handed to tokens
+
+    def add(self, ev: StreamEvent) -> list[tuple[int, TokenLogprob, str]]:
+        if ev.token_id is not None:
+            self.pending.append(ev.token_id)
+        self.text += ev.text
+        out = []
+        for j, entry in enumerate(ev.logprobs):
+            end = ev.logprobs[j + 1].offset if j + 1 < len(ev.logprobs) else len(self.text)
+            end = max(end, self.given)
+            out.append((self.pending.popleft(), entry, self.text[self.given:end]))
+            self.given = end
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def _ids_by_name(tokenizer: Tokenizer) -> dict[str, int]:
+    return {tokenizer.token_name(i): i for i in range(tokenizer.vocab_size)}
+
+
+def token_json(tokenizer: Tokenizer, token_id: int, logprob: float | None, text: str) -> dict[str, Any]:
+    return {"id": token_id, "text": text, "logprob": logprob, "special": token_id == tokenizer.eot_id}
+
+
+def top_tokens_json(tokenizer: Tokenizer, entry: TokenLogprob) -> list[dict[str, Any]]:
+    """A token's likeliest alternatives, as TGI lists them (top_n_tokens)."""
+    ids = _ids_by_name(tokenizer)
+    return [token_json(tokenizer, ids[name], lp, tokenizer.decode([ids[name]])) for name, lp in (entry.top or {}).items()]
+
+
+def prefill_json(tokenizer: Tokenizer, ids: list[int], entries: list[TokenLogprob] | None) -> list[dict[str, Any]]:
+    """The input's tokens with their logprobs given those before (decoder_input_details); the
+    first has none."""
+    return [{"id": t, "text": tokenizer.decode([t]), "logprob": e.logprob} for t, e in zip(ids, entries or [])]
+
+
+class Generated:
+    """A TGI answer built from a request's events: its tokens (each with its text, logprob and,
+    with top_n_tokens, alternatives), the input's tokens (decoder_input_details), the finish."""
+
+    def __init__(self, tokenizer: Tokenizer, p: TGIParameters, input_ids: list[int], prefix: str, seed: int | None):
+        self.tokenizer, self.p, self.input_ids, self.prefix, self.seed = tokenizer, p, input_ids, prefix, seed
+        self.splitter = TokenSplitter()
+        self.tokens: list[dict[str, Any]] = []
+        self.top_tokens: list[list[dict[str, Any]]] = []
+        self.prefill: list[TokenLogprob] | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, ev: StreamEvent) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """The tokens this event gives out (with their alternatives when asked for)."""
+        if ev.prompt_logprobs is not None:
+            self.prefill = ev.prompt_logprobs
+        if ev.finish_reason:
+            self.finish_reason = FINISH[ev.finish_reason]
+        new = []
+        for token_id, entry, text in self.splitter.add(ev):
+            token = token_json(self.tokenizer, token_id, entry.logprob, text)
+            top = top_tokens_json(self.tokenizer, entry) if self.p.top_n_tokens else None
+            self.tokens.append(token)
+            self.top_tokens.append(top or [])
+            new.append((token, top))
+        return new
+
+    @property
+    def generated_text(self) -> str:
+        return self.prefix + self.splitter.text
+
+    def response(self) -> dict[str, Any]:
+        """/generate's answer: the text, and the details when asked for."""
+        out: dict[str, Any] = {"generated_text": self.generated_text}
+        if self.p.details:
+            out["details"] = {
+                "finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
+                "prefill": prefill_json(self.tokenizer, self.input_ids, self.prefill), "tokens": self.tokens,
+                **({"top_tokens": self.top_tokens} if self.p.top_n_tokens else {}), "best_of_sequences": None}
+        return out
+
+    def stream_event(self, index: int, token: dict[str, Any], top: list[dict[str, Any]] | None,
+                     last: bool) -> dict[str, Any]:
+        """One stream event per token (index from 1); the last also carries the text and details."""
+        details = {"finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
+                   "input_length": len(self.input_ids)} if last else None
+        return {"index": index, "token": token, **({"top_tokens": top} if top is not None else {}),
+                "generated_text": self.generated_text if last else None, "details": details}
