@@ -1,6 +1,6 @@
 """The sampler: logits -> bans -> logit bias -> repetition penalty -> presence / frequency penalties
--> temperature -> top-k / top-p / min-p -> softmax -> inverse-CDF draw with one uniform from
-the request's own generator.
+-> temperature -> top-k / top-p / typical-p / min-p -> softmax -> inverse-CDF draw with one
+uniform from the request's own generator.
 
 Everything is batched over rows, each row with its own parameters, so one decode step
 serves many requests; a row's draw depends only on its logits and its own generator.
@@ -33,6 +33,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1)
+    # locally typical sampling's mass kept, in (0, 1]: the tokens whose surprise is closest to
+    # the distribution's entropy (text-generation-inference's and Hugging Face's typical_p)
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already seen (prompt and completion)
     # OpenAI's: subtracted from the logit of every token the completion already holds, once
     # (presence) or once per occurrence (frequency); negative values encourage repeats.
@@ -43,7 +46,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+        for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):  # library callers
             value = getattr(self, name)
             if not (is_int(value) if name == "top_k" else is_number(value)):
@@ -54,6 +57,7 @@ class SamplingParams:
             ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be in [0, {MAX_TOP_K}] (0 turns it off)"),
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("typical_p", math.isfinite(self.typical_p) and 0 < self.typical_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", math.isfinite(self.repetition_penalty)
              and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10, f"must be in [{MIN_REPETITION_PENALTY}, 10]"),
             ("presence_penalty", math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
@@ -87,11 +91,12 @@ class SamplingBatch:
     top_k: Tensor  # (B, 1) long, 0 = off
     top_p: Tensor  # (B, 1)
     min_p: Tensor  # (B, 1)
+    typical_p: Tensor  # (B, 1)
     repetition_penalty: Tensor  # (B, 1)
     presence_penalty: Tensor  # (B, 1)
     frequency_penalty: Tensor  # (B, 1)
     logit_bias: tuple[Tensor, Tensor, Tensor]  # (row, token, bias) of every row's entries, (K,) each
-    # of "greedy", "top_k", "top_p", "min_p", "repetition_penalty", "counts" (presence or frequency),
+    # of "greedy", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "counts" (presence or frequency),
     # "logit_bias"
     uses: frozenset[str] = frozenset()
 
@@ -100,7 +105,7 @@ class SamplingBatch:
         """Two host-to-device copies (the float columns as one tensor, top-k), three more when
         some row has a logit bias: the continuous engine builds this whenever its rows change."""
         off = SamplingParams()
-        uses = {name for name in ("top_k", "top_p", "min_p", "repetition_penalty")
+        uses = {name for name in ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
                 if any(getattr(p, name) != getattr(off, name) for p in params)}
         if any(p.temperature == 0 for p in params):
             uses.add("greedy")
@@ -109,9 +114,9 @@ class SamplingBatch:
         if any(p.logit_bias for p in params):
             uses.add("logit_bias")
         floats = torch.tensor([[getattr(p, name) for name in _FLOAT_COLUMNS] for p in params], device=device)
-        temperature, top_p, min_p, repetition, presence, frequency = floats.split(1, dim=1)  # (B, 1) views
+        temperature, top_p, min_p, typical_p, repetition, presence, frequency = floats.split(1, dim=1)  # (B, 1) views
         top_k = torch.tensor([[p.top_k] for p in params], dtype=torch.long, device=device)
-        return cls(temperature, top_k, top_p, min_p, repetition, presence, frequency,
+        return cls(temperature, top_k, top_p, min_p, typical_p, repetition, presence, frequency,
                    _bias_entries([p.logit_bias for p in params], device), frozenset(uses))
 
     def select(self, rows: Tensor) -> "SamplingBatch":
@@ -124,12 +129,14 @@ class SamplingBatch:
             kept = new_row[row] >= 0
             row, token, bias = new_row[row][kept], token[kept], bias[kept]
         return SamplingBatch(*(t.index_select(0, rows) for t in
-                               (self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                               (self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p,
+                                self.repetition_penalty,
                                 self.presence_penalty, self.frequency_penalty)),
                              (row, token, bias), self.uses)
 
 
-_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_FLOAT_COLUMNS = ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
 
 
 def _bias_entries(biases: list[tuple[tuple[int, float], ...]], device: torch.device | str) -> tuple[Tensor, ...]:
@@ -161,10 +168,11 @@ def apply_count_penalties(logits: Tensor, counts: Tensor, presence: Tensor, freq
 
 
 def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
-    """Set to -inf every logit that top-k, then top-p (on the renormalised rest), then min-p removes.
+    """Set to -inf every logit that top-k, then top-p, then typical-p (each on the renormalised
+    rest), then min-p removes.
 
-    logits (B, V); per row, top_k 0 = off, top_p 1 = off, min_p 0 = off. The best token
-    always survives. Each filter runs only when some row uses it (`params.uses`).
+    logits (B, V); per row, top_k 0 = off, top_p 1 = off, typical_p 1 = off, min_p 0 = off. A
+    token always survives. Each filter runs only when some row uses it (`params.uses`).
     """
     out, top_k, top_p, min_p = logits, params.top_k, params.top_p, params.min_p
     if "top_k" in params.uses:
@@ -178,6 +186,14 @@ def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
         mass_before = probs.cumsum(dim=-1) - probs  # mass of the better tokens
         remove = (top_p < 1) & (mass_before >= top_p)  # keeps the token that crosses top_p
         remove[:, 0] = False
+        out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
+    if "typical_p" in params.uses:  # Meister et al., "Locally Typical Sampling" (2022)
+        logp = out.log_softmax(dim=-1)
+        entropy = torch.special.entr(logp.exp()).sum(dim=-1, keepdim=True)  # expected surprise
+        order = (-logp - entropy).abs().argsort(dim=-1, stable=True)  # tokens removed before: inf, last
+        probs = logp.gather(1, order).exp()
+        remove = (params.typical_p < 1) & (probs.cumsum(dim=-1) - probs >= params.typical_p)
+        remove[:, 0] = False  # keeps the token that crosses typical_p, as top-p does
         out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
     if "min_p" in params.uses:
         probs = out.softmax(dim=-1)

@@ -291,6 +291,17 @@ async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
 
 
 @_route
+async def tgi_info(svc: "Generation", request: Request) -> Response:
+    """GET /info, TGI's description of the served text model and its limits."""
+    engine: TextRequests = svc._ready_or_503(svc.text)
+    on_cuda = DEVICE.startswith("cuda") or (DEVICE == "auto" and torch.cuda.is_available())
+    cfg = svc.text_stream.cfg
+    return JSONResponse(tgi.info(svc._check_model(None, "text").tag, engine.block_size,
+                                 "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
+                                 cfg.max_running + cfg.max_waiting))
+
+
+@_route
 async def tgi_compat(svc: "Generation", request: Request) -> Response:
     """POST /, TGI's compat route: `stream` chooses; a plain answer comes as a list of one."""
     body = _tgi_body(await _read_json(request))
@@ -365,6 +376,7 @@ routes = Starlette(routes=[
     Route("/generate", generate, methods=["POST"]),
     Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
     Route("/", tgi_compat, methods=["POST"]),
+    Route("/info", tgi_info, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/v1/completions", openai_completions, methods=["POST"]),
     Route("/v1/images/generations", openai_images, methods=["POST"]),
@@ -866,6 +878,7 @@ class Generation:
         ids = engine.tokenizer.encode(body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]
+        tgi.check_length(ids, p, engine.block_size)
         seed = _pick_seed(p.seed, 1)
         req = tgi.completion_request(body.inputs, ids, p, seed, engine.block_size)
         try:

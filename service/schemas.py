@@ -358,6 +358,7 @@ class TGIParameters(_Body, _NullIsDefault):
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, gt=0, le=MAX_TOP_K)
     top_p: float | None = Field(None, gt=0, le=1)
+    typical_p: float | None = Field(None, gt=0, le=1, description="locally typical sampling's mass")
     repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted per occurrence in the "
                                                                            "generated text")
@@ -370,8 +371,7 @@ class TGIParameters(_Body, _NullIsDefault):
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the likeliest alternatives per token")
     truncate: int | None = Field(None, ge=1, description="keep only the input's last tokens")
     # TGI's, taken only at the values that leave them off (refused otherwise, naming them)
-    best_of: int | None = Field(None, description="only 1: ranking candidates is not implemented")
-    typical_p: float | None = Field(None, description="not implemented: leave it out")
+    best_of: int | None = Field(None, ge=1, description="only 1: ranking candidates is not implemented")
     watermark: bool = Field(False, description="only false: watermarking is not implemented")
     grammar: Any = Field(None, description="not implemented: leave it out")
     adapter_id: str | None = Field(None, description="not implemented: the model has no adapters")
@@ -380,7 +380,7 @@ class TGIParameters(_Body, _NullIsDefault):
         if self.best_of not in (None, 1):
             return ApiError(400, "parameters.best_of above 1 is not supported: ask for several completions (each "
                                  "with its own seed) and rank them yourself", "parameters.best_of")
-        for name, off in (("typical_p", None), ("watermark", False), ("grammar", None), ("adapter_id", None)):
+        for name, off in (("watermark", False), ("grammar", None), ("adapter_id", None)):
             if getattr(self, name) != off:
                 return ApiError(400, f"parameters.{name} is not supported by this server; leave it out",
                                 f"parameters.{name}")

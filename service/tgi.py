@@ -14,10 +14,10 @@ import functools
 from collections import deque
 from typing import Any
 
-from models.engine import CompletionRequest, StreamEvent, TokenLogprob
+from models.engine import MAX_LOGPROBS, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
-from service.schemas import TGIParameters
+from service.schemas import ApiError, TGIParameters
 
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's, when the context leaves that much
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
@@ -31,7 +31,27 @@ PARAM = {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens", "logprob
 def samples(p: TGIParameters) -> bool:
     """TGI samples when asked to, or when any sampling parameter is set; else it is greedy."""
     return p.do_sample or (p.temperature is not None and p.temperature != 1) or p.top_k is not None \
-        or (p.top_p is not None and p.top_p < 1)
+        or (p.top_p is not None and p.top_p < 1) or (p.typical_p is not None and p.typical_p < 1)
+
+
+def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
+    """TGI's length check, in its words: the input leaves room for max_new_tokens (or one)."""
+    if len(ids) >= context:
+        raise ApiError(400, f"inputs: {len(ids)} tokens, and the model's context is {context} tokens with at "
+                            "least one to generate (send parameters.truncate to keep the input's end)", "inputs",
+                       code="context_length_exceeded")
+    if p.max_new_tokens is not None and len(ids) + p.max_new_tokens > context:
+        raise ApiError(400, f"parameters.max_new_tokens: inputs ({len(ids)} tokens) + max_new_tokens "
+                            f"({p.max_new_tokens}) must be at most the model's context of {context} tokens",
+                       "parameters.max_new_tokens", code="context_length_exceeded")
+
+
+def info(tag: str, context: int, dtype: str, device: str, max_requests: int) -> dict[str, Any]:
+    """GET /info, as TGI describes itself (huggingface_hub's `get_endpoint_info`)."""
+    return {"model_id": tag, "model_sha": tag.split(":", 1)[1], "model_dtype": dtype, "model_device_type": device,
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_requests, "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP, "max_input_tokens": context - 1, "max_total_tokens": context,
+            "max_top_n_tokens": MAX_LOGPROBS, "router": "condgen", "version": "1"}
 
 
 def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int, context: int) -> CompletionRequest:
@@ -39,7 +59,8 @@ def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int,
     to `truncate`). Without max_new_tokens: 100, or what the context leaves."""
     max_new = p.max_new_tokens or max(1, min(DEFAULT_MAX_NEW_TOKENS, context - len(ids)))
     sampling = SamplingParams(temperature=(p.temperature or 1.0) if samples(p) else 0.0, top_k=p.top_k or 0,
-                              top_p=p.top_p or 1.0, repetition_penalty=p.repetition_penalty or 1.0,
+                              top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
+                              repetition_penalty=p.repetition_penalty or 1.0,
                               frequency_penalty=p.frequency_penalty or 0.0)
     return CompletionRequest(prompt=inputs, prompt_ids=ids, seed=seed, max_tokens=max_new, sampling=sampling,
                              stop=list(p.stop), include_stop_str_in_output=True, logprobs=p.top_n_tokens or 0,

@@ -27,6 +27,7 @@ def engine() -> TextEngine:
 def requests() -> list[CompletionRequest]:
     return [CompletionRequest("The quick brown fox " * (1 + i % 3), seed=10 + i, max_tokens=4 + 5 * i,
                               sampling=SamplingParams(temperature=0.7 + 0.05 * i, top_k=5 * i, top_p=0.95,
+                                                      typical_p=0.9 if i % 3 == 2 else 1.0,
                                                       repetition_penalty=1.5 if i % 3 == 1 else 1.0,
                                                       presence_penalty=1.0 if i % 4 == 2 else 0.0,
                                                       frequency_penalty=-0.5 if i == 5 else 0.0,

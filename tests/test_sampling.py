@@ -34,6 +34,27 @@ def test_top_p_keeps_the_token_that_crosses_the_mass():
     assert kept(logits, top_p=1.0) == [0, 1, 2, 3]
 
 
+def test_typical_p_keeps_the_tokens_whose_surprise_is_nearest_the_entropy():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # entropy 1.142 nats; surprises .69, 1.20, 1.90, 3.00
+    logits = probs.log()
+    assert kept(logits, typical_p=0.2) == [1]  # the most typical token is not the likeliest
+    assert kept(logits, typical_p=0.5) == [0, 1]  # 0.3, then 0.5 crosses the mass
+    assert kept(logits, typical_p=0.85) == [0, 1, 2]
+    assert kept(logits, typical_p=1.0) == [0, 1, 2, 3]
+    # after top-k, on what is left
+    assert kept(logits, top_k=2, typical_p=0.4) == [0]  # of {0.5, 0.3}: renormalised, 0 is nearer
+
+
+def test_typical_p_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(64, 300) * 3
+    for mass in (0.2, 0.5, 0.9, 0.95):
+        ours = torch.isfinite(filter_logits(logits, SamplingBatch.from_params([SamplingParams(typical_p=mass)] * 64)))
+        theirs = torch.isfinite(transformers.TypicalLogitsWarper(mass)(None, logits.clone()))
+        assert torch.equal(ours, theirs), mass
+
+
 def test_min_p_is_relative_to_the_best_token():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert kept(logits, min_p=0.5) == [0, 1]  # 0.15 < 0.5 * 0.5
@@ -140,7 +161,7 @@ def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
                                          ("temperature", float("nan")), ("top_k", -1), ("top_k", 2**63),
-                                         ("min_p", 1.0),
+                                         ("min_p", 1.0), ("typical_p", 0.0), ("typical_p", float("nan")),
                                          ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
                                          ("frequency_penalty", float("inf")),

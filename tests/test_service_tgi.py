@@ -100,9 +100,29 @@ def test_truncate_keeps_the_end_of_the_input(hf, client):
     assert r.json()["error"]["param"] == "inputs"
 
 
+def test_langchain_defaults_and_typical_p(hf):
+    """LangChain's HuggingFaceEndpoint sends typical_p 0.95, top_p 0.95, temperature 0.8 and
+    do_sample false (sampling, in TGI's rules); typical_p is TGI's locally typical sampling."""
+    defaults = dict(max_new_tokens=10, typical_p=0.95, top_p=0.95, temperature=0.8, do_sample=False,
+                    repetition_penalty=None, watermark=False, stop=[], seed=4, details=True)
+    a, b = hf.text_generation(PROMPT, **defaults), hf.text_generation(PROMPT, **defaults)
+    assert a.generated_text == b.generated_text and a.details.seed == 4  # sampled, and seeded
+    # a tiny mass keeps only the most typical token: the same whatever the seed
+    narrow = {hf.text_generation(PROMPT, max_new_tokens=6, typical_p=0.001, seed=s) for s in range(4)}
+    assert len(narrow) == 1
+
+
+def test_info_describes_the_model(client):
+    info = client.get("/info").json()
+    text = next(m for m in client.get("/models").json()["data"] if m["kind"] == "text")
+    assert info["model_id"] == text["id"] and info["max_total_tokens"] == text["context_length"]
+    assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 1
+
+
 @pytest.mark.parametrize("parameters, param", [
-    ({"typical_p": 0.5}, "typical_p"),
+    ({"typical_p": 0}, "typical_p"),
     ({"best_of": 2}, "best_of"),
+    ({"best_of": 0}, "best_of"),
     ({"watermark": True}, "watermark"),
     ({"grammar": {"type": "json", "value": {}}}, "grammar"),
     ({"adapter_id": "lora"}, "adapter_id"),
@@ -118,6 +138,8 @@ def test_what_is_not_implemented_is_a_400_naming_it(client, parameters, param):
     r = client.post("/generate_stream", json={"inputs": PROMPT, "parameters": parameters})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == f"parameters.{param}", r.json()
+    if param == "max_new_tokens" and parameters["max_new_tokens"] > 1:  # TGI's words: input + new within the context
+        assert r.json()["error"]["code"] == "context_length_exceeded" and "at most the model's context" in r.text
 
 
 def test_bad_bodies(client, hf):
@@ -125,5 +147,5 @@ def test_bad_bodies(client, hf):
         r = client.post("/", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] in ("inputs", "stream"), r.text
     with pytest.raises(BadRequestError):
-        hf.text_generation(PROMPT, typical_p=0.9)
+        hf.text_generation(PROMPT, watermark=True)
     assert httpx.get(f"{hf.model}/readyz").status_code == 200
