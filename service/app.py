@@ -59,7 +59,10 @@ from service.schemas import (
     ImageBody,
     OpenAICompletionBody,
     OpenAIImageBody,
+    DetokenizeBody,
     TGIBody,
+    TGITokenizeBody,
+    TokenizeBody,
     Txt2ImgBody,
     from_validation_error,
 )
@@ -278,11 +281,48 @@ async def generate(svc: "Generation", request: Request) -> Response:
     return await svc.generate(ImageBody.model_validate(data), request)
 
 
-def _tgi_body(data: dict[str, Any]) -> TGIBody:
+def _tgi_body(data: dict[str, Any], model: type[B] = TGIBody) -> B:
     try:
-        return TGIBody.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:  # "parameters.top_p", not just "parameters"
         raise from_validation_error(e, depth=2) from None
+
+
+@_route
+async def tokenize(svc: "Generation", request: Request) -> Response:
+    """vLLM's /tokenize (a prompt's ids, as the model sees them); with TGI's body (`inputs`),
+    TGI's (each token with the characters of the input it covers)."""
+    data = await _read_json(request)
+    engine: TextRequests = svc._ready_or_503(svc.text)
+    if "inputs" in data and "prompt" not in data:
+        text = _tgi_body(data, TGITokenizeBody).inputs
+        _within_prompt_limit(text, engine, "inputs")
+        ids, spans = engine.tokenizer.encode_with_offsets(text)
+        return JSONResponse([{"id": t, "text": text[a:b], "start": a, "stop": b} for t, (a, b) in zip(ids, spans)])
+    body = TokenizeBody.model_validate(data)
+    svc._check_model(body.model, "text")
+    _within_prompt_limit(body.prompt, engine, "prompt")
+    ids = engine.tokenizer.encode(body.prompt) or [engine.tokenizer.eot_id]  # as a completion starts from it
+    names = {"token_strs": [engine.tokenizer.token_name(t) for t in ids]} if body.return_token_strs else {}
+    return JSONResponse({"count": len(ids), "max_model_len": engine.block_size, "tokens": ids, **names})
+
+
+@_route
+async def detokenize(svc: "Generation", request: Request) -> Response:
+    """vLLM's /detokenize: token ids of the text model's tokenizer back to text."""
+    body = await _parse(request, DetokenizeBody)
+    engine: TextRequests = svc._ready_or_503(svc.text)
+    svc._check_model(body.model, "text")
+    vocab = engine.tokenizer.vocab_size
+    if bad := [t for t in body.tokens if t >= vocab]:
+        raise ApiError(400, f"tokens: ids must be below the vocabulary's {vocab}, got {bad[0]}", "tokens")
+    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+
+
+def _within_prompt_limit(text: str, engine: TextRequests, name: str) -> None:
+    """A text longer than any prompt is refused before the tokenizer spends the loop's time on it."""
+    if len(text) > engine.max_prompt_chars:
+        raise ApiError(400, f"{name}: {len(text)} characters, the limit is {engine.max_prompt_chars}", name)
 
 
 @_route
@@ -377,6 +417,8 @@ routes = Starlette(routes=[
     Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
     Route("/", tgi_compat, methods=["POST"]),
     Route("/info", tgi_info, methods=["GET"]),
+    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/detokenize", detokenize, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/v1/completions", openai_completions, methods=["POST"]),
     Route("/v1/images/generations", openai_images, methods=["POST"]),
@@ -872,9 +914,7 @@ class Generation:
             raise err
         engine: TextRequests = self._ready_or_503(self.text)
         self._check_model(None, "text")
-        if len(body.inputs) > engine.max_prompt_chars:  # before the tokenizer spends the loop's time on it
-            raise ApiError(400, f"inputs: {len(body.inputs)} characters, the limit is {engine.max_prompt_chars}",
-                           "inputs")
+        _within_prompt_limit(body.inputs, engine, "inputs")
         ids = engine.tokenizer.encode(body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]

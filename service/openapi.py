@@ -17,8 +17,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
-from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, TGIBody,
-                             Txt2ImgBody)
+from service.schemas import (CompletionBody, DetokenizeBody, ImageBody, OpenAICompletionBody, OpenAIImageBody,
+                             TGIBody, TGITokenizeBody, TokenizeBody, Txt2ImgBody)
 
 REF = "#/components/schemas/{model}"
 
@@ -95,11 +95,11 @@ def _null_means_default(schema: dict[str, Any]) -> None:
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
-                                     TGIBody)],
+                                     TGIBody, TokenizeBody, TGITokenizeBody, DetokenizeBody)],
         ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
     for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions",
-                 "Txt2ImgBody", "TGIBody", "TGIParameters"):
+                 "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
         _null_means_default(schemas[name])
     obj = {"application/json": {"schema": {"type": "object"}}}
     return {
@@ -117,6 +117,9 @@ def build_openapi() -> dict[str, Any]:
                        "TGIBody", {"application/json": {"schema": {"type": "array"}},
                                    "text/event-stream": {"schema": {"type": "string"}}}),
             "/info": _get("tgi info"),
+            "/tokenize": _post("tokenize: a prompt's token ids (vLLM's); with `inputs`, TGI's token spans",
+                               ("TokenizeBody", "TGITokenizeBody"), obj),
+            "/detokenize": _post("detokenize: token ids back to text (vLLM's)", "DetokenizeBody", obj),
             "/v1/completions": _post("openai completions", "OpenAICompletionBody",
                                      {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
             "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),

@@ -393,3 +393,25 @@ class TGIBody(_Body, _NullIsDefault):
     inputs: str = Field(min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = Field(False, description="POST / only: stream the tokens (Server-Sent Events)")
+
+
+class TokenizeBody(_Body, _NullIsDefault):
+    """POST /tokenize, vLLM's: a prompt's token ids as the model sees them (an empty prompt is
+    the end-of-text token, as a completion starts from it). POST /tokenize with TGI's body
+    (`inputs`) answers as TGI does."""
+    model: ModelName | None = None
+    prompt: str
+    add_special_tokens: bool = Field(True, description="accepted either way: this tokenizer adds none")
+    return_token_strs: bool = Field(False, description="also each token's text (`bytes:` for part of a character)")
+
+
+class TGITokenizeBody(_Body, _NullIsDefault):
+    """POST /tokenize with TGI's body: each token with the characters of the input it covers."""
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)  # taken, as TGI takes them, and unused
+
+
+class DetokenizeBody(_Body, _NullIsDefault):
+    """POST /detokenize, vLLM's: token ids back to text."""
+    model: ModelName | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=100_000)

@@ -322,11 +322,11 @@ def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
     assert set(doc["paths"]) == {"/complete", "/generate", "/models", "/v1/completions",
                                  "/v1/images/generations", "/v1/models", "/v1/models/{model}",
                                  "/sdapi/v1/txt2img", "/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/scripts",
-                                 "/generate_stream", "/", "/info"}
+                                 "/generate_stream", "/", "/info", "/tokenize", "/detokenize"}
     assert doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     assert "408" in doc["paths"]["/complete"]["post"]["responses"]
     for name in ("CompletionBody", "OpenAICompletionBody", "ImageBody", "OpenAIImageBody", "StreamOptions",
-                 "Txt2ImgBody", "TGIBody", "TGIParameters"):
+                 "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
         schema = doc["components"]["schemas"][name]  # null means the default, as the routes take it
         for field, prop in schema["properties"].items():
             assert (field in schema.get("required", [])) != ({"type": "null"} in prop.get("anyOf", [])), (name, field)
