@@ -418,10 +418,12 @@ class ARImageEngine(ARImageRequests):
         ids, mask = encode_prompts(self.tokenizer, [r.prompt for r in requests], self.cfg.context,
                                    self.device)                               # (R, T)
         ctx = self.model.text_context(ids, mask).repeat(rep)
-        # The unconditional rows: each request's negative prompt, the empty caption when none.
-        null_ids, null_mask = encode_prompts(self.tokenizer, [r.negative_prompt for r in requests],
-                                             self.cfg.context, self.device)
-        null = self.model.text_context(null_ids, null_mask).repeat(rep)
+        # The unconditional rows: each request's negative prompt, the empty caption when none
+        # (each distinct one encoded once).
+        negatives = list(dict.fromkeys(r.negative_prompt for r in requests))
+        null_ids, null_mask = encode_prompts(self.tokenizer, negatives, self.cfg.context, self.device)
+        which = torch.tensor([negatives.index(r.negative_prompt) for r in requests], device=self.device)
+        null = self.model.text_context(null_ids, null_mask).repeat(which[rep])
         tokens = sample_tokens(self.model, ctx, null, params, randoms, scale)  # (N, L)
         images = decode_tokens(tokens, self.model.codebook, self.cfg.patch)   # (N, 3, S, S)
         return per_request(images.permute(0, 2, 3, 1).cpu().numpy(), requests)

@@ -9,6 +9,7 @@ row that finishes leaves the batch at once. Each row draws from its own stream o
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ class TokenLogprob:
     # counted; a prompt's own entries: in the prompt), in characters; the tokens of one
     # character share its offset (names of bytes do not add up to the text).
     offset: int = 0
+    token_id: int = -1
+    top_ids: tuple[int, ...] = ()  # the ids of `top`'s tokens, in its order (an id past the tokenizer's is "<unused:N>")
+    # Where the token's text ends there: the end of its last character, which a token ending
+    # inside a character shares with the tokens that complete it (set once the text is decoded).
+    end: int = 0
 
 
 @dataclass
@@ -174,7 +180,8 @@ class StopScanner:
     def hold(self, entry: TokenLogprob) -> None:
         """Keep the latest token's logprob entry until its text is released; a token that ends
         inside a character (byte-level) waits for that character."""
-        self.held_logprobs.append((self.decoded + bool(self.decoder.window), entry))
+        end = self.decoded + bool(self.decoder.window)
+        self.held_logprobs.append((end, dataclasses.replace(entry, end=end)))
 
     def release_logprobs(self, finished: bool) -> list[TokenLogprob]:
         """The held entries whose text is out; all of them once the row has finished."""
@@ -465,7 +472,7 @@ def prompt_entries(tokenizer: Tokenizer, prompt: list[int], scores: tuple[list, 
     positions 0..len-2 (each scoring the next token): the first token has none, and the offsets
     count characters as a choice's do."""
     scanner = StopScanner(tokenizer, [])
-    entries = [TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0)]
+    entries = [TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0, prompt[0])]
     scanner.push(prompt[0])
     for i, tok in enumerate(prompt[1:]):
         entries.append(token_logprob(tokenizer, tok, scores, i, k, scanner))
@@ -565,7 +572,8 @@ def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], r
     row's text so far)."""
     chosen, vals, ids = lp[0][row], lp[1][row], lp[2][row]
     name, offset = tokenizer.token_name, scanner.decoded + scanner.decoder.start_of(tok)
-    return TokenLogprob(name(tok), chosen, {name(i): v for i, v in zip(ids[:k], vals[:k])}, offset)
+    return TokenLogprob(name(tok), chosen, {name(i): v for i, v in zip(ids[:k], vals[:k])}, offset, tok,
+                        tuple(ids[:k]))
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -42,9 +42,11 @@ class ImageRequest:
     negative_prompt: str = ""
 
     def sampler_fields(self) -> list[str]:
-        """The settings this request gives that only a model with a sampler uses."""
+        """The settings this request gives that only a model with a sampler and guidance uses."""
         fields = [f for f in ("guidance_scale", "temperature", "top_k") if getattr(self, f) is not None]
-        return fields + ["negative_prompt"] * bool(self.negative_prompt)
+        if self.negative_prompt:
+            fields.append("negative_prompt")
+        return fields
 
 
 def latents(requests: list[ImageRequest], z_dim: int) -> torch.Tensor:
@@ -123,8 +125,8 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, s
     if not is_number(t) or not 0 < t <= 1:
         raise InvalidParameter("truncation", "must be a number in (0, 1]")
     if not sampler and (fields := req.sampler_fields()):
-        raise InvalidParameter(fields[0], "applies to autoregressive image models only; this model draws "
-                                          "an image in one pass (use truncation)")
+        raise InvalidParameter(fields[0], "applies to autoregressive image models only (ar_image); this model "
+                                          "draws an image in one pass, without guidance (use truncation)")
 
 
 class ImageRequests:

@@ -190,10 +190,12 @@ def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
     if "typical_p" in params.uses:  # Meister et al., "Locally Typical Sampling" (2022)
         logp = out.log_softmax(dim=-1)
         entropy = torch.special.entr(logp.exp()).sum(dim=-1, keepdim=True)  # expected surprise
-        order = (-logp - entropy).abs().argsort(dim=-1, stable=True)  # tokens removed before: inf, last
+        distance, order = (-logp - entropy).abs().sort(dim=-1, stable=True)  # tokens removed before: inf, last
         probs = logp.gather(1, order).exp()
-        remove = (params.typical_p < 1) & (probs.cumsum(dim=-1) - probs >= params.typical_p)
-        remove[:, 0] = False  # keeps the token that crosses typical_p, as top-p does
+        crossing = ((probs.cumsum(dim=-1) - probs) < params.typical_p).sum(dim=-1, keepdim=True) - 1
+        # beyond the token that crosses typical_p; a token as typical as that one stays too (as in
+        # Hugging Face's TypicalLogitsWarper: equally likely tokens are kept or dropped together)
+        remove = (params.typical_p < 1) & (distance > distance.gather(1, crossing))
         out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
     if "min_p" in params.uses:
         probs = out.softmax(dim=-1)

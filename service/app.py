@@ -497,11 +497,11 @@ def image_parameters(req: ImageRequest, i: int, tag: str) -> dict[str, Any]:
     return {"prompt": req.prompt, "seed": req.seed + i, "model": tag, "truncation": req.truncation, **extra}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ImageJob(Job[ImageRequest]):
     """An image request's work, and what its PNGs say about themselves (`parameters` chunk):
     JSON that /generate takes back, or AUTOMATIC1111's infotext on its route."""
-    describe: Callable[[ImageRequest, int, str], dict[str, Any] | str] = image_parameters
+    describe: Callable[[ImageRequest, int, str], dict[str, Any] | str]
 
 
 @dataclass
@@ -891,19 +891,8 @@ class Generation:
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": usage()})
             yield SSE_DONE
-        # Headers are gone already (a 200): report in-band, as OpenAI does, then end the stream;
-        # count the error as the status it would have had.
-        except (EngineFailed, QueueFull) as e:  # the engine process died (its reader has logged it), or
-            # refused one of several prompts (its own check, raced past the server's)
-            err = _engine_unavailable(e) if isinstance(e, EngineFailed) else Overloaded(str(e), RETRY_AFTER_S)
-            _count_stream_error("/v1/completions" if openai else "/complete", err.status)
-            yield sse_event(err.body())
-        except Exception:
-            request_id = uuid.uuid4().hex
-            logger.exception("stream %s (request %s) failed", head["id"], request_id)
-            err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
-            _count_stream_error("/v1/completions" if openai else "/complete", err.status)
-            yield sse_event(err.body(request_id))
+        except Exception as e:  # the headers (a 200) are gone: report in-band, as OpenAI does
+            yield _in_band_error(e, "/v1/completions" if openai else "/complete", f"stream {head['id']}")
         finally:
             await events.aclose()
 
@@ -938,11 +927,7 @@ class Generation:
             return SSEResponse(self._tgi_stream(events, answer, request.url.path))
 
         async def collect() -> tgi.Generated:
-            try:
-                async for ev in events:
-                    answer.add(ev)
-            except EngineFailed as e:
-                raise _engine_unavailable(e) from None
+            await _consume(events, answer.add)
             return answer
 
         if await _until_disconnected(collect(), request) is None:
@@ -951,29 +936,19 @@ class Generation:
 
     async def _tgi_stream(self, events: AsyncIterator[StreamEvent], answer: tgi.Generated,
                           endpoint: str) -> AsyncIterator[bytes]:
-        """TGI's stream: an event per token, the last one (held back until the end is known)
-        with the whole text and the details; no [DONE]. Errors after the 200 are events."""
-        held: tuple[dict[str, Any], list[dict[str, Any]] | None] | None = None
+        """TGI's stream: an event per token as it comes, the last with the whole text and the
+        details (a choice's last event releases every entry left, its own token's last); no
+        [DONE]. Errors after the 200 are events."""
         index = 0
         try:
             async for ev in events:
-                for token, top in answer.add(ev):
-                    if held is not None:
-                        index += 1
-                        yield sse_event(answer.stream_event(index, *held, last=False))
-                    held = (token, top)
-            if held is not None:
-                yield sse_event(answer.stream_event(index + 1, *held, last=True))
-        except EngineFailed as e:
-            err = _engine_unavailable(e)
-            _count_stream_error(endpoint, err.status)
-            yield sse_event(err.body())
-        except Exception:
-            request_id = uuid.uuid4().hex
-            logger.exception("a text-generation-inference stream (request %s) failed", request_id)
-            err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
-            _count_stream_error(endpoint, err.status)
-            yield sse_event(err.body(request_id))
+                tokens = answer.add(ev)
+                for j, (token, top) in enumerate(tokens):
+                    index += 1
+                    last = ev.finish_reason is not None and j == len(tokens) - 1
+                    yield sse_event(answer.stream_event(index, token, top, last=last))
+        except Exception as e:  # the headers (a 200) are gone: report in-band
+            yield _in_band_error(e, endpoint, "a text-generation-inference stream")
         finally:
             await events.aclose()
 
@@ -1008,7 +983,7 @@ class Generation:
     def _image_request(body: ImageBody | OpenAIImageBody) -> ImageRequest:
         return ImageRequest(prompt=body.prompt, seed=_pick_seed(body.seed), n=body.n, truncation=body.truncation,
                             guidance_scale=body.guidance_scale, temperature=body.temperature, top_k=body.top_k,
-                            negative_prompt=getattr(body, "negative_prompt", ""))
+                            negative_prompt=body.negative_prompt)
 
     async def generate(self, body: ImageBody, request: Request) -> Response:
         if body.response_format == "png" and body.n != 1:
@@ -1062,9 +1037,6 @@ class Generation:
                 raise ApiError(400, f"{name} {getattr(body, name)} is not available: {backend.served.name} makes "
                                     f"{size}x{size} images (send width and height {size}, or leave them out)", name)
         guides = isinstance(backend.requests, ARImageRequests)  # a GAN has no guidance: cfg_scale has no effect
-        if body.negative_prompt and not guides:
-            raise ApiError(400, f"negative_prompt needs a model with guidance (ar_image); {backend.served.name} "
-                                "draws an image in one pass", "negative_prompt")
         guidance = (backend.requests.guidance_scale if body.cfg_scale is None else body.cfg_scale) if guides else None
         req = ImageRequest(prompt=body.prompt, seed=_pick_seed(body.seed), n=body.n, guidance_scale=guidance,
                            negative_prompt=body.negative_prompt)
@@ -1177,15 +1149,37 @@ async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncI
 
 async def _collect(events: AsyncIterator[StreamEvent], builder: CompletionBuilder, prompt_tokens: int
                    ) -> Completion:
-    """A request's choices; an engine that dies half-way is a 503, as one dead before it began."""
+    """A request's choices."""
+    await _consume(events, builder.add)
+    return builder.build(prompt_tokens)
+
+
+async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEvent], Any]) -> None:
+    """Every event to `add`; an engine that dies half-way is a 503, as one dead before it began."""
     try:
         async for ev in events:
-            builder.add(ev)
+            add(ev)
     except EngineFailed as e:
         raise _engine_unavailable(e) from None
     except QueueFull as e:  # one of several prompts refused by the engine process's own check
         raise Overloaded(str(e), RETRY_AFTER_S) from None
-    return builder.build(prompt_tokens)
+
+
+def _in_band_error(e: Exception, endpoint: str, what: str) -> bytes:
+    """The event that ends a stream failing after its 200 went out (called in the `except`),
+    counted as the status it would have had: the engine process died (its reader has logged
+    it), refused one of several prompts (its own check, raced past the server's), or a bug."""
+    request_id = None
+    if isinstance(e, EngineFailed):
+        err: ApiError = _engine_unavailable(e)
+    elif isinstance(e, QueueFull):
+        err = Overloaded(str(e), RETRY_AFTER_S)
+    else:
+        request_id = uuid.uuid4().hex
+        logger.exception("%s (request %s) failed", what, request_id)
+        err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
+    _count_stream_error(endpoint, err.status)
+    return sse_event(err.body(request_id))
 
 
 async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:

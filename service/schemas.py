@@ -259,6 +259,7 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
     temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
     top_k: TopK | None = Field(None, description=AR_ONLY)
+    negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
 
 # AUTOMATIC1111's settings of a diffusion process (steps, sampler, noise schedule, saving):

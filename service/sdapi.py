@@ -17,6 +17,12 @@ from models.image_engine import ImageRequest
 VERSION = "condgen"  # A1111 writes its own version here; tools show it as the generator
 
 
+def split_tag(tag: str) -> tuple[str, str]:
+    """A store tag's name and version (A1111's model name and hash)."""
+    name, version = tag.split(":", 1)
+    return name, version
+
+
 def _quote(value: Any) -> str:
     """A1111's quoting of an infotext value: JSON when it holds a separator."""
     text = str(value)
@@ -26,7 +32,7 @@ def _quote(value: Any) -> str:
 def infotext(req: ImageRequest, i: int, tag: str, size: int) -> str:
     """Image i's A1111 infotext: the prompt, the negative prompt, then `Key: value, ...`.
     A request's `guidance_scale` is set (to the value used) only for a model that guides."""
-    name, version = tag.split(":", 1)
+    name, version = split_tag(tag)
     lines = [req.prompt] + ([f"Negative prompt: {req.negative_prompt}"] if req.negative_prompt else [])
     fields = {"CFG scale": f"{req.guidance_scale:g}" if req.guidance_scale is not None else None,
               "Seed": req.seed + i, "Size": f"{size}x{size}", "Model hash": version, "Model": name,
@@ -38,7 +44,7 @@ def infotext(req: ImageRequest, i: int, tag: str, size: int) -> str:
 def info(req: ImageRequest, tag: str, size: int, batch_size: int) -> dict[str, Any]:
     """txt2img's `info` (sent as a JSON string, as A1111 does). Steps and sampler are null:
     these models have none."""
-    name, version = tag.split(":", 1)
+    name, version = split_tag(tag)
     return {
         "prompt": req.prompt, "all_prompts": [req.prompt] * req.n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * req.n,
@@ -54,7 +60,7 @@ def sd_model(tag: str) -> dict[str, Any]:
     """An image model as /sdapi/v1/sd-models lists it; its `title` (the full tag), `model_name`
     or `hash` (the store version, as infotexts name it) goes into
     override_settings.sd_model_checkpoint."""
-    name, version = tag.split(":", 1)
+    name, version = split_tag(tag)
     return {"title": tag, "model_name": name, "hash": version, "sha256": None,
             "filename": f"{name}/{version}", "config": None}
 
@@ -62,4 +68,4 @@ def sd_model(tag: str) -> dict[str, Any]:
 def checkpoint_tag(requested: str, tags: list[str]) -> str:
     """The tag that an sd_model_checkpoint naming a model by its hash (version) means; any
     other name as it is."""
-    return next((tag for tag in tags if tag.split(":", 1)[1] == requested), requested)
+    return next((tag for tag in tags if split_tag(tag)[1] == requested), requested)

@@ -10,8 +10,6 @@ and the details. The request's fields: `service.schemas.TGIBody`.
 """
 from __future__ import annotations
 
-import functools
-from collections import deque
 from typing import Any
 
 from models.engine import MAX_LOGPROBS, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
@@ -68,32 +66,25 @@ def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int,
 
 
 class TokenSplitter:
-    """Pairs a choice's tokens with their logprob entries as the engine releases them (an
-    entry waits with its text while that text may begin a stop sequence) and gives each
-    token its share of the released text: from where the text given out so far ends to
-    where the next token's text starts, so that the tokens' texts add up to the text."""
+    """Gives each of a choice's tokens, as the engine releases its logprob entry (an entry
+    waits with its text while that text may begin a stop sequence), its share of the text:
+    from where the text given out so far ends to where the token's own text ends (the
+    released text's end, for the text a stop sequence cut), so that the tokens' texts add up
+    to the text and a token that ends inside a character gets nothing, the one completing it
+    the character."""
 
     def __init__(self) -> None:
-        self.pending: deque[int] = deque()  # token ids whose entries are not out yet
         self.text = ""  # released so far
         self.given = 0  # characters of it handed to tokens
 
-    def add(self, ev: StreamEvent) -> list[tuple[int, TokenLogprob, str]]:
-        if ev.token_id is not None:
-            self.pending.append(ev.token_id)
+    def add(self, ev: StreamEvent) -> list[tuple[TokenLogprob, str]]:
         self.text += ev.text
         out = []
-        for j, entry in enumerate(ev.logprobs):
-            end = ev.logprobs[j + 1].offset if j + 1 < len(ev.logprobs) else len(self.text)
-            end = max(end, self.given)
-            out.append((self.pending.popleft(), entry, self.text[self.given:end]))
+        for entry in ev.logprobs:
+            end = min(max(entry.end, self.given), len(self.text))
+            out.append((entry, self.text[self.given:end]))
             self.given = end
         return out
-
-
-@functools.lru_cache(maxsize=4)
-def _ids_by_name(tokenizer: Tokenizer) -> dict[str, int]:
-    return {tokenizer.token_name(i): i for i in range(tokenizer.vocab_size)}
 
 
 def token_json(tokenizer: Tokenizer, token_id: int, logprob: float | None, text: str) -> dict[str, Any]:
@@ -102,8 +93,7 @@ def token_json(tokenizer: Tokenizer, token_id: int, logprob: float | None, text:
 
 def top_tokens_json(tokenizer: Tokenizer, entry: TokenLogprob) -> list[dict[str, Any]]:
     """A token's likeliest alternatives, as TGI lists them (top_n_tokens)."""
-    ids = _ids_by_name(tokenizer)
-    return [token_json(tokenizer, ids[name], lp, tokenizer.decode([ids[name]])) for name, lp in (entry.top or {}).items()]
+    return [token_json(tokenizer, t, lp, tokenizer.decode([t])) for t, lp in zip(entry.top_ids, (entry.top or {}).values())]
 
 
 def prefill_json(tokenizer: Tokenizer, ids: list[int], entries: list[TokenLogprob] | None) -> list[dict[str, Any]]:
@@ -131,8 +121,8 @@ class Generated:
         if ev.finish_reason:
             self.finish_reason = FINISH[ev.finish_reason]
         new = []
-        for token_id, entry, text in self.splitter.add(ev):
-            token = token_json(self.tokenizer, token_id, entry.logprob, text)
+        for entry, text in self.splitter.add(ev):
+            token = token_json(self.tokenizer, entry.token_id, entry.logprob, text)
             top = top_tokens_json(self.tokenizer, entry) if self.p.top_n_tokens else None
             self.tokens.append(token)
             self.top_tokens.append(top or [])

@@ -45,10 +45,18 @@ def test_typical_p_keeps_the_tokens_whose_surprise_is_nearest_the_entropy():
     assert kept(logits, top_k=2, typical_p=0.4) == [0]  # of {0.5, 0.3}: renormalised, 0 is nearer
 
 
-def test_typical_p_matches_transformers():
+def test_typical_p_keeps_equally_likely_tokens_together():
+    assert kept(torch.zeros(1, 4), typical_p=0.3) == [0, 1, 2, 3]
+    assert kept(torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]]), typical_p=0.3) == [0, 1]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_typical_p_matches_transformers(ties):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     logits = torch.randn(64, 300) * 3
+    if ties:  # few distinct values, as low-precision logits have
+        logits = logits.round()
     for mass in (0.2, 0.5, 0.9, 0.95):
         ours = torch.isfinite(filter_logits(logits, SamplingBatch.from_params([SamplingParams(typical_p=mass)] * 64)))
         theirs = torch.isfinite(transformers.TypicalLogitsWarper(mass)(None, logits.clone()))
