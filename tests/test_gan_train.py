@@ -219,6 +219,11 @@ def test_synthesize_refuses_bad_counts_and_prompts_before_any_work(tiny_run, tmp
         synthesize_main([str(model_dir), "--out", str(out), "--prompts", str(prompts), "--device", "cpu"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--prompts {prompts}, line 3" in err and "the limit is 32" in err
+    prompts.write_text("\n  \n")
+    for path, why in ((prompts, "no prompts"), (tmp_path / "missing.txt", "no such file")):
+        with pytest.raises(SystemExit) as e:
+            synthesize_main([str(model_dir), "--out", str(out), "--prompts", str(path), "--device", "cpu"])
+        assert e.value.code == 2 and why in capsys.readouterr().err
     assert not out.exists()
 
 

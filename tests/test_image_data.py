@@ -193,3 +193,17 @@ def test_imagefolder_skips_captions_that_are_not_text_or_are_empty(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         assert load_imagefolder(tmp_path).captions == ["kept"]
     assert "skipped 6" in caplog.text and "6 bad metadata line" in caplog.text
+
+
+def test_16_bit_grey_is_scaled_and_float_pixels_are_skipped(tmp_path, caplog):
+    """PIL's own conversion turns 16-bit grey (PNG) almost white; float TIFFs have no known range."""
+    Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")  # 128 * 257
+    Image.fromarray(np.full((40, 40), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.full((40, 40, 3), 7, dtype=np.uint8)).save(tmp_path / "rgb.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f, "text": "a grey square"}) + "\n" for f in ("grey16.png", "float.tif", "rgb.png")))
+    with caplog.at_level(logging.WARNING):
+        data = load_imagefolder(tmp_path, 32)
+    assert len(data) == 2 and "1 unreadable" in caplog.text
+    assert data.images[0].float().mean().item() == pytest.approx(128, abs=1)
+    assert data.images[1].float().mean().item() == pytest.approx(7, abs=1)

@@ -218,3 +218,12 @@ def test_resume_refuses_other_data(tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="trained with data='', this run asks for data="):
         main(resume)
+
+
+def test_no_document_is_dropped_when_all_hash_into_validation(tmp_path):
+    """doc16.txt and doc17.txt both fall in the validation bucket: one moves to training."""
+    for name in ("doc16.txt", "doc17.txt"):
+        (tmp_path / name).write_text(f"the text of {name} " * 50)
+    corpus = load_corpus(str(tmp_path))
+    assert len(corpus.train) == 1 and len(corpus.val) == 1
+    assert sorted(corpus.train + corpus.val) == sorted((tmp_path / n).read_text() for n in ("doc16.txt", "doc17.txt"))

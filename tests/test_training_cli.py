@@ -1,9 +1,11 @@
-"""The AR image and autoencoder jobs refuse bad settings at once, naming the option (the GAN
-job's cases are in test_gan_train.py), and `--resume` without a checkpoint is an error."""
+"""The training jobs refuse bad settings at once, naming the option (more of the GAN job's
+cases are in test_gan_train.py), `--resume` without a checkpoint is an error, and no run saves
+non-finite weights or overwrites what it was not asked to."""
 import pytest
+import torch
 
 from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import run_cli
+from training.common import atomic_save, run_cli
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -74,3 +76,79 @@ def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(m
     monkeypatch.delenv("GAN_MODEL")
     ensure_defaults.main([])
     assert trained == ["gan", "gpt", "gan"]
+
+
+def test_ensure_defaults_resumes_a_default_that_stopped_half_way(monkeypatch, tmp_path):
+    """`make serve` interrupted during training: the next start continues the run (a fresh run
+    would refuse to overwrite the checkpoint)."""
+    argvs = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda name: False)
+    monkeypatch.setattr(train_gpt, "main", lambda argv: argvs.setdefault("gpt", argv))
+    monkeypatch.setattr(train_gan, "main", lambda argv: argvs.setdefault("gan", argv))
+    monkeypatch.delenv("GPT_MODEL", raising=False)
+    monkeypatch.delenv("GAN_MODEL", raising=False)
+    (tmp_path / "runs" / "gpt-small").mkdir(parents=True)
+    (tmp_path / "runs" / "gpt-small" / "ckpt.pt").write_bytes(b"")
+    ensure_defaults.main([])
+    assert "--resume=true" in argvs["gpt"] and "--resume=true" not in argvs["gan"]
+
+
+def test_a_diverging_run_saves_nothing_with_non_finite_weights(tmp_path, capsys):
+    """An infinite-ish learning rate turns the weights into NaN in the update after a finite
+    loss: no checkpoint, model folder or store entry may hold them."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: train_gpt.main(["--preset", "tiny", f"--run_dir={run}", "--lr=1e30", "--max_steps=3",
+                                        "--ckpt_interval=1", "--store=false", f"--out={tmp_path / 'out'}"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "diverged" in err and "nothing was saved" in err, err
+    assert not (tmp_path / "out").exists() and not (run / "model").exists()
+    if (run / "ckpt.pt").exists():  # whatever was checkpointed is finite
+        state = torch.load(run / "ckpt.pt", weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in state.values())
+        assert "holds the last good state" in err
+    else:
+        assert "no checkpoint was written" in err
+
+
+@pytest.mark.parametrize("job, argv, named", [
+    (train_gpt, ["--lr=inf"], "--lr=inf"),
+    (train_gpt, ["--seed=99999999999999999999"], "--seed"),
+    (train_gan, ["--seed=-5"], "--seed=-5"),
+    (train_ar_image, ["--codebook=100000"], "--codebook=100000"),
+    (train_gan, ["--device=cuda"], "--device=cuda"),
+    (train_gpt, ["--out=/etc/hostname/sub"], "is a file"),
+])
+def test_settings_that_would_fail_late_are_refused_first(job, argv, named, tmp_path, capsys):
+    if "--device=cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: job.main(["--preset", "tiny", f"--run_dir={tmp_path / 'run'}", *argv]))
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_never_overwrites_a_checkpoint_or_a_foreign_out_folder(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"an earlier run's")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_gpt.main(["--preset", "tiny", f"--run_dir={run}", "--store=false"]))
+    assert "--resume=true continues it" in capsys.readouterr().err
+    assert (run / "ckpt.pt").read_bytes() == b"an earlier run's"
+    out.mkdir()
+    (out / "important.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_gpt.main(["--preset", "tiny", f"--run_dir={tmp_path / 'other'}", f"--out={out}"]))
+    assert "important.txt" in capsys.readouterr().err and (out / "important.txt").read_text() == "mine"
+
+
+def test_an_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    def interrupted(obj, fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"x": 1}, tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []

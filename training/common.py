@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import pickle
 import sys
 import traceback
 from contextlib import nullcontext
@@ -28,11 +29,18 @@ Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, what a valid va
 
 
 def at_least(lo: float) -> Rule:
-    return (lambda v: v >= lo), f"must be >= {lo}"
+    return (lambda v: math.isfinite(v) and v >= lo), f"must be >= {lo} (a finite number)"
 
 
 def above(lo: float) -> Rule:
-    return (lambda v: v > lo), f"must be > {lo}"
+    return (lambda v: math.isfinite(v) and v > lo), f"must be > {lo} (a finite number)"
+
+
+def between(lo: float, hi: float) -> Rule:
+    return (lambda v: lo <= v <= hi), f"must be in [{lo}, {hi}]"
+
+
+SEED = between(0, 2**32 - 1)  # torch's CPU generator keeps 32 bits; larger seeds overflow its arithmetic here
 
 
 def fraction() -> Rule:
@@ -93,13 +101,56 @@ def check_outputs(name: str, store: bool, out: str, name_option: str = "--name",
 
     if store and not NAME_RE.match(name):
         raise ValueError(f"{name_option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+    if store:
+        home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+        check_folder(home, "BENTOML_HOME (the model store)")
     check_folder(out, out_option)
 
 
 def check_folder(path: str, option: str) -> None:
-    """Refuse an output folder that exists as a file: the job would fail there after training."""
-    if path and Path(path).exists() and not Path(path).is_dir():
+    """Refuse an output folder that exists as a file, or that cannot be made because a file
+    stands where one of its parents would be: the job would fail there after training."""
+    if not path:
+        return
+    if Path(path).exists() and not Path(path).is_dir():
         raise ValueError(f"{option}={path}: exists and is not a folder")
+    ancestor = Path(path).absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{option}={path}: cannot be made, {ancestor} is a file")
+
+
+def check_model_folder(path: str, option: str = "--out") -> None:
+    """Refuse a model folder that holds anything but a model's files (those are replaced): the
+    job must not mix its files into, or overwrite, a folder of something else."""
+    from models.artifacts import CONFIG, METRICS, TOKENIZER, WEIGHTS
+
+    check_folder(path, option)
+    if path and Path(path).is_dir() and (other := sorted(
+            p.name for p in Path(path).iterdir() if p.name not in (CONFIG, WEIGHTS, TOKENIZER, METRICS))):
+        raise ValueError(f"{option}={path}: holds files that are not a model's ({', '.join(other[:3])}): "
+                         "give a new or empty folder, or one holding only a model to replace")
+
+
+def check_fresh_run(ckpt_path: Path, resume: bool) -> None:
+    """A run that does not resume must not overwrite the checkpoint of an earlier one."""
+    if not resume and ckpt_path.is_file():
+        raise ValueError(f"--run_dir={ckpt_path.parent}: holds the checkpoint of an earlier run: --resume=true "
+                         "continues it; another --run_dir (or deleting the folder) starts afresh")
+
+
+def require_finite(step: int, ckpt_path: Path, **modules: torch.nn.Module) -> None:
+    """Never checkpoint, let alone store, weights that are no longer numbers: a step can diverge
+    after its loss was computed (a too-high --lr), and the next loss would come too late."""
+    for name, module in modules.items():
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise FloatingPointError(diverged(step, f"the {name} weights are not finite", ckpt_path))
+
+
+def diverged(step: int, what: str, ckpt_path: Path) -> str:
+    last = f"{ckpt_path} holds the last good state" if ckpt_path.is_file() else "no checkpoint was written"
+    return f"step {step}: {what}; the run diverged (a lower --lr may help); nothing was saved, {last}"
 
 
 def check_device(device: str) -> None:
@@ -133,6 +184,9 @@ def run_cli(main: Callable[[], Any]) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one stands
+        print("interrupted: --resume=true continues from the last checkpoint in --run_dir", file=sys.stderr)
+        sys.exit(130)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -140,11 +194,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: no half-written file left beside the checkpoint
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = ()
@@ -159,7 +217,9 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        # (torch's own message for a file that is no checkpoint advises unpickling it as code)
+        why = "corrupt, or another kind of file" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({why})") from None
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     for key in shape_keys:
         if config is not None and key in saved and saved[key] != config[key]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from training.store import store_has
 
-# store name -> (the service's variable naming the model, training module, its argv for the default)
+# store name -> (the service's variable naming the model, training module, its run folder)
 DEFAULTS = {
-    "gpt": ("GPT_MODEL", "training.train_gpt", ["--preset", "small", "--run_dir=runs/gpt-small"]),
-    "gan": ("GAN_MODEL", "training.train_gan", ["--preset", "small", "--run_dir=runs/gan-small"]),
+    "gpt": ("GPT_MODEL", "training.train_gpt", "runs/gpt-small"),
+    "gan": ("GAN_MODEL", "training.train_gan", "runs/gan-small"),
 }
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
     args = ap.parse_args(argv)
-    for name, (env_var, module, job_argv) in DEFAULTS.items():
+    for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
         if tag != f"{name}:latest":  # the user's own model: the service names it at start-up if missing
             print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         if store_has(name) and not args.force:
             print(f"{name}: found {name}:latest in the store, not training", file=sys.stderr)
             continue
+        job_argv = ["--preset", "small", f"--run_dir={run_dir}"]
+        if (Path(run_dir) / "ckpt.pt").is_file():  # an earlier start stopped half-way (or --force): go on
+            job_argv.append("--resume=true")
         print(f"{name}: not in the store, training the small default ({module} {' '.join(job_argv)})",
               file=sys.stderr)
         __import__(module, fromlist=["main"]).main(job_argv)

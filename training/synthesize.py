@@ -42,14 +42,22 @@ def sample_scenes(cfg: ShapesConfig, n: int, seed: int) -> list[dict[str, Any]]:
 def read_prompts(path: str, engine: ImageEngine, seed: int) -> list[str]:
     """The file's non-blank lines, each checked as synthesize will request it: a prompt the
     model cannot take is refused before any image is made, naming its line."""
+    if not Path(path).is_file():
+        raise ValueError(f"--prompts {path}: no such file")
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not UTF-8 (byte {e.start}: {e.reason})") from None
     prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if prompt := line.strip():
             try:
                 engine.validate(ImageRequest(prompt, seed=seed + len(prompts)))
             except InvalidParameter as e:
                 raise ValueError(f"--prompts {path}, line {number} ({prompt[:60]!r}): {e}") from None
             prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts (one per line)")
     return prompts
 
 

@@ -33,9 +33,10 @@ from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImage
                              fit_codebook)
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
-from training.common import (above, all_reduce_mean, at_least, atomic_save, autocast_for,
-                             check_outputs, check_resume_data, cosine_lr, fraction, load_checkpoint, parse_config,
-                             restore, run_cli, setup_distributed, teardown_distributed)
+from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
+                             check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
+                             load_checkpoint, parse_config, require_finite, restore, run_cli, setup_distributed,
+                             teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
@@ -54,8 +55,7 @@ class ARTrainConfig(ImageJobConfig):
                                               "valid": at_least(1)})
     patch: int = field(default=2, metadata={"help": "token side in pixels (1 = colour palette)",
                                             "valid": at_least(1)})
-    codebook: int = field(default=64, metadata={"help": "k-means code-book entries (16-256)",
-                                                "valid": at_least(1)})
+    codebook: int = field(default=64, metadata={"help": "k-means code-book entries", "valid": between(16, 256)})
     n_layer: int = field(default=3, metadata={"help": "Transformer blocks", "valid": at_least(1)})
     n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
     n_embd: int = field(default=96, metadata={"help": "Transformer width", "valid": at_least(1)})
@@ -84,7 +84,7 @@ class ARTrainConfig(ImageJobConfig):
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
                                                      "valid": at_least(1)})
-    seed: int = field(default=1337, metadata={"help": "seed for init, batches and caption dropping"})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and caption dropping", "valid": SEED})
     halt_after: int = field(default=0, metadata={
         "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
         "valid": at_least(0)})
@@ -177,8 +177,10 @@ def train(cfg: ARTrainConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
     ckpt_path = run / "ckpt.pt"
-    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
+    check_fresh_run(ckpt_path, cfg.resume)
+    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once (n_val
+    # too: another split would validate on images the model trained on).
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",)) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
@@ -255,7 +257,7 @@ def train(cfg: ARTrainConfig) -> Path:
                                        model, *val, cfg.batch_size, d.device), d)}
             interval = []
             if not np.isfinite(row["train_loss"]):
-                raise FloatingPointError(f"loss is {row['train_loss']} at step {step}")
+                raise FloatingPointError(diverged(step, f"the training loss is {row['train_loss']}", ckpt_path))
             if d.is_main:
                 if evaluator is not None:
                     m = evaluate_generator(engine, evaluator, shapes, data.images,
@@ -271,6 +273,7 @@ def train(cfg: ARTrainConfig) -> Path:
                 save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
+                require_finite(step, ckpt_path, model=model)
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "step": step, "history": history, "config": asdict(cfg),
                              "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
@@ -278,6 +281,7 @@ def train(cfg: ARTrainConfig) -> Path:
     bar.close()
     model_dir = run / "model"
     if d.is_main and step == cfg.max_steps:
+        require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, engine, evaluator, shapes, data, digest, tokenizer, time.time() - t0,
                            step, history)
     teardown_distributed()

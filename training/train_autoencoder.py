@@ -29,8 +29,9 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
-from training.common import (Dist, above, at_least, atomic_save, check_outputs, check_resume_data, cosine_lr,
-                             load_checkpoint, parse_config, restore, run_cli)
+from training.common import (SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
+                             check_resume_data, cosine_lr, diverged, load_checkpoint, parse_config, require_finite,
+                             restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
                                 check_validation_split, get_tokenizer, load_data, resume_data_keys,
@@ -62,7 +63,7 @@ class AETrainConfig(ImageJobConfig):
                                                       "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
                                                      "valid": at_least(1)})
-    seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise"})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise", "valid": SEED})
     halt_after: int = field(default=0, metadata={
         "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
         "valid": at_least(0)})
@@ -135,8 +136,10 @@ def train(cfg: AETrainConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
     ckpt_path = run / "ckpt.pt"
-    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
+    check_fresh_run(ckpt_path, cfg.resume)
+    # Read before anything slow: a missing, broken or mismatched checkpoint fails at once (n_val
+    # too: another split would measure on images the model trained on).
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",)) if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -180,7 +183,7 @@ def train(cfg: AETrainConfig) -> Path:
         bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['mse']:.4f}")
         if step % cfg.eval_interval == 0 or step == halt_at:
             if not np.isfinite(interval[-1]):
-                raise FloatingPointError(f"loss is {interval[-1]} at step {step}")
+                raise FloatingPointError(diverged(step, f"the training loss is {interval[-1]}", ckpt_path))
             model.eval()
             with torch.no_grad():
                 xv = data.images[n_train:].to(device).float() / 127.5 - 1
@@ -193,12 +196,14 @@ def train(cfg: AETrainConfig) -> Path:
             log.info("step %d: %s", step, history[-1])
             (run / "history.json").write_text(json.dumps(history, indent=1))
             save_curves(history, run / "curves.png")
+            require_finite(step, ckpt_path, model=model)
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),
                          "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
     bar.close()
     model_dir = run / "model"
     if step == cfg.max_steps:
+        require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, model.eval(), tokenizer, data, digest, shapes, ids_all, mask_all, n_train,
                            history, time.time() - t0)
     return model_dir

@@ -35,9 +35,10 @@ from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
-from training.common import (Dist, Rule, above, all_reduce_mean, at_least, atomic_save,
-                             check_outputs, check_resume_data, fraction, load_checkpoint, one_of, parse_config,
-                             restore, run_cli, setup_distributed, teardown_distributed)
+from training.common import (SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
+                             check_fresh_run, check_outputs, check_resume_data, diverged, fraction, load_checkpoint,
+                             one_of, parse_config, require_finite, restore, run_cli, setup_distributed,
+                             teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
@@ -55,8 +56,7 @@ class CaptionedDataConfig:
         "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
     image_size: int = field(default=32, metadata={"help": "image side in pixels (32 or 64)"})
     n_train: int = field(default=20000, metadata={"help": "procedural training images", "valid": at_least(1)})
-    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset",
-                                                "valid": at_least(0)})
+    data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset", "valid": SEED})
     holdout: str = field(default=DEFAULT_HOLDOUT, metadata={
         "help": "colour:shape pairs never shown in training, comma-separated ('' for none)"})
     two_object_prob: float = field(default=0.0, metadata={"help": "share of two-object scenes",
@@ -91,6 +91,10 @@ class ImageJobConfig(CaptionedDataConfig):
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
                                                   "valid": one_of("auto", "cpu", "cuda")})
     resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
+
+    def check(self) -> None:
+        super().check()
+        check_device(self.device)
 
 
 @dataclass
@@ -141,7 +145,7 @@ class GANTrainConfig(ImageJobConfig):
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval",
                                                       "valid": at_least(1)})
-    seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)"})
+    seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)", "valid": SEED})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
     store_name: str = field(default="gan", metadata={"help": "model name in the store"})
 
@@ -341,6 +345,7 @@ def train(cfg: GANTrainConfig) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
     ckpt_path = run / "ckpt.pt"
+    check_fresh_run(ckpt_path, cfg.resume)
     # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
     ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
     if cfg.threads:
@@ -454,7 +459,7 @@ def train(cfg: GANTrainConfig) -> Path:
             for k in ("d_loss", "g_loss"):
                 row[k] = all_reduce_mean(interval[k] / interval["n"], d)
                 if not np.isfinite(row[k]):
-                    raise FloatingPointError(f"{k} is {row[k]} at step {step}")
+                    raise FloatingPointError(diverged(step, f"{k} is {row[k]}", ckpt_path))
             interval = {"d_loss": 0.0, "g_loss": 0.0, "n": 0}
             if d.is_main:
                 row.update(periodic_eval(engine, evaluator, shapes, data, cfg, history))
@@ -462,6 +467,7 @@ def train(cfg: GANTrainConfig) -> Path:
                 save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
+                require_finite(step, ckpt_path, generator=G, discriminator=D, averaged_generator=G_ema)
                 atomic_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                              "step": step, "history": history, "rng": gather_rng(d),
@@ -472,6 +478,7 @@ def train(cfg: GANTrainConfig) -> Path:
     bar.close()
     model_dir = run / "model"
     if d.is_main:
+        require_finite(step, ckpt_path, averaged_generator=G_ema)
         model_dir = finish(cfg, engine, evaluator, shapes, data, digest, G_ema, tokenizer, time.time() - t0,
                            step, history)
     teardown_distributed()

@@ -22,9 +22,10 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
-from training.common import (Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
-                             check_folder, check_outputs, check_resume_data, cosine_lr, fraction, load_checkpoint,
-                             one_of, parse_config, restore, run_cli, setup_distributed, teardown_distributed)
+from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
+                             check_folder, check_fresh_run, check_model_folder, check_outputs, check_resume_data,
+                             cosine_lr, diverged, fraction, load_checkpoint, one_of, parse_config, require_finite,
+                             restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -56,7 +57,7 @@ class TrainGPTConfig:
     ckpt_interval: int = field(default=100, metadata={"help": "steps between checkpoints", "valid": at_least(1)})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda", "valid": one_of("auto", "cpu", "cuda")})
-    seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout", "valid": at_least(0)})
+    seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout", "valid": SEED})
     run_dir: str = field(default="runs/gpt", metadata={"help": "checkpoints, curves and samples go here"})
     resume: bool = field(default=False, metadata={"help": "continue from run_dir/ckpt.pt"})
     halt_after: int = field(default=0, metadata={"help": "checkpoint and exit after this many steps in this "
@@ -70,6 +71,7 @@ class TrainGPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}")
         check_outputs(self.name, self.store, self.out)
+        check_model_folder(self.out)
         check_folder(self.run_dir, "--run_dir")
         check_device(self.device)
 
@@ -172,6 +174,7 @@ def train(cfg: TrainGPTConfig) -> dict:
     d = setup_distributed(cfg.device)
     run = Path(cfg.run_dir)
     ckpt_path = run / "ckpt.pt"
+    check_fresh_run(ckpt_path, cfg.resume)
     ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE) if cfg.resume else None
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
@@ -235,8 +238,7 @@ def train(cfg: TrainGPTConfig) -> dict:
         history["step"].append(step)
         history["train_loss"].append(all_reduce_mean(total.item(), d))
         if not math.isfinite(history["train_loss"][-1]):  # never checkpoint, let alone store, a diverged model
-            raise FloatingPointError(f"step {step}: the training loss is {history['train_loss'][-1]}; the run "
-                                     f"diverged (a lower --lr may help); {ckpt_path} holds the last good state")
+            raise FloatingPointError(diverged(step, f"the training loss is {history['train_loss'][-1]}", ckpt_path))
         bar.update(1)
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.2e}")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -245,6 +247,7 @@ def train(cfg: TrainGPTConfig) -> dict:
             history["val_loss"].append(val)
             bar.write(f"step {step}: train {history['train_loss'][-1]:.4f}, val {val:.4f}")
         if d.is_main and (step % cfg.ckpt_interval == 0 or step == halt_at):
+            require_finite(step, ckpt_path, model=model)
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg), "tokenizer": tok.to_str(),
                          "dataset": corpus.hash}, ckpt_path)
@@ -255,6 +258,7 @@ def train(cfg: TrainGPTConfig) -> dict:
 
     result: dict = {}
     if d.is_main and step >= cfg.max_steps:
+        require_finite(step, ckpt_path, model=model)
         result = finish(cfg, model, tok, corpus.hash, history, val_data, val_bytes, time.time() - t0)
     teardown_distributed()
     return result

@@ -49,9 +49,21 @@ class CaptionedImages:
         return h.hexdigest()[:16]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own conversion clips 16-bit grey to white (it keeps the low values);
+    here it is scaled down. Floating-point pixels have no known range: a ValueError (the file
+    is skipped as unreadable)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(img, dtype=np.float64) / 257  # 65535 -> 255
+        img = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("floating-point pixels: save the image with 8 or 16 bits per channel")
+    return img.convert("RGB")
+
+
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
     """Any image → (size, size, 3) uint8: scale the shorter side to `size`, crop the middle."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -73,6 +85,8 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
     """Read `folder/metadata.jsonl` and its images; skipped files are counted in one warning."""
     folder = Path(folder)
     meta_path = folder / METADATA
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (--data names a folder of images and metadata.jsonl)")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: no metadata.jsonl (one JSON object per line "
                                 "with 'file_name' and 'text')")

@@ -108,6 +108,8 @@ def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) 
         (val if bucket < val_fraction * 1000 else train).append(text)
     if not val:  # tiny corpora: keep at least one validation document
         val.append(train.pop())
+    if not train and len(val) > 1:  # every document hashed into validation: keep one there
+        train, val = val[:-1], val[-1:]
     if not train:
         # one document only: split it by characters so both sides are non-empty
         text = val.pop()
