@@ -152,3 +152,11 @@ def test_an_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"x": 1}, tmp_path / "ckpt.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_job_is_named_as_such(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_gpt.main(["--preset", "tiny", f"--run_dir={run}", "--store=false", "--halt_after=2"])
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train_gan.main(["--preset", "tiny", f"--run_dir={run}", "--resume=true", "--store=false"]))
+    assert "is a checkpoint of the gpt job, not of gan" in capsys.readouterr().err

@@ -205,8 +205,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = ()
-                    ) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = (),
+                    job: str | None = None) -> dict[str, Any]:
     """Training checkpoints hold tensors, numbers and strings only: no unpickling of code.
 
     `--resume` without a checkpoint, an unreadable one, or one whose `shape_keys` settings differ
@@ -218,8 +218,12 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # (torch's own message for a file that is no checkpoint advises unpickling it as code)
-        why = "corrupt, or another kind of file" if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        why = ("corrupt, or another kind of file" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {e}")
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({why})") from None
+    if job and isinstance(ckpt, dict) and ckpt.get("job", job) != job:  # (older checkpoints name none)
+        raise ValueError(f"--resume: {path} is a checkpoint of the {ckpt['job']} job, not of {job} "
+                         "(check --run_dir)")
     saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
     for key in shape_keys:
         if config is not None and key in saved and saved[key] != config[key]:

@@ -180,7 +180,7 @@ def train(cfg: ARTrainConfig) -> Path:
     check_fresh_run(ckpt_path, cfg.resume)
     # Read before anything slow: a missing, broken or mismatched checkpoint fails at once (n_val
     # too: another split would validate on images the model trained on).
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",)) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",), job="ar_image") if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data, shapes = load_data(cfg)
@@ -274,7 +274,7 @@ def train(cfg: ARTrainConfig) -> Path:
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
                 require_finite(step, ckpt_path, model=model)
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                atomic_save({"job": "ar_image", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "step": step, "history": history, "config": asdict(cfg),
                              "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
             model.train()

@@ -139,7 +139,7 @@ def train(cfg: AETrainConfig) -> Path:
     check_fresh_run(ckpt_path, cfg.resume)
     # Read before anything slow: a missing, broken or mismatched checkpoint fails at once (n_val
     # too: another split would measure on images the model trained on).
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",)) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS + ("n_val",), job="autoencoder") if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -197,7 +197,7 @@ def train(cfg: AETrainConfig) -> Path:
             (run / "history.json").write_text(json.dumps(history, indent=1))
             save_curves(history, run / "curves.png")
             require_finite(step, ckpt_path, model=model)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_save({"job": "autoencoder", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),
                          "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
     bar.close()

@@ -347,7 +347,7 @@ def train(cfg: GANTrainConfig) -> Path:
     ckpt_path = run / "ckpt.pt"
     check_fresh_run(ckpt_path, cfg.resume)
     # Read before anything slow: a missing, broken or mismatched checkpoint fails at once.
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE_KEYS, job="gan") if cfg.resume else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
@@ -468,7 +468,7 @@ def train(cfg: GANTrainConfig) -> Path:
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
                 require_finite(step, ckpt_path, generator=G, discriminator=D, averaged_generator=G_ema)
-                atomic_save({"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
+                atomic_save({"job": "gan", "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                              "step": step, "history": history, "rng": gather_rng(d),
                              "config": asdict(cfg), "tokenizer": tokenizer.to_str(), "dataset": digest},

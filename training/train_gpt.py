@@ -175,7 +175,7 @@ def train(cfg: TrainGPTConfig) -> dict:
     run = Path(cfg.run_dir)
     ckpt_path = run / "ckpt.pt"
     check_fresh_run(ckpt_path, cfg.resume)
-    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE) if cfg.resume else None
+    ckpt = load_checkpoint(ckpt_path, asdict(cfg), SHAPE, job="gpt") if cfg.resume else None
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
     if ckpt is not None:
@@ -248,7 +248,7 @@ def train(cfg: TrainGPTConfig) -> dict:
             bar.write(f"step {step}: train {history['train_loss'][-1]:.4f}, val {val:.4f}")
         if d.is_main and (step % cfg.ckpt_interval == 0 or step == halt_at):
             require_finite(step, ckpt_path, model=model)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            atomic_save({"job": "gpt", "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg), "tokenizer": tok.to_str(),
                          "dataset": corpus.hash}, ckpt_path)
     bar.close()
