@@ -126,7 +126,6 @@ def check_model_folder(path: str, option: str = "--out") -> None:
     job must not mix its files into, or overwrite, a folder of something else."""
     from models.artifacts import CONFIG, METRICS, TOKENIZER, WEIGHTS
 
-    check_folder(path, option)
     if path and Path(path).is_dir() and (other := sorted(
             p.name for p in Path(path).iterdir() if p.name not in (CONFIG, WEIGHTS, TOKENIZER, METRICS))):
         raise ValueError(f"{option}={path}: holds files that are not a model's ({', '.join(other[:3])}): "
