@@ -81,3 +81,38 @@ def test_the_soak_counts_pages_shared_between_processes_once():
             os.kill(int(child), 9)
         proc.kill()
     assert 64 < total < 110, total  # summed RSS: about 2 x (64 + the interpreter)
+
+
+def test_a_wrong_body_with_status_200_is_a_failure(tmp_path):
+    """Every response's body is checked: a server answering 200 with the wrong seed, no choices
+    and no images must fail every request (a success() after the check used to hide it)."""
+    import csv
+    import http.server
+    import threading
+
+    class Wrong(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            data = b'{"seed": -1, "choices": [], "images": [], "usage": {"completion_tokens": 0}}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Wrong)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "locust"), "-f", "load_tests/locustfile.py",
+                        "CompletionUser", "ImageUser", "--headless", "-u", "2", "-r", "2", "-t", "3s", "--only-summary",
+                        "--host", f"http://127.0.0.1:{server.server_address[1]}", "--csv", str(tmp_path / "loc")],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    row = next(r for r in csv.DictReader(open(tmp_path / "loc_stats.csv")) if r["Name"] == "Aggregated")
+    assert int(row["Request Count"]) >= 2 and row["Failure Count"] == row["Request Count"], row
