@@ -70,6 +70,14 @@ def round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
+def invariant_read(kv_len: int, head_dim: int) -> int:
+    """Cache positions attention reads in the exact mode: whole KV_BLOCKs, and at least enough
+    that a decode step's one-query products (head_dim × positions) stay on one kernel whatever
+    else the batch reads: PyTorch's CPU bmm computes products under 400 multiply-adds with a
+    plain loop, which rounds differently (a head size of 16 over 16 positions did)."""
+    return max(round_up(kv_len, KV_BLOCK), round_up(-(-512 // head_dim), KV_BLOCK))
+
+
 def row_padded_linear(linear: nn.Linear, x: Tensor) -> Tensor:
     """linear(x), computed on x's rows padded with zeros to a multiple of ROW_BLOCK."""
     rows = x.reshape(-1, x.size(-1))
@@ -161,7 +169,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # incremental: attend to the first kv_len cached positions, as the mask allows
-            read = round_up(kv_len, KV_BLOCK) if self.batch_invariant else kv_len
+            read = invariant_read(kv_len, C // self.n_head) if self.batch_invariant else kv_len
             if mask is None:  # one token per row, every row at position kv_len - 1
                 k, v = cache.append(k, v, kv_len, read, rows)  # (B, nh, S, hs)
             else:
@@ -267,8 +275,8 @@ class GPT(nn.Module):
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
         cfg, p = self.config, self.lm_head.weight
-        if self.batch_invariant:  # attention reads whole blocks
-            max_seq = round_up(max_seq, KV_BLOCK)
+        if self.batch_invariant:  # attention reads whole blocks, at least invariant_read's
+            max_seq = invariant_read(max_seq, cfg.n_embd // cfg.n_head)
         self.caches = [KVCache(batch, cfg.n_head, max_seq, cfg.n_embd // cfg.n_head, p.dtype, p.device)
                        for _ in range(cfg.n_layer)]
 

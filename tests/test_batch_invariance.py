@@ -8,17 +8,17 @@ import torch.nn.functional as F
 
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine
-from models.gpt import GPT, KV_BLOCK, GPTConfig, invariant_attention, row_padded_linear
+from models.gpt import GPT, KV_BLOCK, GPTConfig, invariant_attention, invariant_read, row_padded_linear
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
 
 
-@pytest.fixture(scope="module")
-def engine() -> TextEngine:
+@pytest.fixture(scope="module", params=[2, 4], ids=["head-size-32", "head-size-16"])
+def engine(request) -> TextEngine:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=512, block_size=120, n_layer=2, n_head=2, n_embd=64))
+    model = GPT(GPTConfig(vocab_size=512, block_size=120, n_layer=2, n_head=request.param, n_embd=64))
     return TextEngine(model, Tokenizer.train([TEXT], 400), "cpu")
 
 
@@ -104,6 +104,19 @@ def test_attention_of_a_row_does_not_depend_on_the_cache_length_read_or_its_neig
         assert torch.equal(invariant_attention(q, k[:, :, :read], v[:, :, :read], mask, read - 5)[:1], alone)
     want = F.scaled_dot_product_attention(q[:1], k[:1, :, :position + 1], v[:1, :, :position + 1])
     assert torch.allclose(alone, want, atol=1e-6) and read % KV_BLOCK == 0
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 64])
+def test_the_positions_read_keep_a_decode_step_on_one_kernel(head_dim):
+    """Under 400 multiply-adds PyTorch's CPU bmm takes a plain loop that rounds differently (a
+    head size of 16 read over 16 positions, beside 32): the exact mode reads at least enough."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 2, 1, head_dim), torch.randn(1, 2, 320, head_dim), torch.randn(1, 2, 320, head_dim)
+    for kv_len in (3, 12, 20):
+        least = invariant_read(kv_len, head_dim)
+        alone = invariant_attention(q, k[:, :, :least], v[:, :, :least], None, kv_len)
+        for read in (least + KV_BLOCK, least + 4 * KV_BLOCK):
+            assert torch.equal(invariant_attention(q, k[:, :, :read], v[:, :, :read], None, kv_len), alone)
 
 
 def test_a_prompt_whose_last_chunk_is_one_token_prefills_like_a_whole_prompt(engine, threads):
