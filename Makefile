@@ -39,5 +39,5 @@ loadtest: install  ## headless locust, CSV + HTML under load_tests/reports/, non
 fuzz: install  ## schemathesis, 2,000 generated requests against /openapi.json
 	$(PY) -m load_tests.fuzz --host $(HOST) --cases 2000
 
-soak: install  ## 30 minutes of steady load, RSS growth of the server's process tree
+soak: install  ## 30 minutes of steady load, PSS growth of the server's process tree
 	$(PY) -m load_tests.soak --host $(HOST) --pid $$(pgrep -of 'bentoml serve') --minutes 30

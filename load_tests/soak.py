@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-growth-pct", type=float, default=10.0, help="fail above this memory (PSS) growth")
     ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
     args = ap.parse_args(argv)
+    if pss_bytes(args.pid) == 0:  # a wrong pid would measure nothing and divide by zero at the end
+        ap.error(f"--pid {args.pid}: no such process, or its memory cannot be read (give bentoml serve's pid)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

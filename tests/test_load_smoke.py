@@ -116,3 +116,13 @@ def test_a_wrong_body_with_status_200_is_a_failure(tmp_path):
         server.shutdown()
     row = next(r for r in csv.DictReader(open(tmp_path / "loc_stats.csv")) if r["Name"] == "Aggregated")
     assert int(row["Request Count"]) >= 2 and row["Failure Count"] == row["Request Count"], row
+
+
+def test_the_soak_refuses_a_pid_it_cannot_measure(capsys):
+    """A wrong --pid measured 0 bytes and divided by zero at the end of the run."""
+    import pytest
+
+    from load_tests.soak import main as soak
+    with pytest.raises(SystemExit) as e:
+        soak(["--host", "http://127.0.0.1:1", "--pid", "999999999", "--minutes", "0.01"])
+    assert e.value.code == 2 and "--pid 999999999" in capsys.readouterr().err
