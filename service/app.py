@@ -40,15 +40,16 @@ from starlette.routing import Route
 from models.ar_image import ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
-from models.engine import Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests, TokenLogprob
+from models.engine import (Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests, TokenLogprob,
+                           pick_device)
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
-from service.image_worker import ImageWorker, WorkerDied
-from service.batching import Job, MicroBatcher, Overloaded, fail
 from service import sdapi, tgi
+from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import env_choice, env_flag, env_float, env_int
+from service.image_worker import ImageWorker, WorkerDied
 from service.limits import Limits
 from service.metrics import IMAGE, TEXT, Metrics, get_metrics
 from service.schemas import (
@@ -56,10 +57,10 @@ from service.schemas import (
     MAX_SEED,
     ApiError,
     CompletionBody,
+    DetokenizeBody,
     ImageBody,
     OpenAICompletionBody,
     OpenAIImageBody,
-    DetokenizeBody,
     TGIBody,
     TGITokenizeBody,
     TokenizeBody,
@@ -334,7 +335,7 @@ async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
 async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
     engine: TextRequests = svc._ready_or_503(svc.text)
-    on_cuda = DEVICE.startswith("cuda") or (DEVICE == "auto" and torch.cuda.is_available())
+    on_cuda = pick_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
     cfg = svc.text_stream.cfg
     return JSONResponse(tgi.info(svc._check_model(None, "text").tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
