@@ -913,10 +913,9 @@ class Generation:
         req = tgi.completion_request(body.inputs, ids, p, seed, engine.block_size)
         try:
             ids = _checked(self.text_stream, req)
-        except InvalidParameter as e:  # named as TGI names the field
+        except InvalidParameter as e:  # named as TGI names the field (lengths: tgi.check_length, above)
             name = tgi.PARAM.get(e.param, e.param)
-            raise ApiError(400, f"{name}: {e.message.replace('max_tokens', 'max_new_tokens')}", name,
-                           code=e.code) from None
+            raise ApiError(400, f"{name}: {e.message}", name, code=e.code) from None
         answer = tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
                                seed if tgi.samples(p) else None)  # TGI reports no seed for greedy decoding
         events = self.text_stream.generate(req, checked=True)

@@ -1,7 +1,7 @@
 """text-generation-inference's API on the text model: POST /generate_stream, POST / (TGI's
 compat route, `stream` chooses) and POST /generate with TGI's body (`inputs`; a body with
-`prompt` there asks for images). What huggingface_hub's `InferenceClient.text_generation`,
-LangChain's `HuggingFaceEndpoint` and TGI's own client send.
+`prompt` there asks for images). What huggingface_hub's `InferenceClient.text_generation`
+sends (and LangChain's `HuggingFaceEndpoint` through it).
 
 TGI's conventions, kept: greedy unless `do_sample` or a sampling parameter is set; a stop
 sequence stays in the generated text; finish reasons `length`, `eos_token`, `stop_sequence`;
@@ -54,8 +54,9 @@ def info(tag: str, context: int, dtype: str, device: str, max_requests: int) -> 
 
 def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int, context: int) -> CompletionRequest:
     """The engine's request for a TGI request whose input is `ids` (already tokenized, and cut
-    to `truncate`). Without max_new_tokens: 100, or what the context leaves."""
-    max_new = p.max_new_tokens or max(1, min(DEFAULT_MAX_NEW_TOKENS, context - len(ids)))
+    to `truncate`, and within the context: `check_length`). Without max_new_tokens: 100, or what
+    the context leaves."""
+    max_new = p.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, context - len(ids))
     sampling = SamplingParams(temperature=(p.temperature or 1.0) if samples(p) else 0.0, top_k=p.top_k or 0,
                               top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
                               repetition_penalty=p.repetition_penalty or 1.0,
