@@ -42,7 +42,7 @@ class CompletionRequest:
     logprobs: int | None = None  # top alternatives per token (0..5); None = no logprobs
     echo: bool = False  # prepend the prompt to each choice's text
     truncate: bool = False  # keep the end of a prompt too long for the context, instead of failing
-    min_tokens: int = 0  # end-of-text and stop tokens are not drawn before this many (stop strings still end a choice)
+    min_tokens: int = 0  # end-of-text and stop tokens are not drawn, stop strings not matched, before this many
     ignore_eos: bool = False  # end-of-text is never drawn: a choice runs to max_tokens or a stop string
     # Also the logprob of each prompt token given those before it (with `logprobs` alternatives),
     # in each choice's first event: what scoring a text needs (OpenAI's echo with logprobs);
@@ -153,18 +153,20 @@ class StopScanner:
         self.decoded = self.released = 0  # characters so far
         self.held_logprobs: list[tuple[int, TokenLogprob]] = []  # (where its token's text ends, entry)
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (text to release now, whether a stop string was hit)."""
+    def push(self, token_id: int, may_stop: bool = True) -> tuple[str, bool]:
+        """Add a token; return (text to release now, whether a stop string was hit). With
+        may_stop false (the row has not yet generated its min_tokens) a stop string completed by
+        this token is plain text, as in vLLM: it is released, so it can never match later."""
         self._decoded(self.decoder.step(token_id))
-        if (end := self._stop_end()) is not None:
+        if may_stop and (end := self._stop_end()) is not None:
             return self._release(end), True
         return self._release(len(self.held) - self._stop_prefix_len(self.held)), False
 
-    def flush(self) -> tuple[str, bool]:
+    def flush(self, may_stop: bool = True) -> tuple[str, bool]:
         """The row has ended: release the rest (an unfinished character decodes as U+FFFD, which
         a stop string may hold too); return (text, whether a stop string was hit)."""
         self._decoded(self.decoder.flush())
-        if (end := self._stop_end()) is not None:
+        if may_stop and (end := self._stop_end()) is not None:
             return self._release(end), True
         return self._release(len(self.held)), False
 
@@ -221,7 +223,7 @@ class Sequence:
     random: RowRandom  # its seeded uniforms
     scanner: StopScanner
     position: int  # where its next token goes
-    min_tokens: int = 0  # tokens to generate before end-of-text or a stop token may be drawn
+    min_tokens: int = 0  # tokens to generate before end-of-text, a stop token or a stop string may end it
     ignore_eos: bool = False  # end-of-text is never drawn
     tokens: list[int] = field(default_factory=list)
     slot: int = -1  # its cache row in the continuous engine (-1: none)
@@ -240,7 +242,8 @@ class Sequence:
         self.position += 1
         entry = (token_logprob(tokenizer, tok, lp, row, self.logprobs, self.scanner)
                  if self.logprobs is not None else None)
-        text, lps, reason = advance_text(self.scanner, tok, tokenizer.eot_id, len(self.tokens), self.max_tokens, entry)
+        text, lps, reason = advance_text(self.scanner, tok, tokenizer.eot_id, len(self.tokens), self.max_tokens, entry,
+                                         may_stop=len(self.tokens) > self.min_tokens)
         return StreamEvent(self.request, self.choice, text, 1, lps, reason, tok)
 
 
@@ -522,23 +525,25 @@ class EndBans:
 
 
 def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, max_tokens: int,
-                 entry: TokenLogprob | None = None) -> tuple[str, list[TokenLogprob], str | None]:
+                 entry: TokenLogprob | None = None,
+                 may_stop: bool = True) -> tuple[str, list[TokenLogprob], str | None]:
     """Feed one sampled token (and its logprob entry, when asked) to a row's text; return (text
     released now, the logprob entries released with it, finish reason or None). The row's last
     call releases every entry left, so the entries of a stream's events add up to the whole
     answer's (those of a stop string's tokens and of end-of-text included). A stop token ends
-    the row as a stop string does, its text kept only with include_stop."""
+    the row as a stop string does, its text kept only with include_stop. Stop strings end the
+    row only with may_stop (past its min_tokens)."""
     if tok == eot_id or tok in scanner.stop_ids:
-        text, stopped = scanner.push(tok) if tok != eot_id and scanner.include_stop else ("", False)
+        text, stopped = scanner.push(tok, may_stop) if tok != eot_id and scanner.include_stop else ("", False)
         if not stopped:
-            rest, stopped = scanner.flush()
+            rest, stopped = scanner.flush(may_stop)
             text += rest
         reason = "stop" if stopped or tok != eot_id else "eos"
     else:
-        text, stopped = scanner.push(tok)
+        text, stopped = scanner.push(tok, may_stop)
         reason = "stop" if stopped else "length" if generated >= max_tokens else None
         if reason == "length":
-            rest, stopped = scanner.flush()
+            rest, stopped = scanner.flush(may_stop)
             text, reason = text + rest, "stop" if stopped else "length"
     if entry is not None:
         scanner.hold(entry)

@@ -111,8 +111,8 @@ class CompletionBody(_Body, _NullIsDefault):
     include_stop_str_in_output: bool = Field(False, description="keep the stop string or stop token in the text "
                                                                 "(vLLM's)")
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="neither end-of-text nor a stop token is "
-                                                                      "drawn before this many tokens (vLLM's); at most "
-                                                                      "max_tokens")
+                                                                      "drawn, nor a stop string checked, before this "
+                                                                      "many tokens (vLLM's); at most max_tokens")
     ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "
                                                 "stop string (vLLM's; for load tests)")
     n: int = Field(1, ge=1, le=MAX_N)

@@ -71,10 +71,12 @@ def test_min_tokens_and_ignore_eos_as_in_the_plain_engine_whatever_joins_or_leav
     reqs = [CompletionRequest("The quick " * (1 + i % 2), seed=50 + i, max_tokens=6 + 3 * i, n=1 + i % 2,
                               sampling=SamplingParams(temperature=0.9, logit_bias=((eos, 6.0),)),
                               min_tokens=[0, 3, 5, 0, 8][i], ignore_eos=i == 3,
-                              stop_token_ids=[[], [30, 31], [], [40], [50]][i], include_stop_str_in_output=i == 3)
+                              stop_token_ids=[[], [30, 31], [], [40], [50]][i], include_stop_str_in_output=i == 3,
+                              stop=[[], [], [], [], ["o"]][i])  # in its first 8 tokens only: never a stop
             for i in range(5)]
     want = engine.complete(reqs)
     assert {c.finish_reason for w in want for c in w.choices} == {"eos", "length"}
+    assert "o" in want[4].choices[0].text
     assert all(len(c.token_ids) > r.min_tokens for r, w in zip(reqs, want) for c in w.choices
                if c.finish_reason == "eos")
     cont = ContinuousEngine(engine, SchedulerConfig(max_running=4, max_tokens_per_step=64, prefill_chunk=8))

@@ -269,6 +269,29 @@ def test_min_tokens_and_ignore_eos_hold_end_of_text_back(engine, tok):
     assert tok.eot_id not in batch[0].choices[0].token_ids
 
 
+def test_min_tokens_hold_stop_strings_back_as_vllm_does(engine, tok):
+    """vLLM checks no stop string before a choice's min_tokens; one completed then is plain text
+    that never matches later. A forced token X makes the text XXXX...: stop "X" ends the choice at
+    token min_tokens + 1, and "XX" (completed at token 2, 3, ...) there too, after the text so far."""
+    x = tok.encode("The")[0]
+    xs = tok.decode([x])
+    assert xs and (xs * 2).find(xs, 1) == len(xs)  # X's text does not overlap itself
+
+    def ask(stop: str, **kw):
+        req = CompletionRequest("Hello", seed=1, max_tokens=8, stop=[stop], ignore_eos=True,
+                                sampling=SamplingParams(logit_bias=((x, 100.0),)), **kw)
+        return engine.complete([req])[0].choices[0], req
+
+    cases = [(xs, {}, (1, "", "stop")), (xs, dict(min_tokens=3), (4, xs * 3, "stop")),
+             (xs * 2, dict(min_tokens=3), (4, xs * 2, "stop")), (xs * 2, {}, (2, "", "stop")),
+             (xs, dict(min_tokens=8), (8, xs * 8, "length"))]
+    for stop, kw, want in cases:
+        c, req = ask(stop, **kw)
+        assert (len(c.token_ids), c.text, c.finish_reason) == want, (stop, kw)
+        events = list(engine.stream([req]))
+        assert ("".join(e.text for e in events), events[-1].finish_reason) == want[1:]
+
+
 def test_prompt_logprobs_score_a_text_as_decoding_it_did(engine, tok):
     """Scoring prompt + completion gives the completion's tokens the logprobs (and alternatives)
     the KV-cache decode reported for them: one full forward pass against the cached steps."""

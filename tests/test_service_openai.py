@@ -91,6 +91,12 @@ def test_min_tokens_and_ignore_eos_as_in_vllm(oai, server):
         oai.completions.create(model="gpt", **forced, extra_body={"min_tokens": 7})
     assert e.value.body["param"] == "min_tokens" and "max_tokens=6" in e.value.body["message"]
 
+    # No stop string is checked before min_tokens either (token 65 forced: its text six times)
+    ask_x = {**forced, "logit_bias": {"65": 100}}
+    x = oai.completions.create(model="gpt", **ask_x, extra_body={"ignore_eos": True}).choices[0].text[:1]
+    r = oai.completions.create(model="gpt", **ask_x, stop=[x], extra_body={"min_tokens": 3, "ignore_eos": True})
+    assert (r.usage.completion_tokens, r.choices[0].text, r.choices[0].finish_reason) == (4, x * 3, "stop")
+
 
 def test_a_prompt_past_the_context_is_context_length_exceeded(oai):
     with pytest.raises(openai.BadRequestError) as e:
