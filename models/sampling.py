@@ -192,9 +192,10 @@ def filter_logits(logits: Tensor, params: SamplingBatch) -> Tensor:
         entropy = torch.special.entr(logp.exp()).sum(dim=-1, keepdim=True)  # expected surprise
         distance, order = (-logp - entropy).abs().sort(dim=-1, stable=True)  # tokens removed before: inf, last
         probs = logp.gather(1, order).exp()
-        crossing = ((probs.cumsum(dim=-1) - probs) < params.typical_p).sum(dim=-1, keepdim=True) - 1
-        # beyond the token that crosses typical_p; a token as typical as that one stays too (as in
-        # Hugging Face's TypicalLogitsWarper: equally likely tokens are kept or dropped together)
+        crossing = ((probs.cumsum(dim=-1) - probs) < params.typical_p).sum(dim=-1, keepdim=True).sub_(1).clamp_(min=0)
+        # beyond the token that crosses typical_p (the first, where typical_p rounds to 0 in float32);
+        # a token as typical as that one stays too (as in Hugging Face's TypicalLogitsWarper: equally
+        # likely tokens are kept or dropped together)
         remove = (params.typical_p < 1) & (distance > distance.gather(1, crossing))
         out = out.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
     if "min_p" in params.uses:

@@ -38,6 +38,7 @@ def test_typical_p_keeps_the_tokens_whose_surprise_is_nearest_the_entropy():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])  # entropy 1.142 nats; surprises .69, 1.20, 1.90, 3.00
     logits = probs.log()
     assert kept(logits, typical_p=0.2) == [1]  # the most typical token is not the likeliest
+    assert kept(logits, typical_p=1e-50) == [1]  # 0 as a float32 (it failed the whole batch's step)
     assert kept(logits, typical_p=0.5) == [0, 1]  # 0.3, then 0.5 crosses the mass
     assert kept(logits, typical_p=0.85) == [0, 1, 2]
     assert kept(logits, typical_p=1.0) == [0, 1, 2, 3]
@@ -57,7 +58,7 @@ def test_typical_p_matches_transformers(ties):
     logits = torch.randn(64, 300) * 3
     if ties:  # few distinct values, as low-precision logits have
         logits = logits.round()
-    for mass in (0.2, 0.5, 0.9, 0.95):
+    for mass in (1e-50, 0.2, 0.5, 0.9, 0.95):  # 1e-50: 0 in float32, keeps the most typical token(s)
         ours = torch.isfinite(filter_logits(logits, SamplingBatch.from_params([SamplingParams(typical_p=mass)] * 64)))
         theirs = torch.isfinite(transformers.TypicalLogitsWarper(mass)(None, logits.clone()))
         assert torch.equal(ours, theirs), mass
