@@ -3,8 +3,10 @@
 - CONDGEN_API_KEY: when set, every request needs `Authorization: Bearer <key>` (what the
   OpenAI client sends) or `x-api-key: <key>`; without it the answer is 401 in the usual
   JSON error shape. Health (/livez, /readyz, /healthz, /health) and /metrics stay open, so that
-  orchestrators and Prometheus need no secret, and so do CORS pre-flight requests
-  (browsers send those without credentials).
+  orchestrators and Prometheus need no secret, and so do CORS pre-flight requests (browsers
+  send those without credentials), which the CORS middleware outside this one answers. The
+  key is taken without surrounding whitespace, as a presented key is (a secret file's trailing
+  newline locked every client out).
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
   ("*" for any); unset means no CORS headers at all (same-origin only).
 - GPT_MODEL / GAN_MODEL: checked against BentoML's tag alphabet before the store sees them.
@@ -49,6 +51,15 @@ def cors_origins() -> list[str]:
     return [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
 
 
+def api_key() -> str | None:
+    """CONDGEN_API_KEY without surrounding whitespace; None when unset or empty. Whitespace
+    alone is refused at start-up: no client could ever present it."""
+    raw = os.environ.get("CONDGEN_API_KEY", "")
+    if raw and not raw.strip():
+        raise ValueError("CONDGEN_API_KEY is only whitespace: set a key, or unset it to serve without one")
+    return raw.strip() or None
+
+
 def _presented_key(scope: Scope) -> bytes | None:
     """The key as sent, in bytes: a non-ASCII key arrives as its UTF-8 bytes, which decoding
     the header as Latin-1 and encoding it again as UTF-8 turned into other bytes (always 401)."""
@@ -73,12 +84,11 @@ class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, key: str, routes: Sequence[BaseRoute]) -> None:
         """routes: the API's routes, which label the 401s in the error counter."""
         self.app = app
-        self.key = key.encode()
+        self.key = key.strip().encode()  # as presented keys are compared
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope.get("path") not in OPEN_PATHS
-                and scope.get("method") != "OPTIONS"):
+        if scope["type"] == "http" and scope.get("path") not in OPEN_PATHS:
             given = _presented_key(scope)
             # Constant-time comparison: the answer's timing says nothing about the key.
             if given is None or not hmac.compare_digest(given, self.key):
@@ -173,6 +183,6 @@ def install(service: object, routes: object, limits: Limits) -> None:
     service.add_asgi_middleware(JSONRoutingErrors)  # type: ignore[attr-defined]
     if origins := cors_origins():
         service.add_asgi_middleware(CORSMiddleware, **cors_options(origins))  # type: ignore[attr-defined]
-    if key := os.environ.get("CONDGEN_API_KEY"):
+    if key := api_key():
         service.add_asgi_middleware(APIKeyMiddleware, key=key, routes=routes.routes)  # type: ignore[attr-defined]
     service.add_asgi_middleware(LimitMiddleware, limits=limits)  # type: ignore[attr-defined]

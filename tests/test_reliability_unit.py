@@ -26,7 +26,7 @@ from service.metrics import get_metrics
 from service.openapi import build_openapi
 from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody
 from service.env import env_choice, env_flag, env_float, env_int
-from service.security import APIKeyMiddleware, JSONRoutingErrors, cors_options, model_tag
+from service.security import APIKeyMiddleware, JSONRoutingErrors, api_key, cors_options, model_tag
 
 
 def _app(handler_log: dict, limits: Limits, key: str | None = None) -> Starlette:
@@ -452,6 +452,48 @@ def test_routing_errors_keep_the_cors_headers_and_carry_a_request_id():
         assert r.headers["content-type"] == "application/json" and len(r.headers.get_list("content-type")) == 1
     assert wrong_method.headers["x-request-id"] == "mine" and "POST" in wrong_method.headers["allow"]
     assert int(missing.headers["content-length"]) == len(missing.content)
+
+
+def test_the_configured_key_is_taken_without_surrounding_whitespace(monkeypatch):
+    """A key from a secret file ends in a newline; it was compared with it, so every client,
+    which sends the key stripped, got 401. Whitespace alone is refused at start-up."""
+    monkeypatch.setenv("CONDGEN_API_KEY", " k3y\n")
+    assert api_key() == "k3y"
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv("CONDGEN_API_KEY")
+        else:
+            monkeypatch.setenv("CONDGEN_API_KEY", unset)
+        assert api_key() is None
+    monkeypatch.setenv("CONDGEN_API_KEY", " \n")
+    with pytest.raises(ValueError, match="CONDGEN_API_KEY is only whitespace"):
+        api_key()
+    app = _app({}, Limits(), key=" k3y\n")
+
+    async def scenario():
+        async with _client(app) as c:
+            return [(await c.get("/models", headers=h)).status_code
+                    for h in ({"Authorization": "Bearer k3y"}, {"x-api-key": "k3y "}, {"x-api-key": "k3"})]
+
+    assert asyncio.run(scenario()) == [200, 200, 401]
+
+
+def test_options_needs_the_key_unless_it_is_a_cors_pre_flight():
+    """OPTIONS skipped the key check on every path, so anyone could list the routes (404 or
+    405 answers); pre-flights are answered by the CORS middleware outside the key check."""
+    bare = _app({}, Limits(), key="k3y")
+    cors = CORSMiddleware(bare, **cors_options(["http://ok.example"]))
+    pre = {"origin": "http://ok.example", "access-control-request-method": "POST"}
+
+    async def scenario():
+        async with _client(bare) as c:
+            plain = [(await c.options(p)).status_code for p in ("/complete", "/nowhere")]
+            keyed = (await c.options("/complete", headers={"x-api-key": "k3y"})).status_code
+        async with _client(cors) as c:
+            flight = (await c.options("/complete", headers=pre)).status_code
+        return plain, keyed, flight
+
+    assert asyncio.run(scenario()) == ([401, 401], 405, 200)
 
 
 def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
