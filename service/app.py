@@ -626,11 +626,15 @@ class Generation:
                         time.perf_counter() - started)
             self._ready.set()
         except Exception as e:
-            self.load_error = f"{type(e).__name__}: {e}"
             # One line that names the bad file (ArtifactError messages start with its path),
-            # then the traceback for whoever needs it.
-            logger.error("loading the models failed; the service stays not ready: %s", self.load_error,
+            # then the traceback for whoever needs it; answers name the file by its model's tag
+            # instead (the store's place on the server's disk is none of a client's business).
+            logger.error("loading the models failed; the service stays not ready: %s: %s", type(e).__name__, e,
                          exc_info=True)
+            self.load_error = f"{type(e).__name__}: {e}"
+            for stored in (self.gpt, self.gan, self.ar_image):
+                if stored is not None:
+                    self.load_error = self.load_error.replace(str(stored.path), str(stored.tag))
             return
         self._restart_dead_engines()
 

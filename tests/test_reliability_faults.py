@@ -61,7 +61,9 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
     assert r.status_code == 503 and httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
     assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
     r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi"}, timeout=30)
-    assert r.status_code == 503 and str(bad.name) in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert r.status_code == 503 and f"{bad.parent.parent.name}:{bad.parent.name}/{bad.name}" in message, message
+    assert str(bad.parent) not in message  # the model's tag, not where the store is on disk
 
 
 # ---- an engine process that dies after start-up -----------------------------------------------
