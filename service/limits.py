@@ -129,13 +129,15 @@ class LimitMiddleware:
             # Past the deadline: cancelling the handler marks its engine jobs cancelled.
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if state["ended"]:  # the client has its whole answer; only the clean-up after it was cut short
+                return
             logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], lim.deadline_s)
             count_error(scope["path"], 504)
             err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
                            type="server_error", code="deadline_exceeded")
             if not state["started"]:
                 await send_error(send, err)
-            elif not state["ended"]:
+            else:
                 # Headers are gone: report in-band as a stream error does, then end the body.
                 tail = f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n".encode() if state["sse"] else b""
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
