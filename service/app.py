@@ -192,8 +192,10 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
                            type="server_error")
             response = JSONResponse(err.body(request_id), status_code=500)
-        if response.status_code >= 400:  # labelled by route ("/v1/models/{model}"): one series per route
-            endpoint = getattr(request.scope.get("route"), "path", request.url.path)
+        endpoint = getattr(request.scope.get("route"), "path", request.url.path)
+        # Labelled by route ("/v1/models/{model}"): one series per route. A probe's 503 (/health,
+        # as /readyz) is its answer, not an error: counted, it raised the error rate at every start.
+        if response.status_code >= 400 and endpoint != "/health":
             get_metrics().request_errors.labels(endpoint=endpoint, status=str(response.status_code)).inc()
         response.headers["X-Request-ID"] = request_id
         return response

@@ -60,6 +60,9 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
     r = httpx.get(f"{srv.url}/readyz", timeout=10)
     assert r.status_code == 503 and httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
     assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
+    errors = [ln for ln in httpx.get(f"{srv.url}/metrics", timeout=10).text.splitlines()
+              if ln.startswith("condgen_request_errors_total{")]
+    assert not [ln for ln in errors if '"/health"' in ln], errors  # a probe's answer, not an error
     r = httpx.post(f"{srv.url}/complete", json={"prompt": "Hi"}, timeout=30)
     message = r.json()["error"]["message"]
     assert r.status_code == 503 and f"{bad.parent.parent.name}:{bad.parent.name}/{bad.name}" in message, message
