@@ -55,18 +55,30 @@ class ApiError(Exception):
         return {"error": error}
 
 
+MAX_SHOWN_NAME = 100  # characters of a client's field name an error message repeats
+MAX_SHOWN_PROBLEMS = 20
+
+
+def shown_name(name: str) -> str:
+    """A field name from the client, as an error repeats it: cut short, so that a 900,000-character
+    key is not sent back twice (message and param) in a 1.8 MB answer."""
+    return name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "…"
+
+
 def from_validation_error(exc: ValidationError, depth: int = 1) -> ApiError:
     """Name the offending field in `param` (its top-level name, or `depth` levels of its path:
-    "parameters.top_p"); list every problem in the message."""
+    "parameters.top_p"); list the problems in the message (the first MAX_SHOWN_PROBLEMS)."""
     errors = exc.errors(include_url=False, include_context=False, include_input=False)
 
     def path(err: dict[str, Any]) -> list[str]:
         # Union members appear in `loc` as type names ("list[constrained-str]"): not fields.
-        return [str(p) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+        return [shown_name(str(p)) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
 
-    problems = dict.fromkeys(f"{'.'.join(path(e)) or 'body'}: {e['msg']}" for e in errors)
+    problems = list(dict.fromkeys(f"{'.'.join(path(e)) or 'body'}: {e['msg']}" for e in errors))
+    if len(problems) > MAX_SHOWN_PROBLEMS:
+        problems[MAX_SHOWN_PROBLEMS:] = [f"and {len(problems) - MAX_SHOWN_PROBLEMS} more"]
     first = path(errors[0]) if errors else []
-    return ApiError(400, "; ".join(problems), param=".".join(str(p) for p in first[:depth]) or None)
+    return ApiError(400, "; ".join(problems), param=".".join(first[:depth]) or None)
 
 
 class _Body(BaseModel):
@@ -328,19 +340,20 @@ class Txt2ImgBody(_Body, _NullIsDefault):
     def unsupported(self) -> ApiError | None:
         """A field A1111 does not have, an option left on that these models cannot honour, or
         too many images; None when the request can run."""
-        for name, value in (self.model_extra or {}).items():
+        for key, value in (self.model_extra or {}).items():
+            name = shown_name(key)
             if not _finite(value):  # the typed fields refuse NaN and infinities; these are free-form
                 return ApiError(400, f"{name}: NaN and infinite numbers are not valid JSON values", name)
-            if name in A1111_OFF_VALUES:
-                if value is not None and value not in A1111_OFF_VALUES[name]:
+            if key in A1111_OFF_VALUES:
+                if value is not None and value not in A1111_OFF_VALUES[key]:
                     return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported by these models; "
-                                         f"leave it out or send {json.dumps(A1111_OFF_VALUES[name][0])}", name)
-            elif name not in A1111_NO_EFFECT:
+                                         f"leave it out or send {json.dumps(A1111_OFF_VALUES[key][0])}", name)
+            elif key not in A1111_NO_EFFECT:
                 return ApiError(400, f"{name}: extra inputs are not permitted (not an AUTOMATIC1111 "
                                      "txt2img field)", name)
         for key, value in self.override_settings.items():
             if key != "sd_model_checkpoint":
-                return ApiError(400, f"override_settings.{key} is not supported: only sd_model_checkpoint "
+                return ApiError(400, f"override_settings.{shown_name(key)} is not supported: only sd_model_checkpoint "
                                      "(the model) can be set here", "override_settings")
             if not isinstance(value, str) or not re.fullmatch(MODEL_NAME_PATTERN, value):
                 return ApiError(400, "override_settings.sd_model_checkpoint must be a model name or tag "

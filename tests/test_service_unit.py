@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from service.batching import Job, MicroBatcher
 from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
 from service.metrics import get_metrics
-from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, from_validation_error
+from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
+                             from_validation_error)
 
 
 # ---- schemas ----------------------------------------------------------------------------
@@ -82,6 +83,23 @@ def test_null_means_the_default_on_every_route_but_not_for_a_required_field(body
         body_class.model_validate({"prompt": None})
     err = from_validation_error(e.value)
     assert err.param == "prompt" and "valid string" in err.message
+
+
+def test_errors_repeat_a_clients_field_names_cut_short():
+    """An unknown 900,000-character key came back twice, in the message and in param: a 1.8 MB
+    answer to a 0.9 MB request. So did a thousand unknown fields, each in the message."""
+    long = "z" * 900_000
+    with pytest.raises(ValidationError) as e:
+        CompletionBody.model_validate({"prompt": "a", long: 1})
+    err = from_validation_error(e.value)
+    assert err.param == "z" * 100 + "…" and len(err.message) < 300
+    with pytest.raises(ValidationError) as e:
+        CompletionBody.model_validate({"prompt": "a", **{f"f{i}": 1 for i in range(1000)}})
+    err = from_validation_error(e.value)
+    assert err.message.endswith("; and 980 more") and err.message.count("f1") < 20
+    for extra in ({long: 1}, {"override_settings": {long: 1}}):
+        err = Txt2ImgBody.model_validate({"prompt": "a", **extra}).unsupported()
+        assert err.status == 400 and len(err.message) < 300 and len(err.param or "") <= 101
 
 
 def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs():
