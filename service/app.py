@@ -297,17 +297,29 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
     TGI's (each token with the characters of the input it covers)."""
     data = await _read_json(request)
     engine: TextRequests = svc._ready_or_503(svc.text)
+    tok = engine.tokenizer
+    # Tokenizing and answering run in a thread: for a long text (300,000 tokens, 15 MB of JSON
+    # in TGI's form) they took the event loop for most of a second, stalling every other request.
     if "inputs" in data and "prompt" not in data:
         text = _tgi_body(data, TGITokenizeBody).inputs
         _within_prompt_limit(text, engine, "inputs")
-        ids, spans = engine.tokenizer.encode_with_offsets(text)
-        return JSONResponse([{"id": t, "text": text[a:b], "start": a, "stop": b} for t, (a, b) in zip(ids, spans)])
+
+        def spans() -> JSONResponse:
+            ids, offsets = tok.encode_with_offsets(text)
+            return JSONResponse([{"id": t, "text": text[a:b], "start": a, "stop": b}
+                                 for t, (a, b) in zip(ids, offsets)])
+
+        return await asyncio.to_thread(spans)
     body = TokenizeBody.model_validate(data)
     svc._check_model(body.model, "text")
     _within_prompt_limit(body.prompt, engine, "prompt")
-    ids = engine.tokenizer.encode(body.prompt) or [engine.tokenizer.eot_id]  # as a completion starts from it
-    names = {"token_strs": [engine.tokenizer.token_name(t) for t in ids]} if body.return_token_strs else {}
-    return JSONResponse({"count": len(ids), "max_model_len": engine.block_size, "tokens": ids, **names})
+
+    def tokens() -> JSONResponse:
+        ids = tok.encode(body.prompt) or [tok.eot_id]  # as a completion starts from it
+        names = {"token_strs": [tok.token_name(t) for t in ids]} if body.return_token_strs else {}
+        return JSONResponse({"count": len(ids), "max_model_len": engine.block_size, "tokens": ids, **names})
+
+    return await asyncio.to_thread(tokens)
 
 
 @_route
@@ -319,7 +331,7 @@ async def detokenize(svc: "Generation", request: Request) -> Response:
     vocab = engine.tokenizer.vocab_size
     if bad := [t for t in body.tokens if t >= vocab]:
         raise ApiError(400, f"tokens: ids must be below the vocabulary's {vocab}, got {bad[0]}", "tokens")
-    return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+    return await asyncio.to_thread(lambda: JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}))
 
 
 def _within_prompt_limit(text: str, engine: TextRequests, name: str) -> None:

@@ -85,6 +85,25 @@ def test_beyond_max_inflight_is_429_with_retry_after_at_once():
     assert [r.status_code for r in held] == [200, 200]
 
 
+def test_tokenize_and_detokenize_count_among_the_requests_in_flight():
+    """They had no limit: a 100,000-character text's tokens are 15 MB of JSON, and 16 such
+    requests at once held every other request for 11 s."""
+    log: dict = {}
+    app = _app(log, Limits(max_inflight=1, deadline_s=60))
+
+    async def scenario():
+        async with _client(app) as c:
+            held = asyncio.create_task(c.post("/complete", json={}))
+            while log.get("entered", 0) < 1:
+                await asyncio.sleep(0.01)
+            refused = [(await c.post(path, json={})).status_code for path in ("/tokenize", "/detokenize")]
+            log["release"].set()
+            await held
+            return refused
+
+    assert asyncio.run(scenario()) == [429, 429]
+
+
 def test_deadline_cancels_the_handler_and_answers_504_json():
     log: dict = {}
     app = _app(log, Limits(max_inflight=8, deadline_s=0.3))
