@@ -197,7 +197,8 @@ def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
 
 def test_a_prompt_past_the_context_says_so_in_openais_code(engine):
     """LangChain and LiteLLM look for code context_length_exceeded to trim a prompt and retry."""
-    for req in (CompletionRequest("fox " * 500, seed=0), CompletionRequest("fox " * 20, seed=0, max_tokens=90)):
+    for req in (CompletionRequest("fox " * 500, seed=0), CompletionRequest("fox " * 20, seed=0, max_tokens=90),
+                CompletionRequest("fox", seed=0, max_tokens=96)):  # max_tokens alone fills the context
         with pytest.raises(InvalidParameter, match="maximum context length of 96 tokens") as e:
             engine.validate(req)
         assert e.value.code == "context_length_exceeded"
