@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +59,17 @@ def overloaded(what: str, retry_after_s: int) -> ApiError:
                     headers={"Retry-After": str(retry_after_s)})
 
 
-async def send_error(send: Send, err: ApiError, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    """A complete JSON error response in the service's one error shape."""
+async def send_error(send: Send, scope: Scope, err: ApiError,
+                     extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """A complete JSON error response in the service's one error shape, with an X-Request-ID as
+    the routes' answers carry (the client's own, when it sent one)."""
     body = json.dumps(err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
     headers += extra_headers
+    if not any(k.lower() == b"x-request-id" for k, _ in headers):
+        asked = dict(scope.get("headers") or []).get(b"x-request-id")
+        headers.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -92,7 +98,7 @@ class LimitMiddleware:
         lim = self.limits
         if self.inflight >= lim.max_inflight:
             count_error(scope["path"], 429)
-            await send_error(send, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
+            await send_error(send, scope, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
             return
         self.inflight += 1
         state: dict[str, Any] = {"started": False, "sse": False, "ended": False, "released": False}
@@ -138,7 +144,7 @@ class LimitMiddleware:
             err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
                            type="server_error", code="deadline_exceeded")
             if not state["started"]:
-                await send_error(send, err)
+                await send_error(send, scope, err)
             else:
                 # Headers are gone: report in-band as a stream error does, then end the body.
                 tail = f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n".encode() if state["sse"] else b""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hmac
 import os
 import re
-import uuid
 from collections.abc import Sequence
 
 from starlette.middleware.cors import CORSMiddleware
@@ -94,7 +93,7 @@ class APIKeyMiddleware:
             if given is None or not hmac.compare_digest(given, self.key):
                 why = "missing" if given is None else "invalid"
                 count_error(route_label(self.routes, scope), 401)
-                await send_error(send, ApiError(
+                await send_error(send, scope, ApiError(
                     401, f"API key {why}: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                     type="invalid_request_error", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"}))
@@ -125,11 +124,7 @@ class JSONRoutingErrors:
                 # browser sees an opaque failure instead of the message.
                 kept = [(k, v) for k, v in message.get("headers") or []
                         if k.lower() not in (b"content-type", b"content-length")]
-                if not any(k.lower() == b"x-request-id" for k, _ in kept):
-                    # an id, as the routes' answers carry (the client's own, when it sent one)
-                    asked = dict(scope.get("headers") or []).get(b"x-request-id")
-                    kept.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
-                await send_error(send, err, kept)
+                await send_error(send, scope, err, kept)
                 return
             await send(message)
 

@@ -73,14 +73,14 @@ def test_beyond_max_inflight_is_429_with_retry_after_at_once():
             held = [asyncio.create_task(c.post("/complete", json={})) for _ in range(2)]
             while log.get("entered", 0) < 2:
                 await asyncio.sleep(0.01)
-            refused = await c.post("/complete", json={})
+            refused = await c.post("/complete", json={}, headers={"x-request-id": "mine"})
             other = await c.get("/models")  # not a generation route: never limited
             log["release"].set()
             return refused, other, [await t for t in held]
 
     refused, other, held = asyncio.run(scenario())
     assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
-    assert refused.json()["error"]["code"] == "overloaded"
+    assert refused.json()["error"]["code"] == "overloaded" and refused.headers["x-request-id"] == "mine"
     assert other.status_code == 200
     assert [r.status_code for r in held] == [200, 200]
 
@@ -259,6 +259,7 @@ def test_api_key_header_forms(headers, status):
     assert r.status_code == status
     if status == 401:
         assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert len(r.headers["x-request-id"]) == 32  # an id, as every answer has
     counted = (REGISTRY.get_sample_value("condgen_request_errors_total", labels) or 0) - before
     assert counted == (status == 401)  # a refused key is an error answer like any other
     assert metrics.status_code == 200  # health and metrics need no key
