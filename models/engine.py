@@ -182,7 +182,7 @@ class StopScanner:
     def hold(self, entry: TokenLogprob) -> None:
         """Keep the latest token's logprob entry until its text is released; a token that ends
         inside a character (byte-level) waits for that character."""
-        end = self.decoded + bool(self.decoder.window)
+        end = self.decoded + bool(self.decoder.pending)
         self.held_logprobs.append((end, dataclasses.replace(entry, end=end)))
 
     def release_logprobs(self, finished: bool) -> list[TokenLogprob]:

@@ -129,49 +129,41 @@ class Tokenizer:
 class StreamDecoder:
     """Decodes a completion one token at a time, in time that does not grow with its length.
 
-    Decoding the whole completion again at every token costs time in its length: 83 µs at
-    1,000 tokens here, per sequence and step, more than a GPU decode step of 64 sequences.
-    A byte-level token can end inside a UTF-8 character, which decodes as U+FFFD until it is
-    complete; everything before such a trailing run is final. So only the tokens since the
-    text last ended on a complete character are decoded again. (`tokenizers`' DecodeStream
-    holds back everything after the last such point, stop strings in it included, for as
-    long as the text keeps ending in an incomplete character.)
+    A byte-level token can end inside a UTF-8 character; the standard library's incremental
+    UTF-8 decoder holds back only such a begun character and releases everything else at once,
+    an invalid byte as one U+FFFD, as decoding the whole text would. (Decoding the tokens since
+    the last complete character again at each step held back every invalid byte for good,
+    with a cost that grew with their number; `tokenizers`' DecodeStream holds back everything
+    after such a point, stop strings in it included.)
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.window: list[int] = []  # tokens since the text last ended on a complete character
-        self.sent = 0  # characters of the window's text already returned
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    @property
+    def pending(self) -> bytes:
+        """The bytes of a character begun and not yet complete."""
+        return self.utf8.getstate()[0]
 
     def step(self, token_id: int) -> str:
-        """The text this token makes final: all of it but a trailing run of U+FFFD."""
-        self.window.append(token_id)
-        text = self.tokenizer.decode(self.window)
-        end = len(text.rstrip("\ufffd"))
-        out = text[self.sent:end]
-        if end == len(text):  # ends on a complete character: later tokens cannot change it
-            self.window, self.sent = [], 0
-        else:
-            self.sent = end
-        return out
+        """The text this token makes final: all of it but a character it leaves unfinished."""
+        return self.utf8.decode(self.tokenizer.token_bytes(token_id))
 
     def start_of(self, token_id: int) -> int:
         """Where the next token's text will start, in characters, counted from the end of the
-        text returned so far: after the window's complete characters (an invalid byte among them
-        is one U+FFFD), at a character the window has begun and the token continues, after it
-        when the token cannot continue it (it will be one U+FFFD)."""
-        window = b"".join(map(self.tokenizer.token_bytes, self.window))
-        chars, consumed = codecs.utf_8_decode(window, "replace", False)  # leaves a begun character
-        start = len(chars)
-        if consumed < len(window):
-            try:
-                codecs.utf_8_decode(window[consumed:] + self.tokenizer.token_bytes(token_id)[:1], "strict", False)
-            except UnicodeDecodeError:
-                start += 1
-        return start - self.sent
+        text returned so far: there, or one character later when a begun character is pending
+        and the token cannot continue it (the begun character will be one U+FFFD)."""
+        if not (pending := self.pending):
+            return 0
+        try:
+            codecs.utf_8_decode(pending + self.tokenizer.token_bytes(token_id)[:1], "strict", False)
+        except UnicodeDecodeError:
+            return 1
+        return 0
 
     def flush(self) -> str:
         """The rest, an incomplete character decoded as U+FFFD."""
-        out = self.tokenizer.decode(self.window)[self.sent:]
-        self.window, self.sent = [], 0
+        out = self.utf8.decode(b"", final=True)
+        self.utf8.reset()
         return out

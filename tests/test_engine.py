@@ -108,14 +108,15 @@ def test_streaming_concatenates_to_the_completion(engine):
 
 def test_logprobs_leave_with_the_text_a_stop_string_held_back(engine):
     """An event carries the logprob entries of the text it releases: the tokens of text that might
-    begin a stop string wait with it, a token ending inside a character waits for that character,
-    and the last event carries the rest (a stop string's own tokens), as the whole answer has them."""
+    begin a stop string wait with it, and the last event carries the rest (a stop string's own
+    tokens), as the whole answer has them. A byte that can begin no character (0xC1) is one
+    U+FFFD at once (it was held until the next token)."""
     req = CompletionRequest("The quick", seed=3, max_tokens=12, logprobs=1)
     free = [lp for e in engine.stream([req]) for lp in e.logprobs]
     assert [lp.token for lp in free[2:9]] == ["bytes:\\xc1", ",", "\x17", ":", " brown", " wit", " d"]  # this sample
     held = list(engine.stream([dataclasses.replace(req, stop=[": brown witZ"])]))  # held, then released
     assert [(e.text, [lp.token for lp in e.logprobs]) for e in held[2:9]] == [
-        ("", []), ("\ufffd,", ["bytes:\\xc1", ","]), ("\x17", ["\x17"]), ("", []), ("", []), ("", []),
+        ("\ufffd", ["bytes:\\xc1"]), (",", [","]), ("\x17", ["\x17"]), ("", []), ("", []), ("", []),
         (": brown wit d", [":", " brown", " wit", " d"])]
     assert [lp for e in held for lp in e.logprobs] == free
     cut = list(engine.stream([dataclasses.replace(req, stop=[": brown wit"])]))

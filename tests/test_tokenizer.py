@@ -1,7 +1,7 @@
 """Byte-level BPE: lossless for any Unicode, one special end-of-text token."""
 import pytest
 
-from models.tokenizer import EOT, Tokenizer
+from models.tokenizer import EOT, StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,3 +25,19 @@ def test_save_and_load(tok, tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     again = Tokenizer.load(tmp_path / "tokenizer.json")
     assert again.encode("the cat 🤖") == tok.encode("the cat 🤖") and again.eot_id == tok.eot_id
+
+
+def test_stream_decoder_holds_back_only_a_begun_character(tok):
+    """A byte that begins no character (a continuation byte: any client can force a run of them
+    with logit_bias) is one U+FFFD at once; it was held back for good, each step decoding the
+    whole run again. A real U+FFFD character is plain text; a begun character waits for its end."""
+    byte = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    cont = byte[b"\x80"]
+    dec = StreamDecoder(tok)
+    assert [dec.step(cont) for _ in range(1000)] == ["\ufffd"] * 1000 and dec.pending == b""
+    assert "".join(dec.step(i) for i in tok.encode("a\ufffdb")) == "a\ufffdb"
+    e_acute = [byte[bytes([b])] for b in "é".encode()]
+    assert dec.step(e_acute[0]) == "" and dec.pending == b"\xc3" and dec.start_of(e_acute[1]) == 0
+    assert dec.start_of(byte[b"\x81"]) == 0 and dec.start_of(byte[b"x"]) == 1  # 0x81 continues it, "x" cannot
+    assert dec.step(e_acute[1]) == "é" and dec.flush() == ""
+    assert dec.step(e_acute[0]) == "" and dec.flush() == "\ufffd" and dec.pending == b""
