@@ -66,9 +66,16 @@ class ImageWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failure: str | None = None
 
-    def wait_started(self) -> None:
+    def wait_started(self, timeout_s: float = 300.0) -> None:
         """Block until the engine is loaded and warmed up; a WorkerError carries the child's
-        error if it failed ("ArtifactError: <the bad file>: ...", say)."""
+        error if it failed ("ArtifactError: <the bad file>: ...", say). A worker not ready
+        within timeout_s (a hung load: a stuck mount or driver) is killed, as the text engine's
+        process is, so the server records the failure and its back-off tries again."""
+        if not self._conn.poll(timeout_s):
+            self._proc.kill()
+            self._proc.join(timeout=5)
+            self.failure = f"the image worker did not start within {timeout_s:.0f} s"
+            raise WorkerDied(self.failure)
         try:
             status, detail = self._conn.recv()
         except (EOFError, OSError):

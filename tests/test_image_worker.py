@@ -66,6 +66,16 @@ def test_a_worker_that_cannot_load_names_the_error():
     w.shutdown()
 
 
+def test_a_worker_whose_load_hangs_is_killed_after_the_start_timeout():
+    """wait_started waited forever: the service never became ready, never recorded a failure,
+    and /livez stayed 200 (the text engine's process already had a timeout)."""
+    w = ImageWorker(NoiseImageEngine, "hang", "cpu", 1, 64)
+    with pytest.raises(WorkerDied, match="did not start within 2 s"):
+        w.wait_started(timeout_s=2)
+    assert not w.alive and not w._proc.is_alive()
+    w.shutdown()
+
+
 def test_an_idle_worker_that_dies_is_seen_dead_without_a_batch(worker):
     assert worker.alive
     os.kill(worker._proc.pid, signal.SIGKILL)

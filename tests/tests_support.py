@@ -59,13 +59,17 @@ def engines_paused(server_pid: int) -> Iterator[None]:
 class NoiseImageEngine:
     """An image engine for service.image_worker tests: incompressible 128×128 images, so a
     batch's PNGs outgrow a pipe's buffer; the prompt "fail" fails the batch, and the prompt
-    "count" makes images whose first pixel is the number of images in their forward pass."""
+    "count" makes images whose first pixel is the number of images in their forward pass; the
+    model folder "missing" fails to load, "hang" never loads."""
 
     @classmethod
     def load(cls, model_dir: str, device: str = "cpu") -> "NoiseImageEngine":
         if model_dir == "missing":
             from models.artifacts import ArtifactError
             raise ArtifactError("missing/model.safetensors: no such file")
+        if model_dir == "hang":  # a load that never returns (a stuck mount)
+            import time
+            time.sleep(3600)
         return cls()
 
     def generate(self, requests: list) -> list[list]:
