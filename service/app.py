@@ -649,6 +649,12 @@ class Generation:
             for stored in (self.gpt, self.gan, self.ar_image):
                 if stored is not None:
                     self.load_error = self.load_error.replace(str(stored.path), str(stored.tag))
+            # The engines that did start would hold their memory on a replica that is never ready.
+            for backend in self.images.values():
+                if backend.worker is not None:
+                    backend.worker.shutdown()
+            if self.text_stream is not None:
+                self.text_stream.shutdown()
             return
         self._restart_dead_engines()
 

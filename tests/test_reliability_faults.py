@@ -57,6 +57,12 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
                 line = candidate
         time.sleep(0.25)
     assert str(bad) in line, line  # one line, with the file's full path
+    log = srv.log.read_text(errors="replace")
+    started = _engine_pids(log, "text") + _engine_pids(log, "image")
+    gone_by = time.monotonic() + 30  # the engines that did start are stopped: nothing left holding memory
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in started):
+        assert time.monotonic() < gone_by, f"engine processes {started} still running after the failed load"
+        time.sleep(0.25)
     r = httpx.get(f"{srv.url}/readyz", timeout=10)
     assert r.status_code == 503 and httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
     assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200  # alive, just not ready
