@@ -836,12 +836,13 @@ class Generation:
         # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
-        prompt_tokens = sum(len(_checked(self.text_stream, req, ahead=i)) for i, req in enumerate(reqs))
+        prompt_ids = [_checked(self.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+        prompt_tokens = sum(map(len, prompt_ids))
         # what echo puts before each prompt's choices (token ids decoded once known to be the vocabulary's)
         echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else "" for p in prompts]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
-        streams = [self.text_stream.generate(req, checked=True) for req in reqs]
+        streams = [self.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, n)
         arrived = time.perf_counter()
         # The first event comes once the request is admitted: a client that leaves while it
@@ -942,7 +943,7 @@ class Generation:
             raise ApiError(400, f"{name}: {e.message}", name, code=e.code) from None
         answer = tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
                                seed if tgi.samples(p) else None)  # TGI reports no seed for greedy decoding
-        events = self.text_stream.generate(req, checked=True)
+        events = self.text_stream.generate(req, ids)
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left("a text-generation-inference request")

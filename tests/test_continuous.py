@@ -266,6 +266,33 @@ def test_async_engine_streams_and_cancels_on_early_exit(engine):
     asyncio.run(main())
 
 
+def test_the_scheduler_does_not_tokenize_a_checked_prompt_again(engine, monkeypatch):
+    """It tokenized every prompt a second time between two decode steps (50 ms for a
+    100,000-character prompt, which every running sequence waited for); it gets the ids now,
+    and decodes the same tokens from them (truncated prompts included)."""
+    calls = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+
+    async def main():
+        aeng = AsyncEngine(ContinuousEngine(engine, SchedulerConfig(max_running=4)))
+        got = []
+        for req in (CompletionRequest("The quick brown", seed=3, max_tokens=8, n=2),
+                    CompletionRequest("fox " * 200, seed=4, max_tokens=8, truncate=True)):
+            prompt = aeng.check(req)
+            got.append([ev.token_id async for ev in aeng.generate(req, prompt) if ev.token_id is not None])
+        aeng.shutdown()
+        return got
+
+    got = asyncio.run(main())
+    assert calls == ["The quick brown", "fox " * 200]  # the checks' only
+    monkeypatch.undo()
+    want = engine.complete([CompletionRequest("The quick brown", seed=3, max_tokens=8, n=2),
+                            CompletionRequest("fox " * 200, seed=4, max_tokens=8, truncate=True)])
+    assert sorted(got[0]) == sorted(t for c in want[0].choices for t in c.token_ids)
+    assert got[1] == want[1].choices[0].token_ids
+
+
 def fail_the_first_forward(cont: ContinuousEngine) -> None:
     """Make the first decode forward pass raise (a CUDA out-of-memory error, say): after
     `_sample`, which has finished a request and taken it out of `cont.groups`."""

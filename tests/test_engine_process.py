@@ -184,7 +184,7 @@ def test_a_request_checked_by_its_caller_is_not_tokenized_again(engine_process, 
     prompt = engine_process.check(req)
 
     async def run() -> int:
-        return sum([ev.num_tokens async for ev in engine_process.generate(req, checked=True)])
+        return sum([ev.num_tokens async for ev in engine_process.generate(req, prompt)])
 
     assert asyncio.run(run()) >= 1 and prompt == encode("The quick brown") and len(calls) == 1
 
