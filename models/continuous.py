@@ -72,17 +72,33 @@ class EngineStopped(RuntimeError):
 
 
 def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionRequest, waiting: int,
-                  running: int) -> list[int]:
+                  running: int, queued: list[int] | None = None) -> list[int]:
     """Return the prompt's ids; raise InvalidParameter for a request this model or scheduler
-    cannot serve, QueueFull when the queue is full: `waiting` requests not yet admitted, beyond what the free slots
-    (`running` sequences hold the others) take at the next step, reach `max_waiting`. Every
-    request queues until the next step, so counting them all refused bursts that free slots
-    would have taken at once, and with `max_waiting` 0 refused everything."""
+    cannot serve, QueueFull when the queue is full: the `waiting` requests not yet admitted that
+    the free slots (`running` sequences hold the others) will not take at the next step reach
+    `max_waiting`, and this one would wait too. Every request queues until the next step, so
+    counting them all refused bursts that free slots would have taken at once, and with
+    `max_waiting` 0 refused everything. `queued`: the n of the first waiting requests, in queue
+    order, where known (the scheduler's own queue): the free slots take them as `_admit` does,
+    whole requests in order; the others count a slot each, which lets up to n times as many
+    requests of n choices wait."""
     prompt = requests.validate(req)
     if req.n > cfg.max_running:
         raise InvalidParameter("n", f"at most {cfg.max_running} choices on this server")
     free = max(0, cfg.max_running - running)
-    if waiting >= cfg.max_waiting + free:
+    if queued is None:
+        if waiting >= cfg.max_waiting + free:
+            raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
+        return prompt
+    left, still_waiting = free, waiting
+    for n in queued:
+        if n > left:
+            break
+        left, still_waiting = left - n, still_waiting - 1
+    else:  # the rest (on their way to the queue, n unknown here) take a slot each
+        taken = min(waiting - len(queued), left)
+        left, still_waiting = left - taken, still_waiting - taken
+    if (still_waiting > 0 or req.n > left) and still_waiting >= cfg.max_waiting:
         raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
     return prompt
 
@@ -151,7 +167,8 @@ class ContinuousEngine:
 
     def check(self, req: CompletionRequest, waiting: int = 0) -> list[int]:
         """The prompt's ids; InvalidParameter for a bad request, QueueFull when the queue is at its limit."""
-        return check_request(self.engine, self.cfg, req, len(self.waiting) + waiting, self.num_running)
+        return check_request(self.engine, self.cfg, req, len(self.waiting) + waiting, self.num_running,
+                             [group.req.n for group in self.waiting])
 
     def add(self, req: CompletionRequest, gid: int | None = None) -> int:
         """Check and queue a request; returns its id (events carry it as `request`)."""

@@ -247,6 +247,22 @@ def test_the_waiting_limit_counts_only_requests_beyond_the_free_slots(engine):
         cont.add(CompletionRequest("The", seed=9, max_tokens=3))
 
 
+def test_the_waiting_limit_takes_requests_of_n_choices_whole(engine):
+    """The free slots were counted as requests: with 4 slots and max_waiting=0, four requests
+    of n=4 were taken, and three of them waited. The scheduler admits whole requests in order."""
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4, max_waiting=0))
+    cont.add(CompletionRequest("The", seed=0, max_tokens=3, n=4))
+    with pytest.raises(QueueFull):
+        cont.add(CompletionRequest("The", seed=1, max_tokens=3, n=4))
+    cont = ContinuousEngine(engine, SchedulerConfig(max_running=4, max_waiting=1))
+    for n in (2, 1, 3):  # 2 + 1 fit; the 3 waits (one of one place)
+        cont.add(CompletionRequest("The", seed=n, max_tokens=3, n=n))
+    with pytest.raises(QueueFull):
+        cont.add(CompletionRequest("The", seed=9, max_tokens=3))  # it would wait behind the 3
+    cont.step()
+    assert (cont.num_running, cont.num_waiting) == (3, 1)
+
+
 def test_async_engine_streams_and_cancels_on_early_exit(engine):
     async def main():
         aeng = AsyncEngine(ContinuousEngine(engine, SchedulerConfig(max_running=4)))
