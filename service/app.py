@@ -703,7 +703,9 @@ class Generation:
                     revive()
                     backoff.pop(name, None)
                     self._failed_starts.discard(name)
-                except Exception as e:  # its own back-off: one engine failing does not hold the others
+                except Exception as e:  # its own back-off: one engine failing does not hold the
+                    # others back (starts run one after another on this thread, though: a slow
+                    # start, up to the 300 s start timeouts, delays the next engine's by as long)
                     if self._stopping:  # ended by the worker's own stop, not a failure
                         return
                     backoff[name] = min(60.0, max(5.0, 2 * backoff.get(name, 0.0)))
