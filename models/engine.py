@@ -584,13 +584,17 @@ def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], r
                         tuple(ids[:k]))
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device a name means ("auto": CUDA when there is one)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """The device to serve on ("auto": CUDA when there is one). On CUDA this also turns off
-    cuDNN's attention kernel for the process: it builds a plan for every new shape, and a
-    serving engine's attention shapes change with every request and decode step (measured on
-    an H200: 35 ms per token for a request whose cache size had not been seen before, against
-    2.4 ms without it)."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """The device to serve on (`resolve_device`). On CUDA this also turns off cuDNN's attention
+    kernel for the process: it builds a plan for every new shape, and a serving engine's
+    attention shapes change with every request and decode step (measured on an H200: 35 ms per
+    token for a request whose cache size had not been seen before, against 2.4 ms without it)."""
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     return device

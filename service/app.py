@@ -41,7 +41,7 @@ from models.ar_image import ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
 from models.engine import (Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests, TokenLogprob,
-                           pick_device)
+                           resolve_device)
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
@@ -349,7 +349,7 @@ async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
 async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
     engine: TextRequests = svc._ready_or_503(svc.text)
-    on_cuda = pick_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
+    on_cuda = resolve_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
     cfg = svc.text_stream.cfg
     return JSONResponse(tgi.info(svc._check_model(None, "text").tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
