@@ -64,7 +64,7 @@ def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(m
     """GPT_MODEL / GAN_MODEL naming the user's own model: the service loads that one (and names
     it at start-up if missing), so training the small default would be wasted minutes."""
     trained = []
-    monkeypatch.setattr(ensure_defaults, "store_has", lambda name: False)
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda tag: tag == "support-gpt:latest")
     monkeypatch.setattr(train_gpt, "main", lambda argv: trained.append("gpt"))
     monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
     monkeypatch.setenv("GPT_MODEL", "support-gpt")
@@ -76,6 +76,19 @@ def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(m
     monkeypatch.delenv("GAN_MODEL")
     ensure_defaults.main([])
     assert trained == ["gan", "gpt", "gan"]
+
+
+def test_ensure_defaults_stops_before_training_when_a_configured_model_is_missing(monkeypatch, tmp_path):
+    """GPT_MODEL naming a model the store lacks (trained into another store, say): the small
+    GAN trained for nine minutes, then the service stopped, naming the missing GPT."""
+    trained = []
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda tag: False)
+    monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
+    monkeypatch.setenv("GPT_MODEL", "support-gpt")
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match=f"GPT_MODEL=support-gpt:latest is not in the model store at {tmp_path}"):
+        ensure_defaults.main([])
+    assert trained == []
 
 
 def test_ensure_defaults_resumes_a_default_that_stopped_half_way(monkeypatch, tmp_path):
@@ -160,3 +173,17 @@ def test_a_checkpoint_of_another_job_is_named_as_such(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(lambda: train_gan.main(["--preset", "tiny", f"--run_dir={run}", "--resume=true", "--store=false"]))
     assert "is a checkpoint of the gpt job, not of gan" in capsys.readouterr().err
+
+
+def test_a_store_name_that_holds_another_family_is_refused_before_training(monkeypatch, tmp_path):
+    """train_gpt --name=mygan put a GPT under a name that held GANs: GAN_MODEL=mygan then
+    stopped the service ("is a 'gpt' model")."""
+    from training import common, store
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    monkeypatch.setattr(store, "store_family", lambda name: {"mygan": "gan"}.get(name))
+    with pytest.raises(ValueError, match="--name=mygan: the store's mygan holds 'gan' models"):
+        common.check_outputs("mygan", True, "", "gpt")
+    common.check_outputs("mygan", True, "", "gan")  # another version of the same family
+    common.check_outputs("mine", True, "", "gpt")
+    common.check_outputs("mygan", False, "", "gpt")  # not saved to the store

@@ -30,9 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
     args = ap.parse_args(argv)
+    home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+    for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
+        tag = configured_tag(env_var, name)
+        if tag != f"{name}:latest" and not store_has(tag):
+            sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
+                     f"(BENTOML_HOME={home}), or unset {env_var} to serve the small default")
     for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
-        if tag != f"{name}:latest":  # the user's own model: the service names it at start-up if missing
+        if tag != f"{name}:latest":  # the user's own model
             print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
             continue
         if store_has(name) and not args.force:

@@ -23,11 +23,25 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
     return str(model.tag)
 
 
-def store_has(name: str) -> bool:
+def store_has(tag: str) -> bool:
+    """Whether the store holds `tag` (a bare name: any version of it)."""
     import bentoml
 
     try:
-        bentoml.models.get(f"{name}:latest")
+        bentoml.models.get(tag if ":" in tag else f"{tag}:latest")
         return True
     except bentoml.exceptions.NotFound:
         return False
+
+
+def store_family(name: str) -> str | None:
+    """The family label ("gpt", "gan", "ar_image") of the store's latest `name`; None when the
+    store has none, or when BentoML is not installed (a GPU machine that trains into --out)."""
+    try:
+        import bentoml
+    except ImportError:
+        return None
+    try:
+        return bentoml.models.get(f"{name}:latest").info.labels.get("family")
+    except bentoml.exceptions.NotFound:
+        return None

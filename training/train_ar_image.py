@@ -103,7 +103,7 @@ class ARTrainConfig(ImageJobConfig):
         if self.text_dim % ARImageConfig.text_heads:
             raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
                              f"{ARImageConfig.text_heads} heads")
-        check_outputs(self.store_name, self.store, self.run_dir, "--store_name", "--run_dir")
+        check_outputs(self.store_name, self.store, self.run_dir, "ar_image", "--store_name", "--run_dir")
 
 
 # The settings that change the model's tensors: a checkpoint resumes only with the same ones.

@@ -80,7 +80,7 @@ class AETrainConfig(ImageJobConfig):
         if self.text_dim % AEConfig.text_heads:
             raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
                              f"{AEConfig.text_heads} heads")
-        check_outputs("", False, self.run_dir, out_option="--run_dir")  # no store entry
+        check_outputs("", False, self.run_dir, "autoencoder", out_option="--run_dir")  # no store entry
 
 
 # The settings that change the model's tensors: a checkpoint resumes only with the same ones.

@@ -165,7 +165,7 @@ class GANTrainConfig(ImageJobConfig):
         if self.mode_seeking and self.batch_size < 4:
             raise ValueError(f"--mode_seeking={self.mode_seeking} needs --batch_size >= 4 "
                              f"(a quarter of the batch is drawn twice), got {self.batch_size}")
-        check_outputs(self.store_name, self.store, self.run_dir, "--store_name", "--run_dir")
+        check_outputs(self.store_name, self.store, self.run_dir, "gan", "--store_name", "--run_dir")
 
 
 # The settings that change the networks' tensors: a checkpoint resumes only with the same ones.

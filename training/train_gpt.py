@@ -70,7 +70,7 @@ class TrainGPTConfig:
     def check(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}")
-        check_outputs(self.name, self.store, self.out)
+        check_outputs(self.name, self.store, self.out, "gpt")
         check_model_folder(self.out)
         check_folder(self.run_dir, "--run_dir")
         check_device(self.device)
