@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data.imagefolder import load_imagefolder, write_imagefolder
+from training.data.imagefolder import load_imagefolder, to_rgb, write_imagefolder
 from training.data.shapes import (ATTRIBUTES, COLOURS, DEFAULT_HOLDOUT, SYNONYMS, ShapesConfig,
                                   attribute_labels, make_shapes, negative_attributes,
                                   parse_holdout)
@@ -207,3 +207,24 @@ def test_16_bit_grey_is_scaled_and_float_pixels_are_skipped(tmp_path, caplog):
     assert len(data) == 2 and "1 unreadable" in caplog.text
     assert data.images[0].float().mean().item() == pytest.approx(128, abs=1)
     assert data.images[1].float().mean().item() == pytest.approx(7, abs=1)
+
+
+def test_exif_orientation_is_applied_and_transparency_lies_over_white(tmp_path):
+    """A phone photo (EXIF orientation 6: rotate 90°) trained sideways, and transparent pixels
+    took whatever colour they stored (PIL's conversion drops the alpha)."""
+    tall = np.zeros((60, 20, 3), dtype=np.uint8)  # 20 wide, 60 tall: red top, blue bottom as stored
+    tall[:30], tall[30:] = (255, 0, 0), (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; viewers rotate 90° clockwise
+    Image.fromarray(tall).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red everywhere, but only the left half is opaque
+    rgba[:, :20, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    with Image.open(tmp_path / "phone.jpg") as img:
+        upright = np.asarray(to_rgb(img))
+    assert upright.shape == (20, 60, 3)  # wide now: the stored top (red) is on the right
+    assert upright[10, 50, 0] > 200 > upright[10, 50, 2] and upright[10, 10, 2] > 200 > upright[10, 10, 0]
+    with Image.open(tmp_path / "cutout.png") as img:
+        cut = np.asarray(to_rgb(img))
+    assert cut[20, 5].tolist() == [255, 0, 0] and cut[20, 35].tolist() == [255, 255, 255]

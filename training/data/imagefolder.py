@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,19 @@ class CaptionedImages:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. PIL's own conversion clips 16-bit grey to white (it keeps the low values);
-    here it is scaled down. Floating-point pixels have no known range: a ValueError (the file
-    is skipped as unreadable)."""
+    """8-bit RGB, upright. A camera's EXIF orientation is applied (else a phone photo trains
+    sideways); transparent pixels are laid over white (PIL's own conversion drops the alpha, so
+    they took whatever colour they stored). PIL's conversion also clips 16-bit grey to white (it
+    keeps the low values); here it is scaled down. Floating-point pixels have no known range: a
+    ValueError (the file is skipped as unreadable)."""
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         grey = np.asarray(img, dtype=np.float64) / 257  # 65535 -> 255
         img = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8), "L")
     elif img.mode == "F":
         raise ValueError("floating-point pixels: save the image with 8 or 16 bits per channel")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
