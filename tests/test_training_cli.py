@@ -1,6 +1,8 @@
 """The training jobs refuse bad settings at once, naming the option (more of the GAN job's
 cases are in test_gan_train.py), `--resume` without a checkpoint is an error, and no run saves
 non-finite weights or overwrites what it was not asked to."""
+import json
+
 import pytest
 import torch
 
@@ -187,3 +189,14 @@ def test_a_store_name_that_holds_another_family_is_refused_before_training(monke
     common.check_outputs("mygan", True, "", "gan")  # another version of the same family
     common.check_outputs("mine", True, "", "gpt")
     common.check_outputs("mygan", False, "", "gpt")  # not saved to the store
+
+
+def test_compare_generators_refuses_models_of_your_own_images_in_one_line(tmp_path):
+    """It ended in a TypeError traceback (ShapesConfig(**None)) for a model trained with --data."""
+    from training import compare_generators
+
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "my/images", "shapes": None}}))
+    with pytest.raises(ValueError, match="a model was trained on my/images: the comparison grades"):
+        compare_generators.run(compare_generators.CompareConfig(gan=str(tmp_path), ar="", ae="", vae=""))
+    with pytest.raises(ValueError, match="no model to compare"):
+        compare_generators.run(compare_generators.CompareConfig(gan="", ar="", ae="", vae=""))

@@ -38,7 +38,8 @@ class CompareConfig:
     ae: str = field(default="runs/ae/model", metadata={"help": "plain autoencoder directory ('' to skip)"})
     vae: str = field(default="runs/vae/model", metadata={"help": "VAE directory ('' to skip)"})
     run: str = field(default="runs/compare", metadata={"help": "folder for the cached evaluator"})
-    out: str = field(default="docs", metadata={"help": "where the table, JSON and grid go"})
+    out: str = field(default="runs/compare",
+                     metadata={"help": "where the table, JSON and grid go (--out=docs: the README's)"})
     per_pair: int = field(default=4, metadata={"help": "prompts per (colour, shape) pair, 4 images each"})
     speed_batch: int = field(default=64, metadata={"help": "images per timed generate() call"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
@@ -124,13 +125,17 @@ def markdown(results: dict[str, dict[str, Any]], note: str) -> str:
 def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rows = engines(cfg)
-    data_cfgs = {json.dumps(json.loads((Path(p) / "config.json").read_text())["data"]["shapes"],
-                         sort_keys=True) for _, _, p in rows.values()}
-    if len(data_cfgs) != 1:
-        raise ValueError(f"the models were trained on different datasets: {data_cfgs}")
-    first = json.loads((Path(next(iter(rows.values()))[2]) / "config.json").read_text())["data"]
+    datas = [json.loads((Path(p) / "config.json").read_text())["data"] for p in (cfg.gan, cfg.ar, cfg.ae, cfg.vae) if p]
+    if not datas:
+        raise ValueError("no model to compare: give at least one of --gan, --ar, --ae, --vae")
+    if (own := next((d for d in datas if d.get("shapes") is None), None)) is not None:
+        raise ValueError(f"a model was trained on {own.get('source') or 'your own images'}: the comparison "
+                         "grades models of the built-in shapes dataset, whose attributes it knows")
+    if len({json.dumps(d["shapes"], sort_keys=True) for d in datas}) != 1:
+        raise ValueError(f"the models were trained on different datasets: {[d['shapes'] for d in datas]}")
+    first = datas[0]
     shapes = ShapesConfig(**first["shapes"])
+    rows = engines(cfg)
     # The settings the training jobs use, so an evaluator cached by any of their runs fits.
     evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, n_train=12000,
                                            steps=800, seed=first["seed"])
