@@ -111,9 +111,20 @@ _check_family("GPT_MODEL", GPT_MODEL, "gpt")
 _check_family("GAN_MODEL", GAN_MODEL, "gan")
 if AR_IMAGE_MODEL:
     _check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
-# The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), so a
-# Bento built with GPT_MODEL=my-gpt serves my-gpt, the one model of that kind it holds.
-MODEL_ENVS = [{"name": name, "value": tag} for name, tag in
+
+
+def _pinned(tag: str) -> str:
+    """The exact version `tag` names now ("gpt:latest" -> "gpt:abc123"), when the store has it."""
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except bentoml.exceptions.NotFound:
+        return tag
+
+
+# The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), pinned
+# to the versions it packs: a Bento built with GPT_MODEL=my-gpt serves that my-gpt, not a newer
+# one trained since (which the Bento does not hold).
+MODEL_ENVS = [{"name": name, "value": _pinned(tag)} for name, tag in
               (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL)) if tag]
 DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
 if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():

@@ -39,7 +39,8 @@ def test_bentoml_build_lists_every_served_model(bentoml_home):
 
 def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_home, tmp_path):
     """A store without `gpt` builds (bentofile.yaml listed gpt:latest), and the container's
-    GPT_MODEL is the model the Bento was built with (it was fixed at gpt:latest)."""
+    GPT_MODEL is the model the Bento was built with (it was fixed at gpt:latest), at the very
+    version it packs (it was the bare name, which a later own-gpt would have taken over)."""
     home = tmp_path / "home"
     shutil.copytree(bentoml_home / "models" / "gan", home / "models" / "gan")
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "GPT_MODEL": "own-gpt"}
@@ -50,6 +51,8 @@ def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_
     bento = _build(env)
     assert _packed(bento) == ["gan", "own-gpt"]
     envs = {e["name"]: e["value"] for e in bento["envs"]}
-    assert envs["GPT_MODEL"] == "own-gpt" and envs["GAN_MODEL"] == "gan:latest" and "AR_IMAGE_MODEL" not in envs
+    packed = {m["tag"].split(":")[0]: m["tag"] for m in bento["services"][0]["models"]}
+    # pinned to the packed versions: a newer own-gpt trained later is not in this Bento
+    assert envs == {"GPT_MODEL": packed["own-gpt"], "GAN_MODEL": packed["gan"]}
     dockerfile = (bento["path"] / "env" / "docker" / "Dockerfile").read_text()
-    assert "ENV GPT_MODEL=$GPT_MODEL" in dockerfile and "ARG GPT_MODEL=own-gpt" in dockerfile
+    assert "ENV GPT_MODEL=$GPT_MODEL" in dockerfile and f"ARG GPT_MODEL={packed['own-gpt']}" in dockerfile
