@@ -200,3 +200,35 @@ def test_compare_generators_refuses_models_of_your_own_images_in_one_line(tmp_pa
         compare_generators.run(compare_generators.CompareConfig(gan=str(tmp_path), ar="", ae="", vae=""))
     with pytest.raises(ValueError, match="no model to compare"):
         compare_generators.run(compare_generators.CompareConfig(gan="", ar="", ae="", vae=""))
+
+
+def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
+    """A job's --out folder, or imported GPT-2 weights, had no documented way into the store
+    (GPT_MODEL takes store tags only). `python -m training.store DIR` loads it first, as the
+    service will, names it by its family unless told otherwise, and errs in one line."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = next((bentoml_home / "models" / "gpt").glob("*/config.json")).parent
+    folder = tmp_path / "my-model"
+    shutil.copytree(src, folder)
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+
+    def store(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.store", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    done = store(str(folder), "--name", "support-gpt")
+    assert done.returncode == 0 and done.stdout.startswith("support-gpt:"), done.stderr[-2000:]
+    version = done.stdout.strip().split(":")[1]
+    assert (tmp_path / "home" / "models" / "support-gpt" / version / "model.safetensors").is_file()
+    (folder / "config.json").write_text((src / "config.json").read_text().replace('"gpt"', '"gan"', 1))
+    refused = store(str(folder), "--name", "support-gpt")
+    assert refused.returncode == 2 and "the store's support-gpt holds 'gpt' models" in refused.stderr
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    broken = store(str(folder), "--name", "other")
+    assert broken.returncode == 2 and "model.safetensors" in broken.stderr and "Traceback" not in broken.stderr
+    assert store(str(tmp_path)).returncode == 2  # no config.json

@@ -1,6 +1,14 @@
-"""The one place in training/ that touches BentoML: copying a model directory into the store."""
+"""The one place in training/ that touches BentoML: copying a model directory into the store.
+
+As a command, it puts a model folder made elsewhere into the store, to be served: a job's
+`--out` or `run_dir/model` (trained with `--store=false`, or on another machine), or GPT-2
+weights imported with `models.gpt.from_hf_gpt2` and saved with `models.artifacts.save_model_dir`:
+    python -m training.store DIR [--name NAME]
+The folder is loaded first, as the service will load it, so a broken one is refused here.
+"""
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 from pathlib import Path
@@ -45,3 +53,47 @@ def store_family(name: str) -> str | None:
         return bentoml.models.get(f"{name}:latest").info.labels.get("family")
     except bentoml.exceptions.NotFound:
         return None
+
+
+def loader(family: str) -> Any:
+    """The `load(model_dir)` of the engine that serves a family, as the service loads it."""
+    from models.ar_image import ARImageEngine
+    from models.engine import TextEngine
+    from models.image_engine import ImageEngine
+
+    engines = {"gpt": TextEngine, "gan": ImageEngine, "ar_image": ARImageEngine}
+    if family not in engines:
+        raise ValueError(f"family {family!r} is not served here (gpt, gan or ar_image)")
+    return engines[family].load
+
+
+def main(argv: list[str] | None = None) -> str:
+    from models.artifacts import read_json
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir", help="a model folder: config.json, model.safetensors, tokenizer.json")
+    ap.add_argument("--name", help="store name (default: the family's, which the service serves by default)")
+    args = ap.parse_args(argv)
+    folder = Path(args.model_dir)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json (not a model folder)")
+    family = read_json(folder / "config.json").get("family")
+    load = loader(family)
+    name = args.name or family
+    if not NAME_RE.match(name):
+        raise ValueError(f"--name={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+    if (held := store_family(name)) not in (None, family):
+        raise ValueError(f"--name={name}: the store's {name} holds {held!r} models; give this {family!r} model "
+                         "another name")
+    load(folder, device="cpu")  # raises ArtifactError (a ValueError), naming the bad file
+    metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+    dataset = metrics.get("dataset_hash") or metrics.get("dataset")  # the GPT's job / the image jobs'
+    tag = save_to_store(name, folder, labels={"family": family, "dataset": str(dataset or "unknown")})
+    print(tag)
+    return tag
+
+
+if __name__ == "__main__":
+    from training.common import run_cli
+
+    run_cli(main)
