@@ -48,7 +48,7 @@ from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service import sdapi, tgi
 from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
-from service.env import env_choice, env_flag, env_float, env_int
+from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.image_worker import ImageWorker, WorkerDied
 from service.limits import Limits
 from service.metrics import IMAGE, TEXT, Metrics, get_metrics
@@ -104,7 +104,7 @@ def _check_family(env_var: str, tag: str, family: str) -> None:
     except bentoml.exceptions.NotFound:
         return  # the service's BentoModel says so, naming the tag
     if labels.get("family", family) != family:
-        raise ValueError(f"{env_var}={tag!r} is a {labels['family']!r} model; {env_var} needs a {family!r} model")
+        raise ConfigError(f"{env_var}={tag!r} is a {labels['family']!r} model; {env_var} needs a {family!r} model")
 
 
 _check_family("GPT_MODEL", GPT_MODEL, "gpt")
@@ -130,7 +130,7 @@ DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto,
 if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():
     # Else every engine failed to load and the server stayed up, never ready, with torch's
     # "Torch not compiled with CUDA enabled" in its log.
-    raise ValueError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    raise ConfigError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA devices")
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
 MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
 TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)

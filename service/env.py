@@ -11,6 +11,13 @@ import math
 import os
 import re
 
+from bentoml.exceptions import BentoMLConfigException
+
+
+class ConfigError(BentoMLConfigException, ValueError):
+    """A bad setting. BentoML's command line prints such an exception's message alone, as one
+    line (a plain ValueError came inside a 60-line traceback, its message on the last line)."""
+
 
 def _raw(name: str) -> str | None:
     raw = os.environ.get(name)
@@ -23,7 +30,7 @@ def env_int(name: str, default: int, minimum: int, maximum: int | None = None) -
         return default
     # ASCII digits only: int() also reads other scripts' digits ("٣" as 3)
     if not re.fullmatch(r"[+-]?[0-9]+", raw) or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
-        raise ValueError(f"{name}={raw!r}: must be a whole number >= {minimum}"
+        raise ConfigError(f"{name}={raw!r}: must be a whole number >= {minimum}"
                          + (f" and <= {maximum}" if maximum is not None else ""))
     return int(raw)
 
@@ -38,7 +45,7 @@ def env_float(name: str, default: float, minimum: float, allow_minimum: bool = F
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum):
-        raise ValueError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}")
+        raise ConfigError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}")
     return value
 
 
@@ -47,7 +54,7 @@ def env_flag(name: str, default: bool) -> bool:
     if raw is None:
         return default
     if raw not in ("0", "1"):
-        raise ValueError(f"{name}={raw!r}: must be 0 or 1")
+        raise ConfigError(f"{name}={raw!r}: must be 0 or 1")
     return raw == "1"
 
 
@@ -56,5 +63,5 @@ def env_choice(name: str, default: str, pattern: str, expected: str) -> str:
     if raw is None:
         return default
     if not re.fullmatch(pattern, raw):
-        raise ValueError(f"{name}={raw!r}: must be {expected}")
+        raise ConfigError(f"{name}={raw!r}: must be {expected}")
     return raw

@@ -27,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.env import ConfigError
 from service.limits import LimitMiddleware, Limits, count_error, send_error
 from service.schemas import ApiError
 
@@ -40,7 +41,7 @@ def model_tag(env_var: str, default: str) -> str:
     start-up when malformed."""
     tag = os.environ.get(env_var) or default
     if not TAG_PATTERN.fullmatch(tag) or ".." in tag:
-        raise ValueError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
+        raise ConfigError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
                          f"letters, digits, '.', '_', '-'; e.g. {default!r})")
     return tag
 
@@ -55,7 +56,7 @@ def api_key() -> str | None:
     alone is refused at start-up: no client could ever present it."""
     raw = os.environ.get("CONDGEN_API_KEY", "")
     if raw and not raw.strip():
-        raise ValueError("CONDGEN_API_KEY is only whitespace: set a key, or unset it to serve without one")
+        raise ConfigError("CONDGEN_API_KEY is only whitespace: set a key, or unset it to serve without one")
     return raw.strip() or None
 
 

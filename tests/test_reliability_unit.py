@@ -7,6 +7,7 @@ import asyncio
 import glob
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -440,6 +441,21 @@ def test_a_bad_setting_is_refused_naming_the_variable(read, raw, monkeypatch):
     monkeypatch.setenv("CONDGEN_X", raw)
     with pytest.raises(ValueError, match=f"CONDGEN_X='{raw}'"):
         read()
+
+
+@pytest.mark.parametrize("setting, message", [({"CONDGEN_MAX_INFLIGHT": "abc"}, "CONDGEN_MAX_INFLIGHT='abc'"),
+                                              ({"GPT_MODEL": "gan"}, "GPT_MODEL='gan' is a 'gan' model")])
+def test_bentoml_serve_stops_on_a_bad_setting_with_one_line(setting, message, bentoml_home):
+    """The message naming the variable was the last of 60 lines of traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True", **setting}
+    done = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "serve", "service.app:Generation",
+                           "--host", "127.0.0.1", "--port", "1"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0 and message in out and len(out.splitlines()) == 1, out[-3000:]
 
 
 def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(monkeypatch):
