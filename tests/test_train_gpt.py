@@ -32,10 +32,11 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+def test_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     main(TINY + [f"--run_dir={tmp_path / 'straight'}"])
     main(TINY + [f"--run_dir={tmp_path / 'halted'}", "--halt_after=12"])
     assert not (tmp_path / "halted" / "model").exists()  # stopped before the end
+    assert "halted at step 12 of 20;" in capsys.readouterr().err  # it said nothing
     assert torch.load(tmp_path / "halted" / "ckpt.pt", weights_only=True)["step"] == 12
     # Another run's tokenizer in the folder (a run started there without --resume and stopped)
     # must not be paired with these weights: the checkpoint carries its own.

@@ -178,6 +178,12 @@ def _raised_by_project(e: BaseException) -> bool:
             and not where.is_relative_to(Path(sys.prefix).resolve()))
 
 
+def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
+    """Say where a `--halt_after` run stopped and how it goes on (it ended in silence, exit 0)."""
+    print(f"halted at step {step} of {max_steps}; {ckpt_path} holds it: --resume=true continues",
+          file=sys.stderr)
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a job's `main()` as a command: a user error ends it as argparse does, one line on stderr
     and exit status 2, with no traceback to read past. The same types raised inside a library,

@@ -35,8 +35,8 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
                              check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
-                             load_checkpoint, parse_config, require_finite, restore, run_cli, setup_distributed,
-                             teardown_distributed)
+                             load_checkpoint, parse_config, report_halt, require_finite, restore, run_cli,
+                             setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
@@ -280,6 +280,8 @@ def train(cfg: ARTrainConfig) -> Path:
             model.train()
     bar.close()
     model_dir = run / "model"
+    if d.is_main and step < cfg.max_steps:
+        report_halt(step, cfg.max_steps, ckpt_path)
     if d.is_main and step == cfg.max_steps:
         require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, engine, evaluator, shapes, data, digest, tokenizer, time.time() - t0,

@@ -31,7 +31,7 @@ from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
                              check_resume_data, cosine_lr, diverged, load_checkpoint, parse_config, require_finite,
-                             restore, run_cli)
+                             report_halt, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
                                 check_validation_split, get_tokenizer, load_data, resume_data_keys,
@@ -202,6 +202,8 @@ def train(cfg: AETrainConfig) -> Path:
                          "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
     bar.close()
     model_dir = run / "model"
+    if step < cfg.max_steps:
+        report_halt(step, cfg.max_steps, ckpt_path)
     if step == cfg.max_steps:
         require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, model.eval(), tokenizer, data, digest, shapes, ids_all, mask_all, n_train,

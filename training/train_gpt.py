@@ -25,7 +25,7 @@ from models.tokenizer import EOT, Tokenizer
 from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
                              check_folder, check_fresh_run, check_model_folder, check_outputs, check_resume_data,
                              cosine_lr, diverged, fraction, load_checkpoint, one_of, parse_config, require_finite,
-                             restore, run_cli, setup_distributed, teardown_distributed)
+                             report_halt, restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -252,6 +252,8 @@ def train(cfg: TrainGPTConfig) -> dict:
                          "history": history, "config": asdict(cfg), "tokenizer": tok.to_str(),
                          "dataset": corpus.hash}, ckpt_path)
     bar.close()
+    if d.is_main and step < cfg.max_steps:
+        report_halt(step, cfg.max_steps, ckpt_path)
     if step >= cfg.max_steps and history["eval_step"][-1:] != [step]:  # resumed at or past max_steps
         history["eval_step"].append(step)
         history["val_loss"].append(all_reduce_mean(evaluate(model, val_data, cfg, d.device), d))
