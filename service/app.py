@@ -50,7 +50,7 @@ from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.image_worker import ImageWorker, WorkerDied
-from service.limits import Limits
+from service.limits import Limits, count_error
 from service.metrics import IMAGE, TEXT, Metrics, get_metrics
 from service.schemas import (
     MAX_N,
@@ -1116,8 +1116,14 @@ class Generation:
                 job.future.set_result(pngs)
 
 
-def _engine_unavailable(e: EngineFailed) -> ApiError:
-    return ApiError(503, f"the text engine is not available: {e}", type="server_error")
+def _engine_error(e: Exception) -> ApiError | None:
+    """The answer to the text engine's refusal or failure: a full queue (its own check, raced
+    past the server's, or the server's) is a 429, a dead engine process a 503; None otherwise."""
+    if isinstance(e, QueueFull):
+        return Overloaded(str(e), RETRY_AFTER_S)
+    if isinstance(e, EngineFailed):
+        return ApiError(503, f"the text engine is not available: {e}", type="server_error")
+    return None
 
 
 def _checked(engine: EngineProcess, req: CompletionRequest, ahead: int = 0) -> list[int]:
@@ -1125,20 +1131,16 @@ def _checked(engine: EngineProcess, req: CompletionRequest, ahead: int = 0) -> l
     requests of the same caller that will queue before this one (its other prompts)."""
     try:
         return engine.check(req, ahead)
-    except QueueFull as e:
-        raise Overloaded(str(e), RETRY_AFTER_S) from None
-    except EngineFailed as e:
-        raise _engine_unavailable(e) from None
+    except (QueueFull, EngineFailed) as e:
+        raise _engine_error(e) from None
 
 
 async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
     """A request's first event: an engine that died since the check fails here, before any byte."""
     try:
         return await events.__anext__()
-    except QueueFull as e:  # the engine process's own check, raced past ours
-        raise Overloaded(str(e), RETRY_AFTER_S) from None
-    except EngineFailed as e:
-        raise _engine_unavailable(e) from None
+    except (QueueFull, EngineFailed) as e:
+        raise _engine_error(e) from None
 
 
 def _client_left(completion_id: str) -> Response:
@@ -1197,10 +1199,8 @@ async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEven
     try:
         async for ev in events:
             add(ev)
-    except EngineFailed as e:
-        raise _engine_unavailable(e) from None
-    except QueueFull as e:  # one of several prompts refused by the engine process's own check
-        raise Overloaded(str(e), RETRY_AFTER_S) from None
+    except (QueueFull, EngineFailed) as e:  # QueueFull: one of several prompts, refused by the engine's check
+        raise _engine_error(e) from None
 
 
 def _in_band_error(e: Exception, endpoint: str, what: str) -> bytes:
@@ -1208,15 +1208,11 @@ def _in_band_error(e: Exception, endpoint: str, what: str) -> bytes:
     counted as the status it would have had: the engine process died (its reader has logged
     it), refused one of several prompts (its own check, raced past the server's), or a bug."""
     request_id = None
-    if isinstance(e, EngineFailed):
-        err: ApiError = _engine_unavailable(e)
-    elif isinstance(e, QueueFull):
-        err = Overloaded(str(e), RETRY_AFTER_S)
-    else:
+    if (err := _engine_error(e)) is None:
         request_id = uuid.uuid4().hex
         logger.exception("%s (request %s) failed", what, request_id)
         err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
-    _count_stream_error(endpoint, err.status)
+    count_error(endpoint, err.status)
     return sse_event(err.body(request_id))
 
 
@@ -1245,11 +1241,6 @@ async def _disconnected(request: Request) -> None:
     """Return once the client has gone: with the body read, the server's next message is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _count_stream_error(endpoint: str, status: int) -> None:
-    """A stream that fails after its 200 went out, counted as the status it would have had."""
-    get_metrics().request_errors.labels(endpoint=endpoint, status=str(status)).inc()
 
 
 def _a(kind: str) -> str:
