@@ -317,8 +317,8 @@ class ContinuousEngine:
     def _compact(self) -> None:
         """Move the sequences in the highest slots into the free slots below them, so that the
         decode step's rows [0, highest live slot] hold no free slot. A free slot in that range
-        is a dummy row, which costs as much as a live one, and before this a fifth to a third
-        of the rows were dummies (a sequence left alone in slot 17 made a step of 18 rows).
+        is a dummy row, which costs as much as a live one (a sequence left alone in slot 17
+        would make a step of 18 rows; on a saturated trace a fifth to a third of the rows).
         Moving a sequence copies the cache positions it has written; its tokens do not change,
         since no row's computation depends on its slot."""
         while self.decoding and self.free and self.free[0] < max(self.decoding):
@@ -449,7 +449,7 @@ class EventStreams:
         """Put the items into their queues on the loop's own thread. A loop that was closed
         with requests still open (a thread or `asyncio.run` that ended without finishing them)
         takes nothing: its requests are dropped and cancelled, and the other loops still get
-        their events (its RuntimeError used to stop the step's deliveries part-way, or end the
+        their events (its RuntimeError must not stop the step's deliveries part-way, nor end the
         scheduler's thread)."""
         try:
             loop.call_soon_threadsafe(_deliver, items)

@@ -98,7 +98,7 @@ AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
 
 def _check_family(env_var: str, tag: str, family: str) -> None:
     """A store model of another family (GPT_MODEL=gan:latest) stops the start-up, naming it, as a
-    missing one does: it used to be listed under the wrong kind and fail later, when loaded."""
+    missing one does, rather than being listed under the wrong kind and failing when loaded."""
     try:
         labels = bentoml.models.get(tag).info.labels
     except bentoml.exceptions.NotFound:
@@ -690,9 +690,9 @@ class Generation:
         with it: it is started again here, in this worker, while the other models go on
         serving and the dead one's routes answer 503 at once (its requests in flight fail with
         a 503, or an error event in a stream). Shutting the whole worker down for BentoML to
-        start a new one, as before, left a one-worker server answering nothing for the 10-15 s
-        a new worker takes to load every model (connections queued unanswered, whatever model
-        they wanted). Each engine's start that fails is tried again after 5, 10, ... up to
+        start a new one would leave a one-worker server answering nothing for the 10-15 s a new
+        worker takes to load every model (connections queued unanswered, whatever model they
+        wanted). Each engine's start that fails is tried again after 5, 10, ... up to
         60 s, and /livez answers 503 from its first failure until it is back, so that an
         orchestrator replaces a replica that does not recover (not while a start is under way:
         a large model's load may outlast a liveness probe's patience)."""

@@ -108,7 +108,7 @@ class MicroBatcher(Generic[T]):
         """Stop taking jobs: those still queued, or taken into a batch not yet handed over,
         fail with a 503 (the engine is going away); batches handed over end with their engine.
         A caller cancelled meanwhile stays cancelled (awaiting the consumer and catching its
-        CancelledError used to swallow the caller's own)."""
+        CancelledError would swallow the caller's own)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task})
