@@ -28,7 +28,7 @@ class Metrics:
     queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch (images: handed to the worker)
     batch_size: Any  # Histogram{endpoint}: completions: sequences per decode step; images: requests per batch
     batch_items: Any  # Histogram{endpoint}: images per batch
-    requests_running: Any  # Gauge{endpoint}: requests inside an engine call now
+    requests_running: Any  # Gauge{endpoint}: completions: sequences decoding; images: requests handed to the worker
     requests_waiting: Any  # Gauge{endpoint}: requests queued for the engine now
     generated_tokens: Any  # Counter{model}
     images: Any  # Counter{model}
@@ -57,7 +57,8 @@ def get_metrics() -> Metrics:
                              ("endpoint",), BATCH_BUCKETS),
         batch_items=histogram("batch_items", "Images per batch", ("endpoint",),
                               BATCH_BUCKETS),
-        requests_running=gauge("requests_running", "Requests inside an engine call", ("endpoint",)),
+        requests_running=gauge("requests_running", "Completions: sequences decoding; images: requests handed to "
+                                                    "the worker", ("endpoint",)),
         requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint",)),
         generated_tokens=pc.Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ("model",)),
         images=pc.Counter(f"{PREFIX}_images", "Images generated", ("model",)),
