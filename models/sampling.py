@@ -24,6 +24,9 @@ MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would not fit the 
 # A penalty divides positive logits: below this, float32 logits overflow to inf (and a penalty
 # under 1.4e-45 rounds to 0), softmax turns them into NaN, and the draw is garbage.
 MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 10
+MAX_TEMPERATURE = 100  # far past any useful setting; keeps logits / temperature finite
+MAX_PENALTY = 2  # presence and frequency penalties, in [-2, 2] as OpenAI's
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias: each costs work at every step
 
 
@@ -52,18 +55,19 @@ class SamplingParams:
             if not (is_int(value) if name == "top_k" else is_number(value)):
                 raise InvalidParameter(name, f"must be {'an integer' if name == 'top_k' else 'a number'}, got {value!r}")
         checks = [
-            ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
-             "must be a finite number in [0, 100]"),
+            ("temperature", math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE,
+             f"must be a finite number in [0, {MAX_TEMPERATURE}]"),
             ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be in [0, {MAX_TOP_K}] (0 turns it off)"),
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
             ("typical_p", math.isfinite(self.typical_p) and 0 < self.typical_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", math.isfinite(self.repetition_penalty)
-             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10, f"must be in [{MIN_REPETITION_PENALTY}, 10]"),
-            ("presence_penalty", math.isfinite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-             "must be in [-2, 2]"),
-            ("frequency_penalty", math.isfinite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-             "must be in [-2, 2]"),
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]"),
+            ("presence_penalty", math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= MAX_PENALTY,
+             f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= MAX_PENALTY,
+             f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -18,7 +18,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
 
 from models.ar_image import MAX_GUIDANCE
 from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_TOKENS  # MAX_N: images per image request too
-from models.sampling import MAX_SEED, MAX_TOP_K, MIN_REPETITION_PENALTY, SamplingParams
+from models.sampling import (MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K,
+                             MIN_REPETITION_PENALTY, SamplingParams)
 
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
@@ -108,13 +109,15 @@ class CompletionBody(_Body, _NullIsDefault):
     prompt: str
     max_tokens: int = Field(16, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: the prompt back (scored "
                                                                      "with logprobs), nothing generated")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 means greedy")
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, description="0 means greedy")
     top_k: TopK = Field(0, description="0 (or -1) turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
     min_p: float = Field(0.0, ge=0, lt=1)
-    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted from tokens the completion holds")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per occurrence in the completion")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                    description="subtracted from tokens the completion holds")
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                     description="subtracted per occurrence in the completion")
     logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) -> bias in "
                                                                   "[-100, 100], added to its logit")
     stop: StopString | list[StopString] | None = Field(None, validate_default=True)
@@ -245,7 +248,7 @@ class ImageBody(_Body, _NullIsDefault):
     truncation: float = Field(1.0, gt=0, le=1, description="latent truncation psi: smaller is tamer")
     response_format: Literal["b64_json", "png"] = "b64_json"
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
-    temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=AR_ONLY)
     top_k: TopK | None = Field(None, description=AR_ONLY)
     negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
@@ -269,7 +272,7 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     seed: Seed | None = None
     truncation: float = Field(1.0, gt=0, le=1)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
-    temperature: float | None = Field(None, ge=0, le=100, description=AR_ONLY)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=AR_ONLY)
     top_k: TopK | None = Field(None, description=AR_ONLY)
     negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
@@ -369,13 +372,13 @@ class TGIParameters(_Body, _NullIsDefault):
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT,
                                        description="default: 100, or what the context leaves after the input")
     do_sample: bool = Field(False, description="sample; greedy otherwise, unless a sampling parameter is set")
-    temperature: float | None = Field(None, gt=0, le=100)
+    temperature: float | None = Field(None, gt=0, le=MAX_TEMPERATURE)
     top_k: int | None = Field(None, gt=0, le=MAX_TOP_K)
     top_p: float | None = Field(None, gt=0, le=1)
     typical_p: float | None = Field(None, gt=0, le=1, description="locally typical sampling's mass")
-    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted per occurrence in the "
-                                                                           "generated text")
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY,
+                                            description="subtracted per occurrence in the generated text")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="32-bit here (TGI takes 64-bit seeds)")
     stop: list[StopString] = Field([], max_length=MAX_STOP, description="stop sequences (kept in the text, as "
                                                                         "TGI does)")
