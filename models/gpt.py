@@ -108,15 +108,16 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv
     return (scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v)[:, :, :T]
 
 
-class KVCache(nn.Module):
-    """Pre-allocated keys and values for one layer: (B, H, max_seq, D), written at given positions."""
+class KVCache:
+    """Pre-allocated keys and values for one layer: (B, H, max_seq, D), written at given positions.
+    Plain tensors, not module state: a cache belongs to a batch being decoded, not to the model
+    (it is made on the model's device and dtype by `setup_caches`, never saved or moved)."""
 
     def __init__(self, batch: int, n_head: int, max_seq: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
         shape = (batch, n_head, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor, read: int,
                rows: slice | Tensor = slice(None)) -> tuple[Tensor, Tensor]:
@@ -157,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = dropout(cfg.dropout)
-        self.dropout = cfg.dropout
+        self.attn_dropout_p = cfg.dropout  # a probability: scaled_dot_product_attention applies it
         self.batch_invariant = False  # see GPT.set_batch_invariant
 
     def forward(self, x: Tensor, cache: KVCache | None = None, pos: Tensor | None = None,
@@ -167,7 +168,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is None:  # training / full recompute: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               dropout_p=self.attn_dropout_p if self.training else 0.0)
         else:  # incremental: attend to the first kv_len cached positions, as the mask allows
             read = invariant_read(kv_len, C // self.n_head) if self.batch_invariant else kv_len
             if mask is None:  # one token per row, every row at position kv_len - 1
