@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 
 from service.schemas import (CompletionBody, DetokenizeBody, ImageBody, OpenAICompletionBody, OpenAIImageBody,
                              TGIBody, TGITokenizeBody, TokenizeBody, Txt2ImgBody)
+from service.security import api_key
 
 REF = "#/components/schemas/{model}"
 
@@ -92,7 +93,9 @@ def _null_means_default(schema: dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def build_openapi() -> dict[str, Any]:
+def build_openapi(keyed: bool = False) -> dict[str, Any]:
+    """The API's OpenAPI document; `keyed` (CONDGEN_API_KEY set): it says how to send the key,
+    which gives Swagger UI its Authorize button."""
     _, defs = models_json_schema(
         [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
                                      TGIBody, TokenizeBody, TGITokenizeBody, DetokenizeBody)],
@@ -102,7 +105,7 @@ def build_openapi() -> dict[str, Any]:
                  "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
         _null_means_default(schemas[name])
     obj = {"application/json": {"schema": {"type": "object"}}}
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "condgen", "version": "1", "description": __doc__.strip().splitlines()[0]},
         "paths": {
@@ -137,10 +140,15 @@ def build_openapi() -> dict[str, Any]:
         },
         "components": {"schemas": schemas},
     }
+    if keyed:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"},
+                                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+        doc["security"] = [{"bearer": []}, {"apiKey": []}]  # either
+    return doc
 
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
-    return JSONResponse(build_openapi())
+    return JSONResponse(build_openapi(keyed=api_key() is not None))
 
 
 # Swagger UI's files as BentoML serves them (/static_content), pointed at this document.

@@ -4,7 +4,9 @@
   OpenAI client sends) or `x-api-key: <key>`; without it the answer is 401 in the usual
   JSON error shape. Health (/livez, /readyz, /healthz, /health) and /metrics stay open, so that
   orchestrators and Prometheus need no secret, and so do CORS pre-flight requests (browsers
-  send those without credentials), which the CORS middleware outside this one answers. The
+  send those without credentials), which the CORS middleware outside this one answers, and the
+  API's description (GET /docs, /openapi.json and the page's assets), whose Authorize button
+  then sends the key. The
   key is taken without surrounding whitespace, as a presented key is (a secret file's trailing
   newline locked every client out).
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
@@ -32,6 +34,15 @@ from service.limits import LimitMiddleware, Limits, count_error, send_error
 from service.schemas import ApiError
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics"})
+# The API's description, read by a browser, which cannot send the key on a page load: its
+# Authorize button then sends it with the requests it makes.
+DOCS_PATHS = frozenset({"/", "/docs", "/openapi.json"})
+
+
+def _open(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    return path in OPEN_PATHS or (scope.get("method") == "GET" and (path in DOCS_PATHS
+                                                                    or path.startswith("/static_content/")))
 # BentoML's tag: a lowercase name, then an optional version.
 TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]{1,64})?$")
 
@@ -88,7 +99,7 @@ class APIKeyMiddleware:
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path") not in OPEN_PATHS:
+        if scope["type"] == "http" and not _open(scope):
             given = _presented_key(scope)
             # Constant-time comparison: the answer's timing says nothing about the key.
             if given is None or not hmac.compare_digest(given, self.key):

@@ -559,6 +559,25 @@ def test_options_needs_the_key_unless_it_is_a_cors_pre_flight():
     assert asyncio.run(scenario()) == ([401, 401], 405, 200)
 
 
+def test_the_api_description_is_open_with_a_key_and_says_how_to_send_it():
+    """With a key set, /docs, its assets and /openapi.json needed the header, which a browser
+    cannot send on a page load, and the document named no way to send it (no Authorize button)."""
+    app = _app({}, Limits(), key="k3y")
+
+    async def scenario():
+        async with _client(app) as c:
+            open_ = [(await c.get(p)).status_code for p in ("/docs", "/openapi.json", "/", "/static_content/x.css")]
+            guarded = [(await c.post("/", json={})).status_code, (await c.get("/models")).status_code]
+            return open_, guarded
+
+    open_, guarded = asyncio.run(scenario())
+    assert 401 not in open_ and guarded == [401, 401]  # POST / is TGI's generation route
+    assert "security" not in build_openapi() and "securitySchemes" not in build_openapi()["components"]
+    keyed = build_openapi(keyed=True)
+    assert keyed["components"]["securitySchemes"]["apiKey"] == {"type": "apiKey", "in": "header", "name": "x-api-key"}
+    assert keyed["security"] == [{"bearer": []}, {"apiKey": []}]
+
+
 def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
     """The header was decoded as Latin-1 and encoded again as UTF-8: other bytes, always 401."""
     app = _app({}, Limits(), key="clé-ünïcode")
