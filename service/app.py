@@ -348,7 +348,8 @@ async def detokenize(svc: "Generation", request: Request) -> Response:
 def _within_prompt_limit(text: str, engine: TextRequests, name: str) -> None:
     """A text longer than any prompt is refused before the tokenizer spends the loop's time on it."""
     if len(text) > engine.max_prompt_chars:
-        raise ApiError(400, f"{name}: {len(text)} characters, the limit is {engine.max_prompt_chars}", name)
+        raise ApiError(400, f"{name}: {len(text)} characters, the limit is {engine.max_prompt_chars}", name,
+                       code="prompt_too_long")
 
 
 @_route

@@ -50,3 +50,11 @@ def test_tgi_tokenize_gives_each_token_its_span(client):
 def test_bad_requests_name_the_field(client, route, body, param):
     r = client.post(route, json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("route, body", [("/tokenize", {"prompt": "x" * 100_001}),
+                                         ("/tokenize", {"inputs": "x" * 100_001}),
+                                         ("/generate", {"inputs": "x" * 100_001})])
+def test_a_text_too_long_says_so_in_the_code_the_completion_routes_use(client, route, body):
+    r = client.post(route, json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
