@@ -406,7 +406,7 @@ class EventStreams:
         """
         if prompt is None:
             prompt = self.check(req)
-        req = replace(req, prompt="", prompt_ids=prompt)
+        req = replace(req, prompt=req.prompt if req.echo else "", prompt_ids=prompt)  # the text: only to echo
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue = asyncio.Queue()
         gid = next(self._ids)

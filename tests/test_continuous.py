@@ -300,8 +300,16 @@ def test_the_scheduler_does_not_tokenize_a_checked_prompt_again(engine, monkeypa
         aeng.shutdown()
         return got
 
+    async def echoed():  # the scheduler gets the ids; the text stays for echo
+        aeng = AsyncEngine(ContinuousEngine(engine, SchedulerConfig(max_running=4)))
+        req = CompletionRequest("The quick", seed=1, max_tokens=3, echo=True)
+        text = "".join([ev.text async for ev in aeng.generate(req, aeng.check(req))])
+        aeng.shutdown()
+        return text
+
     got = asyncio.run(main())
-    assert calls == ["The quick brown", "fox " * 200]  # the checks' only
+    assert asyncio.run(echoed()).startswith("The quick")
+    assert calls == ["The quick brown", "fox " * 200, "The quick"]  # the checks' only
     monkeypatch.undo()
     want = engine.complete([CompletionRequest("The quick brown", seed=3, max_tokens=8, n=2),
                             CompletionRequest("fox " * 200, seed=4, max_tokens=8, truncate=True)])
