@@ -299,10 +299,11 @@ class TextRequests:
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
         if not 0 <= req.max_tokens < self.block_size:  # 0: nothing generated (a prompt scored, echoed)
-            raise InvalidParameter("max_tokens", f"must be in [0, {self.block_size - 1}], got {req.max_tokens}: "
-                                                 f"past the model's maximum context length of {self.block_size} tokens "
-                                                 "(the prompt's included)",
-                                   code="context_length_exceeded" if req.max_tokens > 0 else None)
+            past = req.max_tokens > 0
+            raise InvalidParameter("max_tokens", f"must be in [0, {self.block_size - 1}], got {req.max_tokens}"
+                                   + (f": past the model's maximum context length of {self.block_size} tokens (the "
+                                      "prompt's included)" if past else ""),
+                                   code="context_length_exceeded" if past else None)
         if not 0 <= req.min_tokens <= req.max_tokens:
             raise InvalidParameter("min_tokens", f"must be in [0, max_tokens={req.max_tokens}], got {req.min_tokens}")
         if not 1 <= req.n <= MAX_N:
