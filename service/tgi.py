@@ -81,7 +81,13 @@ class TokenSplitter:
     def add(self, ev: StreamEvent) -> list[tuple[TokenLogprob, str]]:
         self.text += ev.text
         out = []
-        for entry in ev.logprobs:
+        for entry, after in zip(ev.logprobs, [*ev.logprobs[1:], None]):
+            # The tokens of one character share its span (and are released together): all but
+            # the last end inside it. Different tokens with one non-empty span are nothing else.
+            shared = after is not None and (after.offset, after.end) == (entry.offset, entry.end)
+            if shared and entry.end > entry.offset:
+                out.append((entry, ""))
+                continue
             end = min(max(entry.end, self.given), len(self.text))
             out.append((entry, self.text[self.given:end]))
             self.given = end

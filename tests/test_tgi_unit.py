@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.engine import CompletionRequest, TextEngine
+from models.engine import CompletionRequest, StopScanner, StreamEvent, TextEngine, advance_text, token_logprob
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
@@ -38,6 +38,20 @@ def test_each_token_gets_its_own_text_when_stop_sequences_hold_text_back():
                 assert piece == own, (entry, piece, own)
                 checked += 1
     assert held > 10 and checked > 200, (held, checked)
+
+
+def test_a_token_ending_inside_a_character_gets_nothing_the_one_completing_it_the_character():
+    """As TGI's tokens: € split over three byte tokens gave the first the character and the
+    others nothing, the other way round."""
+    tok = Tokenizer.train(["plain ascii text only " * 40], 300)
+    byte = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    ids = [byte[bytes([b])] for b in "€".encode()] + [byte[b"a"]]
+    scanner, splitter, pieces = StopScanner(tok, []), TokenSplitter(), []
+    for i, t in enumerate(ids):
+        entry = token_logprob(tok, t, ([-1.0], [[]], [[]]), 0, 0, scanner)
+        text, lps, reason = advance_text(scanner, t, tok.eot_id, i + 1, len(ids), entry)
+        pieces += [piece for _, piece in splitter.add(StreamEvent(0, 0, text, 1, lps, reason, t))]
+    assert pieces == ["", "", "€", "a"]
 
 
 def test_tgi_sampling_rules():
