@@ -93,6 +93,19 @@ def test_ensure_defaults_stops_before_training_when_a_configured_model_is_missin
     assert trained == []
 
 
+def test_ensure_defaults_refuses_a_malformed_tag_in_one_line(monkeypatch, tmp_path):
+    """The early check met BentoML's "Invalid Tag" exception: a traceback instead of one line."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "BENTOML_HOME": str(tmp_path), "GPT_MODEL": "Bad Tag!",
+           "BENTOML_DO_NOT_TRACK": "True"}
+    done = subprocess.run([sys.executable, "-m", "training.ensure_defaults"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "error: GPT_MODEL: 'Bad Tag!:latest' is not a model tag" in done.stderr
+
+
 def test_ensure_defaults_resumes_a_default_that_stopped_half_way(monkeypatch, tmp_path):
     """`make serve` interrupted during training: the next start continues the run (a fresh run
     would refuse to overwrite the checkpoint)."""

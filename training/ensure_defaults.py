@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
     for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
         tag = configured_tag(env_var, name)
-        if tag != f"{name}:latest" and not store_has(tag):
+        if tag == f"{name}:latest":
+            continue
+        try:
+            present = store_has(tag)
+        except ValueError as e:
+            sys.exit(f"error: {env_var}: {e}")
+        if not present:
             sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
                      f"(BENTOML_HOME={home}), or unset {env_var} to serve the small default")
     for name, (env_var, module, run_dir) in DEFAULTS.items():

@@ -32,7 +32,8 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
 
 
 def store_has(tag: str) -> bool:
-    """Whether the store holds `tag` (a bare name: any version of it)."""
+    """Whether the store holds `tag` (a bare name: any version of it); ValueError for a string
+    that is no tag at all ("Bad Tag!", "gpt:")."""
     import bentoml
 
     try:
@@ -40,6 +41,8 @@ def store_has(tag: str) -> bool:
         return True
     except bentoml.exceptions.NotFound:
         return False
+    except bentoml.exceptions.BentoMLException as e:  # BentoML's "Invalid Tag ..."
+        raise ValueError(f"{tag!r} is not a model tag (name or name:version): {e}") from None
 
 
 def store_family(name: str) -> str | None:
