@@ -31,7 +31,7 @@ def env_int(name: str, default: int, minimum: int, maximum: int | None = None) -
     # ASCII digits only: int() also reads other scripts' digits ("٣" as 3)
     if not re.fullmatch(r"[+-]?[0-9]+", raw) or int(raw) < minimum or (maximum is not None and int(raw) > maximum):
         raise ConfigError(f"{name}={raw!r}: must be a whole number >= {minimum}"
-                         + (f" and <= {maximum}" if maximum is not None else ""))
+                          + (f" and <= {maximum}" if maximum is not None else ""))
     return int(raw)
 
 

@@ -6,9 +6,8 @@
   orchestrators and Prometheus need no secret, and so do CORS pre-flight requests (browsers
   send those without credentials), which the CORS middleware outside this one answers, and the
   API's description (GET /docs, /openapi.json and the page's assets), whose Authorize button
-  then sends the key. The
-  key is taken without surrounding whitespace, as a presented key is (a secret file's trailing
-  newline locked every client out).
+  then sends the key. The key is taken without surrounding whitespace, as a presented key is
+  (a secret file's trailing newline locked every client out).
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
   ("*" for any); unset means no CORS headers at all (same-origin only).
 - GPT_MODEL / GAN_MODEL: checked against BentoML's tag alphabet before the store sees them.
@@ -37,12 +36,6 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics"})
 # The API's description, read by a browser, which cannot send the key on a page load: its
 # Authorize button then sends it with the requests it makes.
 DOCS_PATHS = frozenset({"/", "/docs", "/openapi.json"})
-
-
-def _open(scope: Scope) -> bool:
-    path = scope.get("path", "")
-    return path in OPEN_PATHS or (scope.get("method") == "GET" and (path in DOCS_PATHS
-                                                                    or path.startswith("/static_content/")))
 # BentoML's tag: a lowercase name, then an optional version.
 TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]{1,64})?$")
 
@@ -53,7 +46,7 @@ def model_tag(env_var: str, default: str) -> str:
     tag = os.environ.get(env_var) or default
     if not TAG_PATTERN.fullmatch(tag) or ".." in tag:
         raise ConfigError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
-                         f"letters, digits, '.', '_', '-'; e.g. {default!r})")
+                          f"letters, digits, '.', '_', '-'; e.g. {default!r})")
     return tag
 
 
@@ -69,6 +62,13 @@ def api_key() -> str | None:
     if raw and not raw.strip():
         raise ConfigError("CONDGEN_API_KEY is only whitespace: set a key, or unset it to serve without one")
     return raw.strip() or None
+
+
+def _open(scope: Scope) -> bool:
+    """A request that needs no key: health, metrics, and GETs of the API's description."""
+    path = scope.get("path", "")
+    return path in OPEN_PATHS or (scope.get("method") == "GET"
+                                  and (path in DOCS_PATHS or path.startswith("/static_content/")))
 
 
 def _presented_key(scope: Scope) -> bytes | None:
