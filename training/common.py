@@ -100,16 +100,12 @@ def check_outputs(name: str, store: bool, out: str, family: str, name_option: st
     """Refuse, before training, a store name or an output folder that would fail after it, and
     a store name that holds models of another family (the service would then refuse to start:
     GAN_MODEL=mygan naming a GPT)."""
-    from training.store import NAME_RE, store_family
+    from training.store import check_name
 
-    if store and not NAME_RE.match(name):
-        raise ValueError(f"{name_option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
     if store:
         home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
         check_folder(home, "BENTOML_HOME (the model store)")
-        if (held := store_family(name)) not in (None, family):
-            raise ValueError(f"{name_option}={name}: the store's {name} holds {held!r} models; "
-                             f"give this {family!r} model another name")
+        check_name(name, family, name_option)
     check_folder(out, out_option)
 
 

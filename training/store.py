@@ -22,8 +22,7 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
     """Create `name:<version>` in the BentoML model store from a saved model directory."""
     import bentoml  # imported here so the rest of training/ runs with torch alone
 
-    if not NAME_RE.match(name):
-        raise ValueError(f"model name {name!r}: use lowercase letters, digits, '_', '-', '.'")
+    check_name(name, labels["family"])
     with bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
         for f in Path(model_dir).iterdir():
             if f.is_file():
@@ -43,6 +42,16 @@ def store_has(tag: str) -> bool:
         return False
     except bentoml.exceptions.BentoMLException as e:  # BentoML's "Invalid Tag ..."
         raise ValueError(f"{tag!r} is not a model tag (name or name:version): {e}") from None
+
+
+def check_name(name: str, family: str, option: str = "--name") -> None:
+    """Refuse a store name BentoML would refuse, or one that holds another family's models
+    (the service would then refuse to start: GAN_MODEL=mygan naming a GPT)."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"{option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+    if (held := store_family(name)) not in (None, family):
+        raise ValueError(f"{option}={name}: the store's {name} holds {held!r} models; give this {family!r} model "
+                         "another name")
 
 
 def store_family(name: str) -> str | None:
@@ -83,11 +92,7 @@ def main(argv: list[str] | None = None) -> str:
     family = read_json(folder / "config.json").get("family")
     load = loader(family)
     name = args.name or family
-    if not NAME_RE.match(name):
-        raise ValueError(f"--name={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
-    if (held := store_family(name)) not in (None, family):
-        raise ValueError(f"--name={name}: the store's {name} holds {held!r} models; give this {family!r} model "
-                         "another name")
+    check_name(name, family)
     load(folder, device="cpu")  # raises ArtifactError (a ValueError), naming the bad file
     metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     dataset = metrics.get("dataset_hash") or metrics.get("dataset")  # the GPT's job / the image jobs'
