@@ -22,7 +22,7 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
     """Create `name:<version>` in the BentoML model store from a saved model directory."""
     import bentoml  # imported here so the rest of training/ runs with torch alone
 
-    check_name(name, labels["family"])
+    check_name(name, labels.get("family"))
     with bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
         for f in Path(model_dir).iterdir():
             if f.is_file():
@@ -44,12 +44,12 @@ def store_has(tag: str) -> bool:
         raise ValueError(f"{tag!r} is not a model tag (name or name:version): {e}") from None
 
 
-def check_name(name: str, family: str, option: str = "--name") -> None:
+def check_name(name: str, family: str | None, option: str = "--name") -> None:
     """Refuse a store name BentoML would refuse, or one that holds another family's models
     (the service would then refuse to start: GAN_MODEL=mygan naming a GPT)."""
     if not NAME_RE.match(name):
         raise ValueError(f"{option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
-    if (held := store_family(name)) not in (None, family):
+    if family is not None and (held := store_family(name)) not in (None, family):
         raise ValueError(f"{option}={name}: the store's {name} holds {held!r} models; give this {family!r} model "
                          "another name")
 
