@@ -58,9 +58,12 @@ def test_loading_a_model_never_calls_the_unpickler(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("something tried to unpickle")
 
+    class RefusingUnpickler(pickle.Unpickler):  # a class still: modules imported meanwhile subclass it
+        __init__ = refuse
+
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
     monkeypatch.setattr(torch, "load", refuse)
     TextEngine.load(tmp_path, device="cpu")
 
