@@ -77,6 +77,19 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_halt_after_between_evaluations_then_resume_matches_one_run(tiny_run, tmp_path, capsys):
+    """train_gan had no --halt_after. Halting at step 4 (evaluations every 3) checkpoints without
+    an evaluation, whose random numbers would make the resumed run differ."""
+    _, straight = tiny_run
+    out = tmp_path / "run"
+    main(["--preset", "tiny", f"--run_dir={out}", "--max_steps=6", "--halt_after=4", "--store=false"])
+    assert "halted at step 4 of 6;" in capsys.readouterr().err and not (out / "model").exists()
+    resumed = main(["--preset", "tiny", "--out", str(out), "--max_steps=6", "--resume", "--store=false"])
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [3, 6]
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--max_steps=0", "--max_steps=0: must be >= 1"),
     ("--max_steps=-5", "--max_steps=-5: must be >= 1"),

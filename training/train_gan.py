@@ -37,8 +37,8 @@ from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
                              check_fresh_run, check_outputs, check_resume_data, diverged, fraction, load_checkpoint,
-                             one_of, parse_config, require_finite, restore, run_cli, setup_distributed,
-                             teardown_distributed)
+                             one_of, parse_config, report_halt, require_finite, restore, run_cli,
+                             setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
@@ -113,6 +113,9 @@ class GANTrainConfig(ImageJobConfig):
                                                   "valid": at_least(1)})
     max_steps: int = field(default=1200, metadata={"help": "training steps (one D + one G update)",
                                                    "valid": at_least(1)})
+    halt_after: int = field(default=0, metadata={
+        "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
+        "valid": at_least(0)})
     lr_g: float = field(default=4e-4, metadata={"help": "generator Adam learning rate",
                                                 "valid": above(0)})
     lr_d: float = field(default=4e-4, metadata={"help": "discriminator Adam learning rate",
@@ -402,7 +405,8 @@ def train(cfg: GANTrainConfig) -> Path:
         # Last, after everything that draws random numbers while being built.
         restore_rng(ckpt, d, cfg.seed)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, desc="gan")
-    while step < cfg.max_steps:
+    halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps
+    while step < halt_at:
         idx = torch.randint(len(data), (B,))
         real = data.images[idx].to(d.device).float() / 127.5 - 1                  # (B, 3, S, S)
         ids, mask = ids_all[idx], mask_all[idx]                                   # (B, T)
@@ -454,7 +458,8 @@ def train(cfg: GANTrainConfig) -> Path:
         interval["n"] += 1
         bar.update(1)
         bar.set_postfix(d=f"{d_loss.item():.3f}", g=f"{g_loss.item():.3f}")
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        if evaluating:
             row: dict[str, Any] = {"step": step, "time_s": round(time.time() - t0, 1)}
             for k in ("d_loss", "g_loss"):
                 row[k] = all_reduce_mean(interval[k] / interval["n"], d)
@@ -467,6 +472,10 @@ def train(cfg: GANTrainConfig) -> Path:
                 save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
+        # A halt between evaluations checkpoints without one: the random numbers an evaluation
+        # draws would make the resumed run differ from an uninterrupted one.
+        if evaluating or step == halt_at:
+            if d.is_main:
                 require_finite(step, ckpt_path, generator=G, discriminator=D, averaged_generator=G_ema)
                 atomic_save({"job": "gan", "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
@@ -477,7 +486,9 @@ def train(cfg: GANTrainConfig) -> Path:
                 gather_rng(d)
     bar.close()
     model_dir = run / "model"
-    if d.is_main:
+    if d.is_main and step < cfg.max_steps:
+        report_halt(step, cfg.max_steps, ckpt_path)
+    elif d.is_main:
         require_finite(step, ckpt_path, averaged_generator=G_ema)
         model_dir = finish(cfg, engine, evaluator, shapes, data, digest, G_ema, tokenizer, time.time() - t0,
                            step, history)
