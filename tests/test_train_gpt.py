@@ -36,7 +36,9 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     main(TINY + [f"--run_dir={tmp_path / 'straight'}"])
     main(TINY + [f"--run_dir={tmp_path / 'halted'}", "--halt_after=12"])
     assert not (tmp_path / "halted" / "model").exists()  # stopped before the end
-    assert "halted at step 12 of 20;" in capsys.readouterr().err  # it said nothing
+    err = capsys.readouterr().err
+    assert "halted at step 12 of 20;" in err  # it said nothing
+    assert re.search(r"data: \d+ documents for training \([\d,]+ tokens\), \d+ for validation", err)
     assert torch.load(tmp_path / "halted" / "ckpt.pt", weights_only=True)["step"] == 12
     # Another run's tokenizer in the folder (a run started there without --resume and stopped)
     # must not be paired with these weights: the checkpoint carries its own.

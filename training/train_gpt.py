@@ -187,6 +187,8 @@ def train(cfg: TrainGPTConfig) -> dict:
             raise ValueError(f"--data: the {part} text is {len(ids)} tokens, fewer than --block_size + 2 = "
                              f"{cfg.block_size + 2}: give more text or a smaller --block_size")
     if d.is_main:  # only now that the data is accepted: a refused run leaves run_dir as it was
+        print(f"data: {len(corpus.train)} documents for training ({len(train_data):,} tokens), "
+              f"{len(corpus.val)} for validation ({len(val_data):,} tokens)", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             tok.save(run / "tokenizer.json")
