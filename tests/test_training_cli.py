@@ -2,6 +2,9 @@
 cases are in test_gan_train.py), `--resume` without a checkpoint is an error, and no run saves
 non-finite weights or overwrites what it was not asked to."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,10 +98,7 @@ def test_ensure_defaults_stops_before_training_when_a_configured_model_is_missin
 
 def test_ensure_defaults_refuses_a_malformed_tag_in_one_line(monkeypatch, tmp_path):
     """The early check met BentoML's "Invalid Tag" exception: a traceback instead of one line."""
-    import subprocess
-    import sys
-
-    env = {**__import__("os").environ, "BENTOML_HOME": str(tmp_path), "GPT_MODEL": "Bad Tag!",
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "GPT_MODEL": "Bad Tag!",
            "BENTOML_DO_NOT_TRACK": "True"}
     done = subprocess.run([sys.executable, "-m", "training.ensure_defaults"], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -219,10 +219,7 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     """A job's --out folder, or imported GPT-2 weights, had no documented way into the store
     (GPT_MODEL takes store tags only). `python -m training.store DIR` loads it first, as the
     service will, names it by its family unless told otherwise, and errs in one line."""
-    import os
     import shutil
-    import subprocess
-    import sys
 
     src = next((bentoml_home / "models" / "gpt").glob("*/config.json")).parent
     folder = tmp_path / "my-model"
