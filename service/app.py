@@ -11,6 +11,7 @@ Routes: POST /complete, POST /generate, GET /models,
 
 Models: one text model (GPT_MODEL), the default image model (GAN_MODEL), and optionally the
 raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pick by `model`.
+Any of them may be turned off (an empty variable): the routes of a kind with no model answer 404.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ T = TypeVar("T")
 
 
 # Configuration (read once, when BentoML imports the service; a bad value stops the start-up).
+# Each model variable set empty turns that model off: a text-only or an image-only server.
 GPT_MODEL = model_tag("GPT_MODEL", "gpt:latest")  # refused at start-up unless name[:version]
 GAN_MODEL = model_tag("GAN_MODEL", "gan:latest")
 
@@ -85,7 +87,7 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
     """An optional model: the tag `env_var` names (then it must exist), else `default` when the
     store has it; `env_var=""` turns it off."""
     if env_var in os.environ:
-        return model_tag(env_var, default) if os.environ[env_var] else None
+        return model_tag(env_var, default)
     try:
         bentoml.models.get(default)
     except bentoml.exceptions.NotFound:
@@ -94,11 +96,16 @@ def _optional_model_tag(env_var: str, default: str) -> str | None:
 
 
 AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
+if not (GPT_MODEL or GAN_MODEL or AR_IMAGE_MODEL):
+    raise ConfigError("GPT_MODEL and GAN_MODEL are empty and no AR_IMAGE_MODEL is served: no model to serve "
+                      "(unset GPT_MODEL or GAN_MODEL for the default)")
 
 
-def _check_family(env_var: str, tag: str, family: str) -> None:
+def _check_family(env_var: str, tag: str | None, family: str) -> None:
     """A store model of another family (GPT_MODEL=gan:latest) stops the start-up, naming it, as a
     missing one does, rather than being listed under the wrong kind and failing when loaded."""
+    if tag is None:  # not served
+        return
     try:
         labels = bentoml.models.get(tag).info.labels
     except bentoml.exceptions.NotFound:
@@ -109,8 +116,7 @@ def _check_family(env_var: str, tag: str, family: str) -> None:
 
 _check_family("GPT_MODEL", GPT_MODEL, "gpt")
 _check_family("GAN_MODEL", GAN_MODEL, "gan")
-if AR_IMAGE_MODEL:
-    _check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
+_check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
 
 
 def _pinned(tag: str) -> str:
@@ -123,9 +129,11 @@ def _pinned(tag: str) -> str:
 
 # The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), pinned
 # to the versions it packs: a Bento built with GPT_MODEL=my-gpt serves that my-gpt, not a newer
-# one trained since (which the Bento does not hold).
-MODEL_ENVS = [{"name": name, "value": _pinned(tag)} for name, tag in
-              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL)) if tag]
+# one trained since (which the Bento does not hold). A text or GAN model turned off stays off
+# there (empty); an AR model left out is simply not in the Bento's store.
+MODEL_ENVS = [{"name": name, "value": _pinned(tag) if tag else ""} for name, tag in
+              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL))
+              if tag or name != "AR_IMAGE_MODEL"]
 DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
 if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():
     # Else every engine failed to load and the server stayed up, never ready, with torch's
@@ -307,7 +315,7 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
     """vLLM's /tokenize (a prompt's ids, as the model sees them); with TGI's body (`inputs`),
     TGI's (each token with the characters of the input it covers)."""
     data = await _read_json(request)
-    engine: TextRequests = svc._ready_or_503(svc.text)
+    engine = svc._text_requests()
     tok = engine.tokenizer
     # Tokenizing and answering run in a thread: for a long text (300,000 tokens, 15 MB of JSON
     # in TGI's form) they took the event loop for most of a second, stalling every other request.
@@ -337,7 +345,7 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
 async def detokenize(svc: "Generation", request: Request) -> Response:
     """vLLM's /detokenize: token ids of the text model's tokenizer back to text."""
     body = await _parse(request, DetokenizeBody)
-    engine: TextRequests = svc._ready_or_503(svc.text)
+    engine = svc._text_requests()
     svc._check_model(body.model, "text")
     vocab = engine.tokenizer.vocab_size
     if bad := [t for t in body.tokens if t >= vocab]:
@@ -360,10 +368,10 @@ async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
 @_route
 async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
-    engine: TextRequests = svc._ready_or_503(svc.text)
+    engine = svc._text_requests()
     on_cuda = resolve_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
     cfg = svc.text_stream.cfg
-    return JSONResponse(tgi.info(svc._check_model(None, "text").tag, engine.block_size,
+    return JSONResponse(tgi.info(svc.text_model.tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
                                  cfg.max_running + cfg.max_waiting))
 
@@ -577,14 +585,14 @@ def _pick_seed(seed: int | None, count: int = MAX_N) -> int:
 )
 class Generation:
     # Declared at class scope so that `bentoml build` packs the models into the Bento.
-    gpt = bentoml.models.BentoModel(GPT_MODEL)
-    gan = bentoml.models.BentoModel(GAN_MODEL)
+    gpt = bentoml.models.BentoModel(GPT_MODEL) if GPT_MODEL else None
+    gan = bentoml.models.BentoModel(GAN_MODEL) if GAN_MODEL else None
     ar_image = bentoml.models.BentoModel(AR_IMAGE_MODEL) if AR_IMAGE_MODEL else None
 
     def __init__(self) -> None:
         self.metrics = get_metrics()
         # Resolving the tags here makes a missing model fail the start-up at once, by name.
-        self.text_model = ServedModel.from_store("text", self.gpt)
+        self.text_model = ServedModel.from_store("text", self.gpt) if self.gpt is not None else None
         self.images: dict[str, ImageBackend] = {}  # tag -> backend; the first is the default
         for stored, engine_class, checker_class in ((self.gan, ImageEngine, ImageRequests),
                                                     (self.ar_image, ARImageEngine, ARImageRequests)):
@@ -593,7 +601,7 @@ class Generation:
                 backend.batcher = image_batcher(functools.partial(self._run_images, backend), self.metrics,
                                                 engine_class)
                 self.images[backend.served.tag] = backend
-        self.served_models = [self.text_model, *(b.served for b in self.images.values())]
+        self.served_models = [m for m in (self.text_model, *(b.served for b in self.images.values())) if m]
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()
@@ -626,7 +634,7 @@ class Generation:
             # Python (HTTP, JSON) would stall their work on the GIL. All start at once; this
             # process reads only tokenizers and configs, to check requests before they queue.
             checkers, starting = {}, []
-            self._threads = engine_threads(1 + len(self.images))  # the text engine and each image model's
+            self._threads = engine_threads((self.gpt is not None) + len(self.images))  # text engine, image models
             for tag, backend in self.images.items():
                 checker = backend.checker_class.load(backend.stored.path)
                 backend.served.details["image_size"] = checker.image_size
@@ -638,14 +646,16 @@ class Generation:
                 checkers[tag] = checker
                 backend.worker = self._image_worker(backend)
                 starting.append(backend.worker)
-            self.text_stream = self._text_engine()
-            text = self.text_stream.requests
+            if self.gpt is not None:
+                self.text_stream = self._text_engine()
             for worker in starting:
                 worker.wait_started()  # raises the worker's error: an ArtifactError names the bad file
-            self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
-            self.text_model.details["context_length"] = text.block_size
-            self.text_model.details["batch_invariant"] = BATCH_INVARIANT
-            self.text = text
+            if self.text_stream is not None:
+                text = self.text_stream.requests
+                self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
+                self.text_model.details["context_length"] = text.block_size
+                self.text_model.details["batch_invariant"] = BATCH_INVARIANT
+                self.text = text
             for tag, checker in checkers.items():
                 self.images[tag].requests = checker
             logger.info("loaded and warmed up %s in %.2fs", ", ".join(m.tag for m in self.served_models),
@@ -787,6 +797,11 @@ class Generation:
         self.metrics.requests_running.labels(endpoint=TEXT).set(running)
         self.metrics.requests_waiting.labels(endpoint=TEXT).set(waiting)
 
+    def _text_requests(self) -> TextRequests:
+        """The text model's request checker: 404 on a server that serves none, 503 until loaded."""
+        self._check_model(None, "text")
+        return self._ready_or_503(self.text)
+
     def _ready_or_503(self, engine: Any) -> Any:
         if engine is None:
             why = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
@@ -795,6 +810,10 @@ class Generation:
 
     def _check_model(self, requested: str | None, kind: str) -> ServedModel:
         """The served model of `kind` that `requested` names (None: the default, listed first)."""
+        if not any(served.kind == kind for served in self.served_models):
+            env_vars = "GPT_MODEL" if kind == "text" else "GAN_MODEL and AR_IMAGE_MODEL"
+            raise ApiError(404, f"this server serves no {kind} model (it was started with {env_vars} empty)",
+                           "model", code="model_not_found")
         for served in self.served_models:
             if served.kind == kind and served.answers_to(requested):
                 return served
@@ -842,7 +861,7 @@ class Generation:
         ) for i, p in enumerate(prompts)], seed
 
     async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
-        engine: TextRequests = self._ready_or_503(self.text)
+        engine = self._text_requests()
         served = self._check_model(body.model, "text")
         prompts = body.prompts()
         reqs, seed = self._completion_requests(body, prompts, engine)
@@ -941,8 +960,7 @@ class Generation:
         p = body.parameters
         if (err := p.unsupported()) is not None:
             raise err
-        engine: TextRequests = self._ready_or_503(self.text)
-        self._check_model(None, "text")
+        engine = self._text_requests()
         _within_prompt_limit(body.inputs, engine, "inputs")
         ids = engine.tokenizer.encode(body.inputs)
         if p.truncate is not None:

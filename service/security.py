@@ -10,7 +10,8 @@
   (a secret file's trailing newline locked every client out).
 - CONDGEN_CORS_ORIGINS: comma-separated origins allowed to call the API from a browser
   ("*" for any); unset means no CORS headers at all (same-origin only).
-- GPT_MODEL / GAN_MODEL: checked against BentoML's tag alphabet before the store sees them.
+- GPT_MODEL / GAN_MODEL / AR_IMAGE_MODEL: checked against BentoML's tag alphabet before the
+  store sees them.
 - Starlette's own answers to an unknown path (404) or method (405) are plain text; they are
   rewritten into the one JSON error shape, which the clients of this API parse.
 
@@ -40,13 +41,15 @@ DOCS_PATHS = frozenset({"/", "/docs", "/openapi.json"})
 TAG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?(:[A-Za-z0-9._-]{1,64})?$")
 
 
-def model_tag(env_var: str, default: str) -> str:
-    """The store tag an environment variable names (unset or empty: `default`), refused at
-    start-up when malformed."""
-    tag = os.environ.get(env_var) or default
+def model_tag(env_var: str, default: str) -> str | None:
+    """The store tag an environment variable names (unset: `default`; empty: None, that model is
+    not served), refused at start-up when malformed."""
+    tag = os.environ.get(env_var, default)
+    if not tag:
+        return None
     if not TAG_PATTERN.fullmatch(tag) or ".." in tag:
         raise ConfigError(f"{env_var}={tag!r} is not a model tag (expected name or name:version, "
-                          f"letters, digits, '.', '_', '-'; e.g. {default!r})")
+                          f"letters, digits, '.', '_', '-'; e.g. {default!r}; empty: not served)")
     return tag
 
 

@@ -316,10 +316,12 @@ def test_model_tags_from_the_environment_accepted(tag, monkeypatch):
     assert model_tag("GPT_MODEL", "gpt:latest") == tag
 
 
-def test_an_empty_model_tag_means_the_default(monkeypatch):
-    """As for every other setting (README, Configuration); it stopped the start-up."""
-    monkeypatch.setenv("GPT_MODEL", "")
+def test_an_unset_model_tag_means_the_default_and_an_empty_one_no_model(monkeypatch):
+    """Empty turns the model off (a text-only or image-only server), as AR_IMAGE_MODEL's did."""
+    monkeypatch.delenv("GPT_MODEL", raising=False)
     assert model_tag("GPT_MODEL", "gpt:latest") == "gpt:latest"
+    monkeypatch.setenv("GPT_MODEL", "")
+    assert model_tag("GPT_MODEL", "gpt:latest") is None
 
 
 @pytest.mark.parametrize("tag", ["../gpt", "gpt/../../etc", "/abs/path", "gpt:../x", "a b", "GPT", " ",

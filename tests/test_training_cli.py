@@ -73,14 +73,27 @@ def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(m
     monkeypatch.setattr(train_gpt, "main", lambda argv: trained.append("gpt"))
     monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
     monkeypatch.setenv("GPT_MODEL", "support-gpt")
-    monkeypatch.setenv("GAN_MODEL", "")  # empty means the default, gan:latest
+    monkeypatch.delenv("GAN_MODEL", raising=False)  # unset: the default, gan:latest
     ensure_defaults.main([])
     assert trained == ["gan"]
     assert "gpt: using the configured GPT_MODEL=support-gpt:latest, not training the default" in capsys.readouterr().err
     monkeypatch.setenv("GPT_MODEL", "gpt")  # the default's name alone is its latest version
-    monkeypatch.delenv("GAN_MODEL")
     ensure_defaults.main([])
     assert trained == ["gan", "gpt", "gan"]
+
+
+def test_ensure_defaults_trains_no_model_that_is_turned_off(monkeypatch, capsys):
+    """GAN_MODEL empty serves text only: the small GAN's nine minutes of training were wasted
+    (empty used to mean the default)."""
+    trained = []
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda tag: False)
+    monkeypatch.setattr(train_gpt, "main", lambda argv: trained.append("gpt"))
+    monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
+    monkeypatch.delenv("GPT_MODEL", raising=False)
+    monkeypatch.setenv("GAN_MODEL", "")
+    ensure_defaults.main([])
+    assert trained == ["gpt"]
+    assert "gan: GAN_MODEL is empty, so the service will not serve one: not training it" in capsys.readouterr().err
 
 
 def test_ensure_defaults_stops_before_training_when_a_configured_model_is_missing(monkeypatch, tmp_path):
@@ -242,3 +255,15 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     broken = store(str(folder), "--name", "other")
     assert broken.returncode == 2 and "model.safetensors" in broken.stderr and "Traceback" not in broken.stderr
     assert store(str(tmp_path)).returncode == 2  # no config.json
+
+
+def test_help_shows_the_chosen_presets_values(capsys):
+    """`train_gpt --preset tiny --help` listed the small preset's values (the dataclass's
+    defaults), which the tiny run does not use."""
+    with pytest.raises(SystemExit):
+        parse_config(train_gpt.TrainGPTConfig, train_gpt.PRESETS, ["--preset", "tiny", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "embedding width (--preset tiny: 32)" in shown and "(--preset tiny: 'runs/gpt-tiny')" in shown
+    with pytest.raises(SystemExit):
+        parse_config(train_gpt.TrainGPTConfig, train_gpt.PRESETS, ["--help"])
+    assert "embedding width (--preset small: 128)" in " ".join(capsys.readouterr().out.split())

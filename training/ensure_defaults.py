@@ -19,10 +19,12 @@ DEFAULTS = {
 }
 
 
-def configured_tag(env_var: str, name: str) -> str:
-    """The tag the service will load, as it reads it (unset or empty: `name:latest`; a bare name
-    is its latest version)."""
-    tag = os.environ.get(env_var) or f"{name}:latest"
+def configured_tag(env_var: str, name: str) -> str | None:
+    """The tag the service will load, as it reads it (unset: `name:latest`; a bare name is its
+    latest version); None when the variable is empty, which turns that model off."""
+    tag = os.environ.get(env_var, f"{name}:latest")
+    if not tag:
+        return None
     return tag if ":" in tag else f"{tag}:latest"
 
 
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
     for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
         tag = configured_tag(env_var, name)
-        if tag == f"{name}:latest":
+        if tag in (None, f"{name}:latest"):
             continue
         try:
             present = store_has(tag)
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"(BENTOML_HOME={home}), or unset {env_var} to serve the small default")
     for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
+        if tag is None:
+            print(f"{name}: {env_var} is empty, so the service will not serve one: not training it", file=sys.stderr)
+            continue
         if tag != f"{name}:latest":  # the user's own model
             print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
             continue

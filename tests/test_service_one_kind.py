@@ -1,0 +1,97 @@
+"""A text-only and an image-only server: a model variable set empty turns that model off.
+
+A server needed both a text model and a GAN, so serving completions meant training a GAN
+(nine minutes for the small default) and holding it in memory. Real servers, over HTTP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, Server, _stop, launch_server, wait_ready
+
+
+def _serve(home: Path, where: Path, env: dict[str, str]) -> Iterator[Server]:
+    proc, srv = launch_server(home, where / "serve.log", env)
+    try:
+        wait_ready(proc, srv)
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def text_only(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(bentoml_home, tmp_path_factory.mktemp("text_only"), {"GAN_MODEL": "", "AR_IMAGE_MODEL": ""})
+
+
+@pytest.fixture(scope="module")
+def image_only(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(bentoml_home, tmp_path_factory.mktemp("image_only"), {"GPT_MODEL": "", "AR_IMAGE_MODEL": ""})
+
+
+def _not_served(r: httpx.Response, kind: str) -> None:
+    assert r.status_code == 404, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["code"] == "model_not_found" and f"this server serves no {kind} model" in error["message"]
+
+
+def test_a_text_only_server_completes_and_answers_image_routes_404(text_only: Server):
+    with httpx.Client(base_url=text_only.url, timeout=60) as c:
+        assert [m["kind"] for m in c.get("/models").json()["data"]] == ["text"]
+        assert [m["id"].split(":")[0] for m in c.get("/v1/models").json()["data"]] == ["gpt"]
+        done = c.post("/complete", json={"prompt": "The", "max_tokens": 4, "seed": 1})
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+        assert c.get("/info").status_code == 200
+        _not_served(c.post("/generate", json={"prompt": "a red circle", "seed": 1}), "image")
+        _not_served(c.post("/v1/images/generations", json={"prompt": "a red circle"}), "image")
+        _not_served(c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle"}), "image")
+        assert c.get("/sdapi/v1/sd-models").json() == []
+        assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": None}
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+    log = text_only.log.read_text(errors="replace")
+    assert "the text engine of gpt:" in log and "the image engine of" not in log  # no GAN loaded
+
+
+def test_an_image_only_server_draws_and_answers_text_routes_404(image_only: Server):
+    with httpx.Client(base_url=image_only.url, timeout=60) as c:
+        assert [m["kind"] for m in c.get("/models").json()["data"]] == ["image"]
+        png = c.post("/generate", json={"prompt": "a red circle", "seed": 1, "response_format": "png"})
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        text = {"prompt": "The", "max_tokens": 4}
+        for path, body in [("/complete", text), ("/v1/completions", {**text, "model": "gpt"}),
+                           ("/tokenize", {"prompt": "The"}), ("/detokenize", {"tokens": [1]}), ("/generate", {"inputs": "The"}),
+                           ("/generate_stream", {"inputs": "The"}), ("/", {"inputs": "The"})]:
+            _not_served(c.post(path, json=body), "text")
+        _not_served(c.get("/info"), "text")
+        assert c.get("/health").status_code == 200
+    log = image_only.log.read_text(errors="replace")
+    assert "the image engine of gan:" in log and "the text engine of" not in log
+
+
+def _import_service(home: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = "import json, service.app as app; print(json.dumps(app.MODEL_ENVS))"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "BENTOML_HOME": str(home), **env})
+
+
+def test_no_model_at_all_stops_the_start_up_in_one_line(bentoml_home: Path):
+    run = _import_service(bentoml_home, {"GPT_MODEL": "", "GAN_MODEL": "", "AR_IMAGE_MODEL": ""})
+    assert run.returncode != 0
+    assert "no model to serve" in run.stderr.splitlines()[-1], run.stderr[-2000:]
+
+
+def test_a_bento_of_a_text_only_server_keeps_its_gan_off(bentoml_home: Path):
+    """The Bento's container defaults: GAN_MODEL empty there too (left out, the container would
+    have looked for gan:latest, which the Bento does not pack, and failed to start)."""
+    run = _import_service(bentoml_home, {"GAN_MODEL": "", "AR_IMAGE_MODEL": ""})
+    assert run.returncode == 0, run.stderr[-2000:]
+    envs = {e["name"]: e["value"] for e in json.loads(run.stdout.splitlines()[-1])}
+    assert envs["GAN_MODEL"] == "" and envs["GPT_MODEL"].startswith("gpt:") and "AR_IMAGE_MODEL" not in envs
