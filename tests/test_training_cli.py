@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import atomic_save, run_cli
+from training.common import atomic_save, parse_config, run_cli
 
 
 @pytest.mark.parametrize("job, arg, message", [

@@ -72,14 +72,19 @@ def _field_type(f: dataclasses.Field) -> Any:
 
 def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[str] | None = None,
                  default_preset: str = "small", description: str = "") -> C:
-    """Build `cls` from `--preset NAME` plus `--field=value` overrides (help from field metadata)."""
+    """Build `cls` from `--preset NAME` plus `--field=value` overrides (help from field metadata;
+    `--preset tiny --help` shows the tiny preset's values)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--preset", default=default_preset)
+    shown = early.parse_known_args(argv)[0].preset
+    shown = shown if shown in presets else default_preset  # a bad name is refused below
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=f"starting point for all settings (default {default_preset})")
     for f in dataclasses.fields(cls):
         parser.add_argument(
             f"--{f.name}", type=_field_type(f), default=None,
-            help=f"{f.metadata.get('help', '')} (preset/default: {f.default!r})",
+            help=f"{f.metadata.get('help', '')} (--preset {shown}: {presets[shown].get(f.name, f.default)!r})",
         )
     args = parser.parse_args(argv)
     values = dict(presets[args.preset])
