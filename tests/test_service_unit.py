@@ -176,6 +176,33 @@ def test_png_keeps_its_parameters():
         assert np.array_equal(np.asarray(im.convert("RGB")), img)
 
 
+def _png_texts(png: bytes) -> list[bytes]:
+    """The text of each tEXt / iTXt chunk, read off the file's bytes (after the keyword, and
+    for iTXt its flags, language and translated keyword)."""
+    texts, at = [], 8
+    while at < len(png):
+        length, kind = int.from_bytes(png[at:at + 4], "big"), png[at + 4:at + 8]
+        data = png[at + 8:at + 8 + length]
+        if kind == b"tEXt":
+            texts.append(data.split(b"\x00", 1)[1])
+        elif kind == b"iTXt":
+            after_flags = data.split(b"\x00", 1)[1][2:]
+            texts.append(after_flags.split(b"\x00", 2)[2])
+        at += 12 + length
+    return texts
+
+
+@pytest.mark.parametrize("text", ["a\x00b, Steps: 1", "ä\x00€, Steps: 1"])  # tEXt, and iTXt past Latin-1
+def test_png_text_holds_no_nul(text):
+    """A NUL in an AUTOMATIC1111 prompt went into the infotext chunk, which the PNG specification
+    forbids (a NUL ends the keyword: readers split the chunk there)."""
+    png = encode_png(np.zeros((2, 2, 3), dtype=np.uint8), text)
+    [chunk_text] = _png_texts(png)
+    assert b"\x00" not in chunk_text
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.text["parameters"] == text.replace("\x00", "\ufffd")
+
+
 def test_png_refuses_wrong_arrays():
     with pytest.raises(ValueError):
         encode_png(np.zeros((4, 4), dtype=np.uint8), {})
