@@ -811,9 +811,8 @@ class Generation:
     def _check_model(self, requested: str | None, kind: str) -> ServedModel:
         """The served model of `kind` that `requested` names (None: the default, listed first)."""
         if not any(served.kind == kind for served in self.served_models):
-            env_vars = "GPT_MODEL" if kind == "text" else "GAN_MODEL and AR_IMAGE_MODEL"
-            raise ApiError(404, f"this server serves no {kind} model (it was started with {env_vars} empty)",
-                           "model", code="model_not_found")
+            why = "GPT_MODEL is empty" if kind == "text" else "GAN_MODEL is empty and no AR_IMAGE_MODEL is served"
+            raise ApiError(404, f"this server serves no {kind} model ({why})", "model", code="model_not_found")
         for served in self.served_models:
             if served.kind == kind and served.answers_to(requested):
                 return served
