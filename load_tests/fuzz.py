@@ -5,7 +5,8 @@
 Fetches <host>/openapi.json, then, for every operation, lets schemathesis generate valid
 and invalid requests (hypothesis strategies from the schema: positive and negative modes).
 A case fails when the service answers 5xx, or a 4xx whose body is not the JSON error
-shape `{"error": {"message": ..., "type": ...}}`. Prints a summary and exits non-zero on
+shape `{"error": {"message": ..., "type": ...}}` (or, for text-generation-inference's
+requests, TGI's `{"error": ..., "error_type": ...}`). Prints a summary and exits non-zero on
 any failure (each failing case is printed with a curl-like reproduction). Starts nothing.
 """
 from __future__ import annotations
@@ -30,15 +31,27 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
 
 
-def check_response(status: int, content_type: str, content: bytes) -> str | None:
-    """Why a response is wrong, or None."""
+TGI_ROUTES = ("/generate_stream", "/", "/info")  # and /generate, /tokenize with TGI's body (`inputs`)
+
+
+def is_tgi_request(path: str, body: object) -> bool:
+    """Whether the service answers this request as text-generation-inference (its error shape)."""
+    return path in TGI_ROUTES or (path in ("/generate", "/tokenize") and isinstance(body, dict)
+                                  and "inputs" in body and "prompt" not in body)
+
+
+def check_response(status: int, content_type: str, content: bytes, tgi: bool = False) -> str | None:
+    """Why a response is wrong, or None; `tgi`: TGI's error shape is right too."""
     if status >= 500:
         return f"server error {status}"
     if 400 <= status < 500:
         if not content_type.startswith("application/json"):
             return f"{status} with content-type {content_type!r}"
         try:
-            err = json.loads(content)["error"]
+            body = json.loads(content)
+            if tgi and isinstance(body["error"], str):
+                return None if isinstance(body["error_type"], str) else f"{status}: error_type is not a string"
+            err = body["error"]
             if not isinstance(err["message"], str) or not isinstance(err["type"], str):
                 return f"{status}: error message/type are not strings"
         except (ValueError, KeyError, TypeError) as e:
@@ -79,7 +92,7 @@ def fuzz(host: str, cases: int, headers: dict[str, str] | None = None, seed: int
                 out.statuses[resp.status_code] += 1
                 ctype = resp.headers.get("content-type") or [""]  # schemathesis: name -> list of values
                 why = check_response(resp.status_code, ctype if isinstance(ctype, str) else ctype[0],
-                                     resp.content)
+                                     resp.content, is_tgi_request(op.path, case.body))
                 if why is not None:
                     out.failures.append(f"{op.method.upper()} {op.path} [{mode.value}]: {why}; body={_show(case)}")
 

@@ -197,12 +197,12 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
                 raise ApiError(503, "the service is starting", type="server_error") from None
             response = await fn(svc, request)
         except ApiError as e:
-            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            response = _error_response(request, e)
         except InvalidParameter as e:
             # "prompt: must be ...": the message names the field, as a schema error's does
-            response = JSONResponse(ApiError(400, str(e), e.param, code=e.code).body(), status_code=400)
+            response = _error_response(request, ApiError(400, str(e), e.param, code=e.code))
         except ValidationError as e:
-            response = JSONResponse(from_validation_error(e).body(), status_code=400)
+            response = _error_response(request, from_validation_error(e))
         except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing broken
             logger.info("request %s to %s: the client left before its body was read", request_id, request.url.path)
             response = Response(status_code=499)
@@ -210,7 +210,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             logger.exception("request %s to %s failed", request_id, request.url.path)
             err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
                            type="server_error")
-            response = JSONResponse(err.body(request_id), status_code=500)
+            response = _error_response(request, err, request_id)
         endpoint = getattr(request.scope.get("route"), "path", request.url.path)
         # Labelled by route ("/v1/models/{model}"): one series per route. A probe's 503 (/health,
         # as /readyz) is its answer, not an error: counted, it raised the error rate at every start.
@@ -220,6 +220,15 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
         return response
 
     return handler
+
+
+def _error_response(request: Request, err: ApiError, request_id: str | None = None) -> JSONResponse:
+    """The error in this service's JSON shape, or in text-generation-inference's on its routes
+    (the handler marks the request `tgi`): its clients raise their typed errors from that."""
+    if getattr(request.state, "tgi", False):
+        status, body = tgi.error(err)
+        return JSONResponse(body, status_code=status, headers=err.headers)
+    return JSONResponse(err.body(request_id), status_code=err.status, headers=err.headers)
 
 
 async def _parse(request: Request, model: type[B]) -> B:
@@ -299,6 +308,7 @@ async def generate(svc: "Generation", request: Request) -> Response:
     """Images; a body with `inputs` is text-generation-inference's text request (its /generate)."""
     data = await _read_json(request)
     if "inputs" in data and "prompt" not in data:
+        request.state.tgi = True
         return await svc.tgi_generate(_tgi_body(data), request, stream=False)
     return await svc.generate(ImageBody.model_validate(data), request)
 
@@ -315,11 +325,12 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
     """vLLM's /tokenize (a prompt's ids, as the model sees them); with TGI's body (`inputs`),
     TGI's (each token with the characters of the input it covers)."""
     data = await _read_json(request)
+    request.state.tgi = "inputs" in data and "prompt" not in data
     engine = svc._text_requests()
     tok = engine.tokenizer
     # Tokenizing and answering run in a thread: for a long text (300,000 tokens, 15 MB of JSON
     # in TGI's form) they took the event loop for most of a second, stalling every other request.
-    if "inputs" in data and "prompt" not in data:
+    if request.state.tgi:
         text = _tgi_body(data, TGITokenizeBody).inputs
         _within_prompt_limit(text, engine, "inputs")
 
@@ -362,12 +373,14 @@ def _within_prompt_limit(text: str, engine: TextRequests, name: str) -> None:
 
 @_route
 async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
+    request.state.tgi = True
     return await svc.tgi_generate(_tgi_body(await _read_json(request)), request, stream=True)
 
 
 @_route
 async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
+    request.state.tgi = True
     engine = svc._text_requests()
     on_cuda = resolve_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
     cfg = svc.text_stream.cfg
@@ -379,6 +392,7 @@ async def tgi_info(svc: "Generation", request: Request) -> Response:
 @_route
 async def tgi_compat(svc: "Generation", request: Request) -> Response:
     """POST /, TGI's compat route: `stream` chooses; a plain answer comes as a list of one."""
+    request.state.tgi = True
     body = _tgi_body(await _read_json(request))
     return await svc.tgi_generate(body, request, stream=body.stream, as_list=True)
 
@@ -1003,8 +1017,8 @@ class Generation:
                     index += 1
                     last = ev.finish_reason is not None and j == len(tokens) - 1
                     yield sse_event(answer.stream_event(index, token, top, last=last))
-        except Exception as e:  # the headers (a 200) are gone: report in-band
-            yield _in_band_error(e, endpoint, "a text-generation-inference stream")
+        except Exception as e:  # the headers (a 200) are gone: report in-band, in TGI's shape
+            yield _in_band_error(e, endpoint, "a text-generation-inference stream", tgi_shape=True)
         finally:
             await events.aclose()
 
@@ -1221,7 +1235,7 @@ async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEven
         raise _engine_error(e) from None
 
 
-def _in_band_error(e: Exception, endpoint: str, what: str) -> bytes:
+def _in_band_error(e: Exception, endpoint: str, what: str, tgi_shape: bool = False) -> bytes:
     """The event that ends a stream failing after its 200 went out (called in the `except`),
     counted as the status it would have had: the engine process died (its reader has logged
     it), refused one of several prompts (its own check, raced past the server's), or a bug."""
@@ -1231,7 +1245,7 @@ def _in_band_error(e: Exception, endpoint: str, what: str) -> bytes:
         logger.exception("%s (request %s) failed", what, request_id)
         err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
     count_error(endpoint, err.status)
-    return sse_event(err.body(request_id))
+    return sse_event(tgi.error(err)[1] if tgi_shape else err.body(request_id))
 
 
 async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:

@@ -31,6 +31,13 @@ ERROR_SCHEMA: dict[str, Any] = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
                        "request_id": {"type": "string"}}}},
 }
+# text-generation-inference's, on its routes (service.tgi.error): what its clients parse.
+TGI_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error", "error_type"],
+    "properties": {"error": {"type": "string"},
+                   "error_type": {"type": "string", "enum": ["validation", "overloaded", "generation"]},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+}
 ERRORS = {
     "400": "a client mistake; `param` names the field",
     "401": "API key missing or wrong (when CONDGEN_API_KEY is set)",
@@ -44,31 +51,37 @@ ERRORS = {
 }
 
 
-def _errors() -> dict[str, Any]:
+def _errors(tgi: bool = False) -> dict[str, Any]:
+    """The error responses; `tgi`: a route that answers TGI's requests, whose errors come in TGI's
+    shape (422 for a bad request) once the route knows the request is one; the server's own
+    limits (API key, overload, deadline) answer in this service's shape everywhere."""
+    errors = {**ERRORS, "422": "a bad text-generation-inference request (TGI's error shape)"} if tgi else ERRORS
+    schema = {"$ref": REF.format(model="Error")}
+    if tgi:
+        schema = {"anyOf": [schema, {"$ref": REF.format(model="TGIError")}]}
     out = {}
-    for code, why in ERRORS.items():
+    for code, why in errors.items():
         headers = {"Retry-After": {"schema": {"type": "integer"}}} if code == "429" else {}
-        out[code] = {"description": why, "headers": headers,
-                     "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+        out[code] = {"description": why, "headers": headers, "content": {"application/json": {"schema": schema}}}
     return out
 
 
-def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any]) -> dict[str, Any]:
+def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any], tgi: bool = False) -> dict[str, Any]:
     """A POST route; a tuple of bodies: any one of them (told apart by their required fields)."""
     schema = ({"oneOf": [{"$ref": REF.format(model=b)} for b in body]} if isinstance(body, tuple)
               else {"$ref": REF.format(model=body)})
     return {"post": {
         "summary": summary, "operationId": summary.split(":")[0].replace(" ", "_").lower(),
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-        "responses": {"200": {"description": "success", "content": ok}, **_errors()},
+        "responses": {"200": {"description": "success", "content": ok}, **_errors(tgi)},
     }}
 
 
 def _get(summary: str, errors: tuple[str, ...] = ("401", "503"), parameters: list[dict[str, Any]] | None = None,
-         shape: str = "object") -> dict[str, Any]:
+         shape: str = "object", tgi: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
         "200": {"description": "success", "content": {"application/json": {"schema": {"type": shape}}}},
-        **{k: v for k, v in _errors().items() if k in errors}}}
+        **{k: v for k, v in _errors(tgi).items() if k in errors}}}
     return {"get": {**op, "parameters": parameters} if parameters else op}
 
 
@@ -100,7 +113,7 @@ def build_openapi(keyed: bool = False) -> dict[str, Any]:
         [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
                                      TGIBody, TokenizeBody, TGITokenizeBody, DetokenizeBody)],
         ref_template=REF)
-    schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA}
+    schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA, "TGIError": TGI_ERROR_SCHEMA}
     for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions",
                  "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
         _null_means_default(schemas[name])
@@ -113,15 +126,15 @@ def build_openapi(keyed: bool = False) -> dict[str, Any]:
                                {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
             "/generate": _post("generate: images from a prompt (JSON with base64 PNGs, or one PNG); with `inputs`, "
                                "text-generation-inference's text generation", ("ImageBody", "TGIBody"),
-                               {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}),
+                               {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}, tgi=True),
             "/generate_stream": _post("tgi generate stream: text-generation-inference's token stream (SSE)",
-                                      "TGIBody", {"text/event-stream": {"schema": {"type": "string"}}}),
+                                      "TGIBody", {"text/event-stream": {"schema": {"type": "string"}}}, tgi=True),
             "/": _post("tgi compat: text-generation-inference's route (`stream` chooses; a list of one answer)",
                        "TGIBody", {"application/json": {"schema": {"type": "array"}},
-                                   "text/event-stream": {"schema": {"type": "string"}}}),
-            "/info": _get("tgi info"),
+                                   "text/event-stream": {"schema": {"type": "string"}}}, tgi=True),
+            "/info": _get("tgi info", ("401", "404", "503"), tgi=True),
             "/tokenize": _post("tokenize: a prompt's token ids (vLLM's); with `inputs`, TGI's token spans",
-                               ("TokenizeBody", "TGITokenizeBody"), obj),
+                               ("TokenizeBody", "TGITokenizeBody"), obj, tgi=True),
             "/detokenize": _post("detokenize: token ids back to text (vLLM's)", "DetokenizeBody", obj),
             "/v1/completions": _post("openai completions", "OpenAICompletionBody",
                                      {**obj, "text/event-stream": {"schema": {"type": "string"}}}),

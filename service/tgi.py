@@ -26,6 +26,16 @@ PARAM = {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens", "logprob
          "repetition_penalty": "parameters.repetition_penalty", "frequency_penalty": "parameters.frequency_penalty"}
 
 
+def error(err: ApiError) -> tuple[int, dict[str, Any]]:
+    """(status, body) of an error in TGI's shape, `{"error": message, "error_type": kind}`, which
+    huggingface_hub raises as its ValidationError, OverloadedError or GenerationError: a bad
+    request is a 422 there (other 4xx keep their status). `param` and `code` stay, as this
+    service's other errors name the field."""
+    kind = "overloaded" if err.status == 429 else "generation" if err.status >= 500 else "validation"
+    status = 422 if err.status == 400 else err.status
+    return status, {"error": err.message, "error_type": kind, "param": err.param, "code": err.code}
+
+
 def samples(p: TGIParameters) -> bool:
     """TGI samples when asked to, or when any sampling parameter is set; else it is greedy."""
     return p.do_sample or (p.temperature is not None and p.temperature != 1) or p.top_k is not None \

@@ -463,6 +463,33 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
 
 
+def test_a_tgi_stream_whose_engine_dies_ends_with_tgi_s_error_event():
+    """TGI's stream ends in TGI's error shape, which huggingface_hub raises as its typed error
+    (from this service's shape it raised UnknownError carrying a dict)."""
+    from huggingface_hub.errors import GenerationError
+    from huggingface_hub.inference._common import _format_text_generation_stream_output
+
+    from models.engine import StreamEvent
+    from models.engine_process import EngineFailed
+    from service import app as service_app
+    from service import tgi
+    from service.schemas import TGIParameters
+
+    async def dies_after_one_token():
+        yield StreamEvent(0, 0, "Hello", 1, [], None, 5)
+        raise EngineFailed("the text engine process exited (code -9)")
+
+    async def stream() -> list[bytes]:
+        answer = tgi.Generated(None, TGIParameters(), [1], "", None)
+        gen = service_app.Generation.inner._tgi_stream(None, dies_after_one_token(), answer, "/generate_stream")
+        return [chunk async for chunk in gen]
+
+    last = asyncio.run(stream())[-1].decode().strip()
+    assert json.loads(last.removeprefix("data: "))["error_type"] == "generation"
+    with pytest.raises(GenerationError, match="text engine is not available"):
+        _format_text_generation_stream_output(last, details=True)
+
+
 def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
     """With a one-hour window, batches still start at once: a lone first request does not
     wait, and a batch starts as soon as as many requests as last time have come (but a
