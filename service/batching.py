@@ -37,7 +37,7 @@ class Overloaded(ApiError):
     waiting queue full): a 429 with Retry-After, nothing queued."""
 
     def __init__(self, what: str, retry_after_s: int):
-        super().__init__(429, f"the server is at capacity ({what}); retry later", type="server_error",
+        super().__init__(429, f"the server is at capacity ({what}); retry after {retry_after_s}s", type="server_error",
                          code="overloaded", headers={"Retry-After": str(retry_after_s)})
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.batching import Overloaded
+from service.encode import sse_event
 from service.env import env_float, env_int
 from service.schemas import ApiError
 
@@ -51,12 +53,6 @@ class Limits:
         return cls(max_inflight=env_int("CONDGEN_MAX_INFLIGHT", d.max_inflight, 1),
                    deadline_s=env_float("CONDGEN_DEADLINE_S", d.deadline_s, 0),
                    retry_after_s=env_int("CONDGEN_RETRY_AFTER", d.retry_after_s, 1))
-
-
-def overloaded(what: str, retry_after_s: int) -> ApiError:
-    return ApiError(429, f"the server is at capacity ({what}); retry after {retry_after_s}s",
-                    type="server_error", code="overloaded",
-                    headers={"Retry-After": str(retry_after_s)})
 
 
 async def send_error(send: Send, scope: Scope, err: ApiError,
@@ -98,7 +94,7 @@ class LimitMiddleware:
         lim = self.limits
         if self.inflight >= lim.max_inflight:
             count_error(scope["path"], 429)
-            await send_error(send, scope, overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
+            await send_error(send, scope, Overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
             return
         self.inflight += 1
         state: dict[str, Any] = {"started": False, "sse": False, "ended": False, "released": False}
@@ -147,7 +143,7 @@ class LimitMiddleware:
                 await send_error(send, scope, err)
             else:
                 # Headers are gone: report in-band as a stream error does, then end the body.
-                tail = f"data: {json.dumps(err.body(), separators=(',', ':'))}\n\n".encode() if state["sse"] else b""
+                tail = sse_event(err.body()) if state["sse"] else b""
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             if not task.done():  # this request itself was cancelled (server shutting down)
