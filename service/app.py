@@ -190,6 +190,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
     @functools.wraps(fn)
     async def handler(request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.tgi = request.url.path in tgi.ROUTES  # /generate, /tokenize: once the body says so
         try:
             try:
                 svc: Generation = bentoml.get_current_service()
@@ -223,9 +224,10 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
 
 
 def _error_response(request: Request, err: ApiError, request_id: str | None = None) -> JSONResponse:
-    """The error in this service's JSON shape, or in text-generation-inference's on its routes
-    (the handler marks the request `tgi`): its clients raise their typed errors from that."""
-    if getattr(request.state, "tgi", False):
+    """The error in this service's JSON shape, or in text-generation-inference's for its requests
+    (marked `tgi` by their route, or by `_read_json` on seeing TGI's body): its clients raise
+    their typed errors from that."""
+    if request.state.tgi:
         status, body = tgi.error(err)
         return JSONResponse(body, status_code=status, headers=err.headers)
     return JSONResponse(err.body(request_id), status_code=err.status, headers=err.headers)
@@ -235,8 +237,15 @@ async def _parse(request: Request, model: type[B]) -> B:
     return model.model_validate(await _read_json(request))
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; a 4xx naming what is wrong with it otherwise."""
+def is_tgi_body(data: dict[str, Any]) -> bool:
+    """TGI's request on a route that answers both kinds (/generate, /tokenize): `inputs`, no `prompt`."""
+    return "inputs" in data and "prompt" not in data
+
+
+async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; a 4xx naming what is wrong with it otherwise. tgi_when_inputs:
+    a TGI body (`is_tgi_body`) marks the request as TGI's, so that errors from here on,
+    this function's own included, come in TGI's shape."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
@@ -263,6 +272,8 @@ async def _read_json(request: Request) -> dict[str, Any]:
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    if tgi_when_inputs and is_tgi_body(data):
+        request.state.tgi = True
     for name, value in data.items():  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
         if not (_is_unicode(name) and _is_unicode(value)):
             field = name if _is_unicode(name) else None
@@ -306,9 +317,8 @@ async def openai_completions(svc: "Generation", request: Request) -> Response:
 @_route
 async def generate(svc: "Generation", request: Request) -> Response:
     """Images; a body with `inputs` is text-generation-inference's text request (its /generate)."""
-    data = await _read_json(request)
-    if "inputs" in data and "prompt" not in data:
-        request.state.tgi = True
+    data = await _read_json(request, tgi_when_inputs=True)
+    if request.state.tgi:
         return await svc.tgi_generate(_tgi_body(data), request, stream=False)
     return await svc.generate(ImageBody.model_validate(data), request)
 
@@ -324,8 +334,7 @@ def _tgi_body(data: dict[str, Any], model: type[B] = TGIBody) -> B:
 async def tokenize(svc: "Generation", request: Request) -> Response:
     """vLLM's /tokenize (a prompt's ids, as the model sees them); with TGI's body (`inputs`),
     TGI's (each token with the characters of the input it covers)."""
-    data = await _read_json(request)
-    request.state.tgi = "inputs" in data and "prompt" not in data
+    data = await _read_json(request, tgi_when_inputs=True)
     engine = svc._text_requests()
     tok = engine.tokenizer
     # Tokenizing and answering run in a thread: for a long text (300,000 tokens, 15 MB of JSON
@@ -373,14 +382,12 @@ def _within_prompt_limit(text: str, engine: TextRequests, name: str) -> None:
 
 @_route
 async def tgi_generate_stream(svc: "Generation", request: Request) -> Response:
-    request.state.tgi = True
     return await svc.tgi_generate(_tgi_body(await _read_json(request)), request, stream=True)
 
 
 @_route
 async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
-    request.state.tgi = True
     engine = svc._text_requests()
     on_cuda = resolve_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
     cfg = svc.text_stream.cfg
@@ -392,7 +399,6 @@ async def tgi_info(svc: "Generation", request: Request) -> Response:
 @_route
 async def tgi_compat(svc: "Generation", request: Request) -> Response:
     """POST /, TGI's compat route: `stream` chooses; a plain answer comes as a list of one."""
-    request.state.tgi = True
     body = _tgi_body(await _read_json(request))
     return await svc.tgi_generate(body, request, stream=body.stream, as_list=True)
 

@@ -24,13 +24,12 @@ PNG_PARAMETERS_KEY = "parameters"
 
 def encode_png(image: np.ndarray, parameters: dict[str, Any] | str) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes with `parameters` in a tEXt chunk: a dict as JSON, a
-    string (AUTOMATIC1111's text layout) as it is, but for NUL (U+FFFD instead)."""
+    string (AUTOMATIC1111's text layout) as it is."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
     info = PngInfo()
     text = parameters if isinstance(parameters, str) else json.dumps(parameters, sort_keys=True)
-    # A text chunk may hold no NUL (PNG specification); JSON escapes it, an A1111 prompt does not.
-    info.add_text(PNG_PARAMETERS_KEY, text.replace("\0", "\ufffd"))
+    info.add_text(PNG_PARAMETERS_KEY, text)
     buf = io.BytesIO()
     Image.fromarray(image, mode="RGB").save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

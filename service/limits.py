@@ -27,6 +27,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tgi
 from service.batching import Overloaded
 from service.encode import sse_event
 from service.env import env_float, env_int
@@ -55,18 +56,30 @@ class Limits:
                    retry_after_s=env_int("CONDGEN_RETRY_AFTER", d.retry_after_s, 1))
 
 
+def is_tgi_request(scope: Scope) -> bool:
+    """A text-generation-inference request: on one of its routes, or marked by the handler on
+    seeing TGI's body (`request.state.tgi`, which lives in the scope this middleware passed on)."""
+    return scope.get("path") in tgi.ROUTES or bool(scope.get("state", {}).get("tgi"))
+
+
+def error_body(err: ApiError, tgi_shape: bool = False) -> tuple[int, dict[str, Any]]:
+    """(status, body) in the service's error shape, or in TGI's."""
+    return tgi.error(err) if tgi_shape else (err.status, err.body())
+
+
 async def send_error(send: Send, scope: Scope, err: ApiError,
-                     extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    """A complete JSON error response in the service's one error shape, with an X-Request-ID as
-    the routes' answers carry (the client's own, when it sent one)."""
-    body = json.dumps(err.body()).encode()
+                     extra_headers: Sequence[tuple[bytes, bytes]] = (), tgi_shape: bool = False) -> None:
+    """A complete JSON error response in the service's error shape (or TGI's), with an
+    X-Request-ID as the routes' answers carry (the client's own, when it sent one)."""
+    status, content = error_body(err, tgi_shape)
+    body = json.dumps(content).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
     headers += extra_headers
     if not any(k.lower() == b"x-request-id" for k, _ in headers):
         asked = dict(scope.get("headers") or []).get(b"x-request-id")
         headers.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -92,9 +105,11 @@ class LimitMiddleware:
             await self.app(scope, receive, send)
             return
         lim = self.limits
+        scope.setdefault("state", {})  # one dict for the handler's marks and this middleware
         if self.inflight >= lim.max_inflight:
             count_error(scope["path"], 429)
-            await send_error(send, scope, Overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s))
+            await send_error(send, scope, Overloaded(f"{lim.max_inflight} requests in flight", lim.retry_after_s),
+                             tgi_shape=is_tgi_request(scope))
             return
         self.inflight += 1
         state: dict[str, Any] = {"started": False, "sse": False, "ended": False, "released": False}
@@ -140,10 +155,10 @@ class LimitMiddleware:
             err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
                            type="server_error", code="deadline_exceeded")
             if not state["started"]:
-                await send_error(send, scope, err)
+                await send_error(send, scope, err, tgi_shape=is_tgi_request(scope))
             else:
                 # Headers are gone: report in-band as a stream error does, then end the body.
-                tail = sse_event(err.body()) if state["sse"] else b""
+                tail = sse_event(error_body(err, is_tgi_request(scope))[1]) if state["sse"] else b""
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             if not task.done():  # this request itself was cancelled (server shutting down)

@@ -51,11 +51,13 @@ ERRORS = {
 }
 
 
-def _errors(tgi: bool = False) -> dict[str, Any]:
-    """The error responses; `tgi`: a route that answers TGI's requests, whose errors come in TGI's
-    shape (422 for a bad request) once the route knows the request is one; the server's own
-    limits (API key, overload, deadline) answer in this service's shape everywhere."""
-    errors = {**ERRORS, "422": "a bad text-generation-inference request (TGI's error shape)"} if tgi else ERRORS
+def _errors(tgi: str = "") -> dict[str, Any]:
+    """The error responses. `tgi`: "only", a route of TGI's requests alone, whose errors come in
+    TGI's shape (a bad request as a 422; the API key's 401 in this service's); "also", a route
+    that answers TGI's requests as well (in TGI's shape once it has read a TGI body)."""
+    errors = {k: v for k, v in ERRORS.items() if not (tgi == "only" and k == "400")}
+    if tgi:
+        errors["422"] = "a bad text-generation-inference request (TGI's error shape)"
     schema = {"$ref": REF.format(model="Error")}
     if tgi:
         schema = {"anyOf": [schema, {"$ref": REF.format(model="TGIError")}]}
@@ -66,7 +68,7 @@ def _errors(tgi: bool = False) -> dict[str, Any]:
     return out
 
 
-def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any], tgi: bool = False) -> dict[str, Any]:
+def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any], tgi: str = "") -> dict[str, Any]:
     """A POST route; a tuple of bodies: any one of them (told apart by their required fields)."""
     schema = ({"oneOf": [{"$ref": REF.format(model=b)} for b in body]} if isinstance(body, tuple)
               else {"$ref": REF.format(model=body)})
@@ -78,7 +80,7 @@ def _post(summary: str, body: str | tuple[str, ...], ok: dict[str, Any], tgi: bo
 
 
 def _get(summary: str, errors: tuple[str, ...] = ("401", "503"), parameters: list[dict[str, Any]] | None = None,
-         shape: str = "object", tgi: bool = False) -> dict[str, Any]:
+         shape: str = "object", tgi: str = "") -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "operationId": summary.replace(" ", "_").lower(), "responses": {
         "200": {"description": "success", "content": {"application/json": {"schema": {"type": shape}}}},
         **{k: v for k, v in _errors(tgi).items() if k in errors}}}
@@ -126,15 +128,15 @@ def build_openapi(keyed: bool = False) -> dict[str, Any]:
                                {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
             "/generate": _post("generate: images from a prompt (JSON with base64 PNGs, or one PNG); with `inputs`, "
                                "text-generation-inference's text generation", ("ImageBody", "TGIBody"),
-                               {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}, tgi=True),
+                               {**obj, "image/png": {"schema": {"type": "string", "format": "binary"}}}, tgi="also"),
             "/generate_stream": _post("tgi generate stream: text-generation-inference's token stream (SSE)",
-                                      "TGIBody", {"text/event-stream": {"schema": {"type": "string"}}}, tgi=True),
+                                      "TGIBody", {"text/event-stream": {"schema": {"type": "string"}}}, tgi="only"),
             "/": _post("tgi compat: text-generation-inference's route (`stream` chooses; a list of one answer)",
                        "TGIBody", {"application/json": {"schema": {"type": "array"}},
-                                   "text/event-stream": {"schema": {"type": "string"}}}, tgi=True),
-            "/info": _get("tgi info", ("401", "404", "503"), tgi=True),
+                                   "text/event-stream": {"schema": {"type": "string"}}}, tgi="only"),
+            "/info": _get("tgi info", ("401", "404", "503"), tgi="only"),
             "/tokenize": _post("tokenize: a prompt's token ids (vLLM's); with `inputs`, TGI's token spans",
-                               ("TokenizeBody", "TGITokenizeBody"), obj, tgi=True),
+                               ("TokenizeBody", "TGITokenizeBody"), obj, tgi="also"),
             "/detokenize": _post("detokenize: token ids back to text (vLLM's)", "DetokenizeBody", obj),
             "/v1/completions": _post("openai completions", "OpenAICompletionBody",
                                      {**obj, "text/event-stream": {"schema": {"type": "string"}}}),

@@ -31,14 +31,15 @@ def _quote(value: Any) -> str:
 
 def infotext(req: ImageRequest, i: int, tag: str, size: int) -> str:
     """Image i's A1111 infotext: the prompt, the negative prompt, then `Key: value, ...`.
-    A request's `guidance_scale` is set (to the value used) only for a model that guides."""
+    A request's `guidance_scale` is set (to the value used) only for a model that guides. A NUL
+    of the prompts is U+FFFD here: the PNG text chunk that carries it may hold none."""
     name, version = split_tag(tag)
     lines = [req.prompt] + ([f"Negative prompt: {req.negative_prompt}"] if req.negative_prompt else [])
     fields = {"CFG scale": f"{req.guidance_scale:g}" if req.guidance_scale is not None else None,
               "Seed": req.seed + i, "Size": f"{size}x{size}", "Model hash": version, "Model": name,
               "Version": VERSION}
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
-    return "\n".join(lines)
+    return "\n".join(lines).replace("\0", "\ufffd")
 
 
 def info(req: ImageRequest, tag: str, size: int, batch_size: int) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from service.schemas import ApiError, TGIParameters
 
+# The routes that answer only TGI's requests (/generate and /tokenize answer TGI's when the body
+# has `inputs` and no `prompt`): their errors come in TGI's shape (`error`), the server's own
+# limits' included.
+ROUTES = frozenset({"/generate_stream", "/", "/info"})
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's, when the context leaves that much
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 # The engine's field names, as a TGI request calls them (for the `param` of a 400).

@@ -162,6 +162,43 @@ def test_deadline_mid_stream_ends_it_with_an_in_band_error_event():
     assert log.get("stream_closed") is True
 
 
+def test_tgi_requests_get_the_limits_answers_in_tgi_s_shape():
+    """A TGI stream past its deadline ended with this service's error event, which huggingface_hub
+    raised as UnknownError carrying a dict; its 429s and 504s came in this shape too. A route that
+    answers both kinds knows a TGI request once its handler has seen the body."""
+    from huggingface_hub.errors import GenerationError
+    from huggingface_hub.inference._common import _format_text_generation_stream_output
+
+    async def tgi_stream(request):  # a TGI route: its stream never ends by itself
+        async def body():
+            yield b'data: {"token": {"id": 1, "text": "a", "logprob": 0.0, "special": false}}\n\n'
+            await asyncio.sleep(3600)
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def both(request):  # /generate: a TGI body marks the request, then the work stalls
+        request.state.tgi = "inputs" in await request.json()
+        await asyncio.sleep(3600)
+
+    routes = [Route("/generate_stream", tgi_stream, methods=["POST"]), Route("/generate", both, methods=["POST"])]
+
+    async def scenario():
+        app = Starlette(routes=routes, middleware=[Middleware(LimitMiddleware, limits=Limits(1, 0.3, 2))])
+        async with _client(app) as c:
+            stream = asyncio.create_task(c.post("/generate_stream", json={"inputs": "x"}))
+            await asyncio.sleep(0.05)
+            full = await c.post("/generate_stream", json={"inputs": "x"})
+            return await stream, full, await c.post("/generate", json={"inputs": "x"}), \
+                await c.post("/generate", json={"prompt": "x"})
+
+    stream, full, tgi_late, image_late = asyncio.run(scenario())
+    last = [line for line in stream.text.splitlines() if line.startswith("data:")][-1]
+    with pytest.raises(GenerationError, match="deadline"):
+        _format_text_generation_stream_output(last, details=True)
+    assert full.status_code == 429 and full.json()["error_type"] == "overloaded" and full.headers["retry-after"] == "2"
+    assert tgi_late.status_code == 504 and tgi_late.json()["error_type"] == "generation"
+    assert image_late.status_code == 504 and image_late.json()["error"]["code"] == "deadline_exceeded"
+
+
 def test_a_stream_cut_off_by_its_client_counts_as_a_499(caplog):
     """As a plain answer to a client that left does (counted and logged): BentoML counts a
     request at its last byte, which such a stream never sends, so without this it is counted
@@ -375,6 +412,9 @@ def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
                                  "/generate_stream", "/", "/info", "/tokenize", "/detokenize"}
     assert doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     assert "408" in doc["paths"]["/complete"]["post"]["responses"]
+    # TGI's requests: a bad one is a 422 in TGI's shape; /generate answers both kinds
+    assert {"400", "422"} & set(doc["paths"]["/generate_stream"]["post"]["responses"]) == {"422"}
+    assert {"400", "422"} <= set(doc["paths"]["/generate"]["post"]["responses"])
     for name in ("CompletionBody", "OpenAICompletionBody", "ImageBody", "OpenAIImageBody", "StreamOptions",
                  "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
         schema = doc["components"]["schemas"][name]  # null means the default, as the routes take it

@@ -151,6 +151,9 @@ def test_bad_bodies(client, hf):
         assert r.status_code == 422 and r.json()["param"] in ("inputs", "stream"), r.text
     r = client.post("/generate_stream", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error_type"] == "validation" and "not valid JSON" in r.json()["error"]
+    for route in ("/generate", "/tokenize"):  # refused while the body is read, once it is known to be TGI's
+        r = client.post(route, content=b'{"inputs": "a\\ud800b"}', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["param"] == "inputs" and "surrogate" in r.json()["error"], r.text
     # huggingface_hub raises its typed errors from TGI's shape (it raised BadRequestError from ours)
     with pytest.raises(ValidationError, match="parameters.watermark"):
         hf.text_generation(PROMPT, watermark=True)

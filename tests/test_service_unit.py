@@ -192,15 +192,21 @@ def _png_texts(png: bytes) -> list[bytes]:
     return texts
 
 
-@pytest.mark.parametrize("text", ["a\x00b, Steps: 1", "ä\x00€, Steps: 1"])  # tEXt, and iTXt past Latin-1
-def test_png_text_holds_no_nul(text):
+@pytest.mark.parametrize("prompt", ["a\x00b", "ä\x00€"])  # tEXt, and iTXt past Latin-1
+def test_png_infotext_holds_no_nul(prompt):
     """A NUL in an AUTOMATIC1111 prompt went into the infotext chunk, which the PNG specification
-    forbids (a NUL ends the keyword: readers split the chunk there)."""
+    forbids (a NUL ends the keyword: readers split the chunk there); `info` says what the PNG does."""
+    from models.image_engine import ImageRequest
+    from service import sdapi
+
+    req = ImageRequest(prompt=prompt, seed=3, negative_prompt="x\x00")
+    text = sdapi.infotext(req, 0, "gan:v1", 8)
     png = encode_png(np.zeros((2, 2, 3), dtype=np.uint8), text)
     [chunk_text] = _png_texts(png)
     assert b"\x00" not in chunk_text
     with Image.open(io.BytesIO(png)) as im:
-        assert im.text["parameters"] == text.replace("\x00", "\ufffd")
+        assert im.text["parameters"] == text == sdapi.info(req, "gan:v1", 8, 1)["infotexts"][0]
+    assert text.startswith(prompt.replace("\x00", "\ufffd") + "\nNegative prompt: x\ufffd")
 
 
 def test_png_refuses_wrong_arrays():
