@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", choices=["text", "images", "both"], default="both", help="what to measure")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args(argv)
-    for kind, env_var in (("text", "GPT_MODEL"), ("images", "GAN_MODEL")):
+    for kind, env_var, model in (("text", "GPT_MODEL", "text"), ("images", "GAN_MODEL", "image")):
         if args.only in (kind, "both") and os.environ.get(env_var) == "":
-            p.error(f"{env_var} is empty, so no {kind} model is served: measure the other kind (--only)")
+            p.error(f"{env_var} is empty, so no {model} model is served: measure the other kind (--only)")
 
     if args.threads > 0:
         import torch
