@@ -88,7 +88,7 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
     free = max(0, cfg.max_running - running)
     if queued is None:
         if waiting >= cfg.max_waiting + free:
-            raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
+            raise QueueFull(f"requests waiting: {waiting}, free decode slots: {free}")
         return prompt
     left, still_waiting = free, waiting
     for n in queued:
@@ -99,7 +99,7 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
         taken = min(waiting - len(queued), left)
         left, still_waiting = left - taken, still_waiting - taken
     if (still_waiting > 0 or req.n > left) and still_waiting >= cfg.max_waiting:
-        raise QueueFull(f"{waiting} requests are waiting for {free} free decode slots")
+        raise QueueFull(f"requests waiting: {waiting}, free decode slots: {free}")
     return prompt
 
 

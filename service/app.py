@@ -102,14 +102,22 @@ if not (GPT_MODEL or GAN_MODEL or AR_IMAGE_MODEL):
 
 
 def _check_family(env_var: str, tag: str | None, family: str) -> None:
-    """A store model of another family (GPT_MODEL=gan:latest) stops the start-up, naming it, as a
-    missing one does, rather than being listed under the wrong kind and failing when loaded."""
+    """A model the variable names that is missing, or of another family (GPT_MODEL=gan:latest),
+    stops the start-up, naming the variable, rather than being listed under the wrong kind and
+    failing when loaded. (Importing this module for its helpers needs no models: a missing
+    default is left to BentoML's start-up.)"""
     if tag is None:  # not served
         return
     try:
         labels = bentoml.models.get(tag).info.labels
     except bentoml.exceptions.NotFound:
-        return  # the service's BentoModel says so, naming the tag
+        if env_var not in os.environ:  # a default (`make serve` trains it): BentoML's error names the tag
+            return
+        # A tag the user set: BentoML's error named neither the variable nor the store, and spoke
+        # of a "cloud context" (and `none` or `off` is what one tries to turn a model off).
+        store = os.environ.get("BENTOML_HOME") or os.path.expanduser("~/bentoml")
+        raise ConfigError(f"{env_var}={tag!r} is not in the model store at {store}: train it there, or set "
+                          f"{env_var}= (empty) to serve without it") from None
     if labels.get("family", family) != family:
         raise ConfigError(f"{env_var}={tag!r} is a {labels['family']!r} model; {env_var} needs a {family!r} model")
 
@@ -680,6 +688,9 @@ class Generation:
                 self.images[tag].requests = checker
             logger.info("loaded and warmed up %s in %.2fs", ", ".join(m.tag for m in self.served_models),
                         time.perf_counter() - started)
+            if self.gan is None and self.ar_image is not None:
+                logger.info("GAN_MODEL is empty: the image routes serve %s (AR_IMAGE_MODEL= turns it off too)",
+                            self.ar_image.tag)
             self._ready.set()
         except Exception as e:
             # One line that names the bad file (ArtifactError messages start with its path),
@@ -1103,9 +1114,9 @@ class Generation:
             checkpoint = sdapi.checkpoint_tag(checkpoint, [m.tag for m in self.served_models if m.kind == "image"])
         try:
             backend = self._image_backend(checkpoint)
-        except ApiError as e:  # the model is named in override_settings here
+        except ApiError as e:  # the model is named in override_settings here (when one is named at all)
             if e.param == "model":
-                e.param = "override_settings"
+                e.param = "override_settings" if checkpoint is not None else None
             raise
         size = backend.requests.image_size
         for name in ("width", "height"):

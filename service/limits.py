@@ -72,7 +72,7 @@ async def send_error(send: Send, scope: Scope, err: ApiError,
     """A complete JSON error response in the service's error shape (or TGI's), with an
     X-Request-ID as the routes' answers carry (the client's own, when it sent one)."""
     status, content = error_body(err, tgi_shape)
-    body = json.dumps(content).encode()
+    body = json.dumps(content, separators=(",", ":")).encode()  # compact, as the routes' JSON
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
     headers += extra_headers

@@ -29,6 +29,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tgi
 from service.env import ConfigError
 from service.limits import LimitMiddleware, Limits, count_error, send_error
 from service.schemas import ApiError
@@ -118,7 +119,7 @@ class APIKeyMiddleware:
 
 class JSONRoutingErrors:
     """Starlette's plain-text 404 / 405 and refused CORS pre-flight (400), answered in the JSON
-    error shape instead, with the headers the answer had."""
+    error shape instead (TGI's on its routes), with the headers the answer had."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -139,7 +140,7 @@ class JSONRoutingErrors:
                 # browser sees an opaque failure instead of the message.
                 kept = [(k, v) for k, v in message.get("headers") or []
                         if k.lower() not in (b"content-type", b"content-length")]
-                await send_error(send, scope, err, kept)
+                await send_error(send, scope, err, kept, tgi_shape=scope["path"] in tgi.ROUTES)
                 return
             await send(message)
 

@@ -53,7 +53,9 @@ def test_a_text_only_server_completes_and_answers_image_routes_404(text_only: Se
         assert c.get("/info").status_code == 200
         _not_served(c.post("/generate", json={"prompt": "a red circle", "seed": 1}), "image")
         _not_served(c.post("/v1/images/generations", json={"prompt": "a red circle"}), "image")
-        _not_served(c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle"}), "image")
+        refused = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle"})
+        _not_served(refused, "image")
+        assert refused.json()["error"]["param"] is None  # no override_settings was sent
         assert c.get("/sdapi/v1/sd-models").json() == []
         assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": None}
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200

@@ -151,6 +151,9 @@ def test_bad_bodies(client, hf):
         assert r.status_code == 422 and r.json()["param"] in ("inputs", "stream"), r.text
     r = client.post("/generate_stream", content=b"{", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error_type"] == "validation" and "not valid JSON" in r.json()["error"]
+    for method, path in (("GET", "/generate_stream"), ("PUT", "/"), ("POST", "/info")):  # TGI's routes
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.json()["error_type"] == "validation", r.text
     for route in ("/generate", "/tokenize"):  # refused while the body is read, once it is known to be TGI's
         r = client.post(route, content=b'{"inputs": "a\\ud800b"}', headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["param"] == "inputs" and "surrogate" in r.json()["error"], r.text

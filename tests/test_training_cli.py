@@ -116,7 +116,7 @@ def test_ensure_defaults_refuses_a_malformed_tag_in_one_line(monkeypatch, tmp_pa
     done = subprocess.run([sys.executable, "-m", "training.ensure_defaults"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "error: GPT_MODEL: 'Bad Tag!:latest' is not a model tag" in done.stderr
+    assert "error: GPT_MODEL='Bad Tag!' is not a model tag" in done.stderr
 
 
 def test_ensure_defaults_resumes_a_default_that_stopped_half_way(monkeypatch, tmp_path):

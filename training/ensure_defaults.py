@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         try:
             present = store_has(tag)
-        except ValueError as e:
-            sys.exit(f"error: {env_var}: {e}")
+        except ValueError:  # the value as the user typed it (the check above added ":latest")
+            sys.exit(f"error: {env_var}={os.environ[env_var]!r} is not a model tag (name or name:version)")
         if not present:
             sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
-                     f"(BENTOML_HOME={home}), or unset {env_var} to serve the small default")
+                     f"(BENTOML_HOME={home}), unset {env_var} to serve the small default, or set it "
+                     "empty to serve without it")
     for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
         if tag is None:
