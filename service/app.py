@@ -41,8 +41,8 @@ from starlette.routing import Route
 from models.ar_image import ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
-from models.engine import (Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests, TokenLogprob,
-                           resolve_device)
+from models.engine import (Choice, Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests,
+                           TokenLogprob, resolve_device)
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
@@ -597,6 +597,22 @@ def _logprobs_json(items: list[TokenLogprob], prefix: int, prompt: list[TokenLog
             "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
 
 
+def best_of(candidates: list[Choice], k: int, n: int, keep_logprobs: bool) -> list[Choice]:
+    """OpenAI's best_of: of each prompt's k candidates (prompt i's are i*k .. i*k+k-1, each with
+    its tokens' logprobs), the n with the highest mean token logprob, best first, numbered as
+    n choices per prompt (prompt i's: i*n ..); without `keep_logprobs` (the client did not ask
+    for them) their logprobs are dropped."""
+    def mean_logprob(c: Choice) -> float:
+        return sum(lp.logprob for lp in c.logprobs) / len(c.logprobs) if c.logprobs else 0.0
+
+    chosen = []
+    for start in range(0, len(candidates), k):
+        ranked = sorted(candidates[start:start + k], key=mean_logprob, reverse=True)  # stable: ties keep order
+        chosen += [dataclasses.replace(c, index=len(chosen) + r, logprobs=c.logprobs if keep_logprobs else None)
+                   for r, c in enumerate(ranked[:n])]
+    return chosen
+
+
 def _pick_seed(seed: int | None, count: int = MAX_N) -> int:
     # Leave room for seed + i (i < count: the request's choices or images) to stay inside the range.
     return seed if seed is not None else secrets.randbelow(MAX_SEED + 2 - count)
@@ -860,8 +876,9 @@ class Generation:
     def _completion_requests(self, body: CompletionBody, prompts: list[str | list[int]], engine: TextRequests
                              ) -> tuple[list[CompletionRequest], int]:
         """One engine request per prompt, and the seed: choice j (prompt j // n's choice j % n)
-        uses seed + j. The checks that need the whole request (its prompts together) are here;
-        the engine checks each prompt."""
+        uses seed + j; with best_of (k candidates per prompt), candidate j (prompt j // k's) does.
+        The checks that need the whole request (its prompts together) are here; the engine checks
+        each prompt."""
         # The limit bounds the time tokenizing takes on the event loop: one request's prompts count together.
         if (chars := sum(len(p) for p in prompts if isinstance(p, str))) > engine.max_prompt_chars:
             which = "prompt has" if len(prompts) == 1 else f"the {len(prompts)} prompts have"
@@ -874,7 +891,7 @@ class Generation:
         if len(prompts) > cfg.max_running + cfg.max_waiting:  # each prompt queues as one request
             raise ApiError(400, f"at most {cfg.max_running + cfg.max_waiting} prompts in one request on this server "
                                 f"(CONDGEN_TEXT_MAX_RUNNING + CONDGEN_TEXT_MAX_WAITING), got {len(prompts)}", "prompt")
-        n, choices = body.n, len(prompts) * body.n
+        n, choices = body.candidates(), len(prompts) * body.candidates()
         if body.seed is not None and body.seed + choices - 1 > MAX_SEED:
             raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} choices (choice j "
                                 f"uses seed + j, at most {MAX_SEED}), got {body.seed}", "seed")
@@ -884,7 +901,8 @@ class Generation:
             max_tokens=body.max_tokens,
             sampling=body.sampling_params(),
             stop=list(body.stop), stop_token_ids=list(body.stop_token_ids or []),
-            include_stop_str_in_output=body.include_stop_str_in_output, n=n, logprobs=body.logprobs,
+            include_stop_str_in_output=body.include_stop_str_in_output, n=n,
+            logprobs=0 if body.logprobs is None and n > body.n else body.logprobs,  # best_of ranks by them
             min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
@@ -895,7 +913,7 @@ class Generation:
         served = self._check_model(body.model, "text")
         prompts = body.prompts()
         reqs, seed = self._completion_requests(body, prompts, engine)
-        n, choices = body.n, len(reqs) * body.n  # choice j: prompt j // n, its choice j % n, seed + j
+        k, choices = body.candidates(), len(reqs) * body.candidates()  # candidate j: prompt j // k, seed + j
         # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
@@ -906,23 +924,26 @@ class Generation:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.tag, "seed": seed}
         streams = [self.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
-        events = streams[0] if len(streams) == 1 else _merged(streams, n)
+        events = streams[0] if len(streams) == 1 else _merged(streams, k)
         arrived = time.perf_counter()
         # The first event comes once the request is admitted: a client that leaves while it
         # queues takes it out of the queue, streaming or not.
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left(head["id"])
         events = self._measured(_chain(first, events), arrived)
-        echoed = [echo_texts[j // n] for j in range(choices)]  # each choice's prefix
-        if body.stream:
+        echoed = [echo_texts[j // k] for j in range(choices)]  # each candidate's prefix
+        if body.stream:  # (never with best_of above n)
             options = getattr(body, "stream_options", None)
             include_usage = (not openai) or bool(options and options.include_usage)
             every_chunk = bool(options and options.include_usage and options.continuous_usage_stats)
             return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage,
                                             every_chunk))
-        builder = CompletionBuilder(choices, body.logprobs)
+        builder = CompletionBuilder(choices, reqs[0].logprobs)
         if (result := await _until_disconnected(_collect(events, builder, prompt_tokens), request)) is None:
             return _client_left(head["id"])
+        if k > body.n:
+            result.choices = best_of(result.choices, k, body.n, keep_logprobs=body.logprobs is not None)
+            echoed = [echo_texts[j // body.n] for j in range(len(result.choices))]
         answer = [{
             "index": c.index, "text": echoed[c.index] + c.text,
             "finish_reason": _finish_reason(c.finish_reason, openai),

@@ -146,6 +146,10 @@ class CompletionBody(_Body, _NullIsDefault):
                 raise ValueError(f"biases are in [-100, 100], got {bias:g} for {key}")
         return v
 
+    def candidates(self) -> int:
+        """Completions generated per prompt (OpenAI's best_of); the n best are answered."""
+        return self.n
+
     def prompts(self) -> list[str | list[int]]:
         return [self.prompt]
 
@@ -187,8 +191,10 @@ class OpenAICompletionBody(CompletionBody):
              | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's: best_of candidates per prompt, of which the n with the highest mean token logprob
+    # are answered (not streamed).
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     # Accepted for compatibility, but only at their neutral values (we do not implement them).
-    best_of: int | None = None
     suffix: str | None = None
     skip_special_tokens: bool = True  # vLLM's default: end-of-text's text is never in a completion here
 
@@ -212,6 +218,10 @@ class OpenAICompletionBody(CompletionBody):
                 raise ValueError(f"a token array holds 1 to {MAX_TOKENS_LIMIT} integers >= 0")
         return v
 
+    def candidates(self) -> int:
+        """Completions generated per prompt, of which the n best are answered."""
+        return self.best_of or self.n
+
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: its text, or its token ids."""
         p = self.prompt
@@ -222,9 +232,9 @@ class OpenAICompletionBody(CompletionBody):
     def unsupported(self) -> ApiError | None:
         if self.best_of is not None and self.best_of < self.n:  # OpenAI refuses it too
             return ApiError(400, f"best_of must be at least n ({self.n}), got {self.best_of}", "best_of")
-        if self.best_of is not None and self.best_of > self.n:
-            return ApiError(400, "best_of above n is not supported (it would rank extra candidates on the "
-                                 "server): ask for n choices and rank them yourself", "best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:  # OpenAI refuses it too
+            return ApiError(400, "best_of above n cannot be streamed: the best are known once all are done",
+                            "best_of")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
         if not self.skip_special_tokens:

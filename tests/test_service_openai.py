@@ -233,6 +233,29 @@ def test_images_from_the_autoregressive_model(oai):
     assert params["model"].startswith("ar_image:") and params["seed"] == 5 and params["guidance_scale"] == 1.5
 
 
+def test_best_of_answers_the_n_candidates_with_the_best_mean_logprob(oai):
+    """OpenAI's best_of: best_of candidates (candidate j seeded seed + j, as choice j of a request
+    for that many), of which the n with the highest mean token logprob come back, best first,
+    and every candidate's tokens are counted in the usage."""
+    reordered = False  # some seed must make the ranking matter (not simply keep the first two)
+    for seed in range(20, 30):
+        kwargs = dict(model="gpt", prompt=["The value", "Return"], max_tokens=8, seed=seed, temperature=1.5)
+        everyone = oai.completions.create(n=4, logprobs=0, **kwargs)
+        best = oai.completions.create(n=2, best_of=4, **kwargs)
+        assert best.usage == everyone.usage and [c.index for c in best.choices] == [0, 1, 2, 3]
+        assert all(c.logprobs is None for c in best.choices)  # ranked by them, but not asked for
+        for i in range(2):  # each prompt's own candidates
+            mine = everyone.choices[4 * i:4 * i + 4]
+            ranked = sorted(mine, key=lambda c: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs),
+                            reverse=True)
+            assert [c.text for c in best.choices[2 * i:2 * i + 2]] == [c.text for c in ranked[:2]]
+            reordered |= [c.index for c in ranked[:2]] != [c.index for c in mine[:2]]
+    assert reordered
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(n=2, best_of=4, stream=True, **kwargs)
+    assert e.value.body["param"] == "best_of"
+
+
 def test_errors_raise_the_usual_exceptions(oai):
     with pytest.raises(openai.NotFoundError) as e:
         oai.completions.create(model="missing", prompt="x")

@@ -102,6 +102,22 @@ def test_errors_repeat_a_clients_field_names_cut_short():
         assert err.status == 400 and len(err.message) < 300 and len(err.param or "") <= 101
 
 
+def test_best_of_keeps_each_prompts_n_best_candidates_by_mean_token_logprob():
+    from models.engine import Choice, TokenLogprob
+    from service.app import best_of
+
+    def cand(i: int, lps: list[float]) -> Choice:
+        return Choice(i, f"c{i}", "length", [], [TokenLogprob("t", lp, {}) for lp in lps])
+
+    # prompt 0: candidates 0-2; prompt 1: candidates 3-5 (mean -1.5 of two beats -2 of one; ties keep order)
+    candidates = [cand(0, [-3.0]), cand(1, [-1.0, -2.0]), cand(2, [-2.0]), cand(3, [-0.5]), cand(4, [-0.1]),
+                  cand(5, [-0.1])]
+    chosen = best_of(candidates, k=3, n=2, keep_logprobs=False)
+    assert [(c.index, c.text) for c in chosen] == [(0, "c1"), (1, "c2"), (2, "c4"), (3, "c5")]
+    assert all(c.logprobs is None for c in chosen)
+    assert best_of(candidates, k=3, n=1, keep_logprobs=True)[0].logprobs == candidates[1].logprobs
+
+
 def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs():
     body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": ["only one"]})
     assert body.prompts() == ["only one"] and body.unsupported() is None
@@ -114,8 +130,11 @@ def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs(
         {"model": "gpt", "prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1}).unsupported() is None
     assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": "a", "frequency_penalty": 2.5}) == \
         "frequency_penalty"
-    assert OpenAICompletionBody.model_validate(
-        {"model": "gpt", "prompt": "a", "best_of": 3}).unsupported().param == "best_of"
+    ranked = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "best_of": 3})
+    assert ranked.unsupported() is None and ranked.candidates() == 3
+    streamed = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "best_of": 3, "stream": True})
+    assert streamed.unsupported().param == "best_of"  # OpenAI's rule: the best are known only at the end
+    assert _error_param(OpenAICompletionBody, {"model": "gpt", "prompt": "a", "best_of": 17}) == "best_of"
     fewer = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 1}).unsupported()
     assert fewer.param == "best_of" and "at least n (2)" in fewer.message  # said "not supported"
     same = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 2})
