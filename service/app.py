@@ -537,7 +537,12 @@ class ServedModel:
         }
 
     def openai(self) -> dict[str, Any]:
-        return {"id": self.tag, "object": "model", "created": int(self.created), "owned_by": "condgen"}
+        """OpenAI's model card; a text model's also has vLLM's `max_model_len` (its context, once
+        loaded), which clients read to fit prompt and max_tokens."""
+        card = {"id": self.tag, "object": "model", "created": int(self.created), "owned_by": "condgen"}
+        if self.kind == "text" and "context_length" in self.details:
+            card["max_model_len"] = self.details["context_length"]
+        return card
 
 
 def image_batcher(run: Callable[[list[Job[ImageRequest]]], Awaitable[None]], metrics: Metrics,

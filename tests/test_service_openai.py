@@ -27,6 +27,9 @@ def test_models_list(oai):
         assert oai.models.retrieve(name).id.split(":")[0] == name.split(":")[0]
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("gpt-3.5-turbo-instruct")
+    text = oai.models.retrieve("gpt").model_dump()
+    assert text["max_model_len"] == 64  # vLLM's: the tiny model's context (block_size)
+    assert "max_model_len" not in oai.models.retrieve("gan").model_dump()
 
 
 def test_completions(oai):
