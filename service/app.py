@@ -1022,15 +1022,18 @@ class Generation:
         if p.truncate is not None:
             ids = ids[-p.truncate:]
         tgi.check_length(ids, p, engine.block_size)
-        seed = _pick_seed(p.seed, 1)
+        tgi.check_best_of(p, stream)
+        seed = _pick_seed(p.seed, p.best_of or 1)
         req = tgi.completion_request(body.inputs, ids, p, seed, engine.block_size)
         try:
             ids = _checked(self.text_stream, req)
         except InvalidParameter as e:  # named as TGI names the field (lengths: tgi.check_length, above)
             name = tgi.PARAM.get(e.param, e.param)
             raise ApiError(400, f"{name}: {e.message}", name, code=e.code) from None
-        answer = tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
-                               seed if tgi.samples(p) else None)  # TGI reports no seed for greedy decoding
+        # one answer per candidate (best_of; candidate j seeded seed + j); TGI reports no seed for greedy decoding
+        answers = [tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
+                                 seed + j if tgi.samples(p) else None) for j in range(req.n)]
+        answer = answers[0]
         events = self.text_stream.generate(req, ids)
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
@@ -1039,13 +1042,15 @@ class Generation:
         if stream:
             return SSEResponse(self._tgi_stream(events, answer, request.url.path))
 
-        async def collect() -> tgi.Generated:
-            await _consume(events, answer.add)
-            return answer
+        async def collect() -> list[tgi.Generated]:
+            await _consume(events, lambda ev: answers[ev.choice].add(ev))
+            return answers
 
-        if await _until_disconnected(collect(), request) is None:
+        if await _until_disconnected(collect(), request) is None:  # None: the client left
             return _client_left("a text-generation-inference request")
-        return JSONResponse([answer.response()] if as_list else answer.response())
+        best = max(answers, key=lambda a: a.score)  # the first of equals
+        response = best.response([a for a in answers if a is not best])
+        return JSONResponse([response] if as_list else response)
 
     async def _tgi_stream(self, events: AsyncIterator[StreamEvent], answer: tgi.Generated,
                           endpoint: str) -> AsyncIterator[bytes]:

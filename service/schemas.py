@@ -397,16 +397,14 @@ class TGIParameters(_Body, _NullIsDefault):
     return_full_text: bool = Field(False, description="the input before the generated text")
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the likeliest alternatives per token")
     truncate: int | None = Field(None, ge=1, description="keep only the input's last tokens")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="candidates sampled, of which the one with the "
+                                "highest sum of token logprobs is answered (not streamed; the others in details)")
     # TGI's, taken only at the values that leave them off (refused otherwise, naming them)
-    best_of: int | None = Field(None, ge=1, description="only 1: ranking candidates is not implemented")
     watermark: bool = Field(False, description="only false: watermarking is not implemented")
     grammar: Any = Field(None, description="not implemented: leave it out")
     adapter_id: str | None = Field(None, description="not implemented: the model has no adapters")
 
     def unsupported(self) -> ApiError | None:
-        if self.best_of not in (None, 1):
-            return ApiError(400, "parameters.best_of above 1 is not supported: ask for several completions (each "
-                                 "with its own seed) and rank them yourself", "parameters.best_of")
         for name, off in (("watermark", False), ("grammar", None), ("adapter_id", None)):
             if getattr(self, name) != off:
                 return ApiError(400, f"parameters.{name} is not supported by this server; leave it out",

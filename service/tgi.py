@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.engine import MAX_LOGPROBS, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
+from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from service.schemas import ApiError, TGIParameters
@@ -46,6 +46,19 @@ def samples(p: TGIParameters) -> bool:
         or (p.top_p is not None and p.top_p < 1) or (p.typical_p is not None and p.typical_p < 1)
 
 
+def check_best_of(p: TGIParameters, stream: bool) -> None:
+    """TGI's rules for best_of above 1: sampled candidates (greedy ones would all be the same),
+    not streamed (the best is known only once all are done)."""
+    if (p.best_of or 1) == 1:
+        return
+    if stream:
+        raise ApiError(400, "parameters.best_of: above 1 cannot be streamed (the best is known at the end), as in "
+                            "TGI", "parameters.best_of")
+    if not samples(p):
+        raise ApiError(400, "parameters.best_of: above 1 needs sampling (do_sample, or a sampling parameter), as in "
+                            "TGI: greedy candidates would all be the same", "parameters.best_of")
+
+
 def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
     """TGI's length check, in its words: the input leaves room for max_new_tokens (or one)."""
     if len(ids) >= context:
@@ -61,7 +74,7 @@ def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
 def info(tag: str, context: int, dtype: str, device: str, max_requests: int) -> dict[str, Any]:
     """GET /info, as TGI describes itself (huggingface_hub's `get_endpoint_info`)."""
     return {"model_id": tag, "model_sha": tag.split(":", 1)[1], "model_dtype": dtype, "model_device_type": device,
-            "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_requests, "max_best_of": 1,
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_requests, "max_best_of": MAX_N,
             "max_stop_sequences": MAX_STOP, "max_input_tokens": context - 1, "max_total_tokens": context,
             "max_top_n_tokens": MAX_LOGPROBS, "router": "condgen", "version": "1"}
 
@@ -77,7 +90,7 @@ def completion_request(inputs: str, ids: list[int], p: TGIParameters, seed: int,
                               frequency_penalty=p.frequency_penalty or 0.0)
     return CompletionRequest(prompt=inputs, prompt_ids=ids, seed=seed, max_tokens=max_new, sampling=sampling,
                              stop=list(p.stop), include_stop_str_in_output=True, logprobs=p.top_n_tokens or 0,
-                             prompt_logprobs=p.details and p.decoder_input_details)
+                             prompt_logprobs=p.details and p.decoder_input_details, n=p.best_of or 1)
 
 
 class TokenSplitter:
@@ -154,14 +167,26 @@ class Generated:
     def generated_text(self) -> str:
         return self.prefix + self.splitter.text
 
-    def response(self) -> dict[str, Any]:
-        """/generate's answer: the text, and the details when asked for."""
+    @property
+    def score(self) -> float:
+        """What best_of ranks candidates by: the sum of their tokens' logprobs."""
+        return sum(token["logprob"] for token in self.tokens)
+
+    def sequence(self) -> dict[str, Any]:
+        """The details of one sequence (of the answer, or one of its best_of_sequences)."""
+        return {"generated_text": self.generated_text, "finish_reason": self.finish_reason,
+                "generated_tokens": len(self.tokens), "seed": self.seed,
+                "prefill": prefill_json(self.tokenizer, self.input_ids, self.prefill), "tokens": self.tokens,
+                **({"top_tokens": self.top_tokens} if self.p.top_n_tokens else {})}
+
+    def response(self, others: list[Generated] | None = None) -> dict[str, Any]:
+        """/generate's answer: the text, and the details when asked for (with best_of, the other
+        candidates' in best_of_sequences)."""
         out: dict[str, Any] = {"generated_text": self.generated_text}
         if self.p.details:
-            out["details"] = {
-                "finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
-                "prefill": prefill_json(self.tokenizer, self.input_ids, self.prefill), "tokens": self.tokens,
-                **({"top_tokens": self.top_tokens} if self.p.top_n_tokens else {}), "best_of_sequences": None}
+            details = self.sequence()
+            del details["generated_text"]
+            out["details"] = {**details, "best_of_sequences": [g.sequence() for g in others] if others else None}
         return out
 
     def stream_event(self, index: int, token: dict[str, Any], top: list[dict[str, Any]] | None,

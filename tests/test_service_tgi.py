@@ -100,6 +100,27 @@ def test_truncate_keeps_the_end_of_the_input(hf, client):
     assert r.json()["param"] == "inputs" and r.json()["error_type"] == "validation"
 
 
+def test_best_of_answers_the_candidate_with_the_highest_sum_of_logprobs(hf, client):
+    """TGI's best_of: sampled candidates (candidate j seeded seed + j), the best answered, the
+    others in details.best_of_sequences (parsed by huggingface_hub)."""
+    def score(tokens) -> float:
+        return sum(t.logprob for t in tokens)
+
+    ranked = False  # some seed must make the ranking matter (the first candidate not the best)
+    for seed in range(10, 16):
+        out = hf.text_generation(PROMPT, max_new_tokens=6, best_of=3, do_sample=True, seed=seed, details=True)
+        others = out.details.best_of_sequences
+        assert len(others) == 2 and sorted([out.details.seed] + [s.seed for s in others]) == [seed, seed + 1, seed + 2]
+        assert all(score(out.details.tokens) >= score(s.tokens) for s in others)
+        assert out.generated_text == "".join(t.text for t in out.details.tokens)
+        ranked |= out.details.seed != seed
+    assert ranked
+    plain = client.post("/generate", json={"inputs": PROMPT, "parameters": {"best_of": 2, "do_sample": True}})
+    assert plain.status_code == 200 and set(plain.json()) == {"generated_text"}
+    with pytest.raises(ValidationError, match="needs sampling"):  # greedy candidates would all be the same
+        hf.text_generation(PROMPT, max_new_tokens=4, best_of=2)
+
+
 def test_langchain_defaults_and_typical_p(hf):
     """LangChain's HuggingFaceEndpoint sends typical_p 0.95, top_p 0.95, temperature 0.8 and
     do_sample false (sampling, in TGI's rules); typical_p is TGI's locally typical sampling."""
@@ -116,13 +137,14 @@ def test_info_describes_the_model(client):
     info = client.get("/info").json()
     text = next(m for m in client.get("/models").json()["data"] if m["kind"] == "text")
     assert info["model_id"] == text["id"] and info["max_total_tokens"] == text["context_length"]
-    assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 1
+    assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 16
 
 
 @pytest.mark.parametrize("parameters, param", [
     ({"typical_p": 0}, "typical_p"),
-    ({"best_of": 2}, "best_of"),
+    ({"best_of": 2}, "best_of"),  # not streamed, as in TGI
     ({"best_of": 0}, "best_of"),
+    ({"best_of": 17}, "best_of"),
     ({"watermark": True}, "watermark"),
     ({"grammar": {"type": "json", "value": {}}}, "grammar"),
     ({"adapter_id": "lora"}, "adapter_id"),
