@@ -401,7 +401,7 @@ async def tgi_info(svc: "Generation", request: Request) -> Response:
     cfg = svc.text_stream.cfg
     return JSONResponse(tgi.info(svc.text_model.tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
-                                 cfg.max_running + cfg.max_waiting))
+                                 cfg.max_running + cfg.max_waiting, min(MAX_N, cfg.max_running)))
 
 
 @_route
@@ -897,8 +897,13 @@ class Generation:
             raise ApiError(400, f"at most {cfg.max_running + cfg.max_waiting} prompts in one request on this server "
                                 f"(CONDGEN_TEXT_MAX_RUNNING + CONDGEN_TEXT_MAX_WAITING), got {len(prompts)}", "prompt")
         n, choices = body.candidates(), len(prompts) * body.candidates()
+        what = "candidates (prompts × best_of)" if n > body.n else "choices"
+        if n > cfg.max_running:  # the engine decodes a prompt's choices (or candidates) side by side
+            name = "best_of" if n > body.n else "n"
+            raise ApiError(400, f"{name}: at most {cfg.max_running} on this server (CONDGEN_TEXT_MAX_RUNNING), "
+                                f"got {n}", name)
         if body.seed is not None and body.seed + choices - 1 > MAX_SEED:
-            raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} choices (choice j "
+            raise ApiError(400, f"seed must be at most {MAX_SEED - choices + 1} for {choices} {what} (the j-th "
                                 f"uses seed + j, at most {MAX_SEED}), got {body.seed}", "seed")
         seed = _pick_seed(body.seed, choices)
         return [CompletionRequest(

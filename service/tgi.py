@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
-from models.sampling import SamplingParams
+from models.engine import MAX_LOGPROBS, MAX_STOP, CompletionRequest, StreamEvent, TokenLogprob
+from models.sampling import MAX_SEED, SamplingParams
 from models.tokenizer import Tokenizer
 from service.schemas import ApiError, TGIParameters
 
@@ -27,7 +27,8 @@ FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 PARAM = {"prompt": "inputs", "max_tokens": "parameters.max_new_tokens", "logprobs": "parameters.top_n_tokens",
          "seed": "parameters.seed", "stop": "parameters.stop", "top_k": "parameters.top_k",
          "top_p": "parameters.top_p", "temperature": "parameters.temperature",
-         "repetition_penalty": "parameters.repetition_penalty", "frequency_penalty": "parameters.frequency_penalty"}
+         "repetition_penalty": "parameters.repetition_penalty", "frequency_penalty": "parameters.frequency_penalty",
+         "n": "parameters.best_of"}  # the engine's n: best_of's candidates
 
 
 def error(err: ApiError) -> tuple[int, dict[str, Any]]:
@@ -57,6 +58,9 @@ def check_best_of(p: TGIParameters, stream: bool) -> None:
     if not samples(p):
         raise ApiError(400, "parameters.best_of: above 1 needs sampling (do_sample, or a sampling parameter), as in "
                             "TGI: greedy candidates would all be the same", "parameters.best_of")
+    if p.seed is not None and p.seed + p.best_of - 1 > MAX_SEED:
+        raise ApiError(400, f"parameters.seed: at most {MAX_SEED - p.best_of + 1} with best_of {p.best_of} "
+                            f"(candidate j uses seed + j, at most {MAX_SEED})", "parameters.seed")
 
 
 def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
@@ -71,11 +75,11 @@ def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
                        "parameters.max_new_tokens", code="context_length_exceeded")
 
 
-def info(tag: str, context: int, dtype: str, device: str, max_requests: int) -> dict[str, Any]:
+def info(tag: str, context: int, dtype: str, device: str, max_requests: int, max_best_of: int) -> dict[str, Any]:
     """GET /info, as TGI describes itself (huggingface_hub's `get_endpoint_info`)."""
     return {"model_id": tag, "model_sha": tag.split(":", 1)[1], "model_dtype": dtype, "model_device_type": device,
-            "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_requests, "max_best_of": MAX_N,
-            "max_stop_sequences": MAX_STOP, "max_input_tokens": context - 1, "max_total_tokens": context,
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_requests,
+            "max_best_of": max_best_of, "max_stop_sequences": MAX_STOP, "max_input_tokens": context - 1, "max_total_tokens": context,
             "max_top_n_tokens": MAX_LOGPROBS, "router": "condgen", "version": "1"}
 
 
@@ -169,8 +173,11 @@ class Generated:
 
     @property
     def score(self) -> float:
-        """What best_of ranks candidates by: the sum of their tokens' logprobs."""
-        return sum(token["logprob"] for token in self.tokens)
+        """What best_of ranks candidates by, as TGI does: the mean of their tokens' logprobs
+        (a sum would favour the short ones)."""
+        if not self.tokens:
+            return float("-inf")
+        return sum(token["logprob"] for token in self.tokens) / len(self.tokens)
 
     def sequence(self) -> dict[str, Any]:
         """The details of one sequence (of the answer, or one of its best_of_sequences)."""

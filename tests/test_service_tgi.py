@@ -100,15 +100,17 @@ def test_truncate_keeps_the_end_of_the_input(hf, client):
     assert r.json()["param"] == "inputs" and r.json()["error_type"] == "validation"
 
 
-def test_best_of_answers_the_candidate_with_the_highest_sum_of_logprobs(hf, client):
-    """TGI's best_of: sampled candidates (candidate j seeded seed + j), the best answered, the
-    others in details.best_of_sequences (parsed by huggingface_hub)."""
+def test_best_of_answers_the_candidate_with_the_best_mean_logprob(hf, client):
+    """TGI's best_of: sampled candidates (candidate j seeded seed + j), the one with the highest
+    mean token logprob answered (as TGI ranks them: a sum favoured short ones), the others in
+    details.best_of_sequences (parsed by huggingface_hub)."""
     def score(tokens) -> float:
-        return sum(t.logprob for t in tokens)
+        return sum(t.logprob for t in tokens) / len(tokens)
 
     ranked = False  # some seed must make the ranking matter (the first candidate not the best)
-    for seed in range(10, 16):
-        out = hf.text_generation(PROMPT, max_new_tokens=6, best_of=3, do_sample=True, seed=seed, details=True)
+    for seed in range(10, 16):  # a stop sequence makes the candidates' lengths differ
+        out = hf.text_generation(PROMPT, max_new_tokens=12, best_of=3, do_sample=True, seed=seed, details=True,
+                                 stop=[" "])
         others = out.details.best_of_sequences
         assert len(others) == 2 and sorted([out.details.seed] + [s.seed for s in others]) == [seed, seed + 1, seed + 2]
         assert all(score(out.details.tokens) >= score(s.tokens) for s in others)
@@ -119,6 +121,8 @@ def test_best_of_answers_the_candidate_with_the_highest_sum_of_logprobs(hf, clie
     assert plain.status_code == 200 and set(plain.json()) == {"generated_text"}
     with pytest.raises(ValidationError, match="needs sampling"):  # greedy candidates would all be the same
         hf.text_generation(PROMPT, max_new_tokens=4, best_of=2)
+    with pytest.raises(ValidationError, match="parameters.seed: at most 4294967294 with best_of 2"):
+        hf.text_generation(PROMPT, max_new_tokens=4, best_of=2, do_sample=True, seed=2**32 - 1)
 
 
 def test_langchain_defaults_and_typical_p(hf):
@@ -137,7 +141,7 @@ def test_info_describes_the_model(client):
     info = client.get("/info").json()
     text = next(m for m in client.get("/models").json()["data"] if m["kind"] == "text")
     assert info["model_id"] == text["id"] and info["max_total_tokens"] == text["context_length"]
-    assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 16
+    assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 16  # CONDGEN_TEXT_MAX_RUNNING is 32 here
 
 
 @pytest.mark.parametrize("parameters, param", [

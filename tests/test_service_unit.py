@@ -118,6 +118,31 @@ def test_best_of_keeps_each_prompts_n_best_candidates_by_mean_token_logprob():
     assert best_of(candidates, k=3, n=1, keep_logprobs=True)[0].logprobs == candidates[1].logprobs
 
 
+def test_best_of_beyond_the_servers_slots_or_seeds_is_refused_naming_best_of():
+    """The engine's refusal named `n`, which the client had not sent, and its seed message
+    counted the candidates as choices."""
+    import types
+
+    from service.app import Generation
+    from service.schemas import ApiError
+
+    svc = types.SimpleNamespace(text_stream=types.SimpleNamespace(cfg=types.SimpleNamespace(max_running=3,
+                                                                                            max_waiting=8)))
+    engine = types.SimpleNamespace(max_prompt_chars=1000)
+
+    def refused(**fields) -> ApiError:
+        body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", **fields})
+        with pytest.raises(ApiError) as e:
+            Generation.inner._completion_requests(svc, body, body.prompts(), engine)
+        return e.value
+
+    err = refused(best_of=4)
+    assert err.param == "best_of" and "CONDGEN_TEXT_MAX_RUNNING" in err.message
+    assert refused(n=4).param == "n"
+    err = refused(best_of=3, seed=2**32 - 2)
+    assert err.param == "seed" and "for 3 candidates (prompts × best_of)" in err.message
+
+
 def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs():
     body = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": ["only one"]})
     assert body.prompts() == ["only one"] and body.unsupported() is None
