@@ -199,6 +199,26 @@ def test_user_text_must_be_utf8_and_the_split_ignores_how_the_path_is_spelled(tm
         load_corpus(str(data))
 
 
+def test_jsonl_lines_are_documents_beside_text_files(tmp_path):
+    """Hugging Face's text datasets come as JSON lines, `{"text": ...}`: each line a document
+    (split by its name, file:line), other fields ignored, blank lines and empty texts skipped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("a plain text document " * 10)
+    rows = [{"text": f"line document {i} " * 10, "id": i} for i in range(40)] + [{"text": ""}]
+    (data / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:20]) + "\n\n"
+                                     + "\n".join(json.dumps(r) for r in rows[20:]) + "\n")
+    corpus = load_corpus(str(data))
+    docs = sorted(corpus.train + corpus.val)
+    assert docs == sorted([(data / "notes.txt").read_text()] + [r["text"] for r in rows[:40]])
+    assert corpus.val and corpus.train  # split by line: 5 % of 41 documents
+    for bad, why in (("not json", "rows.jsonl:2 is not JSON"), ('{"content": "x"}', 'rows.jsonl:2 is not an object'),
+                     ('["text"]', 'rows.jsonl:2 is not an object'), ('{"text": 5}', 'rows.jsonl:2 is not an object')):
+        (data / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=why):
+            load_corpus(str(data))
+
+
 def test_a_utf8_byte_order_mark_is_not_training_text(tmp_path):
     (tmp_path / "bom.txt").write_text("text from an editor that writes a byte-order mark " * 4, encoding="utf-8-sig")
     corpus = load_corpus(str(tmp_path / "bom.txt"))

@@ -3,12 +3,15 @@
 The default corpus is real English that ships with Python itself: the language reference
 topics in `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`,
 never imported). It is extracted deterministically and split by document, so no document
-is in both train and validation. `--data` takes the user's own .txt files or folders.
+is in both train and validation. `--data` takes the user's own .txt files (a document each),
+.jsonl files (a document per line, `{"text": ...}`, the layout of Hugging Face's text
+datasets), or folders of them.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,24 +63,45 @@ def default_documents() -> list[tuple[str, str]]:
 
 
 def user_documents(paths: list[str]) -> list[tuple[str, str]]:
-    """Every .txt file named, or found under a named folder, is one document, named by its path
-    inside that folder (or its file name): the split must not depend on how a path is spelled
-    ("data", "./data", "/home/me/data") or on the working directory."""
+    """Every .txt file named, or found under a named folder, is one document, and every line of
+    a .jsonl file is one; each is named by its path inside that folder (or its file name), and a
+    line by its number too: the split must not depend on how a path is spelled ("data",
+    "./data", "/home/me/data") or on the working directory."""
     files: list[tuple[str, Path]] = []
     for i, entry in enumerate(paths):
         if not entry.strip():  # Path("") is ".": it would read every .txt under the working directory
             raise ValueError(f"--data={','.join(paths)}: entry {i + 1} is empty (a stray comma?)")
         p = Path(entry)
         if p.is_dir():
-            files.extend((str(f.relative_to(p)), f) for f in sorted(p.rglob("*.txt")) if f.is_file())
+            files.extend((str(f.relative_to(p)), f) for f in sorted(p.rglob("*"))
+                         if f.suffix in (".txt", ".jsonl") and f.is_file())
         elif p.is_file():
             files.append((p.name, p))
         else:
             raise FileNotFoundError(f"--data: {p} does not exist")
-    docs = [(name, _read_utf8(f)) for name, f in files]
+    docs = [doc for name, f in files
+            for doc in (_jsonl_documents(name, f) if f.suffix == ".jsonl" else [(name, _read_utf8(f))])]
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
-        raise ValueError(f"--data: no non-empty .txt files in {paths}")
+        raise ValueError(f"--data: no non-empty .txt or .jsonl documents in {paths}")
+    return docs
+
+
+def _jsonl_documents(name: str, path: Path) -> list[tuple[str, str]]:
+    """A .jsonl file's documents, `name:line` each: every non-blank line must be a JSON object
+    with a string `text` (other fields are ignored); anything else is refused, naming the line,
+    rather than trained on or dropped unseen."""
+    docs = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--data: {path}:{number} is not JSON ({e.msg})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("text"), str)):
+            raise ValueError(f"--data: {path}:{number} is not an object with a string \"text\" field")
+        docs.append((f"{name}:{number}", row["text"]))
     return docs
 
 
