@@ -51,7 +51,7 @@ from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, sse_event
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.image_worker import ImageWorker, WorkerDied
-from service.limits import Limits, count_error
+from service.limits import Limits, count_error, error_body
 from service.metrics import IMAGE, TEXT, Metrics, get_metrics
 from service.schemas import (
     MAX_N,
@@ -235,25 +235,19 @@ def _error_response(request: Request, err: ApiError, request_id: str | None = No
     """The error in this service's JSON shape, or in text-generation-inference's for its requests
     (marked `tgi` by their route, or by `_read_json` on seeing TGI's body): its clients raise
     their typed errors from that."""
-    if request.state.tgi:
-        status, body = tgi.error(err)
-        return JSONResponse(body, status_code=status, headers=err.headers)
-    return JSONResponse(err.body(request_id), status_code=err.status, headers=err.headers)
+    status, body = error_body(err, request.state.tgi, request_id)
+    return JSONResponse(body, status_code=status, headers=err.headers)
 
 
 async def _parse(request: Request, model: type[B]) -> B:
     return model.model_validate(await _read_json(request))
 
 
-def is_tgi_body(data: dict[str, Any]) -> bool:
-    """TGI's request on a route that answers both kinds (/generate, /tokenize): `inputs`, no `prompt`."""
-    return "inputs" in data and "prompt" not in data
-
-
 async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[str, Any]:
-    """The body as a JSON object; a 4xx naming what is wrong with it otherwise. tgi_when_inputs:
-    a TGI body (`is_tgi_body`) marks the request as TGI's, so that errors from here on,
-    this function's own included, come in TGI's shape."""
+    """The body as a JSON object; a 4xx naming what is wrong with it otherwise. tgi_when_inputs
+    (a route that answers both kinds, /generate and /tokenize): TGI's body, `inputs` and no
+    `prompt`, marks the request as TGI's, so that errors from here on, this function's own
+    included, come in TGI's shape."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"content-type {ctype!r} is not supported: send JSON with "
@@ -280,7 +274,7 @@ async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[st
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
-    if tgi_when_inputs and is_tgi_body(data):
+    if tgi_when_inputs and "inputs" in data and "prompt" not in data:
         request.state.tgi = True
     for name, value in data.items():  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
         if not (_is_unicode(name) and _is_unicode(value)):
@@ -1298,7 +1292,7 @@ def _in_band_error(e: Exception, endpoint: str, what: str, tgi_shape: bool = Fal
         logger.exception("%s (request %s) failed", what, request_id)
         err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
     count_error(endpoint, err.status)
-    return sse_event(tgi.error(err)[1] if tgi_shape else err.body(request_id))
+    return sse_event(error_body(err, tgi_shape, request_id)[1])
 
 
 async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:

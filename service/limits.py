@@ -62,9 +62,9 @@ def is_tgi_request(scope: Scope) -> bool:
     return scope.get("path") in tgi.ROUTES or bool(scope.get("state", {}).get("tgi"))
 
 
-def error_body(err: ApiError, tgi_shape: bool = False) -> tuple[int, dict[str, Any]]:
-    """(status, body) in the service's error shape, or in TGI's."""
-    return tgi.error(err) if tgi_shape else (err.status, err.body())
+def error_body(err: ApiError, tgi_shape: bool = False, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, body) in the service's error shape (with the request id of a 500), or in TGI's."""
+    return tgi.error(err) if tgi_shape else (err.status, err.body(request_id))
 
 
 async def send_error(send: Send, scope: Scope, err: ApiError,

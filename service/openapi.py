@@ -56,10 +56,9 @@ def _errors(tgi: str = "") -> dict[str, Any]:
     TGI's shape (a bad request as a 422; the API key's 401 in this service's); "also", a route
     that answers TGI's requests as well (in TGI's shape once it has read a TGI body)."""
     errors = {k: v for k, v in ERRORS.items() if not (tgi == "only" and k == "400")}
+    schema: dict[str, Any] = {"$ref": REF.format(model="Error")}
     if tgi:
         errors["422"] = "a bad text-generation-inference request (TGI's error shape)"
-    schema = {"$ref": REF.format(model="Error")}
-    if tgi:
         schema = {"anyOf": [schema, {"$ref": REF.format(model="TGIError")}]}
     out = {}
     for code, why in errors.items():
