@@ -21,7 +21,7 @@ from models.artifacts import CONFIG, ArtifactError, build_from_config, load_mode
 from models.errors import InvalidParameter, is_int
 from models.gpt import GPT, GPTConfig
 from models.sampling import MAX_SEED, RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
-from models.tokenizer import StreamDecoder, Tokenizer
+from models.tokenizer import EOT, StreamDecoder, Tokenizer
 
 MAX_N = 16
 MAX_STOP = 4
@@ -51,6 +51,8 @@ class CompletionRequest:
     # The model's input as token ids (OpenAI's token-array prompts) instead of `prompt`
     # tokenized; `prompt` is then only the text that echo returns (the caller's to fill in).
     prompt_ids: list[int] | None = None
+    # vLLM's: False puts end-of-text's text (<|endoftext|>) at the end of a choice that drew it
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -145,10 +147,11 @@ class StopScanner:
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: frozenset[int] = frozenset(),
-                 include_stop: bool = False):
+                 include_stop: bool = False, eot_text: str = ""):
         self.decoder = StreamDecoder(tokenizer)
         self.stop = [s for s in stop if s]
         self.stop_ids, self.include_stop = stop_ids, include_stop
+        self.eot_text = eot_text  # what end-of-text adds to the text (skip_special_tokens false)
         self.held = ""  # decoded text not yet released: the start of a stop string, maybe
         self.decoded = self.released = 0  # characters so far
         self.held_logprobs: list[tuple[int, TokenLogprob]] = []  # (where its token's text ends, entry)
@@ -232,7 +235,8 @@ class Sequence:
     def start(cls, request: int, req: CompletionRequest, choice: int, tokenizer: Tokenizer,
               prompt_len: int) -> Sequence:
         return cls(request, choice, req.max_tokens, req.logprobs, RowRandom(req.seed + choice),
-                   StopScanner(tokenizer, req.stop, frozenset(req.stop_token_ids), req.include_stop_str_in_output),
+                   StopScanner(tokenizer, req.stop, frozenset(req.stop_token_ids), req.include_stop_str_in_output,
+                               eot_text="" if req.skip_special_tokens else EOT),
                    position=prompt_len, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
 
     def accept(self, tok: int, lp: tuple[list, list, list], row: int, tokenizer: Tokenizer) -> StreamEvent:
@@ -256,7 +260,8 @@ def check_types(req: CompletionRequest) -> None:
     for name in ("max_tokens", "n", "seed", "min_tokens"):
         if not is_int(getattr(req, name)):
             raise wrong(name, "an integer")
-    for name in ("echo", "truncate", "ignore_eos", "prompt_logprobs", "include_stop_str_in_output"):
+    for name in ("echo", "truncate", "ignore_eos", "prompt_logprobs", "include_stop_str_in_output",
+                 "skip_special_tokens"):
         if not isinstance(getattr(req, name), bool):
             raise wrong(name, "a boolean")
     if req.logprobs is not None and not is_int(req.logprobs):
@@ -536,12 +541,15 @@ def advance_text(scanner: StopScanner, tok: int, eot_id: int, generated: int, ma
     call releases every entry left, so the entries of a stream's events add up to the whole
     answer's (those of a stop string's tokens and of end-of-text included). A stop token ends
     the row as a stop string does, its text kept only with include_stop. Stop strings end the
-    row only with may_stop (past its min_tokens)."""
+    row only with may_stop (past its min_tokens). End-of-text adds the scanner's `eot_text`
+    last (nothing by default)."""
     if tok == eot_id or tok in scanner.stop_ids:
         text, stopped = scanner.push(tok, may_stop) if tok != eot_id and scanner.include_stop else ("", False)
         if not stopped:
             rest, stopped = scanner.flush(may_stop)
             text += rest
+        if tok == eot_id and not stopped:
+            text += scanner.eot_text
         reason = "stop" if stopped or tok != eot_id else "eos"
     else:
         text, stopped = scanner.push(tok, may_stop)

@@ -907,7 +907,7 @@ class Generation:
             stop=list(body.stop), stop_token_ids=list(body.stop_token_ids or []),
             include_stop_str_in_output=body.include_stop_str_in_output, n=n,
             logprobs=0 if body.logprobs is None and n > body.n else body.logprobs,  # best_of ranks by them
-            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
             echo=False,  # the service prepends the prompt itself, identically for streams
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
         ) for i, p in enumerate(prompts)], seed

@@ -130,6 +130,8 @@ class CompletionBody(_Body, _NullIsDefault):
                                                                       "many tokens (vLLM's); at most max_tokens")
     ignore_eos: bool = Field(False, description="end-of-text is never drawn: every choice runs to max_tokens or a "
                                                 "stop string (vLLM's; for load tests)")
+    skip_special_tokens: bool = Field(True, description="false: a choice that draws end-of-text ends with its text, "
+                                                        "<|endoftext|> (vLLM's)")
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent or -1; always reported")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
@@ -194,9 +196,8 @@ class OpenAICompletionBody(CompletionBody):
     # OpenAI's: best_of candidates per prompt, of which the n with the highest mean token logprob
     # are answered (not streamed).
     best_of: int | None = Field(None, ge=1, le=MAX_N)
-    # Accepted for compatibility, but only at their neutral values (we do not implement them).
+    # Accepted for compatibility, but only at its neutral value (not implemented).
     suffix: str | None = None
-    skip_special_tokens: bool = True  # vLLM's default: end-of-text's text is never in a completion here
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -237,9 +238,6 @@ class OpenAICompletionBody(CompletionBody):
                             "best_of")
         if self.suffix:
             return ApiError(400, "suffix is not supported", "suffix")
-        if not self.skip_special_tokens:
-            return ApiError(400, "skip_special_tokens false is not supported: end-of-text ends a completion, "
-                                 "and its text is never part of it", "skip_special_tokens")
         if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer
             return ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
         return None

@@ -271,6 +271,25 @@ def test_min_tokens_and_ignore_eos_hold_end_of_text_back(engine, tok):
     assert tok.eot_id not in batch[0].choices[0].token_ids
 
 
+def test_skip_special_tokens_false_ends_the_text_with_end_of_texts_own(engine, tok):
+    """vLLM's skip_special_tokens false: a choice that draws end-of-text ends with its text, in
+    the text and in a stream's last event; a stop string found first cuts the text before it."""
+    forced_eos = SamplingParams(logit_bias=((tok.eot_id, 100.0),))
+    req = CompletionRequest("The", seed=3, max_tokens=10, sampling=forced_eos, min_tokens=2, skip_special_tokens=False)
+    [choice] = engine.complete([req])[0].choices
+    plain = engine.complete([dataclasses.replace(req, skip_special_tokens=True)])[0].choices[0]
+    assert choice.finish_reason == "eos" and choice.token_ids == plain.token_ids
+    assert choice.text == plain.text + "<|endoftext|>"
+    events = list(engine.stream([req]))
+    assert events[-1].text.endswith("<|endoftext|>") and "".join(ev.text for ev in events) == choice.text
+    # a stop string completed as the row ends (a character cut short flushes as U+FFFD) cuts first
+    names = [tok.token_name(i) for i in range(tok.vocab_size)]
+    ids = [*tok.encode("ab"), *[names.index(f"bytes:\\x{b:02x}") for b in "日".encode()[:2]], tok.eot_id]
+    for stop, want in (([], "ab\ufffd<|endoftext|>"), (["b\ufffd"], "a")):
+        scanner = StopScanner(tok, stop, eot_text="<|endoftext|>")
+        assert "".join(advance_text(scanner, t, tok.eot_id, i + 1, 99)[0] for i, t in enumerate(ids)) == want
+
+
 def test_min_tokens_hold_stop_strings_back_as_vllm_does(engine, tok):
     """vLLM checks no stop string before a choice's min_tokens; one completed then is plain text
     that never matches later. A forced token X makes the text XXXX...: stop "X" ends the choice at

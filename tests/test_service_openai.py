@@ -101,6 +101,18 @@ def test_min_tokens_and_ignore_eos_as_in_vllm(oai, server):
     assert (r.usage.completion_tokens, r.choices[0].text, r.choices[0].finish_reason) == (4, x * 3, "stop")
 
 
+def test_skip_special_tokens_false_shows_end_of_text_as_vllm_does(oai):
+    """It was refused; with it a choice that draws end-of-text (token 0, forced) ends with its
+    text, streamed or not."""
+    forced = dict(model="gpt", prompt="Hello", max_tokens=6, seed=1, logit_bias={"0": 100})
+    extra = {"skip_special_tokens": False, "min_tokens": 2}
+    plain = oai.completions.create(**forced, extra_body={"min_tokens": 2}).choices[0]
+    shown = oai.completions.create(**forced, extra_body=extra).choices[0]
+    assert shown.text == plain.text + "<|endoftext|>" and shown.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in oai.completions.create(**forced, extra_body=extra, stream=True))
+    assert streamed == shown.text
+
+
 def test_a_prompt_past_the_context_is_context_length_exceeded(oai):
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model="gpt", prompt="Hello " * 200, max_tokens=4)

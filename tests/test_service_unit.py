@@ -164,9 +164,6 @@ def test_openai_body_takes_openais_prompt_forms_and_refuses_unimplemented_knobs(
     assert fewer.param == "best_of" and "at least n (2)" in fewer.message  # said "not supported"
     same = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "n": 2, "best_of": 2})
     assert same.unsupported() is None
-    for flag, refused in ((True, False), (False, True)):  # vLLM's default is accepted, the other refused
-        err = OpenAICompletionBody.model_validate({"model": "gpt", "prompt": "a", "skip_special_tokens": flag})
-        assert (err.unsupported() is not None) == refused
     biased = {"model": "gpt", "prompt": "a", "logit_bias": {"50": 0, "7": -100}}
     assert OpenAICompletionBody.model_validate(biased).sampling_params().logit_bias == ((50, 0), (7, -100))
     for bad in ({"x": 1}, {"-7": 1}, {"7": 100.5}, {"7": "1"}):
