@@ -396,7 +396,7 @@ class TGIParameters(_Body, _NullIsDefault):
     top_n_tokens: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the likeliest alternatives per token")
     truncate: int | None = Field(None, ge=1, description="keep only the input's last tokens")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="candidates sampled, of which the one with the "
-                                "highest sum of token logprobs is answered (not streamed; the others in details)")
+                                "highest mean token logprob is answered (not streamed; the others in details)")
     # TGI's, taken only at the values that leave them off (refused otherwise, naming them)
     watermark: bool = Field(False, description="only false: watermarking is not implemented")
     grammar: Any = Field(None, description="not implemented: leave it out")

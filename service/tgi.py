@@ -18,8 +18,8 @@ from models.tokenizer import Tokenizer
 from service.schemas import ApiError, TGIParameters
 
 # The routes that answer only TGI's requests (/generate and /tokenize answer TGI's when the body
-# has `inputs` and no `prompt`): their errors come in TGI's shape (`error`), the server's own
-# limits' included.
+# has `inputs` and no `prompt`): their errors come in TGI's shape (`error`), the overload and
+# deadline limits' included (the API key's 401 keeps the service's shape).
 ROUTES = frozenset({"/generate_stream", "/", "/info"})
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's, when the context leaves that much
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
