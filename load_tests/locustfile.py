@@ -5,17 +5,23 @@ the schema, that each image decodes as a PNG, and that the seed echoed is the se
     python -m load_tests.run --host http://127.0.0.1:3000 --users 8 --run-time 30s   (headless, thresholds)
 
 The user classes can be picked on the command line (`CompletionUser StreamingUser ...`);
-by default locust runs them all, weighted.
+by default locust runs them all, weighted. At the start of a test the server's GET /models says
+which kinds of model it serves, and users needing a kind it lacks are left out (a text-only
+server got image requests that all failed with 404). With CONDGEN_API_KEY set, as the
+server's, every request sends it.
 """
 from __future__ import annotations
 
 import base64
 import io
 import json
+import logging
+import os
 import random
 import time
 
-from locust import HttpUser, between, task
+import requests
+from locust import HttpUser, between, events, task
 from PIL import Image
 
 PROMPTS = [
@@ -31,6 +37,38 @@ IMAGE_PROMPTS = [
     "blue backdrop with a little crimson disc at the left",
     "a yellow triangle at the top, black background",
 ]
+
+
+def auth_headers() -> dict[str, str]:
+    key = os.environ.get("CONDGEN_API_KEY", "").strip()  # stripped, as the server strips it
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class ServiceUser(HttpUser):
+    """Sends the API key, if any; `kinds`: the models its tasks need ("text", "image")."""
+    abstract = True
+    kinds: frozenset[str] = frozenset()
+
+    def on_start(self) -> None:
+        self.client.headers.update(auth_headers())
+
+
+@events.test_start.add_listener
+def leave_out_unserved_kinds(environment, **_) -> None:
+    """Drop the users whose kinds the server does not serve, unless that leaves none (then the
+    failures show it). A server that cannot say keeps every user."""
+    try:
+        resp = requests.get(f"{environment.host}/models", headers=auth_headers(), timeout=10)
+        resp.raise_for_status()
+        served = {m["kind"] for m in resp.json()["data"]}
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        logging.warning("could not read the served models from %s/models (%s): running every user", environment.host, e)
+        return
+    keep = [u for u in environment.user_classes if u.kinds <= served]
+    left_out = [u.__name__ for u in environment.user_classes if u not in keep]
+    if keep and left_out:
+        logging.info("the server serves %s models only: leaving out %s", "/".join(sorted(served)), ", ".join(left_out))
+        environment.user_classes[:] = keep
 
 
 def _fail(resp, why: str) -> None:
@@ -64,9 +102,10 @@ def check_images(resp, seed: int, n: int) -> None:
         _fail(resp, f"bad image body ({type(e).__name__}: {e})")
 
 
-class CompletionUser(HttpUser):
+class CompletionUser(ServiceUser):
     """Plain /complete requests of mixed lengths."""
     weight = 3
+    kinds = frozenset({"text"})
     wait_time = between(0.05, 0.3)
 
     @task
@@ -81,9 +120,10 @@ class CompletionUser(HttpUser):
             # overwrite the failure a check reported)
 
 
-class StreamingUser(HttpUser):
+class StreamingUser(ServiceUser):
     """/complete with stream=true: Server-Sent Events until `data: [DONE]`."""
     weight = 2
+    kinds = frozenset({"text"})
     wait_time = between(0.05, 0.3)
 
     @task
@@ -123,9 +163,10 @@ class StreamingUser(HttpUser):
         resp.success()
 
 
-class ImageUser(HttpUser):
+class ImageUser(ServiceUser):
     """/generate with n = 1 and n = 4."""
     weight = 2
+    kinds = frozenset({"image"})
     wait_time = between(0.05, 0.3)
 
     def _generate(self, n: int) -> None:
@@ -148,4 +189,5 @@ class ImageUser(HttpUser):
 class MixedUser(CompletionUser, StreamingUser, ImageUser):
     """A product backend doing a bit of everything (realistic prompts, mixed endpoints)."""
     weight = 1
+    kinds = frozenset({"text", "image"})
     tasks = {CompletionUser.complete: 3, StreamingUser.stream: 2, ImageUser.one: 2, ImageUser.four: 1}

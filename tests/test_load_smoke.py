@@ -118,6 +118,69 @@ def test_a_wrong_body_with_status_200_is_a_failure(tmp_path):
     assert int(row["Request Count"]) >= 2 and row["Failure Count"] == row["Request Count"], row
 
 
+def test_a_text_only_server_with_a_key_gets_text_users_sending_the_key(tmp_path):
+    """Against a text-only server every image request failed with 404, and against a server
+    with CONDGEN_API_KEY every request failed with 401: the users now follow GET /models and
+    send the key of the environment."""
+    import csv
+    import http.server
+    import json
+    import threading
+
+    seen = {"unauthorized": 0, "generate": 0}
+
+    class TextOnly(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self, data: bytes, ctype: str = "application/json", status: int = 200):
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def authorized(self) -> bool:
+            if self.headers.get("authorization") == "Bearer s3cret":
+                return True
+            seen["unauthorized"] += 1
+            self.answer(b'{"error": {"message": "missing API key"}}', status=401)
+            return False
+
+        def do_GET(self):
+            if self.authorized():
+                self.answer(b'{"object": "list", "data": [{"id": "gpt:x", "kind": "text"}]}')
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            if not self.authorized():
+                return
+            if self.path != "/complete":
+                seen["generate"] += 1
+                return self.answer(b'{"error": {"message": "no image model"}}', status=404)
+            choice = {"text": " x", "finish_reason": "length"}
+            if body.get("stream"):
+                return self.answer(f'data: {json.dumps({"seed": body["seed"], **choice})}\n\ndata: [DONE]\n\n'.encode(),
+                                   "text/event-stream")
+            self.answer(json.dumps({"seed": body["seed"], "choices": [choice], "usage": {"completion_tokens": 1}}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TextOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "load_tests.run", "--host", f"http://127.0.0.1:{server.server_address[1]}",
+             "--users", "4", "--spawn-rate", "4", "--run-time", "3s", "--out", str(tmp_path / "run")],
+            cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "CONDGEN_API_KEY": " s3cret\n"})
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = {r["Name"] for r in csv.DictReader(open(tmp_path / "run_stats.csv"))}
+    assert {"/complete", "/complete stream"} <= names and not any("generate" in n for n in names), names
+    assert seen == {"unauthorized": 0, "generate": 0}
+
+
 def test_the_soak_refuses_a_pid_it_cannot_measure(capsys):
     """A wrong --pid measured 0 bytes and divided by zero at the end of the run."""
     import pytest
