@@ -40,4 +40,4 @@ fuzz: install  ## schemathesis, 2,000 generated requests against /openapi.json
 	$(PY) -m load_tests.fuzz --host $(HOST) --cases 2000
 
 soak: install  ## 30 minutes of steady load, PSS growth of the server's process tree
-	$(PY) -m load_tests.soak --host $(HOST) --pid $$(pgrep -of 'bentoml serve') --minutes 30
+	$(PY) -m load_tests.soak --host $(HOST) --minutes 30

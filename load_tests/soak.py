@@ -1,9 +1,10 @@
 """Soak test: steady load for --minutes while sampling the server's memory.
 
-    python -m load_tests.soak --host http://127.0.0.1:3000 --pid $(pgrep -of 'bentoml serve') --minutes 30
+    python -m load_tests.soak --host http://127.0.0.1:3000 --minutes 30
 
 Runs the locust users headless (load_tests/locustfile.py, all classes unless --user-classes)
-against a running server, reads the proportional set size (PSS) of --pid and all its
+against a running server, reads the proportional set size (PSS) of the server's process (by
+default the one listening on --host's port, which must be on this machine; else --pid) and all its
 descendants (BentoML's arbiter, its workers, their engine processes) from /proc every
 --interval seconds, and compares the mean of the last tenth of the run with that of the first
 tenth after --warmup seconds. PSS, not RSS: resident pages the processes share (torch's
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -44,6 +46,31 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def listening_pid(port: int) -> int | None:
+    """The process that listens on `port` here, the first of its tree to hold the socket
+    (bentoml serve, whose workers inherit it); None if no process we can see does."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # local address (hex ip:port), ..., state (0A: LISTEN), ..., inode
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    holders: dict[int, int] = {}  # pid -> parent pid
+    for entry in os.listdir("/proc"):
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd") if entry.isdigit() else []
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in sockets for fd in fds):
+                holders[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    roots = [pid for pid, parent in holders.items() if parent not in holders]
+    return min(roots) if roots else None
+
+
 def pss_bytes(pid: int) -> int:
     """Proportional set size of `pid` and its descendants (processes that vanish count 0)."""
     total = 0
@@ -63,7 +90,8 @@ def mean(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", required=True, help="base URL of a running service")
-    ap.add_argument("--pid", type=int, required=True, help="the server's main process (bentoml serve)")
+    ap.add_argument("--pid", type=int, default=None,
+                    help="the server's main process (bentoml serve); default: the one listening on --host's port")
     ap.add_argument("--minutes", type=float, default=30, help="length of the steady load")
     ap.add_argument("--users", type=int, default=8, help="concurrent simulated users")
     ap.add_argument("--warmup", type=float, default=60, help="seconds of load before the baseline window")
@@ -73,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-growth-pct", type=float, default=10.0, help="fail above this memory (PSS) growth")
     ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
     args = ap.parse_args(argv)
+    if args.pid is None:
+        url = urlsplit(args.host)
+        args.pid = listening_pid(url.port or (443 if url.scheme == "https" else 80))
+        if args.pid is None:
+            ap.error(f"no process on this machine listens on {args.host}'s port: give the server's --pid")
     if pss_bytes(args.pid) == 0:  # a wrong pid would measure nothing and divide by zero at the end
         ap.error(f"--pid {args.pid}: no such process, or its memory cannot be read (give bentoml serve's pid)")
 

@@ -189,3 +189,28 @@ def test_the_soak_refuses_a_pid_it_cannot_measure(capsys):
     with pytest.raises(SystemExit) as e:
         soak(["--host", "http://127.0.0.1:1", "--pid", "999999999", "--minutes", "0.01"])
     assert e.value.code == 2 and "--pid 999999999" in capsys.readouterr().err
+
+
+def test_the_soak_measures_the_server_listening_on_its_host_port(capsys):
+    """`make soak` took the oldest `bentoml serve` on the machine (`pgrep -o`), which need not be
+    the server at --host: the soak finds the process listening on the host's port, the first of
+    its tree to hold the socket (bentoml serve; its workers inherit it)."""
+    import pytest
+
+    from load_tests.soak import listening_pid, main as soak
+
+    code = ("import os, socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+            "if os.fork():\n    print(s.getsockname()[1], flush=True)\ntime.sleep(60)\n")  # the child inherits it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        assert listening_pid(port) == proc.pid
+    finally:
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            os.kill(int(child), 9)
+        proc.kill()
+        proc.wait()
+    assert listening_pid(port) is None
+    with pytest.raises(SystemExit) as exit_info:
+        soak(["--host", f"http://127.0.0.1:{port}", "--minutes", "0.01"])
+    assert exit_info.value.code == 2 and "--pid" in capsys.readouterr().err
