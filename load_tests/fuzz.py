@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
@@ -91,7 +91,8 @@ def fuzz(host: str, cases: int, headers: dict[str, str] | None = None, seed: int
             drawn = []
 
             @settings(max_examples=per_op if op in posts else 5, deadline=None, database=None, derandomize=seed is not None,
-                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
+                      verbosity=Verbosity.quiet)  # no "@seed(...)" lines for the Unsatisfiable caught below
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case) -> None:
                 drawn.append(1)

@@ -18,8 +18,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstr
 
 from models.ar_image import MAX_GUIDANCE
 from models.engine import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_TOKENS  # MAX_N: images per image request too
-from models.sampling import (MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K,
-                             MIN_REPETITION_PENALTY, SamplingParams)
+from models.sampling import (MAX_LOGIT_BIAS_TOKENS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_SEED, MAX_TEMPERATURE,
+                             MAX_TOP_K, MIN_REPETITION_PENALTY, SamplingParams)
 
 MAX_TOKENS_LIMIT = 4096  # a hard cap; the engine enforces the model's own context length
 
@@ -32,6 +32,7 @@ TopK = Annotated[int, Field(ge=-1, le=MAX_TOP_K), AfterValidator(lambda v: max(v
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}(:[A-Za-z0-9._-]{1,64})?$"
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ImagePrompt = Annotated[str, Field(min_length=1, description="what to draw; not empty, nor only whitespace")]
 
 
 class ApiError(Exception):
@@ -118,9 +119,14 @@ class CompletionBody(_Body, _NullIsDefault):
                                     description="subtracted from tokens the completion holds")
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
                                      description="subtracted per occurrence in the completion")
-    logit_bias: dict[str, float] | None = Field(None, description="token id (a string of digits) -> bias in "
-                                                                  "[-100, 100], added to its logit")
-    stop: StopString | list[StopString] | None = Field(None, validate_default=True)
+    # The limits the validators below check, also in the JSON schema, for schema-driven clients
+    # (keywords for objects and arrays, beside the union: null and a string pass them).
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (a string of digits) -> bias in [-100, 100], added to its logit",
+        json_schema_extra={"maxProperties": MAX_LOGIT_BIAS_TOKENS, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                           "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}})
+    stop: StopString | list[StopString] | None = Field(None, validate_default=True,
+                                                       json_schema_extra={"maxItems": MAX_STOP})
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, max_length=MAX_STOP_TOKENS, description="token ids that end a choice as a stop string does (vLLM's)")
     include_stop_str_in_output: bool = Field(False, description="keep the stop string or stop token in the text "
@@ -243,21 +249,23 @@ class OpenAICompletionBody(CompletionBody):
         return None
 
 
-AR_ONLY = "autoregressive image models only (default: the model's); a GAN answers 400"
-GUIDANCE_DOC = "classifier-free guidance, 1 = off; " + AR_ONLY
+AR_ONLY = "autoregressive image models only; a GAN answers 400"
+GUIDANCE_DOC = "classifier-free guidance, 1 = off; default: the model's; " + AR_ONLY
+TEMPERATURE_DOC = "0 is greedy; default: the model's; " + AR_ONLY
+IMAGE_TOP_K_DOC = "0 (the default) or -1: off; " + AR_ONLY
 
 
 class ImageBody(_Body, _NullIsDefault):
     """POST /generate."""
     model: ModelName | None = Field(None, description="model name or tag; default: the served image model")
-    prompt: str
+    prompt: ImagePrompt
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="image i uses seed + i; picked by the server when absent or -1")
     truncation: float = Field(1.0, gt=0, le=1, description="latent truncation psi: smaller is tamer")
     response_format: Literal["b64_json", "png"] = "b64_json"
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=AR_ONLY)
-    top_k: TopK | None = Field(None, description=AR_ONLY)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=TEMPERATURE_DOC)
+    top_k: TopK | None = Field(None, description=IMAGE_TOP_K_DOC)
     negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
 
@@ -267,7 +275,7 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     opaque image, no moderation to tune); any other value is refused, naming the field, rather
     than ignored. `style` has no such value: it is refused whenever it is set."""
     model: ModelName | None = None
-    prompt: str
+    prompt: ImagePrompt
     n: int = Field(1, ge=1, le=MAX_N)
     response_format: Literal["b64_json", "url"] | None = None
     size: str | None = None  # "auto" or the model's "SxS", checked against the model
@@ -280,8 +288,8 @@ class OpenAIImageBody(_Body, _NullIsDefault):
     seed: Seed | None = None
     truncation: float = Field(1.0, gt=0, le=1)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description=GUIDANCE_DOC)
-    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=AR_ONLY)
-    top_k: TopK | None = Field(None, description=AR_ONLY)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description=TEMPERATURE_DOC)
+    top_k: TopK | None = Field(None, description=IMAGE_TOP_K_DOC)
     negative_prompt: str = Field("", description="what guidance steers away from (empty: nothing); " + AR_ONLY)
 
 

@@ -426,6 +426,31 @@ def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
     json.dumps(doc)  # serialisable as served
 
 
+def test_openapi_document_states_the_limits_the_validators_check():
+    """A schema-driven client (or the fuzzer) could not see them: `stop` took any number of
+    strings, `logit_bias` any keys and biases, an image prompt the empty string; and image
+    top_k's description said "default: the model's", where it is 0 (off)."""
+    schemas = build_openapi()["components"]["schemas"]
+    body = schemas["CompletionBody"]["properties"]
+    assert body["stop"]["maxItems"] == 4
+    bias = body["logit_bias"]
+    assert bias["maxProperties"] == 300 and bias["propertyNames"] == {"pattern": "^[0-9]{1,9}$"}
+    assert bias["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
+    for name in ("ImageBody", "OpenAIImageBody"):
+        image = schemas[name]["properties"]
+        assert image["prompt"]["minLength"] == 1, name
+        assert "0 (the default)" in image["top_k"]["description"], name
+    from pydantic import ValidationError
+
+    from service.schemas import CompletionBody, ImageBody  # and the validators agree
+    for bad in ({"prompt": "a", "stop": ["x"] * 5}, {"prompt": "a", "logit_bias": {"x": 1}},
+                {"prompt": "a", "logit_bias": {"1": 101}}):
+        with pytest.raises(ValidationError):
+            CompletionBody.model_validate(bad)
+    with pytest.raises(ValidationError):
+        ImageBody.model_validate({"prompt": ""})
+
+
 # ---- model faults: the loaders refuse, naming the file ---------------------------------------
 
 def _store_copy(bentoml_home: Path, name: str, dst: Path) -> Path:
