@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from models.errors import is_int
@@ -59,7 +59,9 @@ def save_model_dir(
     path.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage (tied embeddings): save contiguous copies.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    _atomic_write(path / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    # Written by Python, whose files take the umask's permissions as the others do: safetensors'
+    # save_file makes them 0600, which a server running as another user cannot read.
+    _atomic_write(path / WEIGHTS, lambda p: p.write_bytes(save(tensors)))
     _atomic_write(path / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2)))
     _atomic_write(path / METRICS, lambda p: p.write_text(json.dumps(metrics or {}, indent=2)))
     if tokenizer is not None:

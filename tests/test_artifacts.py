@@ -38,6 +38,13 @@ def expect_error(path, filename):
     assert filename in str(e.value)
 
 
+def test_the_weights_are_as_readable_as_the_other_files(model_dir):
+    """safetensors' save_file made model.safetensors 0600 (the other files 0644 under the usual
+    umask), and the store's copy kept it: a server running as another user could not read it."""
+    d, _ = model_dir
+    assert (d / "model.safetensors").stat().st_mode & 0o777 == (d / "config.json").stat().st_mode & 0o777
+
+
 def test_corrupt_weights(model_dir):
     path, _ = model_dir
     (path / "model.safetensors").write_bytes(b"\x00not a safetensors file at all")
