@@ -10,10 +10,12 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
+MAX_TRAINING_WORD = 256  # characters; see Tokenizer.train
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -39,7 +41,12 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
         hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # BPE training time grows with the square of a word's length: a 3 MB line with no
+        # whitespace (DNA, base64, minified JSON) took most of an hour. Training alone cuts such
+        # runs into words of at most MAX_TRAINING_WORD characters; encoding keeps them whole.
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_TRAINING_WORD}}}"), behavior="isolated"), byte_level])
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -48,6 +55,7 @@ class Tokenizer:
             show_progress=False,
         )
         hf.train_from_iterator(texts, trainer=trainer)
+        hf.pre_tokenizer = byte_level
         return cls(hf)
 
     @classmethod

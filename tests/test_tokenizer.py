@@ -41,3 +41,15 @@ def test_stream_decoder_holds_back_only_a_begun_character(tok):
     assert dec.start_of(byte[b"\x81"]) == 0 and dec.start_of(byte[b"x"]) == 1  # 0x81 continues it, "x" cannot
     assert dec.step(e_acute[1]) == "é" and dec.flush() == ""
     assert dec.step(e_acute[0]) == "" and dec.flush() == "\ufffd" and dec.pending == b""
+
+
+def test_training_cuts_words_longer_than_its_limit_and_encoding_keeps_them():
+    """BPE training time grows with the square of a word's length (a 3 MB line without
+    whitespace ran for most of an hour): training cuts such runs into words of at most
+    MAX_TRAINING_WORD characters, so no token is longer; encoding still round-trips them."""
+    from models.tokenizer import MAX_TRAINING_WORD
+
+    long_word = "ab" * 300  # 600 characters; repeated, BPE would merge it into one token
+    tok = Tokenizer.train([f"{long_word} some words {long_word}"] * 20, 400)
+    assert tok.max_token_bytes <= MAX_TRAINING_WORD
+    assert tok.decode(tok.encode(long_word + " x")) == long_word + " x"
