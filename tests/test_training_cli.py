@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import atomic_save, parse_config, run_cli
+from training.common import RESUMABLE, atomic_save, check_folder, parse_config, run_cli
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -58,6 +58,25 @@ def test_run_cli_makes_a_user_error_one_line_with_status_2(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: --data: nope.txt does not exist\n"
 
 
+@pytest.mark.parametrize("hint, said", [("", "interrupted\n"), (RESUMABLE, f"interrupted: {RESUMABLE}\n")])
+def test_run_cli_says_what_a_ctrl_c_leaves_to_do(hint, said, capsys):
+    """Every command told to resume "from the last checkpoint in --run_dir", training.store and
+    the evaluation tools too, which have neither."""
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, on_interrupt=hint)
+    assert e.value.code == 130 and capsys.readouterr().err == said
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training():
+    """train_gpt --out=/sys/x trained, then failed with a PermissionError traceback: its model
+    never reached the store."""
+    with pytest.raises(ValueError, match=r"--out=/sys/condgen-test: cannot be written in /sys"):
+        check_folder("/sys/condgen-test", "--out")
+
+
 @pytest.mark.parametrize("bug", [lambda: {}["key"], lambda: __import__("json").loads("{")])
 def test_run_cli_keeps_the_traceback_of_a_bug(bug):
     """A library's ValueError, or another type, is not a user's mistake."""
@@ -80,6 +99,20 @@ def test_ensure_defaults_trains_a_default_only_when_it_is_the_configured_model(m
     monkeypatch.setenv("GPT_MODEL", "gpt")  # the default's name alone is its latest version
     ensure_defaults.main([])
     assert trained == ["gan", "gpt", "gan"]
+
+
+def test_ensure_defaults_refuses_a_configured_model_of_another_family(monkeypatch):
+    """GPT_MODEL naming a GAN was taken ("using the configured GPT_MODEL") and the service then
+    refused to start: it is refused here, before the default GAN's minutes of training."""
+    trained = []
+    monkeypatch.setattr(ensure_defaults, "store_has", lambda tag: True)
+    monkeypatch.setattr(ensure_defaults, "store_family", lambda tag: "gan")
+    monkeypatch.setattr(train_gan, "main", lambda argv: trained.append("gan"))
+    monkeypatch.setenv("GPT_MODEL", "mygan")
+    monkeypatch.delenv("GAN_MODEL", raising=False)
+    with pytest.raises(SystemExit, match="GPT_MODEL=mygan:latest is a 'gan' model, not a 'gpt' one"):
+        ensure_defaults.main([])
+    assert trained == []
 
 
 def test_ensure_defaults_trains_no_model_that_is_turned_off(monkeypatch, capsys):
@@ -255,6 +288,33 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     broken = store(str(folder), "--name", "other")
     assert broken.returncode == 2 and "model.safetensors" in broken.stderr and "Traceback" not in broken.stderr
     assert store(str(tmp_path)).returncode == 2  # no config.json
+
+
+def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):
+    """BentoML copies a new version into the store's folder and cleans up after an Exception
+    only: a Ctrl-C during that copy left a half-written version, which `name:latest` named when
+    it was the first. The copy now finishes; then the command stops as interrupted (130)."""
+    src = next((bentoml_home / "models" / "gpt").glob("*/config.json")).parent
+    code = ("import os, shutil, signal, sys\n"
+            "from training import store\n"
+            "from training.common import run_cli\n"
+            "copytree = shutil.copytree\n"
+            "def interrupted_copy(*args, **kwargs):\n"  # the store's copy: Ctrl-C as it begins
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return copytree(*args, **kwargs)\n"
+            "shutil.copytree = interrupted_copy\n"
+            "run_cli(lambda: store.main([sys.argv[1], '--name', 'held']))\n")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    done = subprocess.run([sys.executable, "-c", code, str(src)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "stopping once the model is in the store" in done.stderr
+    versions = [d for d in (tmp_path / "home" / "models" / "held").iterdir() if d.is_dir()]
+    assert len(versions) == 1
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.yaml":
+            assert (versions[0] / f.name).read_bytes() == f.read_bytes(), f.name
+    latest = (tmp_path / "home" / "models" / "held" / "latest").read_text()
+    assert latest == versions[0].name
 
 
 def test_help_shows_the_chosen_presets_values(capsys):

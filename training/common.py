@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ def check_outputs(name: str, store: bool, out: str, family: str, name_option: st
 
 
 def check_folder(path: str, option: str) -> None:
-    """Refuse an output folder that exists as a file, or that cannot be made because a file
-    stands where one of its parents would be: the job would fail there after training."""
+    """Refuse an output folder that exists as a file, that cannot be made because a file stands
+    where one of its parents would be, or that cannot be written: the job would fail there
+    after training."""
     if not path:
         return
     if Path(path).exists() and not Path(path).is_dir():
@@ -126,6 +128,10 @@ def check_folder(path: str, option: str) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ValueError(f"{option}={path}: cannot be made, {ancestor} is a file")
+    try:  # permissions, a read-only file system: found now, not when the trained model is saved
+        tempfile.TemporaryDirectory(dir=ancestor).cleanup()
+    except OSError as e:
+        raise ValueError(f"{option}={path}: cannot be written in {ancestor} ({e.strerror})") from None
 
 
 def check_model_folder(path: str, option: str = "--out") -> None:
@@ -185,10 +191,14 @@ def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
           file=sys.stderr)
 
 
-def run_cli(main: Callable[[], Any]) -> None:
+RESUMABLE = "--resume=true continues from the last checkpoint in --run_dir, if one was written"
+
+
+def run_cli(main: Callable[[], Any], on_interrupt: str = "") -> None:
     """Run a job's `main()` as a command: a user error ends it as argparse does, one line on stderr
     and exit status 2, with no traceback to read past. The same types raised inside a library,
-    and every other exception, keep their traceback: they are bugs."""
+    and every other exception, keep their traceback: they are bugs. A Ctrl-C ends it with status
+    130 and `on_interrupt`, what the user can do next (RESUMABLE for a training job)."""
     try:
         main()
     except USER_ERRORS as e:
@@ -197,7 +207,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one stands
-        print("interrupted: --resume=true continues from the last checkpoint in --run_dir", file=sys.stderr)
+        print(f"interrupted{': ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from training.store import store_has
+from training.common import check_folder, run_cli
+from training.store import store_family, store_has
 
 # store name -> (the service's variable naming the model, training module, its run folder)
 DEFAULTS = {
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
     args = ap.parse_args(argv)
     home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+    check_folder(home, "BENTOML_HOME (the model store)")
     for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
         tag = configured_tag(env_var, name)
         if tag in (None, f"{name}:latest"):
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
                      f"(BENTOML_HOME={home}), unset {env_var} to serve the small default, or set it "
                      "empty to serve without it")
+        if (family := store_family(tag)) not in (None, name):  # the service would refuse it at start
+            sys.exit(f"error: {env_var}={tag} is a {family!r} model, not a {name!r} one")
     for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
         if tag is None:
@@ -65,4 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, on_interrupt="run it again (make serve does) to go on from the last checkpoint")

@@ -9,8 +9,13 @@ The folder is loaded first, as the service will load it, so a broken one is refu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,38 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
     import bentoml  # imported here so the rest of training/ runs with torch alone
 
     check_name(name, labels.get("family"))
-    with bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
+    # Leaving `create`, BentoML copies the files into the store's folder for the new version
+    # and cleans up after an Exception only: a Ctrl-C there left a half-written version, which
+    # `name:latest` could then name. So the copy is let finish first.
+    with interrupts_held(), bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
         for f in Path(model_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, Path(model.path) / f.name)
     return str(model.tag)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then deliver the first one received
+    (signal handlers can only be set from the main thread; elsewhere the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if not received:
+            print("interrupted: stopping once the model is in the store", file=sys.stderr)
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def store_has(tag: str) -> bool:
@@ -54,15 +86,16 @@ def check_name(name: str, family: str | None, option: str = "--name") -> None:
                          "another name")
 
 
-def store_family(name: str) -> str | None:
-    """The family label ("gpt", "gan", "ar_image") of the store's latest `name`; None when the
-    store has none, or when BentoML is not installed (a GPU machine that trains into --out)."""
+def store_family(tag: str) -> str | None:
+    """The family label ("gpt", "gan", "ar_image") of the store's `tag` (a bare name: its latest
+    version); None when the store has none, or when BentoML is not installed (a GPU machine
+    that trains into --out)."""
     try:
         import bentoml
     except ImportError:
         return None
     try:
-        return bentoml.models.get(f"{name}:latest").info.labels.get("family")
+        return bentoml.models.get(tag if ":" in tag else f"{tag}:latest").info.labels.get("family")
     except bentoml.exceptions.NotFound:
         return None
 

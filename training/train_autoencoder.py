@@ -29,7 +29,7 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
-from training.common import (SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
+from training.common import (RESUMABLE, SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
                              check_resume_data, cosine_lr, diverged, load_checkpoint, parse_config, require_finite,
                              report_halt, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
@@ -251,4 +251,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, on_interrupt=RESUMABLE)

@@ -22,10 +22,10 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
-from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for, check_device,
-                             check_folder, check_fresh_run, check_model_folder, check_outputs, check_resume_data,
-                             cosine_lr, diverged, fraction, load_checkpoint, one_of, parse_config, require_finite,
-                             report_halt, restore, run_cli, setup_distributed, teardown_distributed)
+from training.common import (RESUMABLE, SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
+                             check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
+                             check_resume_data, cosine_lr, diverged, fraction, load_checkpoint, one_of, parse_config,
+                             require_finite, report_halt, restore, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -305,4 +305,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, on_interrupt=RESUMABLE)
