@@ -755,6 +755,7 @@ class Generation:
         a large model's load may outlast a liveness probe's patience)."""
         backoff: dict[str, float] = {}  # engine -> seconds to wait after its latest failed start
         retry_at: dict[str, float] = {}
+        down: set[str] = set()  # engines found dead and not back yet: a death is counted once
         while True:
             time.sleep(0.5)
             if self._stopping:  # the engines stop because this worker does: no deaths
@@ -765,10 +766,15 @@ class Generation:
                 logger.exception("checking the engine processes failed")
                 continue
             for name, revive in dead:
+                if name not in down:
+                    down.add(name)
+                    model = self.text_model.name if name == "text" else self.images[name].served.name
+                    self.metrics.engine_deaths.labels(model=model).inc()
                 if time.monotonic() < retry_at.get(name, 0.0) or self._stopping:
                     continue
                 try:
                     revive()
+                    down.discard(name)
                     backoff.pop(name, None)
                     self._failed_starts.discard(name)
                 except Exception as e:  # its own back-off: one engine failing does not hold the
@@ -934,6 +940,7 @@ class Generation:
         # queues takes it out of the queue, streaming or not.
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left(head["id"])
+        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)  # admitted
         events = self._measured(_chain(first, events), arrived)
         echoed = [echo_texts[j // k] for j in range(choices)]  # each candidate's prefix
         if body.stream:  # (never with best_of above n)
@@ -1037,6 +1044,7 @@ class Generation:
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left("a text-generation-inference request")
+        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(len(ids))  # admitted
         events = self._measured(_chain(first, events), arrived)
         if stream:
             return SSEResponse(self._tgi_stream(events, answer, request.url.path))

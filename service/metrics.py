@@ -23,7 +23,7 @@ IMAGE = "images"
 
 @dataclass(frozen=True)
 class Metrics:
-    time_to_first_token: Any  # Histogram: arrival of the request -> first token of a choice
+    time_to_first_token: Any  # Histogram: request accepted (checked, tokenized) -> first token of a choice
     inter_token_latency: Any  # Histogram: between consecutive tokens of one choice
     queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch (images: handed to the worker)
     batch_size: Any  # Histogram{endpoint}: completions: sequences per decode step; images: requests per batch
@@ -31,8 +31,10 @@ class Metrics:
     requests_running: Any  # Gauge{endpoint}: completions: sequences decoding; images: requests handed to the worker
     requests_waiting: Any  # Gauge{endpoint}: requests queued for the engine now
     generated_tokens: Any  # Counter{model}
+    prompt_tokens: Any  # Counter{model}
     images: Any  # Counter{model}
     request_errors: Any  # Counter{endpoint, status}: 4xx/5xx answers from our routes
+    engine_deaths: Any  # Counter{model}: engine processes found dead (each is started again)
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,7 +50,8 @@ def get_metrics() -> Metrics:
 
     metrics = Metrics(
         time_to_first_token=histogram("time_to_first_token_seconds",
-                                      "Seconds from request arrival to the first token of a choice"),
+                                      "Seconds from a request's acceptance (body read, checked, tokenized) to the "
+                                      "first token of a choice"),
         inter_token_latency=histogram("inter_token_latency_seconds",
                                       "Seconds between consecutive tokens of one choice"),
         queue_time=histogram("queue_time_seconds", "Seconds a request waited for an engine batch",
@@ -60,12 +63,20 @@ def get_metrics() -> Metrics:
         requests_running=gauge("requests_running", "Completions: sequences decoding; images: requests handed to "
                                                     "the worker", ("endpoint",)),
         requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint",)),
-        generated_tokens=pc.Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ("model",)),
+        generated_tokens=pc.Counter(f"{PREFIX}_generated_tokens", "Tokens sampled by the engine, its clients "
+                                    "still there or not", ("model",)),
+        prompt_tokens=pc.Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of the completion requests admitted",
+                                 ("model",)),
         images=pc.Counter(f"{PREFIX}_images", "Images generated", ("model",)),
         request_errors=pc.Counter(f"{PREFIX}_request_errors", "Error answers by status",
                                   ("endpoint", "status")),
+        engine_deaths=pc.Counter(f"{PREFIX}_engine_deaths", "Engine processes found dead (each is started again)",
+                                 ("model",)),
     )
     for endpoint in (TEXT, IMAGE):  # at 0 from the start, not absent until the first request
         metrics.requests_running.labels(endpoint=endpoint).set(0)
         metrics.requests_waiting.labels(endpoint=endpoint).set(0)
+        metrics.queue_time.labels(endpoint=endpoint)
+        metrics.batch_size.labels(endpoint=endpoint)
+    metrics.batch_items.labels(endpoint=IMAGE)
     return metrics

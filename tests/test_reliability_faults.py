@@ -17,6 +17,7 @@ import pytest
 
 from conftest import _stop, launch_server, wait_ready
 from test_reliability_unit import FAULTS
+from test_service_http import metric, scrape
 
 WAIT_S = 180
 
@@ -138,6 +139,10 @@ def test_a_dead_engine_process_is_started_again_while_the_other_models_serve(
             time.sleep(0.25)
         assert httpx.get(f"{srv.url}/livez", timeout=10).status_code == 200
         assert srv.log.read_text(errors="replace").count("is back after") == 1 + len(images)
+        # each death counted once, by model, however many tries the start took
+        deaths = scrape(httpx.Client(base_url=srv.url, timeout=10))
+        assert metric(deaths, "condgen_engine_deaths_total", model="gpt") == 1
+        assert metric(deaths, "condgen_engine_deaths_total", model="gan") == 1
         _stop(proc)  # a graceful stop ends the engines: none of that is a death to recover from
         stopping = srv.log.read_text(errors="replace").split("Running cleanup hook")[-1]
         assert "has died" not in stopping and "runs in process" not in stopping, stopping

@@ -404,6 +404,16 @@ def test_image_queue_is_bounded_by_cost():
     assert err.status == 429 and err.headers == {"Retry-After": "7"} and err.code == "overloaded"
 
 
+def test_every_labelled_series_a_dashboard_reads_exists_before_the_first_request():
+    """The images' queue time, batch size and batch items had no series until the first image
+    request: a rate() or an alert on them showed "no data", not 0."""
+    get_metrics()
+    for name, endpoint in [("condgen_queue_time_seconds_count", "images"), ("condgen_batch_size_count", "images"),
+                           ("condgen_batch_items_count", "images"), ("condgen_queue_time_seconds_count", "completions"),
+                           ("condgen_batch_size_count", "completions")]:
+        assert REGISTRY.get_sample_value(name, {"endpoint": endpoint}) is not None, (name, endpoint)
+
+
 def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
     doc = build_openapi()
     assert set(doc["paths"]) == {"/complete", "/generate", "/models", "/v1/completions",

@@ -370,6 +370,7 @@ def test_metrics_move_by_exactly_what_the_requests_produced(client):
 
     tokens = plain["usage"]["completion_tokens"] + chunks[-2]["usage"]["completion_tokens"]
     assert delta("condgen_generated_tokens_total") == tokens
+    assert delta("condgen_prompt_tokens_total") == plain["usage"]["prompt_tokens"] + chunks[-2]["usage"]["prompt_tokens"]
     assert delta("condgen_images_total") == len(images["images"]) + 1
     # One TTFT per choice that produced a token; one inter-token gap for every further token.
     assert delta("condgen_time_to_first_token_seconds_count") == 5
