@@ -145,7 +145,8 @@ def test_resume_refuses_other_data(tiny_run, tmp_path):
     shutil.copy(tiny_run[0] / "ckpt.pt", out / "ckpt.pt")
     args = ["--preset", "tiny", f"--out={out}", "--resume", "--store=false", "--n_train=256"]
     with pytest.raises(ValueError, match=r"ckpt.pt was trained on dataset \w+ \(--data='shapes'\), this run's is "
-                                         r"dataset \w+ \(--data='shapes'\): resume with the same data"):
+                                         r"dataset \w+ \(--data='shapes'\); --n_train=\d+ then, 256 now: resume with "
+                                         r"the same data"):  # what changed is named: the same --data twice told nothing
         main(args)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     del ckpt["dataset"]  # a checkpoint from before the hash: the procedural data's settings decide

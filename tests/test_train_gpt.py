@@ -236,6 +236,8 @@ def test_resume_refuses_other_data(tmp_path):
                                          rf"\w+ \(--data='{re.escape(str(other))}'\): resume with the same data, or "
                                          rf"start a new --run_dir"):
         main(resume)
+    with pytest.raises(ValueError, match=r"\(--data=''\); --max_chars=200000 then, 100000 now: resume with"):
+        main(TINY + [f"--run_dir={tmp_path}", "--resume=true", "--max_chars=100000"])  # the same --data twice told nothing
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     del ckpt["dataset"]  # a checkpoint from before the hash: its --data decides
     torch.save(ckpt, tmp_path / "ckpt.pt")

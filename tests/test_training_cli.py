@@ -43,10 +43,11 @@ def test_out_that_is_a_file_is_refused(job, tmp_path, capsys):
     assert e.value.code == 2 and "--run_dir=" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("job", [train_ar_image, train_autoencoder])
-def test_resume_without_a_checkpoint_is_an_error(job, tmp_path):
+@pytest.mark.parametrize("job, run_dir", [(train_ar_image, "--out"), (train_autoencoder, "--out"),
+                                          (train_gpt, "--run_dir")])  # `--resume` alone in every job
+def test_resume_without_a_checkpoint_is_an_error(job, run_dir, tmp_path):
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
-        job.main(["--preset", "tiny", f"--out={tmp_path / 'run'}", "--resume", "--device=cpu"])
+        job.main(["--preset", "tiny", f"{run_dir}={tmp_path / 'run'}", "--resume", "--device=cpu"])
 
 
 def test_run_cli_makes_a_user_error_one_line_with_status_2(capsys):
@@ -315,6 +316,15 @@ def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, t
             assert (versions[0] / f.name).read_bytes() == f.read_bytes(), f.name
     latest = (tmp_path / "home" / "models" / "held" / "latest").read_text()
     assert latest == versions[0].name
+
+
+def test_a_run_refused_after_its_tokenizer_leaves_no_file(tmp_path):
+    """A run refused once its tokenizer was trained (captions longer than --context) left
+    tokenizer.json in its run folder: the tokenizer now lives in the checkpoints and the model."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="--context=2"):
+        train_gan.main(["--preset", "tiny", f"--run_dir={run}", "--context=2", "--store=false"])
+    assert not run.exists() or not any(run.iterdir())
 
 
 def test_help_shows_the_chosen_presets_values(capsys):

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from models.tokenizer import Tokenizer
+
 C = TypeVar("C")
 Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, what a valid value is)
 
@@ -83,8 +85,9 @@ def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[st
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=f"starting point for all settings (default {default_preset})")
     for f in dataclasses.fields(cls):
+        flag = {"nargs": "?", "const": True} if _field_type(f) is _parse_bool else {}  # `--resume` alone: true
         parser.add_argument(
-            f"--{f.name}", type=_field_type(f), default=None,
+            f"--{f.name}", type=_field_type(f), default=None, **flag,
             help=f"{f.metadata.get('help', '')} (--preset {shown}: {presets[shown].get(f.name, f.default)!r})",
         )
     args = parser.parse_args(argv)
@@ -254,6 +257,20 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
     return ckpt
 
 
+def get_tokenizer(texts: list[str], vocab_size: int, run_dir: str, d: Dist, ckpt: dict | None) -> Tokenizer:
+    """The checkpoint's tokenizer when resuming (never another run's tokenizer.json left in the
+    folder); else one trained on `texts` by rank 0 and sent to the others. Nothing is written
+    here: a run refused after this step (a too short --context) left a tokenizer.json behind."""
+    if ckpt is not None:
+        if "tokenizer" in ckpt:
+            return Tokenizer.from_str(ckpt["tokenizer"])
+        return Tokenizer.load(Path(run_dir) / "tokenizer.json")  # an older checkpoint
+    text = [Tokenizer.train(texts, vocab_size).to_str() if d.is_main else None]
+    if d.world_size > 1:
+        dist.broadcast_object_list(text, src=0)
+    return Tokenizer.from_str(text[0])
+
+
 def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, keys: tuple[str, ...]) -> None:
     """A resumed run trains on its checkpoint's data: the checkpoint's tokenizer was fitted to that
     data, and the saved model's `dataset` label names one dataset. The checkpoint's hash decides
@@ -262,10 +279,14 @@ def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, k
     saved = ckpt.get("config", {})
     advice = "resume with the same data, or start a new --run_dir"
     if "dataset" in ckpt:
-        if ckpt["dataset"] != dataset_hash:
+        if ckpt["dataset"] != dataset_hash:  # say what changed: the same --data twice told nothing
+            changed = [f"--{k}={saved[k]!r} then, {config[k]!r} now" for k in keys
+                       if k != "data" and k in saved and saved[k] != config[k]]
+            why = ("; " + ", ".join(changed) if changed else
+                   "; the files changed since" if saved.get("data") == config["data"] else "")
             raise ValueError(f"--resume: {path} was trained on dataset {ckpt['dataset']} "
                              f"(--data={saved.get('data')!r}), this run's is dataset {dataset_hash} "
-                             f"(--data={config['data']!r}): {advice}")
+                             f"(--data={config['data']!r}){why}: {advice}")
         return
     for key in keys:
         if key in saved and saved[key] != config[key]:

@@ -7,7 +7,7 @@ so the same network also learns the unconditional distribution that classifier-f
 guidance needs. Every `eval_interval` steps: validation loss, and the independent
 evaluator (training.evaluate) grades samples drawn exactly as the service draws them.
 
-Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png,
+Run folder (--run_dir, or --out): ckpt.pt, evaluator/, samples_*.png,
 curves.png, history.json and model/ (the served model directory, also copied to the
 BentoML store as `ar_image` unless --store=false). `--resume` continues from ckpt.pt;
 `--halt_after N` checkpoints and stops after N steps; under torchrun every rank draws its
@@ -35,12 +35,12 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (RESUMABLE, SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
                              check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
-                             load_checkpoint, parse_config, report_halt, require_finite, restore, run_cli,
-                             setup_distributed, teardown_distributed)
+                             get_tokenizer, load_checkpoint, parse_config, report_halt, require_finite, restore,
+                             run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
-                                check_validation_split, get_tokenizer, load_data, resume_data_keys,
+                                check_validation_split, load_data, resume_data_keys,
                                 sample_prompts, save_grid)
 from training.train_gpt import make_optimizer
 
@@ -188,12 +188,13 @@ def train(cfg: ARTrainConfig) -> Path:
     digest = data.digest()
     if ckpt is not None:
         check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
-    tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
+    tokenizer = get_tokenizer(data.captions, cfg.vocab_size, cfg.run_dir, d, ckpt)
     grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
     # The prompts of the periodic evaluations (seed 0) and of finish (seed 1).
     check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
                       [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
     check_captions_fit(tokenizer, data.captions, cfg.context, d.is_main)
+    run.mkdir(parents=True, exist_ok=True)  # once the data and settings are known to fit
     mcfg = model_config(cfg)
     if tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > vocab_size {mcfg.vocab_size}")

@@ -7,7 +7,7 @@ z ~ N(0, I) ("standard") and fed z from the fitted Gaussian ("fitted"). The plai
 autoencoder under the standard prior is the garbage the lecture predicts; the numbers
 say how much each fix recovers.
 
-Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_<prior>.png,
+Run folder (--run_dir, or --out): ckpt.pt, evaluator/, samples_<prior>.png,
 recon.png, curves.png, history.json and model/ (config, weights with the fitted Gaussian,
 tokenizer, metrics). A measured baseline, not served: no store entry, one process.
 """
@@ -30,11 +30,11 @@ from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (RESUMABLE, SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
-                             check_resume_data, cosine_lr, diverged, load_checkpoint, parse_config, require_finite,
-                             report_halt, restore, run_cli)
+                             check_resume_data, cosine_lr, diverged, get_tokenizer, load_checkpoint, parse_config,
+                             report_halt, require_finite, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
-                                check_validation_split, get_tokenizer, load_data, resume_data_keys,
+                                check_validation_split, load_data, resume_data_keys,
                                 sample_prompts, save_grid)
 
 log = logging.getLogger("train_autoencoder")
@@ -148,11 +148,12 @@ def train(cfg: AETrainConfig) -> Path:
     digest = data.digest()
     if ckpt is not None:
         check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
-    tokenizer = get_tokenizer(cfg, data.captions, Dist(0, 1, device), ckpt)
+    tokenizer = get_tokenizer(data.captions, cfg.vocab_size, cfg.run_dir, Dist(0, 1, device), ckpt)
     # The prompts finish grades (seed 1) and draws its grids from.
     check_prompts_fit(tokenizer, cfg.context, sample_prompts(data, shapes, tokenizer, cfg.context),
                       shapes, [(cfg.final_per_pair, 1)])
     check_captions_fit(tokenizer, data.captions, cfg.context, True)
+    run.mkdir(parents=True, exist_ok=True)  # once the data and settings are known to fit
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)   # (N, T)
     torch.manual_seed(cfg.seed)
     model = AutoEncoder(model_config(cfg)).to(device)

@@ -7,7 +7,7 @@ images (lazy, every few steps), DiffAugment on everything D sees, an EMA of the 
 evaluator (training.evaluate) and the run folder gets a sample grid (fixed prompts,
 fixed seeds) and a curves plot, so mode collapse shows up while it happens.
 
-Run folder (--run_dir, or --out): ckpt.pt, tokenizer.json, evaluator/, samples_*.png, curves.png,
+Run folder (--run_dir, or --out): ckpt.pt, evaluator/, samples_*.png, curves.png,
 history.json and model/ (the served model directory, also copied to the BentoML store
 as `gan` unless --store=false). `--resume` continues from ckpt.pt; under torchrun every
 rank trains on its own batches and gradients are averaged by DDP.
@@ -36,8 +36,8 @@ from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (RESUMABLE, SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
-                             check_fresh_run, check_outputs, check_resume_data, diverged, fraction, load_checkpoint,
-                             one_of, parse_config, report_halt, require_finite, restore, run_cli,
+                             check_fresh_run, check_outputs, check_resume_data, diverged, fraction, get_tokenizer,
+                             load_checkpoint, one_of, parse_config, report_halt, require_finite, restore, run_cli,
                              setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
@@ -202,20 +202,6 @@ def gan_config(cfg: GANTrainConfig) -> GANConfig:
                      text_layers=cfg.text_layers, d_spectral_norm=cfg.d_spectral_norm)
 
 
-def get_tokenizer(cfg: GANTrainConfig, captions: list[str], d: Dist, ckpt: dict | None) -> Tokenizer:
-    """Trained once on the captions by rank 0, then read back by everyone; on resume, the one
-    the checkpoint carries, never another run's tokenizer.json left in the folder."""
-    path = Path(cfg.run_dir) / "tokenizer.json"
-    if ckpt is not None:
-        return Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else Tokenizer.load(path)  # (older)
-    if d.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Tokenizer.train(captions, cfg.vocab_size).save(path)
-    if d.world_size > 1:
-        dist.barrier()
-    return Tokenizer.load(path)
-
-
 def check_prompts_fit(tokenizer: Tokenizer, context: int, grid: list[str], shapes: ShapesConfig | None,
                       evals: list[tuple[int, int]]) -> None:
     """The engine refuses a prompt longer than --context, and the job generates from the grid's
@@ -358,12 +344,13 @@ def train(cfg: GANTrainConfig) -> Path:
     digest = data.digest()
     if ckpt is not None:
         check_resume_data(ckpt, ckpt_path, asdict(cfg), digest, resume_data_keys(cfg))
-    tokenizer = get_tokenizer(cfg, data.captions, d, ckpt)
+    tokenizer = get_tokenizer(data.captions, cfg.vocab_size, cfg.run_dir, d, ckpt)
     grid_prompts = sample_prompts(data, shapes, tokenizer, cfg.context)
     # The prompts of periodic_eval (seed 0) and finish (seed 1).
     check_prompts_fit(tokenizer, cfg.context, grid_prompts, shapes,
                       [(cfg.eval_per_pair, 0), (cfg.final_per_pair, 1)])
     check_captions_fit(tokenizer, data.captions, cfg.context, d.is_main)
+    run.mkdir(parents=True, exist_ok=True)  # once the data and settings are known to fit
     ids_all, mask_all = encode_prompts(tokenizer, data.captions, cfg.context)     # (N, T)
     neg_all = encode_prompts(tokenizer, data.negatives, cfg.context) if data.negatives else None
     gcfg = gan_config(cfg)
@@ -569,9 +556,7 @@ def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: Sha
 
 
 def _alias(arg: str) -> str:
-    """`--resume` alone means true; `--out DIR` is another name for `--run_dir DIR`."""
-    if arg == "--resume":
-        return "--resume=true"
+    """`--out DIR` is another name for `--run_dir DIR`."""
     if arg == "--out" or arg.startswith("--out="):
         return "--run_dir" + arg[len("--out"):]
     return arg

@@ -24,8 +24,9 @@ from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
 from training.common import (RESUMABLE, SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
-                             check_resume_data, cosine_lr, diverged, fraction, load_checkpoint, one_of, parse_config,
-                             require_finite, report_halt, restore, run_cli, setup_distributed, teardown_distributed)
+                             check_resume_data, cosine_lr, diverged, fraction, get_tokenizer, load_checkpoint, one_of,
+                             parse_config, report_halt, require_finite, restore, run_cli, setup_distributed,
+                             teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -157,19 +158,6 @@ def write_samples(model: GPT, tok: Tokenizer, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def get_tokenizer(cfg: TrainGPTConfig, train_docs: list[str], ckpt: dict | None, d: Dist) -> Tokenizer:
-    """The checkpoint's tokenizer when resuming (never another run's tokenizer.json left in the
-    folder); else one trained by rank 0 and sent to the others. Nothing is written here."""
-    if ckpt is not None:
-        if "tokenizer" in ckpt:
-            return Tokenizer.from_str(ckpt["tokenizer"])
-        return Tokenizer.load(Path(cfg.run_dir) / "tokenizer.json")  # an older checkpoint
-    text = [Tokenizer.train(train_docs, cfg.vocab_size).to_str() if d.is_main else None]
-    if d.world_size > 1:
-        torch.distributed.broadcast_object_list(text, src=0)
-    return Tokenizer.from_str(text[0])
-
-
 def train(cfg: TrainGPTConfig) -> dict:
     d = setup_distributed(cfg.device)
     run = Path(cfg.run_dir)
@@ -180,7 +168,7 @@ def train(cfg: TrainGPTConfig) -> dict:
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
     if ckpt is not None:
         check_resume_data(ckpt, ckpt_path, asdict(cfg), corpus.hash, DATA_KEYS)
-    tok = get_tokenizer(cfg, corpus.train, ckpt, d)
+    tok = get_tokenizer(corpus.train, cfg.vocab_size, cfg.run_dir, d, ckpt)
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):
         if len(ids) < cfg.block_size + 2:
