@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,37 @@ import torch.nn.functional as F
 
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
-from training.common import run_cli
+from training.common import check_folder, run_cli
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
                                   sample_attributes)
 from training.evaluate import Evaluator, EvaluatorConfig, accuracy, evaluator_data
+
+
+# What an export holds; report.json, written last, marks a folder as a finished export.
+EXPORT_FILE = re.compile(r"\d{6}\.png|metadata\.jsonl|report\.json")
+
+
+def check_out(out: str) -> None:
+    """Refuse --out that is a file, or a folder holding anything but an earlier export (which
+    is replaced, so re-running a command just works). A user's own imagefolder has the very
+    layout synthesize writes (000000.png..., metadata.jsonl): writing into it would overwrite
+    its captions and images, so a folder without report.json is never taken for an export."""
+    check_folder(out, "--out")
+    path = Path(out)
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    others = [n for n in names if not EXPORT_FILE.fullmatch(n)]
+    if others or (names and "report.json" not in names):
+        raise ValueError(f"--out={out}: holds files that are not an earlier export of synthesize "
+                         f"({', '.join((others or names)[:3])}): give a new or empty folder")
+
+
+def clear_export(out: str) -> None:
+    """Remove an earlier export's files: a shorter export must not leave its images behind."""
+    if Path(out).is_dir():
+        for p in Path(out).iterdir():
+            if EXPORT_FILE.fullmatch(p.name) and p.is_file():
+                p.unlink()
 
 
 def sample_scenes(cfg: ShapesConfig, n: int, seed: int) -> list[dict[str, Any]]:
@@ -95,7 +122,8 @@ def classification_accuracy_score(synthetic: CaptionedImages, cfg: ShapesConfig,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Export generated images (imagefolder) and report CAS.")
     p.add_argument("model_dir", help="a model directory written by training.train_gan")
-    p.add_argument("--out", required=True, help="folder to write PNGs + metadata.jsonl into")
+    p.add_argument("--out", required=True, help="folder to write PNGs + metadata.jsonl into (new, empty, "
+                                                "or an earlier export, which is replaced)")
     p.add_argument("--n", type=int, default=2000, help="images to generate (sampled prompts)")
     p.add_argument("--prompts", default="", help="file with one prompt per line (no CAS)")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
@@ -104,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n={args.n}: must be >= 1")
+    try:
+        check_out(args.out)
+    except ValueError as e:
+        p.error(str(e))
 
     engine = ImageEngine.load(args.model_dir, device=args.device)
     config = json.loads((Path(args.model_dir) / "config.json").read_text())
@@ -114,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as e:
             p.error(str(e))
         images = synthesize(engine, prompts, args.seed)
+        clear_export(args.out)
         write_imagefolder(args.out, images, prompts)
     else:
         shapes_cfg = (config.get("data") or {}).get("shapes")
@@ -123,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scenes = sample_scenes(cfg, args.n, args.seed)
         images = synthesize(engine, [s["prompt"] for s in scenes], args.seed)
         attrs = [s["attrs"] for s in scenes]
+        clear_export(args.out)
         write_imagefolder(args.out, images, [s["prompt"] for s in scenes], attrs)
         if args.cas_steps:
             synthetic = CaptionedImages(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),

@@ -1,0 +1,86 @@
+"""The offline tools (synthesize, evaluate, compare_generators, classifier_ascent) end a user's
+mistake as the training jobs do: one line naming the option or file, exit status 2, no
+traceback, before any slow work, and they never overwrite what they were not asked to."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifacts import save_model_dir
+from training import classifier_ascent, compare_generators, evaluate, synthesize, train_gan
+from training.common import run_cli
+from training.evaluate import Evaluator, EvaluatorConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run faster on one thread, and much faster on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gan(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, model folder) of a GAN trained for two steps: the tools only need its files."""
+    run = tmp_path_factory.mktemp("gan") / "run"
+    model = train_gan.main(["--preset", "tiny", f"--run_dir={run}", "--store=false", "--max_steps=2",
+                            "--eval_interval=2", "--evaluator_steps=2", "--evaluator_n=64"])
+    return run, model
+
+
+def cli(module, argv: list[str], capsys) -> str:
+    """Run a tool as its command does: it must end with exit status 2 and one `error: ` line
+    (after argparse's usage, for an option argparse checks). → that line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: module.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") or ": error: " in last, err
+    return last
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\na blue square\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ synthesize --out
+
+def test_synthesize_refuses_a_folder_that_is_not_an_earlier_export(gan, tmp_path, prompts, capsys):
+    """It overwrote the metadata.jsonl (and the images) of a user's own imagefolder, exit 0."""
+    _, model = gan
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metadata.jsonl").write_text('{"file_name": "000000.png", "text": "my own"}\n')
+    (mine / "000000.png").write_bytes(b"my image")
+    err = cli(synthesize, [str(model), f"--out={mine}", "--prompts", str(prompts), "--device=cpu"], capsys)
+    assert f"--out={mine}: holds files that are not an earlier export" in err
+    assert "my own" in (mine / "metadata.jsonl").read_text() and (mine / "000000.png").read_bytes() == b"my image"
+
+
+def test_synthesize_refuses_an_out_that_is_a_file_before_generating(gan, tmp_path, prompts, capsys,
+                                                                     monkeypatch):
+    """It generated every image, then failed with a FileExistsError traceback."""
+    _, model = gan
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(synthesize, "synthesize", lambda *a, **k: pytest.fail("generated before refusing"))
+    err = cli(synthesize, [str(model), f"--out={tmp_path / 'file'}", "--prompts", str(prompts), "--device=cpu"],
+              capsys)
+    assert f"--out={tmp_path / 'file'}: exists and is not a folder" in err
+
+
+def test_synthesize_replaces_an_earlier_export(gan, tmp_path, prompts):
+    """Running a command again replaces its export, leaving none of the longer one's images."""
+    _, model = gan
+    out = tmp_path / "synth"
+    synthesize.main([str(model), f"--out={out}", "--n=3", "--cas_steps=0", "--device=cpu"])
+    synthesize.main([str(model), f"--out={out}", "--prompts", str(prompts), "--device=cpu"])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl", "report.json"]
+    assert json.loads((out / "report.json").read_text())["n"] == 2
