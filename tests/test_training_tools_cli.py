@@ -84,3 +84,32 @@ def test_synthesize_replaces_an_earlier_export(gan, tmp_path, prompts):
     synthesize.main([str(model), f"--out={out}", "--prompts", str(prompts), "--device=cpu"])
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl", "report.json"]
     assert json.loads((out / "report.json").read_text())["n"] == 2
+
+
+# ------------------------------------------------------------------------------ evaluate --run
+
+def test_evaluate_refuses_an_evaluator_of_another_image_size(gan, tmp_path, capsys):
+    """A 64 px run's evaluator graded a 32 px model: a wrong FD went into its metrics.json."""
+    _, model = gan
+    save_model_dir(tmp_path / "run64" / "evaluator", {"family": "evaluator", **vars(EvaluatorConfig(64))},
+                   Evaluator(EvaluatorConfig(64)).state_dict())
+    metrics = (model / "metrics.json").read_text()
+    err = cli(evaluate, [str(model), f"--run={tmp_path / 'run64'}", "--per_pair=1"], capsys)
+    assert "its evaluator grades 64 px images, the model draws 32 px ones" in err
+    assert (model / "metrics.json").read_text() == metrics
+
+
+def test_evaluate_refuses_a_run_without_an_evaluator(gan, tmp_path, capsys, monkeypatch):
+    """A mistyped --run quietly trained a new evaluator (minutes) instead of reusing the run's."""
+    _, model = gan
+    monkeypatch.setattr(evaluate, "train_evaluator", lambda *a, **k: pytest.fail("trained an evaluator"))
+    err = cli(evaluate, [str(model), f"--run={tmp_path / 'typo'}", "--per_pair=1"], capsys)
+    assert f"--run={tmp_path / 'typo'}: no evaluator/ there" in err
+
+
+def test_evaluate_reuses_the_run_evaluator_and_updates_the_metrics(gan, tmp_path):
+    run, model = gan
+    copy = shutil.copytree(model, tmp_path / "model")
+    metrics = evaluate.main([str(copy), f"--run={run}", "--per_pair=1"])
+    saved = json.loads((copy / "metrics.json").read_text())
+    assert saved["fd"] == metrics["fd"] and "evaluator" in saved  # merged into the job's metrics

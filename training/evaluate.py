@@ -282,6 +282,21 @@ def _spread(feats: torch.Tensor, n: int) -> float:
     return float(d.sum() / (g.shape[0] * n * (n - 1)))
 
 
+def cached_evaluator(run: str, cfg: ShapesConfig) -> Evaluator:
+    """The evaluator cached in a run folder, which must grade images of the model's size: one
+    trained on other sizes gives a wrong FD that would go into the model's metrics.json (a
+    typo in --run must not quietly train a new one either)."""
+    path = Path(run) / "evaluator"
+    if not path.is_dir():
+        raise ValueError(f"--run={run}: no evaluator/ there (a run folder of the training job holds "
+                         "one; leave --run out to train a new evaluator)")
+    evaluator, _ = load_evaluator(path)
+    if evaluator.cfg.image_size != cfg.image_size:
+        raise ValueError(f"--run={run}: its evaluator grades {evaluator.cfg.image_size} px images, the model "
+                         f"draws {cfg.image_size} px ones (give the model's own run folder, or leave --run out)")
+    return evaluator
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Re-measure a saved generator; updates its metrics.json.")
     p.add_argument("model_dir", help="a model directory written by training.train_gan")
@@ -294,8 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("metrics need attribute labels: this model was not trained on the "
                          "procedural data")
     cfg = ShapesConfig(**data_cfg["shapes"])
-    cached = Path(args.run) / "evaluator"
-    evaluator, _ = load_evaluator(cached) if args.run and cached.is_dir() else train_evaluator(cfg)
+    evaluator = cached_evaluator(args.run, cfg) if args.run else train_evaluator(cfg)[0]
     train = make_shapes(data_cfg["n_train"], data_cfg["seed"], cfg)
     metrics = evaluate_generator(engine, evaluator, cfg, train.images, per_pair=args.per_pair)
     path = Path(args.model_dir) / "metrics.json"
