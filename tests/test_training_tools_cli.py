@@ -113,3 +113,81 @@ def test_evaluate_reuses_the_run_evaluator_and_updates_the_metrics(gan, tmp_path
     metrics = evaluate.main([str(copy), f"--run={run}", "--per_pair=1"])
     saved = json.loads((copy / "metrics.json").read_text())
     assert saved["fd"] == metrics["fd"] and "evaluator" in saved  # merged into the job's metrics
+
+
+# ------------------------------------------------------------------- a mistake is one line, not a traceback
+
+@pytest.mark.parametrize("per_pair", ["0", "-2"])
+def test_evaluate_refuses_a_per_pair_below_one(gan, per_pair, capsys):
+    """It ended in `ValueError: need at least one array to stack`."""
+    run, model = gan
+    assert f"--per_pair={per_pair}: must be >= 1" in cli(evaluate, [str(model), f"--run={run}",
+                                                                    f"--per_pair={per_pair}"], capsys)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """An evaluator trained before a mistake is refused fails the test at once (30 s otherwise)."""
+    for module in (classifier_ascent, compare_generators):
+        monkeypatch.setattr(module, "load_or_train_evaluator", lambda *a, **k: pytest.fail("trained first"))
+
+
+@pytest.mark.parametrize("module", [compare_generators, classifier_ascent])
+def test_comparison_tools_refuse_a_per_pair_below_one_before_any_work(module, tmp_path, capsys, no_training):
+    """compare_generators failed in a traceback, classifier_ascent after 30 s of training."""
+    err = cli(module, ["--per_pair=0", f"--run={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"], capsys)
+    assert "--per_pair=0: must be >= 1" in err and not (tmp_path / "run").exists()
+
+
+def test_compare_generators_names_a_missing_model_folder(tmp_path, capsys, monkeypatch):
+    """The default paths (runs/gan/model, ...) without those runs: a FileNotFoundError traceback."""
+    monkeypatch.chdir(tmp_path)
+    err = cli(compare_generators, [], capsys)
+    assert "--gan=runs/gan/model: runs/gan/model/config.json: file is missing (--gan='' leaves it out)" in err
+
+
+def test_compare_generators_refuses_a_folder_of_another_family(gan, tmp_path, capsys):
+    """A GPT model as --gan ended in `KeyError: 'data'`; an image model of another family is
+    refused by its loader, naming its config.json."""
+    _, model = gan
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json.dumps({"family": "gpt", "n_layer": 2}))
+    err = cli(compare_generators, [f"--gan={tmp_path / 'gpt'}", "--ar=", "--ae=", "--vae=",
+                                   f"--run={tmp_path / 'run'}"], capsys)
+    assert f"--gan={tmp_path / 'gpt'}: holds a 'gpt' model, not an image model of family 'gan'" in err
+    err = cli(compare_generators, ["--gan=", f"--ar={model}", "--ae=", "--vae=", f"--run={tmp_path / 'run'}"],
+              capsys)
+    assert "config.json: family is 'gan', expected 'ar_image'" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "--device=cuda: no CUDA device is available here"),
+    ("tpu", "argument --device: invalid choice: 'tpu'"),
+])
+def test_synthesize_refuses_a_device_it_cannot_use(gan, tmp_path, prompts, device, message, capsys,
+                                                   monkeypatch):
+    """An AssertionError (no CUDA), or torch's RuntimeError for a device name it does not know."""
+    _, model = gan
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = cli(synthesize, [str(model), f"--out={tmp_path / 'out'}", "--prompts", str(prompts),
+                           f"--device={device}"], capsys)
+    assert message in err and not (tmp_path / "out").exists()
+
+
+def test_synthesize_names_a_model_without_procedural_data(gan, tmp_path, capsys):
+    """It ended with a bare message and exit status 1, not as the other mistakes do."""
+    _, model = gan
+    own = shutil.copytree(model, tmp_path / "own")
+    config = json.loads((own / "config.json").read_text())
+    (own / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "shapes": None}}))
+    err = cli(synthesize, [str(own), f"--out={tmp_path / 'out'}", "--device=cpu"], capsys)
+    assert f"{own}: this model was not trained on the procedural data" in err and "pass --prompts" in err
+
+
+@pytest.mark.parametrize("option", ["--out", "--run"])
+def test_classifier_ascent_refuses_a_file_for_a_folder_before_training(option, tmp_path, capsys, no_training):
+    """A FileExistsError traceback (--out), or a NotADirectoryError after training the evaluator (--run)."""
+    (tmp_path / "file").write_text("x")
+    folders = {"--out": tmp_path / "out", "--run": tmp_path / "run", option: tmp_path / "file"}
+    err = cli(classifier_ascent, [f"{o}={p}" for o, p in folders.items()], capsys)
+    assert f"{option}={tmp_path / 'file'}: exists and is not a folder" in err

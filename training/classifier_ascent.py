@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image_engine import ImageRequest
-from training.common import parse_config, run_cli
+from training.common import at_least, check_folder, parse_config, run_cli
 from training.data.shapes import (ATTRIBUTES, SHAPES, ShapesConfig, attribute_labels,
                                   parse_holdout, render, training_pairs)
 from training.evaluate import Evaluator, eval_prompts, evaluate_generator, load_or_train_evaluator
@@ -46,8 +46,14 @@ class AscentConfig:
     step_size: float = field(default=2.0, metadata={"help": "pixel levels (0-255) per signed step"})
     eps: float = field(default=24.0, metadata={
         "help": "largest change of any pixel, in levels, when starting from a real image"})
-    per_pair: int = field(default=2, metadata={"help": "prompts per (colour, shape) pair in the eval"})
+    per_pair: int = field(default=2, metadata={"help": "prompts per (colour, shape) pair in the eval",
+                                               "valid": at_least(1)})
     seed: int = field(default=0, metadata={"help": "seed of the starting images"})
+
+    def check(self) -> None:
+        """Refuse a file where a folder goes now, not after training the evaluator."""
+        check_folder(self.run, "--run")
+        check_folder(self.out, "--out")
 
 
 def ascend(evaluator: Evaluator, start: torch.Tensor, targets: torch.Tensor, steps: int,

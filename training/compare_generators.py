@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from models.ar_image import ARImageEngine
+from models.artifacts import CONFIG, ArtifactError, read_json
 from models.autoencoder import LatentEngine
 from models.image_engine import ImageEngine, ImageRequest
 from training.classifier_ascent import unnatural_rate, unnatural_threshold
-from training.common import parse_config, run_cli
+from training.common import at_least, check_folder, parse_config, run_cli
 from training.data.shapes import ShapesConfig, make_shapes
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import sample_prompts
@@ -40,10 +41,39 @@ class CompareConfig:
     run: str = field(default="runs/compare", metadata={"help": "folder for the cached evaluator"})
     out: str = field(default="runs/compare",
                      metadata={"help": "where the table, JSON and grid go (--out=docs: the README's)"})
-    per_pair: int = field(default=4, metadata={"help": "prompts per (colour, shape) pair, 4 images each"})
+    per_pair: int = field(default=4, metadata={"help": "prompts per (colour, shape) pair, 4 images each",
+                                               "valid": at_least(1)})
     speed_batch: int = field(default=64, metadata={"help": "images per timed generate() call"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
     seed: int = field(default=1, metadata={"help": "seed of the evaluation prompts and images"})
+
+    def check(self) -> None:
+        """The output folders are written after the whole evaluation: refuse a file there now."""
+        check_folder(self.run, "--run")
+        check_folder(self.out, "--out")
+
+
+# The model options, each with the family its folder must hold.
+FAMILIES = {"gan": "gan", "ar": "ar_image", "ae": "autoencoder", "vae": "autoencoder"}
+
+
+def model_data(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """The `data` section of each given model's config.json. A missing folder
+    (the defaults name the README's run folders) or one that is no image model of this project
+    is refused naming the option, not with a FileNotFoundError or KeyError traceback."""
+    datas = []
+    for option in FAMILIES:
+        if not (path := getattr(cfg, option)):
+            continue
+        try:
+            config = read_json(Path(path) / CONFIG)
+        except ArtifactError as e:
+            raise ValueError(f"--{option}={path}: {e} (--{option}='' leaves it out)") from None
+        if not isinstance(config.get("data"), dict):
+            raise ValueError(f"--{option}={path}: holds a {config.get('family')!r} model, not an image model "
+                             f"of family {FAMILIES[option]!r}")
+        datas.append(config["data"])
+    return datas
 
 
 def engines(cfg: CompareConfig) -> dict[str, tuple[Any, int, str]]:
@@ -125,7 +155,7 @@ def markdown(results: dict[str, dict[str, Any]], note: str) -> str:
 def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    datas = [json.loads((Path(p) / "config.json").read_text())["data"] for p in (cfg.gan, cfg.ar, cfg.ae, cfg.vae) if p]
+    datas = model_data(cfg)
     if not datas:
         raise ValueError("no model to compare: give at least one of --gan, --ar, --ae, --vae")
     if (own := next((d for d in datas if d.get("shapes") is None), None)) is not None:

@@ -303,11 +303,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--run", default="", help="its run folder: reuse the evaluator cached there")
     p.add_argument("--per_pair", type=int, default=12, help="prompts per (colour, shape) pair")
     args = p.parse_args(argv)
+    if args.per_pair < 1:
+        p.error(f"--per_pair={args.per_pair}: must be >= 1")
     engine = ImageEngine.load(args.model_dir, device="cpu")
     data_cfg = json.loads((Path(args.model_dir) / "config.json").read_text())["data"]
     if not data_cfg.get("shapes"):
-        raise SystemExit("metrics need attribute labels: this model was not trained on the "
-                         "procedural data")
+        raise ValueError(f"{args.model_dir}: metrics need attribute labels, and this model was not "
+                         "trained on the procedural data")
     cfg = ShapesConfig(**data_cfg["shapes"])
     evaluator = cached_evaluator(args.run, cfg) if args.run else train_evaluator(cfg)[0]
     train = make_shapes(data_cfg["n_train"], data_cfg["seed"], cfg)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
-from training.common import check_folder, run_cli
+from training.common import check_device, check_folder, run_cli
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
                                   sample_attributes)
@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prompts", default="", help="file with one prompt per line (no CAS)")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i")
     p.add_argument("--cas_steps", type=int, default=800, help="CAS classifier steps (0 = skip)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n={args.n}: must be >= 1")
     try:
+        check_device(args.device)
         check_out(args.out)
     except ValueError as e:
         p.error(str(e))
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         shapes_cfg = (config.get("data") or {}).get("shapes")
         if not shapes_cfg:
-            raise SystemExit("this model was not trained on the procedural data: pass --prompts")
+            p.error(f"{args.model_dir}: this model was not trained on the procedural data, whose "
+                    "prompts synthesize samples: pass --prompts")
         cfg = ShapesConfig(**shapes_cfg)
         scenes = sample_scenes(cfg, args.n, args.seed)
         images = synthesize(engine, [s["prompt"] for s in scenes], args.seed)
