@@ -191,3 +191,32 @@ def test_classifier_ascent_refuses_a_file_for_a_folder_before_training(option, t
     folders = {"--out": tmp_path / "out", "--run": tmp_path / "run", option: tmp_path / "file"}
     err = cli(classifier_ascent, [f"{o}={p}" for o, p in folders.items()], capsys)
     assert f"{option}={tmp_path / 'file'}: exists and is not a folder" in err
+
+
+# ------------------------------------------------------------------- the message names the option, at once
+
+@pytest.mark.parametrize("batch", ["0", "128", "6"])
+def test_compare_generators_checks_speed_batch_before_the_evaluation(gan, batch, tmp_path, capsys, no_training):
+    """`n: must be an integer from 1 to 16`, after the whole evaluation (128); 6 timed 4 images."""
+    _, model = gan
+    err = cli(compare_generators, [f"--speed_batch={batch}", f"--gan={model}", "--ar=", "--ae=", "--vae=",
+                                   f"--run={tmp_path / 'run'}"], capsys)
+    assert f"--speed_batch={batch}: must be a multiple of 4 from 4 to 64" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=-5", "--n=3"], "--seed=-5: must be from 0 to 4294967293 for 3 image(s)"),
+    (["--seed=4294967295", "--prompts", "PROMPTS"], "--seed=4294967295: must be from 0 to 4294967294 for 2 image(s)"),
+])
+def test_synthesize_names_a_bad_seed(gan, tmp_path, prompts, args, message, capsys):
+    """numpy's `expected non-negative integer`, or a prompt's line blamed for the seed."""
+    _, model = gan
+    args = [str(prompts) if a == "PROMPTS" else a for a in args]
+    err = cli(synthesize, [str(model), f"--out={tmp_path / 'out'}", "--device=cpu", *args], capsys)
+    assert message in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", [classifier_ascent, compare_generators])
+def test_comparison_tools_name_a_negative_seed(module, tmp_path, capsys, no_training):
+    """numpy's `expected non-negative integer`, after training the evaluator."""
+    assert "--seed=-1: must be in [0, 4294967295]" in cli(module, ["--seed=-1", f"--run={tmp_path / 'run'}"], capsys)

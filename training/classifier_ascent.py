@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image_engine import ImageRequest
-from training.common import at_least, check_folder, parse_config, run_cli
+from training.common import SEED, at_least, check_folder, parse_config, run_cli
 from training.data.shapes import (ATTRIBUTES, SHAPES, ShapesConfig, attribute_labels,
                                   parse_holdout, render, training_pairs)
 from training.evaluate import Evaluator, eval_prompts, evaluate_generator, load_or_train_evaluator
@@ -48,7 +48,7 @@ class AscentConfig:
         "help": "largest change of any pixel, in levels, when starting from a real image"})
     per_pair: int = field(default=2, metadata={"help": "prompts per (colour, shape) pair in the eval",
                                                "valid": at_least(1)})
-    seed: int = field(default=0, metadata={"help": "seed of the starting images"})
+    seed: int = field(default=0, metadata={"help": "seed of the starting images", "valid": SEED})
 
     def check(self) -> None:
         """Refuse a file where a folder goes now, not after training the evaluator."""

@@ -24,9 +24,9 @@ import torch
 from models.ar_image import ARImageEngine
 from models.artifacts import CONFIG, ArtifactError, read_json
 from models.autoencoder import LatentEngine
-from models.image_engine import ImageEngine, ImageRequest
+from models.image_engine import MAX_IMAGES, ImageEngine, ImageRequest
 from training.classifier_ascent import unnatural_rate, unnatural_threshold
-from training.common import at_least, check_folder, parse_config, run_cli
+from training.common import SEED, at_least, check_folder, parse_config, run_cli
 from training.data.shapes import ShapesConfig, make_shapes
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import sample_prompts
@@ -45,10 +45,16 @@ class CompareConfig:
                                                "valid": at_least(1)})
     speed_batch: int = field(default=64, metadata={"help": "images per timed generate() call"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
-    seed: int = field(default=1, metadata={"help": "seed of the evaluation prompts and images"})
+    seed: int = field(default=1, metadata={"help": "seed of the evaluation prompts and images", "valid": SEED})
 
     def check(self) -> None:
-        """The output folders are written after the whole evaluation: refuse a file there now."""
+        """What would fail only after the whole evaluation: the timed call's size, and a file
+        where an output folder goes."""
+        most = len(SPEED_PROMPTS) * MAX_IMAGES
+        if self.speed_batch % len(SPEED_PROMPTS) or not 0 < self.speed_batch <= most:
+            raise ValueError(f"--speed_batch={self.speed_batch}: must be a multiple of {len(SPEED_PROMPTS)} from "
+                             f"{len(SPEED_PROMPTS)} to {most} ({len(SPEED_PROMPTS)} prompts of up to "
+                             f"{MAX_IMAGES} images each)")
         check_folder(self.run, "--run")
         check_folder(self.out, "--out")
 
@@ -93,13 +99,15 @@ def engines(cfg: CompareConfig) -> dict[str, tuple[Any, int, str]]:
     return rows
 
 
+SPEED_PROMPTS = ("a red circle", "a large blue square at the top", "a yellow triangle on the left",
+                 "a small purple cross, black background")
+
+
 def images_per_second(engine: Any, batch: int) -> tuple[float, torch.Tensor]:
-    """One warm-up call, then one timed call of `batch` images (4 prompts); returns the
+    """One warm-up call, then one timed call of `batch` images (SPEED_PROMPTS); returns the
     rate and the timed call's images (uint8 (B, 3, S, S))."""
-    prompts = ["a red circle", "a large blue square at the top", "a yellow triangle on the left",
-               "a small purple cross, black background"]
-    reqs = [ImageRequest(p, seed=100 * i, n=batch // len(prompts)) for i, p in enumerate(prompts)]
-    engine.generate([ImageRequest(prompts[0], seed=0, n=1)])
+    reqs = [ImageRequest(p, seed=100 * i, n=batch // len(SPEED_PROMPTS)) for i, p in enumerate(SPEED_PROMPTS)]
+    engine.generate([ImageRequest(SPEED_PROMPTS[0], seed=0, n=1)])
     t0 = time.perf_counter()
     out = engine.generate(reqs)
     seconds = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
+from models.sampling import MAX_SEED
 from training.common import check_device, check_folder, run_cli
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
@@ -66,9 +67,9 @@ def sample_scenes(cfg: ShapesConfig, n: int, seed: int) -> list[dict[str, Any]]:
     return [{"attrs": a, "prompt": caption(a, rng, full=True)} for a in attrs]
 
 
-def read_prompts(path: str, engine: ImageEngine, seed: int) -> list[str]:
-    """The file's non-blank lines, each checked as synthesize will request it: a prompt the
-    model cannot take is refused before any image is made, naming its line."""
+def read_prompts(path: str, engine: ImageEngine) -> list[str]:
+    """The file's non-blank lines, each checked as a request (the seed apart: `check_seed`): a
+    prompt the model cannot take is refused before any image is made, naming its line."""
     if not Path(path).is_file():
         raise ValueError(f"--prompts {path}: no such file")
     try:
@@ -79,13 +80,20 @@ def read_prompts(path: str, engine: ImageEngine, seed: int) -> list[str]:
     for number, line in enumerate(lines, 1):
         if prompt := line.strip():
             try:
-                engine.validate(ImageRequest(prompt, seed=seed + len(prompts)))
+                engine.validate(ImageRequest(prompt, seed=0))
             except InvalidParameter as e:
                 raise ValueError(f"--prompts {path}, line {number} ({prompt[:60]!r}): {e}") from None
             prompts.append(prompt)
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts (one per line)")
     return prompts
+
+
+def check_seed(seed: int, count: int) -> None:
+    """Image i uses seed + i: each must be a seed the engine takes."""
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise ValueError(f"--seed={seed}: must be from 0 to {MAX_SEED - (count - 1)} for {count} image(s) "
+                         f"(image i uses seed + i, at most {MAX_SEED})")
 
 
 def synthesize(engine: ImageEngine, prompts: list[str], seed: int,
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.n < 1:
         p.error(f"--n={args.n}: must be >= 1")
     try:
+        check_seed(args.seed, 1 if args.prompts else args.n)
         check_device(args.device)
         check_out(args.out)
     except ValueError as e:
@@ -143,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {}
     if args.prompts:
         try:
-            prompts = read_prompts(args.prompts, engine, args.seed)
+            prompts = read_prompts(args.prompts, engine)
+            check_seed(args.seed, len(prompts))
         except ValueError as e:
             p.error(str(e))
         images = synthesize(engine, prompts, args.seed)
