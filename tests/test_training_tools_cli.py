@@ -220,3 +220,22 @@ def test_synthesize_names_a_bad_seed(gan, tmp_path, prompts, args, message, caps
 def test_comparison_tools_name_a_negative_seed(module, tmp_path, capsys, no_training):
     """numpy's `expected non-negative integer`, after training the evaluator."""
     assert "--seed=-1: must be in [0, 4294967295]" in cli(module, ["--seed=-1", f"--run={tmp_path / 'run'}"], capsys)
+
+
+# ------------------------------------------------------------------- nonsense is refused, not run
+
+def test_synthesize_refuses_negative_cas_steps(gan, tmp_path, capsys):
+    """It reported a CAS score from a classifier that was never trained."""
+    _, model = gan
+    err = cli(synthesize, [str(model), f"--out={tmp_path / 'out'}", "--n=2", "--cas_steps", "-3"], capsys)
+    assert "--cas_steps=-3: must be >= 0" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module, arg, message", [
+    (classifier_ascent, "--steps=-1", "--steps=-1: must be >= 1"),
+    (classifier_ascent, "--step_size=nan", "--step_size=nan: must be > 0"),
+    (classifier_ascent, "--eps=-5", "--eps=-5.0: must be > 0"),
+    (compare_generators, "--threads=-2", "--threads=-2: must be >= 0"),
+])
+def test_comparison_tools_refuse_nonsense_settings(module, arg, message, tmp_path, capsys, no_training):
+    assert message in cli(module, [arg, f"--run={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"], capsys)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image_engine import ImageRequest
-from training.common import SEED, at_least, check_folder, parse_config, run_cli
+from training.common import SEED, above, at_least, check_folder, parse_config, run_cli
 from training.data.shapes import (ATTRIBUTES, SHAPES, ShapesConfig, attribute_labels,
                                   parse_holdout, render, training_pairs)
 from training.evaluate import Evaluator, eval_prompts, evaluate_generator, load_or_train_evaluator
@@ -42,10 +42,11 @@ STARTS = ("noise", "other")
 class AscentConfig:
     run: str = field(default="runs/compare", metadata={"help": "folder holding (or to hold) evaluator/"})
     out: str = field(default="docs", metadata={"help": "where the figure and the numbers go"})
-    steps: int = field(default=60, metadata={"help": "ascent steps"})
-    step_size: float = field(default=2.0, metadata={"help": "pixel levels (0-255) per signed step"})
+    steps: int = field(default=60, metadata={"help": "ascent steps", "valid": at_least(1)})
+    step_size: float = field(default=2.0, metadata={"help": "pixel levels (0-255) per signed step",
+                                                    "valid": above(0)})
     eps: float = field(default=24.0, metadata={
-        "help": "largest change of any pixel, in levels, when starting from a real image"})
+        "help": "largest change of any pixel, in levels, when starting from a real image", "valid": above(0)})
     per_pair: int = field(default=2, metadata={"help": "prompts per (colour, shape) pair in the eval",
                                                "valid": at_least(1)})
     seed: int = field(default=0, metadata={"help": "seed of the starting images", "valid": SEED})

@@ -44,7 +44,8 @@ class CompareConfig:
     per_pair: int = field(default=4, metadata={"help": "prompts per (colour, shape) pair, 4 images each",
                                                "valid": at_least(1)})
     speed_batch: int = field(default=64, metadata={"help": "images per timed generate() call"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0 = torch's default)",
+                                              "valid": at_least(0)})
     seed: int = field(default=1, metadata={"help": "seed of the evaluation prompts and images", "valid": SEED})
 
     def check(self) -> None:

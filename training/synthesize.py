@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n={args.n}: must be >= 1")
+    if args.cas_steps < 0:
+        p.error(f"--cas_steps={args.cas_steps}: must be >= 0 (0 skips CAS)")
     try:
         check_seed(args.seed, 1 if args.prompts else args.n)
         check_device(args.device)
