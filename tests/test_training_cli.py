@@ -327,6 +327,20 @@ def test_a_run_refused_after_its_tokenizer_leaves_no_file(tmp_path):
     assert not run.exists() or not any(run.iterdir())
 
 
+def test_a_tool_never_replaces_a_run_folders_evaluator_of_other_settings(tmp_path):
+    """classifier_ascent (or compare_generators) pointed at a training run's folder retrained and
+    replaced its evaluator: the run's later evaluations no longer compared with its earlier ones."""
+    from training import classifier_ascent
+
+    evaluator = tmp_path / "run" / "evaluator"
+    evaluator.mkdir(parents=True)
+    (evaluator / "config.json").write_text('{"family": "evaluator", "image_size": 64}')
+    cfg = classifier_ascent.AscentConfig(run=str(tmp_path / "run"), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="its evaluator/ was trained with other settings"):
+        classifier_ascent.run(cfg)
+    assert json.loads((evaluator / "config.json").read_text()) == {"family": "evaluator", "image_size": 64}
+
+
 def test_help_shows_the_chosen_presets_values(capsys):
     """`train_gpt --preset tiny --help` listed the small preset's values (the dataclass's
     defaults), which the tiny run does not use."""

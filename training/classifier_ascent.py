@@ -200,7 +200,7 @@ def run(cfg: AscentConfig) -> dict[str, Any]:
     from training.data.shapes import make_shapes
 
     shapes = ShapesConfig()
-    evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, n_train=12000,
+    evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, replace=False, n_train=12000,
                                            steps=800, seed=0)
     train = make_shapes(4000, seed=0, cfg=shapes).images
     threshold = unnatural_threshold(make_shapes(2000, seed=1, cfg=shapes).images)

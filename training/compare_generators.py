@@ -176,7 +176,7 @@ def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     shapes = ShapesConfig(**first["shapes"])
     rows = engines(cfg)
     # The settings the training jobs use, so an evaluator cached by any of their runs fits.
-    evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, n_train=12000,
+    evaluator, _ = load_or_train_evaluator(Path(cfg.run) / "evaluator", shapes, replace=False, n_train=12000,
                                            steps=800, seed=first["seed"])
     train = make_shapes(first["n_train"], first["seed"], shapes).images
     threshold = unnatural_threshold(make_shapes(2000, seed=first["seed"] + 1, cfg=shapes).images)

@@ -142,12 +142,20 @@ def load_evaluator(path: Path) -> tuple[Evaluator, dict[str, Any]]:
     return art.model, art.metrics
 
 
-def load_or_train_evaluator(path: Path, cfg: ShapesConfig, **kw: Any) -> tuple[Evaluator, dict]:
-    """The evaluator is cached in the run folder: trained once, reused on resume."""
+def load_or_train_evaluator(path: Path, cfg: ShapesConfig, replace: bool = True,
+                            **kw: Any) -> tuple[Evaluator, dict]:
+    """The evaluator is cached in the run folder: trained once, reused on resume. One of other
+    settings there is replaced, unless `replace` is false (the tools, pointed at a training
+    run's folder, replaced its evaluator, and its later evaluations no longer compared with
+    the earlier ones): then it is refused, before any training."""
     want = {"family": "evaluator", "shapes": asdict(cfg), "train": kw,
             **asdict(EvaluatorConfig(cfg.image_size))}
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == want:
-        return load_evaluator(path)
+    if (path / "config.json").is_file():
+        if json.loads((path / "config.json").read_text()) == want:
+            return load_evaluator(path)
+        if not replace:
+            raise ValueError(f"--run={path.parent}: its evaluator/ was trained with other settings (a training "
+                             "run's?), which this would replace: give another --run")
     model, metrics = train_evaluator(cfg, **kw)
     save_model_dir(path, want, model.state_dict(), metrics=metrics)
     return model, metrics
