@@ -133,6 +133,16 @@ def test_imagefolder_without_metadata_fails_clearly(tmp_path):
         load_imagefolder(tmp_path)
 
 
+def test_metadata_with_other_keys_says_which_keys_a_line_needs(tmp_path):
+    """Hugging Face-style `image`/`caption` keys were skipped as "bad metadata line"s, then "no
+    readable images", without saying what a line needs."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text('{"image": "a.png", "caption": "a black square"}\n')
+    with pytest.raises(ValueError, match=r"no readable images \(1 bad metadata line; each line of metadata.jsonl "
+                                         r"is an object with 'file_name', .* and 'text'"):
+        load_imagefolder(tmp_path)
+
+
 def test_hard_negatives_change_exactly_one_attribute():
     data = make_shapes(300, seed=10)
     assert len(data.negatives) == 300

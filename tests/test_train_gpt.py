@@ -173,6 +173,15 @@ def test_user_errors_on_the_command_line_are_one_line(tmp_path):
     assert proc.stderr.splitlines()[-1] == f"error: --data: {tmp_path / 'missing.txt'} does not exist"
 
 
+def test_data_that_is_neither_file_nor_folder_is_named_as_such(tmp_path):
+    """A FIFO (or a device) given as --data was said not to exist."""
+    from training.data.text_corpus import load_corpus
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"--data: .*pipe is neither a file nor a folder"):
+        load_corpus(str(tmp_path / "pipe"))
+
+
 @pytest.mark.parametrize("data", ["{f},", ",{f}", "{f},,{f}"])
 def test_an_empty_data_entry_is_refused(tmp_path, monkeypatch, data):
     (tmp_path / "small.txt").write_text("some text " * 50)

@@ -129,8 +129,10 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
     if sum(skipped.values()):
         log.warning("%s: skipped %d entries (%s)", folder, sum(skipped.values()),
                     ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
-    if not images:
-        raise ValueError(f"{folder}: no readable images")
+    if not images:  # what each line needs, when none had it (the usual mistake: other keys)
+        why = ", ".join(f"{v} {k}" for k, v in skipped.items() if v) or "none listed"
+        raise ValueError(f"{folder}: no readable images ({why}; each line of metadata.jsonl is an object with "
+                         "'file_name', an image file in the folder, and 'text', its caption)")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
     # Attributes are only useful when every row has them (evaluation needs labels for all).
     keep_attrs = all(attributes)

@@ -77,6 +77,8 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
                          if f.suffix in (".txt", ".jsonl") and f.is_file())
         elif p.is_file():
             files.append((p.name, p))
+        elif p.exists():  # a FIFO or a device was told "does not exist"
+            raise ValueError(f"--data: {p} is neither a file nor a folder")
         else:
             raise FileNotFoundError(f"--data: {p} does not exist")
     docs = [doc for name, f in files
