@@ -708,8 +708,12 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
     import service.app as app
 
     clock = [0.0]
+    deaths: list[str] = []
+    counter = types.SimpleNamespace(labels=lambda model: types.SimpleNamespace(inc=lambda: deaths.append(model)))
     gen = types.SimpleNamespace(_stopping=False, images={}, _failed_starts=set(),
-                                text_stream=types.SimpleNamespace(alive=False))
+                                text_stream=types.SimpleNamespace(alive=False),
+                                text_model=types.SimpleNamespace(name="gpt"),
+                                metrics=types.SimpleNamespace(engine_deaths=counter))
     tries: list[float] = []
     alive_at: list[tuple[float, bool]] = []
 
@@ -732,6 +736,7 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
     assert [t - tries[0] for t in tries] == [0.0, 5.0, 15.0]
     assert all(ok for t, ok in alive_at if t <= tries[0]) and all(ok for t, ok in alive_at if t > tries[2])
     assert not any(ok for t, ok in alive_at if tries[0] < t <= tries[2])
+    assert deaths == ["gpt"]  # one death, however many starts it took
 
 
 def test_several_prompts_merge_their_events_and_close_together():
