@@ -13,14 +13,7 @@ from training import classifier_ascent, compare_generators, evaluate, synthesize
 from training.common import run_cli
 from training.evaluate import Evaluator, EvaluatorConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run faster on one thread, and much faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_gan_train import one_thread  # noqa: F401 (autouse: tiny networks run faster on one thread)
 
 
 @pytest.fixture(scope="module")
