@@ -232,3 +232,10 @@ def test_synthesize_refuses_negative_cas_steps(gan, tmp_path, capsys):
 ])
 def test_comparison_tools_refuse_nonsense_settings(module, arg, message, tmp_path, capsys, no_training):
     assert message in cli(module, [arg, f"--run={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"], capsys)
+
+
+def test_compare_generators_table_names_the_batch_it_timed():
+    """The table's header said "batch 64" whatever --speed_batch was."""
+    m = {"train_accuracy": {"colour": 1.0, "shape": 1.0}, "train_all_attributes": 1.0, "coverage": 1.0, "fd": 0.0,
+         "memorisation": 0.0, "unnatural_rate": 0.0, "evaluations_per_image": 1, "images_per_s": 9.0}
+    assert "images/s (batch 32, CPU)" in compare_generators.markdown({"gan": m}, "", speed_batch=32)

@@ -6,7 +6,7 @@ Every model is graded by one evaluator (cached in <run>/evaluator) on the same p
 seeds (training.evaluate): attribute accuracy on training pairs and on held-out pairs,
 coverage, Fréchet distance in the evaluator's feature space, memorisation; beside them the
 network evaluations per image, the share of images the pixel-statistics guard flags as
-unnatural (training.classifier_ascent), and images/s at batch 64 on this machine. Writes
+unnatural (training.classifier_ascent), and images/s at --speed_batch on this machine. Writes
 <out>/compare.md (the table), <out>/compare.json and <out>/compare_grid.png (the same
 prompts and seeds, one block per model). A model whose path is empty is left out.
 """
@@ -146,10 +146,10 @@ def block(engine: Any, prompts: list[str], n: int = 4) -> np.ndarray:
     return grid
 
 
-def markdown(results: dict[str, dict[str, Any]], note: str) -> str:
+def markdown(results: dict[str, dict[str, Any]], note: str, speed_batch: int) -> str:
     head = ("| model | colour acc | shape acc | all 5 attrs | held-out colour / shape | coverage "
             "| FD (evaluator feats) ↓ | memorised | unnatural (guard) | net evals / image "
-            "| images/s (batch 64, CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            f"| images/s (batch {speed_batch}, CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for name, m in results.items():
         tr, ho = m["train_accuracy"], m.get("heldout_accuracy", {})
@@ -198,7 +198,7 @@ def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     note = (f"{cfg.per_pair} prompts per (colour, shape) pair × 4 images, seed {cfg.seed}; "
             f"torch threads: {torch.get_num_threads()}. Grid: {', '.join(rows)} (left to right), "
             f"rows = prompts, columns = seeds 0-3.")
-    (out / "compare.md").write_text(markdown(results, note))
+    (out / "compare.md").write_text(markdown(results, note, cfg.speed_batch))
     (out / "compare.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=1))
     save_grid(blocks, out / "compare_grid.png")
     return results
