@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import RESUMABLE, atomic_save, check_folder, parse_config, run_cli
+from training.common import RESUMABLE, atomic_save, check_folder, check_run_folder, parse_config, run_cli
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -339,6 +339,22 @@ def test_a_tool_never_replaces_a_run_folders_evaluator_of_other_settings(tmp_pat
     with pytest.raises(ValueError, match="its evaluator/ was trained with other settings"):
         classifier_ascent.run(cfg)
     assert json.loads((evaluator / "config.json").read_text()) == {"family": "evaluator", "image_size": 64}
+
+
+@pytest.mark.parametrize("job", [train_gan, train_ar_image, train_autoencoder])
+def test_a_fresh_image_run_refuses_a_folder_of_someone_elses_files(job, tmp_path, capsys):
+    """The image jobs' --out names their run folder: given a folder of the user's own, a fresh run
+    wrote its files beside theirs and overwrote a history.json of theirs. A folder of a run's
+    files only (an interrupted first `make serve` leaves its evaluator/) is still taken."""
+    (tmp_path / "notes.md").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        job.main(["--preset", "tiny", f"--out={tmp_path}"])
+    assert e.value.code == 2 and "holds files that are not a training run's (notes.md)" in capsys.readouterr().err
+    (tmp_path / "notes.md").unlink()
+    for name in ("evaluator", "model"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "history.json").write_text("{}")
+    check_run_folder(str(tmp_path))
 
 
 def test_help_shows_the_chosen_presets_values(capsys):

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 import traceback
@@ -135,6 +136,21 @@ def check_folder(path: str, option: str) -> None:
         tempfile.TemporaryDirectory(dir=ancestor).cleanup()
     except OSError as e:
         raise ValueError(f"{option}={path}: cannot be written in {ancestor} ({e.strerror})") from None
+
+
+# What an image job writes into its run folder (tokenizer.json: older runs).
+RUN_FILES = re.compile(r"ckpt\.pt(\.tmp)?|evaluator|model|samples_.+\.png|recon\.png|curves\.png|history\.json"
+                       r"|tokenizer\.json")
+
+
+def check_run_folder(path: str) -> None:
+    """Refuse, for a fresh image run, a run folder holding anything but an image run's files:
+    given as --out, someone's own folder got the run's files mixed in, and a history.json of
+    theirs overwritten."""
+    if path and Path(path).is_dir() and (other := sorted(
+            p.name for p in Path(path).iterdir() if not RUN_FILES.fullmatch(p.name))):
+        raise ValueError(f"--run_dir={path}: holds files that are not a training run's ({', '.join(other[:3])}): "
+                         "give a new or empty folder (--out names the run folder in the image jobs)")
 
 
 def check_model_folder(path: str, option: str = "--out") -> None:
