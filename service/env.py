@@ -14,9 +14,11 @@ import re
 from bentoml.exceptions import BentoMLConfigException
 
 
-class ConfigError(BentoMLConfigException, ValueError):
+class ConfigError(BentoMLConfigException):
     """A bad setting. BentoML's command line prints such an exception's message alone, as one
-    line (a plain ValueError came inside a 60-line traceback, its message on the last line)."""
+    line (a plain ValueError came inside a 60-line traceback, its message on the last line).
+    Not a ValueError: serving a Bento by tag, BentoML takes a ValueError for "not a Bento tag"
+    and showed `No module named 'condgen'` instead of the setting."""
 
 
 def _raw(name: str) -> str | None:

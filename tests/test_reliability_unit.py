@@ -515,9 +515,13 @@ def test_model_faults_fail_loading_naming_the_file(fault, kind, bentoml_home, tm
     (lambda: env_flag("CONDGEN_X", False), "true"), (lambda: env_choice("CONDGEN_X", "auto", "auto|cpu", "a"), "gpu"),
 ])
 def test_a_bad_setting_is_refused_naming_the_variable(read, raw, monkeypatch):
+    from service.env import ConfigError
+
     monkeypatch.setenv("CONDGEN_X", raw)
-    with pytest.raises(ValueError, match=f"CONDGEN_X='{raw}'"):
+    with pytest.raises(ConfigError, match=f"CONDGEN_X='{raw}'") as e:
         read()
+    # BentoML, serving a Bento by tag, takes a ValueError for "not a tag" and hid the message
+    assert not isinstance(e.value, ValueError)
 
 
 @pytest.mark.parametrize("setting, message", [({"CONDGEN_MAX_INFLIGHT": "abc"}, "CONDGEN_MAX_INFLIGHT='abc'"),

@@ -32,9 +32,16 @@ def _packed(bento: dict) -> list[str]:
 
 
 def test_bentoml_build_lists_every_served_model(bentoml_home):
-    bento = _build({**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"})
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "BENTOML_DO_NOT_TRACK": "True"}
+    bento = _build(env)
     assert bento["service"] == "service.app:Generation"
     assert _packed(bento) == ["ar_image", "gan", "gpt"]  # ar_image too, since the store has it
+    # Served by tag, a bad setting is named in one line (BentoML showed "No module named 'condgen'")
+    tag = f"{bento['path'].parent.name}:{bento['path'].name}"
+    done = subprocess.run([BENTOML, "serve", tag, "--port", "1"], env={**env, "CONDGEN_MAX_INFLIGHT": "abc"},
+                          capture_output=True, text=True, timeout=120)
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0 and "CONDGEN_MAX_INFLIGHT='abc'" in out and len(out.splitlines()) == 1, out[-3000:]
 
 
 def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_home, tmp_path):
@@ -53,6 +60,6 @@ def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_
     envs = {e["name"]: e["value"] for e in bento["envs"]}
     packed = {m["tag"].split(":")[0]: m["tag"] for m in bento["services"][0]["models"]}
     # pinned to the packed versions: a newer own-gpt trained later is not in this Bento
-    assert envs == {"GPT_MODEL": packed["own-gpt"], "GAN_MODEL": packed["gan"]}
+    assert envs == {"GPT_MODEL": packed["own-gpt"], "GAN_MODEL": packed["gan"], "AR_IMAGE_MODEL": ""}
     dockerfile = (bento["path"] / "env" / "docker" / "Dockerfile").read_text()
     assert "ENV GPT_MODEL=$GPT_MODEL" in dockerfile and f"ARG GPT_MODEL={packed['own-gpt']}" in dockerfile

@@ -91,10 +91,12 @@ def test_no_model_at_all_stops_the_start_up_in_one_line(bentoml_home: Path):
     assert "no model to serve" in run.stderr.splitlines()[-1], run.stderr[-2000:]
 
 
-def test_a_bento_of_a_text_only_server_keeps_its_gan_off(bentoml_home: Path):
+def test_a_bento_of_a_text_only_server_keeps_its_image_models_off(bentoml_home: Path):
     """The Bento's container defaults: GAN_MODEL empty there too (left out, the container would
-    have looked for gan:latest, which the Bento does not pack, and failed to start)."""
+    have looked for gan:latest, which the Bento does not pack, and failed to start), and
+    AR_IMAGE_MODEL empty as well: left out, `bentoml get` did not list it, and the Bento served by
+    tag from a store holding ar_image, with the variables it lists, served ar_image too."""
     run = _import_service(bentoml_home, {"GAN_MODEL": "", "AR_IMAGE_MODEL": ""})
     assert run.returncode == 0, run.stderr[-2000:]
     envs = {e["name"]: e["value"] for e in json.loads(run.stdout.splitlines()[-1])}
-    assert envs["GAN_MODEL"] == "" and envs["GPT_MODEL"].startswith("gpt:") and "AR_IMAGE_MODEL" not in envs
+    assert envs["GAN_MODEL"] == "" and envs["GPT_MODEL"].startswith("gpt:") and envs["AR_IMAGE_MODEL"] == ""
