@@ -54,9 +54,20 @@ def model_tag(env_var: str, default: str) -> str | None:
     return tag
 
 
+# What a browser sends as Origin: scheme://host[:port], nothing after it.
+ORIGIN_PATTERN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+
+
 def cors_origins() -> list[str]:
+    """The allowed origins; one that no browser could send (a typo, a path after the host)
+    would never match, and is refused at start-up instead."""
     raw = os.environ.get("CONDGEN_CORS_ORIGINS", "")
-    return [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
+    origins = [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
+    for origin in origins:
+        if origin != "*" and not ORIGIN_PATTERN.fullmatch(origin):
+            raise ConfigError(f"CONDGEN_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], "
+                              "e.g. https://app.example.com, or *)")
+    return origins
 
 
 def api_key() -> str | None:

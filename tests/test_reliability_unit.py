@@ -323,6 +323,22 @@ def test_refused_keys_are_counted_by_route_not_by_the_path_a_client_made_up():
     assert count("/scan1") == count("/scan2") == 0
 
 
+@pytest.mark.parametrize("raw, allowed", [
+    ("*", ["*"]), ("https://app.example.com/, http://localhost:5173", ["https://app.example.com", "http://localhost:5173"]),
+    ("not a url", None), ("app.example.com", None), ("https://app.example.com/ui", None)])
+def test_a_cors_origin_no_browser_could_send_stops_the_start_up(raw, allowed, monkeypatch):
+    """An origin with a typo (no scheme, a path) never matched any browser's, in silence."""
+    from service.env import ConfigError
+    from service.security import cors_origins
+
+    monkeypatch.setenv("CONDGEN_CORS_ORIGINS", raw)
+    if allowed is None:
+        with pytest.raises(ConfigError, match="CONDGEN_CORS_ORIGINS: .* is not an origin"):
+            cors_origins()
+    else:
+        assert cors_origins() == allowed
+
+
 def test_cors_preflight_passes_the_key_check_and_names_the_origin():
     inner = _app({}, Limits(), key="k3y")
     app = JSONRoutingErrors(CORSMiddleware(inner, **cors_options(["http://ok.example"])))
