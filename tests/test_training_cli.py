@@ -280,7 +280,11 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     done = store(str(folder), "--name", "support-gpt")
     assert done.returncode == 0 and done.stdout.startswith("support-gpt:"), done.stderr[-2000:]
     version = done.stdout.strip().split(":")[1]
-    assert (tmp_path / "home" / "models" / "support-gpt" / version / "model.safetensors").is_file()
+    stored = tmp_path / "home" / "models" / "support-gpt" / version
+    assert (stored / "model.safetensors").is_file()
+    # readable by a server running as another user, as the store's folders are (BentoML made it 0700)
+    assert stored.stat().st_mode & 0o777 == stored.parent.stat().st_mode & 0o777
+    assert (stored / "model.safetensors").stat().st_mode & 0o777 == (stored / "config.json").stat().st_mode & 0o777
     (folder / "config.json").write_text((src / "config.json").read_text().replace('"gpt"', '"gan"', 1))
     refused = store(str(folder), "--name", "support-gpt")
     assert refused.returncode == 2 and "the store's support-gpt holds 'gpt' models" in refused.stderr

@@ -35,6 +35,14 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
         for f in Path(model_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, Path(model.path) / f.name)
+    # BentoML copies its temporary folder's 0700 into the store, and a file's own mode (0600 for
+    # weights saved by safetensors' save_file): a server running as another user could not read
+    # the version. It gets the permissions of the folder holding it, its files the same less x.
+    stored = Path(bentoml.models.get(model.tag).path)
+    mode = stored.parent.stat().st_mode & 0o777
+    stored.chmod(mode)
+    for f in stored.iterdir():
+        f.chmod(mode & 0o666)
     return str(model.tag)
 
 
