@@ -137,11 +137,13 @@ def _pinned(tag: str) -> str:
 
 # The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), pinned
 # to the versions it packs: a Bento built with GPT_MODEL=my-gpt serves that my-gpt, not a newer
-# one trained since (which the Bento does not hold). A model turned off, or an AR model left
-# out, stays off there (empty): `bentoml get` lists all three, and a Bento served by tag
-# outside a container, from a store that does hold ar_image, serves it only if told to.
+# one trained since (which the Bento does not hold). A text or GAN model turned off stays off
+# there (empty). An AR model left out is simply not in the Bento's store, and is not listed:
+# BentoML takes an entry without a value for a variable that `bentoml serve` requires set, and
+# `make serve` on a store without ar_image stopped there.
 MODEL_ENVS = [{"name": name, "value": _pinned(tag) if tag else ""} for name, tag in
-              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL))]
+              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL))
+              if tag or name != "AR_IMAGE_MODEL"]
 DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
 if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():
     # Else every engine failed to load and the server stayed up, never ready, with torch's

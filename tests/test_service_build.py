@@ -60,6 +60,6 @@ def test_a_bento_of_your_own_model_packs_it_and_its_container_serves_it(bentoml_
     envs = {e["name"]: e["value"] for e in bento["envs"]}
     packed = {m["tag"].split(":")[0]: m["tag"] for m in bento["services"][0]["models"]}
     # pinned to the packed versions: a newer own-gpt trained later is not in this Bento
-    assert envs == {"GPT_MODEL": packed["own-gpt"], "GAN_MODEL": packed["gan"], "AR_IMAGE_MODEL": ""}
+    assert envs == {"GPT_MODEL": packed["own-gpt"], "GAN_MODEL": packed["gan"]}
     dockerfile = (bento["path"] / "env" / "docker" / "Dockerfile").read_text()
     assert "ENV GPT_MODEL=$GPT_MODEL" in dockerfile and f"ARG GPT_MODEL={packed['own-gpt']}" in dockerfile

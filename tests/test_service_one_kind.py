@@ -91,12 +91,30 @@ def test_no_model_at_all_stops_the_start_up_in_one_line(bentoml_home: Path):
     assert "no model to serve" in run.stderr.splitlines()[-1], run.stderr[-2000:]
 
 
-def test_a_bento_of_a_text_only_server_keeps_its_image_models_off(bentoml_home: Path):
+def test_a_bento_of_a_text_only_server_keeps_its_gan_off(bentoml_home: Path):
     """The Bento's container defaults: GAN_MODEL empty there too (left out, the container would
-    have looked for gan:latest, which the Bento does not pack, and failed to start), and
-    AR_IMAGE_MODEL empty as well: left out, `bentoml get` did not list it, and the Bento served by
-    tag from a store holding ar_image, with the variables it lists, served ar_image too."""
+    have looked for gan:latest, which the Bento does not pack, and failed to start). An AR model
+    left out is not listed: an entry without a value is one `bentoml serve` requires set."""
     run = _import_service(bentoml_home, {"GAN_MODEL": "", "AR_IMAGE_MODEL": ""})
     assert run.returncode == 0, run.stderr[-2000:]
     envs = {e["name"]: e["value"] for e in json.loads(run.stdout.splitlines()[-1])}
-    assert envs["GAN_MODEL"] == "" and envs["GPT_MODEL"].startswith("gpt:") and envs["AR_IMAGE_MODEL"] == ""
+    assert envs["GAN_MODEL"] == "" and envs["GPT_MODEL"].startswith("gpt:") and "AR_IMAGE_MODEL" not in envs
+
+
+def test_a_store_without_the_ar_model_needs_no_ar_setting(bentoml_home: Path, tmp_path: Path):
+    """`bentoml serve` requires every variable the service lists without a value: listing
+    AR_IMAGE_MODEL empty when the store had no ar_image stopped `make serve` on a fresh machine
+    ("Environment variable 'AR_IMAGE_MODEL' is required but not set")."""
+    import shutil
+
+    home = tmp_path / "home"
+    for name in ("gpt", "gan"):
+        shutil.copytree(bentoml_home / "models" / name, home / "models" / name)
+    env = {k: v for k, v in os.environ.items() if k not in ("GPT_MODEL", "GAN_MODEL", "AR_IMAGE_MODEL")}
+    code = "import json, service.app as app; print(json.dumps(app.MODEL_ENVS))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**env, "BENTOML_HOME": str(home)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    required = [e["name"] for e in json.loads(run.stdout.splitlines()[-1]) if not e["value"]]
+    assert required == [], required  # none: every listed variable has its value
+
