@@ -65,6 +65,14 @@ def test_a_stream_is_timed_to_its_last_byte(tmp_path):
     assert float(row["Median Response Time"]) >= 450, row  # the whole stream: 500 ms
 
 
+def _kill_with_children(proc: subprocess.Popen) -> None:
+    """SIGKILL a test's process and the children it forked (which share what is measured)."""
+    for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        os.kill(int(child), 9)
+    proc.kill()
+    proc.wait()
+
+
 def test_the_soak_counts_pages_shared_between_processes_once():
     """It summed each process's RSS: pages a worker shares with its engine processes (torch's
     libraries) counted once per process, which made a growth in percent look smaller."""
@@ -77,9 +85,7 @@ def test_the_soak_counts_pages_shared_between_processes_once():
         assert proc.stdout.readline().strip() == "ready"
         total = pss_bytes(proc.pid) / 2**20
     finally:
-        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-            os.kill(int(child), 9)
-        proc.kill()
+        _kill_with_children(proc)
     assert 64 < total < 110, total  # summed RSS: about 2 x (64 + the interpreter)
 
 
@@ -206,10 +212,7 @@ def test_the_soak_measures_the_server_listening_on_its_host_port(capsys):
         port = int(proc.stdout.readline())
         assert listening_pid(port) == proc.pid
     finally:
-        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-            os.kill(int(child), 9)
-        proc.kill()
-        proc.wait()
+        _kill_with_children(proc)
     assert listening_pid(port) is None
     with pytest.raises(SystemExit) as exit_info:
         soak(["--host", f"http://127.0.0.1:{port}", "--minutes", "0.01"])

@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             check_seed(args.seed, len(prompts))
         except ValueError as e:
             p.error(str(e))
-        images = synthesize(engine, prompts, args.seed)
-        clear_export(args.out)
-        write_imagefolder(args.out, images, prompts)
+        attrs = None
     else:
         shapes_cfg = (config.get("data") or {}).get("shapes")
         if not shapes_cfg:
@@ -168,15 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "prompts synthesize samples: pass --prompts")
         cfg = ShapesConfig(**shapes_cfg)
         scenes = sample_scenes(cfg, args.n, args.seed)
-        images = synthesize(engine, [s["prompt"] for s in scenes], args.seed)
-        attrs = [s["attrs"] for s in scenes]
-        clear_export(args.out)
-        write_imagefolder(args.out, images, [s["prompt"] for s in scenes], attrs)
-        if args.cas_steps:
-            synthetic = CaptionedImages(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2),
-                                        [s["prompt"] for s in scenes], attrs)
-            report["cas"] = classification_accuracy_score(synthetic, cfg, steps=args.cas_steps,
-                                                          seed=args.seed)
+        prompts, attrs = [s["prompt"] for s in scenes], [s["attrs"] for s in scenes]
+    images = synthesize(engine, prompts, args.seed)
+    clear_export(args.out)  # only now: a run that fails before this leaves the earlier export whole
+    write_imagefolder(args.out, images, prompts, attrs)
+    if attrs is not None and args.cas_steps:
+        synthetic = CaptionedImages(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), prompts, attrs)
+        report["cas"] = classification_accuracy_score(synthetic, cfg, steps=args.cas_steps, seed=args.seed)
     report["n"] = len(images)
     report["out"] = str(args.out)
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
