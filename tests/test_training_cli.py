@@ -153,6 +153,32 @@ def test_ensure_defaults_refuses_a_malformed_tag_in_one_line(monkeypatch, tmp_pa
     assert "error: GPT_MODEL='Bad Tag!' is not a model tag" in done.stderr
 
 
+@pytest.mark.parametrize("cut", ["model.safetensors", "model.yaml"])
+def test_ensure_defaults_names_a_version_the_store_holds_in_part(cut, bentoml_home, tmp_path):
+    """A copy into the store killed half-way (SIGKILL) leaves a version without some files:
+    `make serve` took one without its weights for present (the service then refused to start),
+    and one without BentoML's model.yaml for "not a model tag". Both are now named, with what
+    to delete, before anything is trained or served."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(bentoml_home / "models" / "gpt", home / "models" / "gpt")
+    version = next(d for d in (home / "models" / "gpt").iterdir() if d.is_dir())
+    (version / cut).unlink()
+    (home / "models" / "gpt" / "latest").unlink()  # the first version: BentoML finds it by listing
+    env = {**os.environ, "BENTOML_HOME": str(home), "GAN_MODEL": "", "BENTOML_DO_NOT_TRACK": "True"}
+    env.pop("GPT_MODEL", None)
+    done = subprocess.run([sys.executable, "-m", "training.ensure_defaults"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    said = done.stderr.strip().splitlines()[-1]
+    if cut == "model.yaml":
+        assert "the model store cannot read gpt:latest" in said and str(home / "models" / "gpt") in said, said
+    else:
+        assert f"gpt:{version.name} in the model store lacks model.safetensors" in said, said
+        assert f"bentoml models delete gpt:{version.name}" in said
+
+
 def test_ensure_defaults_resumes_a_default_that_stopped_half_way(monkeypatch, tmp_path):
     """`make serve` interrupted during training: the next start continues the run (a fresh run
     would refuse to overwrite the checkpoint)."""

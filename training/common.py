@@ -110,11 +110,10 @@ def check_outputs(name: str, store: bool, out: str, family: str, name_option: st
     """Refuse, before training, a store name or an output folder that would fail after it, and
     a store name that holds models of another family (the service would then refuse to start:
     GAN_MODEL=mygan naming a GPT)."""
-    from training.store import check_name
+    from training.store import check_name, store_folder
 
     if store:
-        home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
-        check_folder(home, "BENTOML_HOME (the model store)")
+        check_folder(store_folder(), "BENTOML_HOME (the model store)")
         check_name(name, family, name_option)
     check_folder(out, out_option)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from training.common import check_folder, run_cli
-from training.store import store_family, store_has
+from training.store import check_tag, store_family, store_folder, store_has
 
 # store name -> (the service's variable naming the model, training module, its run folder)
 DEFAULTS = {
@@ -33,17 +33,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
     args = ap.parse_args(argv)
-    home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+    home = store_folder()
     check_folder(home, "BENTOML_HOME (the model store)")
     for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
         tag = configured_tag(env_var, name)
         if tag in (None, f"{name}:latest"):
             continue
         try:
-            present = store_has(tag)
+            check_tag(tag)
         except ValueError:  # the value as the user typed it (the check above added ":latest")
             sys.exit(f"error: {env_var}={os.environ[env_var]!r} is not a model tag (name or name:version)")
-        if not present:
+        if not store_has(tag):
             sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
                      f"(BENTOML_HOME={home}), unset {env_var} to serve the small default, or set it "
                      "empty to serve without it")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         if tag != f"{name}:latest":  # the user's own model
             print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
             continue
-        if store_has(name) and not args.force:
+        if not args.force and store_has(name):
             print(f"{name}: found {name}:latest in the store, not training", file=sys.stderr)
             continue
         job_argv = ["--preset", "small", f"--run_dir={run_dir}"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -20,6 +21,12 @@ from pathlib import Path
 from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+STORED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what every family's loader needs
+
+
+def store_folder() -> str:
+    """The model store's folder, as BentoML finds it."""
+    return os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
 
 
 def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
@@ -71,16 +78,44 @@ def interrupts_held() -> Iterator[None]:
 
 
 def store_has(tag: str) -> bool:
-    """Whether the store holds `tag` (a bare name: any version of it); ValueError for a string
-    that is no tag at all ("Bad Tag!", "gpt:")."""
+    """Whether the store holds `tag` (a bare name: its latest version) whole; ValueError for a
+    string that is no tag at all ("Bad Tag!", "gpt:"), and for a version the store holds in part:
+    a copy into the store that was killed (SIGKILL, a power cut) leaves one, which the service
+    would refuse only when it starts, after `make serve` had taken it for present."""
+    stored = _stored(tag)
+    if stored is None:
+        return False
+    missing = [f for f in STORED_FILES if not (Path(stored.path) / f).is_file()]
+    if missing:
+        raise ValueError(f"{stored.tag} in the model store lacks {', '.join(missing)} (a copy into the store cut "
+                         f"short?): delete it with `bentoml models delete {stored.tag}`")
+    return True
+
+
+def _stored(tag: str) -> Any:
+    """The store's bentoml Model for `tag` (a bare name: its latest version), or None; ValueError
+    for no tag, or for a version BentoML cannot read (its model.yaml missing: `bentoml models
+    list` fails on it too)."""
+    import bentoml
+
+    full = tag if ":" in tag else f"{tag}:latest"
+    check_tag(full)
+    try:
+        return bentoml.models.get(full)
+    except bentoml.exceptions.NotFound:
+        return None
+    except bentoml.exceptions.BentoMLException as e:
+        raise ValueError(f"the model store cannot read {full} ({e}): a copy into the store cut short? remove "
+                         f"that version's folder from {Path(store_folder()) / 'models' / full.split(':')[0]}") from None
+
+
+def check_tag(tag: str) -> None:
+    """ValueError for a string that is no model tag ("Bad Tag!", "gpt:")."""
     import bentoml
 
     try:
-        bentoml.models.get(tag if ":" in tag else f"{tag}:latest")
-        return True
-    except bentoml.exceptions.NotFound:
-        return False
-    except bentoml.exceptions.BentoMLException as e:  # BentoML's "Invalid Tag ..."
+        bentoml.Tag.from_taglike(tag)
+    except (ValueError, bentoml.exceptions.BentoMLException) as e:  # BentoML's "Invalid Tag ..."
         raise ValueError(f"{tag!r} is not a model tag (name or name:version): {e}") from None
 
 
@@ -99,13 +134,11 @@ def store_family(tag: str) -> str | None:
     version); None when the store has none, or when BentoML is not installed (a GPU machine
     that trains into --out)."""
     try:
-        import bentoml
+        import bentoml  # noqa: F401
     except ImportError:
         return None
-    try:
-        return bentoml.models.get(tag if ":" in tag else f"{tag}:latest").info.labels.get("family")
-    except bentoml.exceptions.NotFound:
-        return None
+    stored = _stored(tag)
+    return None if stored is None else stored.info.labels.get("family")
 
 
 def loader(family: str) -> Any:
