@@ -5,10 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from models.artifacts import save_model_dir
+from models.image_engine import ImageEngine, ImageRequest
+from models.sampling import MAX_SEED
 from training import classifier_ascent, compare_generators, evaluate, synthesize, train_gan
 from training.common import run_cli
 from training.evaluate import Evaluator, EvaluatorConfig
@@ -239,3 +242,19 @@ def test_compare_generators_table_names_the_batch_it_timed():
     m = {"train_accuracy": {"colour": 1.0, "shape": 1.0}, "train_all_attributes": 1.0, "coverage": 1.0, "fd": 0.0,
          "memorisation": 0.0, "unnatural_rate": 0.0, "evaluations_per_image": 1, "images_per_s": 9.0}
     assert "images/s (batch 32, CPU)" in compare_generators.markdown({"gan": m}, "", speed_batch=32)
+
+
+def test_evaluation_seeds_near_the_top_of_the_range_work(gan):
+    """--seed takes [0, 2**32); evaluate_generator gives prompt k the seeds from seed + 1000·k,
+    which near the top were refused by the engine after the evaluator's training (a late
+    traceback in compare_generators and classifier_ascent). They wrap instead; small seeds keep
+    their images."""
+    engine = ImageEngine.load(gan[1], device="cpu")
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    top = evaluate.generate_for(engine, prompts, n=2, seed=MAX_SEED - 1000)
+    wrapped = [MAX_SEED - 1000, 0, 1000]  # prompt k: seed + 1000·k, wrapped below 2**32 - 1 for n=2
+    same = engine.generate([ImageRequest(p, seed=s, n=2) for p, s in zip(prompts, wrapped)])
+    assert torch.equal(top.permute(0, 2, 3, 1), torch.from_numpy(np.concatenate(same)))
+    low = evaluate.generate_for(engine, prompts, n=2, seed=7)  # small seeds: as before
+    same = engine.generate([ImageRequest(p, seed=7 + 1000 * k, n=2) for k, p in enumerate(prompts)])
+    assert torch.equal(low.permute(0, 2, 3, 1), torch.from_numpy(np.concatenate(same)))

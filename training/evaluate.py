@@ -30,6 +30,7 @@ from torch import nn
 
 from models.artifacts import load_model_dir, save_model_dir
 from models.image_engine import ImageEngine, ImageRequest
+from models.sampling import MAX_SEED
 from training.common import run_cli
 from training.data.imagefolder import CaptionedImages
 from training.data.shapes import (ATTRIBUTES, BACKGROUNDS, POSITIONS, SIZES, VALUES, ShapesConfig,
@@ -238,11 +239,14 @@ def generator_prompts(cfg: ShapesConfig, per_pair: int, seed: int) -> list[str]:
 
 def generate_for(engine: ImageEngine, prompts: list[str], n: int, seed: int,
                  batch: int = 64) -> torch.Tensor:
-    """n images per prompt → uint8 (len(prompts)·n, 3, S, S), prompt-major."""
+    """n images per prompt → uint8 (len(prompts)·n, 3, S, S), prompt-major. Prompt k takes seeds
+    from seed + 1000·k, wrapped to stay a valid request seed (any --seed in [0, 2**32) works:
+    near 2**32 the last prompts' requests were refused, after minutes of work)."""
     out = []
     per_call = max(1, batch // n)
+    wrap = MAX_SEED + 1 - (n - 1)  # request seeds in [0, MAX_SEED - (n - 1)]: image i takes seed + i
     for i in range(0, len(prompts), per_call):
-        reqs = [ImageRequest(p, seed=seed + 1000 * (i + j), n=n)
+        reqs = [ImageRequest(p, seed=(seed + 1000 * (i + j)) % wrap, n=n)
                 for j, p in enumerate(prompts[i:i + per_call])]
         for imgs in engine.generate(reqs):
             out.extend(imgs)
