@@ -156,6 +156,18 @@ def test_compare_generators_refuses_a_folder_of_another_family(gan, tmp_path, ca
     assert "config.json: family is 'gan', expected 'ar_image'" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("option, variational", [("ae", True), ("vae", False)])
+def test_compare_generators_refuses_an_autoencoder_given_as_the_other_kind(option, variational, tmp_path, capsys):
+    """A VAE given as --ae (or the reverse) was compared under the wrong name, silently."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"family": "autoencoder", "variational": variational,
+                                                    "data": {"source": "shapes"}}))
+    others = [f"--{o}=" for o in ("gan", "ar", "ae", "vae") if o != option]
+    err = cli(compare_generators, [f"--{option}={folder}", *others, f"--run={tmp_path / 'run'}"], capsys)
+    assert f"--{option}={folder}: holds {'a VAE' if variational else 'a plain autoencoder'}; give it as --" in err
+
+
 @pytest.mark.parametrize("device, message", [
     ("cuda", "--device=cuda: no CUDA device is available here"),
     ("tpu", "argument --device: invalid choice: 'tpu'"),

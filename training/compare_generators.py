@@ -79,6 +79,10 @@ def model_data(cfg: CompareConfig) -> list[dict[str, Any]]:
         if not isinstance(config.get("data"), dict):
             raise ValueError(f"--{option}={path}: holds a {config.get('family')!r} model, not an image model "
                              f"of family {FAMILIES[option]!r}")
+        if option in ("ae", "vae") and config.get("variational") != (option == "vae"):  # rows named wrongly
+            other = "ae" if option == "vae" else "vae"
+            raise ValueError(f"--{option}={path}: holds {'a plain autoencoder' if option == 'vae' else 'a VAE'}; "
+                             f"give it as --{other}")
         datas.append(config["data"])
     return datas
 
