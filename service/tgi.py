@@ -48,8 +48,12 @@ def samples(p: TGIParameters) -> bool:
 
 
 def check_best_of(p: TGIParameters, stream: bool) -> None:
-    """TGI's rules for best_of above 1: sampled candidates (greedy ones would all be the same),
-    not streamed (the best is known only once all are done)."""
+    """TGI's rules for what a stream cannot carry (the prompt's details, best_of above 1: the
+    best is known only once all are done), and for best_of's sampled candidates (greedy ones
+    would all be the same)."""
+    if stream and p.decoder_input_details:
+        raise ApiError(400, "parameters.decoder_input_details: true is not supported when streaming tokens, as in "
+                            "TGI", "parameters.decoder_input_details")
     if (p.best_of or 1) == 1:
         return
     if stream:
@@ -198,8 +202,9 @@ class Generated:
 
     def stream_event(self, index: int, token: dict[str, Any], top: list[dict[str, Any]] | None,
                      last: bool) -> dict[str, Any]:
-        """One stream event per token (index from 1); the last also carries the text and details."""
+        """One stream event per token (index from 1); the last also carries the text, and the
+        details when asked for (TGI sends them only then)."""
         details = {"finish_reason": self.finish_reason, "generated_tokens": len(self.tokens), "seed": self.seed,
-                   "input_length": len(self.input_ids)} if last else None
+                   "input_length": len(self.input_ids)} if last and self.p.details else None
         return {"index": index, "token": token, **({"top_tokens": top} if top is not None else {}),
                 "generated_text": self.generated_text if last else None, "details": details}

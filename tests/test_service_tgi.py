@@ -87,6 +87,7 @@ def test_routes_and_return_full_text(client):
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
     assert events[-1]["generated_text"] == plain["generated_text"]
+    assert events[-1]["details"] is None  # as TGI: a stream's last event has details only when asked for
     # /generate with `prompt` is still the image route
     assert "images" in client.post("/generate", json={"prompt": "a red circle", "seed": 1}).json()
 
@@ -159,6 +160,7 @@ def test_info_describes_the_model(client):
     ({"seed": 2**40}, "seed"),  # TGI's are 64-bit; here 32
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"max_tokens": 5}, "max_tokens"),  # not TGI's name: refused, not ignored
+    ({"details": True, "decoder_input_details": True}, "decoder_input_details"),  # TGI: not when streaming
 ])
 def test_what_is_not_implemented_is_a_422_naming_it(client, parameters, param):
     """In TGI's error shape, as TGI answers a request it refuses."""
