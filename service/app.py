@@ -1014,8 +1014,8 @@ class Generation:
             if include_usage:
                 yield sse_event({**head, "choices": [], "usage": usage()})
             yield SSE_DONE
-        except Exception as e:  # the headers (a 200) are gone: report in-band, as OpenAI does
-            yield _in_band_error(e, "/v1/completions" if openai else "/complete", f"stream {head['id']}")
+        except Exception as e:  # the headers (a 200) are gone: report in-band, then [DONE], as vLLM does
+            yield _in_band_error(e, "/v1/completions" if openai else "/complete", f"stream {head['id']}") + SSE_DONE
         finally:
             await events.aclose()
 

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import tgi
 from service.batching import Overloaded
-from service.encode import sse_event
+from service.encode import SSE_DONE, sse_event
 from service.env import env_float, env_int
 from service.schemas import ApiError
 
@@ -157,8 +157,11 @@ class LimitMiddleware:
             if not state["started"]:
                 await send_error(send, scope, err, tgi_shape=is_tgi_request(scope))
             else:
-                # Headers are gone: report in-band as a stream error does, then end the body.
-                tail = sse_event(error_body(err, is_tgi_request(scope))[1]) if state["sse"] else b""
+                # Headers are gone: report in-band as a stream error does (with [DONE] after it
+                # in the OpenAI layout, TGI's has none), then end the body.
+                tail, tgi_shape = b"", is_tgi_request(scope)
+                if state["sse"]:
+                    tail = sse_event(error_body(err, tgi_shape)[1]) + (b"" if tgi_shape else SSE_DONE)
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             if not task.done():  # this request itself was cancelled (server shutting down)

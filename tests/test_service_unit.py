@@ -505,8 +505,10 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     before = errors._value.get()
     chunks = asyncio.run(stream())
     assert json.loads(chunks[0].removeprefix(b"data: "))["choices"][0]["text"] == "Hello"
-    error = json.loads(chunks[-1].removeprefix(b"data: "))["error"]
+    error_event, done, _ = chunks[-1].split(b"\n\n")
+    error = json.loads(error_event.removeprefix(b"data: "))["error"]
     assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
+    assert done == b"data: [DONE]"  # after the error, as vLLM ends a failed stream
     assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
 
 
