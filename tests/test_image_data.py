@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,8 @@ def test_imagefolder_skips_corrupt_and_missing_files(tmp_path, caplog):
         data = load_imagefolder(tmp_path, image_size=32)
     assert data.images.shape == (3, 3, 32, 32) and data.images.dtype == torch.uint8
     assert data.captions == ["picture 0", "picture 1", "picture 2"]
-    assert "skipped 3" in caplog.text and "1 missing" in caplog.text and "1 unreadable" in caplog.text
+    assert "skipped 3" in caplog.text and "1 missing (missing.png)" in caplog.text
+    assert "1 unreadable (corrupt.png)" in caplog.text and "1 bad metadata line (line 6)" in caplog.text
 
 
 def _folder_with_one_huge_image(folder, huge_size):
@@ -138,7 +140,7 @@ def test_metadata_with_other_keys_says_which_keys_a_line_needs(tmp_path):
     readable images", without saying what a line needs."""
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text('{"image": "a.png", "caption": "a black square"}\n')
-    with pytest.raises(ValueError, match=r"no readable images \(1 bad metadata line; each line of metadata.jsonl "
+    with pytest.raises(ValueError, match=r"no readable images \(1 bad metadata line \(line 1\); each line of metadata.jsonl "
                                          r"is an object with 'file_name', .* and 'text'"):
         load_imagefolder(tmp_path)
 
@@ -238,3 +240,44 @@ def test_exif_orientation_is_applied_and_transparency_lies_over_white(tmp_path):
     with Image.open(tmp_path / "cutout.png") as img:
         cut = np.asarray(to_rgb(img))
     assert cut[20, 5].tolist() == [255, 0, 0] and cut[20, 35].tolist() == [255, 255, 255]
+
+
+def test_imagefolder_skips_a_png_whose_chunk_is_broken(tmp_path, caplog):
+    """PIL raises SyntaxError ("broken PNG file") for some corrupt chunks: the run stopped in a
+    traceback, where an unreadable file is skipped and counted."""
+    write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)] * 2, ["kept 0", "broken"])
+    png = bytearray((tmp_path / "000001.png").read_bytes())
+    png[36] = 0  # inside the IHDR chunk's type / the next chunk's header
+    (tmp_path / "000001.png").write_bytes(bytes(png))
+    with caplog.at_level(logging.WARNING):
+        assert load_imagefolder(tmp_path).captions == ["kept 0"]
+    assert "1 unreadable (000001.png)" in caplog.text
+
+
+def test_imagefolder_keeps_a_caption_holding_a_line_separator(tmp_path, caplog):
+    """JSON allows U+2028 unescaped in a string (json.dumps(ensure_ascii=False) writes it so);
+    splitting the file with str.splitlines cut that line in two bad halves."""
+    write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)] * 2, ["a", "b"])
+    rows = [{"file_name": "000000.png", "text": "red\u2028circle"}, {"file_name": "000001.png", "text": "b\x85c"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_imagefolder(tmp_path).captions == ["red\u2028circle", "b\x85c"]
+    assert "skipped" not in caplog.text
+
+
+def test_imagefolder_that_cannot_be_read_or_is_a_file_is_named(tmp_path, monkeypatch):
+    """A metadata.jsonl this user may not read ended in a PermissionError traceback; a file
+    given for the folder was called "no such folder"."""
+    write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)], ["a"])
+    with pytest.raises(ValueError, match="metadata.jsonl: a file; --data names a folder"):
+        load_imagefolder(tmp_path / "metadata.jsonl")
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "metadata.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)  # chmod does not stop root, who runs CI here
+    with pytest.raises(ValueError, match=r"metadata.jsonl: cannot be read \(Permission denied\)"):
+        load_imagefolder(tmp_path)

@@ -78,59 +78,83 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 def read_metadata(path: Path) -> str:
-    """The whole file as text. Unlike one bad line, a file in another encoding cannot be read
-    at all: a ValueError naming it (a UTF-8 byte-order mark, as some editors write, is fine)."""
+    """The whole file as text. Unlike one bad line, a file in another encoding, or one this
+    user may not read, cannot be read at all: a ValueError naming it (a UTF-8 byte-order mark,
+    as some editors write, is fine)."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def json_lines(text: str) -> list[str]:
+    """A JSON Lines file's lines: split at "\n" only. str.splitlines also splits at U+2028,
+    U+2029, NEL and other characters JSON allows unescaped inside a string (json.dumps with
+    ensure_ascii=False and JavaScript's JSON.stringify write U+2028 as is), which cut such a
+    line in two bad halves."""
+    return text.split("\n")
+
+
+def skipped_summary(skipped: dict[str, list[str]], shown: int = 3) -> str:
+    """"1 missing (b.png), 2 unreadable (c.png, d.png)": the counts, and the first few entries
+    of each, so that a user with thousands of images can find the bad ones."""
+    parts = []
+    for kind, names in skipped.items():
+        if names:
+            more = f", … {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} {kind} ({', '.join(names[:shown])}{more})")
+    return ", ".join(parts)
 
 
 def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImages:
     """Read `folder/metadata.jsonl` and its images; skipped files are counted in one warning."""
     folder = Path(folder)
     meta_path = folder / METADATA
+    if folder.is_file():
+        raise ValueError(f"{folder}: a file; --data names a folder of images and metadata.jsonl")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (--data names a folder of images and metadata.jsonl)")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: no metadata.jsonl (one JSON object per line "
                                 "with 'file_name' and 'text')")
     images, captions, attributes = [], [], []
-    skipped: dict[str, int] = {"missing": 0, "unreadable": 0, "bad metadata line": 0}
-    for line in read_metadata(meta_path).splitlines():
+    skipped: dict[str, list[str]] = {"missing": [], "unreadable": [], "bad metadata line": []}
+    for number, line in enumerate(json_lines(read_metadata(meta_path)), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            skipped["bad metadata line"] += 1
+            skipped["bad metadata line"].append(f"line {number}")
             continue
         # Also bad: a caption that is not text (null, 42: it would be trained on as "None", "42")
         # or is blank (a prompt the service refuses), a file name that is not text.
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-            skipped["bad metadata line"] += 1
+            skipped["bad metadata line"].append(f"line {number}")
             continue
         path = folder / name
         if not path.is_file():
-            skipped["missing"] += 1
+            skipped["missing"].append(name)
             continue
         try:
             with Image.open(path) as img:
                 images.append(resize_center_crop(img, image_size))
         # A decompression bomb (an image too large to decode safely) is as unusable as a
-        # corrupt one; the warning PIL gives for a merely large one may be set to raise.
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+        # corrupt one; the warning PIL gives for a merely large one may be set to raise. PIL
+        # raises SyntaxError for some broken PNG chunks.
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning):
-            skipped["unreadable"] += 1
+            skipped["unreadable"].append(name)
             continue
         captions.append(text)
         attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text")})
-    if sum(skipped.values()):
-        log.warning("%s: skipped %d entries (%s)", folder, sum(skipped.values()),
-                    ", ".join(f"{v} {k}" for k, v in skipped.items() if v))
+    if count := sum(map(len, skipped.values())):
+        log.warning("%s: skipped %d entries: %s", folder, count, skipped_summary(skipped))
     if not images:  # what each line needs, when none had it (the usual mistake: other keys)
-        why = ", ".join(f"{v} {k}" for k, v in skipped.items() if v) or "none listed"
+        why = skipped_summary(skipped) or "none listed"
         raise ValueError(f"{folder}: no readable images ({why}; each line of metadata.jsonl is an object with "
                          "'file_name', an image file in the folder, and 'text', its caption)")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
