@@ -261,3 +261,53 @@ def test_no_document_is_dropped_when_all_hash_into_validation(tmp_path):
     corpus = load_corpus(str(tmp_path))
     assert len(corpus.train) == 1 and len(corpus.val) == 1
     assert sorted(corpus.train + corpus.val) == sorted((tmp_path / n).read_text() for n in ("doc16.txt", "doc17.txt"))
+
+
+def test_a_folder_is_read_as_the_user_sees_it(tmp_path):
+    """Linked subfolders are followed (rglob skipped them in silence; a link to a parent does not
+    loop), hidden folders are not (a .venv's licence texts, .ipynb_checkpoints), extensions are
+    matched whatever their case (UPPER.TXT was left out, ROWS.JSONL read as raw text), a file
+    name that is not UTF-8 is split like any other (it ended in "surrogates not allowed"), and
+    JSON lines are split at newlines only (U+2028 in a text, which JSON allows, broke its line)."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (data / ".venv").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "linked.txt").write_text("a linked document " * 10)
+    (data / "shared").symlink_to(elsewhere, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    (data / ".venv" / "LICENSE.txt").write_text("hidden licence " * 10)
+    (data / "UPPER.TXT").write_text("an upper-case extension " * 10)
+    (data / "ROWS.JSONL").write_text(json.dumps({"text": "a json\u2028line"}, ensure_ascii=False) + "\n")
+    (data / os.fsdecode(b"caf\xe9.txt")).write_text("a latin-1 file name " * 10)
+    corpus = load_corpus(str(data))
+    docs = sorted(corpus.train + corpus.val)
+    assert docs == sorted(["a linked document " * 10, "an upper-case extension " * 10, "a json\u2028line",
+                           "a latin-1 file name " * 10])
+
+
+def test_unreadable_or_utf16_text_is_named_with_its_remedy(tmp_path, monkeypatch):
+    """A file this user may not read ended in a PermissionError traceback; a UTF-16 file was
+    told to convert from latin1."""
+    (tmp_path / "wide.txt").write_text("a UTF-16 text", encoding="utf-16")
+    with pytest.raises(ValueError, match="wide.txt is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
+        load_corpus(str(tmp_path / "wide.txt"))
+    (tmp_path / "secret.txt").write_text("not for you")
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "secret.txt":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)  # chmod does not stop root, who runs CI here
+    with pytest.raises(ValueError, match=r"secret.txt cannot be read \(Permission denied\)"):
+        load_corpus(str(tmp_path / "secret.txt"))
+
+
+def test_max_chars_says_how_much_it_left_out(tmp_path, capsys):
+    """--preset tiny reads the first 200,000 characters only, and said nothing about it."""
+    (tmp_path / "big.txt").write_text("word " * 8000)
+    assert load_corpus(str(tmp_path / "big.txt"), max_chars=30000).left_out == 10000
+    main(TINY + [f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'big.txt'}", "--max_chars=30000",
+                 "--max_steps=1"])
+    assert "--max_chars=30,000 left out 10,000 characters" in capsys.readouterr().err

@@ -32,7 +32,8 @@ from training.data.text_corpus import load_corpus
 
 @dataclass
 class TrainGPTConfig:
-    data: str = field(default="", metadata={"help": "comma-separated .txt files or folders; empty = Python's own docs"})
+    data: str = field(default="", metadata={"help": "comma-separated .txt / .jsonl files or folders of them; "
+                                                     "empty = Python's own docs"})
     max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)",
                                                 "valid": at_least(0)})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train (256 bytes + end-of-text "
@@ -172,11 +173,13 @@ def train(cfg: TrainGPTConfig) -> dict:
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):
         if len(ids) < cfg.block_size + 2:
-            raise ValueError(f"--data: the {part} text is {len(ids)} tokens, fewer than --block_size + 2 = "
+            split = " (about 5 % of the text: whole documents, chosen by their names)" if part == "validation" else ""
+            raise ValueError(f"--data: the {part} text{split} is {len(ids)} tokens, fewer than --block_size + 2 = "
                              f"{cfg.block_size + 2}: give more text or a smaller --block_size")
     if d.is_main:  # only now that the data is accepted: a refused run leaves run_dir as it was
+        cut = f"; --max_chars={cfg.max_chars:,} left out {corpus.left_out:,} characters" if corpus.left_out else ""
         print(f"data: {len(corpus.train)} documents for training ({len(train_data):,} tokens), "
-              f"{len(corpus.val)} for validation ({len(val_data):,} tokens)", file=sys.stderr)
+              f"{len(corpus.val)} for validation ({len(val_data):,} tokens){cut}", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             tok.save(run / "tokenizer.json")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2
 class Corpus:
     train: list[str]  # documents
     val: list[str]
+    left_out: int = 0  # characters past max_chars, not used
 
     @property
     def hash(self) -> str:
@@ -73,8 +75,7 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
             raise ValueError(f"--data={','.join(paths)}: entry {i + 1} is empty (a stray comma?)")
         p = Path(entry)
         if p.is_dir():
-            files.extend((str(f.relative_to(p)), f) for f in sorted(p.rglob("*"))
-                         if f.suffix in (".txt", ".jsonl") and f.is_file())
+            files.extend((str(f.relative_to(p)), f) for f in folder_files(p) if f.suffix.lower() in (".txt", ".jsonl"))
         elif p.is_file():
             files.append((p.name, p))
         elif p.exists():  # a FIFO or a device was told "does not exist"
@@ -82,11 +83,30 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
         else:
             raise FileNotFoundError(f"--data: {p} does not exist")
     docs = [doc for name, f in files
-            for doc in (_jsonl_documents(name, f) if f.suffix == ".jsonl" else [(name, _read_utf8(f))])]
+            for doc in (_jsonl_documents(name, f) if f.suffix.lower() == ".jsonl" else [(name, _read_utf8(f))])]
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise ValueError(f"--data: no non-empty .txt or .jsonl documents in {paths}")
     return docs
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The files under `folder`, sorted by path, as the user sees them: linked subfolders are
+    followed (once each: a link to a parent does not loop; rglob skipped them, and their
+    documents, in silence), hidden files and folders are not (.git, .ipynb_checkpoints, a
+    .venv's licence texts), and a subfolder that cannot be read is an error, not a silent gap."""
+    def unreadable(e: OSError) -> None:
+        raise ValueError(f"--data: {e.filename} cannot be read ({e.strerror})")
+
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        if (real := os.path.realpath(root)) in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(root, n).is_file()]
+    return sorted(files)
 
 
 def _jsonl_documents(name: str, path: Path) -> list[tuple[str, str]]:
@@ -94,7 +114,8 @@ def _jsonl_documents(name: str, path: Path) -> list[tuple[str, str]]:
     with a string `text` (other fields are ignored); anything else is refused, naming the line,
     rather than trained on or dropped unseen."""
     docs = []
-    for number, line in enumerate(_read_utf8(path).splitlines(), 1):
+    # "\n" only: str.splitlines also splits at U+2028, NEL and others that JSON allows inside a string
+    for number, line in enumerate(_read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -109,17 +130,23 @@ def _jsonl_documents(name: str, path: Path) -> list[tuple[str, str]]:
 
 def _read_utf8(path: Path) -> str:
     """A text file's contents; other encodings are refused, not silently turned into U+FFFD. A
-    UTF-8 byte-order mark, as some editors write, is dropped rather than trained on as U+FEFF."""
+    UTF-8 byte-order mark, as some editors write, is dropped rather than trained on as U+FEFF.
+    Line ends are read as Python reads text: \r\n and a lone \r become \n."""
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
+        with path.open("rb") as f:
+            utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # UTF-16's byte-order mark
         raise ValueError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
-                         f"e.g. `iconv -f latin1 -t utf-8`") from None
+                         f"e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8`") from None
+    except OSError as e:
+        raise ValueError(f"--data: {path} cannot be read ({e.strerror})") from None
 
 
 def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) -> Corpus:
     """Split documents by a hash of their name (stable whatever else is in the corpus)."""
     docs = user_documents(data.split(",")) if data else default_documents()
+    left_out = 0
     if max_chars:
         kept, total = [], 0
         for name, text in docs:
@@ -127,10 +154,12 @@ def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) 
                 break
             kept.append((name, text[: max_chars - total]))
             total += len(kept[-1][1])
+        left_out = sum(len(text) for _, text in docs) - total
         docs = kept
     train, val = [], []
     for name, text in docs:
-        bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 1000
+        # surrogateescape: a file name that is not UTF-8 (its bytes, as os read them) hashes too
+        bucket = int(hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest(), 16) % 1000
         (val if bucket < val_fraction * 1000 else train).append(text)
     if not val:  # tiny corpora: keep at least one validation document
         val.append(train.pop())
@@ -141,4 +170,4 @@ def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) 
         text = val.pop()
         cut = int(len(text) * (1 - val_fraction))
         train, val = [text[:cut]], [text[cut:]]
-    return Corpus(train, val)
+    return Corpus(train, val, left_out)
