@@ -397,3 +397,16 @@ def test_help_shows_the_chosen_presets_values(capsys):
     with pytest.raises(SystemExit):
         parse_config(train_gpt.TrainGPTConfig, train_gpt.PRESETS, ["--help"])
     assert "embedding width (--preset small: 128)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_an_abbreviated_or_doubled_option_is_refused(tmp_path, capsys):
+    """argparse took --max_step for --max_steps in silence, and an image job given both --run_dir
+    and --out (its other name) used the last one."""
+    from training import train_gan, train_gpt
+
+    with pytest.raises(SystemExit):
+        train_gpt.main(["--preset", "tiny", "--max_step=3", f"--run_dir={tmp_path / 'gpt'}"])
+    assert "unrecognized arguments: --max_step=3" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--run_dir and --out name one folder, the run's: got .*a, .*b"):
+        train_gan.main(["--preset", "tiny", f"--run_dir={tmp_path / 'a'}", f"--out={tmp_path / 'b'}"])
+    assert train_gan.run_dir_argv(["--out", "x", "--run_dir=x"]) == ["--run_dir", "x", "--run_dir=x"]

@@ -78,11 +78,11 @@ def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[st
                  default_preset: str = "small", description: str = "") -> C:
     """Build `cls` from `--preset NAME` plus `--field=value` overrides (help from field metadata;
     `--preset tiny --help` shows the tiny preset's values)."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--preset", default=default_preset)
     shown = early.parse_known_args(argv)[0].preset
     shown = shown if shown in presets else default_preset  # a bad name is refused below
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --max_step is no --max_steps
     parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                         help=f"starting point for all settings (default {default_preset})")
     for f in dataclasses.fields(cls):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +38,8 @@ from training.common import (RESUMABLE, SEED, above, all_reduce_mean, at_least, 
                              run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
-from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
-                                check_validation_split, load_data, resume_data_keys,
+from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
+                                check_validation_split, load_data, resume_data_keys, run_dir_argv,
                                 sample_prompts, save_grid)
 from training.train_gpt import make_optimizer
 
@@ -327,7 +326,7 @@ def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: An
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = run_dir_argv(argv)
     cfg = parse_config(ARTrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     return train(cfg)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +32,8 @@ from training.common import (RESUMABLE, SEED, Dist, above, at_least, atomic_save
                              check_resume_data, cosine_lr, diverged, get_tokenizer, load_checkpoint, parse_config,
                              report_halt, require_finite, restore, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
-from training.train_gan import (ImageJobConfig, _alias, check_captions_fit, check_prompts_fit,
-                                check_validation_split, load_data, resume_data_keys,
+from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
+                                check_validation_split, load_data, resume_data_keys, run_dir_argv,
                                 sample_prompts, save_grid)
 
 log = logging.getLogger("train_autoencoder")
@@ -246,7 +245,7 @@ def finish(cfg: AETrainConfig, model: AutoEncoder, tokenizer: Any, data: Any, di
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = run_dir_argv(argv)
     cfg = parse_config(AETrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     return train(cfg)
 

@@ -14,6 +14,7 @@ rank trains on its own batches and gradients are averaged by DDP.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -557,15 +558,20 @@ def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: Sha
     return model_dir
 
 
-def _alias(arg: str) -> str:
-    """`--out DIR` is another name for `--run_dir DIR`."""
-    if arg == "--out" or arg.startswith("--out="):
-        return "--run_dir" + arg[len("--out"):]
-    return arg
+def run_dir_argv(argv: list[str] | None) -> list[str]:
+    """The command line with `--out DIR` as `--run_dir DIR`, its other name. Both, naming two
+    folders, are refused: argparse kept the last one in silence."""
+    argv = ["--run_dir" + a[len("--out"):] if a == "--out" or a.startswith("--out=") else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    given = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    given.add_argument("--run_dir", action="append", default=[])
+    if len(folders := set(given.parse_known_args(argv)[0].run_dir)) > 1:
+        raise ValueError(f"--run_dir and --out name one folder, the run's: got {', '.join(sorted(folders))}")
+    return argv
 
 
 def main(argv: list[str] | None = None) -> Path:
-    argv = [_alias(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = run_dir_argv(argv)
     cfg = parse_config(GANTrainConfig, PRESETS, argv, description=__doc__.splitlines()[0])
     return train(cfg)
 
