@@ -257,9 +257,11 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shap
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        # (torch's own message for a file that is no checkpoint advises unpickling it as code)
-        why = ("corrupt, or another kind of file" if isinstance(e, pickle.UnpicklingError)
-               else f"{type(e).__name__}: {e}")
+        # (torch's own message for a file that is no checkpoint advises unpickling it as code; one
+        # cut short, as by a full disk, says only "OSError: [Errno 22] Invalid argument")
+        why = "corrupt, cut short, or another kind of file"
+        if not isinstance(e, pickle.UnpicklingError):
+            why += f": {type(e).__name__}: {e}"
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({why})") from None
     if job and isinstance(ckpt, dict) and ckpt.get("job", job) != job:  # (older checkpoints name none)
         raise ValueError(f"--resume: {path} is a checkpoint of the {ckpt['job']} job, not of {job} "
