@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from models.ar_image import ARImageEngine, ARImageRequests
+from models.ar_image import MAX_GUIDANCE, ARImageEngine, ARImageRequests
 from models.artifacts import ArtifactError
 from models.continuous import QueueFull, SchedulerConfig
 from models.engine import (Choice, Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests,
@@ -1164,6 +1164,9 @@ class Generation:
                 raise ApiError(400, f"{name} {getattr(body, name)} is not available: {backend.served.name} makes "
                                     f"{size}x{size} images (send width and height {size}, or leave them out)", name)
         guides = isinstance(backend.requests, ARImageRequests)  # a GAN has no guidance: cfg_scale has no effect
+        if guides and body.cfg_scale is not None and body.cfg_scale > MAX_GUIDANCE:  # (A1111's slider: 30)
+            raise ApiError(400, f"cfg_scale {body.cfg_scale:g}: {backend.served.name} takes at most {MAX_GUIDANCE:g}",
+                           "cfg_scale")
         guidance = (backend.requests.guidance_scale if body.cfg_scale is None else body.cfg_scale) if guides else None
         req = ImageRequest(prompt=body.prompt, seed=_pick_seed(body.seed), n=body.n, guidance_scale=guidance,
                            negative_prompt=body.negative_prompt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
@@ -296,14 +297,25 @@ class OpenAIImageBody(_Body, _NullIsDefault):
 # AUTOMATIC1111's settings of a diffusion process (steps, sampler, noise schedule, saving):
 # these models draw an image in one pass or one token at a time, so nothing here has them.
 # A1111 itself ignores fields it does not know; these are taken and have no effect.
-A1111_NO_EFFECT = (
-    "steps", "sampler_name", "sampler_index", "scheduler", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise",
-    "s_min_uncond", "denoising_strength", "subseed", "do_not_save_samples", "do_not_save_grid",
-    "override_settings_restore_afterwards", "disable_extra_networks", "comments", "force_task_id",
-    "refiner_switch_at", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules",
-)
+A1111_MAX_CFG_SCALE = 30  # its UI's slider goes this far; an AR model takes up to MAX_GUIDANCE
+A1111_NO_EFFECT: dict[str, str] = {  # name -> its JSON type in A1111's API (types are strict here too)
+    **dict.fromkeys(("steps", "subseed", "firstphase_width", "firstphase_height", "hr_second_pass_steps",
+                     "hr_resize_x", "hr_resize_y"), "integer"),
+    **dict.fromkeys(("eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "s_min_uncond", "denoising_strength",
+                     "refiner_switch_at", "hr_scale"), "number"),
+    **dict.fromkeys(("sampler_name", "sampler_index", "scheduler", "force_task_id", "hr_upscaler",
+                     "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"),
+                    "string"),
+    **dict.fromkeys(("do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
+                     "disable_extra_networks"), "boolean"),
+    "comments": "object", "hr_additional_modules": "array",
+}
+JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+}
 # A1111's options that would change the image in ways these models cannot: taken only at
 # the value that leaves them off, otherwise refused (400) rather than ignored.
 A1111_OFF_VALUES: dict[str, tuple[Any, ...]] = {
@@ -326,8 +338,9 @@ def _finite(value: Any) -> bool:
 def _list_a1111_fields(schema: dict[str, Any]) -> None:
     """The schema names A1111's other fields, as `Txt2ImgBody.unsupported` takes them, instead
     of allowing any extra property."""
-    for name in A1111_NO_EFFECT:
-        schema["properties"][name] = {"description": "AUTOMATIC1111's; no effect here (no diffusion process)"}
+    for name, kind in A1111_NO_EFFECT.items():
+        schema["properties"][name] = {"type": [kind, "null"],
+                                      "description": "AUTOMATIC1111's; no effect here (no diffusion process)"}
     for name, values in A1111_OFF_VALUES.items():
         schema["properties"][name] = {"enum": list(values), "description": "AUTOMATIC1111's; only this value"}
     schema["additionalProperties"] = False
@@ -347,8 +360,9 @@ class Txt2ImgBody(_Body, _NullIsDefault):
     n_iter: int = Field(1, ge=1, le=MAX_N, description="batches; batch_size × n_iter at most 16")
     width: int | None = Field(None, description="the model's image size (or leave it out)")
     height: int | None = Field(None, description="the model's image size (or leave it out)")
-    cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE,
-                                    description="autoregressive models' guidance scale; a GAN has none and ignores it")
+    cfg_scale: float | None = Field(None, ge=0, le=A1111_MAX_CFG_SCALE,
+                                    description="autoregressive models' guidance scale (at most "
+                                                f"{MAX_GUIDANCE:g} there); a GAN has none and ignores it")
     send_images: bool = True
     override_settings: dict[str, Any] = Field({}, description="only sd_model_checkpoint: the model's name or tag")
 
@@ -370,6 +384,9 @@ class Txt2ImgBody(_Body, _NullIsDefault):
             elif key not in A1111_NO_EFFECT:
                 return ApiError(400, f"{name}: extra inputs are not permitted (not an AUTOMATIC1111 "
                                      "txt2img field)", name)
+            elif value is not None and not JSON_TYPES[kind := A1111_NO_EFFECT[key]](value):
+                return ApiError(400, f"{name}: must be {'an' if kind[0] in 'aio' else 'a'} {kind}, as in "
+                                     "AUTOMATIC1111 (it has no effect here)", name)
         for key, value in self.override_settings.items():
             if key != "sd_model_checkpoint":
                 return ApiError(400, f"override_settings.{shown_name(key)} is not supported: only sd_model_checkpoint "

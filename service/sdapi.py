@@ -43,15 +43,20 @@ def infotext(req: ImageRequest, i: int, tag: str, size: int) -> str:
 
 
 def info(req: ImageRequest, tag: str, size: int, batch_size: int) -> dict[str, Any]:
-    """txt2img's `info` (sent as a JSON string, as A1111 does). Steps and sampler are null:
-    these models have none."""
+    """txt2img's `info` (sent as a JSON string, as A1111 does), with every key A1111's has, so
+    that a client indexing one finds it. Steps and sampler are null: these models have none; the
+    subseeds are the seeds (A1111 picks them, and with subseed_strength 0 they change nothing)."""
     name, version = split_tag(tag)
+    seeds = [req.seed + i for i in range(req.n)]
     return {
         "prompt": req.prompt, "all_prompts": [req.prompt] * req.n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * req.n,
-        "seed": req.seed, "all_seeds": [req.seed + i for i in range(req.n)], "subseed_strength": 0,
+        "seed": req.seed, "all_seeds": seeds, "subseed": req.seed, "all_subseeds": seeds, "subseed_strength": 0,
         "width": size, "height": size, "cfg_scale": req.guidance_scale, "steps": None, "sampler_name": None,
-        "batch_size": batch_size, "styles": [], "sd_model_name": name, "sd_model_hash": version,
+        "batch_size": batch_size, "restore_faces": False, "face_restoration_model": None, "styles": [],
+        "sd_model_name": name, "sd_model_hash": version, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None, "clip_skip": 1,
+        "extra_generation_params": {}, "is_using_inpainting_conditioning": False,
         "index_of_first_image": 0, "infotexts": [infotext(req, i, tag, size) for i in range(req.n)],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": VERSION,
     }

@@ -47,6 +47,8 @@ def test_txt2img_with_the_a1111_client_matches_generate(api, client):
     assert len(r.images) == 4 and all(im.size == (32, 32) for im in r.images)
     assert r.info["all_seeds"] == [7, 8, 9, 10] and r.info["seed"] == 7
     assert r.info["sd_model_name"] == "gan" and r.info["steps"] is None and r.info["cfg_scale"] is None
+    assert r.info["all_subseeds"] == [7, 8, 9, 10] and r.info["clip_skip"] == 1  # A1111's keys, all there
+    assert r.info["extra_generation_params"] == {} and r.info["restore_faces"] is False
     assert r.parameters["prompt"] == "a red circle" and r.parameters["steps"] == 30
     expected = _generate(client, prompt="a red circle", seed=7, n=4)
     assert all(np.array_equal(_pixels(a), b) for a, b in zip(r.images, expected))
@@ -108,13 +110,26 @@ def test_a_model_named_by_its_hash(api, client):
     ({"batch_size": 8, "n_iter": 3}, "batch_size"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings"),
     ({"override_settings": {"sd_model_checkpoint": "gpt"}}, "override_settings"),  # a text model
-    ({"cfg_scale": 25}, "cfg_scale"),
+    ({"cfg_scale": 31}, "cfg_scale"),  # past A1111's own slider
+    ({"cfg_scale": 25, "override_settings": {"sd_model_checkpoint": "ar_image"}}, "cfg_scale"),  # past the AR's 20
     ({"seed": -2}, "seed"),
+    ({"steps": "abc"}, "steps"),  # no effect, but typed as in A1111 (a 422 there)
+    ({"steps": 20.5}, "steps"),
+    ({"sampler_name": 5}, "sampler_name"),
+    ({"do_not_save_grid": "yes"}, "do_not_save_grid"),
 ])
 def test_what_these_models_cannot_do_is_a_400_naming_it(client, body, param):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_a1111_values_its_own_ui_sends_are_taken(client):
+    """A1111's CFG slider goes to 30 (the GAN ignores cfg_scale; 20 was the cap), and a field
+    without effect takes its A1111 type (null too)."""
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "cfg_scale": 30, "steps": 150,
+                                                "sampler_name": "DPM++ 2M", "eta": None, "send_images": False})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("raw, param", [(b'{"prompt": "x", "steps": NaN}', "steps"),
