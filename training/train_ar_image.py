@@ -77,8 +77,8 @@ class ARTrainConfig(ImageJobConfig):
                                                         "valid": at_least(0)})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)",
                                                     "valid": at_least(0)})
-    eval_interval: int = field(default=150, metadata={"help": "steps between evaluations",
-                                                      "valid": at_least(1)})
+    eval_interval: int = field(default=150, metadata={
+        "help": "steps between evaluations, and checkpoints (a Ctrl-C loses at most this many)", "valid": at_least(1)})
     eval_per_pair: int = field(default=1, metadata={"help": "prompts per pair in periodic evals",
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",

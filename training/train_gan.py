@@ -145,8 +145,8 @@ class GANTrainConfig(ImageJobConfig):
     ema_rampup: float = field(default=0.05, metadata={
         "help": "EMA half-life at most this fraction of the images seen so far (0 = off)",
         "valid": at_least(0)})
-    eval_interval: int = field(default=200, metadata={"help": "steps between evaluations",
-                                                      "valid": at_least(1)})
+    eval_interval: int = field(default=200, metadata={
+        "help": "steps between evaluations, and checkpoints (a Ctrl-C loses at most this many)", "valid": at_least(1)})
     eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals",
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval",
