@@ -56,3 +56,10 @@ def test_serving_sim_static_policies_count_only_the_tokens_asked_for():
         assert len({tr.req.max_tokens for tr in trace}) > 1
         assert all(0 < tr.tokens <= tr.req.max_tokens for tr in trace)  # fewer only at end-of-text
         assert (len({tr.done for tr in trace}) == 1) == padded
+
+
+def test_kv_layout_benchmark_times_both_layouts_on_the_same_attention():
+    from benchmarks.kv_layout import main as kv_layout
+    r = kv_layout(["--batch", "2", "--contexts", "5", "--steps", "3", "--repeats", "1"])  # outputs compared inside
+    assert set(r) == {(2, 5)} and set(r[2, 5]) == {"preallocated", "cat"}
+    assert all(0 < alone <= both for both, alone in r[2, 5].values())
