@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
@@ -105,12 +106,9 @@ class _NullIsDefault(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k in required}
 
 
-class CompletionBody(_Body, _NullIsDefault):
-    """POST /complete."""
-    model: ModelName | None = Field(None, description="model name or tag; default: the served text model")
-    prompt: str
-    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: the prompt back (scored "
-                                                                     "with logprobs), nothing generated")
+class TextSampling(_Body, _NullIsDefault):
+    """What every text-generation body shares with the engine: sampling, stops, n, seed, stream
+    (POST /complete, /v1/completions and /v1/chat/completions)."""
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, description="0 means greedy")
     top_k: TopK = Field(0, description="0 (or -1) turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -141,8 +139,6 @@ class CompletionBody(_Body, _NullIsDefault):
                                                         "<|endoftext|> (vLLM's)")
     n: int = Field(1, ge=1, le=MAX_N)
     seed: Seed | None = Field(None, description="picked by the server when absent or -1; always reported")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
-    echo: bool = False
     stream: bool = False
 
     @field_validator("logit_bias")
@@ -155,19 +151,6 @@ class CompletionBody(_Body, _NullIsDefault):
                 raise ValueError(f"biases are in [-100, 100], got {bias:g} for {key}")
         return v
 
-    def candidates(self) -> int:
-        """Completions generated per prompt (OpenAI's best_of); the n best are answered."""
-        return self.n
-
-    def prompts(self) -> list[str | list[int]]:
-        return [self.prompt]
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty,
-                              logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
-
     @field_validator("stop")
     @classmethod
     def _at_most_four(cls, v: str | list[str] | None) -> list[str]:
@@ -177,6 +160,29 @@ class CompletionBody(_Body, _NullIsDefault):
         if len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings")
         return v
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
+
+
+class CompletionBody(TextSampling):
+    """POST /complete."""
+    model: ModelName | None = Field(None, description="model name or tag; default: the served text model")
+    prompt: str
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS_LIMIT, description="0 only with echo: the prompt back (scored "
+                                                                     "with logprobs), nothing generated")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
+    echo: bool = False
+
+    def candidates(self) -> int:
+        """Completions generated per prompt (OpenAI's best_of); the n best are answered."""
+        return self.n
+
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt]
 
 
 class StreamOptions(_Body, _NullIsDefault):
@@ -335,15 +341,54 @@ def _finite(value: Any) -> bool:
     return all(_finite(v) for v in value) if isinstance(value, list) else True
 
 
-def _list_a1111_fields(schema: dict[str, Any]) -> None:
-    """The schema names A1111's other fields, as `Txt2ImgBody.unsupported` takes them, instead
-    of allowing any extra property."""
-    for name, kind in A1111_NO_EFFECT.items():
-        schema["properties"][name] = {"type": [kind, "null"],
-                                      "description": "AUTOMATIC1111's; no effect here (no diffusion process)"}
-    for name, values in A1111_OFF_VALUES.items():
-        schema["properties"][name] = {"enum": list(values), "description": "AUTOMATIC1111's; only this value"}
-    schema["additionalProperties"] = False
+@dataclass(frozen=True)
+class ForeignFields:
+    """Another API's fields that a body takes beyond those it honours (its model_config has
+    extra="allow"): some have no effect here (but keep their types: a client's mistake is still
+    named), some are taken only at the values that leave them off and refused otherwise, naming
+    them, rather than ignored; any other field is refused as unknown, as everywhere here."""
+    api: str  # whose fields, as the schema describes them: "AUTOMATIC1111's"
+    body: str  # what an unknown field is not: "an AUTOMATIC1111 txt2img field"
+    refused: str  # why an option left on is refused: "by these models"
+    off_values: dict[str, tuple[Any, ...]]
+    no_effect: dict[str, str] = field(default_factory=dict)  # name -> its JSON type in that API
+    no_effect_why: str = ""
+
+    def list_in(self, schema: dict[str, Any]) -> None:
+        """The schema names these fields, as `error` takes them, instead of allowing any extra
+        property (a body's json_schema_extra)."""
+        for name, kind in self.no_effect.items():
+            schema["properties"][name] = {"type": [kind, "null"], "description": f"{self.api}; {self.no_effect_why}"}
+        for name, values in self.off_values.items():
+            only = ({"enum": list(values), "description": f"{self.api}; only these values"} if values
+                    else {"type": "null", "description": f"{self.api}; only null (leave it out)"})
+            schema["properties"][name] = only
+        schema["additionalProperties"] = False
+
+    def error(self, extra: dict[str, Any]) -> ApiError | None:
+        """The refusal of the first of a body's extra fields that cannot be taken; None when all can."""
+        for key, value in extra.items():
+            name = shown_name(key)
+            if not _finite(value):  # the typed fields refuse NaN and infinities; these are free-form
+                return ApiError(400, f"{name}: NaN and infinite numbers are not valid JSON values", name)
+            if key in self.off_values:
+                offs = self.off_values[key]
+                # a boolean only as a boolean: to Python, 0 == False (0.0 == 0 is fine)
+                if value is not None and not any(value == off and isinstance(value, bool) == isinstance(off, bool)
+                                                 for off in offs):
+                    send = f" or send {json.dumps(offs[0])}" if offs else ""
+                    return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported {self.refused}; leave it "
+                                         f"out{send}", name)
+            elif key not in self.no_effect:
+                return ApiError(400, f"{name}: extra inputs are not permitted (not {self.body})", name)
+            elif value is not None and not JSON_TYPES[kind := self.no_effect[key]](value):
+                return ApiError(400, f"{name}: must be {'an' if kind[0] in 'aio' else 'a'} {kind}, as in {self.api} "
+                                     "API (it has no effect here)", name)
+        return None
+
+
+A1111_FIELDS = ForeignFields("AUTOMATIC1111's", "an AUTOMATIC1111 txt2img field", "by these models", A1111_OFF_VALUES,
+                             A1111_NO_EFFECT, "no effect here (no diffusion process)")
 
 
 class Txt2ImgBody(_Body, _NullIsDefault):
@@ -352,7 +397,7 @@ class Txt2ImgBody(_Body, _NullIsDefault):
     cfg_scale (an AR model's guidance), send_images and the model in
     override_settings.sd_model_checkpoint. The rest of A1111's fields: see A1111_NO_EFFECT
     and A1111_OFF_VALUES; a field A1111 does not have is refused, as everywhere here."""
-    model_config = ConfigDict(extra="allow", json_schema_extra=_list_a1111_fields)  # checked by `unsupported`
+    model_config = ConfigDict(extra="allow", json_schema_extra=A1111_FIELDS.list_in)  # checked by `unsupported`
     prompt: str = Field(min_length=1)
     negative_prompt: str = Field("", description="what guidance steers away from; autoregressive image models only")
     seed: Seed | None = Field(None, description="image i uses seed + i; -1 (the default) = picked")
@@ -373,20 +418,8 @@ class Txt2ImgBody(_Body, _NullIsDefault):
     def unsupported(self) -> ApiError | None:
         """A field A1111 does not have, an option left on that these models cannot honour, or
         too many images; None when the request can run."""
-        for key, value in (self.model_extra or {}).items():
-            name = shown_name(key)
-            if not _finite(value):  # the typed fields refuse NaN and infinities; these are free-form
-                return ApiError(400, f"{name}: NaN and infinite numbers are not valid JSON values", name)
-            if key in A1111_OFF_VALUES:
-                if value is not None and value not in A1111_OFF_VALUES[key]:
-                    return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported by these models; "
-                                         f"leave it out or send {json.dumps(A1111_OFF_VALUES[key][0])}", name)
-            elif key not in A1111_NO_EFFECT:
-                return ApiError(400, f"{name}: extra inputs are not permitted (not an AUTOMATIC1111 "
-                                     "txt2img field)", name)
-            elif value is not None and not JSON_TYPES[kind := A1111_NO_EFFECT[key]](value):
-                return ApiError(400, f"{name}: must be {'an' if kind[0] in 'aio' else 'a'} {kind}, as in "
-                                     "AUTOMATIC1111 (it has no effect here)", name)
+        if (err := A1111_FIELDS.error(self.model_extra or {})) is not None:
+            return err
         for key, value in self.override_settings.items():
             if key != "sd_model_checkpoint":
                 return ApiError(400, f"override_settings.{shown_name(key)} is not supported: only sd_model_checkpoint "
