@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import bentoml
 import torch
@@ -48,7 +48,7 @@ from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service import sdapi, tgi
 from service.batching import Job, MicroBatcher, Overloaded, fail
-from service.encode import SSE_DONE, SSEResponse, b64, sse_event
+from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.image_worker import ImageWorker, WorkerDied
 from service.limits import Limits, count_error, error_body
@@ -62,6 +62,7 @@ from service.schemas import (
     ImageBody,
     OpenAICompletionBody,
     OpenAIImageBody,
+    StreamOptions,
     TGIBody,
     TGITokenizeBody,
     TokenizeBody,
@@ -587,6 +588,54 @@ class ImageBackend:
         return self.requests is not None and not self.worker.alive
 
 
+@dataclass
+class TextRun:
+    """A completion request the engine has admitted: what its answer is made from."""
+    model: str  # the served model's tag
+    seed: int
+    choices: int  # generated: prompts × n (× best_of's candidates)
+    logprobs: int | None  # alternatives per token, as the engine computes them (None: none)
+    prompt_tokens: int
+    events: AsyncIterator[StreamEvent]  # every choice's; closing it cancels the generation
+
+
+class ChunkShape(Protocol):
+    """A stream's choices in a route's layout (`Generation._stream` sends them, one per chunk)."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Choices sent before any token."""
+
+    def choice(self, ev: StreamEvent) -> dict[str, Any] | None:
+        """The choice an event makes; None for one that carries nothing to send."""
+
+
+@dataclass
+class CompletionChunks:
+    """The choices of a /complete or /v1/completions stream: with echo, each prompt first (in
+    the choice's first event when it is scored, else before any token), then the text as it comes."""
+    echoed: list[str]  # what echo puts before each choice's text
+    echo_first: bool  # echo without logprobs: the prompts open the stream
+    logprobs: bool
+    openai: bool
+
+    def _choice(self, index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs,
+                "finish_reason": _finish_reason(finish, self.openai)}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._choice(j, text, None, None) for j, text in enumerate(self.echoed)] if self.echo_first else []
+
+    def choice(self, ev: StreamEvent) -> dict[str, Any] | None:
+        prefix = self.echoed[ev.choice]
+        if ev.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk, scored
+            return self._choice(ev.choice, prefix + ev.text, ev.finish_reason,
+                                _logprobs_json(ev.logprobs, len(prefix), ev.prompt_logprobs))
+        if not ev.text and ev.finish_reason is None and not ev.logprobs:
+            return None
+        lp = _logprobs_json(ev.logprobs, len(prefix)) if self.logprobs else None
+        return self._choice(ev.choice, ev.text, ev.finish_reason, lp)
+
+
 def _logprobs_json(items: list[TokenLogprob], prefix: int, prompt: list[TokenLogprob] | None = None
                    ) -> dict[str, Any]:
     """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text,
@@ -920,40 +969,47 @@ class Generation:
             prompt_logprobs=body.echo and body.logprobs is not None,  # OpenAI's: echo scores the prompt
         ) for i, p in enumerate(prompts)], seed
 
-    async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
+    async def _start_text(self, body: CompletionBody, request: Request) -> TextRun | None:
+        """Check a completion request, queue its prompts and wait until the engine admits them:
+        the one path of /complete and /v1/completions. None when the
+        client left while it queued (which takes its requests out of the queue)."""
         engine = self._text_requests()
         served = self._check_model(body.model, "text")
-        prompts = body.prompts()
-        reqs, seed = self._completion_requests(body, prompts, engine)
-        k, choices = body.candidates(), len(reqs) * body.candidates()  # candidate j: prompt j // k, seed + j
+        reqs, seed = self._completion_requests(body, body.prompts(), engine)
+        k = body.candidates()  # candidate j: prompt j // k, seed + j
         # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
         prompt_ids = [_checked(self.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
         prompt_tokens = sum(map(len, prompt_ids))
-        # what echo puts before each prompt's choices (token ids decoded once known to be the vocabulary's)
-        echo_texts = [(p if isinstance(p, str) else engine.tokenizer.decode(p)) if body.echo else "" for p in prompts]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": served.tag, "seed": seed}
         streams = [self.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, k)
         arrived = time.perf_counter()
         # The first event comes once the request is admitted: a client that leaves while it
         # queues takes it out of the queue, streaming or not.
         if (first := await _until_disconnected(_first_event(events), request)) is None:
-            return _client_left(head["id"])
+            return None
         self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)  # admitted
-        events = self._measured(_chain(first, events), arrived)
-        echoed = [echo_texts[j // k] for j in range(choices)]  # each candidate's prefix
+        return TextRun(served.tag, seed, len(reqs) * k, reqs[0].logprobs, prompt_tokens,
+                       self._measured(_chain(first, events), arrived))
+
+    async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        if (run := await self._start_text(body, request)) is None:
+            return _client_left(completion_id)
+        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": run.model,
+                "seed": run.seed}
+        # what echo puts before each prompt's choices (token ids are the vocabulary's: checked)
+        prompts, k = body.prompts(), body.candidates()
+        echo_texts = [(p if isinstance(p, str) else self.text.tokenizer.decode(p)) if body.echo else ""
+                      for p in prompts]
+        echoed = [echo_texts[j // k] for j in range(run.choices)]  # each candidate's prefix
         if body.stream:  # (never with best_of above n)
-            options = getattr(body, "stream_options", None)
-            include_usage = (not openai) or bool(options and options.include_usage)
-            every_chunk = bool(options and options.include_usage and options.continuous_usage_stats)
-            return SSEResponse(self._stream(events, body, head, echoed, prompt_tokens, openai, include_usage,
-                                            every_chunk))
-        builder = CompletionBuilder(choices, reqs[0].logprobs)
-        if (result := await _until_disconnected(_collect(events, builder, prompt_tokens), request)) is None:
-            return _client_left(head["id"])
+            shape = CompletionChunks(echoed, body.echo and body.logprobs is None, body.logprobs is not None, openai)
+            return SSEResponse(self._stream(run, head, "/v1/completions" if openai else "/complete", shape,
+                                            *_usage_in_stream(getattr(body, "stream_options", None), not openai)))
+        if (result := await _until_disconnected(_collect(run), request)) is None:
+            return _client_left(completion_id)
         if k > body.n:
             result.choices = best_of(result.choices, k, body.n, keep_logprobs=body.logprobs is not None)
             echoed = [echo_texts[j // body.n] for j in range(len(result.choices))]
@@ -963,9 +1019,7 @@ class Generation:
             "logprobs": (_logprobs_json(c.logprobs, len(echoed[c.index]), c.prompt_logprobs)
                          if c.logprobs is not None else None),
         } for c in result.choices]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": result.completion_tokens,
-                 "total_tokens": prompt_tokens + result.completion_tokens}
-        return JSONResponse({**head, "choices": answer, "usage": usage})
+        return JSONResponse({**head, "choices": answer, "usage": usage(run.prompt_tokens, result.completion_tokens)})
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
         """Pass events through, measuring time to first token and inter-token latency."""
@@ -982,42 +1036,31 @@ class Generation:
         finally:
             await events.aclose()  # leaving early cancels the request in the engine
 
-    async def _stream(self, events: AsyncIterator[StreamEvent], body: CompletionBody, head: dict[str, Any],
-                      echoed: list[str], prompt_tokens: int, openai: bool, include_usage: bool,
-                      usage_in_every_chunk: bool = False) -> AsyncIterator[bytes]:
-        """SSE in the OpenAI layout: a chunk per event that released text, finished a choice or
-        carries logprobs (each with the usage so far, with vLLM's continuous_usage_stats).
-        Closing this generator (client gone) cancels the generation."""
+    async def _stream(self, run: TextRun, head: dict[str, Any], endpoint: str, shape: ChunkShape,
+                      include_usage: bool, usage_in_every_chunk: bool = False) -> AsyncIterator[bytes]:
+        """SSE in the OpenAI layout: `shape`'s opening chunks, then a chunk for each event it
+        makes one of (each with the usage so far, with vLLM's continuous_usage_stats), the usage,
+        [DONE]. Closing this generator (client gone) cancels the generation."""
 
-        def usage() -> dict[str, int]:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
-
-        def chunk(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None) -> bytes:
-            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(finish, openai)}
-            return sse_event({**head, "choices": [choice], **({"usage": usage()} if usage_in_every_chunk else {})})
+        def chunk(choice: dict[str, Any]) -> bytes:
+            so_far = {"usage": usage(run.prompt_tokens, tokens)} if usage_in_every_chunk else {}
+            return sse_event({**head, "choices": [choice], **so_far})
 
         tokens = 0
         try:
-            if body.echo and body.logprobs is None:
-                yield b"".join(chunk(j, text, None, None) for j, text in enumerate(echoed))
-            async for ev in events:
+            for choice in shape.opening():
+                yield chunk(choice)
+            async for ev in run.events:
                 tokens += ev.num_tokens
-                prefix = echoed[ev.choice]
-                if ev.prompt_logprobs is not None:  # echo with logprobs: the prompt's chunk, scored
-                    yield chunk(ev.choice, prefix + ev.text, ev.finish_reason,
-                                _logprobs_json(ev.logprobs, len(prefix), ev.prompt_logprobs))
-                    continue
-                if not ev.text and ev.finish_reason is None and not ev.logprobs:
-                    continue
-                lp = _logprobs_json(ev.logprobs, len(prefix)) if body.logprobs is not None else None
-                yield chunk(ev.choice, ev.text, ev.finish_reason, lp)
+                if (choice := shape.choice(ev)) is not None:
+                    yield chunk(choice)
             if include_usage:
-                yield sse_event({**head, "choices": [], "usage": usage()})
+                yield sse_event({**head, "choices": [], "usage": usage(run.prompt_tokens, tokens)})
             yield SSE_DONE
         except Exception as e:  # the headers (a 200) are gone: report in-band, then [DONE], as vLLM does
-            yield _in_band_error(e, "/v1/completions" if openai else "/complete", f"stream {head['id']}") + SSE_DONE
+            yield _in_band_error(e, endpoint, f"stream {head['id']}") + SSE_DONE
         finally:
-            await events.aclose()
+            await run.events.aclose()
 
     async def tgi_generate(self, body: TGIBody, request: Request, stream: bool, as_list: bool = False) -> Response:
         """text-generation-inference's /generate, /generate_stream and / (see service/tgi.py)."""
@@ -1279,11 +1322,11 @@ async def _chain(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncI
         await rest.aclose()
 
 
-async def _collect(events: AsyncIterator[StreamEvent], builder: CompletionBuilder, prompt_tokens: int
-                   ) -> Completion:
-    """A request's choices."""
-    await _consume(events, builder.add)
-    return builder.build(prompt_tokens)
+async def _collect(run: TextRun) -> Completion:
+    """A request's choices, put together from its events."""
+    builder = CompletionBuilder(run.choices, run.logprobs)
+    await _consume(run.events, builder.add)
+    return builder.build(run.prompt_tokens)
 
 
 async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEvent], Any]) -> None:
@@ -1340,10 +1383,14 @@ def _a(kind: str) -> str:
 
 
 def _finish_reason(reason: str | None, openai: bool) -> str | None:
-    # OpenAI knows "stop" and "length"; reaching end-of-text is a natural stop there.
-    if openai and reason == "eos":
-        return "stop"
-    return reason
+    return openai_finish_reason(reason) if openai else reason
+
+
+def _usage_in_stream(options: StreamOptions | None, always: bool) -> tuple[bool, bool]:
+    """(a usage chunk at the end, the usage so far in every chunk), as OpenAI's stream_options
+    and vLLM's continuous_usage_stats ask; `always`: /complete's stream, which always ends with it."""
+    include = always or bool(options and options.include_usage)
+    return include, bool(options and options.include_usage and options.continuous_usage_stats)
 
 
 # API key, CORS, overload limits and deadlines (service.security, service.limits); /openapi.json.

@@ -54,6 +54,17 @@ def sse_event(payload: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse_event("[DONE]")
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI knows "stop" and "length": reaching end-of-text ("eos" here) is a natural stop there."""
+    return "stop" if reason == "eos" else reason
+
+
 class SSEResponse(StreamingResponse):
     """text/event-stream that always closes its generator, so a disconnect releases the work.
 

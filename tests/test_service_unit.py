@@ -482,7 +482,7 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
 def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     """The engine process dies after a request's first event: the plain answer is a 503 (as
     for a request that arrives after it died), a stream ends with that error in-band."""
-    from models.engine import CompletionBuilder, StreamEvent
+    from models.engine import StreamEvent
     from models.engine_process import EngineFailed
     from service import app as service_app
     from service.schemas import ApiError
@@ -491,25 +491,29 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         yield StreamEvent(0, 0, "Hello", 1, [], None, 5)
         raise EngineFailed("the text engine process exited (code -9)")
 
+    def run() -> service_app.TextRun:
+        return service_app.TextRun("gpt:v1", seed=1, choices=1, logprobs=None, prompt_tokens=1,
+                                   events=dies_after_one_token())
+
     with pytest.raises(ApiError) as info:
-        asyncio.run(service_app._collect(dies_after_one_token(), CompletionBuilder(1, None), 1))
+        asyncio.run(service_app._collect(run()))
     assert info.value.status == 503 and "exited (code -9)" in info.value.message
 
-    async def stream() -> list[bytes]:
-        body = CompletionBody.model_validate({"prompt": "Hi", "stream": True})
-        gen = service_app.Generation.inner._stream(None, dies_after_one_token(), body, {"id": "cmpl-1"}, [""], 1,
-                                                   False, False)
+    async def stream(endpoint: str, shape: service_app.ChunkShape) -> list[bytes]:
+        gen = service_app.Generation.inner._stream(None, run(), {"id": "x-1"}, endpoint, shape, False)
         return [chunk async for chunk in gen]
 
-    errors = get_metrics().request_errors.labels(endpoint="/complete", status="503")
-    before = errors._value.get()
-    chunks = asyncio.run(stream())
-    assert json.loads(chunks[0].removeprefix(b"data: "))["choices"][0]["text"] == "Hello"
-    error_event, done, _ = chunks[-1].split(b"\n\n")
-    error = json.loads(error_event.removeprefix(b"data: "))["error"]
-    assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
-    assert done == b"data: [DONE]"  # after the error, as vLLM ends a failed stream
-    assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
+    for endpoint, shape, first in [("/complete", service_app.CompletionChunks([""], False, False, False), 0)]:
+        errors = get_metrics().request_errors.labels(endpoint=endpoint, status="503")
+        before = errors._value.get()
+        chunks = asyncio.run(stream(endpoint, shape))
+        choice = json.loads(chunks[first].removeprefix(b"data: "))["choices"][0]
+        assert choice.get("text", choice.get("delta", {}).get("content")) == "Hello", chunks
+        error_event, done, _ = chunks[-1].split(b"\n\n")
+        error = json.loads(error_event.removeprefix(b"data: "))["error"]
+        assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
+        assert done == b"data: [DONE]"  # after the error, as vLLM ends a failed stream
+        assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
 
 
 def test_a_tgi_stream_whose_engine_dies_ends_with_tgi_s_error_event():
