@@ -7,7 +7,8 @@ its clients (OpenAI-compatible JSON, Server-Sent Events, raw PNG bytes, one erro
 rather than by BentoML's IO descriptors. No model math lives here.
 
 Routes: POST /complete, POST /generate, GET /models,
-        POST /v1/completions, POST /v1/images/generations, GET /v1/models.
+        POST /v1/completions, POST /v1/chat/completions (with CONDGEN_CHAT_TEMPLATE),
+        POST /v1/images/generations, GET /v1/models.
 
 Models: one text model (GPT_MODEL), the default image model (GAN_MODEL), and optionally the
 raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pick by `model`.
@@ -46,7 +47,7 @@ from models.engine import (Choice, Completion, CompletionBuilder, CompletionRequ
 from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
-from service import sdapi, tgi
+from service import chat, sdapi, tgi
 from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
@@ -177,6 +178,9 @@ MAX_BODY_BYTES = 1 << 20
 # sends headers and then stalls must not keep it until the deadline: 64 such sockets would
 # shut everyone else out for two minutes. The body has this long to arrive (then 408).
 BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
+# A Jinja2 chat template (Hugging Face's convention), read and compiled here; unset: no chat route.
+CHAT_TEMPLATE = chat.template_from_env(os.environ)
+CHAT_PATH = "/v1/chat/completions"
 
 
 def engine_threads(engines: int) -> int:
@@ -317,6 +321,11 @@ async def openai_completions(svc: "Generation", request: Request) -> Response:
     if (err := body.unsupported()) is not None:
         raise err
     return await svc.complete(body, openai=True, request=request)
+
+
+@_route
+async def chat_completions(svc: "Generation", request: Request) -> Response:
+    return await svc.chat(chat.parse(await _read_json(request)), request)
 
 
 @_route
@@ -481,6 +490,7 @@ routes = Starlette(routes=[
     Route("/detokenize", detokenize, methods=["POST"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/v1/completions", openai_completions, methods=["POST"]),
+    *([Route(CHAT_PATH, chat_completions, methods=["POST"])] if CHAT_TEMPLATE else []),
     Route("/v1/images/generations", openai_images, methods=["POST"]),
     Route("/v1/models", openai_models, methods=["GET"]),
     Route("/v1/models/{model}", openai_model, methods=["GET"]),
@@ -971,7 +981,7 @@ class Generation:
 
     async def _start_text(self, body: CompletionBody, request: Request) -> TextRun | None:
         """Check a completion request, queue its prompts and wait until the engine admits them:
-        the one path of /complete and /v1/completions. None when the
+        the one path of /complete, /v1/completions and /v1/chat/completions. None when the
         client left while it queued (which takes its requests out of the queue)."""
         engine = self._text_requests()
         served = self._check_model(body.model, "text")
@@ -1020,6 +1030,30 @@ class Generation:
                          if c.logprobs is not None else None),
         } for c in result.choices]
         return JSONResponse({**head, "choices": answer, "usage": usage(run.prompt_tokens, result.completion_tokens)})
+
+    async def chat(self, body: chat.ChatCompletionBody, request: Request) -> Response:
+        """/v1/chat/completions: the messages, written out by the chat template, run as
+        /v1/completions runs that prompt (its checks, limits, seeds, metrics); only the answer's
+        layout is chat's."""
+        engine = self._text_requests()
+        self._check_model(body.model, "text")
+        text = chat.prompt(CHAT_TEMPLATE, body)
+        _within_prompt_limit(text, engine, "messages")
+        ids = engine.tokenizer.encode(text) or [engine.tokenizer.eot_id]  # as a completion's prompt
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        with chat.chat_names(body):
+            run = await self._start_text(body.completion(ids, engine.block_size), request)
+        if run is None:
+            return _client_left(completion_id)
+        head = {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": run.model,
+                "seed": run.seed}
+        if body.stream:
+            shape = chat.ChatChunks(run.choices, engine.tokenizer, body.logprobs)
+            return SSEResponse(self._stream(run, {**head, "object": "chat.completion.chunk"}, CHAT_PATH, shape,
+                                            *_usage_in_stream(body.stream_options, False)))
+        if (result := await _until_disconnected(_collect(run), request)) is None:
+            return _client_left(completion_id)
+        return JSONResponse(chat.response(head, result, engine.tokenizer))
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
         """Pass events through, measuring time to first token and inter-token latency."""

@@ -36,7 +36,8 @@ from service.schemas import ApiError
 logger = logging.getLogger("condgen.service")
 
 # The routes that cost compute; everything else passes untouched.
-GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/images/generations",
+GENERATION_PATHS = frozenset({"/complete", "/generate", "/v1/completions", "/v1/chat/completions",
+                              "/v1/images/generations",
                               "/sdapi/v1/txt2img", "/generate_stream", "/",
                               # no model work, but a 100,000-character text's tokens are 15 MB of JSON
                               "/tokenize", "/detokenize"})

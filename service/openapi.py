@@ -11,12 +11,14 @@ service should not make from its users' browsers.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 
+from service.chat import ChatCompletionBody, template_path
 from service.schemas import (CompletionBody, DetokenizeBody, ImageBody, OpenAICompletionBody, OpenAIImageBody,
                              TGIBody, TGITokenizeBody, TokenizeBody, Txt2ImgBody)
 from service.security import api_key
@@ -100,24 +102,29 @@ def _null_means_default(schema: dict[str, Any]) -> None:
     the default, and OpenAI's client sends such nulls); pydantic's schema says what a value
     must be once given."""
     for name, prop in schema["properties"].items():
-        if name in schema.get("required", ()) or {"type": "null"} in prop.get("anyOf", ()):
+        nullable = {"type": "null"} in prop.get("anyOf", ()) or prop.get("type") == "null"
+        if name in schema.get("required", ()) or nullable:
             continue
         docs = {k: prop.pop(k) for k in ("default", "description", "title") if k in prop}
         schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **docs}
 
 
-@functools.lru_cache(maxsize=1)
-def build_openapi(keyed: bool = False) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4)
+def build_openapi(keyed: bool = False, chat: bool = False) -> dict[str, Any]:
     """The API's OpenAPI document; `keyed` (CONDGEN_API_KEY set): it says how to send the key,
-    which gives Swagger UI its Authorize button."""
+    which gives Swagger UI its Authorize button; `chat` (CONDGEN_CHAT_TEMPLATE set): it has
+    /v1/chat/completions, which exists only then."""
     _, defs = models_json_schema(
         [(m, "validation") for m in (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
-                                     TGIBody, TokenizeBody, TGITokenizeBody, DetokenizeBody)],
+                                     TGIBody, TokenizeBody, TGITokenizeBody, DetokenizeBody, ChatCompletionBody)],
         ref_template=REF)
     schemas = {**defs.get("$defs", {}), "Error": ERROR_SCHEMA, "TGIError": TGI_ERROR_SCHEMA}
     for name in ("CompletionBody", "ImageBody", "OpenAICompletionBody", "OpenAIImageBody", "StreamOptions",
-                 "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody"):
+                 "Txt2ImgBody", "TGIBody", "TGIParameters", "TokenizeBody", "TGITokenizeBody", "DetokenizeBody",
+                 "ChatCompletionBody", "ChatMessage"):
         _null_means_default(schemas[name])
+    if not chat:
+        schemas = {k: v for k, v in schemas.items() if k not in ("ChatCompletionBody", "ChatMessage")}
     obj = {"application/json": {"schema": {"type": "object"}}}
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -139,6 +146,10 @@ def build_openapi(keyed: bool = False) -> dict[str, Any]:
             "/detokenize": _post("detokenize: token ids back to text (vLLM's)", "DetokenizeBody", obj),
             "/v1/completions": _post("openai completions", "OpenAICompletionBody",
                                      {**obj, "text/event-stream": {"schema": {"type": "string"}}}),
+            **({"/v1/chat/completions": _post("openai chat completions: the messages through the chat template "
+                                              "(CONDGEN_CHAT_TEMPLATE)", "ChatCompletionBody",
+                                              {**obj, "text/event-stream": {"schema": {"type": "string"}}})}
+               if chat else {}),
             "/v1/images/generations": _post("openai images", "OpenAIImageBody", obj),
             "/models": _get("list models"),
             "/v1/models": _get("openai list models"),
@@ -162,7 +173,7 @@ def build_openapi(keyed: bool = False) -> dict[str, Any]:
 
 
 async def openapi_endpoint(request: Request) -> JSONResponse:
-    return JSONResponse(build_openapi(keyed=api_key() is not None))
+    return JSONResponse(build_openapi(keyed=api_key() is not None, chat=bool(template_path(os.environ))))
 
 
 # Swagger UI's files as BentoML serves them (/static_content), pointed at this document.

@@ -158,9 +158,11 @@ class JSONRoutingErrors:
         await self.app(scope, receive, send_json)
 
 
-# What an OpenAI client tries first; vLLM answers a model without a chat template with an error too.
-CHAT_HINT = ("; the text model is a plain language model with no chat template: send the conversation as "
-             "a prompt to /v1/completions")
+# What an OpenAI client tries first. Without CONDGEN_CHAT_TEMPLATE the route does not exist: the
+# text model is a plain language model with no chat template of its own (vLLM needs
+# --chat-template for such a model, and refuses chat without one).
+CHAT_HINT = ("; the text model has no chat template: set CONDGEN_CHAT_TEMPLATE to a Jinja2 chat template to enable "
+             "this route, or send the conversation as a prompt to /v1/completions")
 
 
 # AUTOMATIC1111's other generation route: these models take no input image.

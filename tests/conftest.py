@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 READY_TIMEOUT_S = 180
+CHAT_TEMPLATE = REPO / "docs" / "chat_template.jinja"  # the README's example
 
 
 def free_port() -> int:
@@ -75,9 +76,10 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`bentoml serve` as a real subprocess; yields once /readyz answers 200."""
+    """`bentoml serve` as a real subprocess, with the example chat template (so that
+    /v1/chat/completions exists); yields once /readyz answers 200."""
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    proc, srv = launch_server(bentoml_home, log, {})
+    proc, srv = launch_server(bentoml_home, log, {"CONDGEN_CHAT_TEMPLATE": str(CHAT_TEMPLATE)})
     try:
         wait_ready(proc, srv)
         yield srv

@@ -170,7 +170,7 @@ def test_too_many_or_too_long_stop_strings(client, route):
 
 def test_wrong_methods_and_paths_get_the_json_error_shape(client):
     for method, path, status in [("GET", "/complete", 405), ("PUT", "/generate", 405), ("DELETE", "/models", 405),
-                                 ("POST", "/nope", 404), ("GET", "/v1/chat/completions", 404),
+                                 ("POST", "/nope", 404), ("GET", "/v1/chat/completions", 405),
                                  ("GET", "/v1/models/nope", 404), ("GET", "/../../etc/passwd", 404)]:
         err = _assert_json_4xx(client.request(method, path), status)
         assert path.split("/")[-1] in err["message"], (method, path, err)

@@ -481,10 +481,12 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
 
 def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     """The engine process dies after a request's first event: the plain answer is a 503 (as
-    for a request that arrives after it died), a stream ends with that error in-band."""
+    for a request that arrives after it died), a stream ends with that error in-band, in the
+    completions layout and the chat layout alike."""
     from models.engine import StreamEvent
     from models.engine_process import EngineFailed
     from service import app as service_app
+    from service.chat import ChatChunks
     from service.schemas import ApiError
 
     async def dies_after_one_token():
@@ -503,7 +505,8 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         gen = service_app.Generation.inner._stream(None, run(), {"id": "x-1"}, endpoint, shape, False)
         return [chunk async for chunk in gen]
 
-    for endpoint, shape, first in [("/complete", service_app.CompletionChunks([""], False, False, False), 0)]:
+    for endpoint, shape, first in [("/complete", service_app.CompletionChunks([""], False, False, False), 0),
+                                   ("/v1/chat/completions", ChatChunks(1, None, logprobs=False), 1)]:
         errors = get_metrics().request_errors.labels(endpoint=endpoint, status="503")
         before = errors._value.get()
         chunks = asyncio.run(stream(endpoint, shape))
