@@ -213,9 +213,9 @@ def test_a_failed_step_fails_the_request_it_had_finished(model_dir):
     fail_the_first_forward(cont)
     server, child = mp.Pipe()
     serving = threading.Thread(target=_serve, args=(child, cont), daemon=True)
-    serving.start()
     server.send(("add", 0, CompletionRequest("The", seed=1, max_tokens=1)))  # finishes in the failing step
     server.send(("add", 1, CompletionRequest("The", seed=2, max_tokens=20)))
+    serving.start()  # both queued first: on a busy machine the first step could run before the second add
     errors, events = {}, []
     while server.poll(5) and len(errors) < 2:
         kind, payload = server.recv()
