@@ -165,8 +165,11 @@ CHAT_HINT = ("; the text model has no chat template: set CONDGEN_CHAT_TEMPLATE t
              "this route, or send the conversation as a prompt to /v1/completions")
 
 
-# AUTOMATIC1111's other generation route: these models take no input image.
+# AUTOMATIC1111's and OpenAI's other image routes: these models take no input image.
 IMG2IMG_HINT = "; the image models here draw from a prompt only (no input image): use /sdapi/v1/txt2img"
+EDITS_HINT = "; the image models here draw from a prompt only (no input image): use /v1/images/generations"
+ROUTE_HINTS = {"/v1/chat/completions": CHAT_HINT, "/sdapi/v1/img2img": IMG2IMG_HINT,
+               "/v1/images/edits": EDITS_HINT, "/v1/images/variations": EDITS_HINT}
 
 
 def _as_json(scope: Scope, start: Message) -> ApiError | None:
@@ -178,7 +181,7 @@ def _as_json(scope: Scope, start: Message) -> ApiError | None:
     if status == 405:  # Starlette's Allow header is kept
         return ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
     if status == 404:
-        hint = {"/v1/chat/completions": CHAT_HINT, "/sdapi/v1/img2img": IMG2IMG_HINT}.get(path.rstrip("/"), "")
+        hint = ROUTE_HINTS.get(path.rstrip("/"), "")
         return ApiError(404, f"no route {method} {path}{hint}", code="not_found")
     if status == 400 and method == "OPTIONS":  # CORSMiddleware refusing a pre-flight
         origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")

@@ -144,6 +144,9 @@ def test_nan_in_a_field_without_effect_is_a_400(client, raw, param):
 def test_img2img_is_a_404_that_says_why(client):
     r = client.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": []})
     assert r.status_code == 404 and "txt2img" in r.json()["error"]["message"]
+    for route in ("/v1/images/edits", "/v1/images/variations"):  # OpenAI's, likewise (a bare "no route" before)
+        r = client.post(route, files={"image": ("a.png", b"png")})
+        assert r.status_code == 404 and "/v1/images/generations" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_model_is_a_404(client):
