@@ -4,13 +4,13 @@ import json
 import logging
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests_support import deny_reading
 from training.data.imagefolder import load_imagefolder, to_rgb, write_imagefolder
 from training.data.shapes import (ATTRIBUTES, COLOURS, DEFAULT_HOLDOUT, SYNONYMS, ShapesConfig,
                                   attribute_labels, make_shapes, negative_attributes,
@@ -271,13 +271,6 @@ def test_imagefolder_that_cannot_be_read_or_is_a_file_is_named(tmp_path, monkeyp
     write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)], ["a"])
     with pytest.raises(ValueError, match="metadata.jsonl: a file; --data names a folder"):
         load_imagefolder(tmp_path / "metadata.jsonl")
-    real_read = Path.read_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == "metadata.jsonl":
-            raise PermissionError(13, "Permission denied")
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", denied)  # chmod does not stop root, who runs CI here
+    deny_reading(monkeypatch, "metadata.jsonl")
     with pytest.raises(ValueError, match=r"metadata.jsonl: cannot be read \(Permission denied\)"):
         load_imagefolder(tmp_path)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.tokenizer import Tokenizer
+from tests_support import deny_reading
 from training.data.text_corpus import Corpus, load_corpus
 from training.train_gpt import main
 
@@ -292,14 +293,7 @@ def test_unreadable_or_utf16_text_is_named_with_its_remedy(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="wide.txt is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
         load_corpus(str(tmp_path / "wide.txt"))
     (tmp_path / "secret.txt").write_text("not for you")
-    real_read = Path.read_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == "secret.txt":
-            raise PermissionError(13, "Permission denied")
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", denied)  # chmod does not stop root, who runs CI here
+    deny_reading(monkeypatch, "secret.txt")
     with pytest.raises(ValueError, match=r"secret.txt cannot be read \(Permission denied\)"):
         load_corpus(str(tmp_path / "secret.txt"))
 

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 
@@ -83,3 +84,16 @@ class NoiseImageEngine:
                 for image in images:
                     image[0, 0] = sum(q.n for q in requests)
         return out
+
+
+def deny_reading(monkeypatch, file_name: str) -> None:
+    """Make Path.read_text raise PermissionError for files named `file_name`, as for a file this
+    user may not read (chmod does not stop root, who runs CI here)."""
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == file_name:
+            raise PermissionError(13, "Permission denied")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
