@@ -160,7 +160,12 @@ CHAT_FIELDS = ForeignFields(
     "audio, predicted outputs, web search, reasoning or stored completions)",
     {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
      "response_format": ({"type": "text"},), "audio": (), "modalities": (["text"],), "prediction": (),
-     "web_search_options": (), "reasoning_effort": ("none",), "store": (False,)})
+     "web_search_options": (), "reasoning_effort": ("none",), "store": (False,), "moderation": (),
+     "service_tier": ("auto", "default"), "verbosity": ("medium",)},
+    # OpenAI's bookkeeping, which means nothing to this server: no stored completions to tag, no
+    # prompt cache to key, and a caller's id is no more use than `user`
+    {"metadata": "object", "prompt_cache_key": "string", "prompt_cache_options": "object",
+     "prompt_cache_retention": "string", "safety_identifier": "string"}, "accepted, no effect here")
 
 
 class ChatCompletionBody(TextSampling):
@@ -205,8 +210,12 @@ class ChatCompletionBody(TextSampling):
         """The same request as /v1/completions takes it, with the rendered prompt's ids; without a
         limit, up to what the context leaves after the prompt (as vLLM does; at least one token,
         so that a prompt that fills the context is refused as /v1/completions refuses it)."""
-        left = min(MAX_TOKENS_LIMIT, max(1, context - len(prompt_ids)))
-        limit = self.max_completion_tokens or self.max_tokens or left
+        limit = self.max_completion_tokens or self.max_tokens
+        if limit is None and len(prompt_ids) >= context:  # (the engine's message would name a max_tokens of 1)
+            raise ApiError(400, f"messages: the prompt the chat template made is {len(prompt_ids)} tokens, which "
+                                f"leaves none to generate within the model's maximum context length of {context} "
+                                "tokens", "messages", code="context_length_exceeded")
+        limit = limit or min(MAX_TOKENS_LIMIT, context - len(prompt_ids))
         shared = {name: getattr(self, name) for name in TextSampling.model_fields}
         # Constructed, not validated: every field was checked here, and a prompt's ids may
         # outnumber the token arrays a client may send (MAX_TOKENS_LIMIT).
@@ -234,24 +243,30 @@ def prompt(template: ChatTemplate, body: ChatCompletionBody) -> str:
     if not body.continue_final_message:
         return text
     last = body.messages[-1].content
+    if not last:  # nothing to continue from: the prompt as made (transformers' rindex("") is its end)
+        return text
     for final in (last, last.strip()):  # a template may trim the content
         if final and (at := text.rfind(final)) >= 0:
             return text[:at + len(final)]
     raise ApiError(400, "continue_final_message: the last message's content is not in the prompt the chat template "
-                        "made (or is empty)", "continue_final_message")
+                        "made", "continue_final_message")
 
 
 @contextlib.contextmanager
 def chat_names(body: ChatCompletionBody) -> Iterator[None]:
     """Errors of the completion path, named as the chat request names the fields: its prompt is
-    the messages, its max_tokens what the client called it."""
+    the messages, its max_tokens what the client called it, or, where it sent none, what the
+    context leaves after the prompt (min_tokens' bound), in the message as in `param`."""
+    sent = body.max_tokens is not None or body.max_completion_tokens is not None
     names = {"prompt": "messages", "max_tokens": body.max_tokens_field()}
     try:
         yield
     except InvalidParameter as e:
-        if e.param not in names:
+        if e.param not in names and "max_tokens" not in e.message:
             raise
-        raise InvalidParameter(names[e.param], e.message, e.code) from None
+        message = (e.message.replace("max_tokens", body.max_tokens_field()) if sent
+                   else e.message.replace("max_tokens=", "what the context leaves after the prompt, "))
+        raise InvalidParameter(names.get(e.param, e.param), message, e.code) from None
 
 
 # ---- the answer -----------------------------------------------------------------------------

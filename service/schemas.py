@@ -377,8 +377,9 @@ class ForeignFields:
                 if value is not None and not any(value == off and isinstance(value, bool) == isinstance(off, bool)
                                                  for off in offs):
                     send = f" or send {json.dumps(offs[0])}" if offs else ""
-                    return ApiError(400, f"{name} {json.dumps(value)[:60]} is not supported {self.refused}; leave it "
-                                         f"out{send}", name)
+                    shown = json.dumps(value)
+                    shown = shown if len(shown) <= 60 else shown[:60] + "…"
+                    return ApiError(400, f"{name} {shown} is not supported {self.refused}; leave it out{send}", name)
             elif key not in self.no_effect:
                 return ApiError(400, f"{name}: extra inputs are not permitted (not {self.body})", name)
             elif value is not None and not JSON_TYPES[kind := self.no_effect[key]](value):

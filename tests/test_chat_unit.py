@@ -83,6 +83,9 @@ def test_continue_final_message_ends_the_prompt_inside_the_last_message():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
     body = parse(_body(messages=messages, add_generation_prompt=False, continue_final_message=True))
     assert prompt(template, body) == "<|user|>\nHi\n<|assistant|>\nHel"
+    empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]  # as transformers: uncut
+    body = parse(_body(messages=empty, add_generation_prompt=False, continue_final_message=True))
+    assert prompt(template, body) == "<|user|>\nHi\n<|assistant|>\n\n"
     with pytest.raises(ApiError) as e:  # vLLM's rule: not both
         parse(_body(messages=messages, continue_final_message=True))
     assert e.value.param == "continue_final_message"
@@ -103,6 +106,8 @@ def test_continue_final_message_ends_the_prompt_inside_the_last_message():
     ({"modalities": ["text", "audio"]}, "modalities"), ({"prediction": {"type": "content"}}, "prediction"),
     ({"web_search_options": {}}, "web_search_options"), ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"store": True}, "store"), ({"store": 0}, "store"), ({"best_of": 2}, "best_of"),
+    ({"service_tier": "flex"}, "service_tier"), ({"verbosity": "low"}, "verbosity"),
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"), ({"metadata": "tag"}, "metadata"),
     ({"top_logprobs": 1}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
     ({"logprobs": 1}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
@@ -118,8 +123,9 @@ def test_neutral_values_and_the_client_s_nulls_are_taken():
     body = parse(_body(tools=[], tool_choice="none", functions=[], function_call="none",
                        response_format={"type": "text"}, modalities=["text"], reasoning_effort="none", store=False,
                        parallel_tool_calls=True, user="u", audio=None, temperature=None, seed=-1, max_tokens=4,
-                       max_completion_tokens=4))
-    assert body.seed is None and body.temperature == 1.0
+                       max_completion_tokens=4, service_tier="auto", verbosity="medium", metadata={"run": "1"},
+                       prompt_cache_key="k", safety_identifier="s", prompt_cache_retention="24h"))
+    assert body.seed is None and body.temperature == 1.0  # (OpenAI's own fields were "not OpenAI's" before)
 
 
 def test_the_completion_it_runs_as():
@@ -131,7 +137,11 @@ def test_the_completion_it_runs_as():
     assert parse(_body(max_completion_tokens=9)).completion([5], 64).max_tokens == 9
     assert parse(_body(logprobs=True)).completion([5], 64).logprobs == 0
     assert parse(_body()).completion([5], 64).logprobs is None
-    assert parse(_body()).completion(list(range(70)), 64).max_tokens == 1  # refused as /v1/completions refuses it
+    with pytest.raises(ApiError) as e:  # no limit sent: not "max_tokens (1)", which the client never sent
+        parse(_body()).completion(list(range(64)), 64)
+    assert (e.value.param, e.value.code) == ("messages", "context_length_exceeded")
+    assert "the prompt the chat template made is 64 tokens" in e.value.message and "max_tokens" not in e.value.message
+    assert parse(_body(max_tokens=3)).completion(list(range(64)), 64).max_tokens == 3  # the engine's check refuses
 
 
 def test_errors_of_the_completion_path_name_the_chat_fields():
@@ -140,6 +150,12 @@ def test_errors_of_the_completion_path_name_the_chat_fields():
         with pytest.raises(InvalidParameter) as e, chat_names(body):
             raise InvalidParameter(inner, "bad", code="context_length_exceeded")
         assert (e.value.param, e.value.code, str(e.value)) == (outer, "context_length_exceeded", f"{outer}: bad")
+    with pytest.raises(InvalidParameter) as e, chat_names(body):  # the message names the client's field too
+        raise InvalidParameter("prompt", "prompt (60 tokens) + max_tokens (9) exceeds the context")
+    assert str(e.value) == "messages: prompt (60 tokens) + max_completion_tokens (9) exceeds the context"
+    with pytest.raises(InvalidParameter) as e, chat_names(parse(_body())):  # no limit sent: the default's bound
+        raise InvalidParameter("min_tokens", "must be in [0, max_tokens=5], got 9")
+    assert str(e.value) == "min_tokens: must be in [0, what the context leaves after the prompt, 5], got 9"
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +220,10 @@ def test_the_route_is_limited_and_documented_only_when_it_exists():
     body = doc["components"]["schemas"]["ChatCompletionBody"]
     assert body["additionalProperties"] is False and body["properties"]["tools"]["anyOf"][0] == {"enum": [[]]}
     assert set(body["required"]) == {"model", "messages"}
+
+
+def test_a_long_refused_value_is_shown_cut_and_marked():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(ApiError) as e:
+        parse(_body(tools=tools))
+    assert e.value.message.startswith('tools [{"type": "function", "function": {"name": "get_weather", "p… is not')
