@@ -36,6 +36,7 @@ def test_bentoml_build_lists_every_served_model(bentoml_home):
     bento = _build(env)
     assert bento["service"] == "service.app:Generation"
     assert _packed(bento) == ["ar_image", "gan", "gpt"]  # ar_image too, since the store has it
+    assert (bento["path"] / "src" / "docs" / "chat_template.jinja").is_file()  # the README's example, in the Bento
     # Served by tag, a bad setting is named in one line (BentoML showed "No module named 'condgen'")
     tag = f"{bento['path'].parent.name}:{bento['path'].name}"
     done = subprocess.run([BENTOML, "serve", tag, "--port", "1"], env={**env, "CONDGEN_MAX_INFLIGHT": "abc"},
