@@ -7,8 +7,9 @@ the schema, that each image decodes as a PNG, and that the seed echoed is the se
 The user classes can be picked on the command line (`CompletionUser StreamingUser ...`);
 by default locust runs them all, weighted. At the start of a test the server's GET /models says
 which kinds of model it serves, and users needing a kind it lacks are left out (a text-only
-server got image requests that all failed with 404). With CONDGEN_API_KEY set, as the
-server's, every request sends it.
+server got image requests that all failed with 404); the chat user runs only against a server
+whose OpenAPI document lists /v1/chat/completions (one started with CONDGEN_CHAT_TEMPLATE).
+With CONDGEN_API_KEY set, as the server's, every request sends it.
 """
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ def auth_headers() -> dict[str, str]:
 
 
 class ServiceUser(HttpUser):
-    """Sends the API key, if any; `kinds`: the models its tasks need ("text", "image")."""
+    """Sends the API key, if any; `kinds`: what its tasks need ("text", "image" models; "chat",
+    the chat route)."""
     abstract = True
     kinds: frozenset[str] = frozenset()
+    text_model = "gpt"  # the served text model's name, as GET /models gives it (the chat body needs one)
 
     def on_start(self) -> None:
         self.client.headers.update(auth_headers())
@@ -60,10 +63,16 @@ def leave_out_unserved_kinds(environment, **_) -> None:
     try:
         resp = requests.get(f"{environment.host}/models", headers=auth_headers(), timeout=10)
         resp.raise_for_status()
-        served = {m["kind"] for m in resp.json()["data"]}
+        models = resp.json()["data"]
+        served = {m["kind"] for m in models}
+        doc = requests.get(f"{environment.host}/openapi.json", headers=auth_headers(), timeout=10)
+        if doc.ok and "/v1/chat/completions" in doc.json().get("paths", {}):
+            served.add("chat")
     except (requests.RequestException, ValueError, KeyError, TypeError) as e:
         logging.warning("could not read the served models from %s/models (%s): running every user", environment.host, e)
         return
+    ServiceUser.text_model = next((m.get("name") for m in models if m["kind"] == "text" and m.get("name")),
+                                  ServiceUser.text_model)
     keep = [u for u in environment.user_classes if u.kinds <= served]
     left_out = [u.__name__ for u in environment.user_classes if u not in keep]
     if keep and left_out:
@@ -86,6 +95,19 @@ def check_completion(resp, seed: int, n: int) -> None:
         return _fail(resp, f"bad completion body ({e})")
     if not ok:
         _fail(resp, "completion does not match the request")
+
+
+def check_chat(resp, seed: int) -> None:
+    try:
+        body = resp.json()
+        [choice] = body["choices"]
+        ok = (body["object"] == "chat.completion" and body["seed"] == seed
+              and choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+              and choice["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1)
+    except (ValueError, KeyError, TypeError) as e:
+        return _fail(resp, f"bad chat completion body ({e})")
+    if not ok:
+        _fail(resp, "chat completion does not match the request")
 
 
 def check_images(resp, seed: int, n: int) -> None:
@@ -161,6 +183,25 @@ class StreamingUser(ServiceUser):
         if not done or chunks == 0:
             return _fail(resp, f"stream ended without [DONE] ({chunks} chunks)")
         resp.success()
+
+
+class ChatUser(ServiceUser):
+    """/v1/chat/completions, a one-message conversation (servers with a chat template only)."""
+    weight = 1
+    kinds = frozenset({"text", "chat"})
+    wait_time = between(0.05, 0.3)
+
+    @task
+    def chat(self) -> None:
+        seed = random.randrange(2**31)
+        messages = [{"role": "user", "content": random.choice(PROMPTS)}]  # short: the tiny test model's context is 64
+        payload = {"model": self.text_model, "messages": messages, "max_tokens": random.choice([8, 16]),
+                   "temperature": 0.8, "seed": seed}
+        with self.client.post("/v1/chat/completions", json=payload, name="/v1/chat/completions",
+                              catch_response=True) as resp:
+            if resp.status_code != 200:
+                return _fail(resp, f"status {resp.status_code}")
+            check_chat(resp, seed)  # as check_completion: no success() after it
 
 
 class ImageUser(ServiceUser):

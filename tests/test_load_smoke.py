@@ -187,6 +187,19 @@ def test_a_text_only_server_with_a_key_gets_text_users_sending_the_key(tmp_path)
     assert seen == {"unauthorized": 0, "generate": 0}
 
 
+def test_the_chat_user_runs_against_a_server_with_a_chat_template(server, tmp_path):
+    """The session's server has the example template: its OpenAPI document lists the route."""
+    import csv
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "locust"), "-f", "load_tests/locustfile.py", "ChatUser",
+                           "--headless", "-u", "2", "-r", "2", "-t", "4s", "--only-summary", "--host", server.url,
+                           "--csv", str(tmp_path / "loc")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "loc_stats.csv"))}
+    assert "/v1/chat/completions" in rows, proc.stderr[-3000:]
+    row = rows["/v1/chat/completions"]
+    assert int(row["Request Count"]) >= 2 and int(row["Failure Count"]) == 0, (row, proc.stderr[-3000:])
+
+
 def test_the_soak_refuses_a_pid_it_cannot_measure(capsys):
     """A wrong --pid measured 0 bytes and divided by zero at the end of the run."""
     import pytest
