@@ -608,6 +608,11 @@ class TextRun:
     prompt_tokens: int
     events: AsyncIterator[StreamEvent]  # every choice's; closing it cancels the generation
 
+    def head(self, completion_id: str, kind: str) -> dict[str, Any]:
+        """The fields that open every answer and chunk of it (`kind`: OpenAI's `object`)."""
+        return {"id": completion_id, "object": kind, "created": int(time.time()), "model": self.model,
+                "seed": self.seed}
+
 
 class ChunkShape(Protocol):
     """A stream's choices in a route's layout (`Generation._stream` sends them, one per chunk)."""
@@ -1007,8 +1012,7 @@ class Generation:
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if (run := await self._start_text(body, request)) is None:
             return _client_left(completion_id)
-        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": run.model,
-                "seed": run.seed}
+        head = run.head(completion_id, "text_completion")
         # what echo puts before each prompt's choices (token ids are the vocabulary's: checked)
         prompts, k = body.prompts(), body.candidates()
         echo_texts = [(p if isinstance(p, str) else self.text.tokenizer.decode(p)) if body.echo else ""
@@ -1045,8 +1049,7 @@ class Generation:
             run = await self._start_text(body.completion(ids, engine.block_size), request)
         if run is None:
             return _client_left(completion_id)
-        head = {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": run.model,
-                "seed": run.seed}
+        head = run.head(completion_id, "chat.completion")
         if body.stream:
             shape = chat.ChatChunks(run.choices, engine.tokenizer, body.logprobs)
             return SSEResponse(self._stream(run, {**head, "object": "chat.completion.chunk"}, CHAT_PATH, shape,
