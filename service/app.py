@@ -440,6 +440,14 @@ async def sd_scripts(svc: "Generation", request: Request) -> Response:
 
 
 @_route
+async def sd_progress(svc: "Generation", request: Request) -> Response:
+    """AUTOMATIC1111's progress: how many images this worker has queued or running (what
+    `webuiapi.util_wait_for_ready` polls until it is 0)."""
+    images = sum(b.batcher.outstanding_cost for b in svc.images.values() if b.batcher is not None)
+    return JSONResponse(sdapi.progress(images))
+
+
+@_route
 async def sd_options(svc: "Generation", request: Request) -> Response:
     """AUTOMATIC1111's settings, of which the model is the one that exists here: GET says which
     answers by default; POST is refused (a global switch would change every client's model)."""
@@ -498,6 +506,7 @@ routes = Starlette(routes=[
     Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
     Route("/sdapi/v1/options", sd_options, methods=["GET", "POST"]),
     Route("/sdapi/v1/scripts", sd_scripts, methods=["GET"]),
+    Route("/sdapi/v1/progress", sd_progress, methods=["GET"]),
 ])
 
 

@@ -62,6 +62,7 @@ class MicroBatcher(Generic[T]):
         # "not now" at once instead of making everyone wait longer.
         self.max_queue_cost = max_queue_cost
         self._queued_cost = 0
+        self._running_cost = 0  # of the batches handed to `run`, not yet done
         self.retry_after_s = retry_after_s
         self.run = run
         self.metrics = metrics
@@ -75,6 +76,11 @@ class MicroBatcher(Generic[T]):
         self._in_flight = asyncio.Semaphore(max_in_flight)
         self._batches: set[asyncio.Task] = set()
         self._forming: list[Job[T]] = []
+
+    @property
+    def outstanding_cost(self) -> int:
+        """Cost (images) queued, forming a batch or being run now."""
+        return self._queued_cost + sum(job.cost for job in self._forming) + self._running_cost
 
     def submit(self, job: Job[T]) -> None:
         """Queue a job (from the event loop thread). The consumer starts on first use.
@@ -216,6 +222,7 @@ class MicroBatcher(Generic[T]):
         m.batch_items.labels(endpoint=self.endpoint).observe(cost)
         running = m.requests_running.labels(endpoint=self.endpoint)
         running.inc(len(batch))
+        self._running_cost += cost
         try:
             await self.run(batch)
         except Exception as e:  # `run` should resolve its jobs itself; this is the safety net
@@ -224,6 +231,7 @@ class MicroBatcher(Generic[T]):
                 fail(job, e)
         finally:
             running.dec(len(batch))
+            self._running_cost -= cost
 
 
 def fail(job: Job[Any], exc: BaseException) -> None:

@@ -162,6 +162,7 @@ def build_openapi(keyed: bool = False, chat: bool = False) -> dict[str, Any]:
                            "override_settings.sd_model_checkpoint)", "operationId": "automatic1111_set_options",
                 "responses": {k: v for k, v in _errors().items() if k in ("400", "401")}}},
             "/sdapi/v1/scripts": _get("automatic1111 scripts"),
+            "/sdapi/v1/progress": _get("automatic1111 progress: images queued or running (state.job_count)"),
         },
         "components": {"schemas": schemas},
     }

@@ -1,5 +1,6 @@
 """AUTOMATIC1111's web UI API on the image models: what its scripts, bots and its `webuiapi`
-client call (POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, GET /sdapi/v1/options).
+client call (POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, GET /sdapi/v1/options,
+GET /sdapi/v1/progress).
 
 txt2img answers as A1111 does: `images` (base64 PNGs), `parameters` (the request) and `info`
 (a JSON string: prompts, seeds, the infotext of each image). Each PNG carries its infotext,
@@ -69,6 +70,17 @@ def sd_model(tag: str) -> dict[str, Any]:
     name, version = split_tag(tag)
     return {"title": tag, "model_name": name, "hash": version, "sha256": None,
             "filename": f"{name}/{version}", "config": None}
+
+
+def progress(images: int) -> dict[str, Any]:
+    """/sdapi/v1/progress in A1111's layout, for `images` queued or running. These models
+    draw in one pass (or one decode loop) with no sampling steps to count, so a busy server
+    says only that it has begun: 0.01, A1111's own figure for a job with no step done yet."""
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False,
+             "job": "txt2img" if images else "", "job_count": images, "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+             "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    return {"progress": 0.01 if images else 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+            "textinfo": None}
 
 
 def checkpoint_tag(requested: str, tags: list[str]) -> str:

@@ -435,6 +435,7 @@ def test_openapi_document_covers_every_route_with_the_pydantic_bodies():
     assert set(doc["paths"]) == {"/complete", "/generate", "/models", "/v1/completions",
                                  "/v1/images/generations", "/v1/models", "/v1/models/{model}",
                                  "/sdapi/v1/txt2img", "/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/scripts",
+                                 "/sdapi/v1/progress",
                                  "/generate_stream", "/", "/info", "/tokenize", "/detokenize"}
     assert doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     assert "408" in doc["paths"]["/complete"]["post"]["responses"]

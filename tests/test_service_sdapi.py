@@ -41,6 +41,15 @@ def test_models_and_options_as_a1111_lists_them(api, client):
     assert r.status_code == 400 and "override_settings" in r.json()["error"]["message"]
 
 
+def test_progress_says_idle_as_a1111_does_and_webuiapi_stops_waiting(api, client):
+    r = client.get("/sdapi/v1/progress", params={"skip_current_image": "true"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["progress"] == 0 and body["eta_relative"] == 0 and body["current_image"] is None
+    assert body["state"]["job_count"] == 0 and body["state"]["job"] == "" and body["state"]["interrupted"] is False
+    assert api.util_wait_for_ready(check_interval=0.1) is None  # returned: nothing queued or running
+
+
 def test_txt2img_with_the_a1111_client_matches_generate(api, client):
     # webuiapi sends every A1111 field (steps, sampler, hires-fix settings at off, ...).
     r = api.txt2img(prompt="a red circle", seed=7, width=32, height=32, batch_size=2, n_iter=2, steps=30)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from service import sdapi
 from service.batching import Job, MicroBatcher
 from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
 from service.metrics import get_metrics
@@ -238,7 +239,6 @@ def test_png_infotext_holds_no_nul(prompt):
     """A NUL in an AUTOMATIC1111 prompt went into the infotext chunk, which the PNG specification
     forbids (a NUL ends the keyword: readers split the chunk there); `info` says what the PNG does."""
     from models.image_engine import ImageRequest
-    from service import sdapi
 
     req = ImageRequest(prompt=prompt, seed=3, negative_prompt="x\x00")
     text = sdapi.infotext(req, 0, "gan:v1", 8)
@@ -293,6 +293,41 @@ def test_requests_queued_while_busy_form_the_next_batch():
 
     assert asyncio.run(scenario()) == [0, 1, 2, 3]
     assert batches == [[0], [1, 2, 3]]
+
+
+def test_outstanding_cost_counts_queued_and_running_images_until_they_are_done():
+    """What /sdapi/v1/progress reports as A1111's job count."""
+    seen: list[int] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def run(jobs):
+            await release.wait()
+            for j in jobs:
+                j.future.set_result(None)
+
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", run, get_metrics(), max_batch_cost=64)
+        seen.append(batcher.outstanding_cost)
+        jobs = [Job(p, cost=n, future=loop.create_future()) for p, n in [(0, 2), (1, 3), (2, 4)]]
+        batcher.submit(jobs[0])
+        await asyncio.sleep(0.01)  # the first runs; the others queue behind it
+        batcher.submit(jobs[1])
+        batcher.submit(jobs[2])
+        seen.append(batcher.outstanding_cost)
+        batcher.withdraw(jobs[2])  # its client left
+        seen.append(batcher.outstanding_cost)
+        release.set()
+        await asyncio.gather(*(j.future for j in jobs[:2]))
+        seen.append(batcher.outstanding_cost)
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert seen == [0, 9, 5, 0]
+    busy, idle = sdapi.progress(5), sdapi.progress(0)  # webuiapi waits while either is non-zero
+    assert (busy["progress"], busy["state"]["job_count"], busy["state"]["job"]) == (0.01, 5, "txt2img")
+    assert (idle["progress"], idle["state"]["job_count"], idle["state"]["job"]) == (0.0, 0, "")
 
 
 def recording(batches: list[list[int]]):
