@@ -256,6 +256,32 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_ckpt_interval_checkpoints_between_evaluations(tiny_run, tmp_path, monkeypatch):
+    """Evaluations every 3 steps (tiny), checkpoints every 2 besides; a run stopped after step
+    4's checkpoint resumes to the same weights as one run."""
+    import training.train_ar_image as job
+
+    first, straight, _ = tiny_run
+    out, saved, save = tmp_path / "run", [], job.atomic_save
+    out.mkdir()
+    shutil.copytree(first / "evaluator", out / "evaluator")
+
+    def save_then_interrupt(state, path):
+        save(state, path)
+        saved.append(state["step"])
+        if state["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "atomic_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY, f"--run_dir={out}", "--ckpt_interval=2"])
+    assert saved == [2, 3, 4]
+    monkeypatch.undo()
+    resumed = main([*TINY, "--out", str(out), "--resume"])
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_loader_rejects_another_family(tiny_run, tmp_path):
     _, model_dir, _ = tiny_run
     bad = tmp_path / "bad"

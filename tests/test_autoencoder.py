@@ -67,9 +67,13 @@ def test_engine_seeds_priors_and_batching(tokenizer):
         LatentEngine(model, tokenizer, "uniform")
 
 
-def test_tiny_vae_run(tmp_path):
-    out = tmp_path / "run"
-    model_dir = main(["--preset", "tiny", f"--out={out}", "--variational=true"])
+def test_tiny_vae_run(tmp_path, monkeypatch):
+    import training.train_autoencoder as job
+
+    out, saved, save = tmp_path / "run", [], job.atomic_save
+    monkeypatch.setattr(job, "atomic_save", lambda state, path: (save(state, path), saved.append(state["step"])))
+    model_dir = main(["--preset", "tiny", f"--out={out}", "--variational=true", "--ckpt_interval=2"])
+    assert saved == [2, 3, 4, 6]  # with each evaluation (every 3 steps), and every 2 besides
     metrics = json.loads((model_dir / "metrics.json").read_text())
     for prior in ("standard", "fitted"):
         assert {"train_accuracy", "coverage", "fd", "memorisation"} <= set(metrics[prior])

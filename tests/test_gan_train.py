@@ -90,6 +90,31 @@ def test_halt_after_between_evaluations_then_resume_matches_one_run(tiny_run, tm
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_ckpt_interval_checkpoints_between_evaluations_and_a_run_stopped_after_one_resumes_exactly(
+        tiny_run, tmp_path, monkeypatch):
+    """An image job checkpointed only with its evaluations: a long --eval_interval risked that
+    many steps. Evaluations every 3 steps, checkpoints every 2 besides; Ctrl-C after step 4's."""
+    import training.train_gan as job
+
+    _, straight = tiny_run
+    out, saved, save = tmp_path / "run", [], job.atomic_save
+
+    def save_then_interrupt(state, path):
+        save(state, path)
+        saved.append(state["step"])
+        if state["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "atomic_save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--preset", "tiny", f"--run_dir={out}", "--max_steps=6", "--ckpt_interval=2", "--store=false"])
+    assert saved == [2, 3, 4]
+    monkeypatch.undo()
+    resumed = main(["--preset", "tiny", "--out", str(out), "--max_steps=6", "--resume", "--store=false"])
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--max_steps=0", "--max_steps=0: must be >= 1"),
     ("--max_steps=-5", "--max_steps=-5: must be >= 1"),

@@ -78,7 +78,7 @@ class ARTrainConfig(ImageJobConfig):
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)",
                                                     "valid": at_least(0)})
     eval_interval: int = field(default=150, metadata={
-        "help": "steps between evaluations, and checkpoints (a Ctrl-C loses at most this many)", "valid": at_least(1)})
+        "help": "steps between evaluations, each with a checkpoint (see --ckpt_interval)", "valid": at_least(1)})
     eval_per_pair: int = field(default=1, metadata={"help": "prompts per pair in periodic evals",
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
@@ -250,7 +250,8 @@ def train(cfg: ARTrainConfig) -> Path:
         interval.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        if step % cfg.eval_interval == 0 or step == halt_at:
+        evaluating = step % cfg.eval_interval == 0 or step == halt_at
+        if evaluating:
             row: dict[str, Any] = {"step": step, "time_s": round(time.time() - t0, 1),
                                    "train_loss": all_reduce_mean(float(np.mean(interval)), d),
                                    "val_loss": all_reduce_mean(validation_loss(
@@ -273,11 +274,12 @@ def train(cfg: ARTrainConfig) -> Path:
                 save_grid(engine, grid_prompts, run / f"samples_{step:06d}.png")
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
-                require_finite(step, ckpt_path, model=model)
-                atomic_save({"job": "ar_image", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step, "history": history, "config": asdict(cfg),
-                             "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
             model.train()
+        if d.is_main and cfg.checkpoint_due(step, evaluating):
+            require_finite(step, ckpt_path, model=model)
+            atomic_save({"job": "ar_image", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "history": history, "config": asdict(cfg),
+                         "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
     bar.close()
     model_dir = run / "model"
     if d.is_main and step < cfg.max_steps:

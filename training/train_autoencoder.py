@@ -58,8 +58,8 @@ class AETrainConfig(ImageJobConfig):
     max_steps: int = field(default=1500, metadata={"help": "optimizer steps", "valid": at_least(1)})
     lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate", "valid": above(0)})
     warmup: int = field(default=50, metadata={"help": "linear warm-up steps", "valid": at_least(0)})
-    eval_interval: int = field(default=250, metadata={"help": "steps between loss reports and checkpoints",
-                                                      "valid": at_least(1)})
+    eval_interval: int = field(default=250, metadata={
+        "help": "steps between loss reports, each with a checkpoint (see --ckpt_interval)", "valid": at_least(1)})
     final_per_pair: int = field(default=4, metadata={"help": "prompts per pair in the final eval",
                                                      "valid": at_least(1)})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and noise", "valid": SEED})
@@ -181,7 +181,8 @@ def train(cfg: AETrainConfig) -> Path:
         interval.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['mse']:.4f}")
-        if step % cfg.eval_interval == 0 or step == halt_at:
+        evaluating = step % cfg.eval_interval == 0 or step == halt_at
+        if evaluating:
             if not np.isfinite(interval[-1]):
                 raise FloatingPointError(diverged(step, f"the training loss is {interval[-1]}", ckpt_path))
             model.eval()
@@ -196,6 +197,7 @@ def train(cfg: AETrainConfig) -> Path:
             log.info("step %d: %s", step, history[-1])
             (run / "history.json").write_text(json.dumps(history, indent=1))
             save_curves(history, run / "curves.png")
+        if cfg.checkpoint_due(step, evaluating):
             require_finite(step, ckpt_path, model=model)
             atomic_save({"job": "autoencoder", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),

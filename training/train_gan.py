@@ -92,12 +92,20 @@ class ImageJobConfig(CaptionedDataConfig):
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda",
                                                   "valid": one_of("auto", "cpu", "cuda")})
     resume: bool = field(default=False, metadata={"help": "continue from <run_dir>/ckpt.pt"})
+    ckpt_interval: int = field(default=0, metadata={
+        "help": "steps between checkpoints besides the one at each evaluation (0 = at evaluations only)",
+        "valid": at_least(0)})
 
     def check(self) -> None:
         super().check()
         check_device(self.device)
         if not self.resume:
             check_run_folder(self.run_dir)  # (each job names its own run_dir)
+
+    def checkpoint_due(self, step: int, evaluated: bool) -> bool:
+        """Whether the run checkpoints after `step`: with each evaluation, and every
+        --ckpt_interval steps (a long --eval_interval need not risk that many steps)."""
+        return evaluated or (self.ckpt_interval > 0 and step % self.ckpt_interval == 0)
 
 
 @dataclass
@@ -146,7 +154,7 @@ class GANTrainConfig(ImageJobConfig):
         "help": "EMA half-life at most this fraction of the images seen so far (0 = off)",
         "valid": at_least(0)})
     eval_interval: int = field(default=200, metadata={
-        "help": "steps between evaluations, and checkpoints (a Ctrl-C loses at most this many)", "valid": at_least(1)})
+        "help": "steps between evaluations, each with a checkpoint (see --ckpt_interval)", "valid": at_least(1)})
     eval_per_pair: int = field(default=2, metadata={"help": "prompts per pair in periodic evals",
                                                     "valid": at_least(1)})
     final_per_pair: int = field(default=12, metadata={"help": "prompts per pair in the final eval",
@@ -464,7 +472,7 @@ def train(cfg: GANTrainConfig) -> Path:
                 (run / "history.json").write_text(json.dumps(history, indent=1))
         # A halt between evaluations checkpoints without one: the random numbers an evaluation
         # draws would make the resumed run differ from an uninterrupted one.
-        if evaluating or step == halt_at:
+        if cfg.checkpoint_due(step, evaluating) or step == halt_at:
             if d.is_main:
                 require_finite(step, ckpt_path, generator=G, discriminator=D, averaged_generator=G_ema)
                 atomic_save({"job": "gan", "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
