@@ -664,11 +664,13 @@ def _logprobs_json(items: list[TokenLogprob], prefix: int, prompt: list[TokenLog
                    ) -> dict[str, Any]:
     """The OpenAI (legacy completions) logprobs layout; offsets count characters of the text,
     after an echoed prompt of `prefix` characters, whose own tokens come first when scored
-    (the first with null logprobs, as OpenAI's)."""
+    (the first with null logprobs, as OpenAI's). Each `top_logprobs` entry holds the token
+    itself besides its `logprobs` alternatives (so up to logprobs + 1), as OpenAI and vLLM do."""
     offsets = [lp.offset for lp in prompt or []] + [prefix + lp.offset for lp in items]
     items = (prompt or []) + items
     return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [lp.top for lp in items], "text_offset": offsets}
+            "top_logprobs": [None if lp.top is None else {**lp.top, lp.token: lp.logprob} for lp in items],
+            "text_offset": offsets}
 
 
 def best_of(candidates: list[Choice], k: int, n: int, keep_logprobs: bool) -> list[Choice]:

@@ -119,6 +119,17 @@ def test_a_prompt_past_the_context_is_context_length_exceeded(oai):
     assert e.value.code == "context_length_exceeded" and "maximum context length" in e.value.message
 
 
+def test_top_logprobs_hold_the_sampled_token_too_as_openai_s_do(oai):
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up
+    to logprobs+1 elements"; here a forced token that is not the likeliest came without itself."""
+    forced = oai.completions.create(model="gpt", prompt="the cat", max_tokens=2, temperature=0, logprobs=1,
+                                    logit_bias={"88": 100}).choices[0].logprobs
+    for top, token, value in zip(forced.top_logprobs, forced.tokens, forced.token_logprobs):
+        assert len(top) == 2 and top[token] == value and max(top.values()) > value
+    none = oai.completions.create(model="gpt", prompt="the cat", max_tokens=2, logprobs=0, seed=1).choices[0].logprobs
+    assert none.top_logprobs == [{t: v} for t, v in zip(none.tokens, none.token_logprobs)]
+
+
 def test_echo_with_logprobs_scores_the_prompt_as_openai_does(oai):
     """What lm-evaluation-harness and other scorers send (echo, logprobs, max_tokens 0): the
     prompt's own tokens and logprobs, the first null. Only the generated tokens came back,
@@ -128,7 +139,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_openai_does(oai):
     assert (c.text, c.finish_reason, r.usage.completion_tokens) == ("Hello world", "length", 0)
     assert len(lp.tokens) == r.usage.prompt_tokens and "".join(lp.tokens) == "Hello world"
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
-    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
 
     kw = dict(model="gpt", prompt="Hello world", max_tokens=4, echo=True, logprobs=1, seed=1)
     full = oai.completions.create(**kw)
