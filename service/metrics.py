@@ -8,6 +8,8 @@ first imported, so it is imported inside `get_metrics()` (called from the servic
 from __future__ import annotations
 
 import functools
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,8 @@ PREFIX = "condgen"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")  # prometheus_client's, for a process's live gauges
 
 # The two batched endpoint families; label values of `endpoint`.
 TEXT = "completions"
@@ -37,10 +41,38 @@ class Metrics:
     engine_deaths: Any  # Counter{model}: engine processes found dead (each is started again)
 
 
+def forget_dead_processes(path: str | None) -> list[int]:
+    """Drop the live gauges of the processes that wrote to `path` and are gone; return their
+    pids. A `livesum` gauge drops a process's values only when told (BentoML tells it on a
+    clean exit): a worker killed (by the OOM killer, say) and started again left its last
+    requests running and waiting in the sums for good."""
+    from prometheus_client import multiprocess
+
+    if not path or not os.path.isdir(path):
+        return []
+    pids = {int(m.group(1)) for m in map(LIVE_GAUGE_FILE.fullmatch, os.listdir(path)) if m}
+    gone = {pid for pid in pids if not process_exists(pid)}
+    for pid in gone:
+        multiprocess.mark_process_dead(pid, path)
+    return sorted(gone)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def get_metrics() -> Metrics:
     """Create the metric objects once per process (a second registration would raise)."""
     import prometheus_client as pc  # deferred: see the module docstring
+
+    forget_dead_processes(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
     def histogram(name: str, doc: str, labels: tuple[str, ...] = (), buckets=LATENCY_BUCKETS):
         return pc.Histogram(f"{PREFIX}_{name}", doc, labelnames=labels, buckets=buckets)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from service import sdapi
 from service.batching import Job, MicroBatcher
 from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
-from service.metrics import get_metrics
+from service.metrics import forget_dead_processes, get_metrics
 from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
                              from_validation_error)
 
@@ -181,6 +181,21 @@ def test_openai_stream_options_need_a_stream():
     options = {"include_usage": None, "include_obfuscation": False}
     body = OpenAICompletionBody.model_validate({**body, "stream": True, "stream_options": options})
     assert body.stream_options.include_usage is False and body.unsupported() is None
+
+
+def test_a_dead_workers_live_gauges_leave_the_sums_and_its_counters_stay(tmp_path):
+    """A worker killed (SIGKILL, the OOM killer) and started again kept its last requests
+    running and waiting in /metrics for good: livesum forgets a process only when told."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead, alive = ended.pid, os.getpid()
+    names = [f"gauge_livesum_{dead}.db", f"gauge_liveall_{dead}.db", f"counter_{dead}.db",
+             f"histogram_{dead}.db", f"gauge_livesum_{alive}.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert forget_dead_processes(str(tmp_path)) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])  # what it did stays counted
+    assert forget_dead_processes(None) == [] and forget_dead_processes(str(tmp_path / "none")) == []
 
 
 def test_engine_gauges_are_zero_before_the_first_request():
