@@ -26,13 +26,16 @@ MAX_TOP_K = 2**31 - 1  # beyond any vocabulary; larger values would not fit the 
 MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10
 MAX_TEMPERATURE = 100  # far past any useful setting; keeps logits / temperature finite
+# Below this a temperature decodes greedily, as vLLM's does: dividing by it would overflow the
+# logits, and under about 1e-45 it is 0 in a float32 tensor (greedy or not by what shared the batch).
+GREEDY_BELOW = 1e-5
 MAX_PENALTY = 2  # presence and frequency penalties, in [-2, 2] as OpenAI's
 MAX_LOGIT_BIAS_TOKENS = 300  # entries of one request's logit_bias: each costs work at every step
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy (argmax)
+    temperature: float = 1.0  # 0 (or under GREEDY_BELOW) means greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1)
@@ -47,6 +50,10 @@ class SamplingParams:
     # (token id, bias in [-100, 100]) pairs added to those logits: -100 all but bans a token,
     # 100 all but forces it (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
@@ -111,13 +118,14 @@ class SamplingBatch:
         off = SamplingParams()
         uses = {name for name in ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
                 if any(getattr(p, name) != getattr(off, name) for p in params)}
-        if any(p.temperature == 0 for p in params):
+        if any(p.greedy for p in params):
             uses.add("greedy")
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             uses.add("counts")
         if any(p.logit_bias for p in params):
             uses.add("logit_bias")
-        floats = torch.tensor([[getattr(p, name) for name in _FLOAT_COLUMNS] for p in params], device=device)
+        floats = torch.tensor([[0.0 if name == "temperature" and p.greedy else getattr(p, name)
+                                for name in _FLOAT_COLUMNS] for p in params], device=device)
         temperature, top_p, min_p, typical_p, repetition, presence, frequency = floats.split(1, dim=1)  # (B, 1) views
         top_k = torch.tensor([[p.top_k] for p in params], dtype=torch.long, device=device)
         return cls(temperature, top_k, top_p, min_p, typical_p, repetition, presence, frequency,

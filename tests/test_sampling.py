@@ -85,6 +85,20 @@ def test_greedy_is_argmax_whatever_the_uniform():
     assert torch.equal(sample(logits, b, gens), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-7, 9e-6])
+def test_a_temperature_under_greedy_below_is_greedy_alone_and_beside_any_row(temperature):
+    """1e-50 is 0 in a float32 tensor: alone it was sampled at the 1e-6 floor (tokens 0 and 1
+    of [0, 1e-7, -5] about evenly), beside a greedy row it was greedy."""
+    logits = torch.tensor([[0.0, 1e-7, -5.0]] * 2)
+    for seed in range(20):
+        alone = sample(logits[:1], SamplingBatch.from_params([SamplingParams(temperature=temperature)]),
+                       [RowRandom(seed)])
+        beside = sample(logits, SamplingBatch.from_params([SamplingParams(temperature=temperature),
+                                                           SamplingParams(temperature=0)]),
+                        [RowRandom(seed), RowRandom(seed + 1)])
+        assert alone.tolist() == [1] and beside.tolist() == [1, 1]
+
+
 def test_inverse_cdf_matches_the_distribution_chi_square():
     probs = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05, 0.03, 0.015, 0.005])
     n = 20_000
