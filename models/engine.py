@@ -357,6 +357,7 @@ class TextEngine(TextRequests):
         self.device = pick_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
+        self.model.vocab_in_use = tokenizer.vocab_size
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":

@@ -223,6 +223,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
         self.caches: list[KVCache] | None = None
+        # Ids a tokenizer names (engines set it; training leaves all): the others are never
+        # sampled, scored or listed as alternatives.
+        self.vocab_in_use = cfg.vocab_size
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -328,8 +331,12 @@ class GPT(nn.Module):
         return x
 
     def logits(self, x: Tensor) -> Tensor:
-        """Next-token logits (..., V) of hidden states (..., C)."""
-        return self.lm_head(self.transformer.ln_f(x))
+        """Next-token logits (..., V) of hidden states (..., C); -inf for the ids past
+        `vocab_in_use`, which no token has (the vocabulary is padded to a multiple of 64)."""
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.vocab_in_use < logits.size(-1):
+            logits[..., self.vocab_in_use:] = float("-inf")
+        return logits
 
 
 # Hugging Face GPT-2 stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in).

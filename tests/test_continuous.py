@@ -68,7 +68,8 @@ def test_continuous_equals_the_plain_batched_engine(engine):
 
 def test_min_tokens_and_ignore_eos_as_in_the_plain_engine_whatever_joins_or_leaves(engine):
     eos = engine.tokenizer.eot_id
-    reqs = [CompletionRequest("The quick " * (1 + i % 2), seed=50 + i, max_tokens=6 + 3 * i, n=1 + i % 2,
+    reqs = [CompletionRequest("The quick " * (1 + i % 2), seed=[50, 51, 52, 53, 55][i], max_tokens=6 + 3 * i,
+                              n=1 + i % 2,
                               sampling=SamplingParams(temperature=0.9, logit_bias=((eos, 6.0),)),
                               min_tokens=[0, 3, 5, 0, 8][i], ignore_eos=i == 3,
                               stop_token_ids=[[], [30, 31], [], [40], [50]][i], include_stop_str_in_output=i == 3,
