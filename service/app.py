@@ -722,6 +722,7 @@ class Generation:
                                                 engine_class)
                 self.images[backend.served.tag] = backend
         self.served_models = [m for m in (self.text_model, *(b.served for b in self.images.values())) if m]
+        self.metrics.start_counters([(m.name, m.kind) for m in self.served_models])
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()

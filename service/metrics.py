@@ -15,7 +15,9 @@ from typing import Any
 
 PREFIX = "condgen"
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# From a GPU's sub-millisecond token gaps to the longest a request may take (CONDGEN_TIMEOUT's 300 s).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")  # prometheus_client's, for a process's live gauges
@@ -39,6 +41,15 @@ class Metrics:
     images: Any  # Counter{model}
     request_errors: Any  # Counter{endpoint, status}: 4xx/5xx answers from our routes
     engine_deaths: Any  # Counter{model}: engine processes found dead (each is started again)
+
+    def start_counters(self, models: list[tuple[str, str]]) -> None:
+        """Each served model's counters (name, "text" or "image"), at 0 from the start: a series
+        that first appears at 1 is no increase to `increase()` or `rate()`, so the first engine
+        death fired no alert."""
+        for name, kind in models:
+            self.engine_deaths.labels(model=name)
+            for counter in (self.generated_tokens, self.prompt_tokens) if kind == "text" else (self.images,):
+                counter.labels(model=name)
 
 
 def forget_dead_processes(path: str | None) -> list[int]:

@@ -357,6 +357,20 @@ def test_stream_request_errors_before_streaming_are_plain_4xx(client):
 
 # ---- metrics ----------------------------------------------------------------------------
 
+def test_each_served_models_counters_exist_from_the_start_and_buckets_span_the_timeout(client, models):
+    """A counter first seen at 1 is no increase to increase() or rate(): the first engine
+    death (or the first tokens) of a model fired no alert."""
+    series = {(name, dict(labels).get("model")) for name, labels in scrape(client)}
+    for name, m in models.items():
+        counters = ["condgen_generated_tokens_total", "condgen_prompt_tokens_total"] if m["kind"] == "text" \
+            else ["condgen_images_total"]
+        for counter in ["condgen_engine_deaths_total", *counters]:
+            assert (counter, name) in series, (counter, name)
+    # latency buckets from a GPU's token gaps to CONDGEN_TIMEOUT (they stopped at 1 ms and 60 s)
+    bounds = {dict(labels)["le"] for name, labels in scrape(client) if name == "condgen_inter_token_latency_seconds_bucket"}
+    assert {"0.0001", "300.0"} <= bounds
+
+
 def test_metrics_move_by_exactly_what_the_requests_produced(client):
     before = scrape(client)
     plain = client.post("/complete", json={"prompt": "a", "max_tokens": 7, "n": 3, "seed": 1}).json()
