@@ -367,7 +367,8 @@ def test_each_served_models_counters_exist_from_the_start_and_buckets_span_the_t
         for counter in ["condgen_engine_deaths_total", *counters]:
             assert (counter, name) in series, (counter, name)
     # latency buckets from a GPU's token gaps to CONDGEN_TIMEOUT (they stopped at 1 ms and 60 s)
-    bounds = {dict(labels)["le"] for name, labels in scrape(client) if name == "condgen_inter_token_latency_seconds_bucket"}
+    bounds = {dict(labels)["le"] for name, labels in scrape(client)
+              if name == "condgen_inter_token_latency_seconds_bucket"}
     assert {"0.0001", "300.0"} <= bounds
 
 
