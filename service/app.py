@@ -48,6 +48,7 @@ from models.engine_process import EngineFailed, EngineProcess, EngineSpec
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service import chat, sdapi, tgi
+from service.worker_health import WorkerHealth
 from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
@@ -483,7 +484,8 @@ async def health(svc: "Generation", request: Request) -> Response:
     """GET /health, as vLLM and text-generation-inference answer it: 200 once every model is
     loaded and its engine alive, else 503 (the same as /readyz; their users' probes point here)."""
     if not svc.__is_ready__():
-        raise ApiError(503, "not ready: models loading, or an engine process is down", type="server_error")
+        raise ApiError(503, "not ready: models loading, or an engine process is down (in this or another worker "
+                            "process)", type="server_error")
     return Response(status_code=200)
 
 
@@ -730,19 +732,25 @@ class Generation:
         self._threads = 1  # torch threads of each engine process, set when loading
         self._failed_starts: set[str] = set()  # engines that died and failed to start again
         self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
+        self.health = WorkerHealth(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.health.publish(ready=False, alive=True)  # loading
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def __is_ready__(self) -> bool:
-        """Models loaded and every engine process alive (/readyz)."""
-        return self._ready.is_set() and not self._engine_died()
+        """Models loaded and every engine process alive (/readyz), in every worker process
+        (service/worker_health.py)."""
+        return self._ready_here() and all(state["ready"] for state in self.health.others())
 
     def __is_alive__(self) -> bool:
         """False while an engine that died cannot be started again (/livez; see
-        `_restart_dead_engines`): a liveness probe then lets the orchestrator replace the
-        replica. A model that fails to load at start-up keeps the service alive but not ready,
-        with the reason in its log and answers."""
-        return not self._failed_starts
+        `_restart_dead_engines`), in any worker process: a liveness probe then lets the
+        orchestrator replace the replica. A model that fails to load at start-up keeps the
+        service alive but not ready, with the reason in its log and answers."""
+        return not self._failed_starts and all(state["alive"] for state in self.health.others())
+
+    def _ready_here(self) -> bool:
+        return self._ready.is_set() and not self._engine_died()
 
     def _engine_died(self) -> bool:
         return ((self.text_stream is not None and not self.text_stream.alive)
@@ -835,6 +843,7 @@ class Generation:
         retry_at: dict[str, float] = {}
         down: set[str] = set()  # engines found dead and not back yet: a death is counted once
         while True:
+            self.health.publish(self._ready_here(), not self._failed_starts)
             time.sleep(0.5)
             if self._stopping:  # the engines stop because this worker does: no deaths
                 return
@@ -907,6 +916,7 @@ class Generation:
     @bentoml.on_shutdown
     async def _stop_batchers(self) -> None:
         self._stopping = True
+        self.health.withdraw()
         for backend in self.images.values():
             await backend.batcher.close()
             if backend.worker is not None:

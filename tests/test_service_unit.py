@@ -18,6 +18,7 @@ from service import sdapi
 from service.batching import Job, MicroBatcher
 from service.encode import SSE_DONE, encode_png, png_parameters, sse_event
 from service.metrics import forget_dead_processes, get_metrics
+from service.worker_health import WorkerHealth
 from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
                              from_validation_error)
 
@@ -196,6 +197,20 @@ def test_a_dead_workers_live_gauges_leave_the_sums_and_its_counters_stay(tmp_pat
     assert forget_dead_processes(str(tmp_path)) == [dead]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])  # what it did stays counted
     assert forget_dead_processes(None) == [] and forget_dead_processes(str(tmp_path / "none")) == []
+
+
+def test_worker_health_counts_the_running_workers_states_only(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    (tmp_path / f"condgen_health_{ended.pid}.json").write_text('{"ready": false, "alive": false}')  # gone
+    (tmp_path / f"condgen_health_{os.getppid()}.json").write_text('{"ready": true, "alive": true}')  # running
+    mine = WorkerHealth(str(tmp_path))
+    mine.publish(ready=False, alive=True)
+    assert mine.others() == [{"ready": True, "alive": True}]  # its own state is not among the others'
+    assert json.loads((tmp_path / f"condgen_health_{os.getpid()}.json").read_text()) == {"ready": False, "alive": True}
+    mine.withdraw()
+    assert not (tmp_path / f"condgen_health_{os.getpid()}.json").exists()
+    assert WorkerHealth(None).others() == [] and WorkerHealth(str(tmp_path / "none")).others() == []
 
 
 def test_engine_gauges_are_zero_before_the_first_request():
@@ -772,7 +787,8 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
     gen = types.SimpleNamespace(_stopping=False, images={}, _failed_starts=set(),
                                 text_stream=types.SimpleNamespace(alive=False),
                                 text_model=types.SimpleNamespace(name="gpt"),
-                                metrics=types.SimpleNamespace(engine_deaths=counter))
+                                metrics=types.SimpleNamespace(engine_deaths=counter),
+                                health=WorkerHealth(None), _ready_here=lambda: True)
     tries: list[float] = []
     alive_at: list[tuple[float, bool]] = []
 

@@ -3,6 +3,10 @@ batchers; answers stay reproducible and /metrics adds up what both workers did."
 from __future__ import annotations
 
 import base64
+import glob
+import os
+import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import _stop, launch_server, wait_ready
+from test_reliability_faults import _engine_pids
 from test_service_http import decode_png
 
 pytestmark = pytest.mark.slow
@@ -61,3 +66,42 @@ def test_two_workers_answer_alike_and_count_together(two_workers):
     assert _counter(url, "condgen_images_total") - images_before == 16
     generated = sum(r.json()["usage"]["completion_tokens"] for r in texts)
     assert _counter(url, "condgen_generated_tokens_total") - tokens_before == generated
+
+
+def test_health_answers_for_every_worker(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    """With one worker's text engine dead and unable to start again, /livez and /readyz
+    answered for whichever worker took the probe: 200 and 503 in turn, so a probe that waits
+    for three failures in a row kept a replica that failed half its requests. Both now answer
+    503 until that worker recovers, then 200."""
+    root = tmp_path_factory.mktemp("worker_health")
+    home = root / "bentoml_home"
+    shutil.copytree(bentoml_home, home, ignore=shutil.ignore_patterns("bentos", "tmp", "*.log"))
+    weights = Path(glob.glob(str(home / "models" / "gpt" / "*" / "model.safetensors"))[0])
+    proc, srv = launch_server(home, root / "serve.log", {"CONDGEN_WORKERS": "2", "CONDGEN_TORCH_THREADS": "1"})
+    try:
+        wait_ready(proc, srv)
+        deadline = time.monotonic() + 120
+        while len(_engine_pids(srv.log.read_text(errors="replace"), "text")) < 2:
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        while httpx.get(f"{srv.url}/readyz", timeout=10).status_code != 200:  # both workers loaded
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        weights.rename(weights.with_suffix(".away"))  # its next start fails
+        os.kill(_engine_pids(srv.log.read_text(errors="replace"), "text")[0], signal.SIGKILL)
+        while "starting the text engine again failed" not in srv.log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        time.sleep(1)  # its state written (every 0.5 s)
+        answers = {path: [httpx.get(f"{srv.url}{path}", timeout=10).status_code for _ in range(12)]
+                   for path in ("/livez", "/readyz", "/health")}
+        assert answers == {path: [503] * 12 for path in answers}
+        weights.with_suffix(".away").rename(weights)  # the next try (5 s on) succeeds
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.25)
+        assert all(httpx.get(f"{srv.url}{path}", timeout=10).status_code == 200
+                   for path in ("/livez", "/readyz", "/health") for _ in range(6))
+    finally:
+        _stop(proc)
