@@ -408,7 +408,9 @@ async def tgi_info(svc: "Generation", request: Request) -> Response:
     cfg = svc.text_stream.cfg
     return JSONResponse(tgi.info(svc.text_model.tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
-                                 cfg.max_running + cfg.max_waiting, min(MAX_N, cfg.max_running)))
+                                 # beyond either, a 429: the generation routes' in-flight cap, the engine's places
+                                 min(LIMITS.max_inflight, cfg.max_running + cfg.max_waiting),
+                                 min(MAX_N, cfg.max_running)))
 
 
 @_route

@@ -143,6 +143,8 @@ def test_info_describes_the_model(client):
     text = next(m for m in client.get("/models").json()["data"] if m["kind"] == "text")
     assert info["model_id"] == text["id"] and info["max_total_tokens"] == text["context_length"]
     assert info["max_input_tokens"] == text["context_length"] - 1 and info["max_best_of"] == 16  # CONDGEN_TEXT_MAX_RUNNING is 32 here
+    # what a client may send at once before a 429: CONDGEN_MAX_INFLIGHT (64), not the engine's 32 + 256 places
+    assert info["max_concurrent_requests"] == 64
 
 
 @pytest.mark.parametrize("parameters, param", [
