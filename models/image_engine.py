@@ -42,8 +42,11 @@ class ImageRequest:
     negative_prompt: str = ""
 
     def sampler_fields(self) -> list[str]:
-        """The settings this request gives that only a model with a sampler and guidance uses."""
-        fields = [f for f in ("guidance_scale", "temperature", "top_k") if getattr(self, f) is not None]
+        """The settings this request gives that only a model with a sampler and guidance uses
+        (a top_k of 0 and an empty negative_prompt, their defaults, are off)."""
+        fields = [f for f in ("guidance_scale", "temperature") if getattr(self, f) is not None]
+        if self.top_k not in (None, 0):
+            fields.append("top_k")
         if self.negative_prompt:
             fields.append("negative_prompt")
         return fields

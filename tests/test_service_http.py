@@ -148,6 +148,14 @@ def test_complete_seed_reproduces_and_is_reported_when_picked(client):
     assert shifted["choices"][0]["text"] == first["choices"][1]["text"]
 
 
+def test_the_gan_takes_ar_only_fields_at_their_off_values_as_it_takes_an_empty_negative_prompt(client):
+    """negative_prompt "" was taken and top_k 0 (the documented default, off) refused."""
+    plain = client.post("/generate", json={"prompt": "a red circle", "seed": 4, "model": "gan"})
+    for extra in ({"top_k": 0}, {"top_k": -1}, {"negative_prompt": ""}):
+        r = client.post("/generate", json={"prompt": "a red circle", "seed": 4, "model": "gan", **extra})
+        assert r.status_code == 200 and r.json()["images"] == plain.json()["images"], (extra, r.text)
+
+
 def test_minus_one_picks_a_seed_and_turns_top_k_off(client):
     for path, body in (("/complete", {"prompt": "Hi", "max_tokens": 2, "top_k": -1}), ("/generate", {"prompt": "a"})):
         r = client.post(path, json={**body, "seed": -1})
