@@ -72,17 +72,50 @@ def shown_name(name: str) -> str:
 def from_validation_error(exc: ValidationError, depth: int = 1) -> ApiError:
     """Name the offending field in `param` (its top-level name, or `depth` levels of its path:
     "parameters.top_p"); list the problems in the message (the first MAX_SHOWN_PROBLEMS)."""
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    errors = _one_union_member(exc.errors(include_url=False, include_context=False, include_input=False))
 
     def path(err: dict[str, Any]) -> list[str]:
-        # Union members appear in `loc` as type names ("list[constrained-str]"): not fields.
-        return [shown_name(str(p)) for p in err["loc"] if isinstance(p, int) or str(p).isidentifier()]
+        return [shown_name(str(p)) for p in err["loc"] if not _is_member(p)]
 
     problems = list(dict.fromkeys(f"{'.'.join(path(e)) or 'body'}: {e['msg']}" for e in errors))
     if len(problems) > MAX_SHOWN_PROBLEMS:
         problems[MAX_SHOWN_PROBLEMS:] = [f"and {len(problems) - MAX_SHOWN_PROBLEMS} more"]
     first = path(errors[0]) if errors else []
     return ApiError(400, "; ".join(problems), param=".".join(first[:depth]) or None)
+
+
+def _is_member(part: Any) -> bool:
+    """Union members appear in an error's `loc` as type names ("list[constrained-str]"): not fields."""
+    return not isinstance(part, int) and not str(part).isidentifier()
+
+
+def _one_union_member(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A value of a union field (`stop`: a string or a list of them) is tried against each
+    member, and pydantic reports every member's failure: `{"stop": ""}` was "String should
+    have at least 1 character; Input should be a valid list". Keep the failures of the members
+    whose type the value has; when it has none of them, one line: "Input should be a valid
+    string or a valid list"."""
+    def member_at(err: dict[str, Any]) -> int | None:
+        return next((i for i, part in enumerate(err["loc"]) if _is_member(part)), None)
+
+    def wrong_type(err: dict[str, Any]) -> bool:  # the value is not of this member's type at all
+        i = member_at(err)
+        return i is not None and len(err["loc"]) == i + 1 and err["type"].endswith("_type")
+
+    kept: list[dict[str, Any]] = []
+    for err in errors:
+        i = member_at(err)
+        if i is None:
+            kept.append(err)
+            continue
+        field = err["loc"][:i]
+        others = [e for e in errors if member_at(e) is not None and e["loc"][:member_at(e)] == field]
+        if not wrong_type(err):
+            kept.append(err)
+        elif all(wrong_type(e) for e in others) and err is others[0]:
+            wants = [e["msg"].removeprefix("Input should be ") for e in others]
+            kept.append({**err, "msg": "Input should be " + " or ".join(dict.fromkeys(wants))})
+    return kept
 
 
 class _Body(BaseModel):

@@ -104,6 +104,19 @@ def test_errors_repeat_a_clients_field_names_cut_short():
         assert err.status == 400 and len(err.message) < 300 and len(err.param or "") <= 101
 
 
+@pytest.mark.parametrize("stop, message", [
+    ("", "stop: String should have at least 1 character"),  # was also "; stop: Input should be a valid list"
+    (["a", ""], "stop.1: String should have at least 1 character"),
+    (["a", 5], "stop.1: Input should be a valid string"),
+    (5, "stop: Input should be a valid string or a valid list"),
+])
+def test_a_union_fields_error_names_the_member_the_value_is_of(stop, message):
+    with pytest.raises(ValidationError) as e:
+        CompletionBody.model_validate({"prompt": "a", "stop": stop})
+    err = from_validation_error(e.value)
+    assert (err.message, err.param) == (message, "stop")
+
+
 def test_best_of_keeps_each_prompts_n_best_candidates_by_mean_token_logprob():
     from models.engine import Choice, TokenLogprob
     from service.app import best_of
