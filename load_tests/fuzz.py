@@ -127,7 +127,9 @@ def _show(case) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", required=True, help="base URL of a running service")
-    ap.add_argument("--cases", type=int, default=2000, help="requests in all (spread over operations)")
+    ap.add_argument("--cases", type=int, default=2000,
+                    help="about this many requests in all, spread over the operations (fewer where a body has "
+                         "fewer distinct cases)")
     ap.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
     ap.add_argument("--seed", type=int, default=None, help="derandomize hypothesis (reproducible runs)")
     args = ap.parse_args(argv)
