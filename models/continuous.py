@@ -150,7 +150,7 @@ class ContinuousEngine:
         self.groups: dict[int, _Group] = {}
         self._ids = itertools.count()
         self.last_batch_size = 0  # sequences sampled in the latest step (tokens per step)
-        self.on_admit = None  # optional callback(seconds the request waited), for metrics
+        self.on_admit = None  # optional callback(seconds the request waited, its prompt's tokens), for metrics
         self.end_bans = EndBans(engine.tokenizer.eot_id, self.device)
         self._batch_cache: tuple[list[tuple[Sequence, int]], tuple[torch.Tensor, SamplingBatch, int]] | None = None
 
@@ -217,7 +217,7 @@ class ContinuousEngine:
         while self.waiting and len(self.free) >= self.waiting[0].req.n:
             group = self.waiting.popleft()
             if self.on_admit is not None:
-                self.on_admit(time.perf_counter() - group.queued_at)
+                self.on_admit(time.perf_counter() - group.queued_at, len(group.prompt))
             sampling = group.req.sampling  # only penalised rows read `seen` and `counts`
             for seq in group.seqs:
                 seq.slot = heapq.heappop(self.free)

@@ -55,7 +55,7 @@ class StepReport:
     running: int
     waiting: int
     received: int  # requests the child has taken from the pipe, since it started
-    admitted_waits: list[float]  # seconds each request admitted in this step had waited
+    admitted: list[tuple[float, int]]  # each request admitted in this step: seconds it waited, prompt tokens
 
 
 class EngineProcess(EventStreams):
@@ -67,7 +67,7 @@ class EngineProcess(EventStreams):
         self.cfg = spec.scheduler or SchedulerConfig()
         self.requests = TextRequests.load(spec.model_dir)  # tokenizer and context length, no weights
         self.on_step = None  # optional callback(batch_size, running, waiting), for metrics
-        self.on_admit = None  # optional callback(seconds waited), for metrics
+        self.on_admit = None  # optional callback(seconds waited, prompt tokens) per request admitted, for metrics
         self._send_lock = threading.Lock()
         self._running = self._waiting = self._sent = self._received = 0
         self._failure: str | None = None
@@ -196,8 +196,8 @@ class EngineProcess(EventStreams):
         # callbacks see the previous test's step).
         try:
             if self.on_admit is not None:
-                for waited in report.admitted_waits:
-                    self.on_admit(waited)
+                for waited, prompt_tokens in report.admitted:
+                    self.on_admit(waited, prompt_tokens)
             if self.on_step is not None:
                 self.on_step(report.batch_size, *self.stats())
         finally:
@@ -231,8 +231,8 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
 
 def _serve(conn: Connection, engine: ContinuousEngine) -> None:
     """Apply the server's messages between steps; step while there is work; report each step."""
-    admitted: list[float] = []
-    engine.on_admit = admitted.append
+    admitted: list[tuple[float, int]] = []
+    engine.on_admit = lambda waited, prompt_tokens: admitted.append((waited, prompt_tokens))
     received = 0  # requests taken from the pipe so far: the server counts the ones still in it
     while True:
         if not engine.has_work():

@@ -820,7 +820,7 @@ class Generation:
             max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
             cuda_graphs=CUDA_GRAPHS, batch_invariant=BATCH_INVARIANT)))
         engine.on_step = self._on_text_step
-        engine.on_admit = self.metrics.queue_time.labels(endpoint=TEXT).observe
+        engine.on_admit = self._on_text_admit
         logger.info("the text engine of %s runs in process %d", self.text_model.tag, engine.pid)
         return engine
 
@@ -931,6 +931,13 @@ class Generation:
             stops.append(self.text_stream.shutdown)
         await asyncio.gather(*(asyncio.to_thread(stop) for stop in stops))
 
+    def _on_text_admit(self, waited: float, prompt_tokens: int) -> None:
+        """Called (on the engine process's reader thread) for each request the engine admits:
+        counted here, its client there or not (the route counted only those whose client was
+        still there to see the first event, while the engine had prefilled them all)."""
+        self.metrics.queue_time.labels(endpoint=TEXT).observe(waited)
+        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)
+
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called (on the engine process's reader thread) after every decode step."""
         if batch_size:  # one token per sequence sampled, whether or not its client is still there
@@ -1028,7 +1035,6 @@ class Generation:
         # queues takes it out of the queue, streaming or not.
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return None
-        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)  # admitted
         return TextRun(served.tag, seed, len(reqs) * k, reqs[0].logprobs, prompt_tokens,
                        self._measured(_chain(first, events), arrived))
 
@@ -1150,7 +1156,6 @@ class Generation:
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left("a text-generation-inference request")
-        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(len(ids))  # admitted
         events = self._measured(_chain(first, events), arrived)
         if stream:
             return SSEResponse(self._tgi_stream(events, answer, request.url.path))

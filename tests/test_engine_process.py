@@ -95,11 +95,27 @@ def test_a_client_that_leaves_frees_its_slots(engine_process):
     asyncio.run(main())
 
 
+def test_each_admitted_request_reports_its_wait_and_prompt_tokens(engine_process):
+    """The service counts prompt tokens at admission, whatever the client does after: it counted
+    them when the route saw the first event, and missed a client that left in between."""
+    admitted: list[tuple[float, int]] = []
+    engine_process.on_admit = lambda waited, prompt_tokens: admitted.append((waited, prompt_tokens))
+    reqs = [CompletionRequest("The quick brown fox", seed=1, max_tokens=2, n=2), CompletionRequest("", seed=2)]
+    try:
+        for req in reqs:
+            asyncio.run(_tokens(engine_process, req))
+    finally:
+        engine_process.on_admit = None
+    lengths = [len(engine_process.requests.prompt_ids(req)) for req in reqs]  # "" is one end-of-text token
+    assert [tokens for _, tokens in admitted] == lengths and lengths[1] == 1 and all(w >= 0 for w, _ in admitted)
+
+
 def test_a_request_cancelled_while_queued_is_never_admitted_nor_counted(engine_process):
     """Its cancellation reaches the child with it (the child is stopped meanwhile): it leaves the
     queue before any step, and the report of that step-less round counts no token."""
     admitted, sampled = [], []
-    engine_process.on_admit, engine_process.on_step = admitted.append, lambda b, r, w: sampled.append(b)
+    engine_process.on_admit = lambda waited, prompt_tokens: admitted.append(waited)
+    engine_process.on_step = lambda b, r, w: sampled.append(b)
 
     async def main():
         os.kill(engine_process._proc.pid, signal.SIGSTOP)
