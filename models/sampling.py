@@ -38,7 +38,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or under GREEDY_BELOW) means greedy (argmax)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
-    min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1)
+    min_p: float = 0.0  # drop tokens below min_p * p(best), in [0, 1] (1: the best only, ties kept)
     # locally typical sampling's mass kept, in (0, 1]: the tokens whose surprise is closest to
     # the distribution's entropy (text-generation-inference's and Hugging Face's typical_p)
     typical_p: float = 1.0
@@ -66,7 +66,7 @@ class SamplingParams:
              f"must be a finite number in [0, {MAX_TEMPERATURE}]"),
             ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be in [0, {MAX_TOP_K}] (0 turns it off)"),
             ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("typical_p", math.isfinite(self.typical_p) and 0 < self.typical_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", math.isfinite(self.repetition_penalty)
              and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,

@@ -145,7 +145,7 @@ class TextSampling(_Body, _NullIsDefault):
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, description="0 means greedy")
     top_k: TopK = Field(0, description="0 (or -1) turns it off")
     top_p: float = Field(1.0, gt=0, le=1)
-    min_p: float = Field(0.0, ge=0, lt=1)
+    min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY,
                                     description="subtracted from tokens the completion holds")

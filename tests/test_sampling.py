@@ -68,6 +68,7 @@ def test_min_p_is_relative_to_the_best_token():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     assert kept(logits, min_p=0.5) == [0, 1]  # 0.15 < 0.5 * 0.5
     assert kept(logits, min_p=0.99) == [0]
+    assert kept(logits, min_p=1) == [0] and kept(torch.tensor([[1.0, 1.0, 0.0]]), min_p=1) == [0, 1]  # ties stay
 
 
 def test_filters_differ_per_row():
@@ -184,7 +185,7 @@ def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1),
                                          ("temperature", float("nan")), ("top_k", -1), ("top_k", 2**63),
-                                         ("min_p", 1.0), ("typical_p", 0.0), ("typical_p", float("nan")),
+                                         ("min_p", 1.01), ("typical_p", 0.0), ("typical_p", float("nan")),
                                          ("repetition_penalty", 0.0), ("repetition_penalty", 1e-45),
                                          ("presence_penalty", 2.5), ("frequency_penalty", -2.01),
                                          ("frequency_penalty", float("inf")),

@@ -38,7 +38,7 @@ def _error_param(model, data) -> str:
     ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "a", "temperature": -0.1}, "temperature"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "min_p": 1}, "min_p"),
+    ({"prompt": "a", "min_p": 1.5}, "min_p"),
     ({"prompt": "a", "top_k": -2}, "top_k"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "a", "repetition_penalty": 1e-45}, "repetition_penalty"),  # would overflow the logits
