@@ -23,6 +23,7 @@ from training.data.imagefolder import write_imagefolder
 from training.data.shapes import make_shapes
 from training import train_ar_image
 from training.train_ar_image import main
+from tests_support import record_checkpoints
 
 TINY = ["--preset", "tiny", "--store=false"]
 
@@ -259,20 +260,10 @@ def test_resume_continues_where_it_stopped(tiny_run, tmp_path):
 def test_ckpt_interval_checkpoints_between_evaluations(tiny_run, tmp_path, monkeypatch):
     """Evaluations every 3 steps (tiny), checkpoints every 2 besides; a run stopped after step
     4's checkpoint resumes to the same weights as one run."""
-    import training.train_ar_image as job
-
     first, straight, _ = tiny_run
-    out, saved, save = tmp_path / "run", [], job.atomic_save
+    out, saved = tmp_path / "run", record_checkpoints(monkeypatch, train_ar_image, stop_after=4)
     out.mkdir()
     shutil.copytree(first / "evaluator", out / "evaluator")
-
-    def save_then_interrupt(state, path):
-        save(state, path)
-        saved.append(state["step"])
-        if state["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(job, "atomic_save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         main([*TINY, f"--run_dir={out}", "--ckpt_interval=2"])
     assert saved == [2, 3, 4]

@@ -13,6 +13,7 @@ from models.tokenizer import Tokenizer
 from training.data.imagefolder import write_imagefolder
 from training.data.shapes import make_shapes
 from training.train_autoencoder import main
+from tests_support import record_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,7 @@ def test_engine_seeds_priors_and_batching(tokenizer):
 def test_tiny_vae_run(tmp_path, monkeypatch):
     import training.train_autoencoder as job
 
-    out, saved, save = tmp_path / "run", [], job.atomic_save
-    monkeypatch.setattr(job, "atomic_save", lambda state, path: (save(state, path), saved.append(state["step"])))
+    out, saved = tmp_path / "run", record_checkpoints(monkeypatch, job)
     model_dir = main(["--preset", "tiny", f"--out={out}", "--variational=true", "--ckpt_interval=2"])
     assert saved == [2, 3, 4, 6]  # with each evaluation (every 3 steps), and every 2 besides
     metrics = json.loads((model_dir / "metrics.json").read_text())

@@ -22,6 +22,7 @@ from training.evaluate import (frechet_distance, memorisation_rate, near_duplica
 from training.synthesize import main as synthesize_main
 from training.common import Dist
 from training.train_gan import check_captions_fit, main, restore_rng
+from tests_support import record_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,15 +98,7 @@ def test_ckpt_interval_checkpoints_between_evaluations_and_a_run_stopped_after_o
     import training.train_gan as job
 
     _, straight = tiny_run
-    out, saved, save = tmp_path / "run", [], job.atomic_save
-
-    def save_then_interrupt(state, path):
-        save(state, path)
-        saved.append(state["step"])
-        if state["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(job, "atomic_save", save_then_interrupt)
+    out, saved = tmp_path / "run", record_checkpoints(monkeypatch, job, stop_after=4)
     with pytest.raises(KeyboardInterrupt):
         main(["--preset", "tiny", f"--run_dir={out}", "--max_steps=6", "--ckpt_interval=2", "--store=false"])
     assert saved == [2, 3, 4]

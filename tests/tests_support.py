@@ -97,3 +97,18 @@ def deny_reading(monkeypatch, file_name: str) -> None:
         return real_read(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", denied)
+
+
+def record_checkpoints(monkeypatch, job, stop_after: int | None = None) -> list[int]:
+    """The steps a training job module checkpoints at (its `atomic_save`, recorded as it
+    writes), raising KeyboardInterrupt (a Ctrl-C) right after the checkpoint of step `stop_after`."""
+    saved, save = [], job.atomic_save
+
+    def save_and_record(state, path):
+        save(state, path)
+        saved.append(state["step"])
+        if state["step"] == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "atomic_save", save_and_record)
+    return saved
