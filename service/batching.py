@@ -197,10 +197,11 @@ class MicroBatcher(Generic[T]):
         """Wait up to max_wait_s for requests sent together with the first, but only while
         fewer have come than made up the previous batch: clients that send one request each
         as soon as their answer arrives are all back without waiting out the window, and a
-        lone client (previous batch of one) does not wait at all."""
+        lone client (previous batch of one) does not wait at all. Nor does a batch that the
+        job at the head of the queue does not fit: nothing behind it may pass it."""
         assert self._wakeup is not None
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while len(batch) < self._expected and cost < self.max_batch_cost:
+        while len(batch) < self._expected and cost < self.max_batch_cost and not self._pending:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break

@@ -624,6 +624,28 @@ def test_a_tgi_stream_whose_engine_dies_ends_with_tgi_s_error_event():
         _format_text_generation_stream_output(last, details=True)
 
 
+def test_a_batch_the_next_queued_job_does_not_fit_goes_at_once():
+    """It lingered for the whole window (CONDGEN_BATCH_WAIT_MS), the job that did not fit waiting
+    behind it, for company that could not join: the queue is first come, first served."""
+    batches: list[list[int]] = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher = MicroBatcher("test", recording(batches), get_metrics(), max_batch_cost=4, max_wait_s=3600)
+        three = [Job(p, cost=1, future=loop.create_future()) for p in (0, 1, 2)]
+        for job in three:  # a batch of three: the next one waits for as many
+            batcher.submit(job)
+        await asyncio.gather(*(j.future for j in three))
+        two, big = Job(3, cost=2, future=loop.create_future()), Job(4, cost=3, future=loop.create_future())
+        batcher.submit(two)
+        batcher.submit(big)  # 2 + 3 > 4: it cannot join
+        await asyncio.gather(two.future, big.future)
+        await batcher.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert batches == [[0, 1, 2], [3], [4]]
+
+
 def test_linger_waits_only_for_as_many_requests_as_the_previous_batch_had():
     """With a one-hour window, batches still start at once: a lone first request does not
     wait, and a batch starts as soon as as many requests as last time have come (but a
