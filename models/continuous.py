@@ -1,17 +1,17 @@
 """Continuous batching: the decode batch is re-formed between steps.
 
 A fixed set of cache slots (rows of pre-allocated KV buffers, one per running sequence),
-a waiting queue, and a scheduler that runs one step at a time:
+a waiting queue, and a scheduler that runs one step at a time (`cancel`, between steps,
+frees a request's slots at once):
 
-  1. drop cancelled requests (their slots are free at once; between steps);
-  2. move the sequences in the highest slots down into the slots freed below them;
-  3. one forward pass over the live slots computes the next logits of every sequence that
+  1. move the sequences in the highest slots down into the slots freed below them;
+  2. one forward pass over the live slots computes the next logits of every sequence that
      sampled a token in the previous step (on CUDA, a replayed CUDA graph: models/decode_graphs.py);
-  4. admit waiting requests while slots and the step's token budget allow;
-  5. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget,
+  3. admit waiting requests while slots and the step's token budget allow;
+  4. prefill admitted prompts, in chunks of at most `prefill_chunk` tokens, within the budget,
      all of the step's chunks in one forward pass; a prompt is prefilled once and its cache
      copied into the slots of its n choices;
-  6. sample one token for every decoding sequence, release text, retire finished ones.
+  5. sample one token for every decoding sequence, release text, retire finished ones.
 
 The step ends with the sampling, so its tokens reach their clients before the next forward
 pass, not after it (one decode step sooner: 1-4.5 ms on the CPU).
@@ -49,7 +49,7 @@ class SchedulerConfig:
     max_running: int = 32  # sequences decoding at once (cache slots)
     max_tokens_per_step: int = 512  # decode tokens + prefill tokens per step
     prefill_chunk: int = 128  # longest piece of one prompt prefilled in a step
-    max_waiting: int = 256  # queued requests beyond which submit() refuses
+    max_waiting: int = 256  # queued requests beyond which check() and add() raise QueueFull
     cuda_graphs: bool = True  # on CUDA, replay the decode step as CUDA graphs (models/decode_graphs.py)
     # Turn on the model's batch-invariant mode: bit-identical logits whatever shares the batch
     # (CPU; slower: GPT.set_batch_invariant). False leaves the model as it is.
@@ -64,7 +64,7 @@ class SchedulerConfig:
 
 
 class QueueFull(RuntimeError):
-    """The waiting queue is at its limit; the service answers 429/503."""
+    """The waiting queue is at its limit: the caller should try again later (the service: 429)."""
 
 
 class EngineStopped(RuntimeError):

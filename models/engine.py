@@ -67,7 +67,7 @@ class TokenLogprob:
     # character share its offset (names of bytes do not add up to the text).
     offset: int = 0
     token_id: int = -1
-    top_ids: tuple[int, ...] = ()  # the ids of `top`'s tokens, in its order (an id past the tokenizer's is "<unused:N>")
+    top_ids: tuple[int, ...] = ()  # the ids of `top`'s tokens, in its order
     # Where the token's text ends there: the end of its last character, which a token ending
     # inside a character shares with the tokens that complete it (set once the text is decoded).
     end: int = 0
@@ -376,8 +376,8 @@ class TextEngine(TextRequests):
     def stream(self, requests: list[CompletionRequest]) -> Iterator[StreamEvent]:
         """Run the requests as one batch, yielding text as it is released.
 
-        The model holds one set of KV caches: callers run one batch at a time (the service's
-        batcher does). Abandoning the iterator simply stops the work.
+        The model holds one set of KV caches: callers run one batch at a time. Abandoning the
+        iterator simply stops the work.
         """
         return self._stream(requests, [self.validate(req) for req in requests])
 

@@ -6,9 +6,10 @@ the routes are a Starlette app mounted into the service, because the API is shap
 its clients (OpenAI-compatible JSON, Server-Sent Events, raw PNG bytes, one error shape)
 rather than by BentoML's IO descriptors. No model math lives here.
 
-Routes: POST /complete, POST /generate, GET /models,
-        POST /v1/completions, POST /v1/chat/completions (with CONDGEN_CHAT_TEMPLATE),
-        POST /v1/images/generations, GET /v1/models.
+Routes (`routes` below): this service's own (/complete, /generate, /models, /tokenize,
+/detokenize, /health), OpenAI's (/v1/completions, /v1/chat/completions with
+CONDGEN_CHAT_TEMPLATE, /v1/images/generations, /v1/models), text-generation-inference's
+(/generate with `inputs`, /generate_stream, POST /, /info) and AUTOMATIC1111's (/sdapi/v1/...).
 
 Models: one text model (GPT_MODEL), the default image model (GAN_MODEL), and optionally the
 raster-scan autoregressive image model (AR_IMAGE_MODEL), which image requests pick by `model`.
