@@ -159,7 +159,7 @@ class ServedImages:
 
     def __init__(self, engine):
         from models.image_engine import ImageEngine
-        from service.app import IMAGE_MAX_BATCH
+        from service.config import IMAGE_MAX_BATCH
         from service.image_worker import ImageWorker
 
         self.worker = ImageWorker(ImageEngine, engine.model_dir, engine.device.type, torch_threads(), IMAGE_MAX_BATCH)

@@ -706,17 +706,17 @@ def test_requests_skip_opentelemetry_unless_tracing_is_asked_for(env, want):
 
 
 def test_engine_processes_share_the_cores_unless_told(monkeypatch):
-    import service.app as app
-    monkeypatch.setattr(app.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(app, "TORCH_THREADS", 0)
-    monkeypatch.setattr(app, "WORKERS", 1)
-    assert app.engine_threads(2) == 8  # text + one image model
-    monkeypatch.setattr(app, "WORKERS", 3)
-    assert app.engine_threads(3) == 1  # 9 processes on 16 cores
-    monkeypatch.setattr(app.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert app.engine_threads(2) == 1  # never 0
-    monkeypatch.setattr(app, "TORCH_THREADS", 4)
-    assert app.engine_threads(2) == 4
+    import service.config as config
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(config, "TORCH_THREADS", 0)
+    monkeypatch.setattr(config, "WORKERS", 1)
+    assert config.engine_threads(2) == 8  # text + one image model
+    monkeypatch.setattr(config, "WORKERS", 3)
+    assert config.engine_threads(3) == 1  # 9 processes on 16 cores
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert config.engine_threads(2) == 1  # never 0
+    monkeypatch.setattr(config, "TORCH_THREADS", 4)
+    assert config.engine_threads(2) == 4
 
 
 def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fails():

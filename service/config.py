@@ -1,0 +1,128 @@
+"""The service's configuration: environment variables, read once when BentoML imports the
+service (a bad value stops the start-up with one line naming the variable), and the models they
+choose. README, Configuration, lists them all."""
+from __future__ import annotations
+
+import os
+
+import bentoml
+import torch
+
+from service import chat
+from service.env import ConfigError, env_choice, env_flag, env_float, env_int
+from service.limits import Limits
+from service.security import model_tag
+
+# Each model variable set empty turns that model off: a text-only or an image-only server.
+GPT_MODEL = model_tag("GPT_MODEL", "gpt:latest")  # refused at start-up unless name[:version]
+GAN_MODEL = model_tag("GAN_MODEL", "gan:latest")
+
+
+def _optional_model_tag(env_var: str, default: str) -> str | None:
+    """An optional model: the tag `env_var` names (then it must exist), else `default` when the
+    store has it; `env_var=""` turns it off."""
+    if env_var in os.environ:
+        return model_tag(env_var, default)
+    try:
+        bentoml.models.get(default)
+    except bentoml.exceptions.NotFound:
+        return None
+    return default
+
+
+AR_IMAGE_MODEL = _optional_model_tag("AR_IMAGE_MODEL", "ar_image:latest")
+if not (GPT_MODEL or GAN_MODEL or AR_IMAGE_MODEL):
+    raise ConfigError("GPT_MODEL and GAN_MODEL are empty and no AR_IMAGE_MODEL is served: no model to serve "
+                      "(unset GPT_MODEL or GAN_MODEL for the default)")
+
+
+def _check_family(env_var: str, tag: str | None, family: str) -> None:
+    """A model the variable names that is missing, or of another family (GPT_MODEL=gan:latest),
+    stops the start-up, naming the variable, rather than being listed under the wrong kind and
+    failing when loaded. (Importing this module for its helpers needs no models: a missing
+    default is left to BentoML's start-up.)"""
+    if tag is None:  # not served
+        return
+    try:
+        labels = bentoml.models.get(tag).info.labels
+    except bentoml.exceptions.NotFound:
+        if env_var not in os.environ:  # a default (`make serve` trains it): BentoML's error names the tag
+            return
+        # A tag the user set: BentoML's error named neither the variable nor the store, and spoke
+        # of a "cloud context" (and `none` or `off` is what one tries to turn a model off).
+        store = os.environ.get("BENTOML_HOME") or os.path.expanduser("~/bentoml")
+        raise ConfigError(f"{env_var}={tag!r} is not in the model store at {store}: train it there, or set "
+                          f"{env_var}= (empty) to serve without it") from None
+    if labels.get("family", family) != family:
+        raise ConfigError(f"{env_var}={tag!r} is a {labels['family']!r} model; {env_var} needs a {family!r} model")
+
+
+_check_family("GPT_MODEL", GPT_MODEL, "gpt")
+_check_family("GAN_MODEL", GAN_MODEL, "gan")
+_check_family("AR_IMAGE_MODEL", AR_IMAGE_MODEL, "ar_image")
+
+
+def _pinned(tag: str) -> str:
+    """The exact version `tag` names now ("gpt:latest" -> "gpt:abc123"), when the store has it."""
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except bentoml.exceptions.NotFound:
+        return tag
+
+
+# The models chosen when the Bento is built are its container's defaults (Dockerfile ENV), pinned
+# to the versions it packs: a Bento built with GPT_MODEL=my-gpt serves that my-gpt, not a newer
+# one trained since (which the Bento does not hold). A text or GAN model turned off stays off
+# there (empty). An AR model left out is simply not in the Bento's store, and is not listed:
+# BentoML takes an entry without a value for a variable that `bentoml serve` requires set, and
+# `make serve` on a store without ar_image stopped there.
+MODEL_ENVS = [{"name": name, "value": _pinned(tag) if tag else ""} for name, tag in
+              (("GPT_MODEL", GPT_MODEL), ("GAN_MODEL", GAN_MODEL), ("AR_IMAGE_MODEL", AR_IMAGE_MODEL))
+              if tag or name != "AR_IMAGE_MODEL"]
+DEVICE = env_choice("CONDGEN_DEVICE", "auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")  # auto = CUDA when available
+if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cuda.device_count():
+    # Else every engine failed to load and the server stayed up, never ready, with torch's
+    # "Torch not compiled with CUDA enabled" in its log.
+    raise ConfigError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
+MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
+TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
+TEXT_TOKEN_BUDGET = env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512, 1)  # decode + prefill tokens per step
+TEXT_MAX_WAITING = env_int("CONDGEN_TEXT_MAX_WAITING", 256, 0)  # queued completion requests, beyond it 429
+CUDA_GRAPHS = env_flag("CONDGEN_CUDA_GRAPHS", True)  # on CUDA, replay the decode step as CUDA graphs
+# Completions bit for bit independent of what shares their batch (CPU only; slower: README, Batching)
+BATCH_INVARIANT = env_flag("CONDGEN_BATCH_INVARIANT", False)
+LIMITS = Limits.from_env()  # in-flight requests, deadline, Retry-After (service.limits)
+RETRY_AFTER_S = LIMITS.retry_after_s  # the Retry-After of a 429
+IMAGE_MAX_BATCH = env_int("CONDGEN_IMAGE_MAX_BATCH", 64, 1)  # images per forward pass
+IMAGE_MAX_QUEUE = env_int("CONDGEN_MAX_QUEUE", 256, 1)  # images waiting for the engine, beyond it 429
+BATCH_WAIT_S = env_float("CONDGEN_BATCH_WAIT_MS", 10.0, 0, allow_minimum=True) / 1000  # linger for requests sent together
+ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
+# BentoML wraps every request in an OpenTelemetry span, and by default samples none of them;
+# the wrapping alone was 0.3-0.4 ms of the event loop's CPU per request (0.83-0.94 against
+# 0.54-0.56 ms with it off, single images). Set to 1 when a tracing exporter is configured.
+TRACE_REQUESTS = env_flag("CONDGEN_TRACE_REQUESTS", False)
+WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its own models and batchers
+# Per engine process; 0 = share the cores out. More threads than cores only slow torch down
+# (500 made a completion 100x slower; 100,000 crashed the engine and exhausted the host's processes).
+TORCH_THREADS = env_int("CONDGEN_TORCH_THREADS", 0, 0, os.cpu_count() or 1)
+MAX_BODY_BYTES = 1 << 20
+# A request holds one of the CONDGEN_MAX_INFLIGHT places from its headers on, so a client that
+# sends headers and then stalls must not keep it until the deadline: 64 such sockets would
+# shut everyone else out for two minutes. The body has this long to arrive (then 408).
+BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
+# A Jinja2 chat template (Hugging Face's convention), read and compiled here; unset: no chat route.
+CHAT_TEMPLATE = chat.template_from_env(os.environ)
+CHAT_PATH = "/v1/chat/completions"
+
+
+def engine_threads(engines: int) -> int:
+    """Torch CPU threads for each of a worker's `engines` processes: CONDGEN_TORCH_THREADS, or
+    the cores this server may use shared out among all engine processes of all workers.
+    torch's own default gives every process all the cores, and their spinning threads then
+    take the CPU from each other and from the event loop (2 cores, text and image engines,
+    through HTTP: 506 images/s and 4,208 tokens/s with 2 threads each, 653 and 4,562 with 1)."""
+    if TORCH_THREADS > 0:
+        return TORCH_THREADS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // (WORKERS * engines))
