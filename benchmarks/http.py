@@ -194,7 +194,7 @@ class ServedImages:
                 i += concurrency
 
         async def run() -> float:
-            batcher = image_batcher(run_batch, service_metrics(), ImageEngine)  # the service's, for a GAN
+            batcher = image_batcher(run_batch, service_metrics(), ImageEngine, "gan")  # the service's, for a GAN
             start = time.perf_counter()
             await asyncio.gather(*(caller(batcher, w, start) for w in range(concurrency)))
             elapsed = time.perf_counter() - start

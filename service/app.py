@@ -452,8 +452,8 @@ class ServedModel:
 
 
 def image_batcher(run: Callable[[list[Job[ImageRequest]]], Awaitable[None]], metrics: Metrics,
-                  engine_class: type) -> MicroBatcher[ImageRequest]:
-    """The micro-batcher in front of one image model's worker process."""
+                  engine_class: type, model: str) -> MicroBatcher[ImageRequest]:
+    """The micro-batcher in front of one image model's worker process (`model`: its name)."""
     return MicroBatcher(
         IMAGE, run, metrics, IMAGE_MAX_BATCH, BATCH_WAIT_S, max_queue_cost=IMAGE_MAX_QUEUE,
         retry_after_s=RETRY_AFTER_S,
@@ -461,7 +461,7 @@ def image_batcher(run: Callable[[list[Job[ImageRequest]]], Awaitable[None]], met
         # One pass per batch (the GAN) is as short as answering its clients: two alternating
         # halves keep the worker busy. An AR model's batch is hundreds of sequential steps;
         # there, every request it holds is what pays.
-        split_when_idle=engine_class is ImageEngine)
+        split_when_idle=engine_class is ImageEngine, model=model)
 
 
 def image_parameters(req: ImageRequest, i: int, tag: str) -> dict[str, Any]:
@@ -609,10 +609,10 @@ class Generation:
             if stored is not None:
                 backend = ImageBackend(ServedModel.from_store("image", stored), stored, engine_class, checker_class)
                 backend.batcher = image_batcher(functools.partial(self._run_images, backend), self.metrics,
-                                                engine_class)
+                                                engine_class, backend.served.name)
                 self.images[backend.served.tag] = backend
         self.served_models = [m for m in (self.text_model, *(b.served for b in self.images.values())) if m]
-        self.metrics.start_counters([(m.name, m.kind) for m in self.served_models])
+        self.metrics.start_series([(m.name, m.kind) for m in self.served_models])
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()
@@ -821,16 +821,16 @@ class Generation:
         """Called (on the engine process's reader thread) for each request the engine admits:
         counted here, its client there or not (the route counted only those whose client was
         still there to see the first event, while the engine had prefilled them all)."""
-        self.metrics.queue_time.labels(endpoint=TEXT).observe(waited)
+        self.metrics.queue_time.labels(endpoint=TEXT, model=self.text_model.name).observe(waited)
         self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)
 
     def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
         """Called (on the engine process's reader thread) after every decode step."""
         if batch_size:  # one token per sequence sampled, whether or not its client is still there
-            self.metrics.batch_size.labels(endpoint=TEXT).observe(batch_size)
+            self.metrics.batch_size.labels(endpoint=TEXT, model=self.text_model.name).observe(batch_size)
             self.metrics.generated_tokens.labels(model=self.text_model.name).inc(batch_size)
-        self.metrics.requests_running.labels(endpoint=TEXT).set(running)
-        self.metrics.requests_waiting.labels(endpoint=TEXT).set(waiting)
+        self.metrics.requests_running.labels(endpoint=TEXT, model=self.text_model.name).set(running)
+        self.metrics.requests_waiting.labels(endpoint=TEXT, model=self.text_model.name).set(waiting)
 
     def _text_requests(self) -> TextRequests:
         """The text model's request checker: 404 on a server that serves none, 503 until loaded."""

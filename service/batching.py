@@ -54,10 +54,11 @@ class MicroBatcher(Generic[T]):
     def __init__(self, endpoint: str, run: Callable[[list[Job[T]]], Awaitable[None]],
                  metrics: Metrics, max_batch_cost: int = 64, max_wait_s: float = 0.0,
                  max_queue_cost: int | None = None, retry_after_s: int = 1, max_in_flight: int = 1,
-                 split_when_idle: bool = False):
+                 split_when_idle: bool = False, model: str = ""):
         if split_when_idle and max_in_flight < 2:
             raise ValueError("split_when_idle needs max_in_flight >= 2: the second half waits in the worker")
         self.endpoint = endpoint
+        self.labels = {"endpoint": endpoint, "model": model}  # of its metrics
         # Beyond this much queued cost (images), `submit` refuses: a bounded queue answers
         # "not now" at once instead of making everyone wait longer.
         self.max_queue_cost = max_queue_cost
@@ -96,7 +97,7 @@ class MicroBatcher(Generic[T]):
             self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher-{self.endpoint}")
         self._pending.append(job)
         self._queued_cost += job.cost
-        self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc()
+        self.metrics.requests_waiting.labels(**self.labels).inc()
         self._wakeup.set()
 
     def withdraw(self, job: Job[T]) -> None:
@@ -108,7 +109,7 @@ class MicroBatcher(Generic[T]):
         except ValueError:  # taken into a batch already, or never queued
             return
         self._queued_cost -= job.cost
-        self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+        self.metrics.requests_waiting.labels(**self.labels).dec()
 
     async def close(self) -> None:
         """Stop taking jobs: those still queued, or taken into a batch not yet handed over,
@@ -126,7 +127,7 @@ class MicroBatcher(Generic[T]):
         while self._pending:
             job = self._pending.popleft()
             self._queued_cost -= job.cost
-            self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+            self.metrics.requests_waiting.labels(**self.labels).dec()
             fail(job, gone)
 
     def _take(self, batch: list[Job[T]], cost: int) -> int:
@@ -137,7 +138,7 @@ class MicroBatcher(Generic[T]):
                 break
             self._pending.popleft()
             self._queued_cost -= job.cost
-            self.metrics.requests_waiting.labels(endpoint=self.endpoint).dec()
+            self.metrics.requests_waiting.labels(**self.labels).dec()
             batch.append(job)
             cost += job.cost
         return cost
@@ -186,7 +187,7 @@ class MicroBatcher(Generic[T]):
         del batch[kept:]
         self._pending.extendleft(reversed(rest))
         self._queued_cost += cost - kept_cost
-        self.metrics.requests_waiting.labels(endpoint=self.endpoint).inc(len(rest))
+        self.metrics.requests_waiting.labels(**self.labels).inc(len(rest))
         return kept_cost
 
     def _batch_done(self, task: asyncio.Task) -> None:
@@ -218,10 +219,10 @@ class MicroBatcher(Generic[T]):
         # Queue time ends at the hand-over: with max_in_flight 2, a batch may still wait in the
         # worker for the one before it (README, Metrics).
         for job in batch:
-            m.queue_time.labels(endpoint=self.endpoint).observe(now - job.arrived)
-        m.batch_size.labels(endpoint=self.endpoint).observe(len(batch))
-        m.batch_items.labels(endpoint=self.endpoint).observe(cost)
-        running = m.requests_running.labels(endpoint=self.endpoint)
+            m.queue_time.labels(**self.labels).observe(now - job.arrived)
+        m.batch_size.labels(**self.labels).observe(len(batch))
+        m.batch_items.labels(**self.labels).observe(cost)
+        running = m.requests_running.labels(**self.labels)
         running.inc(len(batch))
         self._running_cost += cost
         try:

@@ -31,22 +31,27 @@ IMAGE = "images"
 class Metrics:
     time_to_first_token: Any  # Histogram: request accepted (checked, tokenized) -> first token of a choice
     inter_token_latency: Any  # Histogram: between consecutive tokens of one choice
-    queue_time: Any  # Histogram{endpoint}: arrival -> taken into an engine batch (images: handed to the worker)
-    batch_size: Any  # Histogram{endpoint}: completions: sequences per decode step; images: requests per batch
-    batch_items: Any  # Histogram{endpoint}: images per batch
-    requests_running: Any  # Gauge{endpoint}: completions: sequences decoding; images: requests handed to the worker
-    requests_waiting: Any  # Gauge{endpoint}: requests queued for the engine now
+    queue_time: Any  # Histogram{endpoint, model}: arrival -> taken into an engine batch (images: handed to the worker)
+    batch_size: Any  # Histogram{endpoint, model}: completions: sequences per decode step; images: requests per batch
+    batch_items: Any  # Histogram{endpoint, model}: images per batch
+    requests_running: Any  # Gauge{endpoint, model}: completions: sequences decoding; images: requests handed to the worker
+    requests_waiting: Any  # Gauge{endpoint, model}: requests queued for the engine now
     generated_tokens: Any  # Counter{model}
     prompt_tokens: Any  # Counter{model}
     images: Any  # Counter{model}
     request_errors: Any  # Counter{endpoint, status}: 4xx/5xx answers from our routes
     engine_deaths: Any  # Counter{model}: engine processes found dead (each is started again)
 
-    def start_counters(self, models: list[tuple[str, str]]) -> None:
-        """Each served model's counters (name, "text" or "image"), at 0 from the start: a series
-        that first appears at 1 is no increase to `increase()` or `rate()`, so the first engine
-        death fired no alert."""
+    def start_series(self, models: list[tuple[str, str]]) -> None:
+        """Each served model's series (name, "text" or "image") from the start, at 0: a series
+        that first appears at 1 is no increase to `increase()` or `rate()` (the first engine
+        death fired no alert), and one that is absent shows "no data" on a dashboard, not 0."""
         for name, kind in models:
+            endpoint = TEXT if kind == "text" else IMAGE
+            self.requests_running.labels(endpoint=endpoint, model=name).set(0)
+            self.requests_waiting.labels(endpoint=endpoint, model=name).set(0)
+            for histogram in (self.queue_time, self.batch_size) + ((self.batch_items,) if kind == "image" else ()):
+                histogram.labels(endpoint=endpoint, model=name)
             self.engine_deaths.labels(model=name)
             for counter in (self.generated_tokens, self.prompt_tokens) if kind == "text" else (self.images,):
                 counter.labels(model=name)
@@ -98,14 +103,13 @@ def get_metrics() -> Metrics:
         inter_token_latency=histogram("inter_token_latency_seconds",
                                       "Seconds between consecutive tokens of one choice"),
         queue_time=histogram("queue_time_seconds", "Seconds a request waited for an engine batch",
-                             ("endpoint",)),
+                             ("endpoint", "model")),
         batch_size=histogram("batch_size", "Completions: sequences per decode step; images: requests per batch",
-                             ("endpoint",), BATCH_BUCKETS),
-        batch_items=histogram("batch_items", "Images per batch", ("endpoint",),
-                              BATCH_BUCKETS),
+                             ("endpoint", "model"), BATCH_BUCKETS),
+        batch_items=histogram("batch_items", "Images per batch", ("endpoint", "model"), BATCH_BUCKETS),
         requests_running=gauge("requests_running", "Completions: sequences decoding; images: requests handed to "
-                                                    "the worker", ("endpoint",)),
-        requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint",)),
+                                                    "the worker", ("endpoint", "model")),
+        requests_waiting=gauge("requests_waiting", "Requests queued for an engine call", ("endpoint", "model")),
         generated_tokens=pc.Counter(f"{PREFIX}_generated_tokens", "Tokens sampled by the engine, its clients "
                                     "still there or not", ("model",)),
         prompt_tokens=pc.Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of the completion requests admitted",
@@ -116,10 +120,4 @@ def get_metrics() -> Metrics:
         engine_deaths=pc.Counter(f"{PREFIX}_engine_deaths", "Engine processes found dead (each is started again)",
                                  ("model",)),
     )
-    for endpoint in (TEXT, IMAGE):  # at 0 from the start, not absent until the first request
-        metrics.requests_running.labels(endpoint=endpoint).set(0)
-        metrics.requests_waiting.labels(endpoint=endpoint).set(0)
-        metrics.queue_time.labels(endpoint=endpoint)
-        metrics.batch_size.labels(endpoint=endpoint)
-    metrics.batch_items.labels(endpoint=IMAGE)
     return metrics

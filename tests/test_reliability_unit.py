@@ -423,11 +423,12 @@ def test_image_queue_is_bounded_by_cost():
 def test_every_labelled_series_a_dashboard_reads_exists_before_the_first_request():
     """The images' queue time, batch size and batch items had no series until the first image
     request: a rate() or an alert on them showed "no data", not 0."""
-    get_metrics()
-    for name, endpoint in [("condgen_queue_time_seconds_count", "images"), ("condgen_batch_size_count", "images"),
-                           ("condgen_batch_items_count", "images"), ("condgen_queue_time_seconds_count", "completions"),
-                           ("condgen_batch_size_count", "completions")]:
-        assert REGISTRY.get_sample_value(name, {"endpoint": endpoint}) is not None, (name, endpoint)
+    get_metrics().start_series([("gpt", "text"), ("gan", "image"), ("ar_image", "image")])
+    for name, endpoint, model in [
+            ("condgen_queue_time_seconds_count", "images", "gan"), ("condgen_batch_size_count", "images", "gan"),
+            ("condgen_batch_items_count", "images", "ar_image"), ("condgen_queue_time_seconds_count", "completions", "gpt"),
+            ("condgen_batch_size_count", "completions", "gpt"), ("condgen_requests_waiting", "images", "ar_image")]:
+        assert REGISTRY.get_sample_value(name, {"endpoint": endpoint, "model": model}) is not None, (name, model)
 
 
 def test_openapi_document_covers_every_route_with_the_pydantic_bodies():

@@ -367,12 +367,14 @@ def test_stream_request_errors_before_streaming_are_plain_4xx(client):
 
 def test_each_served_models_counters_exist_from_the_start_and_buckets_span_the_timeout(client, models):
     """A counter first seen at 1 is no increase to increase() or rate(): the first engine
-    death (or the first tokens) of a model fired no alert."""
+    death (or the first tokens) of a model fired no alert. The queue and batch series are each
+    model's too: the GAN's and the AR model's batches, far apart in length, were summed."""
     series = {(name, dict(labels).get("model")) for name, labels in scrape(client)}
     for name, m in models.items():
         counters = ["condgen_generated_tokens_total", "condgen_prompt_tokens_total"] if m["kind"] == "text" \
-            else ["condgen_images_total"]
-        for counter in ["condgen_engine_deaths_total", *counters]:
+            else ["condgen_images_total", "condgen_batch_items_count"]
+        for counter in ["condgen_engine_deaths_total", "condgen_requests_running", "condgen_requests_waiting",
+                        "condgen_queue_time_seconds_count", "condgen_batch_size_count", *counters]:
             assert (counter, name) in series, (counter, name)
     # latency buckets from a GPU's token gaps to CONDGEN_TIMEOUT (they stopped at 1 ms and 60 s)
     bounds = {dict(labels)["le"] for name, labels in scrape(client)

@@ -229,14 +229,14 @@ def test_worker_health_counts_the_running_workers_states_only(tmp_path):
 def test_engine_gauges_are_zero_before_the_first_request():
     """Not absent until an engine first reports: a dashboard sees 0 from the start. A process of
     its own, so that no other test's metrics have touched the gauges yet."""
-    code = ("import prometheus_client as pc; from service.metrics import get_metrics; get_metrics(); "
-            "print(pc.generate_latest().decode())")
+    code = ("import prometheus_client as pc; from service.metrics import get_metrics; "
+            "get_metrics().start_series([('gpt', 'text'), ('gan', 'image')]); print(pc.generate_latest().decode())")
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     for gauge in ("condgen_requests_running", "condgen_requests_waiting"):
-        for endpoint in ("completions", "images"):
-            assert f'{gauge}{{endpoint="{endpoint}"}} 0.0' in out
+        for endpoint, model in (("completions", "gpt"), ("images", "gan")):
+            assert f'{gauge}{{endpoint="{endpoint}",model="{model}"}} 0.0' in out
 
 
 @pytest.mark.parametrize("data, param", [
@@ -459,7 +459,7 @@ def test_jobs_whose_clients_left_free_their_queue_places_at_once():
             batcher.withdraw(job)
         live = Job(3, cost=4, future=loop.create_future())
         batcher.submit(live)  # raised Overloaded: the queue held the dead jobs' cost
-        waiting = get_metrics().requests_waiting.labels(endpoint="test-withdraw")._value.get()
+        waiting = get_metrics().requests_waiting.labels(endpoint="test-withdraw", model="")._value.get()
         busy.set()
         await asyncio.gather(running.future, live.future)
         await batcher.close()
