@@ -230,9 +230,22 @@ class ContinuousEngine:
 
     def _prefill(self, budget: int, events: list[StreamEvent]) -> None:
         """Prefill the next chunk of each prompt, in admission order and within the budget,
-        all in one forward pass (right-padded); a finished prompt's cache is copied into the
-        slots of its n choices."""
-        chunks: list[tuple[_Group, int, int]] = []  # (group, start, end)
+        all in one forward pass; a prompt done is handed to the decoding sequences."""
+        chunks = self._plan_chunks(budget)
+        if not chunks:
+            return
+        hidden, logits = self._prefill_pass(chunks)
+        for i, (group, start, end) in enumerate(chunks):
+            group.prefilled = end
+            if group.req.prompt_logprobs:
+                self._score_chunk(group, hidden[i], start, end)
+            if end == len(group.prompt):
+                self._finish_prefill(group, logits[i], events)
+
+    def _plan_chunks(self, budget: int) -> list[tuple[_Group, int, int]]:
+        """(group, start, end) of the prompt pieces this step prefills: at most `prefill_chunk`
+        tokens of each prompt, in admission order, `budget` tokens in all."""
+        chunks = []
         for group in self.prefilling:
             if budget <= 0:
                 break
@@ -240,8 +253,11 @@ class ContinuousEngine:
             end = min(len(group.prompt), start + self.cfg.prefill_chunk, start + budget)
             chunks.append((group, start, end))
             budget -= end - start
-        if not chunks:
-            return
+        return chunks
+
+    def _prefill_pass(self, chunks: list[tuple[_Group, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass over the chunks, right-padded, each into its group's first slot:
+        the hidden states (G, T, C) and the logits after each chunk's last token (G, V)."""
         T = max(end - start for _, start, end in chunks)
         last_slot = self.engine.block_size - 1
         idx = torch.zeros(len(chunks), T, dtype=torch.long)
@@ -255,26 +271,25 @@ class ContinuousEngine:
         rows = torch.tensor([group.seqs[0].slot for group, _, _ in chunks], device=self.device)
         ends = torch.tensor([end - start - 1 for _, start, end in chunks], device=self.device)
         hidden = self.model.hidden_cached(idx, pos, mask, rows=rows, prompt_pass=True)  # (G, T, C)
-        logits = self.model.logits(hidden[torch.arange(len(chunks), device=self.device), ends])  # (G, V)
-        for i, (group, start, end) in enumerate(chunks):
-            group.prefilled = end
-            if group.req.prompt_logprobs:
-                self._score_chunk(group, hidden[i], start, end)
-            if end < len(group.prompt):
-                continue
-            self.prefilling.remove(group)
-            scored = (prompt_entries(self.engine.tokenizer, group.prompt, group.scores, group.req.logprobs or 0)
-                      if group.req.prompt_logprobs else None)
-            events += prompt_events(group.id, group.req, scored)
-            if group.req.max_tokens == 0:  # nothing to generate: done
-                self._release(group)
-                continue
-            slot = group.seqs[0].slot
-            for seq in group.seqs:
-                if seq.slot != slot:
-                    self.model.copy_cache_row(slot, seq.slot, end)
-                self.pending[seq.slot] = logits[i].float()
-                self.decoding[seq.slot] = (group, seq)
+        return hidden, self.model.logits(hidden[torch.arange(len(chunks), device=self.device), ends])
+
+    def _finish_prefill(self, group: _Group, logits: torch.Tensor, events: list[StreamEvent]) -> None:
+        """A prompt fully in the cache: its scored prompt (if asked for), then its choices
+        decode from `logits`, the cache copied from its first slot into the others' (a request
+        with max_tokens 0 is done)."""
+        self.prefilling.remove(group)
+        scored = (prompt_entries(self.engine.tokenizer, group.prompt, group.scores, group.req.logprobs or 0)
+                  if group.req.prompt_logprobs else None)
+        events += prompt_events(group.id, group.req, scored)
+        if group.req.max_tokens == 0:  # nothing to generate
+            self._release(group)
+            return
+        slot = group.seqs[0].slot
+        for seq in group.seqs:
+            if seq.slot != slot:
+                self.model.copy_cache_row(slot, seq.slot, len(group.prompt))
+            self.pending[seq.slot] = logits.float()
+            self.decoding[seq.slot] = (group, seq)
 
     def _score_chunk(self, group: _Group, hidden: torch.Tensor, start: int, end: int) -> None:
         """Score the prompt tokens that this chunk's positions predict (position j, the token at
