@@ -151,20 +151,26 @@ class LimitMiddleware:
             await asyncio.gather(task, return_exceptions=True)
             if state["ended"]:  # the client has its whole answer; only the clean-up after it was cut short
                 return
-            logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], lim.deadline_s)
-            count_error(scope["path"], 504)
-            err = ApiError(504, f"the request did not finish within its {lim.deadline_s:g}s deadline",
-                           type="server_error", code="deadline_exceeded")
-            if not state["started"]:
-                await send_error(send, scope, err, tgi_shape=is_tgi_request(scope))
-            else:
-                # Headers are gone: report in-band as a stream error does (with [DONE] after it
-                # in the OpenAI layout, TGI's has none), then end the body.
-                tail, tgi_shape = b"", is_tgi_request(scope)
-                if state["sse"]:
-                    tail = sse_event(error_body(err, tgi_shape)[1]) + (b"" if tgi_shape else SSE_DONE)
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await self._deadline_passed(scope, send, state)
         finally:
             if not task.done():  # this request itself was cancelled (server shutting down)
                 task.cancel()
             release()
+
+    async def _deadline_passed(self, scope: Scope, send: Send, state: dict[str, Any]) -> None:
+        """Answer a request cancelled at its deadline with a 504, or, once its headers are out,
+        end its body (a stream's with the error event, as a stream error ends)."""
+        deadline_s = self.limits.deadline_s
+        logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], deadline_s)
+        count_error(scope["path"], 504)
+        err = ApiError(504, f"the request did not finish within its {deadline_s:g}s deadline",
+                       type="server_error", code="deadline_exceeded")
+        if not state["started"]:
+            await send_error(send, scope, err, tgi_shape=is_tgi_request(scope))
+            return
+        # Headers are gone: report in-band as a stream error does (with [DONE] after it in the
+        # OpenAI layout, TGI's has none), then end the body.
+        tail, tgi_shape = b"", is_tgi_request(scope)
+        if state["sse"]:
+            tail = sse_event(error_body(err, tgi_shape)[1]) + (b"" if tgi_shape else SSE_DONE)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
