@@ -168,8 +168,13 @@ CHAT_HINT = ("; the text model has no chat template: set CONDGEN_CHAT_TEMPLATE t
 # AUTOMATIC1111's and OpenAI's other image routes: these models take no input image.
 IMG2IMG_HINT = "; the image models here draw from a prompt only (no input image): use /sdapi/v1/txt2img"
 EDITS_HINT = "; the image models here draw from a prompt only (no input image): use /v1/images/generations"
+# AUTOMATIC1111's interrupt and skip stop the one job of a one-user UI; here a server's clients
+# share the engine, and a client stops its own request by closing its connection.
+INTERRUPT_HINT = ("; a request is cancelled when its client closes the connection (its queued or running images "
+                  "are dropped); there is no server-wide interrupt, which would stop other clients' images")
 ROUTE_HINTS = {"/v1/chat/completions": CHAT_HINT, "/sdapi/v1/img2img": IMG2IMG_HINT,
-               "/v1/images/edits": EDITS_HINT, "/v1/images/variations": EDITS_HINT}
+               "/v1/images/edits": EDITS_HINT, "/v1/images/variations": EDITS_HINT,
+               "/sdapi/v1/interrupt": INTERRUPT_HINT, "/sdapi/v1/skip": INTERRUPT_HINT}
 
 
 def _as_json(scope: Scope, start: Message) -> ApiError | None:

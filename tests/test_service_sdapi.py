@@ -156,6 +156,9 @@ def test_img2img_is_a_404_that_says_why(client):
     for route in ("/v1/images/edits", "/v1/images/variations"):  # OpenAI's, likewise (a bare "no route" before)
         r = client.post(route, files={"image": ("a.png", b"png")})
         assert r.status_code == 404 and "/v1/images/generations" in r.json()["error"]["message"], r.text
+    for route in ("/sdapi/v1/interrupt", "/sdapi/v1/skip"):  # webuiapi's interrupt() and skip()
+        r = client.post(route)
+        assert r.status_code == 404 and "closes the connection" in r.json()["error"]["message"], r.text
 
 
 def test_unknown_model_is_a_404(client):
