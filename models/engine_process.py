@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 class EngineFailed(RuntimeError):
-    """The engine process could not start or has died; the service answers 503."""
+    """The engine process could not start or has died; the service answers 503. `exitcode`:
+    the process's, when it exited while starting (negative: killed by that signal)."""
+
+    def __init__(self, message: str, exitcode: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
 
 
 @dataclass
@@ -84,7 +89,8 @@ class EngineProcess(EventStreams):
         status, detail = self._recv_start()
         if status != "ready":
             self._abandon()
-            raise EngineFailed(f"the text engine process failed to start: {detail}")
+            raise EngineFailed(f"the text engine process failed to start: {detail}",
+                               self._proc.exitcode if status == "exited" else None)
         self._reader = threading.Thread(target=self._read, name="text-engine-reader", daemon=True)
         self._reader.start()
         # Before multiprocessing's own exit handler, which would wait on a child that ignores SIGTERM.
@@ -102,7 +108,7 @@ class EngineProcess(EventStreams):
             return self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(timeout=5)  # its pipe closes before it is reaped: no exit code until then
-            return "failed", f"it exited with code {self._proc.exitcode}"
+            return "exited", f"it exited with code {self._proc.exitcode}"
 
     # --- the server's side ------------------------------------------------------------------
     def check(self, req: CompletionRequest, ahead: int = 0) -> list[int]:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -56,7 +57,7 @@ from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_INVARIANT, BATCH_W
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.image_worker import ImageWorker, WorkerDied
 from service.limits import count_error, error_body
-from service.metrics import IMAGE, TEXT, Metrics, get_metrics
+from service.metrics import IMAGE, TEXT, Metrics, forget_dead_processes, get_metrics
 from service.schemas import (
     MAX_N,
     MAX_SEED,
@@ -80,6 +81,7 @@ logger = logging.getLogger("condgen.service")
 logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
+STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGINT)  # an engine's exit code when the server's stop reached it
 
 
 def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -682,11 +684,15 @@ class Generation:
                             self.ar_image.tag)
             self._ready.set()
         except Exception as e:
-            # One line that names the bad file (ArtifactError messages start with its path),
-            # then the traceback for whoever needs it; answers name the file by its model's tag
-            # instead (the store's place on the server's disk is none of a client's business).
-            logger.error("loading the models failed; the service stays not ready: %s: %s", type(e).__name__, e,
-                         exc_info=True)
+            if self._stopping or getattr(e, "exitcode", None) in STOP_SIGNALS:
+                # The server stops while this worker loads: its engines were stopped, not broken.
+                logger.info("loading the models stopped: the server is stopping (%s)", e)
+            else:
+                # One line that names the bad file (ArtifactError messages start with its path),
+                # then the traceback for whoever needs it; answers name the file by its model's
+                # tag instead (the store's place on the server's disk is none of a client's business).
+                logger.error("loading the models failed; the service stays not ready: %s: %s", type(e).__name__, e,
+                             exc_info=True)
             self.load_error = f"{type(e).__name__}: {e}"
             for stored in (self.gpt, self.gan, self.ar_image):
                 if stored is not None:
@@ -735,16 +741,21 @@ class Generation:
             time.sleep(0.5)
             if self._stopping:  # the engines stop because this worker does: no deaths
                 return
+            forget_dead_processes(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # a worker killed: its gauges
             try:
                 dead = self._dead_engines()
             except Exception:  # (a loop closing under a health check, say): the watch goes on
                 logger.exception("checking the engine processes failed")
                 continue
+            if dead:  # not ready, for the other workers' probes too, before the restarts (seconds each)
+                self.health.publish(self._ready_here(), not self._failed_starts)
             for name, revive in dead:
                 if name not in down:
                     down.add(name)
-                    model = self.text_model.name if name == "text" else self.images[name].served.name
-                    self.metrics.engine_deaths.labels(model=model).inc()
+                    served = self.text_model if name == "text" else self.images[name].served
+                    self.metrics.engine_deaths.labels(model=served.name).inc()
+                    logger.error("the %s has died: starting it again (the other models keep serving)",
+                                 "text engine" if name == "text" else f"image engine of {name}")
                 if time.monotonic() < retry_at.get(name, 0.0) or self._stopping:
                     continue
                 try:
@@ -770,7 +781,6 @@ class Generation:
                        for tag, backend in self.images.items() if backend.failed]
 
     def _revive_text_engine(self) -> None:
-        logger.error("the text engine has died: starting it again (the other models keep serving)")
         self.text_stream.shutdown()  # its pipe: the process is gone
         started = time.perf_counter()
         fresh = self._text_engine()
@@ -782,7 +792,6 @@ class Generation:
 
     def _revive_image_worker(self, backend: ImageBackend) -> None:
         dead, tag = backend.worker, backend.served.tag
-        logger.error("the image engine of %s has died: starting it again (the other models keep serving)", tag)
         while dead.failure is None:  # the event loop records the death first (and fails its batches in flight)
             if self._stopping:
                 return

@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerDied(RuntimeError):
-    """The worker process is gone (killed, out of memory); the service answers 503."""
+    """The worker process is gone (killed, out of memory); the service answers 503. `exitcode`:
+    the process's, when it exited while starting (negative: killed by that signal)."""
+
+    def __init__(self, message: str, exitcode: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
 
 
 class WorkerError(RuntimeError):
@@ -81,7 +86,7 @@ class ImageWorker:
         except (EOFError, OSError):
             self._proc.join(timeout=5)
             self.failure = f"the image worker exited with code {self._proc.exitcode}"
-            raise WorkerDied(self.failure) from None
+            raise WorkerDied(self.failure, self._proc.exitcode) from None
         if status != "ready":
             self.failure = detail
             raise WorkerError(detail)

@@ -41,7 +41,10 @@ class WorkerHealth:
         states = []
         for name in os.listdir(self.folder):
             match = STATE_FILE.fullmatch(name)
-            if not match or int(match.group(1)) == os.getpid() or not process_exists(int(match.group(1))):
+            if not match or int(match.group(1)) == os.getpid():
+                continue
+            if not process_exists(int(match.group(1))):  # a worker killed: gone, before its pid is reused
+                (self.folder / name).unlink(missing_ok=True)
                 continue
             try:
                 states.append(json.loads((self.folder / name).read_text()))

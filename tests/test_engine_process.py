@@ -258,7 +258,7 @@ def test_a_child_that_dies_while_starting_reports_its_exit_code():
     proc._conn, child = mp.Pipe()
     child.close()
     proc._proc = Reaped()
-    assert proc._recv_start() == ("failed", "it exited with code -9")
+    assert proc._recv_start() == ("exited", "it exited with code -9")
 
 
 def test_a_request_that_passed_its_check_as_the_engine_died_fails_instead_of_waiting(model_dir):

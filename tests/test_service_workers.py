@@ -69,10 +69,11 @@ def test_two_workers_answer_alike_and_count_together(two_workers):
 
 
 def test_health_answers_for_every_worker(bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory):
-    """With one worker's text engine dead and unable to start again, /livez and /readyz
-    answered for whichever worker took the probe: 200 and 503 in turn, so a probe that waits
-    for three failures in a row kept a replica that failed half its requests. Both now answer
-    503 until that worker recovers, then 200."""
+    """With one worker's text engine dead, /livez and /readyz answered for whichever worker took
+    the probe: 200 and 503 in turn, so a probe that waits for three failures in a row kept a
+    replica that failed half its requests. Both now answer 503 until that worker recovers, then
+    200: through a restart that succeeds (its worker said "ready" until the restart was over),
+    and one that cannot start again until its weights are back."""
     root = tmp_path_factory.mktemp("worker_health")
     home = root / "bentoml_home"
     shutil.copytree(bentoml_home, home, ignore=shutil.ignore_patterns("bentos", "tmp", "*.log"))
@@ -87,8 +88,19 @@ def test_health_answers_for_every_worker(bentoml_home: Path, tmp_path_factory: p
         while httpx.get(f"{srv.url}/readyz", timeout=10).status_code != 200:  # both workers loaded
             assert time.monotonic() < deadline, srv.log_tail()
             time.sleep(0.2)
-        weights.rename(weights.with_suffix(".away"))  # its next start fails
+        readyz = lambda: httpx.get(f"{srv.url}/readyz", timeout=10).status_code
         os.kill(_engine_pids(srv.log.read_text(errors="replace"), "text")[0], signal.SIGKILL)
+        while readyz() != 503:
+            assert time.monotonic() < deadline, srv.log_tail()
+        time.sleep(0.6)  # both workers know (the watch looks every 0.5 s)
+        seen: list[int] = []
+        while seen[-10:] != [200] * 10:  # until it is back for good
+            assert time.monotonic() < deadline, (seen, srv.log_tail())
+            seen.append(readyz())
+        back = seen.index(200)
+        assert back > 0 and set(seen[back:]) == {200}, seen  # 503 while it restarts, then 200: no flapping
+        weights.rename(weights.with_suffix(".away"))  # its next start fails
+        os.kill(_engine_pids(srv.log.read_text(errors="replace"), "text")[-1], signal.SIGKILL)
         while "starting the text engine again failed" not in srv.log.read_text(errors="replace"):
             assert time.monotonic() < deadline, srv.log_tail()
             time.sleep(0.2)
