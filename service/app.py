@@ -741,8 +741,8 @@ class Generation:
             time.sleep(0.5)
             if self._stopping:  # the engines stop because this worker does: no deaths
                 return
-            forget_dead_processes(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # a worker killed: its gauges
             try:
+                forget_dead_processes(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # a worker killed: its gauges
                 dead = self._dead_engines()
             except Exception:  # (a loop closing under a health check, say): the watch goes on
                 logger.exception("checking the engine processes failed")

@@ -10,6 +10,7 @@ every worker that is still running: ready when all are, alive when all are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from service.metrics import process_exists
 
 STATE_FILE = re.compile(r"condgen_health_(\d+)\.json")
+logger = logging.getLogger("condgen.service")
 
 
 class WorkerHealth:
@@ -30,16 +32,24 @@ class WorkerHealth:
             return
         path = self.folder / f"condgen_health_{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"ready": ready, "alive": alive}))
-        os.replace(tmp, path)  # whole, for a reader
+        try:
+            tmp.write_text(json.dumps({"ready": ready, "alive": alive}))
+            os.replace(tmp, path)  # whole, for a reader
+        except OSError as e:  # (a full disk): tried again at the next change or call
+            logger.warning("could not write this worker's health for the others: %s", e)
+            return
         self._published = (ready, alive)
 
     def others(self) -> list[dict[str, bool]]:
         """The states of the server's other workers that are running."""
         if self.folder is None:
             return []
+        try:
+            names = os.listdir(self.folder)
+        except OSError:  # the folder gone (the server stopping): no other worker to answer for
+            return []
         states = []
-        for name in os.listdir(self.folder):
+        for name in names:
             match = STATE_FILE.fullmatch(name)
             if not match or int(match.group(1)) == os.getpid():
                 continue

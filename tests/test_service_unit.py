@@ -223,7 +223,14 @@ def test_worker_health_counts_the_running_workers_states_only(tmp_path):
     assert json.loads((tmp_path / f"condgen_health_{os.getpid()}.json").read_text()) == {"ready": False, "alive": True}
     mine.withdraw()
     assert not (tmp_path / f"condgen_health_{os.getpid()}.json").exists()
+    assert not (tmp_path / f"condgen_health_{ended.pid}.json").exists()  # a dead worker's state goes
     assert WorkerHealth(None).others() == [] and WorkerHealth(str(tmp_path / "none")).others() == []
+    gone = tmp_path / "gone"  # the folder removed under a running worker (the server stopping)
+    gone.mkdir()
+    orphan = WorkerHealth(str(gone))
+    gone.rmdir()
+    orphan.publish(ready=True, alive=True)  # the watch loop that calls it must not die of it
+    assert orphan.others() == []
 
 
 def test_engine_gauges_are_zero_before_the_first_request():
