@@ -622,7 +622,8 @@ class Generation:
         self._threads = 1  # torch threads of each engine process, set when loading
         self._failed_starts: set[str] = set()  # engines that died and failed to start again
         self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
-        self.health = WorkerHealth(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # BentoML's, for all of the server's workers
+        self.health = WorkerHealth(self._shared_dir)
         self.health.publish(ready=False, alive=True)  # loading
         # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -742,7 +743,7 @@ class Generation:
             if self._stopping:  # the engines stop because this worker does: no deaths
                 return
             try:
-                forget_dead_processes(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # a worker killed: its gauges
+                forget_dead_processes(self._shared_dir)  # a worker killed: its gauges
                 dead = self._dead_engines()
             except Exception:  # (a loop closing under a health check, say): the watch goes on
                 logger.exception("checking the engine processes failed")

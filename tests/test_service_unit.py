@@ -830,7 +830,7 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
                                 text_stream=types.SimpleNamespace(alive=False),
                                 text_model=types.SimpleNamespace(name="gpt"),
                                 metrics=types.SimpleNamespace(engine_deaths=counter),
-                                health=WorkerHealth(None), _ready_here=lambda: True)
+                                health=WorkerHealth(None), _ready_here=lambda: True, _shared_dir=None)
     tries: list[float] = []
     alive_at: list[tuple[float, bool]] = []
 
