@@ -24,17 +24,17 @@ logger = logging.getLogger("condgen.service")
 class WorkerHealth:
     def __init__(self, folder: str | None):
         self.folder = Path(folder) if folder and os.path.isdir(folder) else None
+        self.path = self.folder / f"condgen_health_{os.getpid()}.json" if self.folder else None  # this worker's
         self._published: tuple[bool, bool] | None = None
 
     def publish(self, ready: bool, alive: bool) -> None:
         """This worker's state, for the others' answers (written when it changes)."""
-        if self.folder is None or self._published == (ready, alive):
+        if self.path is None or self._published == (ready, alive):
             return
-        path = self.folder / f"condgen_health_{os.getpid()}.json"
-        tmp = path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps({"ready": ready, "alive": alive}))
-            os.replace(tmp, path)  # whole, for a reader
+            os.replace(tmp, self.path)  # whole, for a reader
         except OSError as e:  # (a full disk): tried again at the next change or call
             logger.warning("could not write this worker's health for the others: %s", e)
             return
@@ -64,5 +64,5 @@ class WorkerHealth:
 
     def withdraw(self) -> None:
         """This worker stops: its state no longer counts."""
-        if self.folder is not None:
-            (self.folder / f"condgen_health_{os.getpid()}.json").unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
