@@ -21,7 +21,7 @@ from training.evaluate import (frechet_distance, memorisation_rate, near_duplica
                                train_evaluator)
 from training.synthesize import main as synthesize_main
 from training.common import Dist
-from training.train_gan import check_captions_fit, main, restore_rng
+from training.train_gan import check_captions_fit, main, restore_rng, sample_prompts
 from tests_support import record_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +193,15 @@ def test_captions_some_longer_than_the_context_are_counted_in_one_warning(caplog
     [record] = caplog.records
     assert "--context=8: 2 of 3 captions are longer" in record.getMessage()
     assert "raise --context" in record.getMessage()
+
+
+def test_sample_grid_of_a_folder_shows_its_first_distinct_captions_that_fit():
+    """A folder's images often share a caption: the grid's rows are not one prompt eight times."""
+    from training.data.imagefolder import CaptionedImages
+    captions = ["a cat", "a cat", "a dog", "a cat " * 30, "a dog"] + [f"a bird number {i}" for i in range(9)]
+    data = CaptionedImages(torch.zeros(len(captions), 3, 8, 8, dtype=torch.uint8), captions)
+    tokenizer = Tokenizer.train(captions * 5, 300)
+    assert sample_prompts(data, None, tokenizer, 16) == ["a cat", "a dog"] + [f"a bird number {i}" for i in range(6)]
 
 
 def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training(tmp_path):

@@ -273,11 +273,16 @@ def update_ema(ema: Generator, model: Generator, images_seen: int, cfg: GANTrain
 def sample_prompts(data: CaptionedImages, shapes: ShapesConfig | None,
                    tokenizer: Tokenizer | None = None, context: int = 0) -> list[str]:
     """The grid's fixed rows: six training pairs and up to two held-out ones (or the first
-    eight captions of the user's data, those that fit `context` tokens when it is given)."""
+    eight distinct captions of the user's data, those that fit `context` tokens when it is
+    given: a folder's images often share a caption, and a grid of one prompt shows little)."""
     if shapes is None:
-        fits = [c for c in data.captions
-                if tokenizer is None or 0 < len(tokenizer.encode(c)) <= context]
-        return fits[:8]
+        prompts: list[str] = []
+        for c in data.captions:
+            if c not in prompts and (tokenizer is None or 0 < len(tokenizer.encode(c)) <= context):
+                prompts.append(c)
+                if len(prompts) == 8:
+                    break
+        return prompts
     train = eval_prompts(shapes, [("red", "circle"), ("blue", "square"), ("yellow", "triangle"),
                                   ("purple", "cross"), ("cyan", "circle"), ("green", "square")],
                          1, seed=7)
