@@ -298,6 +298,16 @@ def test_unreadable_or_utf16_text_is_named_with_its_remedy(tmp_path, monkeypatch
         load_corpus(str(tmp_path / "secret.txt"))
 
 
+def test_nul_bytes_and_unmarked_utf16_are_refused_as_not_text(tmp_path):
+    """Zeros, and UTF-16 text without a byte-order mark, are valid UTF-8 and were trained on."""
+    (tmp_path / "zeros.txt").write_bytes(b"\0" * 20000)
+    (tmp_path / "wide.txt").write_text("an unmarked UTF-16 text " * 50, encoding="utf-16-le")
+    for name, at in (("zeros.txt", 0), ("wide.txt", 1)):
+        with pytest.raises(ValueError, match=rf"{name} holds a NUL character \(at character {at}\): not text;"
+                                             r".*iconv -f utf-16le -t utf-8"):
+            load_corpus(str(tmp_path / name))
+
+
 def test_max_chars_says_how_much_it_left_out(tmp_path, capsys):
     """--preset tiny reads the first 200,000 characters only, and said nothing about it."""
     (tmp_path / "big.txt").write_text("word " * 8000)

@@ -133,14 +133,18 @@ def _read_utf8(path: Path) -> str:
     UTF-8 byte-order mark, as some editors write, is dropped rather than trained on as U+FEFF.
     Line ends are read as Python reads text: \r\n and a lone \r become \n."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         with path.open("rb") as f:
             utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")  # UTF-16's byte-order mark
-        raise ValueError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it first, "
-                         f"e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8`") from None
+        raise ValueError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start}); if it is text, convert "
+                         f"it first, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8`") from None
     except OSError as e:
         raise ValueError(f"--data: {path} cannot be read ({e.strerror})") from None
+    if (nul := text.find("\0")) >= 0:  # valid UTF-8, but no text holds NUL: zeros, or UTF-16 with no mark
+        raise ValueError(f"--data: {path} holds a NUL character (at character {nul}): not text; UTF-16 text "
+                         f"without a byte-order mark reads so, convert it first, e.g. `iconv -f utf-16le -t utf-8`")
+    return text
 
 
 def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) -> Corpus:
