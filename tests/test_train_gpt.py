@@ -45,6 +45,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, capsys):
     # must not be paired with these weights: the checkpoint carries its own.
     (tmp_path / "halted" / "tokenizer.json").write_text(Tokenizer.train(["other text " * 50], 300).to_str())
     main(TINY + [f"--run_dir={tmp_path / 'halted'}", "--resume=true"])
+    assert f"resumed from {tmp_path / 'halted' / 'ckpt.pt'} at step 12" in capsys.readouterr().err  # it said nothing
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "halted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -308,10 +309,14 @@ def test_nul_bytes_and_unmarked_utf16_are_refused_as_not_text(tmp_path):
             load_corpus(str(tmp_path / name))
 
 
-def test_max_chars_says_how_much_it_left_out(tmp_path, capsys):
-    """--preset tiny reads the first 200,000 characters only, and said nothing about it."""
+def test_max_chars_and_a_small_vocabulary_are_reported(tmp_path, capsys):
+    """--preset tiny reads the first 200,000 characters only, and said nothing about it; nor did
+    a text too small for --vocab_size's merges (an upper bound)."""
     (tmp_path / "big.txt").write_text("word " * 8000)
     assert load_corpus(str(tmp_path / "big.txt"), max_chars=30000).left_out == 10000
     main(TINY + [f"--run_dir={tmp_path / 'run'}", f"--data={tmp_path / 'big.txt'}", "--max_chars=30000",
                  "--max_steps=1"])
-    assert "--max_chars=30,000 left out 10,000 characters" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--max_chars=30,000 left out 10,000 characters" in err
+    assert re.search(r"data: 1 document for training .*; the tokenizer has 2\d\d tokens \(this text has no more "
+                     r"merges for --vocab_size=512\)", err)

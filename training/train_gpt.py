@@ -36,8 +36,8 @@ class TrainGPTConfig:
                                                      "empty = Python's own docs"})
     max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)",
                                                 "valid": at_least(0)})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train (256 bytes + end-of-text "
-                                                            "+ merges)", "valid": at_least(257)})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train, an upper bound (256 "
+                                                            "bytes + end-of-text + merges: a small text has fewer)", "valid": at_least(257)})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks", "valid": at_least(1)})
     n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
     n_embd: int = field(default=128, metadata={"help": "embedding width", "valid": at_least(1)})
@@ -178,8 +178,10 @@ def train(cfg: TrainGPTConfig) -> dict:
                              f"{cfg.block_size + 2}: give more text or a smaller --block_size")
     if d.is_main:  # only now that the data is accepted: a refused run leaves run_dir as it was
         cut = f"; --max_chars={cfg.max_chars:,} left out {corpus.left_out:,} characters" if corpus.left_out else ""
-        print(f"data: {len(corpus.train)} documents for training ({len(train_data):,} tokens), "
-              f"{len(corpus.val)} for validation ({len(val_data):,} tokens){cut}", file=sys.stderr)
+        fewer = (f"; the tokenizer has {tok.vocab_size:,} tokens (this text has no more merges for --vocab_size="
+                 f"{cfg.vocab_size:,})" if ckpt is None and tok.vocab_size < cfg.vocab_size else "")
+        print(f"data: {len(corpus.train)} document{'s' * (len(corpus.train) != 1)} for training ({len(train_data):,} tokens), "
+              f"{len(corpus.val)} for validation ({len(val_data):,} tokens){cut}{fewer}", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             tok.save(run / "tokenizer.json")
@@ -198,6 +200,8 @@ def train(cfg: TrainGPTConfig) -> dict:
         if step >= cfg.max_steps and d.is_main:
             print(f"{ckpt_path} is at step {step}, --max_steps={cfg.max_steps}: nothing to train, saving its "
                   f"model", file=sys.stderr)
+        elif d.is_main:  # as the image jobs say it
+            print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
     train_model = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         train_model = DDP(train_model)
