@@ -9,8 +9,11 @@ import sys
 import pytest
 import torch
 
-from training import ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import RESUMABLE, atomic_save, check_folder, check_run_folder, parse_config, run_cli
+from tqdm import tqdm
+
+from training import common, ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
+from training.common import (atomic_save, check_folder, check_run_folder, parse_config, restore, resumable,
+                             run_cli)
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -59,7 +62,7 @@ def test_run_cli_makes_a_user_error_one_line_with_status_2(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: --data: nope.txt does not exist\n"
 
 
-@pytest.mark.parametrize("hint, said", [("", "interrupted\n"), (RESUMABLE, f"interrupted: {RESUMABLE}\n")])
+@pytest.mark.parametrize("hint, said", [("", "interrupted\n"), ("try again", "interrupted: try again\n")])
 def test_run_cli_says_what_a_ctrl_c_leaves_to_do(hint, said, capsys):
     """Every command told to resume "from the last checkpoint in --run_dir", training.store and
     the evaluation tools too, which have neither."""
@@ -69,6 +72,29 @@ def test_run_cli_says_what_a_ctrl_c_leaves_to_do(hint, said, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(main, on_interrupt=hint)
     assert e.value.code == 130 and capsys.readouterr().err == said
+
+
+def test_an_interrupted_training_job_names_its_checkpoint_and_step_on_a_line_of_its_own(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """It said "--resume=true continues from the last checkpoint in --run_dir, if one was written"
+    whether or not one was, after the progress bar on the bar's own line."""
+    monkeypatch.setattr(common, "_last_checkpoint", [])
+
+    def main(checkpoint: bool):
+        bar = tqdm(total=10, file=sys.stderr)
+        bar.update(3)
+        if checkpoint:
+            atomic_save({"step": 3, "history": {}}, tmp_path / "ckpt.pt")
+        raise KeyboardInterrupt
+
+    for checkpoint, said in ((False, "before this run wrote or read a checkpoint: run the same command again"),
+                             (True, f"{tmp_path / 'ckpt.pt'} holds step 3: --resume=true continues from it")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: main(checkpoint), on_interrupt=resumable)
+        assert e.value.code == 130
+        assert capsys.readouterr().err.split("\n")[-2:] == [f"interrupted: {said}", ""]
+    restore(torch.load(tmp_path / "ckpt.pt", weights_only=True), tmp_path / "ckpt.pt")
+    assert resumable() == f"{tmp_path / 'ckpt.pt'} holds step 3: --resume=true continues from it"
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training():

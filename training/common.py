@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from models.tokenizer import Tokenizer
 
@@ -209,14 +210,24 @@ def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
           file=sys.stderr)
 
 
-RESUMABLE = "--resume=true continues from the last checkpoint in --run_dir, if one was written"
+# The checkpoint this process last wrote or resumed from, (path, step): what a Ctrl-C reports.
+_last_checkpoint: list[tuple[Path, int]] = []
 
 
-def run_cli(main: Callable[[], Any], on_interrupt: str = "") -> None:
+def resumable() -> str:
+    """What an interrupted training job can do next (its `run_cli` on_interrupt)."""
+    if not _last_checkpoint:
+        return "before this run wrote or read a checkpoint: run the same command again"
+    path, step = _last_checkpoint[-1]
+    return f"{path} holds step {step}: --resume=true continues from it"
+
+
+def run_cli(main: Callable[[], Any], on_interrupt: str | Callable[[], str] = "") -> None:
     """Run a job's `main()` as a command: a user error ends it as argparse does, one line on stderr
     and exit status 2, with no traceback to read past. The same types raised inside a library,
     and every other exception, keep their traceback: they are bugs. A Ctrl-C ends it with status
-    130 and `on_interrupt`, what the user can do next (RESUMABLE for a training job)."""
+    130 and `on_interrupt`, what the user can do next (`resumable` for a training job), on a
+    line of its own (an open progress bar is closed first: the line was the bar's)."""
     try:
         main()
     except USER_ERRORS as e:
@@ -225,7 +236,10 @@ def run_cli(main: Callable[[], Any], on_interrupt: str = "") -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one stands
-        print(f"interrupted{': ' + on_interrupt if on_interrupt else ''}", file=sys.stderr)
+        for bar in list(tqdm._instances):  # tqdm's own registry of open bars
+            bar.close()
+        hint = on_interrupt() if callable(on_interrupt) else on_interrupt
+        print(f"interrupted{': ' + hint if hint else ''}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -243,6 +257,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:  # Ctrl-C included: no half-written file left beside the checkpoint
         tmp.unlink(missing_ok=True)
         raise
+    if isinstance(obj, dict) and "step" in obj:  # a training checkpoint
+        _last_checkpoint.append((path, obj["step"]))
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = (),
@@ -317,6 +333,7 @@ def restore(ckpt: dict[str, Any], path: str | Path, **parts: Any) -> tuple[int, 
     try:
         for name, part in parts.items():
             part.load_state_dict(ckpt[name])
+        _last_checkpoint.append((Path(path), ckpt["step"]))
         return ckpt["step"], ckpt["history"]
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"--resume: {path} is not a checkpoint of this job and settings "

@@ -32,10 +32,10 @@ from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImage
                              fit_codebook)
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
-from training.common import (RESUMABLE, SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
+from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
                              check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
                              get_tokenizer, load_checkpoint, parse_config, report_halt, require_finite, restore,
-                             run_cli, setup_distributed, teardown_distributed)
+                             resumable, run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
@@ -334,4 +334,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt=RESUMABLE)
+    run_cli(main, on_interrupt=resumable)

@@ -28,9 +28,9 @@ from models.artifacts import save_model_dir
 from models.autoencoder import PRIORS, AEConfig, AutoEncoder, LatentEngine
 from models.engine import pick_device
 from models.text_encoder import encode_prompts
-from training.common import (RESUMABLE, SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
+from training.common import (SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
                              check_resume_data, cosine_lr, diverged, get_tokenizer, load_checkpoint, parse_config,
-                             report_halt, require_finite, restore, run_cli)
+                             report_halt, require_finite, restore, resumable, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
                                 check_validation_split, load_data, resume_data_keys, run_dir_argv,
@@ -253,4 +253,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt=RESUMABLE)
+    run_cli(main, on_interrupt=resumable)

@@ -36,10 +36,10 @@ from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
-from training.common import (RESUMABLE, SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
+from training.common import (SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
                              check_fresh_run, check_outputs, check_resume_data, check_run_folder, diverged, fraction,
                              get_tokenizer, load_checkpoint, one_of, parse_config, report_halt, require_finite,
-                             restore, run_cli, setup_distributed, teardown_distributed)
+                             restore, resumable, run_cli, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
@@ -590,4 +590,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt=RESUMABLE)
+    run_cli(main, on_interrupt=resumable)

@@ -22,10 +22,10 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
-from training.common import (RESUMABLE, SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
+from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
                              check_resume_data, cosine_lr, diverged, fraction, get_tokenizer, load_checkpoint, one_of,
-                             parse_config, report_halt, require_finite, restore, run_cli, setup_distributed,
+                             parse_config, report_halt, require_finite, restore, resumable, run_cli, setup_distributed,
                              teardown_distributed)
 from training.data.text_corpus import load_corpus
 
@@ -37,7 +37,8 @@ class TrainGPTConfig:
     max_chars: int = field(default=0, metadata={"help": "use only the first N characters of the corpus (0 = all)",
                                                 "valid": at_least(0)})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train, an upper bound (256 "
-                                                            "bytes + end-of-text + merges: a small text has fewer)", "valid": at_least(257)})
+                                                            "bytes + end-of-text + merges: a small text has fewer)",
+                                                    "valid": at_least(257)})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks", "valid": at_least(1)})
     n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
     n_embd: int = field(default=128, metadata={"help": "embedding width", "valid": at_least(1)})
@@ -180,7 +181,8 @@ def train(cfg: TrainGPTConfig) -> dict:
         cut = f"; --max_chars={cfg.max_chars:,} left out {corpus.left_out:,} characters" if corpus.left_out else ""
         fewer = (f"; the tokenizer has {tok.vocab_size:,} tokens (this text has no more merges for --vocab_size="
                  f"{cfg.vocab_size:,})" if ckpt is None and tok.vocab_size < cfg.vocab_size else "")
-        print(f"data: {len(corpus.train)} document{'s' * (len(corpus.train) != 1)} for training ({len(train_data):,} tokens), "
+        documents = f"{len(corpus.train)} document{'s' * (len(corpus.train) != 1)}"
+        print(f"data: {documents} for training ({len(train_data):,} tokens), "
               f"{len(corpus.val)} for validation ({len(val_data):,} tokens){cut}{fewer}", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -300,4 +302,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_cli(main, on_interrupt=RESUMABLE)
+    run_cli(main, on_interrupt=resumable)
