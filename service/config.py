@@ -8,6 +8,7 @@ import os
 import bentoml
 import torch
 
+from models.artifacts import ArtifactError, read_config
 from service import chat
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.limits import Limits
@@ -111,6 +112,35 @@ MAX_BODY_BYTES = 1 << 20
 # sends headers and then stalls must not keep it until the deadline: 64 such sockets would
 # shut everyone else out for two minutes. The body has this long to arrive (then 408).
 BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
+
+
+def _check_text_slots_fit(tag: str | None) -> None:
+    """The text engine allocates its CONDGEN_TEXT_MAX_RUNNING slots whole when it starts (each
+    a KV cache of the model's full context and a row of sampling state): more than this
+    machine's memory stops the start-up here, naming the variable. (The engine failed to load
+    and the server stayed up, never ready: `CONDGEN_TEXT_MAX_RUNNING=1000000` asked 488 GiB.)
+    On the CPU only: a GPU's memory is the engine's to report."""
+    if tag is None or (torch.cuda.device_count() > 0 and DEVICE != "cpu"):
+        return
+    try:
+        path = bentoml.models.get(tag).path
+    except bentoml.exceptions.NotFound:  # a default not trained yet: BentoML's start-up says so
+        return
+    try:
+        cfg = read_config(path, "gpt")
+        kv_cache = 4 * cfg["block_size"] * cfg["n_layer"] * 2 * cfg["n_embd"]  # float32 keys and values
+        slot = kv_cache + 9 * cfg["vocab_size"]  # and a bool and two floats per token of the vocabulary
+    except (ArtifactError, KeyError, TypeError):  # a broken model: its load fails, naming the file
+        return
+    need, memory = TEXT_MAX_RUNNING * slot * WORKERS, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > memory:
+        workers = f" in each of CONDGEN_WORKERS={WORKERS}" if WORKERS > 1 else ""
+        raise ConfigError(f"CONDGEN_TEXT_MAX_RUNNING={TEXT_MAX_RUNNING}: that many sequences of {tag}'s "
+                          f"{cfg['block_size']} positions{workers} need {need / 2**30:,.1f} GiB, more than this "
+                          f"machine's {memory / 2**30:,.1f} GiB of memory (at most {memory // (slot * WORKERS):,})")
+
+
+_check_text_slots_fit(GPT_MODEL)
 # A Jinja2 chat template (Hugging Face's convention), read and compiled here; unset: no chat route.
 CHAT_TEMPLATE = chat.template_from_env(os.environ)
 CHAT_PATH = "/v1/chat/completions"
