@@ -88,7 +88,7 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
     free = max(0, cfg.max_running - running)
     if queued is None:
         if waiting >= cfg.max_waiting + free:
-            raise QueueFull(f"requests waiting: {waiting}, free decode slots: {free}")
+            raise queue_full(waiting, free, cfg.max_waiting)
         return prompt
     left, still_waiting = free, waiting
     for n in queued:
@@ -99,8 +99,14 @@ def check_request(requests: TextRequests, cfg: SchedulerConfig, req: CompletionR
         taken = min(waiting - len(queued), left)
         left, still_waiting = left - taken, still_waiting - taken
     if (still_waiting > 0 or req.n > left) and still_waiting >= cfg.max_waiting:
-        raise QueueFull(f"requests waiting: {waiting}, free decode slots: {free}")
+        raise queue_full(waiting, free, cfg.max_waiting)
     return prompt
+
+
+def queue_full(waiting: int, free: int, max_waiting: int) -> QueueFull:
+    """The refusal, with the limit: "requests waiting: 260" alone read as past a limit of 256."""
+    return QueueFull(f"{waiting} requests waiting (free decode slots: {free}); at most {max_waiting} may wait "
+                     f"beyond those the free slots take")
 
 
 @dataclass

@@ -90,8 +90,8 @@ class MicroBatcher(Generic[T]):
         a job alone is always admitted into an empty queue, whatever its cost."""
         if (self.max_queue_cost is not None and self._pending
                 and self._queued_cost + job.cost > self.max_queue_cost):
-            raise Overloaded(f"{self._queued_cost} {self.endpoint} queued, limit {self.max_queue_cost}",
-                            self.retry_after_s)
+            raise Overloaded(f"{self._queued_cost} {self.endpoint} queued and {job.cost} more asked, limit "
+                             f"{self.max_queue_cost}", self.retry_after_s)
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._consume(), name=f"batcher-{self.endpoint}")

@@ -231,7 +231,7 @@ def test_queue_limit_raises_queue_full(engine):
     cont = ContinuousEngine(engine, SchedulerConfig(max_running=1, max_waiting=2))
     for i in range(3):  # one for the free slot, two waiting
         cont.add(CompletionRequest("The", seed=i, max_tokens=3))
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match=r"^3 requests waiting \(free decode slots: 1\); at most 2 may wait beyond"):
         cont.add(CompletionRequest("The", seed=9, max_tokens=3))
 
 

@@ -418,6 +418,8 @@ def test_image_queue_is_bounded_by_cost():
 
     err = asyncio.run(scenario())
     assert err.status == 429 and err.headers == {"Retry-After": "7"} and err.code == "overloaded"
+    # "5 images queued, limit 5" read as room to spare for a request of 16
+    assert "(5 images queued and 1 more asked, limit 5)" in err.message
 
 
 def test_every_labelled_series_a_dashboard_reads_exists_before_the_first_request():
