@@ -97,7 +97,9 @@ LIMITS = Limits.from_env()  # in-flight requests, deadline, Retry-After (service
 RETRY_AFTER_S = LIMITS.retry_after_s  # the Retry-After of a 429
 IMAGE_MAX_BATCH = env_int("CONDGEN_IMAGE_MAX_BATCH", 64, 1)  # images per forward pass
 IMAGE_MAX_QUEUE = env_int("CONDGEN_MAX_QUEUE", 256, 1)  # images waiting for the engine, beyond it 429
-BATCH_WAIT_S = env_float("CONDGEN_BATCH_WAIT_MS", 10.0, 0, allow_minimum=True) / 1000  # linger for requests sent together
+# A forming image batch lingers this long for requests sent together; at most a second: a lone
+# request that follows a bigger batch may wait all of it (a value meant as seconds would hold it).
+BATCH_WAIT_S = env_float("CONDGEN_BATCH_WAIT_MS", 10.0, 0, allow_minimum=True, maximum=1000) / 1000
 ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
 # BentoML wraps every request in an OpenTelemetry span, and by default samples none of them;
 # the wrapping alone was 0.3-0.4 ms of the event loop's CPU per request (0.83-0.94 against

@@ -37,8 +37,9 @@ def env_int(name: str, default: int, minimum: int, maximum: int | None = None) -
     return int(raw)
 
 
-def env_float(name: str, default: float, minimum: float, allow_minimum: bool = False) -> float:
-    """A finite number above `minimum` (or equal to it, with allow_minimum)."""
+def env_float(name: str, default: float, minimum: float, allow_minimum: bool = False,
+              maximum: float = math.inf) -> float:
+    """A finite number above `minimum` (or equal to it, with allow_minimum), at most `maximum`."""
     raw = _raw(name)
     if raw is None:
         return default
@@ -46,8 +47,9 @@ def env_float(name: str, default: float, minimum: float, allow_minimum: bool = F
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum):
-        raise ConfigError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}")
+    if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum) or value > maximum:
+        at_most = f" and <= {maximum:g}" if maximum < math.inf else ""
+        raise ConfigError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}{at_most}")
     return value
 
 

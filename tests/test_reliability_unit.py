@@ -570,7 +570,8 @@ def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(
 @pytest.mark.parametrize("name, raw", [("CONDGEN_MAX_INFLIGHT", "abc"), ("CONDGEN_DEADLINE_S", "-5"),
                                        ("CONDGEN_RETRY_AFTER", "1.5"), ("CONDGEN_BODY_TIMEOUT_S", "-1"),
                                        ("CONDGEN_TEXT_MAX_RUNNING", "0"), ("CONDGEN_DEVICE", "gpu"),
-                                       ("CONDGEN_CHAT_TEMPLATE", "/nowhere/chat.jinja")])
+                                       ("CONDGEN_CHAT_TEMPLATE", "/nowhere/chat.jinja"),
+                                       ("CONDGEN_BATCH_WAIT_MS", "2000")])
 def test_the_service_refuses_to_start_with_a_bad_setting(name, raw):
     """Read when BentoML imports the service, so a bad value stops the start-up with its name,
     instead of a 500 on every request (the limits were read at the first request)."""
