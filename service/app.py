@@ -56,7 +56,7 @@ from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_INVARIANT, BATCH_W
                             TEXT_MAX_WAITING, TEXT_TOKEN_BUDGET, TIMEOUT_S, TRACE_REQUESTS, WORKERS, engine_threads)
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.image_worker import ImageWorker, WorkerDied
-from service.limits import count_error, error_body
+from service.limits import GENERATION_PATHS, count_error, error_body
 from service.metrics import IMAGE, TEXT, Metrics, forget_dead_processes, get_metrics
 from service.schemas import (
     MAX_N,
@@ -614,7 +614,8 @@ class Generation:
                                                 engine_class, backend.served.name)
                 self.images[backend.served.tag] = backend
         self.served_models = [m for m in (self.text_model, *(b.served for b in self.images.values())) if m]
-        self.metrics.start_series([(m.name, m.kind) for m in self.served_models])
+        self.metrics.start_series([(m.name, m.kind) for m in self.served_models],
+                                  [path for path in GENERATION_PATHS if path != CHAT_PATH or CHAT_TEMPLATE])
         self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
         self.load_error: str | None = None
         self._ready = threading.Event()

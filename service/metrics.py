@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")  # prometheus_client's, for a process's live gauges
+
+SERVER_ERRORS = ("500", "503", "504")  # the statuses of `request_errors` an alert watches, from the start
 
 # The two batched endpoint families; label values of `endpoint`.
 TEXT = "completions"
@@ -42,10 +45,14 @@ class Metrics:
     request_errors: Any  # Counter{endpoint, status}: 4xx/5xx answers from our routes
     engine_deaths: Any  # Counter{model}: engine processes found dead (each is started again)
 
-    def start_series(self, models: list[tuple[str, str]]) -> None:
-        """Each served model's series (name, "text" or "image") from the start, at 0: a series
-        that first appears at 1 is no increase to `increase()` or `rate()` (the first engine
-        death fired no alert), and one that is absent shows "no data" on a dashboard, not 0."""
+    def start_series(self, models: list[tuple[str, str]], error_endpoints: Iterable[str] = ()) -> None:
+        """Each served model's series (name, "text" or "image") from the start, at 0, and the
+        server errors (500, 503, 504) of each of `error_endpoints`: a series that first appears
+        at 1 is no increase to `increase()` or `rate()` (the first engine death, or the first
+        500, fired no alert), and one that is absent shows "no data" on a dashboard, not 0."""
+        for endpoint in error_endpoints:
+            for status in SERVER_ERRORS:
+                self.request_errors.labels(endpoint=endpoint, status=status)
         for name, kind in models:
             endpoint = TEXT if kind == "text" else IMAGE
             self.requests_running.labels(endpoint=endpoint, model=name).set(0)

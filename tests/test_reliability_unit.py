@@ -425,7 +425,10 @@ def test_image_queue_is_bounded_by_cost():
 def test_every_labelled_series_a_dashboard_reads_exists_before_the_first_request():
     """The images' queue time, batch size and batch items had no series until the first image
     request: a rate() or an alert on them showed "no data", not 0."""
-    get_metrics().start_series([("gpt", "text"), ("gan", "image"), ("ar_image", "image")])
+    get_metrics().start_series([("gpt", "text"), ("gan", "image"), ("ar_image", "image")], ["/complete", "/generate"])
+    for endpoint in ("/complete", "/generate"):  # the first 500 or 503 was no increase() to an alert
+        for status in ("500", "503", "504"):
+            assert REGISTRY.get_sample_value("condgen_request_errors_total", {"endpoint": endpoint, "status": status}) == 0
     for name, endpoint, model in [
             ("condgen_queue_time_seconds_count", "images", "gan"), ("condgen_batch_size_count", "images", "gan"),
             ("condgen_batch_items_count", "images", "ar_image"), ("condgen_queue_time_seconds_count", "completions", "gpt"),
