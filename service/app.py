@@ -56,7 +56,7 @@ from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_INVARIANT, BATCH_W
                             TEXT_MAX_WAITING, TEXT_TOKEN_BUDGET, TIMEOUT_S, TRACE_REQUESTS, WORKERS, engine_threads)
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
 from service.image_worker import ImageWorker, WorkerDied
-from service.limits import GENERATION_PATHS, count_error, error_body
+from service.limits import GENERATION_PATHS, count_error, error_body, request_id
 from service.metrics import IMAGE, TEXT, Metrics, forget_dead_processes, get_metrics
 from service.schemas import (
     MAX_N,
@@ -93,7 +93,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
 
     @functools.wraps(fn)
     async def handler(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = request_id(request.scope)
         request.state.tgi = request.url.path in tgi.ROUTES  # /generate, /tokenize: once the body says so
         try:
             try:
@@ -109,29 +109,29 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
         except ValidationError as e:
             response = _error_response(request, from_validation_error(e))
         except ClientDisconnect:  # gone while its body was read: nobody to answer, nothing broken
-            logger.info("request %s to %s: the client left before its body was read", request_id, request.url.path)
+            logger.info("request %s to %s: the client left before its body was read", rid, request.url.path)
             response = Response(status_code=499)
         except Exception:
-            logger.exception("request %s to %s failed", request_id, request.url.path)
-            err = ApiError(500, f"internal error (request id {request_id}); the server log has the details",
+            logger.exception("request %s to %s failed", rid, request.url.path)
+            err = ApiError(500, f"internal error (request id {rid}); the server log has the details",
                            type="server_error")
-            response = _error_response(request, err, request_id)
+            response = _error_response(request, err, rid)
         endpoint = getattr(request.scope.get("route"), "path", request.url.path)
         # Labelled by route ("/v1/models/{model}"): one series per route. A probe's 503 (/health,
         # as /readyz) is its answer, not an error: counted, it raised the error rate at every start.
         if response.status_code >= 400 and endpoint != "/health":
             get_metrics().request_errors.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        response.headers["X-Request-ID"] = request_id
+        response.headers["X-Request-ID"] = rid
         return response
 
     return handler
 
 
-def _error_response(request: Request, err: ApiError, request_id: str | None = None) -> JSONResponse:
+def _error_response(request: Request, err: ApiError, rid: str | None = None) -> JSONResponse:
     """The error in this service's JSON shape, or in text-generation-inference's for its requests
     (marked `tgi` by their route, or by `_read_json` on seeing TGI's body): its clients raise
-    their typed errors from that."""
-    status, body = error_body(err, request.state.tgi, request_id)
+    their typed errors from that. `rid`: the request id a 500's body names."""
+    status, body = error_body(err, request.state.tgi, rid)
     return JSONResponse(body, status_code=status, headers=err.headers)
 
 
@@ -938,7 +938,7 @@ class Generation:
     async def complete(self, body: CompletionBody, openai: bool, request: Request) -> Response:
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if (run := await self._start_text(body, request)) is None:
-            return _client_left(completion_id)
+            return _client_left(request, completion_id)
         head = run.head(completion_id, "text_completion")
         # what echo puts before each prompt's choices (token ids are the vocabulary's: checked)
         prompts, k = body.prompts(), body.candidates()
@@ -947,10 +947,10 @@ class Generation:
         echoed = [echo_texts[j // k] for j in range(run.choices)]  # each candidate's prefix
         if body.stream:  # (never with best_of above n)
             shape = CompletionChunks(echoed, body.echo and body.logprobs is None, body.logprobs is not None, openai)
-            return SSEResponse(self._stream(run, head, "/v1/completions" if openai else "/complete", shape,
+            return SSEResponse(self._stream(run, head, request, shape,
                                             *_usage_in_stream(getattr(body, "stream_options", None), not openai)))
         if (result := await _until_disconnected(_collect(run), request)) is None:
-            return _client_left(completion_id)
+            return _client_left(request, completion_id)
         if k > body.n:
             result.choices = best_of(result.choices, k, body.n, keep_logprobs=body.logprobs is not None)
             echoed = [echo_texts[j // body.n] for j in range(len(result.choices))]
@@ -975,14 +975,14 @@ class Generation:
         with chat.chat_names(body):
             run = await self._start_text(body.completion(ids, engine.block_size), request)
         if run is None:
-            return _client_left(completion_id)
+            return _client_left(request, completion_id)
         head = run.head(completion_id, "chat.completion")
         if body.stream:
             shape = chat.ChatChunks(run.choices, engine.tokenizer, body.logprobs)
-            return SSEResponse(self._stream(run, {**head, "object": "chat.completion.chunk"}, CHAT_PATH, shape,
+            return SSEResponse(self._stream(run, {**head, "object": "chat.completion.chunk"}, request, shape,
                                             *_usage_in_stream(body.stream_options, False)))
         if (result := await _until_disconnected(_collect(run), request)) is None:
-            return _client_left(completion_id)
+            return _client_left(request, completion_id)
         return JSONResponse(chat.response(head, result, engine.tokenizer))
 
     async def _measured(self, events: AsyncIterator[StreamEvent], arrived: float) -> AsyncIterator[StreamEvent]:
@@ -1000,7 +1000,7 @@ class Generation:
         finally:
             await events.aclose()  # leaving early cancels the request in the engine
 
-    async def _stream(self, run: TextRun, head: dict[str, Any], endpoint: str, shape: ChunkShape,
+    async def _stream(self, run: TextRun, head: dict[str, Any], request: Request, shape: ChunkShape,
                       include_usage: bool, usage_in_every_chunk: bool = False) -> AsyncIterator[bytes]:
         """SSE in the OpenAI layout: `shape`'s opening chunks, then a chunk for each event it
         makes one of (each with the usage so far, with vLLM's continuous_usage_stats), the usage,
@@ -1022,7 +1022,7 @@ class Generation:
                 yield sse_event({**head, "choices": [], "usage": usage(run.prompt_tokens, tokens)})
             yield SSE_DONE
         except Exception as e:  # the headers (a 200) are gone: report in-band, then [DONE], as vLLM does
-            yield _in_band_error(e, endpoint, f"stream {head['id']}") + SSE_DONE
+            yield _in_band_error(e, request, f"stream {head['id']}") + SSE_DONE
         finally:
             await run.events.aclose()
 
@@ -1052,23 +1052,23 @@ class Generation:
         events = self.text_stream.generate(req, ids)
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
-            return _client_left("a text-generation-inference request")
+            return _client_left(request, "text-generation-inference")
         events = self._measured(_chain(first, events), arrived)
         if stream:
-            return SSEResponse(self._tgi_stream(events, answer, request.url.path))
+            return SSEResponse(self._tgi_stream(events, answer, request))
 
         async def collect() -> list[tgi.Generated]:
             await _consume(events, lambda ev: answers[ev.choice].add(ev))
             return answers
 
         if await _until_disconnected(collect(), request) is None:  # None: the client left
-            return _client_left("a text-generation-inference request")
+            return _client_left(request, "text-generation-inference")
         best = max(answers, key=lambda a: a.score)  # the first of equals
         response = best.response([a for a in answers if a is not best])
         return JSONResponse([response] if as_list else response)
 
     async def _tgi_stream(self, events: AsyncIterator[StreamEvent], answer: tgi.Generated,
-                          endpoint: str) -> AsyncIterator[bytes]:
+                          request: Request) -> AsyncIterator[bytes]:
         """TGI's stream: an event per token as it comes, the last with the whole text and the
         details (a choice's last event releases every entry left, its own token's last); no
         [DONE]. Errors after the 200 are events."""
@@ -1081,7 +1081,7 @@ class Generation:
                     last = ev.finish_reason is not None and j == len(tokens) - 1
                     yield sse_event(answer.stream_event(index, token, top, last=last))
         except Exception as e:  # the headers (a 200) are gone: report in-band, in TGI's shape
-            yield _in_band_error(e, endpoint, "a text-generation-inference stream", tgi_shape=True)
+            yield _in_band_error(e, request, "a text-generation-inference stream", tgi_shape=True)
         finally:
             await events.aclose()
 
@@ -1108,8 +1108,8 @@ class Generation:
         finally:
             backend.batcher.withdraw(job)
         if pngs is None:
-            logger.info("client of an image request (%d images) left before the answer; its job was cancelled",
-                        req.n)
+            logger.info("request %s to %s (%d images): the client left before the answer; its job was cancelled",
+                        request_id(request.scope), request.url.path, req.n)
         return pngs
 
     @staticmethod
@@ -1241,8 +1241,9 @@ async def _first_event(events: AsyncIterator[StreamEvent]) -> StreamEvent:
         raise _engine_error(e) from None
 
 
-def _client_left(completion_id: str) -> Response:
-    logger.info("client of %s left before the answer; its generation was cancelled", completion_id)
+def _client_left(request: Request, what: str) -> Response:
+    logger.info("request %s to %s (%s): the client left before the answer; its generation was cancelled",
+                request_id(request.scope), request.url.path, what)
     return Response(status_code=499)
 
 
@@ -1301,17 +1302,18 @@ async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEven
         raise _engine_error(e) from None
 
 
-def _in_band_error(e: Exception, endpoint: str, what: str, tgi_shape: bool = False) -> bytes:
+def _in_band_error(e: Exception, request: Request, what: str, tgi_shape: bool = False) -> bytes:
     """The event that ends a stream failing after its 200 went out (called in the `except`),
     counted as the status it would have had: the engine process died (its reader has logged
-    it), refused one of several prompts (its own check, raced past the server's), or a bug."""
-    request_id = None
+    it), refused one of several prompts (its own check, raced past the server's), or a bug
+    (logged under the request's id, which the event names, as its X-Request-ID header does)."""
+    rid = None
     if (err := _engine_error(e)) is None:
-        request_id = uuid.uuid4().hex
-        logger.exception("%s (request %s) failed", what, request_id)
-        err = ApiError(500, f"internal error (request id {request_id})", type="server_error")
-    count_error(endpoint, err.status)
-    return sse_event(error_body(err, tgi_shape, request_id)[1])
+        rid = request_id(request.scope)
+        logger.exception("request %s to %s (%s) failed", rid, request.url.path, what)
+        err = ApiError(500, f"internal error (request id {rid})", type="server_error")
+    count_error(request.url.path, err.status)
+    return sse_event(error_body(err, tgi_shape, rid)[1])
 
 
 async def _until_disconnected(work: Awaitable[T], request: Request) -> T | None:

@@ -63,6 +63,16 @@ def is_tgi_request(scope: Scope) -> bool:
     return scope.get("path") in tgi.ROUTES or bool(scope.get("state", {}).get("tgi"))
 
 
+def request_id(scope: Scope) -> str:
+    """The request's id: the client's X-Request-ID, or one made up, kept in the request's state,
+    so that its answer's header, its log lines and an error in its stream all name the same one."""
+    state = scope.setdefault("state", {})
+    if "request_id" not in state:
+        asked = dict(scope.get("headers") or []).get(b"x-request-id")
+        state["request_id"] = asked.decode("latin-1") if asked else uuid.uuid4().hex
+    return state["request_id"]
+
+
 def error_body(err: ApiError, tgi_shape: bool = False, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
     """(status, body) in the service's error shape (with the request id of a 500), or in TGI's."""
     return tgi.error(err) if tgi_shape else (err.status, err.body(request_id))
@@ -78,8 +88,7 @@ async def send_error(send: Send, scope: Scope, err: ApiError,
     headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
     headers += extra_headers
     if not any(k.lower() == b"x-request-id" for k, _ in headers):
-        asked = dict(scope.get("headers") or []).get(b"x-request-id")
-        headers.append((b"x-request-id", asked or uuid.uuid4().hex.encode()))
+        headers.append((b"x-request-id", request_id(scope).encode("latin-1")))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -142,8 +151,8 @@ class LimitMiddleware:
                 if state["started"] and not state["ended"]:
                     # A stream whose client left: a 499 like a plain answer's (BentoML counts
                     # a request at its last byte, so it counts none of these).
-                    logger.info("client of a stream on %s left before its end; its generation was cancelled",
-                                scope["path"])
+                    logger.info("request %s to %s: the client left before the stream's end; its generation "
+                                "was cancelled", request_id(scope), scope["path"])
                     count_error(scope["path"], 499)
                 return
             # Past the deadline: cancelling the handler marks its engine jobs cancelled.

@@ -225,11 +225,12 @@ def test_a_stream_cut_off_by_its_client_counts_as_a_499(caplog):
         await first_chunk.wait()  # the client hangs up once the stream has begun
         return {"type": "http.disconnect"}
 
-    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [], "query_string": b""}
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"x-request-id", b"r-7")],
+             "query_string": b""}
     asyncio.run(app(scope, receive, send))
     assert log.get("stream_closed") is True and sent[-1].get("more_body") is True  # cut off
     assert REGISTRY.get_sample_value("condgen_request_errors_total", labels) == before + 1
-    assert "client of a stream on /generate left before its end" in caplog.text
+    assert "request r-7 to /generate: the client left before the stream's end" in caplog.text  # named no request
 
 
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
@@ -428,7 +429,8 @@ def test_every_labelled_series_a_dashboard_reads_exists_before_the_first_request
     get_metrics().start_series([("gpt", "text"), ("gan", "image"), ("ar_image", "image")], ["/complete", "/generate"])
     for endpoint in ("/complete", "/generate"):  # the first 500 or 503 was no increase() to an alert
         for status in ("500", "503", "504"):
-            assert REGISTRY.get_sample_value("condgen_request_errors_total", {"endpoint": endpoint, "status": status}) == 0
+            labels = {"endpoint": endpoint, "status": status}  # (other tests in this process may have counted some)
+            assert REGISTRY.get_sample_value("condgen_request_errors_total", labels) is not None
     for name, endpoint, model in [
             ("condgen_queue_time_seconds_count", "images", "gan"), ("condgen_batch_size_count", "images", "gan"),
             ("condgen_batch_items_count", "images", "ar_image"), ("condgen_queue_time_seconds_count", "completions", "gpt"),

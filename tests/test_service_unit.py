@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from starlette.requests import Request
 
 from service import sdapi
 from service.batching import Job, MicroBatcher
@@ -586,8 +587,11 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         asyncio.run(service_app._collect(run()))
     assert info.value.status == 503 and "exited (code -9)" in info.value.message
 
-    async def stream(endpoint: str, shape: service_app.ChunkShape) -> list[bytes]:
-        gen = service_app.Generation.inner._stream(None, run(), {"id": "x-1"}, endpoint, shape, False)
+    async def stream(endpoint: str, shape: service_app.ChunkShape, events=None) -> list[bytes]:
+        request = Request({"type": "http", "method": "POST", "path": endpoint, "query_string": b"",
+                           "headers": [(b"x-request-id", b"r-1")]})
+        text_run = run() if events is None else service_app.TextRun("gpt:v1", 1, 1, None, 1, events)
+        gen = service_app.Generation.inner._stream(None, text_run, {"id": "x-1"}, request, shape, False)
         return [chunk async for chunk in gen]
 
     for endpoint, shape, first in [("/complete", service_app.CompletionChunks([""], False, False, False), 0),
@@ -602,6 +606,15 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
         assert done == b"data: [DONE]"  # after the error, as vLLM ends a failed stream
         assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
+
+    async def fails_after_one_token():  # a bug: a 500 whose id is the request's (it was a new one)
+        yield StreamEvent(0, 0, "Hello", 1, [], None, 5)
+        raise RuntimeError("a bug")
+
+    chunks = asyncio.run(stream("/complete", service_app.CompletionChunks([""], False, False, False),
+                                fails_after_one_token()))
+    error = json.loads(chunks[-1].split(b"\n\n")[0].removeprefix(b"data: "))["error"]
+    assert error["request_id"] == "r-1" and "internal error (request id r-1)" in error["message"]
 
 
 def test_a_tgi_stream_whose_engine_dies_ends_with_tgi_s_error_event():
@@ -622,7 +635,9 @@ def test_a_tgi_stream_whose_engine_dies_ends_with_tgi_s_error_event():
 
     async def stream() -> list[bytes]:
         answer = tgi.Generated(None, TGIParameters(), [1], "", None)
-        gen = service_app.Generation.inner._tgi_stream(None, dies_after_one_token(), answer, "/generate_stream")
+        request = Request({"type": "http", "method": "POST", "path": "/generate_stream", "query_string": b"",
+                           "headers": []})
+        gen = service_app.Generation.inner._tgi_stream(None, dies_after_one_token(), answer, request)
         return [chunk async for chunk in gen]
 
     last = asyncio.run(stream())[-1].decode().strip()
