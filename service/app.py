@@ -99,7 +99,7 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
             try:
                 svc: Generation = bentoml.get_current_service()
             except bentoml.exceptions.BentoMLException:
-                raise ApiError(503, "the service is starting", type="server_error") from None
+                raise unavailable("the service is starting") from None
             response = await fn(svc, request)
         except ApiError as e:
             response = _error_response(request, e)
@@ -125,6 +125,12 @@ def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callab
         return response
 
     return handler
+
+
+def unavailable(message: str) -> ApiError:
+    """A 503 for what passes (models loading, an engine process starting again): with a
+    Retry-After, as a 429 has, which the OpenAI client waits before its retry."""
+    return ApiError(503, message, type="server_error", code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _error_response(request: Request, err: ApiError, rid: str | None = None) -> JSONResponse:
@@ -154,7 +160,7 @@ async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[st
                        code="unsupported_media_type")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
     try:
         body = await asyncio.wait_for(_read_body(request), BODY_TIMEOUT_S)
     except TimeoutError:
@@ -194,7 +200,7 @@ async def _read_body(request: Request) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -850,8 +856,10 @@ class Generation:
 
     def _ready_or_503(self, engine: Any) -> Any:
         if engine is None:
-            why = f"model loading failed: {self.load_error}" if self.load_error else "models are still loading"
-            raise ApiError(503, f"not ready: {why}", type="server_error")
+            if self.load_error:  # no Retry-After: it stays so until the server is started again
+                raise ApiError(503, f"not ready: model loading failed: {self.load_error}", type="server_error",
+                               code="model_load_failed")
+            raise unavailable("not ready: models are still loading")
         return engine
 
     def _check_model(self, requested: str | None, kind: str) -> ServedModel:
@@ -1091,8 +1099,7 @@ class Generation:
         backend = self.images[self._check_model(model, "image").tag]
         self._ready_or_503(backend.requests)
         if backend.failed:
-            raise ApiError(503, f"the image engine of {backend.served.tag} is not available: {backend.worker.failure}",
-                           type="server_error")
+            raise unavailable(f"the image engine of {backend.served.tag} is not available: {backend.worker.failure}")
         return backend
 
     async def _images(self, backend: ImageBackend, req: ImageRequest, request: Request,
@@ -1200,7 +1207,7 @@ class Generation:
             if not self._stopping:
                 logger.error("the worker process of %s has died; /readyz answers 503 until it is started again", tag)
             for job in jobs:
-                fail(job, ApiError(503, f"the image engine of {tag} is not available", type="server_error"))
+                fail(job, unavailable(f"the image engine of {tag} is not available"))
             return
         except Exception as e:
             logger.exception("image batch of %d requests failed", len(jobs))
@@ -1220,7 +1227,7 @@ def _engine_error(e: Exception) -> ApiError | None:
     if isinstance(e, QueueFull):
         return Overloaded(str(e), RETRY_AFTER_S)
     if isinstance(e, EngineFailed):
-        return ApiError(503, f"the text engine is not available: {e}", type="server_error")
+        return unavailable(f"the text engine is not available: {e}")
     return None
 
 

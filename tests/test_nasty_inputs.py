@@ -46,7 +46,7 @@ def test_one_megabyte_prompt(client, route):
     # Refused by its length in characters, before the tokenizer spends the event loop's time on it.
     assert err["param"] == "prompt" and "characters" in err["message"], err
     over = {**_valid(route), "prompt": "x" * MB}  # just outside it
-    _assert_json_4xx(client.post(route, json=over), 413)
+    assert _assert_json_4xx(client.post(route, json=over), 413)["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize("route", ["/complete", "/generate"])

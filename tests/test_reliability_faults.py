@@ -74,6 +74,8 @@ def test_broken_model_keeps_the_service_unready_and_the_log_names_the_file(broke
     message = r.json()["error"]["message"]
     assert r.status_code == 503 and f"{bad.parent.parent.name}:{bad.parent.name}/{bad.name}" in message, message
     assert str(bad.parent) not in message  # the model's tag, not where the store is on disk
+    # it lasts until the server is started again: no Retry-After to wait out
+    assert r.json()["error"]["code"] == "model_load_failed" and "retry-after" not in r.headers
 
 
 # ---- an engine process that dies after start-up -----------------------------------------------
@@ -108,6 +110,8 @@ def test_a_dead_engine_process_is_started_again_while_the_other_models_serve(
             assert r.status_code in (200, 503), r.text
             if r.status_code == 503:
                 assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
+                # it passes: a client may retry, and is told when (the OpenAI client waits that long)
+                assert r.json()["error"]["code"] == "unavailable" and r.headers["retry-after"] == "1"
                 time.sleep(0.25)
         return answers
 

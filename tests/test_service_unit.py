@@ -586,6 +586,7 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
     with pytest.raises(ApiError) as info:
         asyncio.run(service_app._collect(run()))
     assert info.value.status == 503 and "exited (code -9)" in info.value.message
+    assert info.value.code == "unavailable" and info.value.headers == {"Retry-After": "1"}  # it had neither
 
     async def stream(endpoint: str, shape: service_app.ChunkShape, events=None) -> list[bytes]:
         request = Request({"type": "http", "method": "POST", "path": endpoint, "query_string": b"",
