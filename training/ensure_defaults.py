@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             check_tag(tag)
         except ValueError:  # the value as the user typed it (the check above added ":latest")
-            sys.exit(f"error: {env_var}={os.environ[env_var]!r} is not a model tag (name or name:version)")
+            raise ValueError(f"{env_var}={os.environ[env_var]!r} is not a model tag (name or name:version)") from None
         if not store_has(tag):
-            sys.exit(f"error: {env_var}={tag} is not in the model store at {home}: train it there "
-                     f"(BENTOML_HOME={home}), unset {env_var} to serve the small default, or set it "
-                     "empty to serve without it")
+            raise ValueError(f"{env_var}={tag} is not in the model store at {home}: train it there "
+                             f"(BENTOML_HOME={home}), unset {env_var} to serve the small default, or set it "
+                             "empty to serve without it")
         if (family := store_family(tag)) not in (None, name):  # the service would refuse it at start
-            sys.exit(f"error: {env_var}={tag} is a {family!r} model, not a {name!r} one")
+            raise ValueError(f"{env_var}={tag} is a {family!r} model, not a {name!r} one")
     for name, (env_var, module, run_dir) in DEFAULTS.items():
         tag = configured_tag(env_var, name)
         if tag is None:
