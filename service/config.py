@@ -116,11 +116,27 @@ MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
 
 
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def memory_limit(cgroup_files: tuple[str, ...] = CGROUP_MEMORY_LIMITS) -> int:
+    """Bytes this server may use: the machine's memory, or its container's limit when lower
+    (a cgroup's file reads "max", or a huge number, when it sets none)."""
+    limits = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for path in cgroup_files:
+        try:
+            with open(path) as f:
+                limits.append(int(f.read().strip()))
+        except (OSError, ValueError):  # no such cgroup file, or "max"
+            pass
+    return min(limits)
+
+
 def _check_text_slots_fit(tag: str | None) -> None:
     """The text engine allocates its CONDGEN_TEXT_MAX_RUNNING slots whole when it starts (each
-    a KV cache of the model's full context and a row of sampling state): more than this
-    machine's memory stops the start-up here, naming the variable. (The engine failed to load
-    and the server stayed up, never ready: `CONDGEN_TEXT_MAX_RUNNING=1000000` asked 488 GiB.)
+    a KV cache of the model's full context and a row of sampling state): more than the memory
+    this server may use stops the start-up here, naming the variable. (The engine failed to
+    load and the server stayed up, never ready: `CONDGEN_TEXT_MAX_RUNNING=1000000` asked 488 GiB.)
     On the CPU only: a GPU's memory is the engine's to report."""
     if tag is None or (torch.cuda.device_count() > 0 and DEVICE != "cpu"):
         return
@@ -134,12 +150,13 @@ def _check_text_slots_fit(tag: str | None) -> None:
         slot = kv_cache + 9 * cfg["vocab_size"]  # and a bool and two floats per token of the vocabulary
     except (ArtifactError, KeyError, TypeError):  # a broken model: its load fails, naming the file
         return
-    need, memory = TEXT_MAX_RUNNING * slot * WORKERS, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need, memory = TEXT_MAX_RUNNING * slot * WORKERS, memory_limit()
     if need > memory:
         workers = f" in each of CONDGEN_WORKERS={WORKERS}" if WORKERS > 1 else ""
         raise ConfigError(f"CONDGEN_TEXT_MAX_RUNNING={TEXT_MAX_RUNNING}: that many sequences of {tag}'s "
-                          f"{cfg['block_size']} positions{workers} need {need / 2**30:,.1f} GiB, more than this "
-                          f"machine's {memory / 2**30:,.1f} GiB of memory (at most {memory // (slot * WORKERS):,})")
+                          f"{cfg['block_size']} positions{workers} need {need / 2**30:,.1f} GiB, more than the "
+                          f"{memory / 2**30:,.1f} GiB of memory this server may use (at most "
+                          f"{memory // (slot * WORKERS):,})")
 
 
 _check_text_slots_fit(GPT_MODEL)

@@ -788,6 +788,17 @@ def test_a_missing_model_one_of_the_wrong_family_or_a_missing_device_or_memory_s
     assert message in run.stderr.splitlines()[-1], run.stderr[-2000:]
 
 
+def test_the_memory_limit_is_the_container_s_when_lower(tmp_path):
+    """A container's limit (cgroup v2 or v1) bounds the KV cache's check, not the host's memory."""
+    from service.config import memory_limit
+
+    host = memory_limit(())
+    (tmp_path / "v2").write_text("max\n")  # no limit
+    (tmp_path / "v1").write_text(f"{2**30}\n")
+    assert memory_limit((str(tmp_path / "v2"), str(tmp_path / "missing"))) == host
+    assert memory_limit((str(tmp_path / "v2"), str(tmp_path / "v1"))) == min(host, 2**30)
+
+
 def test_name_latest_names_only_the_latest_version():
     """A server pinned to an older version (GPT_MODEL=gpt:v1) answered `gpt:latest` with it."""
     from service.app import ServedModel
