@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from training import common, ensure_defaults, train_ar_image, train_autoencoder, train_gan, train_gpt
-from training.common import (atomic_save, check_folder, check_run_folder, parse_config, restore, resumable,
-                             run_cli)
+from training.common import (atomic_save, check_folder, check_fresh_run, check_run_folder, parse_config, restore,
+                             resumable, run_cli)
 
 
 @pytest.mark.parametrize("job, arg, message", [
@@ -78,7 +78,8 @@ def test_an_interrupted_training_job_names_its_checkpoint_and_step_on_a_line_of_
                                                                                          capsys):
     """It said "--resume=true continues from the last checkpoint in --run_dir, if one was written"
     whether or not one was, after the progress bar on the bar's own line."""
-    monkeypatch.setattr(common, "_last_checkpoint", [])
+    monkeypatch.setattr(common, "_last_checkpoint", None)
+    monkeypatch.delenv("RANK", raising=False)
 
     def main(checkpoint: bool):
         bar = tqdm(total=10, file=sys.stderr)
@@ -95,6 +96,11 @@ def test_an_interrupted_training_job_names_its_checkpoint_and_step_on_a_line_of_
         assert capsys.readouterr().err.split("\n")[-2:] == [f"interrupted: {said}", ""]
     restore(torch.load(tmp_path / "ckpt.pt", weights_only=True), tmp_path / "ckpt.pt")
     assert resumable() == f"{tmp_path / 'ckpt.pt'} holds step 3: --resume=true continues from it"
+    monkeypatch.setenv("RANK", "1")  # torchrun's other ranks write no checkpoint: they said "none yet"
+    assert resumable() == ""
+    monkeypatch.setenv("RANK", "0")
+    check_fresh_run(tmp_path / "other" / "ckpt.pt", False)  # the next job in this process (make serve)
+    assert resumable().startswith("before this run wrote or read a checkpoint")
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training():

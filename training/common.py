@@ -166,6 +166,8 @@ def check_model_folder(path: str, option: str = "--out") -> None:
 
 def check_fresh_run(ckpt_path: Path, resume: bool) -> None:
     """A run that does not resume must not overwrite the checkpoint of an earlier one."""
+    global _last_checkpoint
+    _last_checkpoint = None  # a job starts: a Ctrl-C from here on is about its checkpoints
     if not resume and ckpt_path.is_file():
         raise ValueError(f"--run_dir={ckpt_path.parent}: holds the checkpoint of an earlier run: --resume=true "
                          "continues it; another --run_dir (or deleting the folder) starts afresh")
@@ -210,15 +212,19 @@ def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
           file=sys.stderr)
 
 
-# The checkpoint this process last wrote or resumed from, (path, step): what a Ctrl-C reports.
-_last_checkpoint: list[tuple[Path, int]] = []
+# The checkpoint the job running in this process last wrote or resumed from, (path, step):
+# what a Ctrl-C reports. Each job's check_fresh_run forgets the one before (make serve runs two).
+_last_checkpoint: tuple[Path, int] | None = None
 
 
 def resumable() -> str:
-    """What an interrupted training job can do next (its `run_cli` on_interrupt)."""
-    if not _last_checkpoint:
+    """What an interrupted training job can do next (its `run_cli` on_interrupt). Said by rank 0
+    alone under torchrun: the others neither write checkpoints nor know the newest."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return ""
+    if _last_checkpoint is None:
         return "before this run wrote or read a checkpoint: run the same command again"
-    path, step = _last_checkpoint[-1]
+    path, step = _last_checkpoint
     return f"{path} holds step {step}: --resume=true continues from it"
 
 
@@ -245,6 +251,7 @@ def run_cli(main: Callable[[], Any], on_interrupt: str | Callable[[], str] = "")
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file, fsync, then rename: a checkpoint is never half-written."""
+    global _last_checkpoint
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -258,7 +265,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     if isinstance(obj, dict) and "step" in obj:  # a training checkpoint
-        _last_checkpoint.append((path, obj["step"]))
+        _last_checkpoint = (path, obj["step"])
 
 
 def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None, shape_keys: tuple[str, ...] = (),
@@ -330,10 +337,11 @@ def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, k
 def restore(ckpt: dict[str, Any], path: str | Path, **parts: Any) -> tuple[int, Any]:
     """Load each part (a module or optimizer) from ckpt[name]; return (step, history). A
     checkpoint of another job, or with other shapes, is a ValueError naming the file."""
+    global _last_checkpoint
     try:
         for name, part in parts.items():
             part.load_state_dict(ckpt[name])
-        _last_checkpoint.append((Path(path), ckpt["step"]))
+        _last_checkpoint = (Path(path), ckpt["step"])
         return ckpt["step"], ckpt["history"]
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"--resume: {path} is not a checkpoint of this job and settings "
