@@ -39,6 +39,7 @@ from models.decode_graphs import DecodeGraphs
 from models.engine import (CompletionRequest, EndBans, Sequence, StreamEvent, TextEngine, TextRequests,
                            decode_mask, prompt_entries, prompt_events, sample_rows, score_logits)
 from models.errors import InvalidParameter, is_int
+from models.gpt import kv_cache_bytes
 from models.sampling import SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class ContinuousEngine:
             self.model.setup_caches(self.cfg.max_running, engine.block_size)
         except RuntimeError as e:  # the allocator's own message gives bytes, not the setting behind them
             c, itemsize = self.model.config, self.model.lm_head.weight.element_size()
-            gib = self.cfg.max_running * engine.block_size * c.n_layer * 2 * c.n_embd * itemsize / 2**30
+            gib = self.cfg.max_running * kv_cache_bytes(c.n_layer, c.n_embd, engine.block_size, itemsize) / 2**30
             raise ValueError(f"SchedulerConfig.max_running={self.cfg.max_running}: the KV cache for that many "
                              f"sequences of {engine.block_size} positions needs {gib:,.1f} GiB, which "
                              f"{self.device} could not allocate") from e

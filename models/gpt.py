@@ -108,6 +108,11 @@ def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv
     return (scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v)[:, :, :T]
 
 
+def kv_cache_bytes(n_layer: int, n_embd: int, positions: int, itemsize: int) -> int:
+    """Bytes of one sequence's keys and values over `positions`, in every layer."""
+    return positions * n_layer * 2 * n_embd * itemsize
+
+
 class KVCache:
     """Pre-allocated keys and values for one layer: (B, H, max_seq, D), written at given positions.
     Plain tensors, not module state: a cache belongs to a batch being decoded, not to the model

@@ -9,6 +9,8 @@ import bentoml
 import torch
 
 from models.artifacts import ArtifactError, read_config
+from models.engine import resolve_device
+from models.gpt import kv_cache_bytes
 from service import chat
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.limits import Limits
@@ -138,7 +140,7 @@ def _check_text_slots_fit(tag: str | None) -> None:
     this server may use stops the start-up here, naming the variable. (The engine failed to
     load and the server stayed up, never ready: `CONDGEN_TEXT_MAX_RUNNING=1000000` asked 488 GiB.)
     On the CPU only: a GPU's memory is the engine's to report."""
-    if tag is None or (torch.cuda.device_count() > 0 and DEVICE != "cpu"):
+    if tag is None or resolve_device(DEVICE).type != "cpu":
         return
     try:
         path = bentoml.models.get(tag).path
@@ -146,7 +148,7 @@ def _check_text_slots_fit(tag: str | None) -> None:
         return
     try:
         cfg = read_config(path, "gpt")
-        kv_cache = 4 * cfg["block_size"] * cfg["n_layer"] * 2 * cfg["n_embd"]  # float32 keys and values
+        kv_cache = kv_cache_bytes(cfg["n_layer"], cfg["n_embd"], cfg["block_size"], 4)  # float32 on the CPU
         slot = kv_cache + 9 * cfg["vocab_size"]  # and a bool and two floats per token of the vocabulary
     except (ArtifactError, KeyError, TypeError):  # a broken model: its load fails, naming the file
         return
