@@ -120,7 +120,7 @@ class MicroBatcher(Generic[T]):
             self._task.cancel()
             await asyncio.wait({self._task})
         gone = ApiError(503, f"the server is shutting down before this {self.endpoint} request ran; retry on "
-                             "another replica", type="server_error")
+                             "another replica", type="server_error", code="shutting_down")
         for job in self._forming:
             fail(job, gone)
         self._forming = []

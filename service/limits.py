@@ -73,9 +73,9 @@ def request_id(scope: Scope) -> str:
     return state["request_id"]
 
 
-def error_body(err: ApiError, tgi_shape: bool = False, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
-    """(status, body) in the service's error shape (with the request id of a 500), or in TGI's."""
-    return tgi.error(err) if tgi_shape else (err.status, err.body(request_id))
+def error_body(err: ApiError, tgi_shape: bool = False, rid: str | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, body) in the service's error shape (with the request id `rid` of a 500), or in TGI's."""
+    return tgi.error(err) if tgi_shape else (err.status, err.body(rid))
 
 
 async def send_error(send: Send, scope: Scope, err: ApiError,
@@ -170,10 +170,12 @@ class LimitMiddleware:
         """Answer a request cancelled at its deadline with a 504, or, once its headers are out,
         end its body (a stream's with the error event, as a stream error ends)."""
         deadline_s = self.limits.deadline_s
-        logger.warning("%s passed its %.1fs deadline; cancelled", scope["path"], deadline_s)
+        logger.warning("request %s to %s passed its %.1fs deadline; cancelled", request_id(scope), scope["path"],
+                       deadline_s)
         count_error(scope["path"], 504)
+        # The same request would pass it again: the OpenAI client retries a 504 twice unless told not to.
         err = ApiError(504, f"the request did not finish within its {deadline_s:g}s deadline",
-                       type="server_error", code="deadline_exceeded")
+                       type="server_error", code="deadline_exceeded", headers={"x-should-retry": "false"})
         if not state["started"]:
             await send_error(send, scope, err, tgi_shape=is_tgi_request(scope))
             return

@@ -116,6 +116,7 @@ def test_deadline_cancels_the_handler_and_answers_504_json():
     r = asyncio.run(scenario())
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.headers["x-should-retry"] == "false"  # the OpenAI client ran the doomed request three times
     assert log.get("cancelled") is True  # the handler's `finally` ran: its engine work is released
 
 

@@ -438,10 +438,11 @@ def test_close_fails_the_queued_jobs_and_keeps_the_callers_cancellation():
         await asyncio.wait({closing})
         await asyncio.sleep(0.01)  # the consumer's own cancellation ends
         release.set()
-        return [type(j.future.exception()) for j in jobs[:1]], closing.cancelled(), batcher._in_flight._value
+        return [j.future.exception() for j in jobs[:1]], closing.cancelled(), batcher._in_flight._value
 
     failed, cancelled, free_slots = asyncio.run(scenario())
-    assert failed == [ApiError] and cancelled and free_slots == 2
+    assert [type(e) for e in failed] == [ApiError] and cancelled and free_slots == 2
+    assert failed[0].status == 503 and failed[0].code == "shutting_down"  # it had no code
 
 
 def test_jobs_whose_clients_left_free_their_queue_places_at_once():
