@@ -300,13 +300,18 @@ def test_unreadable_or_utf16_text_is_named_with_its_remedy(tmp_path, monkeypatch
 
 
 def test_nul_bytes_and_unmarked_utf16_are_refused_as_not_text(tmp_path):
-    """Zeros, and UTF-16 text without a byte-order mark, are valid UTF-8 and were trained on."""
+    """Zeros, and UTF-16 text without a byte-order mark, are valid UTF-8 and were trained on. A
+    stray NUL far into a text is kept (git's test: a NUL in the first 8,000 bytes)."""
     (tmp_path / "zeros.txt").write_bytes(b"\0" * 20000)
     (tmp_path / "wide.txt").write_text("an unmarked UTF-16 text " * 50, encoding="utf-16-le")
-    for name, at in (("zeros.txt", 0), ("wide.txt", 1)):
+    (tmp_path / "big-endian.txt").write_text("an unmarked UTF-16 text " * 50, encoding="utf-16-be")
+    for name, at, order in (("zeros.txt", 0, "be"), ("wide.txt", 1, "le"), ("big-endian.txt", 0, "be")):
         with pytest.raises(ValueError, match=rf"{name} holds a NUL character \(at character {at}\): not text;"
-                                             r".*iconv -f utf-16le -t utf-8"):
+                                             rf".*iconv -f utf-16{order} -t utf-8"):
             load_corpus(str(tmp_path / name))
+    (tmp_path / "stray.txt").write_text("a long text " * 1000 + "\0 and more")
+    corpus = load_corpus(str(tmp_path / "stray.txt"))
+    assert any("\0" in text for text in corpus.train + corpus.val)
 
 
 def test_max_chars_and_a_small_vocabulary_are_reported(tmp_path, capsys):

@@ -141,9 +141,12 @@ def _read_utf8(path: Path) -> str:
                          f"it first, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8`") from None
     except OSError as e:
         raise ValueError(f"--data: {path} cannot be read ({e.strerror})") from None
-    if (nul := text.find("\0")) >= 0:  # valid UTF-8, but no text holds NUL: zeros, or UTF-16 with no mark
+    # Valid UTF-8, but text holds no NUL near its start (git's test for a binary file): zeros, or
+    # UTF-16 with no byte-order mark, whose ASCII letters pair with a NUL (after them: little-endian).
+    if (nul := text.find("\0", 0, 8000)) >= 0:
         raise ValueError(f"--data: {path} holds a NUL character (at character {nul}): not text; UTF-16 text "
-                         f"without a byte-order mark reads so, convert it first, e.g. `iconv -f utf-16le -t utf-8`")
+                         f"without a byte-order mark reads so, convert it first, e.g. "
+                         f"`iconv -f utf-16{'le' if nul % 2 else 'be'} -t utf-8`")
     return text
 
 
