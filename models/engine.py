@@ -251,6 +251,19 @@ class Sequence:
         return StreamEvent(self.request, self.choice, text, 1, lps, reason, tok)
 
 
+def context_exceeded(context: int, prompt: int | None, completion: int) -> str:
+    """The refusal of a request past the context, in OpenAI's and vLLM's words, which LiteLLM
+    matches to raise its ContextWindowExceededError (and trim, or fall back to a bigger model).
+    `prompt` None: not counted yet (the completion alone fills the context)."""
+    if prompt is None:
+        asked = (f"at least {completion + 1} tokens ({completion} for the completion, and the prompt's: at most "
+                 f"{context - 1} for the completion)")
+    else:
+        asked = f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion)"
+    return (f"This model's maximum context length is {context} tokens. However, you requested {asked}. "
+            f"Please reduce the length of the prompt or of the completion.")
+
+
 def check_types(req: CompletionRequest) -> None:
     """InvalidParameter for a field of the wrong type (a library caller's `max_tokens=5.0`, `stop="ab"`),
     before it fails deep inside torch or, for a string of stops, is read as one stop per character."""
@@ -303,12 +316,11 @@ class TextRequests:
         check_types(req)
         if len(req.prompt) > self.max_prompt_chars:
             raise InvalidParameter("prompt", f"{len(req.prompt)} characters, the limit is {self.max_prompt_chars}")
-        if not 0 <= req.max_tokens < self.block_size:  # 0: nothing generated (a prompt scored, echoed)
-            past = req.max_tokens > 0
-            raise InvalidParameter("max_tokens", f"must be in [0, {self.block_size - 1}], got {req.max_tokens}"
-                                   + (f": past the model's maximum context length of {self.block_size} tokens (the "
-                                      "prompt's included)" if past else ""),
-                                   code="context_length_exceeded" if past else None)
+        if req.max_tokens < 0:  # 0: nothing generated (a prompt scored, echoed)
+            raise InvalidParameter("max_tokens", f"must be in [0, {self.block_size - 1}], got {req.max_tokens}")
+        if req.max_tokens >= self.block_size:
+            raise InvalidParameter("max_tokens", context_exceeded(self.block_size, None, req.max_tokens),
+                                   code="context_length_exceeded")
         if not 0 <= req.min_tokens <= req.max_tokens:
             raise InvalidParameter("min_tokens", f"must be in [0, max_tokens={req.max_tokens}], got {req.min_tokens}")
         if not 1 <= req.n <= MAX_N:
@@ -341,8 +353,7 @@ class TextRequests:
         if len(ids) > room:
             if not req.truncate:
                 name = "prompt" if len(ids) >= self.block_size else "max_tokens"
-                raise InvalidParameter(name, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
-                                             f"the model's maximum context length of {self.block_size} tokens",
+                raise InvalidParameter(name, context_exceeded(self.block_size, len(ids), req.max_tokens),
                                        code="context_length_exceeded")
             ids = ids[-room:]
         return ids

@@ -5,7 +5,7 @@ type checks that parameters and configs share."""
 class InvalidParameter(ValueError):
     """A request parameter is out of range; `param` names it so the API can say which, and
     `code`, where clients look for one, says what kind of mistake it is (OpenAI's
-    "context_length_exceeded", which LangChain and LiteLLM read to trim a prompt and retry)."""
+    "context_length_exceeded", which clients read to trim a prompt and retry)."""
 
     def __init__(self, param: str, message: str, code: str | None = None):
         super().__init__(f"{param}: {message}")

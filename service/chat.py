@@ -212,9 +212,10 @@ class ChatCompletionBody(TextSampling):
         so that a prompt that fills the context is refused as /v1/completions refuses it)."""
         limit = self.max_completion_tokens or self.max_tokens
         if limit is None and len(prompt_ids) >= context:  # (the engine's message would name a max_tokens of 1)
-            raise ApiError(400, f"messages: the prompt the chat template made is {len(prompt_ids)} tokens, which "
-                                f"leaves none to generate within the model's maximum context length of {context} "
-                                "tokens", "messages", code="context_length_exceeded")
+            raise ApiError(400, f"messages: This model's maximum context length is {context} tokens. However, the "
+                                f"prompt the chat template made is {len(prompt_ids)} tokens, which leaves none to "
+                                "generate. Please reduce the length of the messages.", "messages",
+                           code="context_length_exceeded")
         limit = limit or min(MAX_TOKENS_LIMIT, context - len(prompt_ids))
         shared = {name: getattr(self, name) for name in TextSampling.model_fields}
         # Constructed, not validated: every field was checked here, and a prompt's ids may

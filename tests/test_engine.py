@@ -208,11 +208,14 @@ def test_bad_requests_raise_naming_the_parameter(engine, kw, param):
         list(engine.stream([req]))
 
 
-def test_a_prompt_past_the_context_says_so_in_openais_code(engine):
-    """LangChain and LiteLLM look for code context_length_exceeded to trim a prompt and retry."""
-    for req in (CompletionRequest("fox " * 500, seed=0), CompletionRequest("fox " * 20, seed=0, max_tokens=90),
-                CompletionRequest("fox", seed=0, max_tokens=96)):  # max_tokens alone fills the context
-        with pytest.raises(InvalidParameter, match="maximum context length of 96 tokens") as e:
+def test_a_prompt_past_the_context_says_so_in_openais_code_and_words(engine):
+    """OpenAI's code, context_length_exceeded, and its words, which LiteLLM matches to raise its
+    ContextWindowExceededError (it did not recognise "exceeds the model's maximum context length")."""
+    for req, asked in ((CompletionRequest("fox " * 500, seed=0), r"\d+ tokens \(\d+ in the prompt, 16 for the"),
+                       (CompletionRequest("fox " * 20, seed=0, max_tokens=90), r"\d+ tokens \(\d+ in the prompt, 90 for"),
+                       (CompletionRequest("fox", seed=0, max_tokens=96), r"at least 97 tokens \(96 for the completion")):
+        with pytest.raises(InvalidParameter, match=r"This model's maximum context length is 96 tokens\. However, you "
+                                                   rf"requested {asked}") as e:
             engine.validate(req)
         assert e.value.code == "context_length_exceeded"
         assert pickle.loads(pickle.dumps(e.value)).code == "context_length_exceeded"  # from the engine process

@@ -130,7 +130,7 @@ def test_bad_requests_name_the_field(oai, server, change, param, code):
                                     extra_body={k: v for k, v in body.items() if k != "model"})
     assert (e.value.body["param"], e.value.code) == (param, code), e.value.body
     if code:
-        assert "maximum context length of 64 tokens" in e.value.message
+        assert "This model's maximum context length is 64 tokens" in e.value.message
     assert errors() == before + 1
 
 
