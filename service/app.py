@@ -867,6 +867,9 @@ class Generation:
         if not any(served.kind == kind for served in self.served_models):
             why = "GPT_MODEL is empty" if kind == "text" else "GAN_MODEL is empty and no AR_IMAGE_MODEL is served"
             raise ApiError(404, f"this server serves no {kind} model ({why})", "model", code="model_not_found")
+        if (kind == "text" and requested in tgi.PLACEHOLDER_MODELS
+                and not any(m.answers_to(requested) for m in self.served_models)):
+            requested = None  # a TGI client's chat (TGI ignores `model`): the default text model
         for served in self.served_models:
             if served.kind == kind and served.answers_to(requested):
                 return served

@@ -21,6 +21,10 @@ from service.schemas import ApiError, TGIParameters
 # has `inputs` and no `prompt`): their errors come in TGI's shape (`error`), the overload and
 # deadline limits' included (the API key's 401 keeps the service's shape).
 ROUTES = frozenset({"/generate_stream", "/", "/info"})
+# What TGI's own clients send as `model` to a TGI server, which ignores it: huggingface_hub's
+# InferenceClient, given the server's URL, sends "dummy"; TGI's docs and LiteLLM's huggingface/tgi,
+# "tgi". On the text routes they name the default text model (unless a served model has the name).
+PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's, when the context leaves that much
 FINISH = {"length": "length", "eos": "eos_token", "stop": "stop_sequence"}
 # The engine's field names, as a TGI request calls them (for the `param` of a 400).

@@ -52,6 +52,14 @@ def test_a_chat_completion_is_the_completion_of_the_rendered_prompt(oai):
     assert [c.message.content for c in newer.choices] == [c.message.content for c in r.choices]
 
 
+def test_tgi_clients_placeholder_model_names_the_served_model(oai):
+    """huggingface_hub's InferenceClient (given the server's URL) sends model "dummy", TGI's docs
+    and LiteLLM "tgi": TGI ignores it, and this server answered 404."""
+    for placeholder in ("tgi", "dummy"):
+        r = oai.chat.completions.create(model=placeholder, messages=MESSAGES, max_tokens=3, seed=1)
+        assert r.model.startswith("gpt:") and r.choices[0].message.content is not None
+
+
 def test_stop_and_the_default_length(oai):
     """Without a limit a choice may run to the end of the context (64 tokens here), as in vLLM."""
     free = oai.chat.completions.create(model="gpt", messages=MESSAGES, seed=3, extra_body={"ignore_eos": True})
