@@ -22,10 +22,10 @@ from starlette.routing import Route
 
 from models.artifacts import ArtifactError
 from service.batching import Job, MicroBatcher, Overloaded
-from service.limits import LimitMiddleware, Limits
+from service.limits import LimitMiddleware, Limits, request_id, send_error
 from service.metrics import get_metrics
 from service.openapi import build_openapi
-from service.schemas import CompletionBody, ImageBody, OpenAICompletionBody
+from service.schemas import ApiError, CompletionBody, ImageBody, OpenAICompletionBody
 from service.env import ConfigError, env_choice, env_flag, env_float, env_int
 from service.security import APIKeyMiddleware, JSONRoutingErrors, api_key, cors_options, model_tag
 
@@ -232,6 +232,23 @@ def test_a_stream_cut_off_by_its_client_counts_as_a_499(caplog):
     assert log.get("stream_closed") is True and sent[-1].get("more_body") is True  # cut off
     assert REGISTRY.get_sample_value("condgen_request_errors_total", labels) == before + 1
     assert "request r-7 to /generate: the client left before the stream's end" in caplog.text  # named no request
+
+
+def test_a_request_without_an_id_gets_one_that_its_answer_and_log_lines_share():
+    """Made up once per request, in its scope's state: the answer's header, the handler's log
+    lines and a stream's in-band error all read that one (the in-band 500 made a new one)."""
+    scope = {"type": "http", "path": "/complete", "headers": []}
+    made = request_id(scope)
+    assert len(made) == 32 and request_id(scope) == made
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(send_error(send, scope, ApiError(400, "bad")))
+    assert dict(sent[0]["headers"])[b"x-request-id"] == made.encode()
+    asked = {"type": "http", "path": "/complete", "headers": [(b"x-request-id", b"mine")]}
+    assert request_id(asked) == "mine"
 
 
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
