@@ -256,8 +256,7 @@ def context_exceeded(context: int, prompt: int | None, completion: int) -> str:
     matches to raise its ContextWindowExceededError (and trim, or fall back to a bigger model).
     `prompt` None: not counted yet (the completion alone fills the context)."""
     if prompt is None:
-        asked = (f"at least {completion + 1} tokens ({completion} for the completion, and the prompt's: at most "
-                 f"{context - 1} for the completion)")
+        asked = f"at least {completion + 1} tokens ({completion} for the completion alone; at most {context - 1})"
     else:
         asked = f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion)"
     return (f"This model's maximum context length is {context} tokens. However, you requested {asked}. "

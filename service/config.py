@@ -162,6 +162,7 @@ def _check_text_slots_fit(tag: str | None) -> None:
 
 
 _check_text_slots_fit(GPT_MODEL)
+
 # A Jinja2 chat template (Hugging Face's convention), read and compiled here; unset: no chat route.
 CHAT_TEMPLATE = chat.template_from_env(os.environ)
 CHAT_PATH = "/v1/chat/completions"

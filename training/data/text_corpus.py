@@ -141,8 +141,9 @@ def _read_utf8(path: Path) -> str:
                          f"it first, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8`") from None
     except OSError as e:
         raise ValueError(f"--data: {path} cannot be read ({e.strerror})") from None
-    # Valid UTF-8, but text holds no NUL near its start (git's test for a binary file): zeros, or
-    # UTF-16 with no byte-order mark, whose ASCII letters pair with a NUL (after them: little-endian).
+    # Valid UTF-8 is not always text: text has no NUL near its start (git's test for a binary
+    # file). Zeros have, and so has UTF-16 with no byte-order mark, whose ASCII letters each pair
+    # with a NUL (after the letter: little-endian).
     if (nul := text.find("\0", 0, 8000)) >= 0:
         raise ValueError(f"--data: {path} holds a NUL character (at character {nul}): not text; UTF-16 text "
                          f"without a byte-order mark reads so, convert it first, e.g. "
