@@ -120,7 +120,7 @@ def test_ckpt_interval_checkpoints_between_evaluations_and_a_run_stopped_after_o
     ("--text_dim=30", "--text_dim=30 is not divisible"),
     ("--image_size=48", "--image_size=48: must be 32 or 64"),
     ("--augment=flip", "--augment='flip'"),
-    ("--store_name=My Model", "--store_name='My Model'"),
+    ("--name=My Model", "--name='My Model'"),
     ("--holdout=green:triangle,blue:triangle,yellow:triangle,purple:triangle,cyan:triangle",
      "leaves triangle with one colour (red)"),
 ])

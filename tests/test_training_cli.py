@@ -23,7 +23,7 @@ from training.common import (atomic_save, check_folder, check_fresh_run, check_r
     (train_ar_image, "--n_embd=33", "--n_embd=33 is not divisible by --n_head=2"),
     (train_ar_image, "--patch=3", "--image_size=32 is not a multiple of --patch=3"),
     (train_ar_image, "--n_val=256", "--n_val=256 leaves no training images"),
-    (train_ar_image, "--store_name=My Model", "--store_name='My Model'"),
+    (train_ar_image, "--name=My Model", "--name='My Model'"),
     (train_autoencoder, "--max_steps=-1", "--max_steps=-1: must be >= 1"),
     (train_autoencoder, "--sigma=0", "--sigma=0.0: must be > 0"),
     (train_autoencoder, "--ch=12", "--ch=12: must be a multiple of 8"),

@@ -88,7 +88,7 @@ class ARTrainConfig(ImageJobConfig):
         "help": "checkpoint and exit after this many steps in this invocation (0 = run to max_steps)",
         "valid": at_least(0)})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
-    store_name: str = field(default="ar_image", metadata={"help": "model name in the store"})
+    name: str = field(default="ar_image", metadata={"help": "model name in the store"})
 
     def check(self) -> None:
         """Settings that are wrong together, or that would fail only after training."""
@@ -102,7 +102,7 @@ class ARTrainConfig(ImageJobConfig):
         if self.text_dim % ARImageConfig.text_heads:
             raise ValueError(f"--text_dim={self.text_dim} is not divisible by the text encoder's "
                              f"{ARImageConfig.text_heads} heads")
-        check_outputs(self.store_name, self.store, self.run_dir, "ar_image", "--store_name", "--run_dir")
+        check_outputs(self.name, self.store, self.run_dir, "ar_image", out_option="--run_dir")
 
 
 # The settings that change the model's tensors: a checkpoint resumes only with the same ones.
@@ -320,7 +320,7 @@ def finish(cfg: ARTrainConfig, engine: ARImageEngine, evaluator: Any, shapes: An
     model_dir = save_model_dir(run / "model", config, model.state_dict(), tokenizer, metrics)
     log.info("final metrics: %s", json.dumps(metrics))
     if cfg.store:
-        tag = save_to_store(cfg.store_name, model_dir,
+        tag = save_to_store(cfg.name, model_dir,
                             labels={"family": "ar_image", "dataset": digest},
                             metadata={"steps": step, "image_size": cfg.image_size})
         log.info("saved to the BentoML store as %s", tag)

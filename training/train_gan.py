@@ -161,7 +161,7 @@ class GANTrainConfig(ImageJobConfig):
                                                       "valid": at_least(1)})
     seed: int = field(default=1337, metadata={"help": "training randomness (offset by rank)", "valid": SEED})
     store: bool = field(default=True, metadata={"help": "save the model to the BentoML store"})
-    store_name: str = field(default="gan", metadata={"help": "model name in the store"})
+    name: str = field(default="gan", metadata={"help": "model name in the store"})
 
     def check(self) -> None:
         """Settings that are wrong together, or that would fail only after training."""
@@ -179,7 +179,7 @@ class GANTrainConfig(ImageJobConfig):
         if self.mode_seeking and self.batch_size < 4:
             raise ValueError(f"--mode_seeking={self.mode_seeking} needs --batch_size >= 4 "
                              f"(a quarter of the batch is drawn twice), got {self.batch_size}")
-        check_outputs(self.store_name, self.store, self.run_dir, "gan", "--store_name", "--run_dir")
+        check_outputs(self.name, self.store, self.run_dir, "gan", out_option="--run_dir")
 
 
 # The settings that change the networks' tensors: a checkpoint resumes only with the same ones.
@@ -565,7 +565,7 @@ def finish(cfg: GANTrainConfig, engine: ImageEngine, evaluator: Any, shapes: Sha
     model_dir = save_model_dir(run / "model", config, G_ema.state_dict(), tokenizer, metrics)
     log.info("final metrics: %s", json.dumps(metrics))
     if cfg.store:
-        tag = save_to_store(cfg.store_name, model_dir, labels={"family": "gan", "dataset": digest},
+        tag = save_to_store(cfg.name, model_dir, labels={"family": "gan", "dataset": digest},
                             metadata={"steps": step, "image_size": cfg.image_size})
         log.info("saved to the BentoML store as %s", tag)
     return model_dir
