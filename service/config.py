@@ -4,6 +4,7 @@ choose. README, Configuration, lists them all."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import bentoml
 import torch
@@ -118,12 +119,34 @@ MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = env_float("CONDGEN_BODY_TIMEOUT_S", 10.0, 0)
 
 
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+def cgroup_memory_files(proc_cgroup: str, root: str = "/sys/fs/cgroup") -> list[str]:
+    """The memory-limit files of the cgroup a process is in (the text of /proc/self/cgroup)
+    and of each of its parents, whose limits bind it too: `memory.max` (v2, line `0::/path`),
+    `memory.limit_in_bytes` (v1, line `N:memory:/path`). In a container the path is `/`; on a
+    host it is the process's own group below the root, whose file alone may hold the limit."""
+    files = []
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = Path(root), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(root) / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        group = Path(path.strip("/"))
+        files += [str(base / parent / name) for parent in (group, *group.parents) if str(parent) != "."]
+        files.append(str(base / name))
+    return files
 
 
-def memory_limit(cgroup_files: tuple[str, ...] = CGROUP_MEMORY_LIMITS) -> int:
-    """Bytes this server may use: the machine's memory, or its container's limit when lower
-    (a cgroup's file reads "max", or a huge number, when it sets none)."""
+def memory_limit(cgroup_files: list[str] | None = None) -> int:
+    """Bytes this server may use: the machine's memory, or its cgroup's limit when lower (a
+    cgroup's file reads "max", or a huge number, when it sets none)."""
+    if cgroup_files is None:
+        try:
+            cgroup_files = cgroup_memory_files(Path("/proc/self/cgroup").read_text())
+        except (OSError, ValueError):
+            cgroup_files = []
     limits = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
     for path in cgroup_files:
         try:

@@ -795,11 +795,27 @@ def test_the_memory_limit_is_the_container_s_when_lower(tmp_path):
     """A container's limit (cgroup v2 or v1) bounds the KV cache's check, not the host's memory."""
     from service.config import memory_limit
 
-    host = memory_limit(())
+    host = memory_limit([])
     (tmp_path / "v2").write_text("max\n")  # no limit
     (tmp_path / "v1").write_text(f"{2**30}\n")
-    assert memory_limit((str(tmp_path / "v2"), str(tmp_path / "missing"))) == host
-    assert memory_limit((str(tmp_path / "v2"), str(tmp_path / "v1"))) == min(host, 2**30)
+    assert memory_limit([str(tmp_path / "v2"), str(tmp_path / "missing")]) == host
+    assert memory_limit([str(tmp_path / "v2"), str(tmp_path / "v1")]) == min(host, 2**30)
+
+
+def test_the_memory_limit_files_are_those_of_the_process_s_own_cgroup_and_its_parents(tmp_path):
+    """On a host (no cgroup namespace) the process's cgroup is a path below the root, whose
+    files hold no limit: its own cgroup's file, and each parent's, are the ones to read."""
+    from service.config import cgroup_memory_files
+
+    v1 = "4:memory:/jobs/a\n3:cpu:/\n"
+    assert cgroup_memory_files(v1, str(tmp_path)) == [
+        str(tmp_path / "memory/jobs/a/memory.limit_in_bytes"), str(tmp_path / "memory/jobs/memory.limit_in_bytes"),
+        str(tmp_path / "memory/memory.limit_in_bytes")]
+    assert cgroup_memory_files("0::/user.slice/run-1.scope\n", str(tmp_path)) == [
+        str(tmp_path / "user.slice/run-1.scope/memory.max"), str(tmp_path / "user.slice/memory.max"),
+        str(tmp_path / "memory.max")]
+    assert cgroup_memory_files("0::/\n", str(tmp_path)) == [str(tmp_path / "memory.max")]  # in a container
+    assert cgroup_memory_files("", str(tmp_path)) == []
 
 
 def test_name_latest_names_only_the_latest_version():
