@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,13 +64,19 @@ def is_tgi_request(scope: Scope) -> bool:
     return scope.get("path") in tgi.ROUTES or bool(scope.get("state", {}).get("tgi"))
 
 
+# A client's own X-Request-ID: printable ASCII, at most 200 characters (Heroku's rule). It goes
+# into the answer's header and the log, so anything else (a 100 MB header came back whole in a
+# 401; a tab or a Latin-1 byte reached the log) is replaced by an id made up here.
+CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,200}")
+
+
 def request_id(scope: Scope) -> str:
     """The request's id: the client's X-Request-ID, or one made up, kept in the request's state,
     so that its answer's header, its log lines and an error in its stream all name the same one."""
     state = scope.setdefault("state", {})
     if "request_id" not in state:
-        asked = dict(scope.get("headers") or []).get(b"x-request-id")
-        state["request_id"] = asked.decode("latin-1") if asked else uuid.uuid4().hex
+        asked = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        state["request_id"] = asked.decode() if CLIENT_REQUEST_ID.fullmatch(asked) else uuid.uuid4().hex
     return state["request_id"]
 
 

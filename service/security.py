@@ -20,7 +20,9 @@
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -106,18 +108,23 @@ def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
     return "unmatched"
 
 
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, key: str, routes: Sequence[BaseRoute]) -> None:
         """routes: the API's routes, which label the 401s in the error counter."""
         self.app = app
-        self.key = key.strip().encode()  # as presented keys are compared
+        self.key_digest = _digest(key.strip().encode())  # stripped, as presented keys are
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not _open(scope):
             given = _presented_key(scope)
-            # Constant-time comparison: the answer's timing says nothing about the key.
-            if given is None or not hmac.compare_digest(given, self.key):
+            # Constant-time comparison of digests: the answer's timing says nothing about the
+            # key, nor its length (compare_digest's time depends on the lengths it is given).
+            if given is None or not hmac.compare_digest(_digest(given), self.key_digest):
                 why = "missing" if given is None else "invalid"
                 count_error(route_label(self.routes, scope), 401)
                 await send_error(send, scope, ApiError(
@@ -204,6 +211,28 @@ def cors_options(origins: list[str]) -> dict:
                 expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
 
 
+# C0 control characters and DEL, as `\xNN` (`\n`, `\r`, `\t` as such), the way `repr` shows them.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7f)}
+
+
+class EscapeControlCharacters(logging.Filter):
+    """Escapes control characters in a log record's string arguments: BentoML's access log
+    writes a request's percent-decoded path as it is, so `/x%0a<a made-up line>` forged a second
+    line, and `%1b[…` reached the terminal of whoever read the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(a.translate(_CONTROL_ESCAPES) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def escape_access_log() -> None:
+    """Install EscapeControlCharacters on BentoML's access log (once)."""
+    access = logging.getLogger("bentoml.access")
+    if not any(isinstance(f, EscapeControlCharacters) for f in access.filters):
+        access.addFilter(EscapeControlCharacters())
+
+
 def install(service: object, routes: object, limits: Limits) -> None:
     """Add /openapi.json and its docs page to the mounted routes, and the middlewares to the
     BentoML service."""
@@ -218,3 +247,4 @@ def install(service: object, routes: object, limits: Limits) -> None:
     if key := api_key():
         service.add_asgi_middleware(APIKeyMiddleware, key=key, routes=routes.routes)  # type: ignore[attr-defined]
     service.add_asgi_middleware(LimitMiddleware, limits=limits)  # type: ignore[attr-defined]
+    escape_access_log()

@@ -251,6 +251,32 @@ def test_a_request_without_an_id_gets_one_that_its_answer_and_log_lines_share():
     assert request_id(asked) == "mine"
 
 
+@pytest.mark.parametrize("asked", [b"x" * 201, b"a\tb", b"caf\xe9", b""])
+def test_a_client_id_that_is_long_or_not_printable_ascii_is_replaced(asked):
+    """A client's X-Request-ID goes into the answer's header and the log: a 100 MB one came back
+    whole in the 401, and a tab or a Latin-1 byte went into the log as it was."""
+    made = request_id({"type": "http", "headers": [(b"x-request-id", asked)]})
+    assert len(made) == 32 and made != asked.decode("latin-1")
+    kept = b"req-7.ab:cd/EF_" + b"9" * 185  # 200 printable characters
+    assert request_id({"type": "http", "headers": [(b"x-request-id", kept)]}) == kept.decode()
+
+
+def test_the_access_log_escapes_control_characters(caplog):
+    """BentoML's access log writes the request's decoded path as it is: `/x%0a<a made-up line>`
+    forged a second log line, and `%1b[2K` reached a terminal that shows the log."""
+    import logging
+
+    from service.security import escape_access_log
+
+    escape_access_log()
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        logging.getLogger("bentoml.access").info("%s (%s) %.3fms", "127.0.0.1:1",
+                                                 "path=/x\n2026 [INFO] FORGED\r\x1b[2K\x00\x7f", 1.0)
+    line = caplog.records[-1].getMessage()
+    assert "\n" not in line and "\x1b" not in line and "\x00" not in line and "\x7f" not in line
+    assert "path=/x\\n2026 [INFO] FORGED\\r\\x1b[2K\\x00\\x7f" in line
+
+
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
     log: dict = {}
     app = _app(log, Limits(max_inflight=1, deadline_s=0.2))
