@@ -81,13 +81,21 @@ def forget_dead_processes(path: str | None) -> list[int]:
 
 
 def process_exists(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a killed worker stays one until BentoML's process
+    manager reaps it, some 5 s later, and its gauges and health state counted until then."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # after the name, which may hold ")"
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's
+    except OSError:  # no /proc: signal 0 says whether it exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's
+            return True
         return True
-    return True
 
 
 @functools.lru_cache(maxsize=1)

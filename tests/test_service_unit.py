@@ -22,6 +22,7 @@ from service.metrics import forget_dead_processes, get_metrics
 from service.worker_health import WorkerHealth
 from service.schemas import (CompletionBody, ImageBody, OpenAICompletionBody, OpenAIImageBody, Txt2ImgBody,
                              from_validation_error)
+from tests.tests_support import wait_for
 
 
 # ---- schemas ----------------------------------------------------------------------------
@@ -196,6 +197,24 @@ def test_openai_stream_options_need_a_stream():
     options = {"include_usage": None, "include_obfuscation": False}
     body = OpenAICompletionBody.model_validate({**body, "stream": True, "stream_options": options})
     assert body.stream_options.include_usage is False and body.unsupported() is None
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_dead():
+    """A killed worker stays a zombie until BentoML's process manager reaps it (some 5 s): its
+    gauges stayed in the sums, and its last health state counted, that long."""
+    from service.metrics import process_exists
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_exists(child.pid)
+        child.kill()
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(")")[-1].split()[0] == "Z",
+                 "the child to be a zombie")
+        assert not process_exists(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_exists(child.pid) and process_exists(os.getpid())
 
 
 def test_a_dead_workers_live_gauges_leave_the_sums_and_its_counters_stay(tmp_path):
