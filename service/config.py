@@ -89,7 +89,6 @@ if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cud
     # "Torch not compiled with CUDA enabled" in its log.
     raise ConfigError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA devices")
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
-MAX_CONCURRENCY = env_int("CONDGEN_MAX_CONCURRENCY", 256, 1)  # beyond it: 429
 TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
 TEXT_TOKEN_BUDGET = env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512, 1)  # decode + prefill tokens per step
 TEXT_MAX_WAITING = env_int("CONDGEN_TEXT_MAX_WAITING", 256, 0)  # queued completion requests, beyond it 429
@@ -109,6 +108,24 @@ ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
 # 0.54-0.56 ms with it off, single images). Set to 1 when a tracing exporter is configured.
 TRACE_REQUESTS = env_flag("CONDGEN_TRACE_REQUESTS", False)
 WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its own models and batchers
+
+
+def _max_concurrency() -> int:
+    """BentoML's own limit on requests in flight (beyond it its bare 429), shared out among the
+    workers as ceil(limit / workers), health probes and /metrics included. Each worker's share
+    must stay above CONDGEN_MAX_INFLIGHT, or its 429 (no Retry-After, no code) comes before the
+    service's own; by default 4 times the workers' in-flight places (256 for one worker)."""
+    inflight = LIMITS.max_inflight
+    limit = env_int("CONDGEN_MAX_CONCURRENCY", 4 * inflight * WORKERS, 1)
+    if -(-limit // WORKERS) <= inflight:
+        raise ConfigError(f"CONDGEN_MAX_CONCURRENCY={limit} leaves each of CONDGEN_WORKERS={WORKERS} "
+                          f"{-(-limit // WORKERS)} requests, not above CONDGEN_MAX_INFLIGHT={inflight}: BentoML "
+                          f"would refuse requests before the service's own limit does (raise it, or lower "
+                          f"CONDGEN_MAX_INFLIGHT)")
+    return limit
+
+
+MAX_CONCURRENCY = _max_concurrency()
 # Per engine process; 0 = share the cores out. More threads than cores only slow torch down
 # (500 made a completion 100x slower; 100,000 crashed the engine and exhausted the host's processes).
 TORCH_THREADS = env_int("CONDGEN_TORCH_THREADS", 0, 0, os.cpu_count() or 1)

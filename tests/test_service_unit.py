@@ -810,6 +810,23 @@ def test_a_missing_model_one_of_the_wrong_family_or_a_missing_device_or_memory_s
     assert message in run.stderr.splitlines()[-1], run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("settings, expected", [
+    ({"CONDGEN_WORKERS": "5"}, "1280"),  # the default grows with the workers: 4 x 64 in flight x 5
+    ({"CONDGEN_WORKERS": "2", "CONDGEN_MAX_CONCURRENCY": "130"}, "130"),  # 65 a worker, above 64
+    ({"CONDGEN_WORKERS": "3", "CONDGEN_MAX_CONCURRENCY": "6"},
+     "CONDGEN_MAX_CONCURRENCY=6 leaves each of CONDGEN_WORKERS=3 2 requests"),
+    ({"CONDGEN_MAX_CONCURRENCY": "64"}, "CONDGEN_MAX_CONCURRENCY=64 leaves each of CONDGEN_WORKERS=1 64 requests"),
+])
+def test_bentoml_s_limiter_stays_above_the_services_own(bentoml_home, settings, expected):
+    """BentoML gives each worker ceil(CONDGEN_MAX_CONCURRENCY / workers) requests, health probes
+    and /metrics included: at or below CONDGEN_MAX_INFLIGHT its 429 (no Retry-After, no code, no
+    CORS headers) came first. With the old fixed default of 256 that happened from 5 workers on."""
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "CONDGEN_DEVICE": "cpu", **settings}
+    run = subprocess.run([sys.executable, "-c", "import service.config as c; print(c.MAX_CONCURRENCY)"],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert expected in (run.stdout + run.stderr).strip().splitlines()[-1], run.stderr[-2000:]
+
+
 def test_the_memory_limit_is_the_container_s_when_lower(tmp_path):
     """A container's limit (cgroup v2 or v1) bounds the KV cache's check, not the host's memory."""
     from service.config import memory_limit
