@@ -685,8 +685,8 @@ class Generation:
                 self.text = text
             for tag, checker in checkers.items():
                 self.images[tag].requests = checker
-            logger.info("loaded and warmed up %s in %.2fs", ", ".join(m.tag for m in self.served_models),
-                        time.perf_counter() - started)
+            logger.info("loaded and warmed up %s in %.2fs (CPU threads of torch in each engine process: %d)",
+                        ", ".join(m.tag for m in self.served_models), time.perf_counter() - started, self._threads)
             if self.gan is None and self.ar_image is not None:
                 logger.info("GAN_MODEL is empty: the image routes serve %s (AR_IMAGE_MODEL= turns it off too)",
                             self.ar_image.tag)
