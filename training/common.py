@@ -206,6 +206,16 @@ def _raised_by_project(e: BaseException) -> bool:
             and not where.is_relative_to(Path(sys.prefix).resolve()))
 
 
+def report_resume(step: int, max_steps: int, ckpt_path: str | Path) -> None:
+    """Say where a resumed run goes on from, or that its checkpoint is already at --max_steps
+    (then the job saves the checkpoint's model: it was trained, and never saved)."""
+    if step >= max_steps:
+        print(f"{ckpt_path} is at step {step}, --max_steps={max_steps}: nothing to train, saving its model",
+              file=sys.stderr)
+    else:
+        print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
+
+
 def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
     """Say where a `--halt_after` run stopped and how it goes on (it ended in silence, exit 0)."""
     print(f"halted at step {step} of {max_steps}; {ckpt_path} holds it: --resume=true continues",

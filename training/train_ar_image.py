@@ -34,8 +34,8 @@ from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
                              check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
-                             get_tokenizer, load_checkpoint, parse_config, report_halt, require_finite, restore,
-                             resumable, run_cli, setup_distributed, teardown_distributed)
+                             get_tokenizer, load_checkpoint, parse_config, report_halt, report_resume, require_finite,
+                             restore, resumable, run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
@@ -203,7 +203,8 @@ def train(cfg: ARTrainConfig) -> Path:
     step, history = 0, []
     if ckpt is not None:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
-        log.info("resumed from %s at step %d", ckpt_path, step)
+        if d.is_main:
+            report_resume(step, cfg.max_steps, ckpt_path)
     else:
         # The same seed on every rank: each fits the identical code book, no broadcast needed.
         codebook = fit_codebook(data.images[:-cfg.n_val], cfg.codebook, cfg.patch, seed=cfg.seed)
@@ -284,7 +285,7 @@ def train(cfg: ARTrainConfig) -> Path:
     model_dir = run / "model"
     if d.is_main and step < cfg.max_steps:
         report_halt(step, cfg.max_steps, ckpt_path)
-    if d.is_main and step == cfg.max_steps:
+    elif d.is_main:
         require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, engine, evaluator, shapes, data, digest, tokenizer, time.time() - t0,
                            step, history)

@@ -30,7 +30,7 @@ from models.engine import pick_device
 from models.text_encoder import encode_prompts
 from training.common import (SEED, Dist, above, at_least, atomic_save, check_fresh_run, check_outputs,
                              check_resume_data, cosine_lr, diverged, get_tokenizer, load_checkpoint, parse_config,
-                             report_halt, require_finite, restore, resumable, run_cli)
+                             report_halt, report_resume, require_finite, restore, resumable, run_cli)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
                                 check_validation_split, load_data, resume_data_keys, run_dir_argv,
@@ -160,7 +160,7 @@ def train(cfg: AETrainConfig) -> Path:
     step, history = 0, []
     if ckpt is not None:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
-        log.info("resumed from %s at step %d", ckpt_path, step)
+        report_resume(step, cfg.max_steps, ckpt_path)
     n_train = len(data) - cfg.n_val
     halt_at = min(cfg.max_steps, step + cfg.halt_after) if cfg.halt_after else cfg.max_steps
     interval: list[float] = []
@@ -206,7 +206,7 @@ def train(cfg: AETrainConfig) -> Path:
     model_dir = run / "model"
     if step < cfg.max_steps:
         report_halt(step, cfg.max_steps, ckpt_path)
-    if step == cfg.max_steps:
+    else:
         require_finite(step, ckpt_path, model=model)
         model_dir = finish(cfg, model.eval(), tokenizer, data, digest, shapes, ids_all, mask_all, n_train,
                            history, time.time() - t0)

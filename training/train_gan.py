@@ -38,8 +38,8 @@ from models.text_encoder import encode_prompts
 from models.tokenizer import Tokenizer
 from training.common import (SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
                              check_fresh_run, check_outputs, check_resume_data, check_run_folder, diverged, fraction,
-                             get_tokenizer, load_checkpoint, one_of, parse_config, report_halt, require_finite,
-                             restore, resumable, run_cli, setup_distributed, teardown_distributed)
+                             get_tokenizer, load_checkpoint, one_of, parse_config, report_halt, report_resume,
+                             require_finite, restore, resumable, run_cli, setup_distributed, teardown_distributed)
 from training.data.imagefolder import CaptionedImages, load_imagefolder
 from training.data.shapes import DEFAULT_HOLDOUT, ShapesConfig, make_shapes, parse_holdout
 from training.evaluate import evaluate_generator, eval_prompts, generator_prompts, load_or_train_evaluator
@@ -381,7 +381,8 @@ def train(cfg: GANTrainConfig) -> Path:
     step, history = 0, []
     if ckpt is not None:
         step, history = restore(ckpt, ckpt_path, G=G, D=D, G_ema=G_ema, opt_g=opt_g, opt_d=opt_d)
-        log.info("resumed from %s at step %d", ckpt_path, step)
+        if d.is_main:
+            report_resume(step, cfg.max_steps, ckpt_path)
 
     evaluator = None
     if d.is_main and shapes is not None:

@@ -25,8 +25,8 @@ from models.tokenizer import EOT, Tokenizer
 from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
                              check_resume_data, cosine_lr, diverged, fraction, get_tokenizer, load_checkpoint, one_of,
-                             parse_config, report_halt, require_finite, restore, resumable, run_cli, setup_distributed,
-                             teardown_distributed)
+                             parse_config, report_halt, report_resume, require_finite, restore, resumable, run_cli,
+                             setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -199,11 +199,8 @@ def train(cfg: TrainGPTConfig) -> dict:
     step = 0
     if ckpt is not None:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
-        if step >= cfg.max_steps and d.is_main:
-            print(f"{ckpt_path} is at step {step}, --max_steps={cfg.max_steps}: nothing to train, saving its "
-                  f"model", file=sys.stderr)
-        elif d.is_main:  # as the image jobs say it
-            print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
+        if d.is_main:
+            report_resume(step, cfg.max_steps, ckpt_path)
     train_model = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         train_model = DDP(train_model)
