@@ -371,23 +371,31 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
 def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):
     """BentoML copies a new version into the store's folder and cleans up after an Exception
     only: a Ctrl-C during that copy left a half-written version, which `name:latest` named when
-    it was the first. The copy now finishes; then the command stops as interrupted (130)."""
+    it was the first. The copy now finishes, and what follows it (the version's permissions,
+    BentoML's removal of its temporary folder: both were skipped); then the command stops as
+    interrupted (130), naming the stored version (a training job said to resume, which stored
+    a second copy)."""
     src = next((bentoml_home / "models" / "gpt").glob("*/config.json")).parent
     code = ("import os, shutil, signal, sys\n"
             "from training import store\n"
-            "from training.common import run_cli\n"
+            "from training.common import resumable, run_cli\n"
             "copytree = shutil.copytree\n"
             "def interrupted_copy(*args, **kwargs):\n"  # the store's copy: Ctrl-C as it begins
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    return copytree(*args, **kwargs)\n"
             "shutil.copytree = interrupted_copy\n"
-            "run_cli(lambda: store.main([sys.argv[1], '--name', 'held']))\n")
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+            "run_cli(lambda: store.main([sys.argv[1], '--name', 'held']), on_interrupt=resumable)\n")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True",
+           "TMPDIR": str(tmp_path / "tmp")}
     done = subprocess.run([sys.executable, "-c", code, str(src)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stderr[-2000:]
     assert "stopping once the model is in the store" in done.stderr
     versions = [d for d in (tmp_path / "home" / "models" / "held").iterdir() if d.is_dir()]
     assert len(versions) == 1
+    assert f"interrupted: held:{versions[0].name} is in the model store" in done.stderr
+    assert versions[0].stat().st_mode & 0o777 == versions[0].parent.stat().st_mode & 0o777
+    assert not list((tmp_path / "tmp").glob("bentoml-model-*"))
     for f in src.iterdir():
         if f.is_file() and f.name != "model.yaml":
             assert (versions[0] / f.name).read_bytes() == f.read_bytes(), f.name

@@ -166,8 +166,8 @@ def check_model_folder(path: str, option: str = "--out") -> None:
 
 def check_fresh_run(ckpt_path: Path, resume: bool) -> None:
     """A run that does not resume must not overwrite the checkpoint of an earlier one."""
-    global _last_checkpoint
-    _last_checkpoint = None  # a job starts: a Ctrl-C from here on is about its checkpoints
+    global _last_checkpoint, _stored
+    _last_checkpoint = _stored = None  # a job starts: a Ctrl-C from here on is about its checkpoints
     if not resume and ckpt_path.is_file():
         raise ValueError(f"--run_dir={ckpt_path.parent}: holds the checkpoint of an earlier run: --resume=true "
                          "continues it; another --run_dir (or deleting the folder) starts afresh")
@@ -222,9 +222,17 @@ def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
           file=sys.stderr)
 
 
-# The checkpoint the job running in this process last wrote or resumed from, (path, step):
-# what a Ctrl-C reports. Each job's check_fresh_run forgets the one before (make serve runs two).
+# The checkpoint the job running in this process last wrote or resumed from, (path, step), and
+# the model it put into the store: what a Ctrl-C reports. Each job's check_fresh_run forgets
+# those of the job before (make serve runs two).
 _last_checkpoint: tuple[Path, int] | None = None
+_stored: str | None = None
+
+
+def note_stored(tag: str) -> None:
+    """The job's model is in the store as `tag` (training.store.save_to_store says it)."""
+    global _stored
+    _stored = tag
 
 
 def resumable() -> str:
@@ -232,6 +240,8 @@ def resumable() -> str:
     alone under torchrun: the others neither write checkpoints nor know the newest."""
     if int(os.environ.get("RANK", "0")) != 0:
         return ""
+    if _stored is not None:  # a Ctrl-C held until the copy into the store was done
+        return f"{_stored} is in the model store: the model is saved (the run folder's last reports may be missing)"
     if _last_checkpoint is None:
         return "before this run wrote or read a checkpoint: run the same command again"
     path, step = _last_checkpoint

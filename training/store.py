@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from training.common import note_stored
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 STORED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what every family's loader needs
 
@@ -37,20 +39,24 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
     check_name(name, labels.get("family"))
     # Leaving `create`, BentoML copies the files into the store's folder for the new version
     # and cleans up after an Exception only: a Ctrl-C there left a half-written version, which
-    # `name:latest` could then name. So the copy is let finish first.
-    with interrupts_held(), bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
-        for f in Path(model_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, Path(model.path) / f.name)
-    # BentoML copies its temporary folder's 0700 into the store, and a file's own mode (0600 for
-    # weights saved by safetensors' save_file): a server running as another user could not read
-    # the version. It gets the permissions of the folder holding it, its files the same less x.
-    stored = Path(bentoml.models.get(model.tag).path)
-    mode = stored.parent.stat().st_mode & 0o777
-    stored.chmod(mode)
-    for f in stored.iterdir():
-        f.chmod(mode & 0o666)
-    return str(model.tag)
+    # `name:latest` could then name. So the copy, and all that follows it, is let finish first.
+    with interrupts_held():
+        with bentoml.models.create(name, labels=labels, metadata=metadata or {}) as model:
+            for f in Path(model_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, Path(model.path) / f.name)
+        tag = str(model.tag)
+        # BentoML copies its temporary folder's 0700 into the store, and a file's own mode (0600
+        # for weights saved by safetensors' save_file): a server running as another user could not
+        # read the version. It gets the permissions of the folder holding it, its files the same less x.
+        stored = Path(bentoml.models.get(tag).path)
+        mode = stored.parent.stat().st_mode & 0o777
+        stored.chmod(mode)
+        for f in stored.iterdir():
+            f.chmod(mode & 0o666)
+        del model  # BentoML removes its temporary folder when the model object goes: here, held
+        note_stored(tag)
+    return tag
 
 
 @contextlib.contextmanager
