@@ -68,9 +68,11 @@ def test_loading_a_model_never_calls_the_unpickler(tmp_path, monkeypatch):
     TextEngine.load(tmp_path, device="cpu")
 
 
-@pytest.mark.parametrize("name", ["../etc", "gpt/../../x", "a b", "", "GPT"])
+@pytest.mark.parametrize("name", ["../etc", "gpt/../../x", "a b", "", "GPT", "a-", "my.", "x" * 64])
 def test_store_names_are_validated(name, tmp_path):
+    """Refused naming the option, as a store name (BentoML's own refusal of `a-`, which must end
+    in a letter or digit, spoke of a tag 'a-:latest' the user never typed)."""
     from training.store import save_to_store
 
-    with pytest.raises(ValueError):
-        save_to_store(name, tmp_path, labels={})
+    with pytest.raises(ValueError, match=r"^--name=.*: use lowercase letters, digits"):
+        save_to_store(name, tmp_path, labels={"family": "gpt"})

@@ -22,7 +22,7 @@ from typing import Any
 
 from training.common import note_stored
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")  # BentoML's: ends as it starts
 STORED_FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what every family's loader needs
 
 
@@ -129,7 +129,8 @@ def check_name(name: str, family: str | None, option: str = "--name") -> None:
     """Refuse a store name BentoML would refuse, or one that holds another family's models
     (the service would then refuse to start: GAN_MODEL=mygan naming a GPT)."""
     if not NAME_RE.match(name):
-        raise ValueError(f"{option}={name!r}: use lowercase letters, digits, '_', '-', '.' (a store name)")
+        raise ValueError(f"{option}={name!r}: use lowercase letters, digits, '_', '-', '.', starting and ending "
+                         f"with a letter or digit, at most 63 (a store name)")
     if family is not None and (held := store_family(name)) not in (None, family):
         raise ValueError(f"{option}={name}: the store's {name} holds {held!r} models; give this {family!r} model "
                          "another name")
