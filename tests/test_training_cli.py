@@ -236,6 +236,7 @@ def test_a_diverging_run_saves_nothing_with_non_finite_weights(tmp_path, capsys)
                                         "--ckpt_interval=1", "--store=false", f"--out={tmp_path / 'out'}"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "diverged" in err and "nothing was saved" in err, err
+    assert ("\n" + err).count("\nerror: ") == 1  # on a line of its own: the open progress bar is closed first
     assert not (tmp_path / "out").exists() and not (run / "model").exists()
     if (run / "ckpt.pt").exists():  # whatever was checkpointed is finite
         state = torch.load(run / "ckpt.pt", weights_only=True)["model"]

@@ -253,20 +253,25 @@ def run_cli(main: Callable[[], Any], on_interrupt: str | Callable[[], str] = "")
     and exit status 2, with no traceback to read past. The same types raised inside a library,
     and every other exception, keep their traceback: they are bugs. A Ctrl-C ends it with status
     130 and `on_interrupt`, what the user can do next (`resumable` for a training job), on a
-    line of its own (an open progress bar is closed first: the line was the bar's)."""
+    line of its own (as the error's: an open progress bar is closed first, the line was the bar's)."""
     try:
         main()
     except USER_ERRORS as e:
         if not _raised_by_project(e):
             raise
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written whole, so the last one stands
-        for bar in list(tqdm._instances):  # tqdm's own registry of open bars
-            bar.close()
+        close_progress_bars()
         hint = on_interrupt() if callable(on_interrupt) else on_interrupt
         print(f"interrupted{': ' + hint if hint else ''}", file=sys.stderr)
         sys.exit(130)
+
+
+def close_progress_bars() -> None:
+    for bar in list(tqdm._instances):  # tqdm's own registry of open bars
+        bar.close()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
