@@ -329,7 +329,7 @@ def test_compare_generators_refuses_models_of_your_own_images_in_one_line(tmp_pa
     """It ended in a TypeError traceback (ShapesConfig(**None)) for a model trained with --data."""
     from training import compare_generators
 
-    (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "my/images", "shapes": None}}))
+    (tmp_path / "config.json").write_text(json.dumps({"family": "gan", "data": {"source": "my/images", "shapes": None}}))
     with pytest.raises(ValueError, match="a model was trained on my/images: the comparison grades"):
         compare_generators.run(compare_generators.CompareConfig(gan=str(tmp_path), ar="", ae="", vae=""))
     with pytest.raises(ValueError, match="no model to compare"):

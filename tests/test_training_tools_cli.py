@@ -153,7 +153,41 @@ def test_compare_generators_refuses_a_folder_of_another_family(gan, tmp_path, ca
     assert f"--gan={tmp_path / 'gpt'}: holds a 'gpt' model, not an image model of family 'gan'" in err
     err = cli(compare_generators, ["--gan=", f"--ar={model}", "--ae=", "--vae=", f"--run={tmp_path / 'run'}"],
               capsys)
-    assert "config.json: family is 'gan', expected 'ar_image'" in err and not (tmp_path / "run").exists()
+    assert f"--ar={model}: holds a 'gan' model, not an image model of family 'ar_image'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _image_model(folder, family: str, seed: int = 0, n_train: int = 512, **extra):
+    folder.mkdir(parents=True)
+    shapes = {"image_size": 32, "holdout": ""}
+    (folder / "config.json").write_text(json.dumps({"family": family, **extra, "data": {
+        "source": "shapes", "n_train": n_train, "seed": seed, "shapes": shapes}}))
+    return folder
+
+
+@pytest.mark.parametrize("option, family", [("ae", "gan"), ("vae", "ar_image"), ("gan", "autoencoder"),
+                                            ("ar", "autoencoder")])
+def test_compare_generators_names_the_option_given_another_image_family(option, family, tmp_path, capsys,
+                                                                        no_training):
+    """A GAN given as --ae was called 'a VAE; give it as --vae'; an autoencoder as --gan failed
+    in the loader without naming the option."""
+    folder = _image_model(tmp_path / "model", family, variational=False)
+    others = [f"--{o}=" for o in ("gan", "ar", "ae", "vae") if o != option]
+    err = cli(compare_generators, [f"--{option}={folder}", *others, f"--run={tmp_path / 'run'}"], capsys)
+    expected = compare_generators.FAMILIES[option]
+    assert f"--{option}={folder}: holds a {family!r} model, not an image model of family {expected!r}" in err
+
+
+@pytest.mark.parametrize("change", [{"seed": 5}, {"n_train": 256}])
+def test_compare_generators_refuses_models_of_other_data_seeds_or_sizes(change, tmp_path, capsys, no_training):
+    """An autoencoder of --data_seed=5 was graded for memorisation against the GAN's training set
+    (seed 0): the check compared the shapes settings only, not the seed or the image count."""
+    gan = _image_model(tmp_path / "gan", "gan")
+    ae = _image_model(tmp_path / "ae", "autoencoder", variational=False, **{"seed": 0, "n_train": 512, **change})
+    err = cli(compare_generators, [f"--gan={gan}", "--ar=", f"--ae={ae}", "--vae=", f"--run={tmp_path / 'run'}"],
+              capsys)
+    (key, value), = change.items()
+    assert "the models were trained on different datasets" in err and f"{key}={value}" in err.split("--ae:")[1]
 
 
 @pytest.mark.parametrize("option, variational", [("ae", True), ("vae", False)])

@@ -64,11 +64,11 @@ class CompareConfig:
 FAMILIES = {"gan": "gan", "ar": "ar_image", "ae": "autoencoder", "vae": "autoencoder"}
 
 
-def model_data(cfg: CompareConfig) -> list[dict[str, Any]]:
-    """The `data` section of each given model's config.json. A missing folder
-    (the defaults name the README's run folders) or one that is no image model of this project
-    is refused naming the option, not with a FileNotFoundError or KeyError traceback."""
-    datas = []
+def model_data(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
+    """The `data` section of each given model's config.json, by option. A missing folder
+    (the defaults name the README's run folders) or one that holds no model of the option's
+    family is refused naming the option, not with a FileNotFoundError or KeyError traceback."""
+    datas = {}
     for option in FAMILIES:
         if not (path := getattr(cfg, option)):
             continue
@@ -76,14 +76,14 @@ def model_data(cfg: CompareConfig) -> list[dict[str, Any]]:
             config = read_json(Path(path) / CONFIG)
         except ArtifactError as e:
             raise ValueError(f"--{option}={path}: {e} (--{option}='' leaves it out)") from None
-        if not isinstance(config.get("data"), dict):
+        if config.get("family") != FAMILIES[option] or not isinstance(config.get("data"), dict):
             raise ValueError(f"--{option}={path}: holds a {config.get('family')!r} model, not an image model "
                              f"of family {FAMILIES[option]!r}")
         if option in ("ae", "vae") and config.get("variational") != (option == "vae"):  # rows named wrongly
             other = "ae" if option == "vae" else "vae"
             raise ValueError(f"--{option}={path}: holds {'a plain autoencoder' if option == 'vae' else 'a VAE'}; "
                              f"give it as --{other}")
-        datas.append(config["data"])
+        datas[option] = config["data"]
     return datas
 
 
@@ -171,12 +171,15 @@ def run(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
     datas = model_data(cfg)
     if not datas:
         raise ValueError("no model to compare: give at least one of --gan, --ar, --ae, --vae")
-    if (own := next((d for d in datas if d.get("shapes") is None), None)) is not None:
+    if (own := next((d for d in datas.values() if d.get("shapes") is None), None)) is not None:
         raise ValueError(f"a model was trained on {own.get('source') or 'your own images'}: the comparison "
                          "grades models of the built-in shapes dataset, whose attributes it knows")
-    if len({json.dumps(d["shapes"], sort_keys=True) for d in datas}) != 1:
-        raise ValueError(f"the models were trained on different datasets: {[d['shapes'] for d in datas]}")
-    first = datas[0]
+    # The same images: each is graded (memorisation) against the first one's training set.
+    dataset = ("seed", "n_train", "shapes")
+    if len({json.dumps([d.get(k) for k in dataset], sort_keys=True) for d in datas.values()}) != 1:
+        raise ValueError("the models were trained on different datasets: " + "; ".join(
+            f"--{option}: " + ", ".join(f"{k}={d.get(k)}" for k in dataset) for option, d in datas.items()))
+    first = next(iter(datas.values()))
     shapes = ShapesConfig(**first["shapes"])
     rows = engines(cfg)
     # The settings the training jobs use, so an evaluator cached by any of their runs fits.
