@@ -82,6 +82,25 @@ def test_synthesize_replaces_an_earlier_export(gan, tmp_path, prompts):
     assert json.loads((out / "report.json").read_text())["n"] == 2
 
 
+def test_an_export_interrupted_during_cas_is_replaced_by_the_same_command(gan, tmp_path, monkeypatch):
+    """A Ctrl-C during the CAS classifier's training left images but no report.json, and the
+    same command was then refused: "holds files that are not an earlier export of synthesize"."""
+    _, model = gan
+    out = tmp_path / "synth"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(synthesize, "classification_accuracy_score", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            synthesize.main([str(model), f"--out={out}", "--n=3", "--device=cpu"])
+    assert json.loads((out / "report.json").read_text())["finished"] is False
+    report = synthesize.main([str(model), f"--out={out}", "--n=2", "--cas_steps=0", "--device=cpu"])
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl", "report.json"]
+    assert report["finished"] and json.loads((out / "report.json").read_text()) == report
+
+
 # ------------------------------------------------------------------------------ evaluate --run
 
 def test_evaluate_refuses_an_evaluator_of_another_image_size(gan, tmp_path, capsys):

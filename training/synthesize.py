@@ -33,7 +33,8 @@ from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse
 from training.evaluate import Evaluator, EvaluatorConfig, accuracy, evaluator_data
 
 
-# What an export holds; report.json, written last, marks a folder as a finished export.
+# What an export holds; report.json, written before the images, marks a folder as an export
+# ("finished": false until its end).
 EXPORT_FILE = re.compile(r"\d{6}\.png|metadata\.jsonl|report\.json")
 
 
@@ -49,6 +50,11 @@ def check_out(out: str) -> None:
     if others or (names and "report.json" not in names):
         raise ValueError(f"--out={out}: holds files that are not an earlier export of synthesize "
                          f"({', '.join((others or names)[:3])}): give a new or empty folder")
+
+
+def write_report(out: str, report: dict[str, Any]) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def clear_export(out: str) -> None:
@@ -169,13 +175,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prompts, attrs = [s["prompt"] for s in scenes], [s["attrs"] for s in scenes]
     images = synthesize(engine, prompts, args.seed)
     clear_export(args.out)  # only now: a run that fails before this leaves the earlier export whole
+    report.update(n=len(images), out=str(args.out), finished=False)
+    # Written first, then again at the end: a run stopped in between (CAS trains for a while)
+    # leaves a folder that is still an export, which the same command replaces.
+    write_report(args.out, report)
     write_imagefolder(args.out, images, prompts, attrs)
     if attrs is not None and args.cas_steps:
         synthetic = CaptionedImages(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), prompts, attrs)
         report["cas"] = classification_accuracy_score(synthetic, cfg, steps=args.cas_steps, seed=args.seed)
-    report["n"] = len(images)
-    report["out"] = str(args.out)
-    (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2))
+    report["finished"] = True
+    write_report(args.out, report)
     print(json.dumps(report, indent=2))
     return report
 
