@@ -230,6 +230,19 @@ def test_jsonl_lines_are_documents_beside_text_files(tmp_path):
             load_corpus(str(data))
 
 
+@pytest.mark.parametrize("name", ["rows.json", "rows.CSV", "rows.tsv"])
+def test_a_structured_file_named_directly_is_refused_not_trained_on_as_text(tmp_path, name):
+    """`--data=ds.json` (Hugging Face's `to_json("ds.json")` writes JSON lines into it) or a CSV
+    was trained on as plain text, braces, keys and commas included, exit 0. Any other file named
+    directly is text (notes.md, a README), as before."""
+    (tmp_path / name).write_text('{"text": "a line document"}\n' * 40)
+    with pytest.raises(ValueError, match=rf"--data: {re.escape(str(tmp_path / name))} is a {name.split('.')[1].lower()} "
+                                         rf"file: give JSON lines of {{\"text\": …}} as \.jsonl, or rename it to \.txt"):
+        load_corpus(str(tmp_path / name))
+    (tmp_path / "notes.md").write_text("plain notes " * 40)
+    assert load_corpus(str(tmp_path / "notes.md")).train
+
+
 def test_a_utf8_byte_order_mark_is_not_training_text(tmp_path):
     (tmp_path / "bom.txt").write_text("text from an editor that writes a byte-order mark " * 4, encoding="utf-8-sig")
     corpus = load_corpus(str(tmp_path / "bom.txt"))

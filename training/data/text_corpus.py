@@ -64,6 +64,11 @@ def default_documents() -> list[tuple[str, str]]:
     return docs
 
 
+# Files named in --data that are data, not text: trained on as text, their syntax would be too
+# (Hugging Face's `to_json("ds.json")` writes JSON lines into a .json file).
+STRUCTURED = ("json", "csv", "tsv")
+
+
 def user_documents(paths: list[str]) -> list[tuple[str, str]]:
     """Every .txt file named, or found under a named folder, is one document, and every line of
     a .jsonl file is one; each is named by its path inside that folder (or its file name), and a
@@ -77,6 +82,9 @@ def user_documents(paths: list[str]) -> list[tuple[str, str]]:
         if p.is_dir():
             files.extend((str(f.relative_to(p)), f) for f in folder_files(p) if f.suffix.lower() in (".txt", ".jsonl"))
         elif p.is_file():
+            if (kind := p.suffix.lower().lstrip(".")) in STRUCTURED:  # its syntax would be trained on as text
+                raise ValueError(f"--data: {p} is a {kind} file: give JSON lines of {{\"text\": …}} as .jsonl, "
+                                 f"or rename it to .txt to train on its text as it is")
             files.append((p.name, p))
         elif p.exists():  # a FIFO or a device was told "does not exist"
             raise ValueError(f"--data: {p} is neither a file nor a folder")
