@@ -1,7 +1,8 @@
 """Train the small default models into the BentoML store, but only those it lacks.
 
 `make serve` runs this first, so a fresh machine goes from clone to serving in one command.
-    python -m training.ensure_defaults [--force]
+    python -m training.ensure_defaults
+To train a default again, run its job (README, Training your own models): it becomes `name:latest`.
 """
 from __future__ import annotations
 
@@ -30,9 +31,7 @@ def configured_tag(env_var: str, name: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--force", action="store_true", help="train again even if the store has the model")
-    args = ap.parse_args(argv)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     home = store_folder()
     check_folder(home, "BENTOML_HOME (the model store)")
     for name, (env_var, _, _) in DEFAULTS.items():  # before minutes of training the others
@@ -57,11 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         if tag != f"{name}:latest":  # the user's own model
             print(f"{name}: using the configured {env_var}={tag}, not training the default", file=sys.stderr)
             continue
-        if not args.force and store_has(name):
+        if store_has(name):
             print(f"{name}: found {name}:latest in the store, not training", file=sys.stderr)
             continue
         job_argv = ["--preset", "small", f"--run_dir={run_dir}"]
-        if (Path(run_dir) / "ckpt.pt").is_file():  # an earlier start stopped half-way (or --force): go on
+        if (Path(run_dir) / "ckpt.pt").is_file():  # an earlier start stopped half-way: go on
             job_argv.append("--resume=true")
         print(f"{name}: not in the store, training the small default ({module} {' '.join(job_argv)})",
               file=sys.stderr)
