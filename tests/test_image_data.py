@@ -78,6 +78,16 @@ def test_two_object_scenes():
     assert attribute_labels(data.attributes).shape == (100, 5)
 
 
+@pytest.mark.parametrize("data", ["", " "])
+def test_an_empty_data_option_is_refused_not_read_as_the_working_directory(tmp_path, monkeypatch, data):
+    """The image jobs' `--data=` read the current folder ("./metadata.jsonl: no metadata.jsonl");
+    train_gpt refuses an empty entry the same way."""
+    monkeypatch.chdir(tmp_path)
+    write_imagefolder(tmp_path, [np.zeros((32, 32, 3), np.uint8)] * 2, ["a red circle"] * 2)
+    with pytest.raises(ValueError, match="--data is empty: give 'shapes'"):
+        load_imagefolder(data)
+
+
 def test_imagefolder_skips_corrupt_and_missing_files(tmp_path, caplog):
     rng = np.random.default_rng(0)
     rows = []

@@ -110,6 +110,8 @@ def skipped_summary(skipped: dict[str, list[str]], shown: int = 3) -> str:
 
 def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImages:
     """Read `folder/metadata.jsonl` and its images; skipped files are counted in one warning."""
+    if not str(folder).strip():  # Path("") is ".": the working directory was read
+        raise ValueError("--data is empty: give 'shapes' (the built-in data) or a folder of images and metadata.jsonl")
     folder = Path(folder)
     meta_path = folder / METADATA
     if folder.is_file():
