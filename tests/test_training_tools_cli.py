@@ -101,6 +101,17 @@ def test_an_export_interrupted_during_cas_is_replaced_by_the_same_command(gan, t
     assert report["finished"] and json.loads((out / "report.json").read_text()) == report
 
 
+@pytest.mark.parametrize("module", [evaluate, synthesize])
+def test_a_store_tag_given_for_a_model_folder_says_how_to_find_the_folder(module, tmp_path, capsys):
+    """`gan:latest` was told "gan:latest/config.json: file is missing"."""
+    args = ["gan:latest"] + ([f"--out={tmp_path / 'out'}"] if module is synthesize else [])
+    err = cli(module, args, capsys)
+    assert "gan:latest: no such model folder: a store tag? give its folder, `bentoml models get gan:latest -o " \
+           "path` prints it" in err
+    err = cli(module, [str(tmp_path / "none")] + args[1:], capsys)
+    assert err.endswith(f"{tmp_path / 'none'}: no such model folder")
+
+
 # ------------------------------------------------------------------------------ evaluate --run
 
 def test_evaluate_refuses_an_evaluator_of_another_image_size(gan, tmp_path, capsys):

@@ -153,6 +153,15 @@ def check_run_folder(path: str) -> None:
                          "give a new or empty folder (--out names the run folder in the image jobs)")
 
 
+def check_model_given(path: str) -> None:
+    """A tool's model folder argument exists. A store tag (`gan:latest`) is no folder: say how
+    to find the store's folder for it (its config.json was called missing under gan:latest/)."""
+    if not Path(path).is_dir():
+        hint = (f": a store tag? give its folder, `bentoml models get {path} -o path` prints it"
+                if re.fullmatch(r"[a-z0-9][a-z0-9_.-]*:[A-Za-z0-9_.-]+", path) else "")
+        raise ValueError(f"{path}: no such model folder{hint}")
+
+
 def check_model_folder(path: str, option: str = "--out") -> None:
     """Refuse a model folder that holds anything but a model's files (those are replaced): the
     job must not mix its files into, or overwrite, a folder of something else."""

@@ -31,7 +31,7 @@ from torch import nn
 from models.artifacts import load_model_dir, save_model_dir
 from models.image_engine import ImageEngine, ImageRequest
 from models.sampling import MAX_SEED
-from training.common import run_cli
+from training.common import check_model_given, run_cli
 from training.data.imagefolder import CaptionedImages
 from training.data.shapes import (ATTRIBUTES, BACKGROUNDS, POSITIONS, SIZES, VALUES, ShapesConfig,
                                   attribute_labels, caption, make_shapes, parse_holdout, render,
@@ -311,12 +311,17 @@ def cached_evaluator(run: str, cfg: ShapesConfig) -> Evaluator:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Re-measure a saved generator; updates its metrics.json.")
-    p.add_argument("model_dir", help="a model directory written by training.train_gan")
+    p.add_argument("model_dir", help="a model directory written by training.train_gan (a store's: "
+                                     "`bentoml models get TAG -o path`)")
     p.add_argument("--run", default="", help="its run folder: reuse the evaluator cached there")
     p.add_argument("--per_pair", type=int, default=12, help="prompts per (colour, shape) pair")
     args = p.parse_args(argv)
     if args.per_pair < 1:
         p.error(f"--per_pair={args.per_pair}: must be >= 1")
+    try:
+        check_model_given(args.model_dir)
+    except ValueError as e:
+        p.error(str(e))
     engine = ImageEngine.load(args.model_dir, device="cpu")
     data_cfg = json.loads((Path(args.model_dir) / "config.json").read_text())["data"]
     if not data_cfg.get("shapes"):

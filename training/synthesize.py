@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest
 from models.sampling import MAX_SEED
-from training.common import check_device, check_folder, run_cli
+from training.common import check_device, check_folder, check_model_given, run_cli
 from training.data.imagefolder import CaptionedImages, write_imagefolder
 from training.data.shapes import (ShapesConfig, attribute_labels, caption, parse_holdout,
                                   sample_attributes)
@@ -135,7 +135,8 @@ def classification_accuracy_score(synthetic: CaptionedImages, cfg: ShapesConfig,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Export generated images (imagefolder) and report CAS.")
-    p.add_argument("model_dir", help="a model directory written by training.train_gan")
+    p.add_argument("model_dir", help="a model directory written by training.train_gan (a store's: "
+                                     "`bentoml models get TAG -o path`)")
     p.add_argument("--out", required=True, help="folder to write PNGs + metadata.jsonl into (new, empty, "
                                                 "or an earlier export, which is replaced)")
     p.add_argument("--n", type=int, default=2000, help="images to generate (sampled prompts)")
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cas_steps < 0:
         p.error(f"--cas_steps={args.cas_steps}: must be >= 0 (0 skips CAS)")
     try:
+        check_model_given(args.model_dir)
         check_seed(args.seed, 1 if args.prompts else args.n)
         check_device(args.device)
         check_out(args.out)
