@@ -303,6 +303,21 @@ def test_resuming_past_max_steps_saves_the_checkpoint_s_model(job, tmp_path, cap
     assert (run / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("job", [train_gpt, train_ar_image])
+def test_resuming_under_another_number_of_processes_warns(job, tmp_path, capsys):
+    """A checkpoint of a 2-process torchrun resumed in one process (or the reverse) went on in
+    silence with other batches and half the examples per step (train_gan warned)."""
+    run = tmp_path / "run"
+    tiny = ["--preset", "tiny", f"--run_dir={run}", "--store=false"]
+    job.main([*tiny, "--halt_after=3"])
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+    assert ckpt["world_size"] == 1
+    torch.save({**ckpt, "world_size": 2}, run / "ckpt.pt")
+    capsys.readouterr()
+    job.main([*tiny, "--resume=true", "--halt_after=1"])
+    assert "warning: the checkpoint was written by 2 process(es), this run has 1: its batches" in capsys.readouterr().err
+
+
 def test_a_checkpoint_of_another_job_is_named_as_such(tmp_path, capsys):
     run = tmp_path / "run"
     train_gpt.main(["--preset", "tiny", f"--run_dir={run}", "--store=false", "--halt_after=2"])

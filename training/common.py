@@ -225,6 +225,16 @@ def report_resume(step: int, max_steps: int, ckpt_path: str | Path) -> None:
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
 
+def check_world_size(ckpt: dict[str, Any], d: "Dist") -> None:
+    """Warn when a checkpoint resumes under another number of processes than wrote it: each
+    rank draws its own batches, so the batches, and the examples per step, are not an
+    uninterrupted run's (train_gan says it from its saved random states)."""
+    written = ckpt.get("world_size", d.world_size)  # not recorded before: no warning
+    if d.is_main and written != d.world_size:
+        print(f"warning: the checkpoint was written by {written} process(es), this run has {d.world_size}: "
+              f"its batches, and the examples per step, differ from those of an uninterrupted run", file=sys.stderr)
+
+
 def report_halt(step: int, max_steps: int, ckpt_path: str | Path) -> None:
     """Say where a `--halt_after` run stopped and how it goes on (it ended in silence, exit 0)."""
     print(f"halted at step {step} of {max_steps}; {ckpt_path} holds it: --resume=true continues",

@@ -33,9 +33,9 @@ from models.ar_image import (MAX_GUIDANCE, ARImageConfig, ARImageEngine, ARImage
 from models.artifacts import save_model_dir
 from models.text_encoder import encode_prompts
 from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for, between,
-                             check_fresh_run, check_outputs, check_resume_data, cosine_lr, diverged, fraction,
-                             get_tokenizer, load_checkpoint, parse_config, report_halt, report_resume, require_finite,
-                             restore, resumable, run_cli, setup_distributed, teardown_distributed)
+                             check_fresh_run, check_outputs, check_resume_data, check_world_size, cosine_lr, diverged,
+                             fraction, get_tokenizer, load_checkpoint, parse_config, report_halt, report_resume,
+                             require_finite, restore, resumable, run_cli, setup_distributed, teardown_distributed)
 from training.evaluate import evaluate_generator, load_or_train_evaluator
 from training.store import save_to_store
 from training.train_gan import (ImageJobConfig, check_captions_fit, check_prompts_fit,
@@ -205,6 +205,7 @@ def train(cfg: ARTrainConfig) -> Path:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
         if d.is_main:
             report_resume(step, cfg.max_steps, ckpt_path)
+        check_world_size(ckpt, d)
     else:
         # The same seed on every rank: each fits the identical code book, no broadcast needed.
         codebook = fit_codebook(data.images[:-cfg.n_val], cfg.codebook, cfg.patch, seed=cfg.seed)
@@ -280,7 +281,7 @@ def train(cfg: ARTrainConfig) -> Path:
             require_finite(step, ckpt_path, model=model)
             atomic_save({"job": "ar_image", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),
-                         "tokenizer": tokenizer.to_str(), "dataset": digest}, ckpt_path)
+                         "tokenizer": tokenizer.to_str(), "dataset": digest, "world_size": d.world_size}, ckpt_path)
     bar.close()
     model_dir = run / "model"
     if d.is_main and step < cfg.max_steps:

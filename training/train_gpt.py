@@ -24,9 +24,9 @@ from models.sampling import SamplingParams
 from models.tokenizer import EOT, Tokenizer
 from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
-                             check_resume_data, cosine_lr, diverged, fraction, get_tokenizer, load_checkpoint, one_of,
-                             parse_config, report_halt, report_resume, require_finite, restore, resumable, run_cli,
-                             setup_distributed, teardown_distributed)
+                             check_resume_data, check_world_size, cosine_lr, diverged, fraction, get_tokenizer,
+                             load_checkpoint, one_of, parse_config, report_halt, report_resume, require_finite,
+                             restore, resumable, run_cli, setup_distributed, teardown_distributed)
 from training.data.text_corpus import load_corpus
 
 
@@ -201,6 +201,7 @@ def train(cfg: TrainGPTConfig) -> dict:
         step, history = restore(ckpt, ckpt_path, model=model, optimizer=optimizer)
         if d.is_main:
             report_resume(step, cfg.max_steps, ckpt_path)
+        check_world_size(ckpt, d)
     train_model = torch.compile(model) if cfg.compile else model
     if d.world_size > 1:
         train_model = DDP(train_model)
@@ -246,7 +247,7 @@ def train(cfg: TrainGPTConfig) -> dict:
             require_finite(step, ckpt_path, model=model)
             atomic_save({"job": "gpt", "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "config": asdict(cfg), "tokenizer": tok.to_str(),
-                         "dataset": corpus.hash}, ckpt_path)
+                         "dataset": corpus.hash, "world_size": d.world_size}, ckpt_path)
     bar.close()
     if d.is_main and step < cfg.max_steps:
         report_halt(step, cfg.max_steps, ckpt_path)
