@@ -315,7 +315,8 @@ def test_resuming_under_another_number_of_processes_warns(job, tmp_path, capsys)
     torch.save({**ckpt, "world_size": 2}, run / "ckpt.pt")
     capsys.readouterr()
     job.main([*tiny, "--resume=true", "--halt_after=1"])
-    assert "warning: the checkpoint was written by 2 process(es), this run has 1: its batches" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: the checkpoint was written by 2 process(es), this run has 1: its batches" in err
 
 
 def test_a_checkpoint_of_another_job_is_named_as_such(tmp_path, capsys):
@@ -344,7 +345,8 @@ def test_compare_generators_refuses_models_of_your_own_images_in_one_line(tmp_pa
     """It ended in a TypeError traceback (ShapesConfig(**None)) for a model trained with --data."""
     from training import compare_generators
 
-    (tmp_path / "config.json").write_text(json.dumps({"family": "gan", "data": {"source": "my/images", "shapes": None}}))
+    config = {"family": "gan", "data": {"source": "my/images", "shapes": None}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="a model was trained on my/images: the comparison grades"):
         compare_generators.run(compare_generators.CompareConfig(gan=str(tmp_path), ar="", ae="", vae=""))
     with pytest.raises(ValueError, match="no model to compare"):
