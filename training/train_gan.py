@@ -224,7 +224,8 @@ def check_prompts_fit(tokenizer: Tokenizer, context: int, grid: list[str], shape
     n, longest = max(((len(tokenizer.encode(p)), p) for p in prompts), default=(0, ""))
     if n > context:
         raise ValueError(f"--context={context}: the longest evaluation prompt is {n} tokens with this "
-                         f"tokenizer ({longest!r}); use a larger --context or --vocab_size")
+                         f"tokenizer ({longest!r}); use a larger --context, or a larger --vocab_size or more "
+                         f"training images (the tokenizer learns its words from their captions)")
 
 
 def resume_data_keys(cfg: CaptionedDataConfig) -> tuple[str, ...]:
