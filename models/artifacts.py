@@ -118,11 +118,23 @@ def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
 
 
 def load_weights_into(model: nn.Module, weights_path: Path) -> None:
-    """Copy a safetensors file, whose header `check_shapes` has accepted, into `model`."""
+    """Copy a safetensors file, whose header `check_shapes` has accepted, into `model`. Every
+    value must be finite (training never saves others), and the names of one tied tensor (the
+    GPT's lm_head and token embedding) must hold the same values: the last copied would win."""
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    for name, t in tensors.items():
+        if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+            raise ArtifactError(f"{weights_path}: {name} holds {bad} value{'s' * (bad > 1)} that "
+                                f"{'are' if bad > 1 else 'is'} not finite (NaN or infinite)")
+    first_name: dict[int, str] = {}  # a tied parameter's storage -> the first name it goes by
+    for name, p in model.state_dict(keep_vars=True).items():
+        other = first_name.setdefault(id(p), name)
+        if other != name and not torch.equal(tensors[name], tensors[other]):
+            raise ArtifactError(f"{weights_path}: {name} and {other} are one tensor in the model, and differ "
+                                f"in the file")
     model.load_state_dict(tensors, strict=True)
 
 

@@ -58,6 +58,33 @@ def test_truncated_weights(model_dir):
     expect_error(path, "model.safetensors")
 
 
+def test_tied_tensors_that_differ_in_the_file_are_refused(model_dir):
+    """The GPT ties lm_head to the token embedding: a file whose two copies differed loaded
+    silently, the head's values replacing the embedding's."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = model_dir
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["lm_head.weight"] = torch.randn_like(tensors["lm_head.weight"])
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ArtifactError, match="model.safetensors: lm_head.weight and transformer.wte.weight are one "
+                                            "tensor in the model, and differ in the file"):
+        TextEngine.load(path, device="cpu")
+
+
+def test_weights_that_are_not_finite_are_refused(model_dir):
+    """Training never saves NaN or infinite weights; a file holding some served garbage."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = model_dir
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["transformer.h.0.mlp.c_fc.bias"][3] = float("nan")
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ArtifactError, match=r"model.safetensors: transformer.h.0.mlp.c_fc.bias holds 1 value that "
+                                            r"is not finite \(NaN or infinite\)"):
+        TextEngine.load(path, device="cpu")
+
+
 def test_config_that_does_not_match_the_weights(model_dir):
     path, _ = model_dir
     cfg = json.loads((path / "config.json").read_text())
