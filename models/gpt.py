@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from models.artifacts import positive_ints
+from models.artifacts import ArtifactError, positive_ints, read_json, read_shapes
 from models.errors import is_number
 
 
@@ -345,25 +345,59 @@ class GPT(nn.Module):
 
 # Hugging Face GPT-2 stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPT2Config settings this model computes only at their defaults, (name, default, what it takes):
+# another value would import without error and give other logits than transformers'.
+_HF_FIXED = (("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),
+             ("layer_norm_epsilon", 1e-5, (1e-5,)), ("scale_attn_weights", True, (True,)),
+             ("scale_attn_by_inverse_layer_idx", False, (False,)))
 
 
 def from_hf_gpt2(model_dir: str | Path) -> GPT:
-    """Load a local Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
+    """Load a local Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors).
+    What this model does not compute (an untied lm_head, another activation, layer-norm epsilon
+    or attention scaling, an MLP width other than 4 x n_embd) is refused, as is a file it cannot
+    read: ArtifactError naming the file."""
     model_dir = Path(model_dir)
-    hf = json.loads((model_dir / "config.json").read_text())
+    config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
+    hf = read_json(config_path)
+    try:
+        positive_ints(hf, ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd"))
+    except ValueError as e:
+        raise ArtifactError(f"{config_path}: {e}") from None
+    for name, default, taken in _HF_FIXED:
+        if (value := hf.get(name, default)) not in taken:
+            raise ArtifactError(f"{config_path}: {name}={value!r}: this GPT computes {default!r} only")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ArtifactError(f"{config_path}: n_inner={hf['n_inner']}: this GPT's MLP is 4 x n_embd wide")
+    if not weights_path.is_file():
+        other = next((f.name for f in model_dir.glob("*") if f.name.startswith("model.safetensors.index")
+                      or f.suffix == ".bin"), None)
+        hint = f" (a .bin checkpoint or sharded safetensors, {other}, are not read: save_pretrained with " \
+               f"safe_serialization=True and a max_shard_size larger than the model)" if other else ""
+        raise ArtifactError(f"{weights_path}: file is missing{hint}")
+    read_shapes(weights_path)  # a file safetensors cannot read fails here, naming it
     cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                     n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    if cfg.n_embd % cfg.n_head:
+        raise ArtifactError(f"{config_path}: n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
     model = GPT(cfg)
     ours = model.state_dict()
-    theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    theirs = {k: v for k, v in theirs.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(weights_path)).items()}
+    head = theirs.pop("lm_head.weight", None)  # saved only when not tied to wte
+    if hf.get("tie_word_embeddings") is False or (head is not None and not torch.equal(head, theirs.get("wte.weight"))):
+        raise ArtifactError(f"{weights_path}: lm_head.weight is not the token embedding (wte.weight): this GPT "
+                            f"ties them")
     with torch.no_grad():
         for name, target in ours.items():
             if name == "lm_head.weight":  # tied to wte
                 continue
-            src = theirs[name.removeprefix("transformer.")]
+            src = theirs.get(name.removeprefix("transformer."))
+            if src is None:
+                raise ArtifactError(f"{weights_path}: tensor {name.removeprefix('transformer.')} is missing")
             if name.endswith(_CONV1D):
                 src = src.t()
-            assert src.shape == target.shape, f"{name}: {tuple(src.shape)} vs {tuple(target.shape)}"
+            if src.shape != target.shape:
+                raise ArtifactError(f"{weights_path}: tensor {name} has shape {tuple(src.shape)}, the config "
+                                    f"implies {tuple(target.shape)}")
             target.copy_(src)
     return model

@@ -1,6 +1,11 @@
 """The network: shapes, KV-cache decoding equals full recompute, GPT-2 import equals transformers."""
+import json
+import re
+
+import pytest
 import torch
 
+from models.artifacts import ArtifactError
 from models.gpt import GPT, GPTConfig, from_hf_gpt2
 
 
@@ -106,3 +111,48 @@ def test_hf_gpt2_import_matches_transformers(tmp_path):
         want = hf(idx).logits
         got, _ = ours(idx)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(tie_word_embeddings=False), "lm_head.weight is not the token embedding (wte.weight)"),
+    (dict(activation_function="relu"), "activation_function='relu'"),
+    (dict(layer_norm_epsilon=1e-2), "layer_norm_epsilon=0.01"),
+    (dict(scale_attn_weights=False), "scale_attn_weights=False"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
+    (dict(n_inner=64), "n_inner=64"),
+])
+def test_hf_gpt2_settings_this_model_does_not_compute_are_refused(tmp_path, setting, message):
+    """Each was ignored, and the imported model's logits silently differed from transformers'
+    (an untied lm_head by 22.9; n_inner failed in an AssertionError)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=120, n_positions=40, n_embd=48, n_layer=2, n_head=4, **setting))
+    if not hf.config.tie_word_embeddings:
+        torch.nn.init.normal_(hf.lm_head.weight)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        from_hf_gpt2(tmp_path)
+
+
+def test_hf_gpt2_files_it_cannot_read_are_named(tmp_path):
+    """Raw FileNotFoundError, KeyError or SafetensorError tracebacks named nothing useful."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=120, n_positions=40, n_embd=48, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path, safe_serialization=True)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"not safetensors")
+    with pytest.raises(ArtifactError, match="model.safetensors: not a readable safetensors file"):
+        from_hf_gpt2(tmp_path)
+    weights.unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ArtifactError, match=r"model.safetensors: file is missing \(a \.bin checkpoint"):
+        from_hf_gpt2(tmp_path)
+    weights.write_bytes(data)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_head"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="config.json: n_head is missing"):
+        from_hf_gpt2(tmp_path)
