@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from models.artifacts import CONFIG, ArtifactError, build_from_config, load_model_dir, load_tokenizer, read_config
-from models.errors import InvalidParameter, is_int
+from models.errors import InvalidParameter, check_unicode, is_int
 from models.gpt import GPT, GPTConfig
 from models.sampling import MAX_SEED, RowRandom, SamplingBatch, SamplingParams, sample, top_logprobs
 from models.tokenizer import EOT, StreamDecoder, Tokenizer
@@ -280,10 +280,13 @@ def check_types(req: CompletionRequest) -> None:
         raise wrong("logprobs", "an integer or None")
     if not isinstance(req.prompt, str):
         raise wrong("prompt", "a string")
+    check_unicode("prompt", req.prompt)
     if req.prompt_ids is not None and not (isinstance(req.prompt_ids, list) and all(map(is_int, req.prompt_ids))):
         raise InvalidParameter("prompt", f"token ids must be a list of integers, got {req.prompt_ids!r:.80}")
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise wrong("stop", "a list of strings")
+    for s in req.stop:
+        check_unicode("stop", s)
     if not isinstance(req.stop_token_ids, list) or not all(map(is_int, req.stop_token_ids)):
         raise wrong("stop_token_ids", "a list of integers")
     if not isinstance(req.sampling, SamplingParams):

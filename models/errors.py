@@ -25,3 +25,13 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_unicode(param: str, text: str) -> None:
+    """InvalidParameter when a string holds a lone surrogate (\\ud800-\\udfff): not valid Unicode,
+    which the tokenizer refuses with a bare TypeError (the service refuses it in the JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameter(param, "contains a lone surrogate (\\ud800-\\udfff), which is not valid "
+                                      "Unicode") from None

@@ -17,7 +17,7 @@ import torch
 
 from models.artifacts import build_from_config, load_model_dir, load_tokenizer, read_config
 from models.engine import pick_device
-from models.errors import InvalidParameter, is_int, is_number
+from models.errors import InvalidParameter, check_unicode, is_int, is_number
 from models.gan import GANConfig, Generator
 from models.sampling import MAX_SEED
 from models.text_encoder import encode_prompts, trim_padding
@@ -118,6 +118,7 @@ def check_image_request(req: ImageRequest, tokenizer: Tokenizer, context: int, s
     if not isinstance(req.negative_prompt, str):
         raise InvalidParameter("negative_prompt", "must be a string (empty: none)")
     for name in ("prompt", "negative_prompt"):
+        check_unicode(name, getattr(req, name))
         check_prompt_length(name, getattr(req, name), tokenizer, context)
     if not is_int(req.n) or not 1 <= req.n <= MAX_IMAGES:
         raise InvalidParameter("n", f"must be an integer from 1 to {MAX_IMAGES}")

@@ -396,6 +396,16 @@ def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
         assert e.value.param == "prompt"
 
 
+@pytest.mark.parametrize("field, value", [("prompt", "\ud800abc"), ("stop", ["a\udfff"])])
+def test_a_lone_surrogate_is_an_invalid_parameter(engine, field, value):
+    """Not valid Unicode: the tokenizer raised a bare `TypeError: TextInputSequence must be str`."""
+    req = CompletionRequest("abc", seed=1, max_tokens=2)
+    setattr(req, field, value)
+    with pytest.raises(InvalidParameter, match="lone surrogate") as e:
+        engine.complete([req])
+    assert e.value.param == field
+
+
 def test_stop_token_ids_end_a_choice_and_include_stop_str_in_output_keeps_the_stop(engine, tok):
     """vLLM's: a stop token ends a choice as a stop string does (finish "stop"; the token counts,
     its text is dropped unless include_stop_str_in_output); min_tokens holds it back too."""

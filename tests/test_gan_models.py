@@ -180,6 +180,8 @@ def test_truncation_scales_latents():
 @pytest.mark.parametrize("field,value", [("n", 0), ("n", 17), ("truncation", 0.0),
                                          ("truncation", 1.5), ("prompt", "  "),
                                          ("prompt", "red " * 100), ("seed", -1), ("seed", 2**32),
+                                         # a lone surrogate: the tokenizer's bare TypeError
+                                         ("prompt", "\ud800 red"), ("negative_prompt", "\udc00"),
                                          # a GAN has no sampler: refused, not ignored
                                          ("guidance_scale", 2.0), ("temperature", 0.5), ("top_k", 5)])
 def test_validation(engine, field, value):
