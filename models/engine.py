@@ -366,6 +366,9 @@ class TextEngine(TextRequests):
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "auto",
                  dtype: torch.dtype | None = None):
+        if tokenizer.vocab_size > model.config.vocab_size:  # else an IndexError deep in torch, at the first prompt
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                             f"{model.config.vocab_size}")
         super().__init__(tokenizer, model.config.block_size)
         self.device = pick_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)

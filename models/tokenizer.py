@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
 MAX_TRAINING_WORD = 256  # characters; see Tokenizer.train
+MIN_VOCAB = 257  # every byte, and end-of-text
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -40,6 +41,12 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """A tokenizer of at most vocab_size tokens: the 256 bytes and end-of-text, then the
+        merges the texts teach."""
+        if vocab_size < MIN_VOCAB:  # the trainer returned the 257 in silence
+            raise ValueError(f"vocab_size={vocab_size}: must be at least {MIN_VOCAB} (256 bytes and end-of-text)")
+        if isinstance(texts, str):  # iterated, it is one text per character
+            raise ValueError("texts: an iterable of strings, not one string")
         hf = HFTokenizer(models.BPE())
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         # BPE training time grows with the square of a word's length: a 3 MB line with no

@@ -396,6 +396,14 @@ def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
         assert e.value.param == "prompt"
 
 
+def test_an_engine_refuses_a_tokenizer_larger_than_its_model_s_vocabulary(tok):
+    """Built directly (the model-directory loader checks it): an IndexError deep in torch at the first prompt."""
+    small = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match=rf"the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                                         r"vocab_size 320"):
+        TextEngine(small, tok, device="cpu")
+
+
 @pytest.mark.parametrize("field, value", [("prompt", "\ud800abc"), ("stop", ["a\udfff"])])
 def test_a_lone_surrogate_is_an_invalid_parameter(engine, field, value):
     """Not valid Unicode: the tokenizer raised a bare `TypeError: TextInputSequence must be str`."""

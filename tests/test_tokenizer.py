@@ -53,3 +53,12 @@ def test_training_cuts_words_longer_than_its_limit_and_encoding_keeps_them():
     tok = Tokenizer.train([f"{long_word} some words {long_word}"] * 20, 400)
     assert tok.max_token_bytes <= MAX_TRAINING_WORD
     assert tok.decode(tok.encode(long_word + " x")) == long_word + " x"
+
+
+@pytest.mark.parametrize("texts, vocab_size, message", [
+    (["some text"], 100, "vocab_size=100: must be at least 257"),  # it returned 257 tokens in silence
+    ("some text", 300, "texts: an iterable of strings, not one string"),  # it trained on single characters
+])
+def test_training_refuses_what_it_would_silently_change(texts, vocab_size, message):
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.train(texts, vocab_size)
