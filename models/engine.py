@@ -611,8 +611,19 @@ def token_logprob(tokenizer: Tokenizer, tok: int, lp: tuple[list, list, list], r
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The device a name means ("auto": CUDA when there is one)."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    """The device a name means ("auto": CUDA when there is one); ValueError for one this machine
+    has not, or no device at all (torch's own errors came from deep inside a model's load)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

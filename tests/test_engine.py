@@ -2,6 +2,7 @@
 import dataclasses
 import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -394,6 +395,17 @@ def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
         with pytest.raises(InvalidParameter) as e:
             engine.validate(CompletionRequest("", seed=0, prompt_ids=bad))
         assert e.value.param == "prompt"
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "must be auto, cpu, cuda or cuda:N"),
+                                             ("meta", "must be auto, cpu, cuda or cuda:N"),
+                                             ("cuda:64", "this machine has")])
+def test_an_engine_refuses_a_device_it_cannot_use(tok, device, message):
+    """torch's own errors (Torch not compiled with CUDA enabled, Expected one of cpu, cuda...) came
+    from deep inside the model's move."""
+    model = GPT(GPTConfig(vocab_size=448, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match=re.escape(f"device={device!r}: {message}")):
+        TextEngine(model, tok, device=device)
 
 
 def test_an_engine_refuses_a_tokenizer_larger_than_its_model_s_vocabulary(tok):
