@@ -41,10 +41,14 @@ class GPTConfig:
         if not is_number(dropout) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in known})
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-        return cfg
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def __post_init__(self) -> None:
+        """A config built directly is checked too: n_head not dividing n_embd built, then failed
+        in the first forward pass with a shape error."""
+        positive_ints(asdict(self), ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
     def to_dict(self) -> dict:
         return {"family": "gpt", **asdict(self)}

@@ -14,6 +14,15 @@ def tiny(**kw) -> GPT:
     return GPT(GPTConfig(vocab_size=97, block_size=48, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
 
 
+@pytest.mark.parametrize("settings, message", [(dict(n_embd=16, n_head=3), "n_embd=16 is not divisible by n_head=3"),
+                                               (dict(n_layer=0), "n_layer must be a positive integer, got 0")])
+def test_a_config_built_directly_is_checked(settings, message):
+    """Only from_dict checked: GPT(GPTConfig(n_embd=16, n_head=3)) built, then its first forward
+    pass failed with a shape error."""
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**settings)
+
+
 def test_forward_shapes_and_loss():
     m = tiny()
     idx = torch.randint(0, 97, (3, 10))
