@@ -501,11 +501,17 @@ def prompt_entries(tokenizer: Tokenizer, prompt: list[int], scores: tuple[list, 
     positions 0..len-2 (each scoring the next token): the first token has none, and the offsets
     count characters as a choice's do."""
     scanner = StopScanner(tokenizer, [])
-    entries = [TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0, prompt[0])]
+
+    def ended(entry: TokenLogprob) -> TokenLogprob:  # its token pushed: where its text ends, as `hold` sets it
+        return dataclasses.replace(entry, end=scanner.decoded + bool(scanner.decoder.pending))
+
+    first = TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0, prompt[0])
     scanner.push(prompt[0])
+    entries = [ended(first)]
     for i, tok in enumerate(prompt[1:]):
-        entries.append(token_logprob(tokenizer, tok, scores, i, k, scanner))
+        entry = token_logprob(tokenizer, tok, scores, i, k, scanner)
         scanner.push(tok)
+        entries.append(ended(entry))
     return entries
 
 

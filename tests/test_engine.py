@@ -397,6 +397,18 @@ def test_a_prompt_given_as_token_ids_decodes_as_its_text(engine, tok):
         assert e.value.param == "prompt"
 
 
+def test_prompt_logprob_entries_say_where_their_text_ends(engine, tok):
+    """Their `end` was always 0, before their offset, where a choice's entries say where each
+    token's text ends (a token ending inside a character: where that character ends)."""
+    req = CompletionRequest("ab ça € de", seed=3, max_tokens=1, echo=True, prompt_logprobs=True, logprobs=0)
+    entries = engine.complete([req])[0].choices[0].prompt_logprobs
+    assert all(e.offset <= e.end for e in entries) and entries[-1].end == len(req.prompt)
+    for e in entries:
+        piece = tok.decode([e.token_id])
+        if "\ufffd" not in piece:  # a whole character or more: its own text
+            assert req.prompt[e.offset:e.end] == piece, (e, piece)
+
+
 @pytest.mark.parametrize("device, message", [("bogus", "must be auto, cpu, cuda or cuda:N"),
                                              ("meta", "must be auto, cpu, cuda or cuda:N"),
                                              ("cuda:64", "this machine has")])
