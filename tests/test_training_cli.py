@@ -397,6 +397,10 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     broken = store(str(folder), "--name", "other")
     assert broken.returncode == 2 and "model.safetensors" in broken.stderr and "Traceback" not in broken.stderr
     assert store(str(tmp_path)).returncode == 2  # no config.json
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    hf = store(str(tmp_path / "hf"))  # it said "family None is not served here"
+    assert hf.returncode == 2 and "a Hugging Face GPT-2 folder: import it first, models.gpt.from_hf_gpt2" in hf.stderr
 
 
 def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):

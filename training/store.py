@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> str:
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json (not a model folder)")
-    family = read_json(folder / "config.json").get("family")
+    config = read_json(folder / "config.json")
+    family = config.get("family")
+    if family is None and config.get("model_type") == "gpt2":  # straight from Hugging Face
+        raise ValueError(f"{folder}: a Hugging Face GPT-2 folder: import it first, models.gpt.from_hf_gpt2 and "
+                         f"models.artifacts.save_model_dir with a tokenizer.json (README, Real GPT-2 weights)")
     load = loader(family)
     name = args.name or family
     check_name(name, family)
