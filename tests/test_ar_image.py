@@ -298,7 +298,8 @@ def test_context_too_short_for_the_evaluation_prompts_is_refused_before_training
 
 def test_an_empty_holdout_evaluates_without_heldout_metrics(tmp_path):
     out = tmp_path / "run"
-    main([*TINY, f"--run_dir={out}", "--holdout=", "--n_train=64", "--n_val=8", "--max_steps=1"])
+    main([*TINY, f"--run_dir={out}", "--holdout=", "--n_train=64", "--n_val=8", "--max_steps=2",
+          "--halt_after=1"])
     row = json.loads((out / "history.json").read_text())[-1]
     assert row["step"] == 1 and "coverage" in row and "heldout_colour" not in row
 

@@ -303,19 +303,6 @@ def test_resuming_past_max_steps_saves_the_checkpoint_s_model(job, tmp_path, cap
     assert (run / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("job", [train_ar_image, train_autoencoder, train_gan])
-def test_a_halt_between_evaluations_leaves_the_history_of_an_uninterrupted_run(job, tmp_path):
-    """The AR and autoencoder jobs evaluated at the halt step too: halted at 4 (evaluations
-    every 3) and resumed, their history.json held steps 3, 4, 6 against 3, 6 for one run."""
-    tiny = ["--preset", "tiny"] + ([] if job is train_autoencoder else ["--store=false"])
-    job.main([*tiny, f"--run_dir={tmp_path / 'straight'}"])
-    job.main([*tiny, f"--run_dir={tmp_path / 'halted'}", "--halt_after=4"])
-    job.main([*tiny, f"--run_dir={tmp_path / 'halted'}", "--resume=true"])
-    steps = [[row["step"] for row in json.loads((tmp_path / run / "history.json").read_text())]
-             for run in ("straight", "halted")]
-    assert steps[0] == steps[1] == [3, 6]
-
-
 @pytest.mark.parametrize("job", [train_gpt, train_ar_image])
 def test_resuming_under_another_number_of_processes_warns(job, tmp_path, capsys):
     """A checkpoint of a 2-process torchrun resumed in one process (or the reverse) went on in

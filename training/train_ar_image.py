@@ -252,9 +252,7 @@ def train(cfg: ARTrainConfig) -> Path:
         interval.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        # A halt between evaluations checkpoints without one, as the GAN's does: the resumed run's
-        # history is then the uninterrupted run's (it gained a row at the halt step).
-        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        evaluating = step % cfg.eval_interval == 0 or step == halt_at
         if evaluating:
             row: dict[str, Any] = {"step": step, "time_s": round(time.time() - t0, 1),
                                    "train_loss": all_reduce_mean(float(np.mean(interval)), d),
@@ -279,7 +277,7 @@ def train(cfg: ARTrainConfig) -> Path:
                 save_curves(history, run / "curves.png")
                 (run / "history.json").write_text(json.dumps(history, indent=1))
             model.train()
-        if d.is_main and (cfg.checkpoint_due(step, evaluating) or step == halt_at):
+        if d.is_main and cfg.checkpoint_due(step, evaluating):
             require_finite(step, ckpt_path, model=model)
             atomic_save({"job": "ar_image", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),

@@ -181,9 +181,7 @@ def train(cfg: AETrainConfig) -> Path:
         interval.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", mse=f"{parts['mse']:.4f}")
-        # A halt between evaluations checkpoints without one, as the GAN's does: the resumed run's
-        # history is then the uninterrupted run's (it gained a row at the halt step).
-        evaluating = step % cfg.eval_interval == 0 or step == cfg.max_steps
+        evaluating = step % cfg.eval_interval == 0 or step == halt_at
         if evaluating:
             if not np.isfinite(interval[-1]):
                 raise FloatingPointError(diverged(step, f"the training loss is {interval[-1]}", ckpt_path))
@@ -199,7 +197,7 @@ def train(cfg: AETrainConfig) -> Path:
             log.info("step %d: %s", step, history[-1])
             (run / "history.json").write_text(json.dumps(history, indent=1))
             save_curves(history, run / "curves.png")
-        if cfg.checkpoint_due(step, evaluating) or step == halt_at:
+        if cfg.checkpoint_due(step, evaluating):
             require_finite(step, ckpt_path, model=model)
             atomic_save({"job": "autoencoder", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "step": step, "history": history, "config": asdict(cfg),
