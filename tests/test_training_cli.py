@@ -288,19 +288,20 @@ def test_an_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("halt", [3, 2])  # at an evaluation (every 3 steps, tiny), between two
 @pytest.mark.parametrize("job", [train_ar_image, train_autoencoder, train_gan])
-def test_resuming_past_max_steps_saves_the_checkpoint_s_model(job, tmp_path, capsys):
+def test_resuming_past_max_steps_saves_the_checkpoint_s_model(job, halt, tmp_path, capsys):
     """The AR and autoencoder jobs resumed at step 3 with --max_steps=2 saved nothing, said
     nothing and exited 0: the checkpoint's training was never saved (train_gpt's rule, tested
     in test_train_gpt.py, and the GAN's: save it, saying there is nothing to train)."""
     run = tmp_path / "run"
     tiny = ["--preset", "tiny", f"--run_dir={run}"] + ([] if job is train_autoencoder else ["--store=false"])
-    job.main([*tiny, "--halt_after=3"])
+    job.main([*tiny, f"--halt_after={halt}"])
     assert not (run / "model").exists()
     capsys.readouterr()
     job.main([*tiny, "--resume=true", "--max_steps=2"])
-    assert "is at step 3, --max_steps=2: nothing to train, saving its model" in capsys.readouterr().err
-    assert (run / "model" / "model.safetensors").is_file()
+    assert f"is at step {halt}, --max_steps=2: nothing to train, saving its model" in capsys.readouterr().err
+    assert json.loads((run / "model" / "metrics.json").read_text())["steps"] == halt
 
 
 @pytest.mark.parametrize("job", [train_gpt, train_ar_image])
