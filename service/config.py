@@ -112,16 +112,17 @@ WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its ow
 
 def _max_concurrency() -> int:
     """BentoML's own limit on requests in flight (beyond it its bare 429), shared out among the
-    workers as ceil(limit / workers), health probes and /metrics included. Each worker's share
-    must stay above CONDGEN_MAX_INFLIGHT, or its 429 (no Retry-After, no code) comes before the
-    service's own; by default 4 times the workers' in-flight places (256 for one worker)."""
+    workers as ceil(limit / workers). It counts every route but the health probes and /metrics,
+    so each worker's share must stay above CONDGEN_MAX_INFLIGHT (the generation routes), with
+    room for the others (/v1/models, /docs, A1111's progress), or its 429 (no Retry-After, no
+    code) comes before the service's own: by default 4 times the workers' in-flight places
+    (256 for one worker)."""
     inflight = LIMITS.max_inflight
     limit = env_int("CONDGEN_MAX_CONCURRENCY", 4 * inflight * WORKERS, 1)
-    if -(-limit // WORKERS) <= inflight:
-        raise ConfigError(f"CONDGEN_MAX_CONCURRENCY={limit} leaves each of CONDGEN_WORKERS={WORKERS} "
-                          f"{-(-limit // WORKERS)} requests, not above CONDGEN_MAX_INFLIGHT={inflight}: BentoML "
-                          f"would refuse requests before the service's own limit does (raise it, or lower "
-                          f"CONDGEN_MAX_INFLIGHT)")
+    if (share := -(-limit // WORKERS)) <= inflight:
+        raise ConfigError(f"CONDGEN_MAX_CONCURRENCY={limit} gives each of the {WORKERS} worker(s) (CONDGEN_WORKERS) "
+                          f"{share} requests, not above CONDGEN_MAX_INFLIGHT={inflight}: BentoML would refuse "
+                          f"requests before the service's own limit does (raise it, or lower CONDGEN_MAX_INFLIGHT)")
     return limit
 
 

@@ -814,13 +814,14 @@ def test_a_missing_model_one_of_the_wrong_family_or_a_missing_device_or_memory_s
     ({"CONDGEN_WORKERS": "5"}, "1280"),  # the default grows with the workers: 4 x 64 in flight x 5
     ({"CONDGEN_WORKERS": "2", "CONDGEN_MAX_CONCURRENCY": "130"}, "130"),  # 65 a worker, above 64
     ({"CONDGEN_WORKERS": "3", "CONDGEN_MAX_CONCURRENCY": "6"},
-     "CONDGEN_MAX_CONCURRENCY=6 leaves each of CONDGEN_WORKERS=3 2 requests"),
-    ({"CONDGEN_MAX_CONCURRENCY": "64"}, "CONDGEN_MAX_CONCURRENCY=64 leaves each of CONDGEN_WORKERS=1 64 requests"),
+     "CONDGEN_MAX_CONCURRENCY=6 gives each of the 3 worker(s) (CONDGEN_WORKERS) 2 requests"),
+    ({"CONDGEN_MAX_CONCURRENCY": "64"}, "CONDGEN_MAX_CONCURRENCY=64 gives each of the 1 worker(s) (CONDGEN_WORKERS) "
+                                        "64 requests"),
 ])
 def test_bentoml_s_limiter_stays_above_the_services_own(bentoml_home, settings, expected):
-    """BentoML gives each worker ceil(CONDGEN_MAX_CONCURRENCY / workers) requests, health probes
-    and /metrics included: at or below CONDGEN_MAX_INFLIGHT its 429 (no Retry-After, no code, no
-    CORS headers) came first. With the old fixed default of 256 that happened from 5 workers on."""
+    """BentoML gives each worker ceil(CONDGEN_MAX_CONCURRENCY / workers) requests of every route
+    but the health probes and /metrics: at or below CONDGEN_MAX_INFLIGHT its 429 (no Retry-After,
+    no code, no CORS headers) came first. With the old fixed default of 256 that happened from 5 workers on."""
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "CONDGEN_DEVICE": "cpu", **settings}
     run = subprocess.run([sys.executable, "-c", "import service.config as c; print(c.MAX_CONCURRENCY)"],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
