@@ -5,7 +5,6 @@ weights import by name (see `from_hf_gpt2`).
 """
 from __future__ import annotations
 
-import json
 import math
 import types
 from dataclasses import asdict, dataclass, fields
@@ -370,7 +369,8 @@ def from_hf_gpt2(model_dir: str | Path) -> GPT:
         raise ArtifactError(f"{config_path}: {e}") from None
     for name, default, taken in _HF_FIXED:
         if (value := hf.get(name, default)) not in taken:
-            raise ArtifactError(f"{config_path}: {name}={value!r}: this GPT computes {default!r} only")
+            raise ArtifactError(f"{config_path}: {name}={value!r}: this GPT computes {' or '.join(map(repr, taken))} "
+                                f"only")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ArtifactError(f"{config_path}: n_inner={hf['n_inner']}: this GPT's MLP is 4 x n_embd wide")
     if not weights_path.is_file():
@@ -380,15 +380,16 @@ def from_hf_gpt2(model_dir: str | Path) -> GPT:
                f"safe_serialization=True and a max_shard_size larger than the model)" if other else ""
         raise ArtifactError(f"{weights_path}: file is missing{hint}")
     read_shapes(weights_path)  # a file safetensors cannot read fails here, naming it
-    cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                    n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
-    if cfg.n_embd % cfg.n_head:
-        raise ArtifactError(f"{config_path}: n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    try:
+        cfg = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
+    except ValueError as e:  # n_head not dividing n_embd
+        raise ArtifactError(f"{config_path}: {e}") from None
     model = GPT(cfg)
     ours = model.state_dict()
     theirs = {k.removeprefix("transformer."): v for k, v in load_file(str(weights_path)).items()}
-    head = theirs.pop("lm_head.weight", None)  # saved only when not tied to wte
-    if hf.get("tie_word_embeddings") is False or (head is not None and not torch.equal(head, theirs.get("wte.weight"))):
+    head, wte = theirs.pop("lm_head.weight", None), theirs.get("wte.weight")  # a head is saved only when not tied
+    if hf.get("tie_word_embeddings") is False or (head is not None and wte is not None and not torch.equal(head, wte)):
         raise ArtifactError(f"{weights_path}: lm_head.weight is not the token embedding (wte.weight): this GPT "
                             f"ties them")
     with torch.no_grad():

@@ -124,7 +124,8 @@ def test_hf_gpt2_import_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     (dict(tie_word_embeddings=False), "lm_head.weight is not the token embedding (wte.weight)"),
-    (dict(activation_function="relu"), "activation_function='relu'"),
+    (dict(activation_function="relu"), "activation_function='relu': this GPT computes 'gelu_new' or "
+                                       "'gelu_pytorch_tanh' only"),
     (dict(layer_norm_epsilon=1e-2), "layer_norm_epsilon=0.01"),
     (dict(scale_attn_weights=False), "scale_attn_weights=False"),
     (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
@@ -161,6 +162,9 @@ def test_hf_gpt2_files_it_cannot_read_are_named(tmp_path):
         from_hf_gpt2(tmp_path)
     weights.write_bytes(data)
     config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 5}))
+    with pytest.raises(ArtifactError, match="config.json: n_embd=48 is not divisible by n_head=5"):
+        from_hf_gpt2(tmp_path)
     del config["n_head"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="config.json: n_head is missing"):
