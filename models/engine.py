@@ -626,7 +626,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
     return resolved

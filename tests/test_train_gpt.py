@@ -236,8 +236,9 @@ def test_a_structured_file_named_directly_is_refused_not_trained_on_as_text(tmp_
     was trained on as plain text, braces, keys and commas included, exit 0. Any other file named
     directly is text (notes.md, a README), as before."""
     (tmp_path / name).write_text('{"text": "a line document"}\n' * 40)
-    with pytest.raises(ValueError, match=rf"--data: {re.escape(str(tmp_path / name))} is a {name.split('.')[1].lower()} "
-                                         rf"file: give JSON lines of {{\"text\": …}} as \.jsonl, or rename it to \.txt"):
+    kind = name.split(".")[1].lower()
+    with pytest.raises(ValueError, match=rf"--data: {re.escape(str(tmp_path / name))} is a {kind} file: give JSON "
+                                         rf"lines of {{\"text\": …}} as \.jsonl, or rename it to \.txt"):
         load_corpus(str(tmp_path / name))
     (tmp_path / "notes.md").write_text("plain notes " * 40)
     assert load_corpus(str(tmp_path / "notes.md")).train

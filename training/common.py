@@ -106,8 +106,7 @@ def parse_config(cls: type[C], presets: dict[str, dict[str, Any]], argv: list[st
     return cfg
 
 
-def check_outputs(name: str, store: bool, out: str, family: str, name_option: str = "--name",
-                  out_option: str = "--out") -> None:
+def check_outputs(name: str, store: bool, out: str, family: str, out_option: str = "--out") -> None:
     """Refuse, before training, a store name or an output folder that would fail after it, and
     a store name that holds models of another family (the service would then refuse to start:
     GAN_MODEL=mygan naming a GPT)."""
@@ -115,7 +114,7 @@ def check_outputs(name: str, store: bool, out: str, family: str, name_option: st
 
     if store:
         check_folder(store_folder(), "BENTOML_HOME (the model store)")
-        check_name(name, family, name_option)
+        check_name(name, family)
     check_folder(out, out_option)
 
 
@@ -289,6 +288,7 @@ def run_cli(main: Callable[[], Any], on_interrupt: str | Callable[[], str] = "")
 
 
 def close_progress_bars() -> None:
+    """End every open tqdm bar's line, so that what is printed next has a line of its own."""
     for bar in list(tqdm._instances):  # tqdm's own registry of open bars
         bar.close()
 

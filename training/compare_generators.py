@@ -77,8 +77,8 @@ def model_data(cfg: CompareConfig) -> dict[str, dict[str, Any]]:
         except ArtifactError as e:
             raise ValueError(f"--{option}={path}: {e} (--{option}='' leaves it out)") from None
         if config.get("family") != FAMILIES[option] or not isinstance(config.get("data"), dict):
-            raise ValueError(f"--{option}={path}: holds a {config.get('family')!r} model, not an image model "
-                             f"of family {FAMILIES[option]!r}")
+            raise ValueError(f"--{option}={path}: holds a {config.get('family')!r} model; --{option} takes "
+                             f"{'an' if FAMILIES[option][0] in 'aeiou' else 'a'} {FAMILIES[option]!r} model")
         if option in ("ae", "vae") and config.get("variational") != (option == "vae"):  # rows named wrongly
             other = "ae" if option == "vae" else "vae"
             raise ValueError(f"--{option}={path}: holds {'a plain autoencoder' if option == 'vae' else 'a VAE'}; "

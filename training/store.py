@@ -125,14 +125,14 @@ def check_tag(tag: str) -> None:
         raise ValueError(f"{tag!r} is not a model tag (name or name:version): {e}") from None
 
 
-def check_name(name: str, family: str | None, option: str = "--name") -> None:
+def check_name(name: str, family: str | None) -> None:
     """Refuse a store name BentoML would refuse, or one that holds another family's models
     (the service would then refuse to start: GAN_MODEL=mygan naming a GPT)."""
     if not NAME_RE.match(name):
-        raise ValueError(f"{option}={name!r}: use lowercase letters, digits, '_', '-', '.', starting and ending "
-                         f"with a letter or digit, at most 63 (a store name)")
+        raise ValueError(f"--name={name!r}: use lowercase letters, digits, '_', '-', '.', starting and ending "
+                         f"with a letter or digit, at most 63 characters (a store name)")
     if family is not None and (held := store_family(name)) not in (None, family):
-        raise ValueError(f"{option}={name}: the store's {name} holds {held!r} models; give this {family!r} model "
+        raise ValueError(f"--name={name}: the store's {name} holds {held!r} models; give this {family!r} model "
                          "another name")
 
 

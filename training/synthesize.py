@@ -53,14 +53,16 @@ def check_out(out: str) -> None:
 
 
 def write_report(out: str, report: dict[str, Any]) -> None:
+    """report.json, which marks the folder as this tool's export (see check_out)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def clear_export(out: str) -> None:
-    """Remove an earlier export's files: a shorter export must not leave its images behind."""
+    """Remove an earlier export's files: a shorter export must not leave its images behind.
+    report.json goes last: a run stopped meanwhile leaves a folder that is still an export."""
     if Path(out).is_dir():
-        for p in Path(out).iterdir():
+        for p in sorted(Path(out).iterdir(), key=lambda p: p.name == "report.json"):
             if EXPORT_FILE.fullmatch(p.name) and p.is_file():
                 p.unlink()
 

@@ -35,7 +35,7 @@ from models.gan import (Discriminator, GANConfig, Generator, contrastive_loss, d
                         diff_augment, g_hinge_loss, mode_seeking_loss, r1_penalty)
 from models.image_engine import ImageEngine, ImageRequest
 from models.text_encoder import encode_prompts
-from models.tokenizer import Tokenizer
+from models.tokenizer import MIN_VOCAB, Tokenizer
 from training.common import (SEED, Dist, Rule, above, all_reduce_mean, at_least, atomic_save, check_device,
                              check_fresh_run, check_outputs, check_resume_data, check_run_folder, diverged, fraction,
                              get_tokenizer, load_checkpoint, one_of, parse_config, report_halt, report_resume,
@@ -64,7 +64,7 @@ class CaptionedDataConfig:
                                                           "valid": PROBABILITY})
     # The tokenizer always holds the 256 bytes and the end-of-text token.
     vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary (upper bound)",
-                                                   "valid": at_least(257)})
+                                                   "valid": at_least(MIN_VOCAB)})
     context: int = field(default=32, metadata={"help": "longest prompt in tokens", "valid": at_least(1)})
 
     def check(self) -> None:

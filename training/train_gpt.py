@@ -21,7 +21,7 @@ from models.artifacts import save_model_dir
 from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
-from models.tokenizer import EOT, Tokenizer
+from models.tokenizer import EOT, MIN_VOCAB, Tokenizer
 from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
                              check_resume_data, check_world_size, cosine_lr, diverged, fraction, get_tokenizer,
@@ -38,7 +38,7 @@ class TrainGPTConfig:
                                                 "valid": at_least(0)})
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size to train, an upper bound (256 "
                                                             "bytes + end-of-text + merges: a small text has fewer)",
-                                                    "valid": at_least(257)})
+                                                    "valid": at_least(MIN_VOCAB)})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks", "valid": at_least(1)})
     n_head: int = field(default=4, metadata={"help": "attention heads", "valid": at_least(1)})
     n_embd: int = field(default=128, metadata={"help": "embedding width", "valid": at_least(1)})
