@@ -212,8 +212,11 @@ def cors_options(origins: list[str]) -> dict:
                 expose_headers=["x-request-id", "x-seed", "x-model", "retry-after"], max_age=600)
 
 
-# C0 control characters and DEL, as `\xNN` (`\n`, `\r`, `\t` as such), the way `repr` shows them.
-_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7f)}
+# Control characters (C0, DEL, C1: `%c2%9b` is a terminal's one-byte CSI) and the Unicode line
+# separators, the way `repr` shows them (`\n`, `\x1b`, `\u2028`), and the backslash itself, so
+# that a path holding the text `\n` does not read as an escaped newline.
+_CONTROL_ESCAPES = {c: repr(chr(c))[1:-1] for c in (*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029)}
+_CONTROL_ESCAPES[ord("\\")] = "\\\\"
 
 
 class EscapeControlCharacters(logging.Filter):

@@ -271,10 +271,11 @@ def test_the_access_log_escapes_control_characters(caplog):
     escape_access_log()
     with caplog.at_level(logging.INFO, logger="bentoml.access"):
         logging.getLogger("bentoml.access").info("%s (%s) %.3fms", "127.0.0.1:1",
-                                                 "path=/x\n2026 [INFO] FORGED\r\x1b[2K\x00\x7f", 1.0)
+                                                 "path=/x\n2026 [INFO] FORGED\r\x1b[2K\x00\x7f\x9b\u2028\\n", 1.0)
     line = caplog.records[-1].getMessage()
-    assert "\n" not in line and "\x1b" not in line and "\x00" not in line and "\x7f" not in line
-    assert "path=/x\\n2026 [INFO] FORGED\\r\\x1b[2K\\x00\\x7f" in line
+    assert not any(c in line for c in "\n\x1b\x00\x7f\x9b\u2028")
+    # a literal backslash doubled: the text "\n" does not read as an escaped newline
+    assert "path=/x\\n2026 [INFO] FORGED\\r\\x1b[2K\\x00\\x7f\\x9b\\u2028\\\\n" in line
 
 
 def test_inflight_count_returns_to_zero_after_errors_and_deadlines():
