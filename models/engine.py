@@ -185,8 +185,12 @@ class StopScanner:
     def hold(self, entry: TokenLogprob) -> None:
         """Keep the latest token's logprob entry until its text is released; a token that ends
         inside a character (byte-level) waits for that character."""
-        end = self.decoded + bool(self.decoder.pending)
+        end = self.latest_end()
         self.held_logprobs.append((end, dataclasses.replace(entry, end=end)))
+
+    def latest_end(self) -> int:
+        """Where the latest token's text ends: past the character it ends inside, if it does."""
+        return self.decoded + bool(self.decoder.pending)
 
     def release_logprobs(self, finished: bool) -> list[TokenLogprob]:
         """The held entries whose text is out; all of them once the row has finished."""
@@ -502,16 +506,13 @@ def prompt_entries(tokenizer: Tokenizer, prompt: list[int], scores: tuple[list, 
     count characters as a choice's do."""
     scanner = StopScanner(tokenizer, [])
 
-    def ended(entry: TokenLogprob) -> TokenLogprob:  # its token pushed: where its text ends, as `hold` sets it
-        return dataclasses.replace(entry, end=scanner.decoded + bool(scanner.decoder.pending))
-
     first = TokenLogprob(tokenizer.token_name(prompt[0]), None, None, 0, prompt[0])
     scanner.push(prompt[0])
-    entries = [ended(first)]
+    entries = [dataclasses.replace(first, end=scanner.latest_end())]
     for i, tok in enumerate(prompt[1:]):
         entry = token_logprob(tokenizer, tok, scores, i, k, scanner)
         scanner.push(tok)
-        entries.append(ended(entry))
+        entries.append(dataclasses.replace(entry, end=scanner.latest_end()))
     return entries
 
 
