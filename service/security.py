@@ -14,6 +14,8 @@
   store sees them.
 - Starlette's own answers to an unknown path (404) or method (405) are plain text; they are
   rewritten into the one JSON error shape, which the clients of this API parse.
+- BentoML's access log writes request paths as they come: control characters in them are
+  escaped (`escape_access_log`), so that a request cannot forge log lines.
 
 `install(Service, routes, limits)` wires it all (and /openapi.json, and the limits of
 `service.limits`) into the BentoML service, outermost first: JSON errors, CORS, API key, limits.
