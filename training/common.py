@@ -155,9 +155,12 @@ def check_run_folder(path: str) -> None:
 def check_model_given(path: str) -> None:
     """A tool's model folder argument exists. A store tag (`gan:latest`) is no folder: say how
     to find the store's folder for it (its config.json was called missing under gan:latest/)."""
+    from training.store import NAME_RE
+
     if not Path(path).is_dir():
-        hint = (f": a store tag? give its folder, `bentoml models get {path} -o path` prints it"
-                if re.fullmatch(r"[a-z0-9][a-z0-9_.-]*:[A-Za-z0-9_.-]+", path) else "")
+        name, colon, version = path.partition(":")
+        tag_like = colon and NAME_RE.match(name) and version and "/" not in version
+        hint = f": a store tag? give its folder, `bentoml models get {path} -o path` prints it" if tag_like else ""
         raise ValueError(f"{path}: no such model folder{hint}")
 
 
