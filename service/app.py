@@ -22,15 +22,12 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import secrets
-import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import bentoml
@@ -41,23 +38,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.ar_image import MAX_GUIDANCE, ARImageEngine, ARImageRequests
-from models.artifacts import ArtifactError
-from models.continuous import QueueFull, SchedulerConfig
+from models.continuous import QueueFull
 from models.engine import (Choice, Completion, CompletionBuilder, CompletionRequest, StreamEvent, TextRequests,
                            TokenLogprob, resolve_device)
-from models.engine_process import EngineFailed, EngineProcess, EngineSpec
+from models.engine_process import EngineFailed, EngineProcess
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service import chat, sdapi, tgi
 from service.batching import Job, MicroBatcher, Overloaded, fail
-from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_INVARIANT, BATCH_WAIT_S, BODY_TIMEOUT_S, CHAT_PATH,
-                            CHAT_TEMPLATE, CUDA_GRAPHS, DEVICE, GAN_MODEL, GPT_MODEL, IMAGE_MAX_BATCH, IMAGE_MAX_QUEUE,
-                            LIMITS, MAX_BODY_BYTES, MAX_CONCURRENCY, MODEL_ENVS, RETRY_AFTER_S, TEXT_MAX_RUNNING,
-                            TEXT_MAX_WAITING, TEXT_TOKEN_BUDGET, TIMEOUT_S, TRACE_REQUESTS, WORKERS, engine_threads)
+from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_WAIT_S, BODY_TIMEOUT_S, CHAT_PATH, CHAT_TEMPLATE, DEVICE,
+                            GAN_MODEL, GPT_MODEL, IMAGE_MAX_BATCH, IMAGE_MAX_QUEUE, LIMITS, MAX_BODY_BYTES,
+                            MAX_CONCURRENCY, MODEL_ENVS, RETRY_AFTER_S, TIMEOUT_S, TRACE_REQUESTS, WORKERS)
 from service.encode import SSE_DONE, SSEResponse, b64, openai_finish_reason, sse_event, usage
-from service.image_worker import ImageWorker, WorkerDied
+from service.engines import Engines, ImageBackend, ServedModel
+from service.image_worker import WorkerDied
 from service.limits import GENERATION_PATHS, count_error, error_body, request_id
-from service.metrics import IMAGE, TEXT, Metrics, forget_dead_processes, get_metrics
+from service.metrics import IMAGE, Metrics, get_metrics
 from service.schemas import (
     MAX_N,
     MAX_SEED,
@@ -75,13 +71,11 @@ from service.schemas import (
     from_validation_error,
 )
 from service.security import install as install_security
-from service.worker_health import WorkerHealth
 
 logger = logging.getLogger("condgen.service")
 logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
-STOP_SIGNALS = (-signal.SIGTERM, -signal.SIGINT)  # an engine's exit code when the server's stop reached it
 
 
 def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -299,7 +293,7 @@ async def tgi_info(svc: "Generation", request: Request) -> Response:
     """GET /info, TGI's description of the served text model and its limits."""
     engine = svc._text_requests()
     on_cuda = resolve_device(DEVICE).type == "cuda"  # as the engine process picks it (bf16 there)
-    cfg = svc.text_stream.cfg
+    cfg = svc.engines.text_stream.cfg
     return JSONResponse(tgi.info(svc.text_model.tag, engine.block_size,
                                  "torch.bfloat16" if on_cuda else "torch.float32", "cuda" if on_cuda else "cpu",
                                  # beyond either, a 429: the generation routes' in-flight cap, the engine's places
@@ -408,57 +402,6 @@ routes = Starlette(routes=[
 ])
 
 
-@dataclass
-class ServedModel:
-    """A store entry as the API describes it."""
-    kind: str  # "text" | "image"
-    tag: str
-    labels: dict[str, str]
-    created: float  # unix seconds
-    metrics: dict[str, Any]
-    details: dict[str, Any] = field(default_factory=dict)  # known once loaded: image_size, ...
-    is_latest: bool = True  # the store's `name:latest` at start-up (not so for a pinned older version)
-
-    @classmethod
-    def from_store(cls, kind: str, stored: Any) -> "ServedModel":
-        metrics_path = os.path.join(stored.path, "metrics.json")
-        metrics: dict[str, Any] = {}
-        if os.path.isfile(metrics_path):  # optional, as for the engines; unreadable is an error
-            try:
-                with open(metrics_path) as fh:
-                    metrics = json.load(fh)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ArtifactError(f"{metrics_path}: cannot read ({e})") from e
-        latest = bentoml.models.get(f"{stored.tag.name}:latest").tag
-        return cls(kind=kind, tag=str(stored.tag), labels=dict(stored.info.labels),
-                   created=stored.info.creation_time.timestamp(), metrics=metrics, is_latest=latest == stored.tag)
-
-    @property
-    def name(self) -> str:
-        return self.tag.split(":")[0]
-
-    def answers_to(self, requested: str | None) -> bool:
-        """None (the default), its name, its full tag, or `name:latest` when it is the latest."""
-        return requested in (None, self.name, self.tag) or (self.is_latest and requested == f"{self.name}:latest")
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "id": self.tag, "name": self.name, "kind": self.kind,
-            "family": self.labels.get("family"), "dataset": self.labels.get("dataset"),
-            "created": int(self.created),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-            "labels": self.labels, "metrics": self.metrics, **self.details,
-        }
-
-    def openai(self) -> dict[str, Any]:
-        """OpenAI's model card; a text model's also has vLLM's `max_model_len` (its context, once
-        loaded), which clients read to fit prompt and max_tokens."""
-        card = {"id": self.tag, "object": "model", "created": int(self.created), "owned_by": "condgen"}
-        if self.kind == "text" and "context_length" in self.details:
-            card["max_model_len"] = self.details["context_length"]
-        return card
-
-
 def image_batcher(run: Callable[[list[Job[ImageRequest]]], Awaitable[None]], metrics: Metrics,
                   engine_class: type, model: str) -> MicroBatcher[ImageRequest]:
     """The micro-batcher in front of one image model's worker process (`model`: its name)."""
@@ -484,25 +427,6 @@ class ImageJob(Job[ImageRequest]):
     """An image request's work, and what its PNGs say about themselves (`parameters` chunk):
     JSON that /generate takes back, or AUTOMATIC1111's infotext on its route."""
     describe: Callable[[ImageRequest, int, str], dict[str, Any] | str]
-
-
-@dataclass
-class ImageBackend:
-    """A served image model: its description, its request checker and worker process once
-    loaded, and its own batcher (one forward pass holds one model's requests)."""
-    served: ServedModel
-    stored: Any  # bentoml.models.BentoModel
-    engine_class: type[ImageEngine] | type[ARImageEngine]  # what the worker process loads
-    checker_class: type[ImageRequests] | type[ARImageRequests]  # what this process loads
-    batcher: MicroBatcher[ImageRequest] | None = None
-    requests: ImageRequests | None = None  # checks requests (no weights), once loaded
-    worker: ImageWorker | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Its worker process died after loading: not ready any more (a load error is the
-        service's `load_error` instead, which leaves it alive)."""
-        return self.requests is not None and not self.worker.alive
 
 
 @dataclass
@@ -622,242 +546,31 @@ class Generation:
         self.served_models = [m for m in (self.text_model, *(b.served for b in self.images.values())) if m]
         self.metrics.start_series([(m.name, m.kind) for m in self.served_models],
                                   [path for path in GENERATION_PATHS if path != CHAT_PATH or CHAT_TEMPLATE])
-        self.text: TextRequests | None = None  # checks and counts prompts; the model is in text_stream
-        self.load_error: str | None = None
-        self._ready = threading.Event()
-        self._stopping = False  # set by the shutdown hook: the engines' ends are no deaths
-        self._threads = 1  # torch threads of each engine process, set when loading
-        self._failed_starts: set[str] = set()  # engines that died and failed to start again
-        self.text_stream: EngineProcess | None = None  # continuous batching, in a process of its own
-        self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # BentoML's, for all of the server's workers
-        self.health = WorkerHealth(self._shared_dir)
-        self.health.publish(ready=False, alive=True)  # loading
-        # Loading and warm-up run beside the server, so /readyz can answer 503 meanwhile.
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        if self.gan is None and self.ar_image is not None:
+            logger.info("GAN_MODEL is empty: the image routes serve %s (AR_IMAGE_MODEL= turns it off too)",
+                        self.ar_image.tag)
+        self.engines = Engines(self.gpt, self.text_model, self.images, self.metrics)
+        self.engines.start()
 
     def __is_ready__(self) -> bool:
-        """Models loaded and every engine process alive (/readyz), in every worker process
-        (service/worker_health.py)."""
-        return self._ready_here() and all(state["ready"] for state in self.health.others())
+        return self.engines.ready()
 
     def __is_alive__(self) -> bool:
-        """False while an engine that died cannot be started again (/livez; see
-        `_restart_dead_engines`), in any worker process: a liveness probe then lets the
-        orchestrator replace the replica. A model that fails to load at start-up keeps the
-        service alive but not ready, with the reason in its log and answers."""
-        return not self._failed_starts and all(state["alive"] for state in self.health.others())
-
-    def _ready_here(self) -> bool:
-        return self._ready.is_set() and not self._engine_died()
-
-    def _engine_died(self) -> bool:
-        return ((self.text_stream is not None and not self.text_stream.alive)
-                or any(b.failed for b in self.images.values()))
-
-    def _load(self) -> None:
-        try:
-            started = time.perf_counter()
-            # The models run (and warm up) in processes of their own: in this one, the server's
-            # Python (HTTP, JSON) would stall their work on the GIL. All start at once; this
-            # process reads only tokenizers and configs, to check requests before they queue.
-            checkers, starting = {}, []
-            self._threads = engine_threads((self.gpt is not None) + len(self.images))  # text engine, image models
-            for tag, backend in self.images.items():
-                checker = backend.checker_class.load(backend.stored.path)
-                backend.served.details["image_size"] = checker.image_size
-                backend.served.details["max_prompt_chars"] = checker.max_prompt_chars
-                backend.served.details["context_length"] = checker.cfg.context
-                if isinstance(checker, ARImageRequests):
-                    backend.served.details["guidance_scale"] = checker.guidance_scale
-                    backend.served.details["evaluations_per_image"] = checker.evaluations_per_image()
-                checkers[tag] = checker
-                backend.worker = self._image_worker(backend)
-                starting.append(backend.worker)
-            if self.gpt is not None:
-                self.text_stream = self._text_engine()
-            for worker in starting:
-                worker.wait_started()  # raises the worker's error: an ArtifactError names the bad file
-            if self.text_stream is not None:
-                text = self.text_stream.requests
-                self.text_model.details["max_prompt_chars"] = text.max_prompt_chars
-                self.text_model.details["context_length"] = text.block_size
-                self.text_model.details["batch_invariant"] = BATCH_INVARIANT
-                self.text = text
-            for tag, checker in checkers.items():
-                self.images[tag].requests = checker
-            logger.info("loaded and warmed up %s in %.2fs (CPU threads of torch in each engine process: %d)",
-                        ", ".join(m.tag for m in self.served_models), time.perf_counter() - started, self._threads)
-            if self.gan is None and self.ar_image is not None:
-                logger.info("GAN_MODEL is empty: the image routes serve %s (AR_IMAGE_MODEL= turns it off too)",
-                            self.ar_image.tag)
-            self._ready.set()
-        except Exception as e:
-            if self._stopping or getattr(e, "exitcode", None) in STOP_SIGNALS:
-                # The server stops while this worker loads: its engines were stopped, not broken.
-                logger.info("loading the models stopped: the server is stopping (%s)", e)
-            else:
-                # One line that names the bad file (ArtifactError messages start with its path),
-                # then the traceback for whoever needs it; answers name the file by its model's
-                # tag instead (the store's place on the server's disk is none of a client's business).
-                logger.error("loading the models failed; the service stays not ready: %s: %s", type(e).__name__, e,
-                             exc_info=True)
-            self.load_error = f"{type(e).__name__}: {e}"
-            for stored in (self.gpt, self.gan, self.ar_image):
-                if stored is not None:
-                    self.load_error = self.load_error.replace(str(stored.path), str(stored.tag))
-            # The engines that did start would hold their memory on a replica that is never ready.
-            for backend in self.images.values():
-                if backend.worker is not None:
-                    backend.worker.shutdown()
-            if self.text_stream is not None:
-                self.text_stream.shutdown()
-            return
-        self._restart_dead_engines()
-
-    def _text_engine(self) -> EngineProcess:
-        """The text model's engine process, started, loaded and warmed up (blocks meanwhile)."""
-        engine = EngineProcess(EngineSpec(str(self.gpt.path), DEVICE, self._threads, SchedulerConfig(
-            max_running=TEXT_MAX_RUNNING, max_tokens_per_step=TEXT_TOKEN_BUDGET, max_waiting=TEXT_MAX_WAITING,
-            cuda_graphs=CUDA_GRAPHS, batch_invariant=BATCH_INVARIANT)))
-        engine.on_step = self._on_text_step
-        engine.on_admit = self._on_text_admit
-        logger.info("the text engine of %s runs in process %d", self.text_model.tag, engine.pid)
-        return engine
-
-    def _image_worker(self, backend: ImageBackend) -> ImageWorker:
-        """An image model's worker process, starting (`wait_started` waits for it)."""
-        worker = ImageWorker(backend.engine_class, str(backend.stored.path), DEVICE, self._threads, IMAGE_MAX_BATCH)
-        logger.info("the image engine of %s runs in process %d", backend.served.tag, worker.pid)
-        return worker
-
-    def _restart_dead_engines(self) -> None:
-        """An engine process that dies after start-up (killed for memory, say) takes its model
-        with it: it is started again here, in this worker, while the other models go on
-        serving and the dead one's routes answer 503 at once (its requests in flight fail with
-        a 503, or an error event in a stream). Shutting the whole worker down for BentoML to
-        start a new one would leave a one-worker server answering nothing for the 10-15 s a new
-        worker takes to load every model (connections queued unanswered, whatever model they
-        wanted). Each engine's start that fails is tried again after 5, 10, ... up to
-        60 s, and /livez answers 503 from its first failure until it is back, so that an
-        orchestrator replaces a replica that does not recover (not while a start is under way:
-        a large model's load may outlast a liveness probe's patience)."""
-        backoff: dict[str, float] = {}  # engine -> seconds to wait after its latest failed start
-        retry_at: dict[str, float] = {}
-        down: set[str] = set()  # engines found dead and not back yet: a death is counted once
-        while True:
-            self.health.publish(self._ready_here(), not self._failed_starts)
-            time.sleep(0.5)
-            if self._stopping:  # the engines stop because this worker does: no deaths
-                return
-            try:
-                forget_dead_processes(self._shared_dir)  # a worker killed: its gauges
-                dead = self._dead_engines()
-            except Exception:  # (a loop closing under a health check, say): the watch goes on
-                logger.exception("checking the engine processes failed")
-                continue
-            if dead:  # not ready, for the other workers' probes too, before the restarts (seconds each)
-                self.health.publish(self._ready_here(), not self._failed_starts)
-            for name, revive in dead:
-                if name not in down:
-                    down.add(name)
-                    served = self.text_model if name == "text" else self.images[name].served
-                    self.metrics.engine_deaths.labels(model=served.name).inc()
-                    logger.error("the %s has died: starting it again (the other models keep serving)",
-                                 "text engine" if name == "text" else f"image engine of {name}")
-                if time.monotonic() < retry_at.get(name, 0.0) or self._stopping:
-                    continue
-                try:
-                    revive()
-                    down.discard(name)
-                    backoff.pop(name, None)
-                    self._failed_starts.discard(name)
-                except Exception as e:  # its own back-off: one engine failing does not hold the
-                    # others back (starts run one after another on this thread, though: a slow
-                    # start, up to the 300 s start timeouts, delays the next engine's by as long)
-                    if self._stopping:  # ended by the worker's own stop, not a failure
-                        return
-                    backoff[name] = min(60.0, max(5.0, 2 * backoff.get(name, 0.0)))
-                    retry_at[name] = time.monotonic() + backoff[name]
-                    self._failed_starts.add(name)
-                    logger.error("starting the %s engine again failed (%s: %s); next try in %.0f s",
-                                 name, type(e).__name__, e, backoff[name])
-
-    def _dead_engines(self) -> list[tuple[str, Callable[[], None]]]:
-        """(name, how to start it again) of each engine process that has died."""
-        dead = [] if self.text_stream is None or self.text_stream.alive else [("text", self._revive_text_engine)]
-        return dead + [(tag, functools.partial(self._revive_image_worker, backend))
-                       for tag, backend in self.images.items() if backend.failed]
-
-    def _revive_text_engine(self) -> None:
-        self.text_stream.shutdown()  # its pipe: the process is gone
-        started = time.perf_counter()
-        fresh = self._text_engine()
-        self.text_stream = fresh
-        if self._stopping:  # the worker began stopping meanwhile, maybe before it saw this one
-            fresh.shutdown()
-            return
-        logger.info("the text engine is back after %.1f s", time.perf_counter() - started)
-
-    def _revive_image_worker(self, backend: ImageBackend) -> None:
-        dead, tag = backend.worker, backend.served.tag
-        while dead.failure is None:  # the event loop records the death first (and fails its batches in flight)
-            if self._stopping:
-                return
-            time.sleep(0.05)
-        dead.shutdown()  # off the loop, now that it is detached
-        started = time.perf_counter()
-        fresh = self._image_worker(backend)
-        try:
-            fresh.wait_started()
-        except Exception:
-            fresh.shutdown()
-            raise
-        backend.worker = fresh
-        if self._stopping:
-            fresh.shutdown()
-            return
-        logger.info("the image engine of %s is back after %.1f s", tag, time.perf_counter() - started)
+        return self.engines.alive()
 
     @bentoml.on_shutdown
-    async def _stop_batchers(self) -> None:
-        self._stopping = True
-        self.health.withdraw()
-        for backend in self.images.values():
-            await backend.batcher.close()
-            if backend.worker is not None:
-                backend.worker.detach()  # on the loop: its batches in flight fail
-        # Each engine process gets up to 5 s to finish what it holds and exit: side by side, and
-        # off the event loop (their joins block; one after the other, on the loop, a SIGTERM took
-        # 3.0 s to exit with the tiny models instead of 2.0 s).
-        stops = [backend.worker.shutdown for backend in self.images.values() if backend.worker is not None]
-        if self.text_stream is not None:
-            stops.append(self.text_stream.shutdown)
-        await asyncio.gather(*(asyncio.to_thread(stop) for stop in stops))
-
-    def _on_text_admit(self, waited: float, prompt_tokens: int) -> None:
-        """Called (on the engine process's reader thread) for each request the engine admits:
-        counted here, its client there or not (the route counted only those whose client was
-        still there to see the first event, while the engine had prefilled them all)."""
-        self.metrics.queue_time.labels(endpoint=TEXT, model=self.text_model.name).observe(waited)
-        self.metrics.prompt_tokens.labels(model=self.text_model.name).inc(prompt_tokens)
-
-    def _on_text_step(self, batch_size: int, running: int, waiting: int) -> None:
-        """Called (on the engine process's reader thread) after every decode step."""
-        if batch_size:  # one token per sequence sampled, whether or not its client is still there
-            self.metrics.batch_size.labels(endpoint=TEXT, model=self.text_model.name).observe(batch_size)
-            self.metrics.generated_tokens.labels(model=self.text_model.name).inc(batch_size)
-        self.metrics.requests_running.labels(endpoint=TEXT, model=self.text_model.name).set(running)
-        self.metrics.requests_waiting.labels(endpoint=TEXT, model=self.text_model.name).set(waiting)
+    async def _stop(self) -> None:
+        await self.engines.stop()
 
     def _text_requests(self) -> TextRequests:
         """The text model's request checker: 404 on a server that serves none, 503 until loaded."""
         self._check_model(None, "text")
-        return self._ready_or_503(self.text)
+        return self._ready_or_503(self.engines.text)
 
     def _ready_or_503(self, engine: Any) -> Any:
         if engine is None:
-            if self.load_error:  # no Retry-After: it stays so until the server is started again
-                raise ApiError(503, f"not ready: model loading failed: {self.load_error}", type="server_error",
+            if self.engines.load_error:  # no Retry-After: it stays so until the server is started again
+                raise ApiError(503, f"not ready: model loading failed: {self.engines.load_error}", type="server_error",
                                code="model_load_failed")
             raise unavailable("not ready: models are still loading")
         return engine
@@ -897,7 +610,7 @@ class Generation:
         if body.max_tokens == 0 and not body.echo:  # OpenAI's rule: 0 returns the prompt, scored
             raise ApiError(400, "max_tokens: 0 is only allowed with echo (the prompt back, with logprobs scored)",
                            "max_tokens")
-        cfg = self.text_stream.cfg
+        cfg = self.engines.text_stream.cfg
         if len(prompts) > cfg.max_running + cfg.max_waiting:  # each prompt queues as one request
             raise ApiError(400, f"at most {cfg.max_running + cfg.max_waiting} prompts in one request on this server "
                                 f"(CONDGEN_TEXT_MAX_RUNNING + CONDGEN_TEXT_MAX_WAITING), got {len(prompts)}", "prompt")
@@ -934,9 +647,9 @@ class Generation:
         # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
         # request's prompts counted together against the queue; their lengths as the model sees
         # them (an empty prompt is one end-of-text token) are the usage.
-        prompt_ids = [_checked(self.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+        prompt_ids = [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
         prompt_tokens = sum(map(len, prompt_ids))
-        streams = [self.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
+        streams = [self.engines.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, k)
         arrived = time.perf_counter()
         # The first event comes once the request is admitted: a client that leaves while it
@@ -953,7 +666,7 @@ class Generation:
         head = run.head(completion_id, "text_completion")
         # what echo puts before each prompt's choices (token ids are the vocabulary's: checked)
         prompts, k = body.prompts(), body.candidates()
-        echo_texts = [(p if isinstance(p, str) else self.text.tokenizer.decode(p)) if body.echo else ""
+        echo_texts = [(p if isinstance(p, str) else self.engines.text.tokenizer.decode(p)) if body.echo else ""
                       for p in prompts]
         echoed = [echo_texts[j // k] for j in range(run.choices)]  # each candidate's prefix
         if body.stream:  # (never with best_of above n)
@@ -1052,7 +765,7 @@ class Generation:
         seed = _pick_seed(p.seed, p.best_of or 1)
         req = tgi.completion_request(body.inputs, ids, p, seed, engine.block_size)
         try:
-            ids = _checked(self.text_stream, req)
+            ids = _checked(self.engines.text_stream, req)
         except InvalidParameter as e:  # named as TGI names the field (lengths: tgi.check_length, above)
             name = tgi.PARAM.get(e.param, e.param)
             raise ApiError(400, f"{name}: {e.message}", name, code=e.code) from None
@@ -1060,7 +773,7 @@ class Generation:
         answers = [tgi.Generated(engine.tokenizer, p, ids, body.inputs if p.return_full_text else "",
                                  seed + j if tgi.samples(p) else None) for j in range(req.n)]
         answer = answers[0]
-        events = self.text_stream.generate(req, ids)
+        events = self.engines.text_stream.generate(req, ids)
         arrived = time.perf_counter()
         if (first := await _until_disconnected(_first_event(events), request)) is None:
             return _client_left(request, "text-generation-inference")
@@ -1207,7 +920,7 @@ class Generation:
         try:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
         except WorkerDied:
-            if not self._stopping:
+            if not self.engines.stopping:
                 logger.error("the worker process of %s has died; /readyz answers 503 until it is started again", tag)
             for job in jobs:
                 fail(job, unavailable(f"the image engine of {tag} is not available"))

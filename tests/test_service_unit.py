@@ -143,8 +143,8 @@ def test_best_of_beyond_the_servers_slots_or_seeds_is_refused_naming_best_of():
     from service.app import Generation
     from service.schemas import ApiError
 
-    svc = types.SimpleNamespace(text_stream=types.SimpleNamespace(cfg=types.SimpleNamespace(max_running=3,
-                                                                                            max_waiting=8)))
+    cfg = types.SimpleNamespace(max_running=3, max_waiting=8)
+    svc = types.SimpleNamespace(engines=types.SimpleNamespace(text_stream=types.SimpleNamespace(cfg=cfg)))
     engine = types.SimpleNamespace(max_prompt_chars=1000)
 
     def refused(**fields) -> ApiError:
@@ -766,11 +766,11 @@ def test_an_image_backend_fails_when_its_loaded_worker_dies_not_when_loading_fai
     import os
     import signal
 
-    import service.app as app
+    from service.engines import ImageBackend
     from service.image_worker import ImageWorker, WorkerError
     from tests_support import NoiseImageEngine
 
-    backend = app.ImageBackend(served=None, stored=None, engine_class=NoiseImageEngine, checker_class=None)
+    backend = ImageBackend(served=None, stored=None, engine_class=NoiseImageEngine, checker_class=None)
     assert not backend.failed  # nothing started yet
     backend.worker = ImageWorker(NoiseImageEngine, "missing", "cpu", 1, 64)
     with pytest.raises(WorkerError):
@@ -857,7 +857,7 @@ def test_the_memory_limit_files_are_those_of_the_process_s_own_cgroup_and_its_pa
 
 def test_name_latest_names_only_the_latest_version():
     """A server pinned to an older version (GPT_MODEL=gpt:v1) answered `gpt:latest` with it."""
-    from service.app import ServedModel
+    from service.engines import ServedModel
 
     pinned = ServedModel("text", "gpt:v1", {}, 0.0, {}, is_latest=False)
     latest = ServedModel("text", "gpt:v2", {}, 0.0, {})
@@ -907,12 +907,12 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
     after 5 s, then 10 s, ..., and only then does /livez fail (not while a start is under way)."""
     import types
 
-    import service.app as app
+    import service.engines as engines
 
     clock = [0.0]
     deaths: list[str] = []
     counter = types.SimpleNamespace(labels=lambda model: types.SimpleNamespace(inc=lambda: deaths.append(model)))
-    gen = types.SimpleNamespace(_stopping=False, images={}, _failed_starts=set(),
+    watched = types.SimpleNamespace(stopping=False, images={}, _failed_starts=set(),
                                 text_stream=types.SimpleNamespace(alive=False),
                                 text_model=types.SimpleNamespace(name="gpt"),
                                 metrics=types.SimpleNamespace(engine_deaths=counter),
@@ -924,18 +924,18 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
         tries.append(clock[0])
         if len(tries) < 3:
             raise RuntimeError("CUDA out of memory")
-        gen.text_stream = types.SimpleNamespace(alive=True)
+        watched.text_stream = types.SimpleNamespace(alive=True)
 
     def sleep(seconds: float) -> None:
         clock[0] += seconds
-        alive_at.append((clock[0], app.Generation.inner.__is_alive__(gen)))
-        gen._stopping = clock[0] > 30
+        alive_at.append((clock[0], engines.Engines.alive(watched)))
+        watched.stopping = clock[0] > 30
 
-    monkeypatch.setattr(app, "time", types.SimpleNamespace(sleep=sleep, monotonic=lambda: clock[0],
-                                                           perf_counter=lambda: clock[0]))
-    gen._revive_text_engine = revive
-    gen._dead_engines = types.MethodType(app.Generation.inner._dead_engines, gen)
-    app.Generation.inner._restart_dead_engines(gen)
+    monkeypatch.setattr(engines, "time", types.SimpleNamespace(sleep=sleep, monotonic=lambda: clock[0],
+                                                               perf_counter=lambda: clock[0]))
+    watched._revive_text_engine = revive
+    watched._dead_engines = types.MethodType(engines.Engines._dead_engines, watched)
+    engines.Engines._restart_dead_engines(watched)
     assert [t - tries[0] for t in tries] == [0.0, 5.0, 15.0]
     assert all(ok for t, ok in alive_at if t <= tries[0]) and all(ok for t, ok in alive_at if t > tries[2])
     assert not any(ok for t, ok in alive_at if tries[0] < t <= tries[2])

@@ -22,7 +22,7 @@ from models.engine import CompletionRequest, TextEngine
 from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import EOT, MIN_VOCAB, Tokenizer
-from training.common import (SEED, Dist, above, all_reduce_mean, at_least, atomic_save, autocast_for,
+from training.common import (SEED, above, all_reduce_mean, at_least, atomic_save, autocast_for,
                              check_device, check_folder, check_fresh_run, check_model_folder, check_outputs,
                              check_resume_data, check_world_size, cosine_lr, diverged, fraction, get_tokenizer,
                              load_checkpoint, one_of, parse_config, report_halt, report_resume, require_finite,
