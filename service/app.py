@@ -321,12 +321,14 @@ async def txt2img(svc: "Generation", request: Request) -> Response:
 @_route
 async def sd_models(svc: "Generation", request: Request) -> Response:
     """AUTOMATIC1111's model list: the image models."""
+    svc._check_model(None, "image")  # a text-only server has no A1111 API: 404, not an empty one
     return JSONResponse([sdapi.sd_model(m.tag) for m in svc.served_models if m.kind == "image"])
 
 
 @_route
 async def sd_scripts(svc: "Generation", request: Request) -> Response:
     """AUTOMATIC1111's script list: none here (its clients look for extensions at start)."""
+    svc._check_model(None, "image")
     return JSONResponse({"txt2img": [], "img2img": []})
 
 
@@ -334,6 +336,7 @@ async def sd_scripts(svc: "Generation", request: Request) -> Response:
 async def sd_progress(svc: "Generation", request: Request) -> Response:
     """AUTOMATIC1111's progress: how many images this worker has queued or running (what
     `webuiapi.util_wait_for_ready` polls until it is 0)."""
+    svc._check_model(None, "image")
     images = sum(b.batcher.outstanding_cost for b in svc.images.values() if b.batcher is not None)
     return JSONResponse(sdapi.progress(images))
 
@@ -341,12 +344,20 @@ async def sd_progress(svc: "Generation", request: Request) -> Response:
 @_route
 async def sd_options(svc: "Generation", request: Request) -> Response:
     """AUTOMATIC1111's settings, of which the model is the one that exists here: GET says which
-    answers by default; POST is refused (a global switch would change every client's model)."""
-    if request.method == "POST":
-        raise ApiError(400, "the model is not a global setting here (every model is served at once): choose it "
-                            "per request with override_settings.sd_model_checkpoint")
-    default = next((m.tag for m in svc.served_models if m.kind == "image"), None)
-    return JSONResponse({"sd_model_checkpoint": default})
+    answers by default. A POST may only restate it (as a client does that posts back what GET
+    gave it; A1111 answers null): a switch would change every client's model, and each worker
+    process would keep its own."""
+    default = svc._check_model(None, "image")
+    if request.method == "GET":
+        return JSONResponse({"sd_model_checkpoint": default.tag})
+    for name, value in (await _read_json(request)).items():
+        if name != "sd_model_checkpoint":
+            raise ApiError(400, f"{name}: not a setting of this server (sd_model_checkpoint is its only one)", name)
+        if not isinstance(value, str) or not default.answers_to(sdapi.checkpoint_tag(value, [default.tag])):
+            raise ApiError(400, f"sd_model_checkpoint {value!r}: the model is not a global setting here (every model "
+                                "is served at once): choose it per request with override_settings.sd_model_checkpoint",
+                           name)
+    return JSONResponse(None)
 
 
 @_route

@@ -56,8 +56,9 @@ def test_a_text_only_server_completes_and_answers_image_routes_404(text_only: Se
         refused = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle"})
         _not_served(refused, "image")
         assert refused.json()["error"]["param"] is None  # no override_settings was sent
-        assert c.get("/sdapi/v1/sd-models").json() == []
-        assert c.get("/sdapi/v1/options").json() == {"sd_model_checkpoint": None}
+        for path in ("/sdapi/v1/sd-models", "/sdapi/v1/options", "/sdapi/v1/progress", "/sdapi/v1/scripts"):
+            _not_served(c.get(path), "image")  # no A1111 API at all, rather than one with no model
+        _not_served(c.post("/sdapi/v1/options", json={}), "image")
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
     log = text_only.log.read_text(errors="replace")
     assert "the text engine of gpt:" in log and "the image engine of" not in log  # no GAN loaded

@@ -39,6 +39,22 @@ def test_models_and_options_as_a1111_lists_them(api, client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "ar_image"})
     assert r.status_code == 400 and "override_settings" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "sd_model_checkpoint"
+
+
+def test_options_posted_back_unchanged_are_accepted_and_any_change_is_refused(client):
+    """A client that GETs the options, sets the model and POSTs them back works when the model
+    is the default (A1111 answers null); another model, or another setting, is a 400 naming it."""
+    options = client.get("/sdapi/v1/options").json()
+    tag = options["sd_model_checkpoint"]
+    version = tag.split(":")[1]
+    for same in (options, {"sd_model_checkpoint": "gan"}, {"sd_model_checkpoint": version}, {}):
+        r = client.post("/sdapi/v1/options", json=same)
+        assert r.status_code == 200 and r.json() is None, (same, r.text)
+    for changed, param in [({"sd_model_checkpoint": None}, "sd_model_checkpoint"),
+                           ({**options, "samples_format": "png"}, "samples_format")]:
+        r = client.post("/sdapi/v1/options", json=changed)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (changed, r.text)
 
 
 def test_progress_says_idle_as_a1111_does_and_webuiapi_stops_waiting(api, client):
