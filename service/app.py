@@ -767,6 +767,7 @@ class Generation:
         if (err := p.unsupported()) is not None:
             raise err
         engine = self._text_requests()
+        tgi.check_truncate(p, engine.block_size)
         _within_prompt_limit(body.inputs, engine, "inputs")
         ids = engine.tokenizer.encode(body.inputs)
         if p.truncate is not None:

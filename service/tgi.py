@@ -71,6 +71,15 @@ def check_best_of(p: TGIParameters, stream: bool) -> None:
                             f"(candidate j uses seed + j, at most {MAX_SEED})", "parameters.seed")
 
 
+def check_truncate(p: TGIParameters, context: int) -> None:
+    """TGI's bound on `truncate`: at most the input's limit (`/info`'s max_input_tokens); a
+    larger value keeps every token, and the length check would blame `inputs` for it."""
+    if p.truncate is not None and p.truncate > context - 1:
+        raise ApiError(400, f"parameters.truncate: must be at most the model's max_input_tokens, {context - 1} "
+                            f"(its context of {context} tokens less one to generate); given {p.truncate}",
+                       "parameters.truncate")
+
+
 def check_length(ids: list[int], p: TGIParameters, context: int) -> None:
     """TGI's length check, in its words: the input leaves room for max_new_tokens (or one)."""
     if len(ids) >= context:

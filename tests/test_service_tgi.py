@@ -99,6 +99,11 @@ def test_truncate_keeps_the_end_of_the_input(hf, client):
     r = client.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 422 and r.json()["code"] == "context_length_exceeded", r.text
     assert r.json()["param"] == "inputs" and r.json()["error_type"] == "validation"
+    limit = client.get("/info").json()["max_input_tokens"]
+    assert hf.text_generation("short", max_new_tokens=1, truncate=limit) is not None
+    for inputs in ("short", long_input):  # as TGI: refused up front, naming truncate, not inputs
+        r = client.post("/generate", json={"inputs": inputs, "parameters": {"max_new_tokens": 1, "truncate": limit + 1}})
+        assert r.status_code == 422 and r.json()["param"] == "parameters.truncate", r.text
 
 
 def test_best_of_answers_the_candidate_with_the_best_mean_logprob(hf, client):
