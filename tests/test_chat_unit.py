@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from models.engine import Choice, Completion, StreamEvent, TokenLogprob
 from models.errors import InvalidParameter
 from models.tokenizer import EOT, Tokenizer
-from service.chat import ChatChunks, ChatTemplate, chat_names, parse, prompt, response, template_from_env
+from service.chat import MAX_MESSAGES, ChatChunks, ChatTemplate, chat_names, parse, prompt, response, template_from_env
 from service.env import ConfigError
 from service.limits import GENERATION_PATHS
 from service.openapi import build_openapi
@@ -112,6 +112,7 @@ def test_continue_final_message_ends_the_prompt_inside_the_last_message():
     ({"logprobs": 1}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4, "max_completion_tokens": 5}, "max_completion_tokens"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"n": 17}, "n"),
+    ({"messages": [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)}, "messages"),
 ])
 def test_refused_fields_are_named(fields, param):
     with pytest.raises(ApiError) as e:
