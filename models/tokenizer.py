@@ -126,12 +126,14 @@ class Tokenizer:
         return names
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        # (encode_batch, not encode: it releases the GIL, so that a thread tokenizing a long text
+        # leaves the others running: a server's event loop)
+        return self.hf.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """The ids and, for each, the characters of `text` it covers, (start, stop): the tokens
         of one character share its span."""
-        enc = self.hf.encode(text, add_special_tokens=False)
+        enc = self.hf.encode_batch([text], add_special_tokens=False)[0]
         return enc.ids, enc.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import secrets
 import sys
 import time
@@ -69,6 +70,7 @@ from service.schemas import (
     TokenizeBody,
     Txt2ImgBody,
     from_validation_error,
+    shown_name,
 )
 from service.security import install as install_security
 
@@ -76,6 +78,8 @@ logger = logging.getLogger("condgen.service")
 logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
+MAX_FIELDS = 200  # of a body (AUTOMATIC1111's txt2img has the most, 55)
+LONG_TEXT_CHARS = 10_000  # tokenized off the event loop beyond this (a few ms of ASCII)
 
 
 def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -170,14 +174,24 @@ async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[st
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    if len(data) > MAX_FIELDS:  # (95,000 unknown fields, each refused by name, took 0.2 s of the event loop)
+        raise ApiError(400, f"the body has {len(data)} fields; no request here has more than {MAX_FIELDS}")
     if tgi_when_inputs and "inputs" in data and "prompt" not in data:
         request.state.tgi = True
-    for name, value in data.items():  # JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text
-        if not (_is_unicode(name) and _is_unicode(value)):
-            field = name if _is_unicode(name) else None
-            raise ApiError(400, f"{field or 'a field name'}: contains a lone surrogate escape (\\ud800-\\udfff), "
-                                "which is not valid Unicode", param=field)
+    # Lone surrogates: only a body with a surrogate escape may hold one. Then one json.dumps of the
+    # whole, and one per field only to name it (one per field took 0.3 s for 95,000 fields).
+    if SURROGATE_ESCAPE.search(body) and not _is_unicode(data):
+        for name, value in data.items():
+            if not (_is_unicode(name) and _is_unicode(value)):
+                field = name if _is_unicode(name) else None
+                raise ApiError(400, f"{field or 'a field name'}: contains a lone surrogate escape (\\ud800-\\udfff), "
+                                    "which is not valid Unicode", param=field)
     return data
+
+
+# JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text; a pair is, as is any
+# character written as itself (the body is UTF-8)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _is_unicode(value: Any) -> bool:
@@ -246,22 +260,39 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
         text = _tgi_body(data, TGITokenizeBody).inputs
         _within_prompt_limit(text, engine, "inputs")
 
-        def spans() -> JSONResponse:
+        def spans() -> Response:
             ids, offsets = tok.encode_with_offsets(text)
-            return JSONResponse([{"id": t, "text": text[a:b], "start": a, "stop": b}
-                                 for t, (a, b) in zip(ids, offsets)])
+            return _json_response([{"id": t, "text": text[a:b], "start": a, "stop": b}
+                                   for t, (a, b) in zip(ids, offsets)])
 
         return await asyncio.to_thread(spans)
     body = TokenizeBody.model_validate(data)
     svc._check_model(body.model, "text")
     _within_prompt_limit(body.prompt, engine, "prompt")
 
-    def tokens() -> JSONResponse:
+    def tokens() -> Response:
         ids = tok.encode(body.prompt) or [tok.eot_id]  # as a completion starts from it
         names = {"token_strs": [tok.token_name(t) for t in ids]} if body.return_token_strs else {}
-        return JSONResponse({"count": len(ids), "max_model_len": engine.block_size, "tokens": ids, **names})
+        return _json_response({"count": len(ids), "max_model_len": engine.block_size, "tokens": ids, **names})
 
     return await asyncio.to_thread(tokens)
+
+
+JSON_PIECE = 10_000  # items of a long list encoded at once
+
+
+def _json_response(content: Any) -> Response:
+    """A JSONResponse, its long lists encoded in pieces: one json.dumps of 400,000 tokens holds
+    the GIL, so the event loop too, for 0.3 s; between pieces, it runs."""
+    def encoded(value: Any) -> bytes:
+        if isinstance(value, list) and len(value) > JSON_PIECE:
+            return b"[" + b",".join(encoded(value[i:i + JSON_PIECE])[1:-1]
+                                    for i in range(0, len(value), JSON_PIECE)) + b"]"
+        if isinstance(value, dict) and any(isinstance(v, list) and len(v) > JSON_PIECE for v in value.values()):
+            return b"{" + b",".join(encoded(k) + b":" + encoded(v) for k, v in value.items()) + b"}"
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()  # (Starlette's)
+
+    return Response(encoded(content), media_type="application/json")
 
 
 @_route
@@ -272,7 +303,8 @@ async def detokenize(svc: "Generation", request: Request) -> Response:
     svc._check_model(body.model, "text")
     vocab = engine.tokenizer.vocab_size
     if bad := [t for t in body.tokens if t >= vocab]:
-        raise ApiError(400, f"tokens: ids must be below the vocabulary's {vocab}, got {bad[0]}", "tokens")
+        raise ApiError(400, f"tokens: ids must be below the vocabulary's {vocab}, got {shown_name(str(bad[0]))}",
+                       "tokens")
     return await asyncio.to_thread(lambda: JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}))
 
 
@@ -352,9 +384,11 @@ async def sd_options(svc: "Generation", request: Request) -> Response:
         return JSONResponse({"sd_model_checkpoint": default.tag})
     for name, value in (await _read_json(request)).items():
         if name != "sd_model_checkpoint":
+            name = shown_name(name)
             raise ApiError(400, f"{name}: not a setting of this server (sd_model_checkpoint is its only one)", name)
         if not isinstance(value, str) or not default.answers_to(sdapi.checkpoint_tag(value, [default.tag])):
-            raise ApiError(400, f"sd_model_checkpoint {value!r}: the model is not a global setting here (every model "
+            shown = repr(shown_name(value)) if isinstance(value, str) else "(not a string)"
+            raise ApiError(400, f"sd_model_checkpoint {shown}: the model is not a global setting here (every model "
                                 "is served at once): choose it per request with override_settings.sd_model_checkpoint",
                            name)
     return JSONResponse(None)
@@ -655,10 +689,12 @@ class Generation:
         served = self._check_model(body.model, "text")
         reqs, seed = self._completion_requests(body, body.prompts(), engine)
         k = body.candidates()  # candidate j: prompt j // k, seed + j
-        # Checked once, here on the event loop (tokenizing the longest prompt takes ~37 ms), a
-        # request's prompts counted together against the queue; their lengths as the model sees
-        # them (an empty prompt is one end-of-text token) are the usage.
-        prompt_ids = [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+        # Checked once, a request's prompts counted together against the queue; their lengths as
+        # the model sees them (an empty prompt is one end-of-text token) are the usage.
+        def check() -> list[list[int]]:
+            return [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+
+        prompt_ids = await _off_loop_if_long(sum(len(req.prompt) for req in reqs), check)
         prompt_tokens = sum(map(len, prompt_ids))
         streams = [self.engines.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, k)
@@ -705,7 +741,7 @@ class Generation:
         self._check_model(body.model, "text")
         text = chat.prompt(CHAT_TEMPLATE, body)
         _within_prompt_limit(text, engine, "messages")
-        ids = engine.tokenizer.encode(text) or [engine.tokenizer.eot_id]  # as a completion's prompt
+        ids = await _off_loop_if_long(len(text), engine.tokenizer.encode, text) or [engine.tokenizer.eot_id]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         with chat.chat_names(body):
             run = await self._start_text(body.completion(ids, engine.block_size), request)
@@ -769,7 +805,7 @@ class Generation:
         engine = self._text_requests()
         tgi.check_truncate(p, engine.block_size)
         _within_prompt_limit(body.inputs, engine, "inputs")
-        ids = engine.tokenizer.encode(body.inputs)
+        ids = await _off_loop_if_long(len(body.inputs), engine.tokenizer.encode, body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]
         tgi.check_length(ids, p, engine.block_size)
@@ -959,6 +995,13 @@ def _engine_error(e: Exception) -> ApiError | None:
     return None
 
 
+async def _off_loop_if_long(chars: int, tokenize: Callable[..., T], *args: Any) -> T:
+    """tokenize(*args), for a text of `chars` characters: in a thread for a long one, where the
+    tokenizer lets the event loop run (100,000 emoji held the loop 0.12 s), here for a short one
+    (the thread's hop costs more)."""
+    return await asyncio.to_thread(tokenize, *args) if chars > LONG_TEXT_CHARS else tokenize(*args)
+
+
 def _checked(engine: EngineProcess, req: CompletionRequest, ahead: int = 0) -> list[int]:
     """The prompt's ids; a full queue is a 429, a dead engine a 503, before any work. `ahead`:
     requests of the same caller that will queue before this one (its other prompts)."""
@@ -1039,14 +1082,18 @@ async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEven
 
 def _in_band_error(e: Exception, request: Request, what: str, tgi_shape: bool = False) -> bytes:
     """The event that ends a stream failing after its 200 went out (called in the `except`),
-    counted as the status it would have had: the engine process died (its reader has logged
-    it), refused one of several prompts (its own check, raced past the server's), or a bug
-    (logged under the request's id, which the event names, as its X-Request-ID header does)."""
+    counted as the status it would have had: the engine process died (its reader logs the
+    cause once; a line here names the request's id, which its client has), refused one of
+    several prompts (its own check, raced past the server's), or a bug (logged with its
+    traceback under the request's id, which the event names, as its X-Request-ID header does)."""
     rid = None
     if (err := _engine_error(e)) is None:
         rid = request_id(request.scope)
         logger.exception("request %s to %s (%s) failed", rid, request.url.path, what)
         err = ApiError(500, f"internal error (request id {rid})", type="server_error")
+    else:
+        logger.warning("request %s to %s (%s) failed: %s", request_id(request.scope), request.url.path, what,
+                       err.message)
     count_error(request.url.path, err.status)
     return sse_event(error_body(err, tgi_shape, rid)[1])
 

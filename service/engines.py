@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -186,6 +187,10 @@ class Engines:
             served = [m.tag for m in (self.text_model, *(b.served for b in self.images.values())) if m]
             logger.info("loaded and warmed up %s in %.2fs (CPU threads of torch in each engine process: %d)",
                         ", ".join(served), time.perf_counter() - started, self._threads)
+            # What exists now lives as long as the worker: out of the collector's sight, a JSON body
+            # of 300,000 small lists no longer sets off full collections over it all (0.4 s of the
+            # event loop's time, against 17 ms to parse it)
+            gc.freeze()
             self._ready.set()
         except Exception as e:
             if self.stopping or getattr(e, "exitcode", None) in STOP_SIGNALS:

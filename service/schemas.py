@@ -174,6 +174,14 @@ class TextSampling(_Body, _NullIsDefault):
     seed: Seed | None = Field(None, description="picked by the server when absent or -1; always reported")
     stream: bool = False
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _few_enough(cls, v: Any) -> Any:
+        """Counted before each entry is checked: 70,000 took 0.1 s of the event loop."""
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(v)}")
+        return v
+
     @field_validator("logit_bias")
     @classmethod
     def _token_ids_and_biases(cls, v: dict[str, float] | None) -> dict[str, float] | None:

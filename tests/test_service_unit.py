@@ -585,7 +585,7 @@ def test_internal_failures_are_500_with_a_request_id_and_a_logged_traceback(monk
                                  "param": "top_k", "code": None}
 
 
-def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
+def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500(caplog):
     """The engine process dies after a request's first event: the plain answer is a 503 (as
     for a request that arrives after it died), a stream ends with that error in-band, in the
     completions layout and the chat layout alike."""
@@ -627,6 +627,8 @@ def test_a_text_engine_that_dies_mid_answer_is_a_503_not_a_500():
         assert error["type"] == "server_error" and "text engine is not available" in error["message"], chunks
         assert done == b"data: [DONE]"  # after the error, as vLLM ends a failed stream
         assert errors._value.get() == before + 1  # counted, though the stream's status was a 200
+        # the log names the request as its client knows it (the engine's reader logs the cause once)
+        assert f"request r-1 to {endpoint} (stream x-1) failed: the text engine is not available" in caplog.text
 
     async def fails_after_one_token():  # a bug: a 500 whose id is the request's (it was a new one)
         yield StreamEvent(0, 0, "Hello", 1, [], None, 5)
@@ -969,3 +971,14 @@ def test_several_prompts_merge_their_events_and_close_together():
     got = asyncio.run(scenario())
     assert sorted(got) == [(0, "00"), (0, "02"), (1, "01"), (1, "03"), (2, "10"), (2, "12"), (3, "11"), (3, "13")]
     assert sorted(closed) == [0, 0, 1, 1]  # both runs: every stream closed
+
+
+def test_long_lists_are_encoded_in_pieces_into_the_same_json():
+    from starlette.responses import JSONResponse
+
+    from service.app import JSON_PIECE, _json_response
+
+    for content in ([{"id": i, "text": "é\"😀"} for i in range(2 * JSON_PIECE + 1)],
+                    {"count": 1, "tokens": list(range(JSON_PIECE + 1)), "token_strs": ["a"] * (3 * JSON_PIECE)},
+                    [], {"tokens": []}, list(range(JSON_PIECE))):
+        assert _json_response(content).body == JSONResponse(content).body
