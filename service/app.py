@@ -45,6 +45,7 @@ from models.engine import (Choice, Completion, CompletionBuilder, CompletionRequ
 from models.engine_process import EngineFailed, EngineProcess
 from models.errors import InvalidParameter
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
+from models.tokenizer import Tokenizer
 from service import chat, sdapi, tgi
 from service.batching import Job, MicroBatcher, Overloaded, fail
 from service.config import (ACCESS_LOG, AR_IMAGE_MODEL, BATCH_WAIT_S, BODY_TIMEOUT_S, CHAT_PATH, CHAT_TEMPLATE, DEVICE,
@@ -79,7 +80,11 @@ logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING
 B = TypeVar("B", bound=BaseModel)
 T = TypeVar("T")
 MAX_FIELDS = 200  # of a body (AUTOMATIC1111's txt2img has the most, 55)
+# JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text; a pair is (decoding
+# the body strictly refused any written as bytes)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 LONG_TEXT_CHARS = 10_000  # tokenized off the event loop beyond this (a few ms of ASCII)
+JSON_PIECE = 10_000  # items of a long list encoded at once
 
 
 def _route(fn: Callable[["Generation", Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -165,7 +170,9 @@ async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[st
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s",
                        code="request_timeout") from None
     try:
-        data = json.loads(body)
+        # decoded strictly (json.loads' own decoding lets surrogates written as bytes through)
+        text = body.decode(json.detect_encoding(body))
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from e
     except ValueError:  # an integer past Python's limit of digits for str -> int
@@ -174,24 +181,19 @@ async def _read_json(request: Request, tgi_when_inputs: bool = False) -> dict[st
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
-    if len(data) > MAX_FIELDS:  # (95,000 unknown fields, each refused by name, took 0.2 s of the event loop)
-        raise ApiError(400, f"the body has {len(data)} fields; no request here has more than {MAX_FIELDS}")
     if tgi_when_inputs and "inputs" in data and "prompt" not in data:
         request.state.tgi = True
+    if len(data) > MAX_FIELDS:  # (95,000 unknown fields, each refused by name, took 0.2 s of the event loop)
+        raise ApiError(400, f"the body has {len(data)} fields; no request here has more than {MAX_FIELDS}")
     # Lone surrogates: only a body with a surrogate escape may hold one. Then one json.dumps of the
     # whole, and one per field only to name it (one per field took 0.3 s for 95,000 fields).
-    if SURROGATE_ESCAPE.search(body) and not _is_unicode(data):
+    if SURROGATE_ESCAPE.search(text) and not _is_unicode(data):
         for name, value in data.items():
             if not (_is_unicode(name) and _is_unicode(value)):
                 field = name if _is_unicode(name) else None
                 raise ApiError(400, f"{field or 'a field name'}: contains a lone surrogate escape (\\ud800-\\udfff), "
                                     "which is not valid Unicode", param=field)
     return data
-
-
-# JSON may escape lone UTF-16 surrogates ("\ud800"), which are not text; a pair is, as is any
-# character written as itself (the body is UTF-8)
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _is_unicode(value: Any) -> bool:
@@ -278,12 +280,9 @@ async def tokenize(svc: "Generation", request: Request) -> Response:
     return await asyncio.to_thread(tokens)
 
 
-JSON_PIECE = 10_000  # items of a long list encoded at once
-
-
 def _json_response(content: Any) -> Response:
-    """A JSONResponse, its long lists encoded in pieces: one json.dumps of 400,000 tokens holds
-    the GIL, so the event loop too, for 0.3 s; between pieces, it runs."""
+    """A JSONResponse (of string keys), its long lists encoded in pieces: one json.dumps of
+    400,000 tokens holds the GIL, so the event loop too, for 0.3 s; between pieces, it runs."""
     def encoded(value: Any) -> bytes:
         if isinstance(value, list) and len(value) > JSON_PIECE:
             return b"[" + b",".join(encoded(value[i:i + JSON_PIECE])[1:-1]
@@ -647,7 +646,7 @@ class Generation:
         uses seed + j; with best_of (k candidates per prompt), candidate j (prompt j // k's) does.
         The checks that need the whole request (its prompts together) are here; the engine checks
         each prompt."""
-        # The limit bounds the time tokenizing takes on the event loop: one request's prompts count together.
+        # The limit bounds the time tokenizing takes: one request's prompts count together.
         if (chars := sum(len(p) for p in prompts if isinstance(p, str))) > engine.max_prompt_chars:
             which = "prompt has" if len(prompts) == 1 else f"the {len(prompts)} prompts have"
             raise ApiError(400, f"{which} {chars} characters; the limit is {engine.max_prompt_chars}",
@@ -689,12 +688,13 @@ class Generation:
         served = self._check_model(body.model, "text")
         reqs, seed = self._completion_requests(body, body.prompts(), engine)
         k = body.candidates()  # candidate j: prompt j // k, seed + j
-        # Checked once, a request's prompts counted together against the queue; their lengths as
-        # the model sees them (an empty prompt is one end-of-text token) are the usage.
-        def check() -> list[list[int]]:
-            return [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
-
-        prompt_ids = await _off_loop_if_long(sum(len(req.prompt) for req in reqs), check)
+        for i, req in enumerate(reqs):  # a long text prompt tokenized first, off the event loop
+            if req.prompt_ids is None and len(req.prompt) > LONG_TEXT_CHARS:
+                reqs[i] = dataclasses.replace(req, prompt_ids=await _tokenized(engine.tokenizer, req.prompt))
+        # Checked once, here, next to their submission, a request's prompts counted together
+        # against the queue; their lengths as the model sees them (an empty prompt is one
+        # end-of-text token) are the usage.
+        prompt_ids = [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
         prompt_tokens = sum(map(len, prompt_ids))
         streams = [self.engines.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, k)
@@ -741,7 +741,7 @@ class Generation:
         self._check_model(body.model, "text")
         text = chat.prompt(CHAT_TEMPLATE, body)
         _within_prompt_limit(text, engine, "messages")
-        ids = await _off_loop_if_long(len(text), engine.tokenizer.encode, text) or [engine.tokenizer.eot_id]
+        ids = await _tokenized(engine.tokenizer, text) or [engine.tokenizer.eot_id]  # as a completion's prompt
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         with chat.chat_names(body):
             run = await self._start_text(body.completion(ids, engine.block_size), request)
@@ -805,7 +805,7 @@ class Generation:
         engine = self._text_requests()
         tgi.check_truncate(p, engine.block_size)
         _within_prompt_limit(body.inputs, engine, "inputs")
-        ids = await _off_loop_if_long(len(body.inputs), engine.tokenizer.encode, body.inputs)
+        ids = await _tokenized(engine.tokenizer, body.inputs)
         if p.truncate is not None:
             ids = ids[-p.truncate:]
         tgi.check_length(ids, p, engine.block_size)
@@ -995,11 +995,12 @@ def _engine_error(e: Exception) -> ApiError | None:
     return None
 
 
-async def _off_loop_if_long(chars: int, tokenize: Callable[..., T], *args: Any) -> T:
-    """tokenize(*args), for a text of `chars` characters: in a thread for a long one, where the
-    tokenizer lets the event loop run (100,000 emoji held the loop 0.12 s), here for a short one
-    (the thread's hop costs more)."""
-    return await asyncio.to_thread(tokenize, *args) if chars > LONG_TEXT_CHARS else tokenize(*args)
+async def _tokenized(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The text's ids: a long text's from a thread, where the tokenizer lets the event loop run
+    (100,000 emoji held it 0.12 s), a short one's from here (the thread's hop costs more)."""
+    if len(text) > LONG_TEXT_CHARS:
+        return await asyncio.to_thread(tokenizer.encode, text)
+    return tokenizer.encode(text)
 
 
 def _checked(engine: EngineProcess, req: CompletionRequest, ahead: int = 0) -> list[int]:
@@ -1083,9 +1084,9 @@ async def _consume(events: AsyncIterator[StreamEvent], add: Callable[[StreamEven
 def _in_band_error(e: Exception, request: Request, what: str, tgi_shape: bool = False) -> bytes:
     """The event that ends a stream failing after its 200 went out (called in the `except`),
     counted as the status it would have had: the engine process died (its reader logs the
-    cause once; a line here names the request's id, which its client has), refused one of
-    several prompts (its own check, raced past the server's), or a bug (logged with its
-    traceback under the request's id, which the event names, as its X-Request-ID header does)."""
+    cause once) or refused one of several prompts (its own check, raced past the server's),
+    each logged in a line that names the request's id, which its client has; or a bug (logged
+    with its traceback under that id, which the event names, as its X-Request-ID header does)."""
     rid = None
     if (err := _engine_error(e)) is None:
         rid = request_id(request.scope)

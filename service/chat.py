@@ -153,7 +153,7 @@ class ChatMessage(_Body, _NullIsDefault):
         return {"role": self.role, "content": self.content, **({"name": self.name} if self.name is not None else {})}
 
 
-# Messages per request: more than any context here holds (each takes a token or more), and few
+# Messages per request: more than the presets' contexts hold (each takes a token or more), and few
 # enough to check on the event loop: 27,000 one-letter messages (a 0.9 MB body) held it 0.35 s.
 MAX_MESSAGES = 2048
 

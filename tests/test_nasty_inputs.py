@@ -188,6 +188,19 @@ def test_errors_send_back_no_more_than_a_short_piece_of_a_huge_value(client):
     assert r.status_code == 400 and len(r.content) < 2000, r.text[:300]
 
 
+@pytest.mark.parametrize("route,field", [("/tokenize", "prompt"), ("/tokenize", "inputs"), ("/generate", "inputs"),
+                                         ("/complete", "prompt")])
+def test_a_lone_surrogate_written_as_bytes_or_in_utf_16_is_refused(client, route, field):
+    """JSON's own decoding let a surrogate written as UTF-8 bytes through, and a UTF-16 body
+    hid its escape from a byte search: the tokenizer raised a TypeError (a 500)."""
+    as_bytes = _post_raw(client, route, b'{"%s": "a\xed\xa0\x80"}' % field.encode())
+    assert 400 <= as_bytes.status_code < 500, as_bytes.text[:300]
+    utf16 = _post_raw(client, route, json.dumps({field: "a\ud800"}).encode("utf-16"))
+    assert 400 <= utf16.status_code < 500 and "surrogate" in utf16.text, utf16.text[:300]
+    fine = _post_raw(client, route, json.dumps({field: "a \U0001f642"}).encode("utf-16"))
+    assert fine.status_code == 200, fine.text[:300]  # UTF-16 JSON is still JSON, a surrogate pair text
+
+
 @pytest.mark.parametrize("route", ["/complete", "/v1/completions"])
 def test_too_many_or_too_long_stop_strings(client, route):
     _assert_json_4xx(client.post(route, json={**_valid(route), "stop": ["x"] * 1000}), 400)
