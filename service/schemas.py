@@ -64,8 +64,9 @@ MAX_SHOWN_PROBLEMS = 20
 
 
 def shown_name(name: str) -> str:
-    """A field name from the client, as an error repeats it: cut short, so that a 900,000-character
-    key is not sent back twice (message and param) in a 1.8 MB answer."""
+    """A field name from the client (or a value: a model's name, a token id), as an error
+    repeats it: cut short, so that a 900,000-character key is not sent back twice (message and
+    param) in a 1.8 MB answer."""
     return name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "…"
 
 
