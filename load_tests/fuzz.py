@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,15 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", type=int, default=2000,
                     help="about this many requests in all, spread over the operations (fewer where a body has "
                          "fewer distinct cases)")
-    ap.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>'")
+    ap.add_argument("--api-key", default=os.environ.get("CONDGEN_API_KEY", "").strip() or None,
+                    help="sent as 'Authorization: Bearer <key>' (default: CONDGEN_API_KEY, as the load test reads it)")
     ap.add_argument("--seed", type=int, default=None, help="derandomize hypothesis (reproducible runs)")
     args = ap.parse_args(argv)
+    if args.cases < 1:
+        ap.error(f"--cases must be at least 1, got {args.cases}")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    out = fuzz(args.host, args.cases, headers, args.seed)
+    try:
+        out = fuzz(args.host, args.cases, headers, args.seed)
+    except requests.RequestException as e:  # no server there, or no API description
+        print(f"cannot read {args.host.rstrip('/')}/openapi.json: {e}", file=sys.stderr)
+        return 2
     print(f"{out.cases} cases; statuses: {dict(sorted(out.statuses.items()))}")
     for f in out.failures[:50]:
         print(f"FAIL: {f}", file=sys.stderr)
     print(f"{len(out.failures)} failures")
+    if out.statuses and set(out.statuses) == {401}:  # every case stopped at the key check: nothing was tested
+        print("FAIL: every answer was a 401: give the server's key (--api-key or CONDGEN_API_KEY)", file=sys.stderr)
+        return 1
     return 1 if out.failures or out.cases == 0 else 0
 
 

@@ -10,19 +10,47 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+TIME_SPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")  # locust's: 30s, 5m, 1h30m, 90
+
+
+def run_time(text: str) -> str:
+    """A locust duration above zero: locust runs forever for 0s, and refuses what it cannot read
+    only in its own output, after which the previous run's statistics were taken for this one."""
+    match = TIME_SPAN.fullmatch(text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30s, 5m or 1h30m")
+    if not any(int(part or 0) for part in match.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be above zero (locust takes 0 as no end)")
+    return text.strip()
+
+
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def milliseconds(text: str) -> float:
+    """A CSV latency cell: locust writes N/A where no request finished."""
+    try:
+        return float(text or 0)
+    except ValueError:
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", required=True, help="base URL of a running service")
-    ap.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    ap.add_argument("--users", type=at_least_one, default=8, help="concurrent simulated users")
     ap.add_argument("--spawn-rate", type=float, default=4, help="users started per second")
-    ap.add_argument("--run-time", default="30s", help="locust duration, e.g. 30s, 5m")
+    ap.add_argument("--run-time", type=run_time, default="30s", help="locust duration, e.g. 30s, 5m")
     ap.add_argument("--user-classes", nargs="*", default=[], help="locust user classes (default: all)")
     ap.add_argument("--out", default="load_tests/reports/run", help="prefix for CSV and HTML reports")
     ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
@@ -35,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
            "-u", str(args.users), "-r", str(args.spawn_rate), "--run-time", args.run_time,
            "--csv", str(out), "--html", f"{out}.html", "--only-summary", "--exit-code-on-error", "0",
            *args.user_classes]
-    subprocess.run(cmd, check=False)
     stats_file = Path(f"{out}_stats.csv")
+    stats_file.unlink(missing_ok=True)  # an earlier run's, which a failed locust would leave to be read
+    if (code := subprocess.run(cmd, check=False).returncode) != 0:  # (failed requests do not count here)
+        print(f"locust failed (exit code {code}); see its output above", file=sys.stderr)
+        return 2
     if not stats_file.is_file():
         print(f"locust wrote no statistics ({stats_file})", file=sys.stderr)
         return 2
@@ -46,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         name = row["Name"] if row["Name"] != "Aggregated" else "ALL"
         reqs, fails = int(row["Request Count"]), int(row["Failure Count"])
-        p50, p95 = float(row["50%"] or 0), float(row["95%"] or 0)
+        p50, p95 = milliseconds(row["50%"]), milliseconds(row["95%"])
         print(f"{name:<22} {reqs:>8} {fails:>6} {float(row['Requests/s']):>7.2f} {p50:>8.0f} {p95:>8.0f}")
         if name == "ALL":
             ratio = fails / reqs if reqs else 1.0

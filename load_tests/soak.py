@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-growth-pct", type=float, default=10.0, help="fail above this memory (PSS) growth")
     ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
     args = ap.parse_args(argv)
+    if args.users < 1:
+        ap.error(f"--users must be at least 1, got {args.users}")
+    if not args.minutes * 60 >= 1:  # locust runs forever for 0s (and NaN is no length)
+        ap.error(f"--minutes must make at least a second, got {args.minutes:g}")
+    if not args.interval > 0:
+        ap.error(f"--interval must be above 0, got {args.interval:g}")
     if args.pid is None:
         url = urlsplit(args.host)
         args.pid = listening_pid(url.port or (443 if url.scheme == "https" else 80))
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
            "-u", str(args.users), "-r", str(args.users), "--run-time", f"{int(total_s)}s", "--csv", str(out),
            "--only-summary", "--exit-code-on-error", "0", *args.user_classes]
-    locust = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locust = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # its errors, not its summary, shown
     t0 = time.monotonic()
     samples: list[tuple[float, int]] = []
     try:
@@ -126,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         if locust.poll() is None:
             locust.terminate()
         locust.wait()
+    if locust.returncode != 0:  # (failed requests do not count here)
+        print(f"locust failed (exit code {locust.returncode}); see its output above", file=sys.stderr)
+        return 2
     with open(f"{out}_pss.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seconds", "pss_bytes"])

@@ -206,7 +206,7 @@ def test_the_soak_refuses_a_pid_it_cannot_measure(capsys):
 
     from load_tests.soak import main as soak
     with pytest.raises(SystemExit) as e:
-        soak(["--host", "http://127.0.0.1:1", "--pid", "999999999", "--minutes", "0.01"])
+        soak(["--host", "http://127.0.0.1:1", "--pid", "999999999", "--minutes", "0.02"])
     assert e.value.code == 2 and "--pid 999999999" in capsys.readouterr().err
 
 
@@ -228,5 +228,43 @@ def test_the_soak_measures_the_server_listening_on_its_host_port(capsys):
         _kill_with_children(proc)
     assert listening_pid(port) is None
     with pytest.raises(SystemExit) as exit_info:
-        soak(["--host", f"http://127.0.0.1:{port}", "--minutes", "0.01"])
+        soak(["--host", f"http://127.0.0.1:{port}", "--minutes", "0.02"])
     assert exit_info.value.code == 2 and "--pid" in capsys.readouterr().err
+
+
+def test_the_runner_refuses_a_run_that_would_not_end_and_never_reads_an_earlier_run(tmp_path, capsys):
+    """Locust runs forever for --run-time 0s, and a run time it cannot read failed only in its
+    own output, after which the previous run's statistics were printed as this run's, exit 0."""
+    import pytest
+
+    from load_tests.run import main as run
+    from load_tests.soak import main as soak
+
+    for bad in (["--run-time", "0s"], ["--run-time", "3x"], ["--users", "0"]):
+        with pytest.raises(SystemExit) as e:
+            run(["--host", "http://127.0.0.1:1", "--out", str(tmp_path / "run"), *bad])
+        assert e.value.code == 2, bad
+    with pytest.raises(SystemExit):
+        soak(["--host", "http://127.0.0.1:1", "--minutes", "0"])
+    stale = tmp_path / "run_stats.csv"  # an earlier run's, that passed
+    stale.write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%\n,Aggregated,10,0,1.0,5,9\n")
+    code = run(["--host", "http://127.0.0.1:1", "--out", str(tmp_path / "run"), "--run-time", "2s",
+                "--user-classes", "NoSuchUser"])  # locust itself fails
+    assert code == 2 and "locust failed" in capsys.readouterr().err
+
+
+def test_the_fuzzer_reads_the_load_test_s_key_and_fails_a_run_that_only_met_the_key_check(monkeypatch, capsys):
+    from collections import Counter
+
+    import load_tests.fuzz as fuzz
+
+    sent = {}
+
+    def only_401s(host, cases, headers, seed):
+        sent.update(headers)
+        return fuzz.Outcome(cases=3, statuses=Counter({401: 3}))
+
+    monkeypatch.setattr(fuzz, "fuzz", only_401s)
+    monkeypatch.setenv("CONDGEN_API_KEY", " s3cret\n")
+    assert fuzz.main(["--host", "http://127.0.0.1:1", "--cases", "3"]) == 1
+    assert sent == {"Authorization": "Bearer s3cret"} and "every answer was a 401" in capsys.readouterr().err
