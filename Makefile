@@ -6,7 +6,7 @@ PORT ?= 3000
 # The model store lives in the checkout unless the user points BENTOML_HOME elsewhere.
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 
-.PHONY: install serve test models clean
+.PHONY: install serve port test models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(VENV)/.installed
 models: install
 	$(PY) -m training.ensure_defaults
 
-serve: models
+serve: port models
 	$(VENV)/bin/bentoml serve service.app:Generation --host 127.0.0.1 --port $(PORT)
+
+# Checked before the models train: the server took PORT=70000 as 4464 (70000 mod 65536).
+port:
+	@case "$(PORT)" in ''|*[!0-9]*) false;; esac && [ "$(PORT)" -ge 1 ] && [ "$(PORT)" -le 65535 ] \
+		|| { echo "PORT='$(PORT)': must be a port number, 1 to 65535" >&2; exit 2; }
 
 test: install
 	$(PY) -m pytest -q

@@ -107,7 +107,8 @@ ACCESS_LOG = env_flag("CONDGEN_ACCESS_LOG", True)  # one log line per request
 # the wrapping alone was 0.3-0.4 ms of the event loop's CPU per request (0.83-0.94 against
 # 0.54-0.56 ms with it off, single images). Set to 1 when a tracing exporter is configured.
 TRACE_REQUESTS = env_flag("CONDGEN_TRACE_REQUESTS", False)
-WORKERS = env_int("CONDGEN_WORKERS", 1, 1)  # server processes, each with its own models and batchers
+# server processes, each with its own models and batchers (10**30 of them hung the start-up)
+WORKERS = env_int("CONDGEN_WORKERS", 1, 1, 4 * (os.cpu_count() or 1))
 
 
 def _max_concurrency() -> int:

@@ -43,10 +43,8 @@ def env_float(name: str, default: float, minimum: float, allow_minimum: bool = F
     raw = _raw(name)
     if raw is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
+    # ASCII only: float() also reads other scripts' digits and underscores ("1_0" as 10)
+    value = float(raw) if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", raw) else math.nan
     if not math.isfinite(value) or value < minimum or (value == minimum and not allow_minimum) or value > maximum:
         at_most = f" and <= {maximum:g}" if maximum < math.inf else ""
         raise ConfigError(f"{name}={raw!r}: must be a number {'>=' if allow_minimum else '>'} {minimum}{at_most}")

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Match
@@ -58,8 +59,16 @@ def model_tag(env_var: str, default: str) -> str | None:
     return tag
 
 
-# What a browser sends as Origin: scheme://host[:port], nothing after it.
-ORIGIN_PATTERN = re.compile(r"https?://[^/\s:]+(:[0-9]{1,5})?")
+def is_origin(text: str) -> bool:
+    """What a browser sends as Origin: http(s)://host[:port] (an IPv6 host in brackets), with
+    nothing after it, no user, no wildcard, a port in range."""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 (raises ValueError past 65535)
+    except ValueError:
+        return False
+    return (url.scheme in ("http", "https") and bool(url.hostname) and not re.search(r"[\s*@]|:$", url.netloc)
+            and text == f"{url.scheme}://{url.netloc}")
 
 
 def cors_origins() -> list[str]:
@@ -68,7 +77,7 @@ def cors_origins() -> list[str]:
     raw = os.environ.get("CONDGEN_CORS_ORIGINS", "")
     origins = [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
     for origin in origins:
-        if origin != "*" and not ORIGIN_PATTERN.fullmatch(origin):
+        if origin != "*" and not is_origin(origin):
             raise ConfigError(f"CONDGEN_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], "
                               "e.g. https://app.example.com, or *)")
     return origins

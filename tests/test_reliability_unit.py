@@ -372,7 +372,9 @@ def test_refused_keys_are_counted_by_route_not_by_the_path_a_client_made_up():
 
 @pytest.mark.parametrize("raw, allowed", [
     ("*", ["*"]), ("https://app.example.com/, http://localhost:5173", ["https://app.example.com", "http://localhost:5173"]),
-    ("not a url", None), ("app.example.com", None), ("https://app.example.com/ui", None)])
+    ("not a url", None), ("app.example.com", None), ("https://app.example.com/ui", None),
+    ("https://[::1]:8080", ["https://[::1]:8080"]),  # an IPv6 host, as browsers send it (it was refused)
+    ("http://*.example.com", None), ("https://app.example.com:99999", None), ("https://user@app.example.com", None)])
 def test_a_cors_origin_no_browser_could_send_stops_the_start_up(raw, allowed, monkeypatch):
     """An origin with a typo (no scheme, a path) never matched any browser's, in silence."""
     from service.security import cors_origins
@@ -621,7 +623,8 @@ def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(
                                        ("CONDGEN_RETRY_AFTER", "1.5"), ("CONDGEN_BODY_TIMEOUT_S", "-1"),
                                        ("CONDGEN_TEXT_MAX_RUNNING", "0"), ("CONDGEN_DEVICE", "gpu"),
                                        ("CONDGEN_CHAT_TEMPLATE", "/nowhere/chat.jinja"),
-                                       ("CONDGEN_BATCH_WAIT_MS", "2000")])
+                                       ("CONDGEN_BATCH_WAIT_MS", "2000"), ("CONDGEN_TIMEOUT", "1_0"),
+                                       ("CONDGEN_DEADLINE_S", "\u0663"), ("CONDGEN_WORKERS", "1000000")])
 def test_the_service_refuses_to_start_with_a_bad_setting(name, raw):
     """Read when BentoML imports the service, so a bad value stops the start-up with its name,
     instead of a 500 on every request (the limits were read at the first request)."""

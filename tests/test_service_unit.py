@@ -982,3 +982,15 @@ def test_long_lists_are_encoded_in_pieces_into_the_same_json():
                     {"count": 1, "tokens": list(range(JSON_PIECE + 1)), "token_strs": ["a"] * (3 * JSON_PIECE)},
                     [], {"tokens": []}, list(range(JSON_PIECE))):
         assert _json_response(content).body == JSONResponse(content).body
+
+
+def test_make_serve_checks_the_port_before_the_models_train():
+    """`bentoml serve --port 70000` listened on 4464 (70000 mod 65536), after a fresh checkout's
+    make serve had trained the models for a quarter of an hour."""
+    repo = Path(__file__).resolve().parents[1]
+    for port in ("70000", "0", "abc"):
+        run = subprocess.run(["make", "-s", "port", f"PORT={port}"], cwd=repo, capture_output=True, text=True)
+        assert run.returncode != 0 and f"PORT='{port}': must be a port number" in run.stderr, run.stderr
+    assert subprocess.run(["make", "-s", "port", "PORT=8080"], cwd=repo).returncode == 0
+    plan = subprocess.run(["make", "-n", "serve"], cwd=repo, capture_output=True, text=True).stdout
+    assert plan.index("must be a port number") < plan.index("training.ensure_defaults")
