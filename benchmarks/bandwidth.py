@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def run(path: str, max_tokens: int):
             def go():
-                reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens,
+                reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=max_tokens, ignore_eos=True,  # every step
                                           sampling=SamplingParams(temperature=1.0)) for i in range(b)]
                 produced[path, max_tokens] = sum(map(len, paths[path](reqs)))
             return go

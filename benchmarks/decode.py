@@ -98,8 +98,9 @@ def main() -> None:
     graphed = ContinuousEngine(engine, SchedulerConfig(max(args.batch))) if device.type == "cuda" else None
     prompt_ids = tok.encode(PROMPT)
     n = args.new_tokens
-    # temperature 1, no filters: every path does the same sampling work; EOT is not reachable
-    # with random weights often enough to matter, and tokens are counted as produced.
+    # temperature 1, no filters: every path does the same sampling work, and every row makes its
+    # n tokens (ignore_eos, as transformers' min_new_tokens: a random model draws end-of-text
+    # now and then, and a row that stopped early made its batch smaller for the rest).
     params = SamplingParams(temperature=1.0)
 
     print(f"device={device} dtype={dtype} size={args.size} params={model.num_params() / 1e6:.1f}M "
@@ -110,11 +111,11 @@ def main() -> None:
         produced: dict[str, int] = {}
 
         def run_engine():
-            out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
+            out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)])
             produced[ENGINE] = sum(c.completion_tokens for c in out)
 
         def run_exact():
-            out = exact.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)])
+            out = exact.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)])
             produced[EXACT] = sum(c.completion_tokens for c in out)
 
         def run_hf():
@@ -123,7 +124,7 @@ def main() -> None:
                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
         def run_graphed():
-            reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params) for i in range(b)]
+            reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)]
             produced[GRAPHED] = sum(len(choices[0]) for choices in run_continuous(graphed, reqs))
 
         paths = {ENGINE: run_engine}
