@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks import cli
 from benchmarks.decode import PROMPT, SIZES, run_continuous, timed_rounds
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.decode_graphs import DecodeGraphs
@@ -93,17 +94,17 @@ def invariance(complete: Complete, trials: int, new_tokens: int) -> int:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="gpt2-124m", help="model shape (random weights)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes to measure")
-    ap.add_argument("--new_tokens", type=int, default=128, help="tokens generated per sequence")
-    ap.add_argument("--trials", type=int, default=16, help="requests checked for batch invariance")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 64], help="batch sizes to measure")
+    ap.add_argument("--new_tokens", type=cli.at_least(2), default=128, help="tokens generated per sequence")
+    ap.add_argument("--trials", type=cli.at_least(1), default=16, help="requests checked for batch invariance")
+    ap.add_argument("--device", default="auto", type=cli.device, help="auto, cpu or cuda")
     ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                     help="auto: bfloat16 on CUDA, float32 on the CPU")
-    ap.add_argument("--peak_gbs", type=float, default=0.0,
+    ap.add_argument("--peak_gbs", type=cli.not_negative, default=0.0,
                     help="the device's memory bandwidth in GB/s (0 = measure a large copy)")
     ap.add_argument("--compile", action="store_true",
                     help="on CUDA, also the graphed engine with its decode step compiled before capture")
-    ap.add_argument("--copy_mib", type=int, default=1024, help="size of the copy that measures bandwidth")
+    ap.add_argument("--copy_mib", type=cli.at_least(1), default=1024, help="size of the copy that measures bandwidth")
     args = ap.parse_args(argv)
 
     device = pick_device(args.device)

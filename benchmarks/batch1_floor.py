@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks import cli
 from benchmarks.bandwidth import copy_bandwidth
 from models.decode_graphs import DecodeGraphs
 from models.engine import pick_device
@@ -87,9 +88,9 @@ def measure(shape: str, device: torch.device, bandwidth: float, calls: int) -> d
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", choices=SHAPES, default=["124m", "355m", "774m", "1.5b"])
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--calls", type=int, default=200, help="timed calls per figure")
-    ap.add_argument("--copy_mib", type=int, default=1024, help="size of the copy that measures bandwidth")
+    ap.add_argument("--device", default="auto", type=cli.device, help="auto, cpu or cuda")
+    ap.add_argument("--calls", type=cli.at_least(1), default=200, help="timed calls per figure")
+    ap.add_argument("--copy_mib", type=cli.at_least(1), default=1024, help="size of the copy that measures bandwidth")
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     bandwidth = copy_bandwidth(device, args.copy_mib)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from benchmarks import cli
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine, pick_device, reference_generate
 from models.gpt import GPT, GPTConfig, from_hf_gpt2
@@ -64,12 +65,12 @@ def run_continuous(cont: ContinuousEngine, reqs: list[CompletionRequest]) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="small", help="model shape (random weights)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes to measure")
-    ap.add_argument("--new_tokens", type=int, default=64, help="tokens generated per sequence")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median reported)")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 32], help="batch sizes to measure")
+    ap.add_argument("--new_tokens", type=cli.at_least(1), default=64, help="tokens generated per sequence")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed runs per figure (median reported)")
+    ap.add_argument("--device", default="auto", type=cli.device, help="auto, cpu or cuda")
     ap.add_argument("--skip_recompute", action="store_true", help="skip (b), slow for big models")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--batch_invariant", action="store_true", help="also (a) in the exact batch-invariant mode")
     args = ap.parse_args()
     if args.threads:
@@ -108,15 +109,14 @@ def main() -> None:
     print(f"{'batch':>5} {'path':<32} {'tokens/s':>10} {'vs (c)':>7}")
     for b in args.batch:
         ids = torch.tensor([prompt_ids] * b, device=device)
+        reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)]
         produced: dict[str, int] = {}
 
         def run_engine():
-            out = engine.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)])
-            produced[ENGINE] = sum(c.completion_tokens for c in out)
+            produced[ENGINE] = sum(c.completion_tokens for c in engine.complete(reqs))
 
         def run_exact():
-            out = exact.complete([CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)])
-            produced[EXACT] = sum(c.completion_tokens for c in out)
+            produced[EXACT] = sum(c.completion_tokens for c in exact.complete(reqs))
 
         def run_hf():
             with torch.inference_mode():
@@ -124,7 +124,6 @@ def main() -> None:
                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
         def run_graphed():
-            reqs = [CompletionRequest(PROMPT, seed=i, max_tokens=n, sampling=params, ignore_eos=True) for i in range(b)]
             produced[GRAPHED] = sum(len(choices[0]) for choices in run_continuous(graphed, reqs))
 
         paths = {ENGINE: run_engine}

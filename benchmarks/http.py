@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import cli
+
 REPO = Path(__file__).resolve().parents[1]
 WARM_UP_S = 2.0  # untimed, before the rounds: every batch shape seen once, on both sides
 
@@ -266,13 +268,14 @@ def start_server(port: int) -> subprocess.Popen:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="", help="a running server; empty = start `bentoml serve` here")
-    p.add_argument("--concurrency", type=int, default=8, help="simultaneous clients (and in-process batch size)")
-    p.add_argument("--seconds", type=float, default=30, help="measuring time per side and kind, split in rounds")
-    p.add_argument("--rounds", type=int, default=3, help="alternations between HTTP and in-process")
-    p.add_argument("--max_tokens", type=int, default=32, help="tokens per completion")
-    p.add_argument("--images_per_request", type=int, default=1, help="n of each image request")
-    p.add_argument("--device", default="auto", help="device of the in-process engines")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--concurrency", type=cli.at_least(1), default=8,
+                   help="simultaneous clients (and in-process batch size)")
+    p.add_argument("--seconds", type=cli.positive, default=30, help="measuring time per side and kind, split in rounds")
+    p.add_argument("--rounds", type=cli.at_least(1), default=3, help="alternations between HTTP and in-process")
+    p.add_argument("--max_tokens", type=cli.at_least(1), default=32, help="tokens per completion")
+    p.add_argument("--images_per_request", type=cli.at_least(1), default=1, help="n of each image request")
+    p.add_argument("--device", default="auto", type=cli.device, help="device of the in-process engines")
+    p.add_argument("--threads", type=cli.at_least(0), default=0,
                    help="torch CPU threads, in-process and per engine process of the server it starts "
                         "(0: torch's default in-process, the server's own default there)")
     p.add_argument("--only", choices=["text", "images", "both"], default="both", help="what to measure")

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from benchmarks import cli
 from models.gan import GANConfig, Generator
 from models.image_engine import ImageEngine, ImageRequest
 from models.tokenizer import Tokenizer
@@ -50,14 +51,14 @@ def images_per_second(engine: ImageEngine, batch: int, repeats: int) -> float:
     return batch / statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_dir", default="", help="a model directory (default: random weights)")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64], help="batch sizes")
-    ap.add_argument("--repeats", type=int, default=20, help="timed calls per batch size (median)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    args = ap.parse_args()
+    ap.add_argument("--model_dir", default="", type=cli.model_dir, help="a model directory (default: random weights)")
+    ap.add_argument("--device", default="auto", type=cli.device, help="auto, cpu or cuda")
+    ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 8, 64], help="batch sizes")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=20, help="timed calls per batch size (median)")
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch CPU threads (0 = default)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args.model_dir, args.device)

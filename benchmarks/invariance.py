@@ -25,6 +25,7 @@ import random
 
 import torch
 
+from benchmarks import cli
 from benchmarks.decode import PROMPT, SIZES, run_continuous
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine
@@ -54,12 +55,15 @@ def compare(alone: list[tuple[list[int], list[float]]], batched: list[tuple[list
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_dir", default="", help="a saved model directory (default: random small weights)")
-    ap.add_argument("--requests", type=int, default=64, help="seeded requests, each run alone and in a batch of 8")
-    ap.add_argument("--max_tokens", type=int, default=100, help="tokens per request")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--model_dir", default="", type=cli.model_dir,
+                    help="a saved model directory (default: random small weights)")
+    ap.add_argument("--requests", type=cli.at_least(1), default=64,
+                    help="seeded requests, each run alone and in a batch of 8")
+    ap.add_argument("--max_tokens", type=cli.at_least(1), default=100, help="tokens per request")
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--batch_invariant", action="store_true", help="the exact mode (GPT.set_batch_invariant)")
-    ap.add_argument("--device", default="cpu", help="cpu (float32), cuda (bf16, as the service runs it) or auto")
+    ap.add_argument("--device", default="cpu", type=cli.device,
+                    help="cpu (float32), cuda (bf16, as the service runs it) or auto")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,6 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import cli
+
 
 def per_layer_us(layout: str, batch: int, heads: int, head_dim: int, start: int, steps: int,
                  layers: int = 4) -> tuple[float, float, torch.Tensor]:
@@ -63,11 +65,12 @@ def per_layer_us(layout: str, batch: int, heads: int, head_dim: int, start: int,
 
 def main(argv: list[str] | None = None) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[11, 180], help="context lengths to start from")
-    ap.add_argument("--steps", type=int, default=64, help="decode steps per run")
-    ap.add_argument("--repeats", type=int, default=7, help="runs per figure, alternating (median reported)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 32])
+    ap.add_argument("--contexts", type=cli.at_least(1), nargs="+", default=[11, 180],
+                    help="context lengths to start from")
+    ap.add_argument("--steps", type=cli.at_least(1), default=64, help="decode steps per run")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=7, help="runs per figure, alternating (median reported)")
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

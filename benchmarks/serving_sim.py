@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from benchmarks import cli
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine, pick_device
 from models.gpt import GPT, GPTConfig
@@ -117,21 +118,24 @@ def report(name: str, trace: list[Trace]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=64, help="requests in the Poisson trace")
-    ap.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second")
-    ap.add_argument("--max_new", type=int, default=96, help="longest completion; others are 1/8, 1/4, 1/2 of it")
-    ap.add_argument("--max_prompt_words", type=int, default=24, help="longest prompt, in words")
-    ap.add_argument("--max_batch", type=int, default=32, help="static batch size / continuous slots")
-    ap.add_argument("--streams", type=int, default=32, help="concurrent streams for the closed-loop ratio")
-    ap.add_argument("--n_layer", type=int, default=4, help="model depth (random weights, small preset shape)")
-    ap.add_argument("--n_embd", type=int, default=128, help="model width")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--requests", type=cli.at_least(1), default=64, help="requests in the Poisson trace")
+    ap.add_argument("--rate", type=cli.not_negative, default=6.0, help="mean arrivals per second")
+    ap.add_argument("--max_new", type=cli.at_least(1), default=96,
+                    help="longest completion; others are 1/8, 1/4, 1/2 of it")
+    ap.add_argument("--max_prompt_words", type=cli.at_least(1), default=24, help="longest prompt, in words")
+    ap.add_argument("--max_batch", type=cli.at_least(1), default=32, help="static batch size / continuous slots")
+    ap.add_argument("--streams", type=cli.at_least(1), default=32, help="concurrent streams for the closed-loop ratio")
+    ap.add_argument("--n_layer", type=cli.at_least(1), default=4,
+                    help="model depth (random weights, small preset shape)")
+    ap.add_argument("--n_embd", type=cli.at_least(1), default=128, help="model width")
+    ap.add_argument("--device", default="auto", type=cli.device, help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="trace seed")
-    ap.add_argument("--repeats", type=int, default=3, help="closed-loop runs per setting, after a warm-up run")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=3,
+                    help="closed-loop runs per setting, after a warm-up run")
     ap.add_argument("--cuda_graphs", type=int, default=0, choices=(0, 1),
                     help="1: the continuous engine replays its decode step as CUDA graphs, as the service does; "
                          "the static policies run eagerly, so the comparison is then no longer batching alone")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch CPU threads (0 = torch's default); 1 is "
                                                            "steadier on a machine shared with other work")
     args = ap.parse_args()
     if args.threads:

@@ -63,3 +63,22 @@ def test_kv_layout_benchmark_times_both_layouts_on_the_same_attention():
     r = kv_layout(["--batch", "2", "--contexts", "5", "--steps", "3", "--repeats", "1"])  # outputs compared inside
     assert set(r) == {(2, 5)} and set(r[2, 5]) == {"preallocated", "cat"}
     assert all(0 < alone <= both for both, alone in r[2, 5].values())
+
+
+def test_bad_arguments_are_one_line_from_argparse_not_a_traceback_or_a_figure(capsys, tmp_path):
+    """A count of zero ended in a ZeroDivisionError (or a negative figure: `--batch -1` printed
+    -127,860 images/s), a missing device in a traceback after the model's set-up."""
+    import pytest
+
+    from benchmarks.images import main as images
+    from benchmarks.invariance import main as invariance
+
+    cases = [(bandwidth, ["--new_tokens", "1"], "--new_tokens: must be at least 2, got 1"),
+             (bandwidth, ["--device", "cuda:7"], "--device: "),
+             (images, ["--batch", "-1"], "--batch: must be at least 1, got -1"),
+             (invariance, ["--model_dir", str(tmp_path / "none")], "no such folder"),
+             (invariance, ["--threads", "-1"], "--threads: must be at least 0")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
