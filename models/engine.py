@@ -626,7 +626,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+    index = resolved.index or 0
+    if isinstance(device, str) and device.startswith("cuda:"):  # torch keeps 8 bits: cuda:999 was cuda:-25
+        index = int(device[5:]) if device[5:].isdigit() else -1
+    if resolved.type == "cuda" and not 0 <= index < torch.cuda.device_count():
         raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")

@@ -411,7 +411,8 @@ def test_prompt_logprob_entries_say_where_their_text_ends(engine, tok):
 
 @pytest.mark.parametrize("device, message", [("bogus", "must be auto, cpu, cuda or cuda:N"),
                                              ("meta", "must be auto, cpu, cuda or cuda:N"),
-                                             ("cuda:64", "this machine has")])
+                                             ("cuda:64", "this machine has"),
+                                             ("cuda:999", "this machine has")])  # torch's 8-bit index: cuda:-25
 def test_an_engine_refuses_a_device_it_cannot_use(tok, device, message):
     """torch's own errors (Torch not compiled with CUDA enabled, Expected one of cpu, cuda...) came
     from deep inside the model's move."""
