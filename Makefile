@@ -23,6 +23,8 @@ serve: port models
 	$(VENV)/bin/bentoml serve service.app:Generation --host 127.0.0.1 --port $(PORT)
 
 # Checked before the models train: the server took PORT=70000 as 4464 (70000 mod 65536).
+# (In order under -j too: nothing here gains from running side by side.)
+.NOTPARALLEL:
 port:
 	@case "$(PORT)" in ''|*[!0-9]*) false;; esac && [ "$(PORT)" -ge 1 ] && [ "$(PORT)" -le 65535 ] \
 		|| { echo "PORT='$(PORT)': must be a port number, 1 to 65535" >&2; exit 2; }

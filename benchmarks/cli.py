@@ -4,8 +4,11 @@ missing model folder is one line from argparse, not a traceback at the end of a 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
+
+from models.engine import resolve_device
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -20,22 +23,20 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 def not_negative(text: str) -> float:
     value = float(text)
-    if not value >= 0:  # (NaN too)
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    if not 0 <= value < math.inf:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, got {text}")
     return value
 
 
 def positive(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 
 def device(text: str) -> str:
     """auto, cpu, cuda or cuda:N, of this machine."""
-    from models.engine import resolve_device  # (torch: not for the HTTP benchmark's client side)
-
     try:
         resolve_device(text)
     except ValueError as e:

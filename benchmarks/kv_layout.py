@@ -66,7 +66,7 @@ def per_layer_us(layout: str, batch: int, heads: int, head_dim: int, start: int,
 def main(argv: list[str] | None = None) -> dict[tuple[int, int], dict[str, tuple[float, float]]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 32])
-    ap.add_argument("--contexts", type=cli.at_least(1), nargs="+", default=[11, 180],
+    ap.add_argument("--contexts", type=cli.at_least(0), nargs="+", default=[11, 180],
                     help="context lengths to start from")
     ap.add_argument("--steps", type=cli.at_least(1), default=64, help="decode steps per run")
     ap.add_argument("--repeats", type=cli.at_least(1), default=7, help="runs per figure, alternating (median reported)")

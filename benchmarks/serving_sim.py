@@ -120,9 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=cli.at_least(1), default=64, help="requests in the Poisson trace")
     ap.add_argument("--rate", type=cli.not_negative, default=6.0, help="mean arrivals per second")
-    ap.add_argument("--max_new", type=cli.at_least(1), default=96,
+    ap.add_argument("--max_new", type=cli.at_least(8), default=96,
                     help="longest completion; others are 1/8, 1/4, 1/2 of it")
-    ap.add_argument("--max_prompt_words", type=cli.at_least(1), default=24, help="longest prompt, in words")
+    ap.add_argument("--max_prompt_words", type=cli.at_least(2), default=24, help="longest prompt, in words")
     ap.add_argument("--max_batch", type=cli.at_least(1), default=32, help="static batch size / continuous slots")
     ap.add_argument("--streams", type=cli.at_least(1), default=32, help="concurrent streams for the closed-loop ratio")
     ap.add_argument("--n_layer", type=cli.at_least(1), default=4,

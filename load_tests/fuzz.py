@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in out.failures[:50]:
         print(f"FAIL: {f}", file=sys.stderr)
     print(f"{len(out.failures)} failures")
-    if out.statuses and set(out.statuses) == {401}:  # every case stopped at the key check: nothing was tested
+    if 401 in out.statuses and set(out.statuses) <= {401, 429}:  # all stopped at the key check (or the limit)
         print("FAIL: every answer was a 401: give the server's key (--api-key or CONDGEN_API_KEY)", file=sys.stderr)
         return 1
     return 1 if out.failures or out.cases == 0 else 0

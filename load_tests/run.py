@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-TIME_SPAN = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?")  # locust's: 30s, 5m, 1h30m, 90
+TIME_SPAN = re.compile(r"(\d+)|(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")  # locust's: 90, 30s, 5m, 1h30m
 
 
 def run_time(text: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.users < 1:
         ap.error(f"--users must be at least 1, got {args.users}")
-    if not args.minutes * 60 >= 1:  # locust runs forever for 0s (and NaN is no length)
+    if not 1 <= args.minutes * 60 < math.inf:  # locust runs forever for 0s (and NaN is no length)
         ap.error(f"--minutes must make at least a second, got {args.minutes:g}")
     if not args.interval > 0:
         ap.error(f"--interval must be above 0, got {args.interval:g}")
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
            "-u", str(args.users), "-r", str(args.users), "--run-time", f"{int(total_s)}s", "--csv", str(out),
            "--only-summary", "--exit-code-on-error", "0", *args.user_classes]
-    locust = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # its errors, not its summary, shown
+    log = Path(f"{out}_locust.log")
+    with log.open("w") as sink:
+        locust = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
     samples: list[tuple[float, int]] = []
     try:
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             locust.terminate()
         locust.wait()
     if locust.returncode != 0:  # (failed requests do not count here)
-        print(f"locust failed (exit code {locust.returncode}); see its output above", file=sys.stderr)
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        print(f"{tail}locust failed (exit code {locust.returncode}); its output: {log}", file=sys.stderr)
         return 2
     with open(f"{out}_pss.csv", "w", newline="") as fh:
         w = csv.writer(fh)

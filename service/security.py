@@ -59,16 +59,21 @@ def model_tag(env_var: str, default: str) -> str | None:
     return tag
 
 
-def is_origin(text: str) -> bool:
-    """What a browser sends as Origin: http(s)://host[:port] (an IPv6 host in brackets), with
-    nothing after it, no user, no wildcard, a port in range."""
+def browser_origin(text: str) -> str | None:
+    """The Origin header a browser sends for this origin, None when it is none: http(s)://host
+    [:port], nothing after it, no user, no wildcard. The server compares the header with the
+    allowed origins as strings, and a browser writes the host in lower case (an international
+    name in punycode) and leaves a scheme's default port out."""
     try:
         url = urlsplit(text)
-        url.port  # noqa: B018 (raises ValueError past 65535)
-    except ValueError:
-        return False
-    return (url.scheme in ("http", "https") and bool(url.hostname) and not re.search(r"[\s*@]|:$", url.netloc)
-            and text == f"{url.scheme}://{url.netloc}")
+        port = url.port  # ValueError past 65535
+        host = (url.hostname or "").encode("idna").decode()
+    except (ValueError, UnicodeError):
+        return None
+    if url.scheme not in ("http", "https") or not host or port == 0 or re.search(r"[\s*@%]|:$", url.netloc):
+        return None
+    shown_port = "" if port in (None, {"http": 80, "https": 443}[url.scheme]) else f":{port}"
+    return f"{url.scheme}://{f'[{host}]' if ':' in host else host}{shown_port}"
 
 
 def cors_origins() -> list[str]:
@@ -77,9 +82,11 @@ def cors_origins() -> list[str]:
     raw = os.environ.get("CONDGEN_CORS_ORIGINS", "")
     origins = [o.strip().rstrip("/") for o in raw.split(",") if o.strip()]
     for origin in origins:
-        if origin != "*" and not is_origin(origin):
-            raise ConfigError(f"CONDGEN_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], "
-                              "e.g. https://app.example.com, or *)")
+        if origin != "*" and browser_origin(origin) != origin:
+            sent = browser_origin(origin)
+            raise ConfigError(f"CONDGEN_CORS_ORIGINS: {origin!r} is not an origin as browsers send it "
+                              + (f"(they send {sent!r})" if sent else "(scheme://host[:port], e.g. "
+                                 "https://app.example.com, or *)"))
     return origins
 
 

@@ -74,7 +74,7 @@ def test_bad_arguments_are_one_line_from_argparse_not_a_traceback_or_a_figure(ca
     from benchmarks.invariance import main as invariance
 
     cases = [(bandwidth, ["--new_tokens", "1"], "--new_tokens: must be at least 2, got 1"),
-             (bandwidth, ["--device", "cuda:7"], "--device: "),
+             (bandwidth, ["--device", "cuda:999"], "--device: "),
              (images, ["--batch", "-1"], "--batch: must be at least 1, got -1"),
              (invariance, ["--model_dir", str(tmp_path / "none")], "no such folder"),
              (invariance, ["--threads", "-1"], "--threads: must be at least 0")]

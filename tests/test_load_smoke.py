@@ -246,11 +246,12 @@ def test_the_runner_refuses_a_run_that_would_not_end_and_never_reads_an_earlier_
         assert e.value.code == 2, bad
     with pytest.raises(SystemExit):
         soak(["--host", "http://127.0.0.1:1", "--minutes", "0"])
+    assert "--minutes must make at least a second" in capsys.readouterr().err
     stale = tmp_path / "run_stats.csv"  # an earlier run's, that passed
     stale.write_text("Type,Name,Request Count,Failure Count,Requests/s,50%,95%\n,Aggregated,10,0,1.0,5,9\n")
     code = run(["--host", "http://127.0.0.1:1", "--out", str(tmp_path / "run"), "--run-time", "2s",
                 "--user-classes", "NoSuchUser"])  # locust itself fails
-    assert code == 2 and "locust failed" in capsys.readouterr().err
+    assert code == 2 and "locust failed" in capsys.readouterr().err and not stale.exists()
 
 
 def test_the_fuzzer_reads_the_load_test_s_key_and_fails_a_run_that_only_met_the_key_check(monkeypatch, capsys):

@@ -374,7 +374,9 @@ def test_refused_keys_are_counted_by_route_not_by_the_path_a_client_made_up():
     ("*", ["*"]), ("https://app.example.com/, http://localhost:5173", ["https://app.example.com", "http://localhost:5173"]),
     ("not a url", None), ("app.example.com", None), ("https://app.example.com/ui", None),
     ("https://[::1]:8080", ["https://[::1]:8080"]),  # an IPv6 host, as browsers send it (it was refused)
-    ("http://*.example.com", None), ("https://app.example.com:99999", None), ("https://user@app.example.com", None)])
+    ("http://*.example.com", None), ("https://app.example.com:99999", None), ("https://user@app.example.com", None),
+    # what never equals a browser's Origin, which the server compares as a string
+    ("https://App.example.com", None), ("https://app.example.com:443", None), ("https://bücher.example", None)])
 def test_a_cors_origin_no_browser_could_send_stops_the_start_up(raw, allowed, monkeypatch):
     """An origin with a typo (no scheme, a path) never matched any browser's, in silence."""
     from service.security import cors_origins
