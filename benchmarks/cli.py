@@ -1,14 +1,12 @@
-"""Argument types of the benchmark scripts: a count of zero, a device the machine lacks or a
-missing model folder is one line from argparse, not a traceback at the end of a model's set-up
-(nor a negative figure: `--batch -1` printed -127,860 images/s)."""
+"""Argument types of the benchmark and load-test scripts: a count of zero, a device the machine
+lacks or a missing model folder is one line from argparse, not a traceback at the end of a
+model's set-up (nor a negative figure: `--batch -1` printed -127,860 images/s)."""
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-
-from models.engine import resolve_device
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -37,6 +35,8 @@ def positive(text: str) -> float:
 
 def device(text: str) -> str:
     """auto, cpu, cuda or cuda:N, of this machine."""
+    from models.engine import resolve_device  # torch, only where a script takes a device
+
     try:
         resolve_device(text)
     except ValueError as e:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import cli
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 TIME_SPAN = re.compile(r"(\d+)|(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")  # locust's: 90, 30s, 5m, 1h30m
 
@@ -30,13 +32,6 @@ def run_time(text: str) -> str:
     return text.strip()
 
 
-def at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def milliseconds(text: str) -> float:
     """A CSV latency cell: locust writes N/A where no request finished."""
     try:
@@ -48,7 +43,7 @@ def milliseconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", required=True, help="base URL of a running service")
-    ap.add_argument("--users", type=at_least_one, default=8, help="concurrent simulated users")
+    ap.add_argument("--users", type=cli.at_least(1), default=8, help="concurrent simulated users")
     ap.add_argument("--spawn-rate", type=float, default=4, help="users started per second")
     ap.add_argument("--run-time", type=run_time, default="30s", help="locust duration, e.g. 30s, 5m")
     ap.add_argument("--user-classes", nargs="*", default=[], help="locust user classes (default: all)")

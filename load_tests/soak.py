@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from benchmarks import cli
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
@@ -94,20 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, default=None,
                     help="the server's main process (bentoml serve); default: the one listening on --host's port")
     ap.add_argument("--minutes", type=float, default=30, help="length of the steady load")
-    ap.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    ap.add_argument("--users", type=cli.at_least(1), default=8, help="concurrent simulated users")
     ap.add_argument("--warmup", type=float, default=60, help="seconds of load before the baseline window")
-    ap.add_argument("--interval", type=float, default=5, help="seconds between memory samples")
+    ap.add_argument("--interval", type=cli.positive, default=5, help="seconds between memory samples")
     ap.add_argument("--user-classes", nargs="*", default=[], help="locust user classes (default: all)")
     ap.add_argument("--out", default="load_tests/reports/soak", help="prefix for the CSV files")
     ap.add_argument("--max-growth-pct", type=float, default=10.0, help="fail above this memory (PSS) growth")
     ap.add_argument("--max-failure-ratio", type=float, default=0.01, help="fail above this share of failures")
     args = ap.parse_args(argv)
-    if args.users < 1:
-        ap.error(f"--users must be at least 1, got {args.users}")
     if not 1 <= args.minutes * 60 < math.inf:  # locust runs forever for 0s (and NaN is no length)
         ap.error(f"--minutes must make at least a second, got {args.minutes:g}")
-    if not args.interval > 0:
-        ap.error(f"--interval must be above 0, got {args.interval:g}")
     if args.pid is None:
         url = urlsplit(args.host)
         args.pid = listening_pid(url.port or (443 if url.scheme == "https" else 80))
