@@ -688,13 +688,16 @@ class Generation:
         served = self._check_model(body.model, "text")
         reqs, seed = self._completion_requests(body, body.prompts(), engine)
         k = body.candidates()  # candidate j: prompt j // k, seed + j
-        for i, req in enumerate(reqs):  # a long text prompt tokenized first, off the event loop
-            if req.prompt_ids is None and len(req.prompt) > LONG_TEXT_CHARS:
-                reqs[i] = dataclasses.replace(req, prompt_ids=await _tokenized(engine.tokenizer, req.prompt))
-        # Checked once, here, next to their submission, a request's prompts counted together
-        # against the queue; their lengths as the model sees them (an empty prompt is one
-        # end-of-text token) are the usage.
-        prompt_ids = [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+        # Checked once, a request's prompts counted together against the queue; their lengths as
+        # the model sees them (an empty prompt is one end-of-text token) are the usage. A long
+        # prompt (text, or ids: a chat's) is tokenized and checked in a thread, where the tokenizer
+        # lets the event loop run (checking 400,000 ids alone took the loop 50 ms); the queue count read
+        # there may be a moment old, and the engine process's own check bounds the queue then.
+        def check() -> list[list[int]]:
+            return [_checked(self.engines.text_stream, req, ahead=i) for i, req in enumerate(reqs)]
+
+        long = any(len(req.prompt) + len(req.prompt_ids or ()) > LONG_TEXT_CHARS for req in reqs)
+        prompt_ids = await asyncio.to_thread(check) if long else check()
         prompt_tokens = sum(map(len, prompt_ids))
         streams = [self.engines.text_stream.generate(req, ids) for req, ids in zip(reqs, prompt_ids)]
         events = streams[0] if len(streams) == 1 else _merged(streams, k)
