@@ -1,8 +1,8 @@
 """Batch invariance, measured: how many seeded requests decode the same tokens alone as inside
 a batch of 8 with other requests, on the static engine and on the continuous one.
 
-On the CPU in float32 a row's logits depend on the batch in their last bits: MKL multiplies
-one row, two or three rows, and four or more with different kernels, and attention rounds
+On the CPU in float32 a row's logits depend on the batch in their last bits: MKL picks a
+product's kernel by its shape (how many rows share it), and attention rounds
 differently with the cache length the batch reads. A token changes when its uniform falls
 between the two cumulative distributions, so a long completion occasionally differs. Each
 choice's logprobs show the size of the difference (largest |difference| over the tokens the
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         engine = TextEngine.load(args.model_dir, device=args.device)
     else:
         torch.manual_seed(0)
-        engine = TextEngine(GPT(GPTConfig(**SIZES["small"])), Tokenizer.train([PROMPT * 40], 512), device=args.device)
+        # The tokenizer learns the requests' words: 12 of them in 12 tokens, not 29, leave room for 100 more
+        tokenizer = Tokenizer.train([PROMPT * 40, " ".join(WORDS) * 40], 512)
+        engine = TextEngine(GPT(GPTConfig(**SIZES["small"])), tokenizer, device=args.device)
     engine.model.set_batch_invariant(args.batch_invariant)
     reqs = requests(args.requests, args.max_tokens, seed=0)
 

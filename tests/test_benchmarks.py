@@ -37,6 +37,13 @@ def test_invariance_benchmark_counts_differing_requests_and_logprob_gap():
     assert exact["static"]["differ"] == exact["continuous"]["differ"] == exact["static"]["max_logprob_diff"] == 0
 
 
+def test_invariance_benchmark_runs_its_default_length_on_random_weights():
+    """The README's 100 tokens: the random model's tokenizer had made 29 tokens of a 12-word
+    prompt, past the 128-token context with 100 more."""
+    from benchmarks.invariance import main as invariance
+    assert invariance(["--requests", "16", "--max_tokens", "100"])["static"]["requests"] == 16
+
+
 def test_serving_sim_static_policies_count_only_the_tokens_asked_for():
     """Static batching as our engine runs it answers each request when it finishes; padded, as
     `generate` runs it, every request of a batch answers when its longest is done."""
