@@ -40,7 +40,7 @@ from models.engine import (CompletionRequest, EndBans, Sequence, StreamEvent, Te
                            decode_mask, prompt_entries, prompt_events, sample_rows, score_logits)
 from models.errors import InvalidParameter, is_int
 from models.gpt import kv_cache_bytes
-from models.sampling import SamplingBatch
+from models.sampling import SamplingBatch, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,28 @@ class _Group:
     scores: tuple[list, list, list] = field(default_factory=lambda: ([], [], []))
 
 
+def check_batch_invariance(engine: TextEngine) -> None:
+    """Raise ValueError unless a request's logprobs come out bit for bit the same alone and in
+    a batch of others on this machine. The exact mode rests on the BLAS library rounding every
+    product of one shape alike; how it rounds products of other shapes differs between CPUs, so
+    the start-up checks the mode rather than assume it."""
+    probe = CompletionRequest("Batch invariance", seed=1, max_tokens=8, logprobs=0, truncate=True, ignore_eos=True,
+                              sampling=SamplingParams(temperature=1.0))
+    others = [CompletionRequest("a b" * i, seed=i, max_tokens=2 + i, truncate=True, ignore_eos=True)
+              for i in range(1, 13)]
+
+    def trace(requests: list[CompletionRequest], at: int) -> list[tuple[int, float]]:
+        return [(lp.token_id, lp.logprob) for lp in engine.complete(requests)[at].choices[0].logprobs]
+
+    alone = trace([probe], 0)
+    # First, inside and last, in batches of 2, 8 and 13 rows
+    if any(trace(others[:before] + [probe] + others[before:before + after], before) != alone
+           for before, after in ((0, 1), (3, 4), (12, 0))):
+        raise ValueError("batch_invariant: on this machine a request's logprobs differ alone and in a batch "
+                         "(its BLAS library rounds the exact mode's products differently with the batch), "
+                         "so the mode cannot be offered here")
+
+
 class ContinuousEngine:
     """Single-threaded scheduler over a TextEngine's model; call `step()` in a loop."""
 
@@ -135,6 +157,7 @@ class ContinuousEngine:
             if self.device.type != "cpu":
                 raise ValueError("batch_invariant is for the CPU: GPU kernels round differently with the batch shape")
             self.model.set_batch_invariant()
+            check_batch_invariance(engine)
         try:
             self.model.setup_caches(self.cfg.max_running, engine.block_size)
         except RuntimeError as e:  # the allocator's own message gives bytes, not the setting behind them

@@ -59,12 +59,14 @@ def dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-# Batch-invariant decoding (`GPT.set_batch_invariant`). On the CPU, MKL multiplies one row,
-# two or three rows, and four or more with different kernels, which round differently, and
-# attention rounds differently with how many cache positions the batch reads; so by default
-# a row's logits depend, in their last bits, on what shares its batch. Padding every matrix
-# product to a multiple of ROW_BLOCK rows, and reading the cache in whole KV_BLOCKs through a
-# plain attention, makes each row's arithmetic the same whatever the batch (tested).
+# Batch-invariant decoding (`GPT.set_batch_invariant`). MKL chooses a matrix product's kernel
+# and how it splits the sum from the product's shape, in ways that differ between CPUs (one row,
+# two or three, and four or more rounded differently on one Xeon; five or more on an AVX-512
+# one with AMX), and attention rounds differently with how many cache positions the batch reads;
+# so by default a row's logits depend, in their last bits, on what shares its batch. Computing
+# every matrix product in blocks of exactly ROW_BLOCK rows (one shape whatever the batch), and
+# reading the cache in whole KV_BLOCKs through a plain attention, makes each row's arithmetic
+# the same whatever the batch (tested).
 ROW_BLOCK = 4
 KV_BLOCK = 16
 
@@ -81,13 +83,14 @@ def invariant_read(kv_len: int, head_dim: int) -> int:
     return max(round_up(kv_len, KV_BLOCK), round_up(-(-512 // head_dim), KV_BLOCK))
 
 
-def row_padded_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x), computed on x's rows padded with zeros to a multiple of ROW_BLOCK."""
+def row_blocked_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x), one product per ROW_BLOCK rows of x (the last block padded with zeros): a
+    single product of a batch's rows, even padded to a multiple of ROW_BLOCK, is a shape MKL
+    may round differently."""
     rows = x.reshape(-1, x.size(-1))
     extra = -rows.size(0) % ROW_BLOCK
-    if not extra:
-        return F.linear(x, linear.weight, linear.bias)
-    out = F.linear(F.pad(rows, (0, 0, 0, extra)), linear.weight, linear.bias)
+    blocks = (F.pad(rows, (0, 0, 0, extra)) if extra else rows).split(ROW_BLOCK)
+    out = torch.cat([F.linear(block, linear.weight, linear.bias) for block in blocks])
     return out[:rows.size(0)].view(*x.shape[:-1], -1)
 
 
@@ -268,13 +271,13 @@ class GPT(nn.Module):
     # --- incremental decoding -------------------------------------------------------------
     def set_batch_invariant(self, on: bool = True) -> None:
         """Make a row's logits independent of the batch, bit for bit (CPU, float32): every
-        matrix product on rows padded to a multiple of ROW_BLOCK, attention read in whole
+        matrix product in blocks of ROW_BLOCK rows, attention read in whole
         KV_BLOCKs (see invariant_attention). By default a row's logits depend on its batch in
         their last bits, which flips a sampled token now and then."""
         for module in self.modules():
             if isinstance(module, nn.Linear):  # an instance attribute: the default path pays nothing
                 if on:
-                    module.forward = types.MethodType(row_padded_linear, module)
+                    module.forward = types.MethodType(row_blocked_linear, module)
                 else:
                     module.__dict__.pop("forward", None)
             elif isinstance(module, CausalSelfAttention):

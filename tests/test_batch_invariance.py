@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models.continuous import ContinuousEngine, SchedulerConfig
 from models.engine import CompletionRequest, TextEngine
-from models.gpt import GPT, KV_BLOCK, GPTConfig, invariant_attention, invariant_read, row_padded_linear
+from models.gpt import GPT, KV_BLOCK, GPTConfig, invariant_attention, invariant_read, row_blocked_linear
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 
@@ -88,9 +88,9 @@ def test_a_rows_product_does_not_depend_on_how_many_rows_share_it():
     torch.manual_seed(1)
     linear = torch.nn.Linear(96, 200)
     x = torch.randn(9, 96)
-    alone = row_padded_linear(linear, x[:1])
+    alone = row_blocked_linear(linear, x[:1])
     for m in range(2, 10):
-        assert torch.equal(row_padded_linear(linear, x[:m])[:1], alone)
+        assert torch.equal(row_blocked_linear(linear, x[:m])[:1], alone)
     assert torch.allclose(alone, F.linear(x[:1], linear.weight, linear.bias), atol=1e-6)
 
 
@@ -129,3 +129,11 @@ def test_a_prompt_whose_last_chunk_is_one_token_prefills_like_a_whole_prompt(eng
     got, _ = run(cont, {0: [req]}, target=0)
     engine.model.set_batch_invariant(False)
     assert got == want
+
+
+def test_the_exact_mode_is_checked_when_the_engine_starts(engine, monkeypatch):
+    """A machine whose BLAS rounds a row differently in a batch fails the start-up check, where
+    the mode would have been lost in silence: here the mode is made a no-op."""
+    monkeypatch.setattr(engine.model, "set_batch_invariant", lambda on=True: None)
+    with pytest.raises(ValueError, match="batch_invariant: on this machine a request's logprobs differ"):
+        ContinuousEngine(engine, SchedulerConfig(max_running=2, batch_invariant=True))
