@@ -216,13 +216,13 @@ def test_jsonl_lines_are_documents_beside_text_files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.txt").write_text("a plain text document " * 10)
-    rows = [{"text": f"line document {i} " * 10, "id": i} for i in range(40)] + [{"text": ""}]
+    rows = [{"text": f"line document {i} " * 10, "id": i} for i in range(200)] + [{"text": ""}]
     (data / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:20]) + "\n\n"
                                      + "\n".join(json.dumps(r) for r in rows[20:]) + "\n")
     corpus = load_corpus(str(data))
     docs = sorted(corpus.train + corpus.val)
-    assert docs == sorted([(data / "notes.txt").read_text()] + [r["text"] for r in rows[:40]])
-    assert corpus.val and corpus.train  # split by line: 5 % of 41 documents
+    assert docs == sorted([(data / "notes.txt").read_text()] + [r["text"] for r in rows[:200]])
+    assert corpus.val and corpus.train and not corpus.by_characters  # split by line: 5 % of 201 documents
     for bad, why in (("not json", "rows.jsonl:2 is not JSON"), ('{"content": "x"}', 'rows.jsonl:2 is not an object'),
                      ('["text"]', 'rows.jsonl:2 is not an object'), ('{"text": 5}', 'rows.jsonl:2 is not an object')):
         (data / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n" + bad + "\n")
@@ -271,12 +271,12 @@ def test_resume_refuses_other_data(tmp_path):
 
 
 def test_no_document_is_dropped_when_all_hash_into_validation(tmp_path):
-    """doc16.txt and doc17.txt both fall in the validation bucket: one moves to training."""
+    """doc16.txt and doc17.txt both fall in the validation bucket: the text's tail is held out."""
     for name in ("doc16.txt", "doc17.txt"):
         (tmp_path / name).write_text(f"the text of {name} " * 50)
     corpus = load_corpus(str(tmp_path))
-    assert len(corpus.train) == 1 and len(corpus.val) == 1
-    assert sorted(corpus.train + corpus.val) == sorted((tmp_path / n).read_text() for n in ("doc16.txt", "doc17.txt"))
+    assert corpus.by_characters and len(corpus.train) == 2 and len(corpus.val) == 1
+    assert "".join(corpus.train + corpus.val) == "".join((tmp_path / n).read_text() for n in ("doc16.txt", "doc17.txt"))
 
 
 def test_a_folder_is_read_as_the_user_sees_it(tmp_path):
@@ -295,7 +295,7 @@ def test_a_folder_is_read_as_the_user_sees_it(tmp_path):
     (data / "UPPER.TXT").write_text("an upper-case extension " * 10)
     (data / "ROWS.JSONL").write_text(json.dumps({"text": "a json\u2028line"}, ensure_ascii=False) + "\n")
     (data / os.fsdecode(b"caf\xe9.txt")).write_text("a latin-1 file name " * 10)
-    corpus = load_corpus(str(data))
+    corpus = load_corpus(str(data), val_fraction=0)  # every document whole, in train
     docs = sorted(corpus.train + corpus.val)
     assert docs == sorted(["a linked document " * 10, "an upper-case extension " * 10, "a json\u2028line",
                            "a latin-1 file name " * 10])
@@ -339,3 +339,23 @@ def test_max_chars_and_a_small_vocabulary_are_reported(tmp_path, capsys):
     assert "--max_chars=30,000 left out 10,000 characters" in err
     assert re.search(r"data: 1 document for training .*; the tokenizer has 2\d\d tokens \(this text has no more "
                      r"merges for --vocab_size=512\)", err)
+
+
+def test_a_few_unequal_documents_hold_out_the_texts_last_5_percent(tmp_path):
+    """Whole documents could not make 5 % of two files of 3 KB and 300 KB: the hash had sent
+    the 300 KB one to validation, leaving 3 KB to train on. The text's tail is held out instead."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "aa_notes.txt").write_text("short notes " * 250)
+    (data / "zz_book.txt").write_text("a long book " * 25_000)
+    corpus = load_corpus(str(data))
+    total = 250 * 12 + 25_000 * 12
+    assert corpus.by_characters and len(corpus.train) == 2 and len(corpus.val) == 1
+    assert sum(map(len, corpus.val)) == total - int(total * 0.95)
+    assert "".join(corpus.train + corpus.val) == (data / "aa_notes.txt").read_text() + (data / "zz_book.txt").read_text()
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(200):
+        (many / f"doc{i}.txt").write_text(f"document number {i} " * 20)
+    corpus = load_corpus(str(many))
+    assert not corpus.by_characters and len(corpus.train) + len(corpus.val) == 200  # whole documents

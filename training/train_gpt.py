@@ -174,7 +174,8 @@ def train(cfg: TrainGPTConfig) -> dict:
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):
         if len(ids) < cfg.block_size + 2:
-            split = " (about 5 % of the text: whole documents, chosen by their names)" if part == "validation" else ""
+            split = ("" if part != "validation" else " (the last 5 % of the text)" if corpus.by_characters
+                     else " (about 5 % of the text: whole documents, chosen by their names)")
             raise ValueError(f"--data: the {part} text{split} is {len(ids)} tokens, fewer than --block_size + 2 = "
                              f"{cfg.block_size + 2}: give more text or a smaller --block_size")
     if d.is_main:  # only now that the data is accepted: a refused run leaves run_dir as it was
@@ -182,8 +183,10 @@ def train(cfg: TrainGPTConfig) -> dict:
         fewer = (f"; the tokenizer has {tok.vocab_size:,} tokens (this text has no more merges for --vocab_size="
                  f"{cfg.vocab_size:,})" if ckpt is None and tok.vocab_size < cfg.vocab_size else "")
         documents = f"{len(corpus.train)} document{'s' * (len(corpus.train) != 1)}"
+        held_out = (": the text's last 5 %, too few or too unequal documents to hold out whole ones"
+                    if corpus.by_characters else "")
         print(f"data: {documents} for training ({len(train_data):,} tokens), "
-              f"{len(corpus.val)} for validation ({len(val_data):,} tokens){cut}{fewer}", file=sys.stderr)
+              f"{len(corpus.val)} for validation ({len(val_data):,} tokens){held_out}{cut}{fewer}", file=sys.stderr)
         run.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             tok.save(run / "tokenizer.json")

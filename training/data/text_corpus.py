@@ -25,6 +25,7 @@ class Corpus:
     train: list[str]  # documents
     val: list[str]
     left_out: int = 0  # characters past max_chars, not used
+    by_characters: bool = False  # the text's tail held out, not whole documents (see load_corpus)
 
     @property
     def hash(self) -> str:
@@ -160,7 +161,11 @@ def _read_utf8(path: Path) -> str:
 
 
 def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) -> Corpus:
-    """Split documents by a hash of their name (stable whatever else is in the corpus)."""
+    """Split documents by a hash of their name (stable whatever else is in the corpus). Where
+    whole documents cannot make about val_fraction of the text (from half to twice it: a few
+    documents, or one far longer than the rest), the text's last val_fraction of characters is
+    held out instead, cutting the document it falls in: two files of 3 KB and 300 KB had left
+    the 3 KB one to train on."""
     docs = user_documents(data.split(",")) if data else default_documents()
     left_out = 0
     if max_chars:
@@ -177,13 +182,18 @@ def load_corpus(data: str = "", val_fraction: float = 0.05, max_chars: int = 0) 
         # surrogateescape: a file name that is not UTF-8 (its bytes, as os read them) hashes too
         bucket = int(hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest(), 16) % 1000
         (val if bucket < val_fraction * 1000 else train).append(text)
-    if not val:  # tiny corpora: keep at least one validation document
-        val.append(train.pop())
-    if not train and len(val) > 1:  # every document hashed into validation: keep one there
-        train, val = val[:-1], val[-1:]
-    if not train:
-        # one document only: split it by characters so both sides are non-empty
-        text = val.pop()
-        cut = int(len(text) * (1 - val_fraction))
-        train, val = [text[:cut]], [text[cut:]]
-    return Corpus(train, val, left_out)
+    total = sum(len(text) for _, text in docs)
+    if val_fraction / 2 <= sum(map(len, val)) / max(total, 1) <= 2 * val_fraction:
+        return Corpus(train, val, left_out)
+    cut, seen = int(total * (1 - val_fraction)), 0
+    train, val = [], []
+    for _, text in docs:
+        if seen + len(text) <= cut:
+            train.append(text)
+        elif seen >= cut:
+            val.append(text)
+        else:
+            train.append(text[:cut - seen])
+            val.append(text[cut - seen:])
+        seen += len(text)
+    return Corpus(train, val, left_out, by_characters=True)
