@@ -385,10 +385,27 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     broken = store(str(folder), "--name", "other")
     assert broken.returncode == 2 and "model.safetensors" in broken.stderr and "Traceback" not in broken.stderr
     assert store(str(tmp_path)).returncode == 2  # no config.json
-    (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    hf = store(str(tmp_path / "hf"))  # it said "family None is not served here"
-    assert hf.returncode == 2 and "a Hugging Face GPT-2 folder: import it first, models.gpt.from_hf_gpt2" in hf.stderr
+
+    # A Hugging Face GPT-2 folder is imported on the way (it had to be imported by hand first)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.engine import TextEngine
+    from models.tokenizer import Tokenizer
+
+    hf_dir = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=40, n_embd=48, n_layer=2, n_head=4)).save_pretrained(
+        hf_dir, safe_serialization=True)
+    lacking = store(str(hf_dir))
+    assert lacking.returncode == 2 and "a Hugging Face GPT-2 folder without tokenizer.json" in lacking.stderr
+    words = [" ".join(f"w{i * 7919 % 100_000}" for i in range(5000))]  # merges enough for 400 tokens
+    Tokenizer.train(words, 300).save(hf_dir / "tokenizer.json")
+    imported = store(str(hf_dir), "--name", "hf-gpt2")
+    assert imported.returncode == 0 and imported.stdout.startswith("hf-gpt2:"), imported.stderr[-2000:]
+    stored = next((tmp_path / "home" / "models" / "hf-gpt2").glob("*/config.json")).parent
+    assert TextEngine.load(stored).model.config.n_layer == 2
+    Tokenizer.train(words, 400).save(hf_dir / "tokenizer.json")  # more tokens than the model's 320
+    too_big = store(str(hf_dir), "--name", "hf-gpt2")  # named by the user's folder, not the import's
+    assert too_big.returncode == 2 and str(hf_dir / "tokenizer.json") in too_big.stderr, too_big.stderr[-2000:]
 
 
 def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):

@@ -1,8 +1,9 @@
 """The one place in training/ that touches BentoML: copying a model directory into the store.
 
 As a command, it puts a model folder made elsewhere into the store, to be served: a job's
-`--out` or `run_dir/model` (trained with `--store=false`, or on another machine), or GPT-2
-weights imported with `models.gpt.from_hf_gpt2` and saved with `models.artifacts.save_model_dir`:
+`--out` or `run_dir/model` (trained with `--store=false`, or on another machine), or a
+Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer.json), imported with
+`models.gpt.from_hf_gpt2`:
     python -m training.store DIR [--name NAME]
 The folder is loaded first, as the service will load it, so a broken one is refused here.
 """
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,23 +162,49 @@ def loader(family: str) -> Any:
     return engines[family].load
 
 
+def import_hf_gpt2(folder: Path, out: Path) -> None:
+    """Write a Hugging Face GPT-2 folder into `out` as a model folder of ours: its weights
+    through `from_hf_gpt2` (which refuses what this GPT does not compute), its tokenizer.json."""
+    from models.artifacts import save_model_dir
+    from models.gpt import from_hf_gpt2
+    from models.tokenizer import Tokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"{folder}: a Hugging Face GPT-2 folder without tokenizer.json; transformers writes one: "
+                         f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+    model = from_hf_gpt2(folder)
+    save_model_dir(out, model.config.to_dict(), model.state_dict(), Tokenizer.load(folder / "tokenizer.json"))
+
+
 def main(argv: list[str] | None = None) -> str:
     from models.artifacts import read_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir", help="a model folder: config.json, model.safetensors, tokenizer.json")
+    ap.add_argument("model_dir", help="a model folder (config.json, model.safetensors, tokenizer.json), ours or a "
+                                      "Hugging Face GPT-2 one")
     ap.add_argument("--name", help="store name (default: the family's, which the service serves by default)")
     args = ap.parse_args(argv)
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json (not a model folder)")
-    config = read_json(folder / "config.json")
-    family = config.get("family")
-    if family is None and config.get("model_type") == "gpt2":  # straight from Hugging Face
-        raise ValueError(f"{folder}: a Hugging Face GPT-2 folder: import it first, models.gpt.from_hf_gpt2 and "
-                         f"models.artifacts.save_model_dir with a tokenizer.json (README, Real GPT-2 weights)")
+    if read_json(folder / "config.json").get("model_type") == "gpt2":  # straight from Hugging Face
+        with tempfile.TemporaryDirectory() as imported:
+            import_hf_gpt2(folder, Path(imported))
+            try:
+                return store_folder_as(Path(imported), args.name)
+            except ValueError as e:  # named after the user's folder: the files came from there
+                raise ValueError(str(e).replace(imported, str(folder))) from None
+    return store_folder_as(folder, args.name)
+
+
+def store_folder_as(folder: Path, name: str | None) -> str:
+    """Load the model folder as the service will, then copy it into the store as `name` (default:
+    its family's name); the stored tag."""
+    from models.artifacts import read_json
+
+    family = read_json(folder / "config.json").get("family")
     load = loader(family)
-    name = args.name or family
+    name = name or family
     check_name(name, family)
     load(folder, device="cpu")  # raises ArtifactError (a ValueError), naming the bad file
     metrics = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
