@@ -359,3 +359,15 @@ def test_a_few_unequal_documents_hold_out_the_texts_last_5_percent(tmp_path):
         (many / f"doc{i}.txt").write_text(f"document number {i} " * 20)
     corpus = load_corpus(str(many))
     assert not corpus.by_characters and len(corpus.train) + len(corpus.val) == 200  # whole documents
+
+
+def test_own_text_is_sampled_from_its_own_beginnings_and_bits_per_byte_are_said(tmp_path, capsys):
+    """samples.txt had prompted a model of the user's text with the Python docs' "This module "."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        (data / f"ticket{i:02}.txt").write_text(f"Customer {i} writes: my order number {i} has not arrived. " * 8)
+    main(TINY + ["--max_steps=2", f"--run_dir={tmp_path / 'run'}", f"--data={data}"])
+    samples = (tmp_path / "run" / "samples.txt").read_text()
+    assert samples.count("### 'Customer ") == 4 and "This module" not in samples
+    assert re.search(r"validation: loss \d+\.\d{4}, \d+\.\d{3} bits per byte", capsys.readouterr().err)

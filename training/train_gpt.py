@@ -148,11 +148,20 @@ def save_curves(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_samples(model: GPT, tok: Tokenizer, path: Path) -> None:
-    """Completions of fixed prompts; with a short context (any --block_size >= 2) the completion
+DEFAULT_SAMPLE_PROMPTS = ["The ", "Return the ", "This module ", "If the "]  # how the default corpus's texts begin
+
+
+def sample_prompts(data: str, train_docs: list[str]) -> list[str]:
+    """The prompts of samples.txt: for the user's own text, the first two words of its first
+    four training documents (how the model learned that a text begins), else the default's."""
+    starts = [" ".join(doc.split()[:2]) + " " for doc in train_docs if doc.split()][:4]
+    return starts if data and starts else DEFAULT_SAMPLE_PROMPTS
+
+
+def write_samples(model: GPT, tok: Tokenizer, path: Path, prompts: list[str]) -> None:
+    """Completions of the prompts; with a short context (any --block_size >= 2) the completion
     takes at most half of it and the prompt keeps its last tokens."""
     engine = TextEngine(model, tok, device="cpu")
-    prompts = ["The ", "Return the ", "This module ", "If the "]
     reqs = [CompletionRequest(p, seed=i, max_tokens=min(48, model.config.block_size // 2), truncate=True,
                               sampling=SamplingParams(temperature=0.8, top_k=50)) for i, p in enumerate(prompts)]
     lines = [f"### {r.prompt!r} (seed {r.seed})\n{r.prompt}{c.choices[0].text}\n"
@@ -261,13 +270,14 @@ def train(cfg: TrainGPTConfig) -> dict:
     result: dict = {}
     if d.is_main and step >= cfg.max_steps:
         require_finite(step, ckpt_path, model=model)
-        result = finish(cfg, model, tok, corpus.hash, history, val_data, val_bytes, time.time() - t0)
+        result = finish(cfg, model, tok, corpus.hash, history, val_data, val_bytes, time.time() - t0,
+                        sample_prompts(cfg.data, corpus.train))
     teardown_distributed()
     return result
 
 
 def finish(cfg: TrainGPTConfig, model: GPT, tok: Tokenizer, dataset_hash: str, history: dict,
-           val_data: torch.Tensor, val_bytes: int, seconds: float) -> dict:
+           val_data: torch.Tensor, val_bytes: int, seconds: float, prompts: list[str]) -> dict:
     """Write the report (curves, samples, metrics) and the model directory; save to the store."""
     run = Path(cfg.run_dir)
     model = model.to("cpu").float().eval()
@@ -282,8 +292,9 @@ def finish(cfg: TrainGPTConfig, model: GPT, tok: Tokenizer, dataset_hash: str, h
         "dataset_hash": dataset_hash,
         "tokenizer_vocab": tok.vocab_size,
     }
+    print(f"validation: loss {val_loss:.4f}, {metrics['val_bits_per_byte']:.3f} bits per byte", file=sys.stderr)
     save_curves(history, run / "loss.png")
-    write_samples(model, tok, run / "samples.txt")
+    write_samples(model, tok, run / "samples.txt", prompts)
     model_dir = save_model_dir(run / "model", model.config.to_dict(), model.state_dict(), tok, metrics)
     if cfg.out:
         save_model_dir(cfg.out, model.config.to_dict(), model.state_dict(), tok, metrics)
