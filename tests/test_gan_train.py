@@ -323,3 +323,4 @@ def test_torchrun_ddp(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]  # the workers' traceback, if any
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "FutureWarning" not in proc.stderr  # broadcast_buffers, deprecated in torch 2.13

@@ -148,8 +148,9 @@ def save_curves(history: list[dict[str, Any]], path: Path) -> None:
                      label=key.replace("_", " "))
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("step")
-    ax2.legend(fontsize=8)
-    ax2.set_title("evaluator on guided samples")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    ax2.set_title("evaluator on guided samples" if ax2.lines else "no labels: not evaluated")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

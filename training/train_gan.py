@@ -393,9 +393,10 @@ def train(cfg: GANTrainConfig) -> Path:
         log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
     engine = ImageEngine(G_ema, tokenizer, str(d.device))
 
-    # DDP averages gradients across ranks; D keeps its own spectral-norm vectors per rank.
+    # DDP averages gradients across ranks; D's spectral-norm vectors start as rank 0's, then
+    # each rank keeps its own (torch 2.13's name for not syncing them at each forward).
     G_train = DDP(G) if d.world_size > 1 else G
-    D_train = DDP(D, broadcast_buffers=False) if d.world_size > 1 else D
+    D_train = DDP(D, forward_sync_buffers=False) if d.world_size > 1 else D
     B = cfg.batch_size
     ib = torch.arange(B, device=d.device)
     # Captions per step: the batch's own (B), then one negative per image (B): a hard
