@@ -151,7 +151,23 @@ def test_metadata_with_other_keys_says_which_keys_a_line_needs(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text('{"image": "a.png", "caption": "a black square"}\n')
     with pytest.raises(ValueError, match=r"no readable images \(1 bad metadata line \(line 1\); each line of metadata.jsonl "
-                                         r"is an object with 'file_name', .* and 'text'"):
+                                         r"gives 'file_name', .* and 'text'"):
+        load_imagefolder(tmp_path)
+
+
+def test_metadata_csv_is_read_as_hugging_faces_imagefolder_reads_it(tmp_path):
+    """metadata.csv, the imagefolder layout's other form, was "no metadata.jsonl"."""
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text('file_name,text,colour\na.png,"a red square, filled",red\n'
+                                           'b.png,"a blue\nsquare",blue\nmissing.png,a ghost,none\n'
+                                           'c.png\n')
+    data = load_imagefolder(tmp_path, image_size=8)
+    assert data.captions == ["a red square, filled", "a blue\nsquare"]
+    assert data.attributes == [{"colour": "red"}, {"colour": "blue"}]
+    assert data.images[0, :, 0, 0].tolist() == [255, 0, 0]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "red"}\n')
+    with pytest.raises(ValueError, match="both metadata.jsonl and metadata.csv; keep one"):
         load_imagefolder(tmp_path)
 
 

@@ -1,16 +1,21 @@
-"""Captioned images in the Hugging Face imagefolder layout: a folder plus metadata.jsonl.
+"""Captioned images in the Hugging Face imagefolder layout: a folder plus metadata.jsonl,
+or metadata.csv.
 
 Each line of metadata.jsonl is a JSON object with `file_name` (relative to the folder)
-and `text` (the caption); other keys (attributes) are kept. Users bring arbitrary
+and `text` (the caption); metadata.csv has those columns, with a header row. Other keys
+or columns (attributes) are kept. Users bring arbitrary
 photos, so every image is resized (shorter side) and centre-cropped to a square, and a
 file that is missing or unreadable is skipped and counted, never a crash: one bad file
 in ten thousand should not cost a training run.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 METADATA = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"
 
 
 @dataclass
@@ -97,6 +103,23 @@ def json_lines(text: str) -> list[str]:
     return text.split("\n")
 
 
+def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, row) of metadata.jsonl or metadata.csv: a row as read (a dict from a good
+    line; None for a line that is not JSON, which the caller counts as bad)."""
+    text = read_metadata(path)
+    if path.name == METADATA_CSV:
+        reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            yield reader.line_num, row
+        return
+    for number, line in enumerate(json_lines(text), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError:
+                yield number, None
+
+
 def skipped_summary(skipped: dict[str, list[str]], shown: int = 3) -> str:
     """"1 missing (b.png), 2 unreadable (c.png, d.png)": the counts, and the first few entries
     of each, so that a user with thousands of images can find the bad ones."""
@@ -109,27 +132,28 @@ def skipped_summary(skipped: dict[str, list[str]], shown: int = 3) -> str:
 
 
 def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImages:
-    """Read `folder/metadata.jsonl` and its images; skipped files are counted in one warning."""
+    """Read `folder/metadata.jsonl` (or metadata.csv) and its images; skipped files are counted in
+    one warning."""
     if not str(folder).strip():  # Path("") is ".": the working directory was read
         raise ValueError("--data is empty: give 'shapes' (the built-in data) or a folder of images and metadata.jsonl")
     folder = Path(folder)
-    meta_path = folder / METADATA
     if folder.is_file():
         raise ValueError(f"{folder}: a file; --data names a folder of images and metadata.jsonl")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (--data names a folder of images and metadata.jsonl)")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: no metadata.jsonl (one JSON object per line "
-                                "with 'file_name' and 'text')")
+    found = [folder / name for name in (METADATA, METADATA_CSV) if (folder / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{folder / METADATA}: no metadata.jsonl (one JSON object per line with 'file_name' "
+                                "and 'text') nor metadata.csv (those columns, with a header row)")
+    if len(found) > 1:
+        raise ValueError(f"{folder}: both metadata.jsonl and metadata.csv; keep one")
+    meta_path = found[0]
     images, captions, attributes = [], [], []
     skipped: dict[str, list[str]] = {"missing": [], "unreadable": [], "bad metadata line": []}
-    for number, line in enumerate(json_lines(read_metadata(meta_path)), 1):
-        if not line.strip():
-            continue
+    for number, row in metadata_rows(meta_path):
         try:
-            row = json.loads(line)
             name, text = row["file_name"], row["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (KeyError, TypeError):
             skipped["bad metadata line"].append(f"line {number}")
             continue
         # Also bad: a caption that is not text (null, 42: it would be trained on as "None", "42")
@@ -152,12 +176,13 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
             skipped["unreadable"].append(name)
             continue
         captions.append(text)
-        attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text")})
+        # (a CSV row's cells past the header's columns come under the key None)
+        attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text", None)})
     if count := sum(map(len, skipped.values())):
         log.warning("%s: skipped %d entries: %s", folder, count, skipped_summary(skipped))
     if not images:  # what each line needs, when none had it (the usual mistake: other keys)
         why = skipped_summary(skipped) or "none listed"
-        raise ValueError(f"{folder}: no readable images ({why}; each line of metadata.jsonl is an object with "
+        raise ValueError(f"{folder}: no readable images ({why}; each line of {meta_path.name} gives "
                          "'file_name', an image file in the folder, and 'text', its caption)")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
     # Attributes are only useful when every row has them (evaluation needs labels for all).
