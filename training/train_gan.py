@@ -54,7 +54,7 @@ PROBABILITY: Rule = ((lambda v: 0 <= v <= 1), "must be in [0, 1]")
 class CaptionedDataConfig:
     """Data and tokenizer settings every image job shares (GAN, AR model, autoencoders)."""
     data: str = field(default="shapes", metadata={
-        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl"})
+        "help": "'shapes' (procedural, labelled) or a folder with images + metadata.jsonl or metadata.csv"})
     image_size: int = field(default=32, metadata={"help": "image side in pixels (32 or 64)"})
     n_train: int = field(default=20000, metadata={"help": "procedural training images", "valid": at_least(1)})
     data_seed: int = field(default=0, metadata={"help": "seed of the procedural dataset", "valid": SEED})
