@@ -347,6 +347,15 @@ def test_a_failed_step_fails_the_request_it_had_finished(engine):
     async def main():
         cont = ContinuousEngine(engine, SchedulerConfig(max_running=4))
         fail_the_first_forward(cont)
+        # No step before both are in: the second had come after the first step under load
+        # (then the first finished unharmed, and the test failed though the engine was right).
+        added, add, step = [], cont.add, cont.step
+
+        def add_counted(*args) -> int:
+            added.append(args)
+            return add(*args)
+        cont.add = add_counted
+        cont.step = lambda: step() if len(added) == 2 else []
         aeng = AsyncEngine(cont)
         try:
             return await asyncio.gather(outcome(aeng, CompletionRequest("The", seed=1, max_tokens=1)),
