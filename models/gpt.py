@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -62,11 +63,14 @@ def dropout(p: float) -> nn.Module:
 # Batch-invariant decoding (`GPT.set_batch_invariant`). MKL chooses a matrix product's kernel
 # and how it splits the sum from the product's shape, in ways that differ between CPUs (one row,
 # two or three, and four or more rounded differently on one Xeon; five or more on an AVX-512
-# one with AMX), and attention rounds differently with how many cache positions the batch reads;
-# so by default a row's logits depend, in their last bits, on what shares its batch. Computing
-# every matrix product in blocks of exactly ROW_BLOCK rows (one shape whatever the batch), and
-# reading the cache in whole KV_BLOCKs through a plain attention, makes each row's arithmetic
-# the same whatever the batch (tested).
+# one with AMX); GELU's kernel rounds an element by where it falls in the tensor (its vector
+# loop's tail, how threads split the tensor: on 3 threads a long prompt's did); and attention
+# rounds differently with how many cache positions the batch reads. So by default a row's
+# logits depend, in their last bits, on what shares its batch. Computing every matrix product,
+# and the MLP whole, in blocks of exactly ROW_BLOCK rows (one shape whatever the batch; a block
+# of the MLP's hidden layer holds 16 × n_embd values, no vector tail), and reading the cache in
+# whole KV_BLOCKs through a plain attention, makes each row's arithmetic the same whatever the
+# batch (tested, and checked when an engine starts: models.continuous.check_batch_invariance).
 ROW_BLOCK = 4
 KV_BLOCK = 16
 
@@ -83,15 +87,23 @@ def invariant_read(kv_len: int, head_dim: int) -> int:
     return max(round_up(kv_len, KV_BLOCK), round_up(-(-512 // head_dim), KV_BLOCK))
 
 
-def row_blocked_linear(linear: nn.Linear, x: Tensor) -> Tensor:
-    """linear(x), one product per ROW_BLOCK rows of x (the last block padded with zeros): a
-    single product of a batch's rows, even padded to a multiple of ROW_BLOCK, is a shape MKL
-    may round differently."""
+def in_row_blocks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """fn over x's rows, ROW_BLOCK rows at a time (the last block padded with zeros)."""
     rows = x.reshape(-1, x.size(-1))
     extra = -rows.size(0) % ROW_BLOCK
     blocks = (F.pad(rows, (0, 0, 0, extra)) if extra else rows).split(ROW_BLOCK)
-    out = torch.cat([F.linear(block, linear.weight, linear.bias) for block in blocks])
-    return out[:rows.size(0)].view(*x.shape[:-1], -1)
+    return torch.cat([fn(block) for block in blocks])[:rows.size(0)].view(*x.shape[:-1], -1)
+
+
+def row_blocked_linear(linear: nn.Linear, x: Tensor) -> Tensor:
+    """linear(x), one product per ROW_BLOCK rows of x: a single product of a batch's rows, even
+    padded to a multiple of ROW_BLOCK, is a shape MKL may round differently."""
+    return in_row_blocks(lambda block: F.linear(block, linear.weight, linear.bias), x)
+
+
+def row_blocked_mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """mlp(x), ROW_BLOCK rows at a time: GELU's kernel sees one shape whatever the batch."""
+    return in_row_blocks(lambda block: type(mlp).forward(mlp, block), x)
 
 
 def invariant_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
@@ -271,13 +283,14 @@ class GPT(nn.Module):
     # --- incremental decoding -------------------------------------------------------------
     def set_batch_invariant(self, on: bool = True) -> None:
         """Make a row's logits independent of the batch, bit for bit (CPU, float32): every
-        matrix product in blocks of ROW_BLOCK rows, attention read in whole
+        matrix product, and the MLP whole, in blocks of ROW_BLOCK rows, attention read in whole
         KV_BLOCKs (see invariant_attention). By default a row's logits depend on its batch in
         their last bits, which flips a sampled token now and then."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):  # an instance attribute: the default path pays nothing
+            if isinstance(module, (nn.Linear, MLP)):  # an instance attribute: the default path pays nothing
                 if on:
-                    module.forward = types.MethodType(row_blocked_linear, module)
+                    blocked = row_blocked_linear if isinstance(module, nn.Linear) else row_blocked_mlp
+                    module.forward = types.MethodType(blocked, module)
                 else:
                     module.__dict__.pop("forward", None)
             elif isinstance(module, CausalSelfAttention):
