@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from models.tokenizer import Tokenizer
 from tests_support import deny_reading
 from training.data.text_corpus import Corpus, load_corpus
-from training.train_gpt import main
+from training.train_gpt import main, sample_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--store=false", "--max_steps=20", "--ckpt_interval=5", "--eval_interval=10"]
@@ -371,3 +371,4 @@ def test_own_text_is_sampled_from_its_own_beginnings_and_bits_per_byte_are_said(
     samples = (tmp_path / "run" / "samples.txt").read_text()
     assert samples.count("### 'Customer ") == 4 and "This module" not in samples
     assert re.search(r"validation: loss \d+\.\d{4}, \d+\.\d{3} bits per byte", capsys.readouterr().err)
+    assert sample_prompts("mine", ["句" * 120_000 + " two"]) == ["句" * 40 + " "]  # the job had failed there

@@ -406,6 +406,10 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     Tokenizer.train(words, 400).save(hf_dir / "tokenizer.json")  # more tokens than the model's 320
     too_big = store(str(hf_dir), "--name", "hf-gpt2")  # named by the user's folder, not the import's
     assert too_big.returncode == 2 and str(hf_dir / "tokenizer.json") in too_big.stderr, too_big.stderr[-2000:]
+    (hf_dir / "tokenizer.json").write_text("{not json")
+    broken = store(str(hf_dir), "--name", "hf-gpt2")  # was a traceback from the tokenizers library
+    assert broken.returncode == 2 and str(hf_dir / "tokenizer.json") in broken.stderr, broken.stderr[-2000:]
+    assert "Traceback" not in broken.stderr and not list((tmp_path / "home").glob(".import-*"))
 
 
 def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):

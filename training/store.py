@@ -167,13 +167,13 @@ def import_hf_gpt2(folder: Path, out: Path) -> None:
     through `from_hf_gpt2` (which refuses what this GPT does not compute), its tokenizer.json."""
     from models.artifacts import save_model_dir
     from models.gpt import from_hf_gpt2
-    from models.tokenizer import Tokenizer
 
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder}: a Hugging Face GPT-2 folder without tokenizer.json; transformers writes one: "
                          f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
     model = from_hf_gpt2(folder)
-    save_model_dir(out, model.config.to_dict(), model.state_dict(), Tokenizer.load(folder / "tokenizer.json"))
+    save_model_dir(out, model.config.to_dict(), model.state_dict())
+    shutil.copy2(folder / "tokenizer.json", out / "tokenizer.json")  # checked with the rest by the load that follows
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> str:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder}: no config.json (not a model folder)")
     if read_json(folder / "config.json").get("model_type") == "gpt2":  # straight from Hugging Face
-        with tempfile.TemporaryDirectory() as imported:
+        check_name(args.name or "gpt", "gpt")  # before the import, which may take a while
+        Path(store_folder()).mkdir(parents=True, exist_ok=True)
+        # Beside the store, where the model is going (a large checkpoint may not fit in /tmp)
+        with tempfile.TemporaryDirectory(dir=store_folder(), prefix=".import-") as imported:
             import_hf_gpt2(folder, Path(imported))
             try:
                 return store_folder_as(Path(imported), args.name)

@@ -153,8 +153,9 @@ DEFAULT_SAMPLE_PROMPTS = ["The ", "Return the ", "This module ", "If the "]  # h
 
 def sample_prompts(data: str, train_docs: list[str]) -> list[str]:
     """The prompts of samples.txt: for the user's own text, the first two words of its first
-    four training documents (how the model learned that a text begins), else the default's."""
-    starts = [" ".join(doc.split()[:2]) + " " for doc in train_docs if doc.split()][:4]
+    four training documents (how the model learned that a text begins; at most 40 characters: a
+    "word" of text written without spaces may be the whole document), else the default's."""
+    starts = [" ".join(doc.split()[:2])[:40] + " " for doc in train_docs if doc.split()][:4]
     return starts if data and starts else DEFAULT_SAMPLE_PROMPTS
 
 
