@@ -169,6 +169,22 @@ def test_metadata_csv_is_read_as_hugging_faces_imagefolder_reads_it(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "red"}\n')
     with pytest.raises(ValueError, match="both metadata.jsonl and metadata.csv; keep one"):
         load_imagefolder(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    for text, why in (('file_name,text\na.png,"never closed\nb.png,blue\n', r"line 2 is not CSV \(unexpected end"),
+                      ("file_name,text,text\na.png,red,blue\n", "the header names a column twice"),
+                      ("file_name,text\na.png," + "x" * 200_000 + "\n", "line 2 is not CSV")):
+        (tmp_path / "metadata.csv").write_text(text)  # the first had been one caption of the rest of the file
+        with pytest.raises(ValueError, match=why):
+            load_imagefolder(tmp_path)
+
+
+def test_a_bad_csv_record_is_named_by_the_line_it_starts_on(tmp_path, caplog):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text('file_name,text,colour\na.png,"two\nlines",black\na.png\na.png,short\n')
+    with caplog.at_level(logging.WARNING):
+        data = load_imagefolder(tmp_path, image_size=8)
+    assert data.captions == ["two\nlines", "short"] and "bad metadata line (line 4)" in caplog.text
+    assert data.attributes == []  # the short row has no colour: not every image is labelled
 
 
 def test_hard_negatives_change_exactly_one_attribute():

@@ -108,9 +108,17 @@ def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
     line; None for a line that is not JSON, which the caller counts as bad)."""
     text = read_metadata(path)
     if path.name == METADATA_CSV:
-        reader = csv.DictReader(io.StringIO(text))
-        for row in reader:
-            yield reader.line_num, row
+        # strict: an unclosed quote is an error, not the rest of the file read as one caption
+        reader = csv.DictReader(io.StringIO(text), strict=True)
+        start = 1  # the line a record starts on (a quoted caption may span lines)
+        try:
+            if len(set(reader.fieldnames or [])) < len(reader.fieldnames or []):
+                raise ValueError(f"{path}: the header names a column twice ({','.join(reader.fieldnames)})")
+            for row in reader:
+                yield start + 1, row
+                start = reader.line_num
+        except csv.Error as e:  # a bad quote, a field past csv's size limit
+            raise ValueError(f"{path}: line {start + 1} is not CSV ({e})") from None
         return
     for number, line in enumerate(json_lines(text), 1):
         if line.strip():
@@ -176,8 +184,9 @@ def load_imagefolder(folder: str | Path, image_size: int = 32) -> CaptionedImage
             skipped["unreadable"].append(name)
             continue
         captions.append(text)
-        # (a CSV row's cells past the header's columns come under the key None)
-        attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text", None)})
+        # (a CSV row's cells past the header's columns come under the key None; a short row's
+        # missing ones have the value None: not attributes it has)
+        attributes.append({k: v for k, v in row.items() if k not in ("file_name", "text", None) and v is not None})
     if count := sum(map(len, skipped.values())):
         log.warning("%s: skipped %d entries: %s", folder, count, skipped_summary(skipped))
     if not images:  # what each line needs, when none had it (the usual mistake: other keys)
