@@ -370,7 +370,9 @@ def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, k
             changed = [f"--{k}={saved[k]!r} then, {config[k]!r} now" for k in keys
                        if k != "data" and k in saved and saved[k] != config[k]]
             why = ("; " + ", ".join(changed) if changed else
-                   "; the files changed since" if saved.get("data") == config["data"] else "")
+                   "; the files changed since, or how they are split into training and validation (train_gpt's "
+                   "rule for a few or unequal documents changed on 2026-11-27)"
+                   if saved.get("data") == config["data"] else "")
             raise ValueError(f"--resume: {path} was trained on dataset {ckpt['dataset']} "
                              f"(--data={saved.get('data')!r}), this run's is dataset {dataset_hash} "
                              f"(--data={config['data']!r}){why}: {advice}")

@@ -3,7 +3,8 @@
 The default corpus is real English that ships with Python itself: the language reference
 topics in `pydoc_data.topics` plus the docstrings of the standard library (read with `ast`,
 never imported). It is extracted deterministically and split by document, so no document
-is in both train and validation. `--data` takes the user's own .txt files (a document each),
+is in both train and validation (a corpus of a few documents, or of unequal ones, is split by
+characters instead: see load_corpus). `--data` takes the user's own .txt files (a document each),
 .jsonl files (a document per line, `{"text": ...}`, the layout of Hugging Face's text
 datasets), or folders of them.
 """
