@@ -393,8 +393,8 @@ def train(cfg: GANTrainConfig) -> Path:
         log.info("evaluator accuracy on real data: %s", ev_metrics["accuracy"])
     engine = ImageEngine(G_ema, tokenizer, str(d.device))
 
-    # DDP averages gradients across ranks; D's spectral-norm vectors start as rank 0's, then
-    # each rank keeps its own (torch 2.13's name for not syncing them at each forward).
+    # DDP averages gradients across ranks; D's spectral-norm vectors (--d_spectral_norm) start as
+    # rank 0's and are not synced at each forward (torch 2.13's name for it).
     G_train = DDP(G) if d.world_size > 1 else G
     D_train = DDP(D, forward_sync_buffers=False) if d.world_size > 1 else D
     B = cfg.batch_size
