@@ -286,9 +286,11 @@ class GPT(nn.Module):
         matrix product, and the MLP whole, in blocks of ROW_BLOCK rows, attention read in whole
         KV_BLOCKs (see invariant_attention). By default a row's logits depend on its batch in
         their last bits, which flips a sampled token now and then."""
+        in_mlp = {id(part) for mlp in self.modules() if isinstance(mlp, MLP) for part in mlp.modules()}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, MLP)):  # an instance attribute: the default path pays nothing
-                if on:
+            # An MLP's own layers run on its blocks as they are; each other linear layer in blocks
+            if isinstance(module, MLP) or isinstance(module, nn.Linear) and id(module) not in in_mlp:
+                if on:  # an instance attribute: the default path pays nothing
                     blocked = row_blocked_linear if isinstance(module, nn.Linear) else row_blocked_mlp
                     module.forward = types.MethodType(blocked, module)
                 else:
