@@ -151,6 +151,8 @@ def test_a_long_prompt_is_exact_on_three_threads(threads):
 def test_the_exact_mode_is_checked_when_the_engine_starts(engine, monkeypatch):
     """A machine whose BLAS rounds a row differently in a batch fails the start-up check, where
     the mode would have been lost in silence: here the mode is made a no-op."""
-    monkeypatch.setattr(engine.model, "set_batch_invariant", lambda on=True: None)
+    calls = []
+    monkeypatch.setattr(engine.model, "set_batch_invariant", lambda on=True: calls.append(on))
     with pytest.raises(ValueError, match=r"batch_invariant: on this machine, on \d+ thread\(s\), a request.s logprobs differ"):
         ContinuousEngine(engine, SchedulerConfig(max_running=2, batch_invariant=True))
+    assert calls == [True, False]  # turned off again: a caller may go on without the mode

@@ -180,11 +180,16 @@ def test_metadata_csv_is_read_as_hugging_faces_imagefolder_reads_it(tmp_path):
 
 def test_a_bad_csv_record_is_named_by_the_line_it_starts_on(tmp_path, caplog):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    (tmp_path / "metadata.csv").write_text('file_name,text,colour\na.png,"two\nlines",black\na.png\na.png,short\n')
+    (tmp_path / "metadata.csv").write_text('file_name,text,colour\na.png,"two\nlines",black\n\na.png\na.png,short\n')
     with caplog.at_level(logging.WARNING):
         data = load_imagefolder(tmp_path, image_size=8)
-    assert data.captions == ["two\nlines", "short"] and "bad metadata line (line 4)" in caplog.text
+    assert data.captions == ["two\nlines", "short"] and "bad metadata line (line 5)" in caplog.text  # past a blank one
     assert data.attributes == []  # the short row has no colour: not every image is labelled
+    (tmp_path / "metadata.csv").write_text('file_name,text,colour,,\na.png,red,red,,\n')  # a spreadsheet's commas
+    assert load_imagefolder(tmp_path, image_size=8).attributes == [{"colour": "red"}]
+    (tmp_path / "metadata.csv").write_text('"file_name,text\na.png,red\n')
+    with pytest.raises(ValueError, match="line 1 is not CSV"):
+        load_imagefolder(tmp_path)
 
 
 def test_hard_negatives_change_exactly_one_attribute():

@@ -372,3 +372,12 @@ def test_own_text_is_sampled_from_its_own_beginnings_and_bits_per_byte_are_said(
     assert samples.count("### 'Customer ") == 4 and "This module" not in samples
     assert re.search(r"validation: loss \d+\.\d{4}, \d+\.\d{3} bits per byte", capsys.readouterr().err)
     assert sample_prompts("mine", ["句" * 120_000 + " two"]) == ["句" * 40 + " "]  # the job had failed there
+
+
+def test_a_refused_resume_on_the_same_data_names_the_split_rule_for_text_only(tmp_path):
+    from training.common import check_resume_data
+
+    ckpt = {"dataset": "old", "config": {"data": "mine"}}
+    for cause, said in (("", "the files changed since: resume"), ("how they are split", "or how they are split")):
+        with pytest.raises(ValueError, match=said):
+            check_resume_data(ckpt, tmp_path / "ckpt.pt", {"data": "mine"}, "new", ("data",), other_cause=cause)

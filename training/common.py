@@ -358,11 +358,13 @@ def get_tokenizer(texts: list[str], vocab_size: int, run_dir: str, d: Dist, ckpt
     return Tokenizer.from_str(text[0])
 
 
-def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, keys: tuple[str, ...]) -> None:
+def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, keys: tuple[str, ...],
+                      other_cause: str = "") -> None:
     """A resumed run trains on its checkpoint's data: the checkpoint's tokenizer was fitted to that
     data, and the saved model's `dataset` label names one dataset. The checkpoint's hash decides
     (the same files under another spelling of the path are the same data); for a checkpoint
-    without one, the `keys` settings that chose its data."""
+    without one, the `keys` settings that chose its data. `other_cause`: what else than the
+    files may have changed the hash of the same --data."""
     saved = ckpt.get("config", {})
     advice = "resume with the same data, or start a new --run_dir"
     if "dataset" in ckpt:
@@ -370,8 +372,7 @@ def check_resume_data(ckpt: dict, path: Path, config: dict, dataset_hash: str, k
             changed = [f"--{k}={saved[k]!r} then, {config[k]!r} now" for k in keys
                        if k != "data" and k in saved and saved[k] != config[k]]
             why = ("; " + ", ".join(changed) if changed else
-                   "; the files changed since, or how they are split into training and validation (train_gpt's "
-                   "rule for a few or unequal documents changed on 2026-11-27)"
+                   "; the files changed since" + (f", or {other_cause}" if other_cause else "")
                    if saved.get("data") == config["data"] else "")
             raise ValueError(f"--resume: {path} was trained on dataset {ckpt['dataset']} "
                              f"(--data={saved.get('data')!r}), this run's is dataset {dataset_hash} "

@@ -179,7 +179,9 @@ def train(cfg: TrainGPTConfig) -> dict:
 
     corpus = load_corpus(cfg.data, max_chars=cfg.max_chars)
     if ckpt is not None:
-        check_resume_data(ckpt, ckpt_path, asdict(cfg), corpus.hash, DATA_KEYS)
+        check_resume_data(ckpt, ckpt_path, asdict(cfg), corpus.hash, DATA_KEYS,
+                          other_cause="how they are split into training and validation (the rule for a few or "
+                                      "unequal documents changed on 2026-11-27)")
     tok = get_tokenizer(corpus.train, cfg.vocab_size, cfg.run_dir, d, ckpt)
     train_data, val_data = encode_documents(tok, corpus.train), encode_documents(tok, corpus.val)
     for part, ids in (("training", train_data), ("validation", val_data)):

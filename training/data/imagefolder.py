@@ -108,17 +108,7 @@ def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
     line; None for a line that is not JSON, which the caller counts as bad)."""
     text = read_metadata(path)
     if path.name == METADATA_CSV:
-        # strict: an unclosed quote is an error, not the rest of the file read as one caption
-        reader = csv.DictReader(io.StringIO(text), strict=True)
-        start = 1  # the line a record starts on (a quoted caption may span lines)
-        try:
-            if len(set(reader.fieldnames or [])) < len(reader.fieldnames or []):
-                raise ValueError(f"{path}: the header names a column twice ({','.join(reader.fieldnames)})")
-            for row in reader:
-                yield start + 1, row
-                start = reader.line_num
-        except csv.Error as e:  # a bad quote, a field past csv's size limit
-            raise ValueError(f"{path}: line {start + 1} is not CSV ({e})") from None
+        yield from csv_rows(path, text)
         return
     for number, line in enumerate(json_lines(text), 1):
         if line.strip():
@@ -126,6 +116,32 @@ def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, json.loads(line)
             except json.JSONDecodeError:
                 yield number, None
+
+
+def csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str | None, Any]]]:
+    """metadata.csv's records as metadata_rows gives them: (the line a record starts on, its
+    cells by column name). Cells past the header's columns come under the key None, a short
+    row's missing ones are None (as csv.DictReader has them); a column without a name (the
+    trailing commas some spreadsheets write) is left out; blank lines are skipped."""
+    # strict: an unclosed quote is an error, not the rest of the file read as one caption
+    reader = csv.reader(io.StringIO(text), strict=True)
+    line = 0  # the last line read
+    try:
+        header = next(reader, [])
+        named = [name for name in header if name]
+        if len(set(named)) < len(named):
+            raise ValueError(f"{path}: the header names a column twice ({','.join(header)})")
+        line = reader.line_num
+        for cells in reader:
+            start, line = line + 1, reader.line_num
+            if cells:
+                row: dict[str | None, Any] = {name: cell for name, cell in zip(header, cells) if name}
+                row.update({name: None for name in header[len(cells):] if name})
+                if len(cells) > len(header):
+                    row[None] = cells[len(header):]
+                yield start, row
+    except csv.Error as e:  # a bad quote, a field past csv's size limit
+        raise ValueError(f"{path}: line {line + 1} is not CSV ({e})") from None
 
 
 def skipped_summary(skipped: dict[str, list[str]], shown: int = 3) -> str:
