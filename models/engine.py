@@ -378,6 +378,8 @@ class TextEngine(TextRequests):
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(self.device, self.dtype).eval()
         self.model.vocab_in_use = tokenizer.vocab_size
+        if self.device.type == "cpu":  # on CUDA unmeasured: cuBLAS is left the layout it was given
+            self.model.column_major_weights()
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> "TextEngine":

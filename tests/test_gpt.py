@@ -108,6 +108,33 @@ def test_decoding_without_a_mask_equals_an_all_true_mask():
         assert torch.equal(caches[0], caches[1]) and caches[1][:, :, :, :, 9].abs().sum() > 0  # position 9 written
 
 
+def test_column_major_weights_change_only_the_layout(tmp_path):
+    """The CPU engine stores linear weights as their transposes (faster products): the same
+    parameters and values, the embedding still tied, logits as before, and a model dir saved
+    from it loads."""
+    from models.artifacts import load_model_dir, save_model_dir
+    from models.engine import TextEngine
+    from models.tokenizer import Tokenizer
+
+    cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=2, n_head=2, n_embd=32)
+    m, ref = (torch.manual_seed(0) and GPT(cfg).eval() for _ in range(2))
+    params = dict(m.named_parameters())
+    engine = TextEngine(m, Tokenizer.train(["the value of the object " * 20], 320), "cpu")
+    assert engine.model is m and dict(m.named_parameters()) == params  # the same Parameter objects
+    assert m.lm_head.weight is m.transformer.wte.weight
+    for module in m.modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.weight.t().is_contiguous() and not module.weight.is_contiguous()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    idx, ref.vocab_in_use = torch.randint(0, 320, (3, 10)), m.vocab_in_use  # the ids the tokenizer names
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx)[0], ref(idx)[0], atol=1e-5, rtol=1e-5)
+    save_model_dir(tmp_path / "m", m.config.to_dict(), m.state_dict(), engine.tokenizer, {})
+    loaded = load_model_dir(tmp_path / "m", lambda c: GPT(GPTConfig.from_dict(c)), family="gpt").model
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), ref.parameters()))
+
+
 def test_hf_gpt2_import_matches_transformers(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

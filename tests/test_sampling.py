@@ -164,12 +164,16 @@ def test_logit_bias_bans_and_forces_tokens_per_row_and_follows_rows_that_stay():
 
 
 def test_banned_tokens_are_never_drawn_greedy_or_sampled():
-    params = SamplingBatch.from_params([SamplingParams(temperature=0), SamplingParams(), SamplingParams(temperature=0)])
-    logits = torch.tensor([[9.0, 1.0, 0.0]] * 3)  # token 0 holds nearly all the mass
-    banned = (torch.tensor([0, 1]), torch.tensor([0, 0]))  # rows 0 and 1 may not draw token 0; row 2 may
+    """Also where a filter would keep only the banned token (bans come before filters), and
+    the caller's logits are left as they were (they give the logprobs)."""
+    params = SamplingBatch.from_params([SamplingParams(temperature=0), SamplingParams(), SamplingParams(temperature=0),
+                                        SamplingParams(top_k=1)])
+    logits = torch.tensor([[9.0, 1.0, 0.0]] * 4)  # token 0 holds nearly all the mass
+    banned = (torch.tensor([0, 1, 3]), torch.tensor([0, 0, 0]))  # rows 0, 1 and 3 may not draw token 0; row 2 may
     for seed in range(20):
-        tokens = sample(logits, params, [RowRandom(seed + i) for i in range(3)], banned=banned).tolist()
-        assert tokens[0] == 1 and tokens[1] != 0 and tokens[2] == 0
+        tokens = sample(logits, params, [RowRandom(seed + i) for i in range(4)], banned=banned).tolist()
+        assert tokens[0] == 1 and tokens[1] != 0 and tokens[2] == 0 and tokens[3] == 1
+    assert torch.equal(logits, torch.tensor([[9.0, 1.0, 0.0]] * 4))
 
 
 def test_the_smallest_repetition_penalty_favours_seen_tokens_without_overflowing():
