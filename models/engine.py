@@ -366,7 +366,9 @@ class TextRequests:
 
 
 class TextEngine(TextRequests):
-    """A GPT plus its tokenizer, serving batches of completion requests."""
+    """A GPT plus its tokenizer, serving batches of completion requests. It takes the model
+    over: moves it to the device and dtype, puts it in eval mode and, on the CPU, lays its
+    weights out column-major (`GPT.column_major_weights`)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: str | torch.device = "auto",
                  dtype: torch.dtype | None = None):

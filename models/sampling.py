@@ -1,11 +1,14 @@
-"""The sampler: logits -> bans -> logit bias -> repetition penalty -> presence / frequency penalties
--> temperature -> top-k / top-p / typical-p / min-p -> softmax -> inverse-CDF draw with one
-uniform from the request's own generator.
+"""The sampler: logits -> logit bias -> repetition penalty -> presence / frequency penalties
+-> temperature -> bans -> top-k / top-p / typical-p / min-p -> softmax -> inverse-CDF draw with
+one uniform from the request's own generator; greedy rows take the argmax of the biased,
+penalised logits with the bans.
 
 Everything is batched over rows, each row with its own parameters, so one decode step
 serves many requests; a row's draw depends only on its logits and its own generator.
-The bans, the bias and the penalties act on the raw logits first (the order of Hugging Face
-and vLLM), so that they also apply to greedy decoding.
+The bias and the penalties act on the raw logits first (the order of Hugging Face and vLLM),
+so that they also apply to greedy decoding. A ban (-inf) is -inf whatever the bias, penalties
+and temperature do, so banning after them draws what banning first would, and the filters
+see the bans.
 """
 from __future__ import annotations
 
@@ -266,7 +269,7 @@ def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
     if counts is not None and "counts" in params.uses:
         logits = apply_count_penalties(logits, counts, params.presence_penalty, params.frequency_penalty)
     tempered = logits / params.temperature.clamp(min=1e-6)
-    if banned is not None:  # into the division's new tensor: a copy of the logits cost 4 % of a batch-32 step
+    if banned is not None:  # into the division's new tensor: a copy of the logits costs 4 % of a batch-32 step
         tempered.index_put_(banned, tempered.new_tensor(float("-inf")))
     filtered = filter_logits(tempered, params)
     probs = filtered.softmax(dim=-1)
@@ -275,7 +278,7 @@ def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
     if "greedy" not in params.uses:
         return drawn
     greedy = params.temperature.squeeze(-1) == 0  # (B,)
-    if banned is not None:
+    if banned is not None:  # the argmax of the logits, not of the tempered ones (x / 1e-6 may round two apart to one)
         logits = logits.index_put(banned, logits.new_tensor(float("-inf")))
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 

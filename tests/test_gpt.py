@@ -117,7 +117,10 @@ def test_column_major_weights_change_only_the_layout(tmp_path):
     from models.tokenizer import Tokenizer
 
     cfg = GPTConfig(vocab_size=320, block_size=48, n_layer=2, n_head=2, n_embd=32)
-    m, ref = (torch.manual_seed(0) and GPT(cfg).eval() for _ in range(2))
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    torch.manual_seed(0)
+    ref = GPT(cfg).eval()
     params = dict(m.named_parameters())
     engine = TextEngine(m, Tokenizer.train(["the value of the object " * 20], 320), "cpu")
     assert engine.model is m and dict(m.named_parameters()) == params  # the same Parameter objects
