@@ -278,7 +278,7 @@ def sample(logits: Tensor, params: SamplingBatch, randoms: list[RowRandom],
     if "greedy" not in params.uses:
         return drawn
     greedy = params.temperature.squeeze(-1) == 0  # (B,)
-    if banned is not None:  # the argmax of the logits, not of the tempered ones (x / 1e-6 may round two apart to one)
+    if banned is not None:  # greedy: the logits' own argmax (dividing by 1e-6 may round two logits to one value)
         logits = logits.index_put(banned, logits.new_tensor(float("-inf")))
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
