@@ -22,6 +22,7 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -77,6 +78,8 @@ class EngineProcess(EventStreams):
         self._running = self._waiting = self._sent = self._received = 0
         self._failure: str | None = None
         self._stopping = False
+        self._stopped_because: str | None = None  # why `stop_stuck` killed the child
+        self._progress_at = time.monotonic()  # the latest step report, or the start of work on an idle engine
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and locks
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(child_conn, spec), name="condgen-text-engine",
@@ -124,6 +127,8 @@ class EngineProcess(EventStreams):
         return EngineFailed(self._failure) if self._failure is not None else None
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
+        if self.stats() == (0, 0):  # an idle engine: its time to make progress starts now
+            self._progress_at = time.monotonic()
         self._sent += 1
         self._post(("add", gid, req))
 
@@ -142,6 +147,21 @@ class EngineProcess(EventStreams):
     def stats(self) -> tuple[int, int]:
         """(sequences running, requests waiting), as of the latest step."""
         return self._running, self._waiting + self._sent - self._received
+
+    def seconds_stuck(self) -> float:
+        """How long the child has had requests to serve without reporting a step (0 when it has
+        none). The child reports every step it takes while it has work, so a long silence means
+        it hangs (a deadlock, a GPU that stopped answering) while looking alive. Counted from the
+        engine's state, not from the streams still open: a slow client reading its last events
+        keeps a stream open long after its engine is done."""
+        hangs = self._failure is None and self._stopped_because is None and any(self.stats())
+        return time.monotonic() - self._progress_at if hangs else 0.0
+
+    def stop_stuck(self, reason: str) -> None:
+        """Kill a child that hangs: its requests fail with EngineFailed (`reason`), as at a death,
+        and the server starts a fresh engine. A hung process may ignore anything gentler."""
+        self._stopped_because = reason
+        self._proc.kill()
 
     def shutdown(self) -> None:
         if self._stopping:
@@ -182,7 +202,7 @@ class EngineProcess(EventStreams):
         if self._stopping:
             self._failure = "the text engine has shut down"
         else:
-            self._failure = f"the text engine process exited (code {self._proc.exitcode})"
+            self._failure = self._stopped_because or f"the text engine process exited (code {self._proc.exitcode})"
             logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))
         # Nothing runs or waits any more: the gauges fed by on_step must not keep their last values.
         self._running, self._waiting, self._received = 0, 0, self._sent
@@ -196,6 +216,7 @@ class EngineProcess(EventStreams):
             self._send(gid, EngineFailed(self._failure))
 
     def _on_report(self, report: StepReport) -> None:
+        self._progress_at = time.monotonic()
         self._running, self._waiting, self._received = report.running, report.waiting, report.received
         # The step's metrics first, then its events (whatever the callbacks do): a client that
         # has its last event finds the step counted (the other order let a test's next

@@ -89,6 +89,10 @@ if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cud
     # "Torch not compiled with CUDA enabled" in its log.
     raise ConfigError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
+# An engine process with work that reports no progress (a text decode step, an image batch) for
+# this long hangs: it is killed and started again. 0: never. By default the first-byte timeout:
+# a step or batch that takes longer would answer nobody in time anyway.
+ENGINE_STALL_S = env_float("CONDGEN_ENGINE_STALL_S", TIMEOUT_S, 0, allow_minimum=True)
 TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
 TEXT_TOKEN_BUDGET = env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512, 1)  # decode + prefill tokens per step
 TEXT_MAX_WAITING = env_int("CONDGEN_TEXT_MAX_WAITING", 256, 0)  # queued completion requests, beyond it 429

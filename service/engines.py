@@ -30,8 +30,8 @@ from models.engine import TextRequests
 from models.engine_process import EngineProcess, EngineSpec
 from models.image_engine import ImageEngine, ImageRequest, ImageRequests
 from service.batching import MicroBatcher
-from service.config import (BATCH_INVARIANT, CUDA_GRAPHS, DEVICE, IMAGE_MAX_BATCH, TEXT_MAX_RUNNING, TEXT_MAX_WAITING,
-                            TEXT_TOKEN_BUDGET, engine_threads)
+from service.config import (BATCH_INVARIANT, CUDA_GRAPHS, DEVICE, ENGINE_STALL_S, IMAGE_MAX_BATCH, TEXT_MAX_RUNNING,
+                            TEXT_MAX_WAITING, TEXT_TOKEN_BUDGET, engine_threads)
 from service.image_worker import ImageWorker
 from service.metrics import TEXT, Metrics, forget_dead_processes
 from service.worker_health import WorkerHealth
@@ -253,6 +253,7 @@ class Engines:
                 return
             try:
                 forget_dead_processes(self._shared_dir)  # a worker killed: its gauges
+                self._stop_stuck_engines()
                 dead = self._dead_engines()
             except Exception:  # (a loop closing under a health check, say): the watch goes on
                 logger.exception("checking the engine processes failed")
@@ -283,6 +284,21 @@ class Engines:
                     self._failed_starts.add(name)
                     logger.error("starting the %s engine again failed (%s: %s); next try in %.0f s",
                                  name, type(e).__name__, e, backoff[name])
+
+    def _stop_stuck_engines(self) -> None:
+        """Kill each engine process that has had work and made no progress for ENGINE_STALL_S
+        (`seconds_stuck`). Alive to every other check, a hung engine held its requests until
+        their deadlines (504) while /readyz said 200; killed, it is a death like any other:
+        its requests fail with a 503 that says why, and it is started again."""
+        if not ENGINE_STALL_S:
+            return
+        engines = [("text engine", self.text_stream)] if self.text_stream is not None else []
+        engines += [(f"image engine of {tag}", backend.worker) for tag, backend in self.images.items()]
+        for name, engine in engines:
+            if (stuck := engine.seconds_stuck()) > ENGINE_STALL_S:
+                logger.error("the %s made no progress for %.0f s with work in hand (CONDGEN_ENGINE_STALL_S=%g): "
+                             "killing its process %d, to start it again", name, stuck, ENGINE_STALL_S, engine.pid)
+                engine.stop_stuck(f"the {name} made no progress for {stuck:.0f} s with work in hand and was stopped")
 
     def _dead_engines(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, how to start it again) of each engine process that has died."""

@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -70,6 +71,8 @@ class ImageWorker:
         self._sent = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failure: str | None = None
+        self._stopped_because: str | None = None  # why `stop_stuck` killed the child
+        self._progress_at = time.monotonic()  # the latest reply, or the first batch sent to an idle worker
 
     def wait_started(self, timeout_s: float = 300.0) -> None:
         """Block until the engine is loaded and warmed up; a WorkerError carries the child's
@@ -122,6 +125,8 @@ class ImageWorker:
             # than what has arrived would then fail mid-message. Readiness is all we need
             # from the loop: once a reply starts, reading it to its end takes microseconds.
             os.set_blocking(self._conn.fileno(), True)
+        if not self._pending:  # an idle worker: its time to answer starts now
+            self._progress_at = time.monotonic()
         self._sent += 1
         future = self._loop.create_future()
         self._pending[self._sent] = future
@@ -135,18 +140,32 @@ class ImageWorker:
         try:
             while self._conn.poll():
                 ok, batch, result = self._conn.recv()
+                self._progress_at = time.monotonic()
                 future = self._pending.pop(batch)
                 if not future.done():
                     future.set_result(result) if ok else future.set_exception(WorkerError(result))
         except (EOFError, OSError):
             self._died()
 
+    def seconds_stuck(self) -> float:
+        """How long the worker has held batches without answering any (0 when it holds none): a
+        worker that hangs (a deadlock, a GPU that stopped answering) looks alive. Read from the
+        engine watchdog's thread; `_pending` only changes on the loop's."""
+        hangs = self.failure is None and self._stopped_because is None and self._pending
+        return time.monotonic() - self._progress_at if hangs else 0.0
+
+    def stop_stuck(self, reason: str) -> None:
+        """Kill a worker that hangs: its batches fail with WorkerDied (`reason`), as at a death,
+        and the server starts a fresh worker. A hung process may ignore anything gentler."""
+        self._stopped_because = reason
+        self._proc.kill()
+
     def _died(self) -> None:
         if self.failure is not None:  # seen already (by the reader, or a health check's call), or detached
             return
         self._proc.join(timeout=1)
         in_flight = len(self._pending)
-        self.detach(f"the image worker exited (code {self._proc.exitcode})")
+        self.detach(self._stopped_because or f"the image worker exited (code {self._proc.exitcode})")
         logger.error("%s; failed %d batches in flight", self.failure, in_flight)
 
     def detach(self, failure: str = "the image worker has shut down") -> None:

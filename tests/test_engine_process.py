@@ -321,3 +321,34 @@ def test_requests_in_flight_fail_when_the_engine_stops(model_dir, how):
         asyncio.run(main())
     finally:
         proc.shutdown()
+
+
+def test_a_hung_engine_is_stuck_only_while_it_has_work_and_stopping_it_fails_its_requests(model_dir):
+    """A child that hangs (a deadlock, a GPU that stopped answering) stays alive: the server's
+    watchdog (service/engines.py) reads `seconds_stuck` and kills it with `stop_stuck`. A hung
+    child without requests is not stuck, nor is one that answers again."""
+    proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
+
+    async def main():
+        os.kill(proc.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        await asyncio.sleep(0.3)
+        assert proc.seconds_stuck() == 0.0
+        waiting = asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=1, max_tokens=3)))
+        await asyncio.sleep(0.3)
+        assert 0.2 < proc.seconds_stuck() < 5  # counted from the request, not from the last step
+        os.kill(proc.pid, signal.SIGCONT)  # it answers again
+        assert len((await asyncio.wait_for(waiting, timeout=60))[0]) == 3
+        assert await wait_until_idle(proc) == (0, 0) and proc.seconds_stuck() == 0.0
+
+        os.kill(proc.pid, signal.SIGSTOP)
+        waiting = asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=1, max_tokens=3)))
+        await asyncio.sleep(0.3)
+        proc.stop_stuck("the text engine made no progress for 0 s")
+        with pytest.raises(EngineFailed, match="made no progress"):  # fails, with the reason, does not hang
+            await asyncio.wait_for(waiting, timeout=60)
+        assert not proc.alive and proc.seconds_stuck() == 0.0
+
+    try:
+        asyncio.run(main())
+    finally:
+        proc.shutdown()

@@ -150,6 +150,7 @@ def test_a_death_seen_from_another_thread_wakes_the_batch_on_the_loop(loop):
     w = ImageWorker.__new__(ImageWorker)
     w._conn, child_end = mp.Pipe()
     w._proc, w._pending, w._sent, w._loop, w.failure = DeadProc(), {}, 0, None, None
+    w._stopped_because, w._progress_at = None, 0.0
 
     async def main():
         batch = asyncio.ensure_future(w.generate_pngs([], []))
@@ -180,3 +181,28 @@ def test_a_program_that_forgets_shutdown_still_exits(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
     done = subprocess.run([sys.executable, str(script)], env=env, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_hung_worker_is_stuck_only_while_it_holds_a_batch_and_stopping_it_fails_the_batch(worker):
+    """A worker that hangs stays alive: the server's watchdog (service/engines.py) reads
+    `seconds_stuck` and kills it with `stop_stuck`. A hung worker without batches is not stuck,
+    nor is one that answers again."""
+    async def main():
+        os.kill(worker.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        await asyncio.sleep(0.3)
+        assert worker.seconds_stuck() == 0.0
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))
+        await asyncio.sleep(0.3)
+        assert 0.2 < worker.seconds_stuck() < 5  # counted from the batch, not from the last reply
+        os.kill(worker.pid, signal.SIGCONT)  # it answers again
+        assert len((await asyncio.wait_for(pending, timeout=60))[0]) == 1
+        assert worker.seconds_stuck() == 0.0
+
+        os.kill(worker.pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))
+        await asyncio.sleep(0.3)
+        worker.stop_stuck("the image engine made no progress for 0 s")
+        with pytest.raises(WorkerDied, match="made no progress"):  # fails, with the reason, does not hang
+            await asyncio.wait_for(pending, timeout=60)
+        assert not worker.alive and worker.seconds_stuck() == 0.0
+    asyncio.run(main())

@@ -152,3 +152,47 @@ def test_a_dead_engine_process_is_started_again_while_the_other_models_serve(
         assert "has died" not in stopping and "runs in process" not in stopping, stopping
     finally:
         _stop(proc)
+
+
+def test_a_hung_engine_process_is_stopped_and_started_again(bentoml_home: Path,
+                                                            tmp_path_factory: pytest.TempPathFactory):
+    """An engine process that hangs (a deadlock, a GPU that stopped answering; here SIGSTOP) is
+    alive to every check: its requests waited for their deadline (504) while /readyz said 200.
+    With work in hand and no progress for CONDGEN_ENGINE_STALL_S, it is killed: its requests
+    get a 503 that says why, and it is started again. Idle, a hung engine is left alone: it has
+    nothing to answer (a probe cannot tell it from an idle one)."""
+    root = tmp_path_factory.mktemp("hung_engines")
+    proc, srv = launch_server(bentoml_home, root / "serve.log", {"CONDGEN_ENGINE_STALL_S": "2"})
+    try:
+        wait_ready(proc, srv)
+        log = srv.log.read_text(errors="replace")
+        hung = _engine_pids(log, "text") + _engine_pids(log, "image")
+        assert len(hung) >= 2, log[-3000:]
+        for pid in hung:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3)  # past the 2 s, without work: nothing happens
+        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200
+        assert "made no progress" not in srv.log.read_text(errors="replace")
+
+        for route, body in (("/complete", {"prompt": "Hi", "max_tokens": 3}), ("/generate", {"prompt": "a red circle"})):
+            started = time.monotonic()
+            r = httpx.post(srv.url + route, json=body, timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+            assert time.monotonic() - started < 30  # 2 s of silence, then the watchdog's next look
+            deadline = time.monotonic() + WAIT_S
+            while (r := httpx.post(srv.url + route, json=body, timeout=60)).status_code != 200:
+                assert r.status_code == 503 and time.monotonic() < deadline, (r.text, srv.log_tail())
+                time.sleep(0.25)
+        log = srv.log.read_text(errors="replace")
+        assert "the text engine made no progress for" in log and "the text engine is back after" in log
+        assert "the image engine of gan:" in log and log.count("is back after") >= 2
+        assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                   for pid in hung[:2])  # killed, not left hanging beside the fresh ones
+        deaths = scrape(httpx.Client(base_url=srv.url, timeout=10))
+        assert metric(deaths, "condgen_engine_deaths_total", model="gpt") == 1
+        assert metric(deaths, "condgen_engine_deaths_total", model="gan") == 1
+    finally:
+        for pid in locals().get("hung", []):  # one left stopped would hold up the server's graceful stop
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGCONT)
+        _stop(proc)

@@ -623,6 +623,7 @@ def test_settings_take_their_defaults_when_unset_or_empty_and_parse_good_values(
 
 @pytest.mark.parametrize("name, raw", [("CONDGEN_MAX_INFLIGHT", "abc"), ("CONDGEN_DEADLINE_S", "-5"),
                                        ("CONDGEN_RETRY_AFTER", "1.5"), ("CONDGEN_BODY_TIMEOUT_S", "-1"),
+                                       ("CONDGEN_ENGINE_STALL_S", "-1"),
                                        ("CONDGEN_TEXT_MAX_RUNNING", "0"), ("CONDGEN_DEVICE", "gpu"),
                                        ("CONDGEN_CHAT_TEMPLATE", "/nowhere/chat.jinja"),
                                        ("CONDGEN_BATCH_WAIT_MS", "2000"), ("CONDGEN_TIMEOUT", "1_0"),

@@ -937,11 +937,38 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
                                                                perf_counter=lambda: clock[0]))
     watched._revive_text_engine = revive
     watched._dead_engines = types.MethodType(engines.Engines._dead_engines, watched)
+    watched._stop_stuck_engines = lambda: None
     engines.Engines._restart_dead_engines(watched)
     assert [t - tries[0] for t in tries] == [0.0, 5.0, 15.0]
     assert all(ok for t, ok in alive_at if t <= tries[0]) and all(ok for t, ok in alive_at if t > tries[2])
     assert not any(ok for t, ok in alive_at if tries[0] < t <= tries[2])
     assert deaths == ["gpt"]  # one death, however many starts it took
+
+
+@pytest.mark.parametrize("stall_s", [10.0, 0.0])
+def test_the_watchdog_stops_the_engines_that_hold_work_without_progress(monkeypatch, stall_s):
+    """An engine process that hangs looks alive; the watchdog kills the ones whose
+    `seconds_stuck` passed CONDGEN_ENGINE_STALL_S (0: none), each with the reason its requests
+    will carry."""
+    import types
+
+    import service.engines as engines
+
+    stopped: list[tuple[str, str]] = []
+
+    def engine(name: str, stuck: float):
+        return types.SimpleNamespace(seconds_stuck=lambda: stuck, pid=1,
+                                     stop_stuck=lambda reason: stopped.append((name, reason)))
+
+    watched = types.SimpleNamespace(text_stream=engine("text", 10.5), images={
+        "gan:a": types.SimpleNamespace(worker=engine("gan", 9.5)), "ar:b": types.SimpleNamespace(worker=engine("ar", 60))})
+    monkeypatch.setattr(engines, "ENGINE_STALL_S", stall_s)
+    engines.Engines._stop_stuck_engines(watched)
+    if stall_s:
+        assert stopped == [("text", "the text engine made no progress for 10 s with work in hand and was stopped"),
+                           ("ar", "the image engine of ar:b made no progress for 60 s with work in hand and was stopped")]
+    else:
+        assert stopped == []
 
 
 def test_several_prompts_merge_their_events_and_close_together():
