@@ -124,7 +124,8 @@ class EngineProcess(EventStreams):
         return check_request(self.requests, self.cfg, req, waiting + ahead, running)
 
     def _gone(self) -> Exception | None:
-        return EngineFailed(self._failure) if self._failure is not None else None
+        failure = self._failure or self._stopped_because
+        return EngineFailed(failure) if failure is not None else None
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
         if self.stats() == (0, 0):  # an idle engine: its time to make progress starts now
@@ -138,7 +139,7 @@ class EngineProcess(EventStreams):
 
     @property
     def alive(self) -> bool:
-        return self._failure is None
+        return self._failure is None and self._stopped_because is None
 
     @property
     def pid(self) -> int:
@@ -158,10 +159,13 @@ class EngineProcess(EventStreams):
         return time.monotonic() - self._progress_at if hangs else 0.0
 
     def stop_stuck(self, reason: str) -> None:
-        """Kill a child that hangs: its requests fail with EngineFailed (`reason`), as at a death,
-        and the server starts a fresh engine. A hung process may ignore anything gentler."""
+        """Kill a child that hangs; from now on it counts as dead (the server starts a fresh
+        engine) and its requests fail with EngineFailed(`reason`). At once, not when its pipe
+        closes: a process stuck in a GPU driver's call may take its time to act on the kill."""
         self._stopped_because = reason
         self._proc.kill()
+        for gid in list(self._outboxes):
+            self._send(gid, EngineFailed(reason))
 
     def shutdown(self) -> None:
         if self._stopping:

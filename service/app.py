@@ -970,11 +970,11 @@ class Generation:
         params = [[job.describe(job.payload, i, tag) for i in range(job.payload.n)] for job in jobs]
         try:
             results = await backend.worker.generate_pngs([job.payload for job in jobs], params)
-        except WorkerDied:
+        except WorkerDied as e:
             if not self.engines.stopping:
                 logger.error("the worker process of %s has died; /readyz answers 503 until it is started again", tag)
             for job in jobs:
-                fail(job, unavailable(f"the image engine of {tag} is not available"))
+                fail(job, unavailable(f"the image engine of {tag} is not available: {e}"))
             return
         except Exception as e:
             logger.exception("image batch of %d requests failed", len(jobs))

@@ -89,10 +89,6 @@ if DEVICE.startswith("cuda") and int(DEVICE.partition(":")[2] or 0) >= torch.cud
     # "Torch not compiled with CUDA enabled" in its log.
     raise ConfigError(f"CONDGEN_DEVICE={DEVICE!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 TIMEOUT_S = env_float("CONDGEN_TIMEOUT", 300.0, 0)  # per request, until the first byte is sent
-# An engine process with work that reports no progress (a text decode step, an image batch) for
-# this long hangs: it is killed and started again. 0: never. By default the first-byte timeout:
-# a step or batch that takes longer would answer nobody in time anyway.
-ENGINE_STALL_S = env_float("CONDGEN_ENGINE_STALL_S", TIMEOUT_S, 0, allow_minimum=True)
 TEXT_MAX_RUNNING = env_int("CONDGEN_TEXT_MAX_RUNNING", 32, 1)  # sequences decoding at once (KV-cache slots)
 TEXT_TOKEN_BUDGET = env_int("CONDGEN_TEXT_TOKEN_BUDGET", 512, 1)  # decode + prefill tokens per step
 TEXT_MAX_WAITING = env_int("CONDGEN_TEXT_MAX_WAITING", 256, 0)  # queued completion requests, beyond it 429
@@ -101,6 +97,11 @@ CUDA_GRAPHS = env_flag("CONDGEN_CUDA_GRAPHS", True)  # on CUDA, replay the decod
 BATCH_INVARIANT = env_flag("CONDGEN_BATCH_INVARIANT", False)
 LIMITS = Limits.from_env()  # in-flight requests, deadline, Retry-After (service.limits)
 RETRY_AFTER_S = LIMITS.retry_after_s  # the Retry-After of a 429
+# An engine process with work that reports no progress (a text decode step, an image batch) for
+# this long hangs: it is killed and started again. 0: never. By default half of the shorter of
+# the deadline and the first-byte timeout (60 s): the requests waiting on a hung engine then get
+# a 503 that says why, which a client may retry, before their deadline's 504.
+ENGINE_STALL_S = env_float("CONDGEN_ENGINE_STALL_S", min(TIMEOUT_S, LIMITS.deadline_s) / 2, 0, allow_minimum=True)
 IMAGE_MAX_BATCH = env_int("CONDGEN_IMAGE_MAX_BATCH", 64, 1)  # images per forward pass
 IMAGE_MAX_QUEUE = env_int("CONDGEN_MAX_QUEUE", 256, 1)  # images waiting for the engine, beyond it 429
 # A forming image batch lingers this long for requests sent together; at most a second: a lone

@@ -128,6 +128,7 @@ class Engines:
         self._ready = threading.Event()
         self._threads = 1  # torch threads of each engine process, set when loading
         self._failed_starts: set[str] = set()  # engines that died and failed to start again
+        self._stuck_at_last_look: set[str] = set()  # engines `_stop_stuck_engines` found stuck, not yet stopped
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # BentoML's, for all of the server's workers
         self.health = WorkerHealth(self._shared_dir)
         self.health.publish(ready=False, alive=True)  # loading
@@ -287,15 +288,23 @@ class Engines:
 
     def _stop_stuck_engines(self) -> None:
         """Kill each engine process that has had work and made no progress for ENGINE_STALL_S
-        (`seconds_stuck`). Alive to every other check, a hung engine held its requests until
-        their deadlines (504) while /readyz said 200; killed, it is a death like any other:
-        its requests fail with a 503 that says why, and it is started again."""
+        (`seconds_stuck`), at two looks in a row: after the whole container was paused (`docker
+        pause`), this thread may look before the reader threads have read the steps waiting in
+        their pipes. Alive to every other check, a hung engine held its requests until their
+        deadlines (504) while /readyz said 200; stopped, it is a death like any other: its
+        requests fail with a 503 that says why, and it is started again. (The watch runs on the
+        thread that restarts engines: while one starts, the others wait for their next look.)"""
         if not ENGINE_STALL_S:
             return
         engines = [("text engine", self.text_stream)] if self.text_stream is not None else []
         engines += [(f"image engine of {tag}", backend.worker) for tag, backend in self.images.items()]
+        looked, self._stuck_at_last_look = self._stuck_at_last_look, set()
         for name, engine in engines:
-            if (stuck := engine.seconds_stuck()) > ENGINE_STALL_S:
+            if (stuck := engine.seconds_stuck()) <= ENGINE_STALL_S:
+                continue
+            if name not in looked:
+                self._stuck_at_last_look.add(name)
+            else:
                 logger.error("the %s made no progress for %.0f s with work in hand (CONDGEN_ENGINE_STALL_S=%g): "
                              "killing its process %d, to start it again", name, stuck, ENGINE_STALL_S, engine.pid)
                 engine.stop_stuck(f"the {name} made no progress for {stuck:.0f} s with work in hand and was stopped")
@@ -307,7 +316,7 @@ class Engines:
                        for tag, backend in self.images.items() if backend.failed]
 
     def _revive_text_engine(self) -> None:
-        self.text_stream.shutdown()  # its pipe: the process is gone
+        self.text_stream.shutdown()  # its pipe, and the process if a kill for hanging has not ended it yet
         started = time.perf_counter()
         fresh = self._text_engine()
         self.text_stream = fresh

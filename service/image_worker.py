@@ -110,7 +110,7 @@ class ImageWorker:
             else:
                 self._loop.call_soon_threadsafe(self._died)
                 return False
-        return self.failure is None
+        return self.failure is None and self._stopped_because is None
 
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
                             ) -> list[list[bytes]]:
@@ -155,10 +155,16 @@ class ImageWorker:
         return time.monotonic() - self._progress_at if hangs else 0.0
 
     def stop_stuck(self, reason: str) -> None:
-        """Kill a worker that hangs: its batches fail with WorkerDied (`reason`), as at a death,
-        and the server starts a fresh worker. A hung process may ignore anything gentler."""
+        """Kill a worker that hangs; from now on it counts as dead (the server starts a fresh
+        worker) and its batches fail with WorkerDied(`reason`). At once, not when its pipe
+        closes: a process stuck in a GPU driver's call may take its time to act on the kill.
+        Called from the watchdog's thread: the batches are failed on the loop's."""
         self._stopped_because = reason
         self._proc.kill()
+        if self._loop is None or self._loop.is_closed():
+            self.detach(reason)
+        else:
+            self._loop.call_soon_threadsafe(self.detach, reason)
 
     def _died(self) -> None:
         if self.failure is not None:  # seen already (by the reader, or a health check's call), or detached

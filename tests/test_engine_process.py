@@ -329,24 +329,32 @@ def test_a_hung_engine_is_stuck_only_while_it_has_work_and_stopping_it_fails_its
     child without requests is not stuck, nor is one that answers again."""
     proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
 
+    def request(seed: int) -> asyncio.Future:
+        return asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=seed, max_tokens=3)))
+
     async def main():
         os.kill(proc.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        proc._progress_at -= 100  # its last step, long ago
         await asyncio.sleep(0.3)
         assert proc.seconds_stuck() == 0.0
-        waiting = asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=1, max_tokens=3)))
+        first = request(1)
         await asyncio.sleep(0.3)
-        assert 0.2 < proc.seconds_stuck() < 5  # counted from the request, not from the last step
+        second = request(2)  # joins work in hand: the clock goes on
+        await asyncio.sleep(0.3)
+        assert 0.5 < proc.seconds_stuck() < 5  # from the first request, not the last step nor the latest request
         os.kill(proc.pid, signal.SIGCONT)  # it answers again
-        assert len((await asyncio.wait_for(waiting, timeout=60))[0]) == 3
+        assert [len((await asyncio.wait_for(w, timeout=60))[0]) for w in (first, second)] == [3, 3]
         assert await wait_until_idle(proc) == (0, 0) and proc.seconds_stuck() == 0.0
 
         os.kill(proc.pid, signal.SIGSTOP)
-        waiting = asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=1, max_tokens=3)))
+        waiting = request(3)
         await asyncio.sleep(0.3)
         proc.stop_stuck("the text engine made no progress for 0 s")
+        assert not proc.alive and proc.seconds_stuck() == 0.0  # dead at once, not when the kill has taken
         with pytest.raises(EngineFailed, match="made no progress"):  # fails, with the reason, does not hang
             await asyncio.wait_for(waiting, timeout=60)
-        assert not proc.alive and proc.seconds_stuck() == 0.0
+        with pytest.raises(EngineFailed, match="made no progress"):
+            proc.check(CompletionRequest("The", seed=1))
 
     try:
         asyncio.run(main())

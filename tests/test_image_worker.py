@@ -189,20 +189,23 @@ def test_a_hung_worker_is_stuck_only_while_it_holds_a_batch_and_stopping_it_fail
     nor is one that answers again."""
     async def main():
         os.kill(worker.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        worker._progress_at -= 100  # its last reply, long ago
         await asyncio.sleep(0.3)
         assert worker.seconds_stuck() == 0.0
-        pending = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))
+        first = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))
         await asyncio.sleep(0.3)
-        assert 0.2 < worker.seconds_stuck() < 5  # counted from the batch, not from the last reply
+        second = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))  # the clock goes on
+        await asyncio.sleep(0.3)
+        assert 0.5 < worker.seconds_stuck() < 5  # from the first batch, not the last reply nor the latest batch
         os.kill(worker.pid, signal.SIGCONT)  # it answers again
-        assert len((await asyncio.wait_for(pending, timeout=60))[0]) == 1
+        assert [len((await asyncio.wait_for(p, timeout=60))[0]) for p in (first, second)] == [1, 1]
         assert worker.seconds_stuck() == 0.0
 
         os.kill(worker.pid, signal.SIGSTOP)
-        pending = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("c", 1, 1)))
         await asyncio.sleep(0.3)
         worker.stop_stuck("the image engine made no progress for 0 s")
+        assert not worker.alive and worker.seconds_stuck() == 0.0  # dead at once, not when the kill has taken
         with pytest.raises(WorkerDied, match="made no progress"):  # fails, with the reason, does not hang
             await asyncio.wait_for(pending, timeout=60)
-        assert not worker.alive and worker.seconds_stuck() == 0.0
     asyncio.run(main())
