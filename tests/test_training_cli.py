@@ -412,15 +412,19 @@ def test_a_model_folder_goes_into_the_store_by_command(bentoml_home, tmp_path):
     assert "Traceback" not in broken.stderr and not list((tmp_path / "home").glob(".import-*"))
 
 
-def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path):
+@pytest.mark.parametrize("sigint", ["delivered", "ignored"])
+def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, tmp_path, sigint):
     """BentoML copies a new version into the store's folder and cleans up after an Exception
     only: a Ctrl-C during that copy left a half-written version, which `name:latest` named when
     it was the first. The copy now finishes, and what follows it (the version's permissions,
     BentoML's removal of its temporary folder: both were skipped); then the command stops as
     interrupted (130), naming the stored version (a training job said to resume, which stored
-    a second copy)."""
+    a second copy). A process that ignores SIGINT (a job started in the background, as a CI
+    script's `cmd &`) goes on ignoring it: it said "interrupted", then finished with 0."""
     src = next((bentoml_home / "models" / "gpt").glob("*/config.json")).parent
+    handler = "signal.default_int_handler" if sigint == "delivered" else "signal.SIG_IGN"
     code = ("import os, shutil, signal, sys\n"
+            f"signal.signal(signal.SIGINT, {handler})\n"  # whatever the test runner's own SIGINT does
             "from training import store\n"
             "from training.common import resumable, run_cli\n"
             "copytree = shutil.copytree\n"
@@ -433,6 +437,10 @@ def test_a_ctrl_c_while_the_store_copies_a_model_leaves_it_whole(bentoml_home, t
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True",
            "TMPDIR": str(tmp_path / "tmp")}
     done = subprocess.run([sys.executable, "-c", code, str(src)], env=env, capture_output=True, text=True, timeout=120)
+    if sigint == "ignored":
+        assert done.returncode == 0 and "interrupted" not in done.stderr, done.stderr[-2000:]
+        assert len([d for d in (tmp_path / "home" / "models" / "held").iterdir() if d.is_dir()]) == 1
+        return
     assert done.returncode == 130, done.stderr[-2000:]
     assert "stopping once the model is in the store" in done.stderr
     versions = [d for d in (tmp_path / "home" / "models" / "held").iterdir() if d.is_dir()]

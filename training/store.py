@@ -64,7 +64,10 @@ def save_to_store(name: str, model_dir: str | Path, labels: dict[str, str],
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done, then deliver the first one received
-    (signal handlers can only be set from the main thread; elsewhere the block runs as is)."""
+    (signal handlers can only be set from the main thread; elsewhere the block runs as is). A
+    signal the process ignores (SIGINT in a job started in the background, or under nohup) is
+    left ignored: held, it was taken and then delivered to its restored SIG_IGN, which said
+    "interrupted" and then went on."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -75,7 +78,8 @@ def interrupts_held() -> Iterator[None]:
             print("interrupted: stopping once the model is in the store", file=sys.stderr)
         received.append(signum)
 
-    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:
