@@ -134,7 +134,7 @@ class EngineProcess(EventStreams):
         self._post(("add", gid, req))
 
     def _cancel(self, gid: int) -> None:
-        if self._failure is None:
+        if self.alive:  # nothing to a child stopped for hanging: it reads no more, and its pipe may be full
             self._post(("cancel", gid, None))
 
     @property
@@ -155,8 +155,7 @@ class EngineProcess(EventStreams):
         it hangs (a deadlock, a GPU that stopped answering) while looking alive. Counted from the
         engine's state, not from the streams still open: a slow client reading its last events
         keeps a stream open long after its engine is done."""
-        hangs = self._failure is None and self._stopped_because is None and any(self.stats())
-        return time.monotonic() - self._progress_at if hangs else 0.0
+        return time.monotonic() - self._progress_at if self.alive and any(self.stats()) else 0.0
 
     def stop_stuck(self, reason: str) -> None:
         """Kill a child that hangs; from now on it counts as dead (the server starts a fresh
@@ -164,15 +163,23 @@ class EngineProcess(EventStreams):
         closes: a process stuck in a GPU driver's call may take its time to act on the kill."""
         self._stopped_because = reason
         self._proc.kill()
-        for gid in list(self._outboxes):
-            self._send(gid, EngineFailed(reason))
+        # Its gauges to 0 now, and not again by its reader when the pipe closes: by then a fresh
+        # engine may be running under the same gauges.
+        self._running, self._waiting, self._received = 0, 0, self._sent
+        on_step, self.on_step, self.on_admit = self.on_step, None, None
+        try:
+            if on_step is not None:
+                on_step(0, *self.stats())
+        finally:
+            for gid in list(self._outboxes):
+                self._send(gid, EngineFailed(reason))
 
     def shutdown(self) -> None:
         if self._stopping:
             return
         self._stopping = True
         atexit.unregister(self.shutdown)
-        if self._proc.is_alive():
+        if self._proc.is_alive() and self._stopped_because is None:  # a hung child would not read "stop"
             self._post(("stop", None, None))
             self._proc.join(timeout=5)
         if self._proc.is_alive():

@@ -866,7 +866,7 @@ class Generation:
         backend = self.images[self._check_model(model, "image").tag]
         self._ready_or_503(backend.requests)
         if backend.failed:
-            raise unavailable(f"the image engine of {backend.served.tag} is not available: {backend.worker.failure}")
+            raise unavailable(f"the image engine of {backend.served.tag} is not available: {backend.worker.down_because}")
         return backend
 
     async def _images(self, backend: ImageBackend, req: ImageRequest, request: Request,

@@ -128,7 +128,7 @@ class Engines:
         self._ready = threading.Event()
         self._threads = 1  # torch threads of each engine process, set when loading
         self._failed_starts: set[str] = set()  # engines that died and failed to start again
-        self._stuck_at_last_look: set[str] = set()  # engines `_stop_stuck_engines` found stuck, not yet stopped
+        self._stuck_at_last_look: set[tuple[str, int]] = set()  # (name, pid) found stuck by the last look
         self._shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")  # BentoML's, for all of the server's workers
         self.health = WorkerHealth(self._shared_dir)
         self.health.publish(ready=False, alive=True)  # loading
@@ -302,8 +302,8 @@ class Engines:
         for name, engine in engines:
             if (stuck := engine.seconds_stuck()) <= ENGINE_STALL_S:
                 continue
-            if name not in looked:
-                self._stuck_at_last_look.add(name)
+            if (name, engine.pid) not in looked:  # by pid: not a process that an earlier one's restart replaced
+                self._stuck_at_last_look.add((name, engine.pid))
             else:
                 logger.error("the %s made no progress for %.0f s with work in hand (CONDGEN_ENGINE_STALL_S=%g): "
                              "killing its process %d, to start it again", name, stuck, ENGINE_STALL_S, engine.pid)

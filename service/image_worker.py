@@ -147,6 +147,12 @@ class ImageWorker:
         except (EOFError, OSError):
             self._died()
 
+    @property
+    def down_because(self) -> str | None:
+        """Why the worker serves no more (None while it serves): its failure, or the hang it
+        was stopped for, before the loop has failed its batches."""
+        return self.failure or self._stopped_because
+
     def seconds_stuck(self) -> float:
         """How long the worker has held batches without answering any (0 when it holds none): a
         worker that hangs (a deadlock, a GPU that stopped answering) looks alive. Read from the
@@ -197,7 +203,7 @@ class ImageWorker:
             return
         atexit.unregister(self.shutdown)
         self.detach()  # unless done already (on the loop, or by a death)
-        if self._proc.is_alive():
+        if self._proc.is_alive() and self._stopped_because is None:  # a hung worker would not read "stop"
             try:
                 self._conn.send(("stop", 0, None))
             except OSError:

@@ -79,12 +79,12 @@ def interrupts_held() -> Iterator[None]:
         received.append(signum)
 
     previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(sig) is not signal.SIG_IGN}
+                if signal.getsignal(sig) not in (signal.SIG_IGN, None)}  # None: a handler set from C, left to it
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            signal.signal(sig, handler)
         if received:
             signal.raise_signal(received[0])
 
