@@ -163,16 +163,10 @@ class EngineProcess(EventStreams):
         closes: a process stuck in a GPU driver's call may take its time to act on the kill."""
         self._stopped_because = reason
         self._proc.kill()
-        # Its gauges to 0 now, and not again by its reader when the pipe closes: by then a fresh
+        self._fail_in_flight(reason)
+        # Its gauges are not zeroed again by its reader when the pipe closes: by then a fresh
         # engine may be running under the same gauges.
-        self._running, self._waiting, self._received = 0, 0, self._sent
-        on_step, self.on_step, self.on_admit = self.on_step, None, None
-        try:
-            if on_step is not None:
-                on_step(0, *self.stats())
-        finally:
-            for gid in list(self._outboxes):
-                self._send(gid, EngineFailed(reason))
+        self.on_step = self.on_admit = None
 
     def shutdown(self) -> None:
         if self._stopping:
@@ -215,16 +209,20 @@ class EngineProcess(EventStreams):
         else:
             self._failure = self._stopped_because or f"the text engine process exited (code {self._proc.exitcode})"
             logger.error("%s; failing %d requests in flight", self._failure, len(self._outboxes))
-        # Nothing runs or waits any more: the gauges fed by on_step must not keep their last values.
+        self._fail_in_flight(self._failure)
+
+    def _fail_in_flight(self, failure: str) -> None:
+        """Nothing runs or waits any more: the gauges fed by on_step go to 0 (they must not keep
+        their last values), and the requests in flight fail, at a shutdown too: nothing would
+        feed them any more (as AsyncEngine)."""
         self._running, self._waiting, self._received = 0, 0, self._sent
         try:
             if self.on_step is not None:
                 self.on_step(0, *self.stats())
         except Exception:  # the requests in flight must still hear of it below
             logger.exception("the on_step callback of the text engine failed")
-        # Those in flight at a shutdown too: nothing would feed them any more (as AsyncEngine).
         for gid in list(self._outboxes):
-            self._send(gid, EngineFailed(self._failure))
+            self._send(gid, EngineFailed(failure))
 
     def _on_report(self, report: StepReport) -> None:
         self._progress_at = time.monotonic()

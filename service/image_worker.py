@@ -110,7 +110,7 @@ class ImageWorker:
             else:
                 self._loop.call_soon_threadsafe(self._died)
                 return False
-        return self.failure is None and self._stopped_because is None
+        return self.down_because is None
 
     async def generate_pngs(self, requests: list[ImageRequest], parameters: list[list[dict[str, Any]]]
                             ) -> list[list[bytes]]:
@@ -157,8 +157,7 @@ class ImageWorker:
         """How long the worker has held batches without answering any (0 when it holds none): a
         worker that hangs (a deadlock, a GPU that stopped answering) looks alive. Read from the
         engine watchdog's thread; `_pending` only changes on the loop's."""
-        hangs = self.failure is None and self._stopped_because is None and self._pending
-        return time.monotonic() - self._progress_at if hangs else 0.0
+        return time.monotonic() - self._progress_at if self.down_because is None and self._pending else 0.0
 
     def stop_stuck(self, reason: str) -> None:
         """Kill a worker that hangs; from now on it counts as dead (the server starts a fresh
