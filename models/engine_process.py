@@ -80,6 +80,7 @@ class EngineProcess(EventStreams):
         self._stopping = False
         self._stopped_because: str | None = None  # why `stop_stuck` killed the child
         self._progress_at = time.monotonic()  # the latest step report, or the start of work on an idle engine
+        self._probed_at: float | None = None  # a probe of the idle child not answered yet (`probe`)
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and locks
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(child_conn, spec), name="condgen-text-engine",
@@ -149,13 +150,31 @@ class EngineProcess(EventStreams):
         """(sequences running, requests waiting), as of the latest step."""
         return self._running, self._waiting + self._sent - self._received
 
+    @property
+    def has_work(self) -> bool:
+        """Requests running or waiting, by the engine's state, not by the streams still open: a
+        slow client reading its last events keeps a stream open long after its engine is done."""
+        return any(self.stats())
+
+    def probe(self) -> None:
+        """Ask an idle child to answer (a report of no step), unless a probe is out already: a
+        child that hangs while idle then shows in `seconds_stuck` before a request finds it.
+        Busy, its steps answer. One small message at a time: a hung child's pipe never fills."""
+        if self.alive and not self.has_work and self._probed_at is None:
+            self._probed_at = time.monotonic()
+            self._post(("ping", None, None))
+
     def seconds_stuck(self) -> float:
-        """How long the child has had requests to serve without reporting a step (0 when it has
-        none). The child reports every step it takes while it has work, so a long silence means
-        it hangs (a deadlock, a GPU that stopped answering) while looking alive. Counted from the
-        engine's state, not from the streams still open: a slow client reading its last events
-        keeps a stream open long after its engine is done."""
-        return time.monotonic() - self._progress_at if self.alive and any(self.stats()) else 0.0
+        """How long the child has had requests to serve without reporting a step, or, idle, has
+        not answered a `probe` (0 when neither). The child reports every step it takes while it
+        has work, and answers a probe at once while idle, so a long silence means it hangs (a
+        deadlock, a GPU that stopped answering) while looking alive."""
+        if not self.alive:
+            return 0.0
+        if self.has_work:
+            return time.monotonic() - self._progress_at
+        probed_at = self._probed_at  # read once: the reader thread clears it
+        return 0.0 if probed_at is None else time.monotonic() - probed_at
 
     def stop_stuck(self, reason: str) -> None:
         """Kill a child that hangs; from now on it counts as dead (the server starts a fresh
@@ -225,7 +244,7 @@ class EngineProcess(EventStreams):
             self._send(gid, EngineFailed(failure))
 
     def _on_report(self, report: StepReport) -> None:
-        self._progress_at = time.monotonic()
+        self._progress_at, self._probed_at = time.monotonic(), None
         self._running, self._waiting, self._received = report.running, report.waiting, report.received
         # The step's metrics first, then its events (whatever the callbacks do): a client that
         # has its last event finds the step counted (the other order let a test's next
@@ -266,7 +285,8 @@ def _child_main(conn: Connection, spec: EngineSpec) -> None:
 
 
 def _serve(conn: Connection, engine: ContinuousEngine) -> None:
-    """Apply the server's messages between steps; step while there is work; report each step."""
+    """Apply the server's messages between steps; step while there is work; report each step
+    (and each batch of messages without one: cancellations, probes)."""
     admitted: list[tuple[float, int]] = []
     engine.on_admit = lambda waited, prompt_tokens: admitted.append((waited, prompt_tokens))
     received = 0  # requests taken from the pipe so far: the server counts the ones still in it
@@ -280,6 +300,8 @@ def _serve(conn: Connection, engine: ContinuousEngine) -> None:
                 return
             if op == "stop":
                 return
+            if op == "ping":  # answered by the report below
+                continue
             if op == "cancel":
                 engine.cancel(gid)
                 continue

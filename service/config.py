@@ -97,8 +97,9 @@ CUDA_GRAPHS = env_flag("CONDGEN_CUDA_GRAPHS", True)  # on CUDA, replay the decod
 BATCH_INVARIANT = env_flag("CONDGEN_BATCH_INVARIANT", False)
 LIMITS = Limits.from_env()  # in-flight requests, deadline, Retry-After (service.limits)
 RETRY_AFTER_S = LIMITS.retry_after_s  # the Retry-After of a 429
-# An engine process with work that reports no progress (a text decode step, an image batch) for
-# this long hangs: it is killed and started again. 0: never. By default half of the shorter of
+# An engine process with work that reports no progress (a text decode step, an image batch), or
+# an idle one that does not answer the watchdog's probe, for this long hangs: it is killed and
+# started again. 0: never. By default half of the shorter of
 # the deadline and the first-byte timeout (60 s): the requests waiting on a hung engine then get
 # a 503 that says why, which a client may retry, before their deadline's 504.
 ENGINE_STALL_S = env_float("CONDGEN_ENGINE_STALL_S", min(TIMEOUT_S, LIMITS.deadline_s) / 2, 0, allow_minimum=True)

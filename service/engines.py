@@ -287,27 +287,31 @@ class Engines:
                                  name, type(e).__name__, e, backoff[name])
 
     def _stop_stuck_engines(self) -> None:
-        """Kill each engine process that has had work and made no progress for ENGINE_STALL_S
-        (`seconds_stuck`), at two looks in a row: after the whole container was paused (`docker
-        pause`), this thread may look before the reader threads have read the steps waiting in
-        their pipes. Alive to every other check, a hung engine held its requests until their
-        deadlines (504) while /readyz said 200; stopped, it is a death like any other: its
-        requests fail with a 503 that says why, and it is started again. (The watch runs on the
-        thread that restarts engines: while one starts, the others wait for their next look.)"""
+        """Kill each engine process that has made no progress for ENGINE_STALL_S (`seconds_stuck`):
+        with work in hand, no step or reply; idle, no answer to the probe each look sends
+        (`probe`). At two looks in a row: after the whole container was paused (`docker pause`),
+        this thread may look before the reader threads have read the steps waiting in their
+        pipes. Alive to every other check, a hung engine held its requests until their deadlines
+        (504) while /readyz said 200, and one that hung while idle was found only by the next
+        request; stopped, it is a death like any other: its requests fail with a 503 that says
+        why, and it is started again. (The watch runs on the thread that restarts engines: while
+        one starts, the others wait for their next look.)"""
         if not ENGINE_STALL_S:
             return
         engines = [("text engine", self.text_stream)] if self.text_stream is not None else []
         engines += [(f"image engine of {tag}", backend.worker) for tag, backend in self.images.items()]
         looked, self._stuck_at_last_look = self._stuck_at_last_look, set()
         for name, engine in engines:
+            engine.probe()
             if (stuck := engine.seconds_stuck()) <= ENGINE_STALL_S:
                 continue
             if (name, engine.pid) not in looked:  # by pid: not a process that an earlier one's restart replaced
                 self._stuck_at_last_look.add((name, engine.pid))
-            else:
-                logger.error("the %s made no progress for %.0f s with work in hand (CONDGEN_ENGINE_STALL_S=%g): "
-                             "killing its process %d, to start it again", name, stuck, ENGINE_STALL_S, engine.pid)
-                engine.stop_stuck(f"the {name} made no progress for {stuck:.0f} s with work in hand and was stopped")
+                continue
+            doing = "with work in hand" if engine.has_work else "while idle (no answer to a probe)"
+            logger.error("the %s made no progress for %.0f s %s (CONDGEN_ENGINE_STALL_S=%g): killing its process "
+                         "%d, to start it again", name, stuck, doing, ENGINE_STALL_S, engine.pid)
+            engine.stop_stuck(f"the {name} made no progress for {stuck:.0f} s {doing} and was stopped")
 
     def _dead_engines(self) -> list[tuple[str, Callable[[], None]]]:
         """(name, how to start it again) of each engine process that has died."""

@@ -59,11 +59,15 @@ class ImageWorker:
         runs in several)."""
         ctx = mp.get_context("spawn")  # fork would copy the server's threads and locks
         self._conn, child_conn = ctx.Pipe()
+        # The watchdog's own pipe for probes: the batches' pipe is read on the event loop, which
+        # an idle worker may not have met yet.
+        self._probes, child_probes = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main,
-                                 args=(child_conn, engine_class, model_dir, device, threads, max_images),
+                                 args=(child_conn, child_probes, engine_class, model_dir, device, threads, max_images),
                                  name="condgen-image-worker", daemon=True)
         self._proc.start()
         child_conn.close()
+        child_probes.close()
         # Before multiprocessing's own exit handler, which would wait forever on a child that
         # ignores SIGTERM and waits on a pipe this process still holds (as EngineProcess does).
         atexit.register(self.shutdown)
@@ -73,6 +77,7 @@ class ImageWorker:
         self.failure: str | None = None
         self._stopped_because: str | None = None  # why `stop_stuck` killed the child
         self._progress_at = time.monotonic()  # the latest reply, or the first batch sent to an idle worker
+        self._probed_at: float | None = None  # a probe of the idle worker not answered yet (`probe`)
 
     def wait_started(self, timeout_s: float = 300.0) -> None:
         """Block until the engine is loaded and warmed up; a WorkerError carries the child's
@@ -153,11 +158,38 @@ class ImageWorker:
         was stopped for, before the loop has failed its batches."""
         return self.failure or self._stopped_because
 
+    @property
+    def has_work(self) -> bool:
+        """Batches sent and not answered yet."""
+        return bool(self._pending)
+
+    def probe(self) -> None:
+        """Ask an idle worker to answer, over the probes' pipe, unless a probe is out already (an
+        answer that came is read first): a worker that hangs while idle then shows in
+        `seconds_stuck` before a batch finds it. Busy, its replies answer. Only the engine
+        watchdog's thread calls this, the probes' pipe's only user on this side."""
+        if self.down_because is not None:
+            return
+        try:
+            while self._probed_at is not None and self._probes.poll():
+                self._probes.recv()
+                self._probed_at = None
+            if self._probed_at is None and not self.has_work:
+                self._probes.send(("ping", 0, None))
+                self._probed_at = time.monotonic()
+        except (EOFError, OSError):  # the child is gone: `alive` sees it
+            pass
+
     def seconds_stuck(self) -> float:
-        """How long the worker has held batches without answering any (0 when it holds none): a
-        worker that hangs (a deadlock, a GPU that stopped answering) looks alive. Read from the
-        engine watchdog's thread; `_pending` only changes on the loop's."""
-        return time.monotonic() - self._progress_at if self.down_because is None and self._pending else 0.0
+        """How long the worker has held batches without answering any, or, idle, has not
+        answered a `probe` (0 when neither): a worker that hangs (a deadlock, a GPU that
+        stopped answering) looks alive. Read from the engine watchdog's thread; `_pending` only
+        changes on the loop's."""
+        if self.down_because is not None:
+            return 0.0
+        if self.has_work:
+            return time.monotonic() - self._progress_at
+        return 0.0 if self._probed_at is None else time.monotonic() - self._probed_at
 
     def stop_stuck(self, reason: str) -> None:
         """Kill a worker that hangs; from now on it counts as dead (the server starts a fresh
@@ -211,11 +243,12 @@ class ImageWorker:
         if self._proc.is_alive():
             self._proc.kill()
         self._conn.close()
+        self._probes.close()
 
 
 # --- the child's side -----------------------------------------------------------------------
-def _child_main(conn: Connection, engine_class: type, model_dir: str, device: str, threads: int,
-                max_images: int) -> None:
+def _child_main(conn: Connection, probes: Connection, engine_class: type, model_dir: str, device: str,
+                threads: int, max_images: int) -> None:
     # The server decides when the worker stops (a "stop" message, or its end of the pipe
     # closing): a SIGTERM or Ctrl-C sent to the server's whole process tree must not cut off
     # the batches it is finishing during a graceful shutdown.
@@ -231,15 +264,23 @@ def _child_main(conn: Connection, engine_class: type, model_dir: str, device: st
         return
     conn.send(("ready", None))
     # A thread keeps reading the pipe while a batch runs, so the server's send never waits on
-    # a full pipe (while this process waits on the server to read its PNGs: a deadlock).
+    # a full pipe (while this process waits on the server to read its PNGs: a deadlock). The
+    # probes join the same queue: this thread answers them, between batches, as it would a batch.
     inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_read_into, args=(conn, inbox), daemon=True).start()
+    for source in (conn, probes):
+        threading.Thread(target=_read_into, args=(source, inbox), daemon=True).start()
     from service.encode import encode_png
 
     while True:
         op, batch, payload = inbox.get()
         if op == "stop":
             return
+        if op == "ping":
+            try:
+                probes.send(("pong", 0, None))
+            except OSError:  # the server is gone
+                return
+            continue
         requests, parameters = payload
         try:
             arrays = generate_in_passes(engine.generate, requests, max_images)

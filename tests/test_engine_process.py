@@ -22,7 +22,7 @@ from models.gpt import GPT, GPTConfig
 from models.sampling import SamplingParams
 from models.tokenizer import Tokenizer
 from test_continuous import fail_the_first_forward
-from tests_support import wait_until_idle
+from tests_support import until, wait_until_idle
 
 TEXT = "The quick brown fox jumps over the lazy dog. Return the value of the attribute. " * 30
 
@@ -323,10 +323,11 @@ def test_requests_in_flight_fail_when_the_engine_stops(model_dir, how):
         proc.shutdown()
 
 
-def test_a_hung_engine_is_stuck_only_while_it_has_work_and_stopping_it_fails_its_requests(model_dir):
+def test_a_hung_engine_is_stuck_while_it_has_work_or_a_probe_out_and_stopping_it_fails_its_requests(model_dir):
     """A child that hangs (a deadlock, a GPU that stopped answering) stays alive: the server's
-    watchdog (service/engines.py) reads `seconds_stuck` and kills it with `stop_stuck`. A hung
-    child without requests is not stuck, nor is one that answers again."""
+    watchdog (service/engines.py) probes it, reads `seconds_stuck` and kills it with
+    `stop_stuck`. A hung child is stuck from its first request, or idle from the probe it does
+    not answer; one that answers again is not."""
     proc = EngineProcess(EngineSpec(str(model_dir), "cpu", 1))
     reports: list[tuple[int, int, int]] = []
     proc.on_step = lambda *report: reports.append(report)
@@ -335,10 +336,19 @@ def test_a_hung_engine_is_stuck_only_while_it_has_work_and_stopping_it_fails_its
         return asyncio.ensure_future(_tokens(proc, CompletionRequest("The", seed=seed, max_tokens=3)))
 
     async def main():
-        os.kill(proc.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        proc.probe()  # a healthy idle child answers at once
+        await until(lambda: proc._probed_at is None, "the idle child's answer")
+        assert proc.seconds_stuck() == 0.0
+
+        os.kill(proc.pid, signal.SIGSTOP)  # hung while idle
         proc._progress_at -= 100  # its last step, long ago
         await asyncio.sleep(0.3)
-        assert proc.seconds_stuck() == 0.0
+        assert proc.seconds_stuck() == 0.0  # nothing asked of it yet
+        proc.probe()
+        await asyncio.sleep(0.3)
+        probed_at = proc._probed_at
+        proc.probe()  # one probe out at a time
+        assert proc._probed_at == probed_at and 0.25 < proc.seconds_stuck() < 5  # from the probe, not the last step
         first = request(1)
         await asyncio.sleep(0.3)
         second = request(2)  # joins work in hand: the clock goes on
@@ -347,6 +357,7 @@ def test_a_hung_engine_is_stuck_only_while_it_has_work_and_stopping_it_fails_its
         os.kill(proc.pid, signal.SIGCONT)  # it answers again
         assert [len((await asyncio.wait_for(w, timeout=60))[0]) for w in (first, second)] == [3, 3]
         assert await wait_until_idle(proc) == (0, 0) and proc.seconds_stuck() == 0.0
+        assert proc._probed_at is None  # the probe sent while it hung was answered too
 
         os.kill(proc.pid, signal.SIGSTOP)
         waiting = request(3)

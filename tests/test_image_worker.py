@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.image_engine import ImageRequest
 from service.image_worker import ImageWorker, WorkerDied, WorkerError
-from tests_support import NoiseImageEngine
+from tests_support import NoiseImageEngine, until
 
 LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
     not __import__("importlib").util.find_spec("uvloop"), reason="uvloop is not installed"))]
@@ -172,7 +172,7 @@ def test_a_program_that_forgets_shutdown_still_exits(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("from service.image_worker import ImageWorker\nfrom tests_support import NoiseImageEngine\n"
+    code = ("from service.image_worker import ImageWorker\nfrom tests_support import NoiseImageEngine, until\n"
             "if __name__ == '__main__':\n"
             "    w = ImageWorker(NoiseImageEngine, 'unused', 'cpu', 1, 4)\n    w.wait_started()\n")
     script = tmp_path / "forgets.py"
@@ -183,15 +183,27 @@ def test_a_program_that_forgets_shutdown_still_exits(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_hung_worker_is_stuck_only_while_it_holds_a_batch_and_stopping_it_fails_the_batch(worker):
-    """A worker that hangs stays alive: the server's watchdog (service/engines.py) reads
-    `seconds_stuck` and kills it with `stop_stuck`. A hung worker without batches is not stuck,
-    nor is one that answers again."""
+def test_a_hung_worker_is_stuck_while_it_holds_a_batch_or_a_probe_and_stopping_it_fails_the_batch(worker):
+    """A worker that hangs stays alive: the server's watchdog (service/engines.py) probes it,
+    reads `seconds_stuck` and kills it with `stop_stuck`. A hung worker is stuck from its first
+    batch, or idle from the probe it does not answer, before it has met an event loop too; one
+    that answers again is not."""
+    def answered(probed_at: float) -> bool:
+        """The probe sent at `probed_at` answered: the next `probe` reads it and sends another."""
+        worker.probe()
+        return worker._probed_at is None or worker._probed_at > probed_at
+
     async def main():
-        os.kill(worker.pid, signal.SIGSTOP)  # hung while idle: nothing to answer, so not stuck
+        os.kill(worker.pid, signal.SIGSTOP)  # hung while idle
         worker._progress_at -= 100  # its last reply, long ago
         await asyncio.sleep(0.3)
-        assert worker.seconds_stuck() == 0.0
+        assert worker.seconds_stuck() == 0.0  # nothing asked of it yet
+        worker.probe()  # on the watchdog's own pipe: no event loop needed
+        await asyncio.sleep(0.3)
+        probed_at = worker._probed_at
+        worker.probe()  # one probe out at a time
+        assert worker._probed_at == probed_at and 0.25 < worker.seconds_stuck() < 5  # from the probe
+        assert worker._loop is None
         first = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))
         await asyncio.sleep(0.3)
         second = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))  # the clock goes on
@@ -199,7 +211,9 @@ def test_a_hung_worker_is_stuck_only_while_it_holds_a_batch_and_stopping_it_fail
         assert 0.5 < worker.seconds_stuck() < 5  # from the first batch, not the last reply nor the latest batch
         os.kill(worker.pid, signal.SIGCONT)  # it answers again
         assert [len((await asyncio.wait_for(p, timeout=60))[0]) for p in (first, second)] == [1, 1]
-        assert worker.seconds_stuck() == 0.0
+        assert answered(probed_at) and worker.seconds_stuck() < 1  # the probe sent while it hung, answered first
+        healthy = worker._probed_at
+        await until(lambda: answered(healthy), "the idle worker's answer")
 
         os.kill(worker.pid, signal.SIGSTOP)
         pending = asyncio.ensure_future(worker.generate_pngs(*batch("c", 1, 1)))

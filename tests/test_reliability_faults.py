@@ -158,42 +158,56 @@ def test_a_hung_engine_process_is_stopped_and_started_again(bentoml_home: Path,
                                                             tmp_path_factory: pytest.TempPathFactory):
     """An engine process that hangs (a deadlock, a GPU that stopped answering; here SIGSTOP) is
     alive to every check: its requests waited for their deadline (504) while /readyz said 200.
-    With work in hand and no progress for CONDGEN_ENGINE_STALL_S, it is killed: its requests
-    get a 503 that says why, and it is started again. Idle, a hung engine is left alone: it has
-    nothing to answer (a probe cannot tell it from an idle one)."""
+    With no progress for CONDGEN_ENGINE_STALL_S it is killed and started again: idle, when it
+    does not answer the watchdog's probe (/readyz 503 meanwhile, before any request meets it);
+    with work in hand, when it takes no step, its requests getting a 503 that says why."""
     root = tmp_path_factory.mktemp("hung_engines")
     proc, srv = launch_server(bentoml_home, root / "serve.log", {"CONDGEN_ENGINE_STALL_S": "2"})
+    hung: list[int] = []
     try:
         wait_ready(proc, srv)
         log = srv.log.read_text(errors="replace")
-        hung = _engine_pids(log, "text") + _engine_pids(log, "image")
-        assert len(hung) >= 2, log[-3000:]
-        for pid in hung:
+        idle = _engine_pids(log, "text") + _engine_pids(log, "image")
+        assert len(idle) >= 2, log[-3000:]
+        for pid in idle:
+            hung.append(pid)
             os.kill(pid, signal.SIGSTOP)
-        time.sleep(3)  # past the 2 s, without work: nothing happens
-        assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200
-        assert "made no progress" not in srv.log.read_text(errors="replace")
+        deadline = time.monotonic() + WAIT_S  # found without a request; 503, then back by themselves
+        while (log := srv.log.read_text(errors="replace")).count("is back after") < len(idle):
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.25)
+        assert "the text engine made no progress for" in log and "the image engine of gan:" in log, srv.log_tail()
+        assert log.count("while idle (no answer to a probe)") == len(idle), srv.log_tail()
+        wait_ready(proc, srv)
 
-        for route, body in (("/complete", {"prompt": "Hi", "max_tokens": 3}), ("/generate", {"prompt": "a red circle"})):
+        log = srv.log.read_text(errors="replace")
+        gan = [int(pid) for pid in re.findall(r"the image engine of gan:\S+ runs in process (\d+)", log)]
+        busy = [_engine_pids(log, "text")[-1], gan[-1]]  # the fresh ones, of the two routes below
+        assert not set(busy) & set(idle), log[-3000:]
+        for route, body, pid in (("/complete", {"prompt": "Hi", "max_tokens": 3}, busy[0]),
+                                 ("/generate", {"prompt": "a red circle"}, busy[1])):
+            hung.append(pid)
+            os.kill(pid, signal.SIGSTOP)  # just before its request: idle, the probe would find it first
             started = time.monotonic()
             r = httpx.post(srv.url + route, json=body, timeout=60)
             assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
             assert "made no progress for" in r.json()["error"]["message"], r.text  # why, for the client too
+            assert "with work in hand" in r.json()["error"]["message"], r.text
             assert time.monotonic() - started < 30  # 2 s of silence, then the watchdog's next looks
             deadline = time.monotonic() + WAIT_S
             while (r := httpx.post(srv.url + route, json=body, timeout=60)).status_code != 200:
                 assert r.status_code == 503 and time.monotonic() < deadline, (r.text, srv.log_tail())
                 time.sleep(0.25)
         log = srv.log.read_text(errors="replace")
-        assert "the text engine made no progress for" in log and "the text engine is back after" in log
-        assert "the image engine of gan:" in log and log.count("is back after") >= 2
+        assert log.count("is back after") >= len(idle) + 2 and log.count("with work in hand (CONDGEN_ENGINE_STALL_S") == 2, \
+            srv.log_tail()
         assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-                   for pid in hung[:2])  # killed, not left hanging beside the fresh ones
+                   for pid in hung)  # killed, not left hanging beside the fresh ones
         deaths = scrape(httpx.Client(base_url=srv.url, timeout=10))
-        assert metric(deaths, "condgen_engine_deaths_total", model="gpt") == 1
-        assert metric(deaths, "condgen_engine_deaths_total", model="gan") == 1
+        assert metric(deaths, "condgen_engine_deaths_total", model="gpt") == 2
+        assert metric(deaths, "condgen_engine_deaths_total", model="gan") == 2
     finally:
-        for pid in locals().get("hung", []):  # one left stopped would hold up the server's graceful stop
+        for pid in hung:  # one left stopped would hold up the server's graceful stop
             if psutil.pid_exists(pid):
                 os.kill(pid, signal.SIGCONT)
         _stop(proc)

@@ -947,9 +947,9 @@ def test_an_engine_that_cannot_start_again_is_retried_with_back_off_and_fails_li
 
 @pytest.mark.parametrize("stall_s", [10.0, 0.0])
 def test_the_watchdog_stops_the_engines_that_hold_work_without_progress(monkeypatch, stall_s):
-    """An engine process that hangs looks alive; the watchdog kills the ones whose
-    `seconds_stuck` passed CONDGEN_ENGINE_STALL_S (0: none) at two looks in a row, each with
-    the reason its requests will carry. One that reports a step in between is left alone:
+    """An engine process that hangs looks alive; the watchdog probes each engine at each look
+    and kills the ones whose `seconds_stuck` passed CONDGEN_ENGINE_STALL_S (0: none) at two
+    looks in a row, each with the reason its requests will carry, busy or idle. One that reports a step in between is left alone:
     after a paused container, the first look may come before the steps waiting in the pipe
     are read."""
     import types
@@ -958,24 +958,32 @@ def test_the_watchdog_stops_the_engines_that_hold_work_without_progress(monkeypa
 
     stopped: list[tuple[str, str]] = []
 
-    def engine(name: str, *stuck: float):
+    probed: list[str] = []
+
+    def engine(name: str, *stuck: float, has_work: bool = True):
         looks = iter(stuck)
-        return types.SimpleNamespace(seconds_stuck=lambda: next(looks), pid=1,
+        return types.SimpleNamespace(seconds_stuck=lambda: next(looks), pid=1, has_work=has_work,
+                                     probe=lambda: probed.append(name),
                                      stop_stuck=lambda reason: stopped.append((name, reason)))
 
     watched = types.SimpleNamespace(_stuck_at_last_look=set(), text_stream=engine("text", 10.2, 10.7), images={
         "gan:a": types.SimpleNamespace(worker=engine("gan", 9.5, 10.0)),  # not past 10 s
         "sd:c": types.SimpleNamespace(worker=engine("sd", 30.0, 0.0)),  # its steps read in between
-        "ar:b": types.SimpleNamespace(worker=engine("ar", 60.0, 60.5))})
+        "ar:b": types.SimpleNamespace(worker=engine("ar", 60.0, 60.5)),
+        "gan:d": types.SimpleNamespace(worker=engine("idle", 12.0, 12.5, has_work=False))})  # its probe unanswered
     monkeypatch.setattr(engines, "ENGINE_STALL_S", stall_s)
     engines.Engines._stop_stuck_engines(watched)
     assert stopped == []  # a first look only
     engines.Engines._stop_stuck_engines(watched)
     if stall_s:
-        assert stopped == [("text", "the text engine made no progress for 11 s with work in hand and was stopped"),
-                           ("ar", "the image engine of ar:b made no progress for 60 s with work in hand and was stopped")]
+        assert probed == ["text", "gan", "sd", "ar", "idle"] * 2  # each engine, at each look, before reading it
+        assert stopped == [
+            ("text", "the text engine made no progress for 11 s with work in hand and was stopped"),
+            ("ar", "the image engine of ar:b made no progress for 60 s with work in hand and was stopped"),
+            ("idle", "the image engine of gan:d made no progress for 12 s while idle (no answer to a probe) and "
+                     "was stopped")]
     else:
-        assert stopped == []
+        assert stopped == [] and probed == []  # no watchdog, no probes
 
 
 def test_several_prompts_merge_their_events_and_close_together():

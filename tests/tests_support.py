@@ -19,6 +19,14 @@ async def wait_until_idle(engine, timeout_s: float = 2.0) -> tuple[int, int]:
     return engine.stats()
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """`wait_for` inside an event loop: poll without blocking the loop."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
 def metric_value(text: str, name: str, labels: str = "") -> float:
     """Sum of a Prometheus metric's samples whose name matches and whose labels contain `labels`."""
     total = 0.0
