@@ -129,8 +129,10 @@ class EngineProcess(EventStreams):
         return EngineFailed(failure) if failure is not None else None
 
     def _submit(self, gid: int, req: CompletionRequest) -> None:
-        if self.stats() == (0, 0):  # an idle engine: its time to make progress starts now
-            self._progress_at = time.monotonic()
+        if self.stats() == (0, 0):  # an idle engine: its time to make progress starts now, or at
+            # the probe it has not answered (a child hung while idle is not given a fresh start)
+            probed_at = self._probed_at  # read once: the reader thread clears it
+            self._progress_at = time.monotonic() if probed_at is None else probed_at
         self._sent += 1
         self._post(("add", gid, req))
 

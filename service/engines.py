@@ -302,6 +302,8 @@ class Engines:
         engines += [(f"image engine of {tag}", backend.worker) for tag, backend in self.images.items()]
         looked, self._stuck_at_last_look = self._stuck_at_last_look, set()
         for name, engine in engines:
+            if self.stopping:  # the shutdown closes the engines' pipes meanwhile
+                return
             engine.probe()
             if (stuck := engine.seconds_stuck()) <= ENGINE_STALL_S:
                 continue

@@ -130,8 +130,9 @@ class ImageWorker:
             # than what has arrived would then fail mid-message. Readiness is all we need
             # from the loop: once a reply starts, reading it to its end takes microseconds.
             os.set_blocking(self._conn.fileno(), True)
-        if not self._pending:  # an idle worker: its time to answer starts now
-            self._progress_at = time.monotonic()
+        if not self._pending:  # an idle worker: its time to answer starts now, or at the probe it
+            # has not answered (a worker hung while idle is not given a fresh start)
+            self._progress_at = self._unanswered_probe() or time.monotonic()
         self._sent += 1
         future = self._loop.create_future()
         self._pending[self._sent] = future
@@ -177,8 +178,19 @@ class ImageWorker:
             if self._probed_at is None and not self.has_work:
                 self._probes.send(("ping", 0, None))
                 self._probed_at = time.monotonic()
-        except (EOFError, OSError):  # the child is gone: `alive` sees it
+        # The child is gone (`alive` sees it), or a shutdown on another thread closed the pipe
+        # meanwhile (a write then finds no handle: TypeError).
+        except (EOFError, OSError, TypeError):
             pass
+
+    def _unanswered_probe(self) -> float | None:
+        """When the probe out was sent, if no answer to it has come (read or not: the watchdog
+        reads them at its next look, which a long restart of another engine may hold up)."""
+        probed_at = self._probed_at
+        try:
+            return None if probed_at is None or self._probes.poll() else probed_at
+        except (EOFError, OSError):
+            return None
 
     def seconds_stuck(self) -> float:
         """How long the worker has held batches without answering any, or, idle, has not
@@ -189,7 +201,8 @@ class ImageWorker:
             return 0.0
         if self.has_work:
             return time.monotonic() - self._progress_at
-        return 0.0 if self._probed_at is None else time.monotonic() - self._probed_at
+        probed_at = self._unanswered_probe()
+        return 0.0 if probed_at is None else time.monotonic() - probed_at
 
     def stop_stuck(self, reason: str) -> None:
         """Kill a worker that hangs; from now on it counts as dead (the server starts a fresh

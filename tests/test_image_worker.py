@@ -195,28 +195,36 @@ def test_a_hung_worker_is_stuck_while_it_holds_a_batch_or_a_probe_and_stopping_i
 
     async def main():
         os.kill(worker.pid, signal.SIGSTOP)  # hung while idle
-        worker._progress_at -= 100  # its last reply, long ago
         await asyncio.sleep(0.3)
         assert worker.seconds_stuck() == 0.0  # nothing asked of it yet
         worker.probe()  # on the watchdog's own pipe: no event loop needed
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         probed_at = worker._probed_at
         worker.probe()  # one probe out at a time
-        assert worker._probed_at == probed_at and 0.25 < worker.seconds_stuck() < 5  # from the probe
+        assert worker._probed_at == probed_at and 0.95 < worker.seconds_stuck() < 5  # from the probe
         assert worker._loop is None
-        first = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))
+        early = asyncio.ensure_future(worker.generate_pngs(*batch("a", 1, 1)))  # no fresh start: the probe
         await asyncio.sleep(0.3)
-        second = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))  # the clock goes on
-        await asyncio.sleep(0.3)
-        assert 0.5 < worker.seconds_stuck() < 5  # from the first batch, not the last reply nor the latest batch
+        assert 1.25 < worker.seconds_stuck() < 6  # from the probe it has not answered, not from the batch
         os.kill(worker.pid, signal.SIGCONT)  # it answers again
-        assert [len((await asyncio.wait_for(p, timeout=60))[0]) for p in (first, second)] == [1, 1]
-        assert answered(probed_at) and worker.seconds_stuck() < 1  # the probe sent while it hung, answered first
+        assert len((await asyncio.wait_for(early, timeout=60))[0]) == 1
+        await until(lambda: answered(probed_at), "the answer to the probe sent while it hung")
         healthy = worker._probed_at
         await until(lambda: answered(healthy), "the idle worker's answer")
 
+        os.kill(worker.pid, signal.SIGSTOP)  # hung (a probe just out: its clock would start about now too)
+        worker._progress_at -= 100  # its last reply, long ago
+        first = asyncio.ensure_future(worker.generate_pngs(*batch("b", 1, 1)))
+        await asyncio.sleep(0.3)
+        second = asyncio.ensure_future(worker.generate_pngs(*batch("c", 1, 1)))  # the clock goes on
+        await asyncio.sleep(0.3)
+        assert 0.5 < worker.seconds_stuck() < 5  # from the first batch, not the last reply nor the latest batch
+        os.kill(worker.pid, signal.SIGCONT)
+        assert [len((await asyncio.wait_for(p, timeout=60))[0]) for p in (first, second)] == [1, 1]
+        assert worker.seconds_stuck() == 0.0
+
         os.kill(worker.pid, signal.SIGSTOP)
-        pending = asyncio.ensure_future(worker.generate_pngs(*batch("c", 1, 1)))
+        pending = asyncio.ensure_future(worker.generate_pngs(*batch("d", 1, 1)))
         await asyncio.sleep(0.3)
         worker._proc.kill = lambda: None  # a kill that has not taken yet (a process inside a GPU driver's call)
         worker.stop_stuck("the image engine made no progress for 0 s")
@@ -225,4 +233,17 @@ def test_a_hung_worker_is_stuck_while_it_holds_a_batch_or_a_probe_and_stopping_i
         with pytest.raises(WorkerDied, match="made no progress"):  # fails, with the reason, without the pipe
             await asyncio.wait_for(pending, timeout=2)
         del worker._proc.kill  # shutdown() kills it for real
+    asyncio.run(main())
+
+
+def test_the_worker_answers_a_probe_from_the_loop_that_runs_its_batches(worker):
+    """A probe must show a stuck batch loop: a helper thread that answered would answer while
+    the loop hangs. Sent while a batch runs, it is answered only after the batch."""
+    async def main():
+        running = asyncio.ensure_future(worker.generate_pngs(*batch("slow", 1, 1)))
+        await asyncio.sleep(0.3)  # the batch has begun
+        worker._probes.send(("ping", 0, None))  # by hand: `probe` sends none to a busy worker
+        assert not worker._probes.poll(0.5)  # no answer while the batch runs
+        await asyncio.wait_for(running, timeout=30)
+        assert worker._probes.poll(5)  # then the answer
     asyncio.run(main())

@@ -177,7 +177,7 @@ def test_a_hung_engine_process_is_stopped_and_started_again(bentoml_home: Path,
             assert time.monotonic() < deadline, srv.log_tail()
             time.sleep(0.25)
         assert "the text engine made no progress for" in log and "the image engine of gan:" in log, srv.log_tail()
-        assert log.count("while idle (no answer to a probe)") == len(idle), srv.log_tail()
+        assert log.count("while idle (no answer to a probe) (CONDGEN_ENGINE_STALL_S") == len(idle), srv.log_tail()
         wait_ready(proc, srv)
 
         log = srv.log.read_text(errors="replace")

@@ -958,15 +958,19 @@ def test_the_watchdog_stops_the_engines_that_hold_work_without_progress(monkeypa
 
     stopped: list[tuple[str, str]] = []
 
-    probed: list[str] = []
+    calls: list[str] = []
 
     def engine(name: str, *stuck: float, has_work: bool = True):
         looks = iter(stuck)
-        return types.SimpleNamespace(seconds_stuck=lambda: next(looks), pid=1, has_work=has_work,
-                                     probe=lambda: probed.append(name),
+
+        def seconds_stuck() -> float:
+            calls.append(f"look {name}")
+            return next(looks)
+        return types.SimpleNamespace(seconds_stuck=seconds_stuck, pid=1, has_work=has_work,
+                                     probe=lambda: calls.append(f"probe {name}"),
                                      stop_stuck=lambda reason: stopped.append((name, reason)))
 
-    watched = types.SimpleNamespace(_stuck_at_last_look=set(), text_stream=engine("text", 10.2, 10.7), images={
+    watched = types.SimpleNamespace(stopping=False, _stuck_at_last_look=set(), text_stream=engine("text", 10.2, 10.7), images={
         "gan:a": types.SimpleNamespace(worker=engine("gan", 9.5, 10.0)),  # not past 10 s
         "sd:c": types.SimpleNamespace(worker=engine("sd", 30.0, 0.0)),  # its steps read in between
         "ar:b": types.SimpleNamespace(worker=engine("ar", 60.0, 60.5)),
@@ -976,14 +980,16 @@ def test_the_watchdog_stops_the_engines_that_hold_work_without_progress(monkeypa
     assert stopped == []  # a first look only
     engines.Engines._stop_stuck_engines(watched)
     if stall_s:
-        assert probed == ["text", "gan", "sd", "ar", "idle"] * 2  # each engine, at each look, before reading it
+        # each engine, at each look, probed before it is read
+        assert calls == [f"{call} {name}" for name in ("text", "gan", "sd", "ar", "idle")
+                         for call in ("probe", "look")] * 2
         assert stopped == [
             ("text", "the text engine made no progress for 11 s with work in hand and was stopped"),
             ("ar", "the image engine of ar:b made no progress for 60 s with work in hand and was stopped"),
             ("idle", "the image engine of gan:d made no progress for 12 s while idle (no answer to a probe) and "
                      "was stopped")]
     else:
-        assert stopped == [] and probed == []  # no watchdog, no probes
+        assert stopped == [] and calls == []  # no watchdog, no probes
 
 
 def test_several_prompts_merge_their_events_and_close_together():

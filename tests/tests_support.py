@@ -68,8 +68,8 @@ def engines_paused(server_pid: int) -> Iterator[None]:
 class NoiseImageEngine:
     """An image engine for service.image_worker tests: incompressible 128×128 images, so a
     batch's PNGs outgrow a pipe's buffer; the prompt "fail" fails the batch, and the prompt
-    "count" makes images whose first pixel is the number of images in their forward pass; the
-    model folder "missing" fails to load, "hang" never loads."""
+    "count" makes images whose first pixel is the number of images in their forward pass, and
+    "slow" takes 1.5 s; the model folder "missing" fails to load, "hang" never loads."""
 
     @classmethod
     def load(cls, model_dir: str, device: str = "cpu") -> "NoiseImageEngine":
@@ -85,6 +85,8 @@ class NoiseImageEngine:
         import numpy as np
         if any(r.prompt == "fail" for r in requests):
             raise ValueError("this batch fails")
+        if any(r.prompt == "slow" for r in requests):
+            time.sleep(1.5)
         rng = np.random.default_rng(0)
         out = [[rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(r.n)] for r in requests]
         for r, images in zip(requests, out):
