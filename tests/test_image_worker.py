@@ -150,7 +150,7 @@ def test_a_death_seen_from_another_thread_wakes_the_batch_on_the_loop(loop):
     w = ImageWorker.__new__(ImageWorker)
     w._conn, child_end = mp.Pipe()
     w._proc, w._pending, w._sent, w._loop, w.failure = DeadProc(), {}, 0, None, None
-    w._stopped_because, w._progress_at = None, 0.0
+    w._stopped_because, w._progress_at, w._probed_at = None, 0.0, None
 
     async def main():
         batch = asyncio.ensure_future(w.generate_pngs([], []))
