@@ -172,7 +172,7 @@ class ImageWorker:
         if self.down_because is not None:
             return
         try:
-            while self._probed_at is not None and self._probes.poll():
+            if self._probed_at is not None and self._probes.poll():  # one probe out, one answer
                 self._probes.recv()
                 self._probed_at = None
             if self._probed_at is None and not self.has_work:

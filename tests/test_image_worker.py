@@ -172,7 +172,7 @@ def test_a_program_that_forgets_shutdown_still_exits(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("from service.image_worker import ImageWorker\nfrom tests_support import NoiseImageEngine, until\n"
+    code = ("from service.image_worker import ImageWorker\nfrom tests_support import NoiseImageEngine\n"
             "if __name__ == '__main__':\n"
             "    w = ImageWorker(NoiseImageEngine, 'unused', 'cpu', 1, 4)\n    w.wait_started()\n")
     script = tmp_path / "forgets.py"
